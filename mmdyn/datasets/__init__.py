@@ -1,0 +1,1 @@
+"""Dataset utilities: the built-in demo data generator."""

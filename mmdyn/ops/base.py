@@ -1,0 +1,244 @@
+"""Pieces shared by every dynamic convolution in :mod:`mmdyn.ops`.
+
+* :class:`DynamicConv2dBase`: the ``nn.Conv2d`` contract (constructor
+  arguments, the attributes mmcv's ``ConvModule`` reads, argument checks that
+  raise ``ValueError`` naming the argument, input checks naming the tensor).
+* :class:`TemperatureMixin`: the softmax/attention temperature kept in a
+  registered buffer (so it is saved in checkpoints) with
+  ``update_temperature(t)``.
+* :func:`build_attention_norm`: the normalisation used inside attention
+  branches on pooled features, configurable so that training works at batch
+  size 1.
+
+torch only: no OpenMMLab imports here.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+IntOrPair = Union[int, Tuple[int, int]]
+
+
+def to_pair(value: IntOrPair, name: str, minimum: int = 0) -> Tuple[int, int]:
+    """Normalise an int or a 2-sequence of ints to a tuple, checking bounds.
+
+    Raises:
+        ValueError: naming ``name`` if the value is not an int/pair of ints
+            or is below ``minimum``.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f'{name} must be an int or a pair of ints, '
+                         f'got {value!r}')
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            raise ValueError(f'{name} must be an int or a pair of ints, '
+                             f'got {value!r}') from None
+        if len(pair) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f'{name} must be an int or a pair of ints, '
+                             f'got {value!r}')
+    if min(pair) < minimum:
+        raise ValueError(f'{name} must be >= {minimum}, got {value!r}')
+    return pair
+
+
+def check_positive(value, name: str, allow_float: bool = False):
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is > 0."""
+    types = (int, float) if allow_float else (int, )
+    if isinstance(value, bool) or not isinstance(value, types) or value <= 0:
+        kind = 'a positive number' if allow_float else 'a positive int'
+        raise ValueError(f'{name} must be {kind}, got {value!r}')
+    return value
+
+
+class DynamicConv2dBase(nn.Module):
+    """Base class giving a dynamic conv the ``nn.Conv2d`` interface.
+
+    It subclasses ``nn.Module`` (not ``nn.Conv2d``) on purpose: mmengine's
+    ``init_cfg`` matches layers by class name, and a kernel bank initialised
+    as one ``nn.Conv2d`` weight would get the wrong fan. Subclasses own their
+    ``init_weights()``/``reset_parameters()``.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        kernel_size (int | tuple[int, int]): Kernel size.
+        stride (int | tuple[int, int]): Stride. Default: 1.
+        padding (int | tuple[int, int] | str): Zero padding, or ``'same'``
+            (stride 1 only) / ``'valid'``, as ``nn.Conv2d``. Default: 0.
+        dilation (int | tuple[int, int]): Dilation. Default: 1.
+        groups (int): Groups. Default: 1.
+        bias (bool): Whether the layer has a bias. Default: True.
+        padding_mode (str): Only ``'zeros'`` is supported; accepted so that
+            ``nn.Conv2d``-style call sites work.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: IntOrPair,
+                 stride: IntOrPair = 1,
+                 padding: Union[IntOrPair, str] = 0,
+                 dilation: IntOrPair = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 padding_mode: str = 'zeros'):
+        super().__init__()
+        check_positive(in_channels, 'in_channels')
+        check_positive(out_channels, 'out_channels')
+        check_positive(groups, 'groups')
+        if in_channels % groups:
+            raise ValueError(f'in_channels ({in_channels}) must be divisible '
+                             f'by groups ({groups})')
+        if out_channels % groups:
+            raise ValueError(f'out_channels ({out_channels}) must be '
+                             f'divisible by groups ({groups})')
+        if padding_mode != 'zeros':
+            raise ValueError(f"padding_mode must be 'zeros', got "
+                             f'{padding_mode!r}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = to_pair(kernel_size, 'kernel_size', minimum=1)
+        self.stride = to_pair(stride, 'stride', minimum=1)
+        self.dilation = to_pair(dilation, 'dilation', minimum=1)
+        if isinstance(padding, str):
+            if padding == 'valid':
+                padding = 0
+            elif padding == 'same':
+                if self.stride != (1, 1):
+                    raise ValueError("padding='same' needs stride 1, got "
+                                     f'stride={stride!r}')
+                total = [d * (k - 1) for d, k in zip(self.dilation,
+                                                     self.kernel_size)]
+                if any(t % 2 for t in total):
+                    raise ValueError(
+                        "padding='same' needs an even dilation*(kernel-1); "
+                        f'got kernel_size={kernel_size!r}, '
+                        f'dilation={dilation!r}')
+                padding = (total[0] // 2, total[1] // 2)
+            else:
+                raise ValueError("padding must be an int, a pair, 'same' or "
+                                 f"'valid', got {padding!r}")
+        self.padding = to_pair(padding, 'padding', minimum=0)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        # Read by mmcv's ConvModule and by code written for nn.Conv2d.
+        self.transposed = False
+        self.output_padding = (0, 0)
+        self.with_bias = bool(bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``x`` is not a float [B, C_in, H, W]."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f'{type(self).__name__} expects a tensor input '
+                             f'x, got {type(x).__name__}')
+        if x.dim() != 4:
+            raise ValueError(f'{type(self).__name__} expects input x of '
+                             f'shape [B, C, H, W], got {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(f'{type(self).__name__} expects a floating '
+                             f'point input x, got {x.dtype}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} expects input x with '
+                             f'{self.in_channels} channels (in_channels), '
+                             f'got {x.shape[1]} (shape {tuple(x.shape)})')
+        if x.shape[0] == 0:
+            raise ValueError(f'{type(self).__name__} got an empty batch '
+                             f'(input x of shape {tuple(x.shape)})')
+        for i, name in ((0, 'height'), (1, 'width')):
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            if x.shape[2 + i] + 2 * self.padding[i] < span:
+                raise ValueError(
+                    f'{type(self).__name__}: input x {name} '
+                    f'{x.shape[2 + i]} (+2x padding {self.padding[i]}) is '
+                    f'smaller than the kernel span {span}')
+
+    def output_hw(self, h: int, w: int) -> Tuple[int, int]:
+        """Spatial output size for an ``h x w`` input, as ``nn.Conv2d``."""
+        out = []
+        for i, size in enumerate((h, w)):
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            out.append((size + 2 * self.padding[i] - span) // self.stride[i] +
+                       1)
+        return out[0], out[1]
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, '
+             f'kernel_size={self.kernel_size}, stride={self.stride}')
+        if self.padding != (0, 0):
+            s += f', padding={self.padding}'
+        if self.dilation != (1, 1):
+            s += f', dilation={self.dilation}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if not self.with_bias:
+            s += ', bias=False'
+        return s
+
+
+class TemperatureMixin:
+    """Keeps an attention temperature in a registered float32 buffer.
+
+    Call :meth:`init_temperature` in ``__init__`` (after
+    ``nn.Module.__init__``). The buffer is saved in and restored from
+    checkpoints, so a resumed run continues with the value it had.
+    """
+
+    def init_temperature(self, value: float) -> None:
+        self.register_buffer('temperature',
+                             torch.tensor(float(value), dtype=torch.float32))
+
+    def update_temperature(self, value: float) -> None:
+        """Set the temperature (in place, so the buffer stays registered)."""
+        self.temperature.fill_(float(value))
+
+
+ATTENTION_NORMS = ('bn', 'bn_batch1', 'ln', 'none')
+
+
+class BatchNormBatch1(nn.BatchNorm1d):
+    """``BatchNorm1d`` that uses its running statistics for a batch of one.
+
+    ``nn.BatchNorm1d`` raises in training mode when it sees a single value per
+    channel. This subclass keeps the official BN semantics (and state-dict
+    layout) for batches > 1 and normalises a batch of one with the running
+    statistics instead of failing. It has the same parameters as BN.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(x, self.running_mean,
+                                            self.running_var, self.weight,
+                                            self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def build_attention_norm(norm: Optional[str], num_features: int) -> nn.Module:
+    """Normalisation for an attention branch on pooled features [B, C].
+
+    Args:
+        norm (str | None): ``'bn'`` (``BatchNorm1d``, the official choice,
+            fails in training at batch size 1), ``'bn_batch1'`` (BN that
+            falls back to its running statistics for a batch of one; same
+            parameters and state-dict keys as ``'bn'``), ``'ln'``
+            (``LayerNorm``, same parameter count as BN) or ``'none'``/None.
+        num_features (int): Channels.
+
+    Returns:
+        nn.Module: the norm; it takes [B, C] inputs.
+    """
+    if norm is None or norm == 'none':
+        return nn.Identity()
+    if norm == 'bn':
+        return nn.BatchNorm1d(num_features)
+    if norm == 'bn_batch1':
+        return BatchNormBatch1(num_features)
+    if norm == 'ln':
+        return nn.LayerNorm(num_features)
+    raise ValueError(f'attention_norm must be one of {ATTENTION_NORMS}, got '
+                     f'{norm!r}')

@@ -1,0 +1,116 @@
+"""Convolution of each sample with its own kernel.
+
+Every dynamic convolution (DyConv, ODConv, KernelWarehouse) ends with the
+same operation: sample ``b`` of ``x`` is convolved with kernel ``weight[b]``.
+This module holds the interchangeable implementations of that operation:
+
+* ``'loop'``: one ``F.conv2d`` per sample (obviously correct: the reference).
+* ``'grouped'``: the official codes' trick, the batch folded into the
+  channels and one grouped conv with ``groups = B * groups``.
+* ``'unfold'``: im2col + batched matmul; its graph does not depend on the
+  batch size, so it is the path used for ONNX export.
+* ``'auto'``: picks one of the above for the device and shape.
+
+torch only.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+PER_SAMPLE_CONV_IMPLS = ('auto', 'loop', 'grouped', 'unfold')
+
+
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() if hasattr(
+        torch.onnx, 'is_in_onnx_export') else False
+
+
+def per_sample_conv2d(x: torch.Tensor,
+                      weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None,
+                      stride: Tuple[int, int] = (1, 1),
+                      padding: Tuple[int, int] = (0, 0),
+                      dilation: Tuple[int, int] = (1, 1),
+                      groups: int = 1,
+                      impl: str = 'auto') -> torch.Tensor:
+    """Convolve sample ``b`` of ``x`` with ``weight[b]``.
+
+    Args:
+        x (Tensor): [B, C_in, H, W].
+        weight (Tensor): [B, C_out, C_in // groups, kh, kw].
+        bias (Tensor, optional): [B, C_out] or [C_out].
+        stride, padding, dilation (tuple[int, int]): as ``F.conv2d``.
+        groups (int): as ``F.conv2d``.
+        impl (str): one of :data:`PER_SAMPLE_CONV_IMPLS`.
+
+    Returns:
+        Tensor: [B, C_out, H_out, W_out].
+    """
+    if impl not in PER_SAMPLE_CONV_IMPLS:
+        raise ValueError(f'impl must be one of {PER_SAMPLE_CONV_IMPLS}, got '
+                         f'{impl!r}')
+    if impl == 'auto':
+        impl = choose_impl(x, weight, groups)
+    if impl == 'loop':
+        return _conv_loop(x, weight, bias, stride, padding, dilation, groups)
+    if impl == 'grouped':
+        return _conv_grouped(x, weight, bias, stride, padding, dilation,
+                             groups)
+    return _conv_unfold(x, weight, bias, stride, padding, dilation, groups)
+
+
+def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
+    """The implementation ``'auto'`` uses for these shapes and this device."""
+    if _is_exporting() or torch.jit.is_tracing():
+        return 'unfold'
+    if x.shape[0] == 1:
+        return 'loop'
+    if x.is_cuda:
+        return 'grouped'
+    return 'loop'
+
+
+def _bias_of(bias: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    return bias[b] if bias.dim() == 2 else bias
+
+
+def _conv_loop(x, weight, bias, stride, padding, dilation, groups):
+    outs = [
+        F.conv2d(x[b:b + 1], weight[b], _bias_of(bias, b), stride, padding,
+                 dilation, groups) for b in range(x.shape[0])
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _conv_grouped(x, weight, bias, stride, padding, dilation, groups):
+    batch, c_in, h, w = x.shape
+    c_out = weight.shape[1]
+    out = F.conv2d(
+        x.reshape(1, batch * c_in, h, w),
+        weight.reshape(batch * c_out, *weight.shape[2:]),
+        None, stride, padding, dilation, groups * batch)
+    out = out.reshape(batch, c_out, out.shape[-2], out.shape[-1])
+    if bias is not None:
+        out = out + (bias if bias.dim() == 2 else bias.expand(
+            batch, c_out)).reshape(batch, c_out, 1, 1).to(out.dtype)
+    return out
+
+
+def _conv_unfold(x, weight, bias, stride, padding, dilation, groups):
+    batch, c_in, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape[1:]
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding,
+                    stride=stride)  # [B, C_in*kh*kw, L]
+    cols = cols.reshape(batch, groups, c_in_g * kh * kw, -1)
+    kernel = weight.reshape(batch, groups, c_out // groups, c_in_g * kh * kw)
+    out = torch.matmul(kernel, cols)  # [B, g, C_out/g, L]
+    out = out.reshape(batch, c_out, h_out, w_out)
+    if bias is not None:
+        b = bias if bias.dim() == 2 else bias.unsqueeze(0)
+        out = out + b.reshape(-1, c_out, 1, 1).to(out.dtype)
+    return out
