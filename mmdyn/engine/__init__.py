@@ -1,3 +1,15 @@
 """Importing this package registers mmdyn's hooks in mmengine's root
-``HOOKS`` and applies the checkpoint-loading compatibility fixes."""
-from .hooks import *  # noqa: F401,F403
+``HOOKS`` (and ``CPUAmpOptimWrapper`` in ``OPTIM_WRAPPERS``) and applies the
+checkpoint-loading and packaging compatibility fixes (see
+:mod:`mmdyn.engine.compat` and :mod:`mmdyn.engine.checkpoint`)."""
+from .compat import apply_compat_fixes
+
+# Before anything else: Config.fromfile of 'mmdet::' bases needs the fix.
+apply_compat_fixes()
+
+from .amp import CPUAmpOptimWrapper  # noqa: E402
+from .checkpoint import (CheckpointLoadError, CheckpointShapeCheckHook,  # noqa: E402,E501
+                         register_local_loader)
+from .hooks import *  # noqa: F401,F403,E402
+
+register_local_loader()

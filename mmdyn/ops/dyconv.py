@@ -1,15 +1,321 @@
-"""Placeholder: being implemented."""
+"""Mixture-of-kernels dynamic convolutions: CondConv and DyConv.
+
+* CondConv: Yang, Bender, Le, Ngiam. "CondConv: Conditionally Parameterized
+  Convolutions for Efficient Inference", NeurIPS 2019.
+  https://arxiv.org/abs/1904.04971
+* DyConv: Chen, Dai, Liu, Chen, Yuan, Liu. "Dynamic Convolution: Attention
+  over Convolution Kernels", CVPR 2020. https://arxiv.org/abs/1912.03458
+
+Both convolve each sample with its own kernel, a mixture of a bank of ``K``
+kernels weighted by routing weights computed from the globally pooled input::
+
+    W_b = sum_i pi[b, i] * W_i        b_b = sum_i pi[b, i] * bias_i
+    y_b = conv(x_b, W_b) + b_b
+
+They differ only in the routing function:
+
+* CondConv: ``pi = sigmoid(fc(GAP(x)) / T)`` with one linear layer
+  ``C_in -> K`` (with bias), as in the CondConv paper (its routing is
+  ``Sigmoid(GlobalAveragePool(x) R)``). It has no temperature schedule: T
+  stays 1.
+* DyConv: ``pi = softmax(fc2(ReLU(fc1(GAP(x)))) / T)``, following the common
+  unofficial implementation (kaijieshi7/Dynamic-convolution-Pytorch; spec
+  section 4): ``fc1`` ``C_in -> h`` without bias, ``fc2`` ``h -> K`` with
+  bias, ``h = int(C_in * ratio) + 1`` (``h = K`` when ``C_in == 3``), no
+  norm, T annealed 30 -> 1 over 10 epochs (the paper's schedule shape;
+  the unofficial code's 34 - 3 per epoch is not used, and inference uses
+  T = 1).
+
+torch only.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
+                   build_attention_norm, check_positive)
+from .per_sample_conv import per_sample_conv2d
 
-class CondConv2d(nn.Module):
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
+ROUTINGS = ('sigmoid', 'softmax')
 
 
-class DyConv2d(nn.Module):
+def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    # 1x1 convs on a 1x1 map (the official layout) applied as a matmul.
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
 
+class RoutingAttention(nn.Module):
+    """Routing logits [B, K] from pooled features [B, C_in].
+
+    With ``hidden_channels=None`` it is one 1x1 layer ``fc`` (``C_in -> K``,
+    with bias); otherwise ``fc1`` (no bias) -> norm -> ReLU -> ``fc2`` (with
+    bias).
+
+    Args:
+        in_channels (int): Input channels.
+        kernel_num (int): Number of kernels ``K``.
+        hidden_channels (int, optional): Hidden width. Default: None.
+        attention_norm (str): Norm after ``fc1``, see
+            :func:`~mmdyn.ops.base.build_attention_norm`. Default: 'none'.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 kernel_num: int,
+                 hidden_channels: Optional[int] = None,
+                 attention_norm: Optional[str] = 'none'):
+        super().__init__()
+        self.in_channels = in_channels
+        self.kernel_num = kernel_num
+        self.hidden_channels = hidden_channels
+        if hidden_channels is None:
+            self.fc = nn.Conv2d(in_channels, kernel_num, 1)
+        else:
+            self.fc1 = nn.Conv2d(in_channels, hidden_channels, 1, bias=False)
+            self.norm = build_attention_norm(attention_norm, hidden_channels)
+            self.fc2 = nn.Conv2d(hidden_channels, kernel_num, 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """fan_out kaiming, zero biases, norm 1/0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(
+                    m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.hidden_channels is None:
+            return _linear(pooled, self.fc)
+        s = F.relu(self.norm(_linear(pooled, self.fc1)))
+        return _linear(s, self.fc2)
+
+    def madds(self) -> int:
+        if self.hidden_channels is None:
+            return self.in_channels * self.kernel_num
+        return self.hidden_channels * (self.in_channels + self.kernel_num)
+
+
+class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
+    """Shared implementation of :class:`CondConv2d` and :class:`DyConv2d`.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        kernel_size (int | tuple[int, int]): Kernel size.
+        stride (int | tuple[int, int]): Stride. Default: 1.
+        padding (int | tuple[int, int] | str): Zero padding. Default: 0.
+        dilation (int | tuple[int, int]): Dilation. Default: 1.
+        groups (int): Groups. Default: 1.
+        bias (bool): Whether to learn a bias bank [K, C_out] (mixed with the
+            same routing weights). Default: True.
+        kernel_num (int): Number of kernels ``K``. Default: 4.
+        routing (str): ``'sigmoid'`` or ``'softmax'``.
+        hidden_channels (int, optional): Routing MLP hidden width; None for a
+            single linear layer. Default: None.
+        attention_norm (str): Norm in the routing MLP. Default: 'none'.
+        impl (str): Per-sample conv implementation, see
+            :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`.
+            Default: ``'auto'``.
+    """
+
+    TEMPERATURE_SCHEDULE = dict(start=30.0, end=1.0, epochs=10)
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: IntOrPair,
+                 stride: IntOrPair = 1,
+                 padding: IntOrPair = 0,
+                 dilation: IntOrPair = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 kernel_num: int = 4,
+                 routing: str = 'softmax',
+                 hidden_channels: Optional[int] = None,
+                 attention_norm: Optional[str] = 'none',
+                 impl: str = 'auto',
+                 **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride,
+                         padding, dilation, groups, bias, **kwargs)
+        check_positive(kernel_num, 'kernel_num')
+        if routing not in ROUTINGS:
+            raise ValueError(f'routing must be one of {ROUTINGS}, got '
+                             f'{routing!r}')
+        if hidden_channels is not None:
+            check_positive(hidden_channels, 'hidden_channels')
+        self.kernel_num = kernel_num
+        self.routing = routing
+        self.impl = impl
+        self.init_temperature(1.0)
+        self.attention = RoutingAttention(in_channels, kernel_num,
+                                          hidden_channels, attention_norm)
+        self.weight = nn.Parameter(
+            torch.empty(kernel_num, out_channels, in_channels // groups,
+                        *self.kernel_size))
+        if self.with_bias:
+            self.bias = nn.Parameter(torch.empty(kernel_num, out_channels))
+        else:
+            self.register_parameter('bias', None)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Each kernel kaiming-uniform (fan_in, ReLU gain); bias bank 0."""
+        for i in range(self.kernel_num):
+            nn.init.kaiming_uniform_(
+                self.weight.data[i], mode='fan_in', nonlinearity='relu')
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.attention.init_weights()
+
+    def reset_parameters(self) -> None:
+        self.init_weights()
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``pi`` [B, K] for input ``x``."""
+        logits = self.attention(x.mean((2, 3))) / self.temperature
+        if self.routing == 'softmax':
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        pi = self.routing_weights(x).to(self.weight.dtype)
+        weight = (pi @ self.weight.flatten(1)).view(-1,
+                                                    *self.weight.shape[1:])
+        bias = pi @ self.bias if self.bias is not None else None
+        return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
+                                 self.dilation, self.groups, self.impl)
+
+    def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
+        """Multiply-adds per sample for an ``input_hw`` input (spec 5.1):
+        ``conv`` one conv with the mixed kernel, ``att`` the routing layers,
+        ``agg`` ``K * numel(W)``, ``scal`` 0."""
+        h_out, w_out = self.output_hw(int(input_hw[0]), int(input_hw[1]))
+        kh, kw = self.kernel_size
+        c_in_g = self.in_channels // self.groups
+        numel_w = self.out_channels * c_in_g * kh * kw
+        conv = self.out_channels * h_out * w_out * c_in_g * kh * kw
+        return dict(
+            conv=conv,
+            att=self.attention.madds(),
+            agg=self.kernel_num * numel_w,
+            scal=0)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f', kernel_num={self.kernel_num}, '
+                f'routing={self.routing!r}')
+
+
+class CondConv2d(_MixtureOfKernelsConv2d):
+    """CondConv: per-sample mixture of ``K`` kernels, sigmoid routing.
+
+    ``pi = sigmoid(fc(GAP(x)))`` with a single linear layer ``C_in -> K``
+    (``attention.fc``, with bias). CondConv has no temperature schedule
+    (:attr:`TEMPERATURE_SCHEDULE` is the constant 1); the temperature buffer
+    exists only to share the interface.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias: as ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
+        kernel_num (int): Number of experts ``K``. Default: 4.
+        impl (str): Per-sample conv implementation. Default: ``'auto'``.
+        **kwargs: ``padding_mode='zeros'``.
+    """
+
+    TEMPERATURE_SCHEDULE = dict(start=1.0, end=1.0, epochs=1)
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: IntOrPair,
+                 stride: IntOrPair = 1,
+                 padding: IntOrPair = 0,
+                 dilation: IntOrPair = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 kernel_num: int = 4,
+                 impl: str = 'auto',
+                 **kwargs):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            kernel_num=kernel_num,
+            routing='sigmoid',
+            hidden_channels=None,
+            impl=impl,
+            **kwargs)
+
+
+class DyConv2d(_MixtureOfKernelsConv2d):
+    """Dynamic convolution (DyConv): softmax attention over ``K`` kernels.
+
+    Layout and init of the common unofficial code (spec section 4):
+    ``attention.fc1`` (1x1, ``C_in -> h``, no bias), ReLU, ``attention.fc2``
+    (1x1, ``h -> K``, bias), softmax(z / T); ``h = int(C_in * ratio) + 1``,
+    or ``K`` for a 3-channel input; no norm by default; bank [K, C_out,
+    C_in/g, kh, kw] with each kernel kaiming-uniform (fan_in, ReLU gain);
+    optional bias bank [K, C_out] initialised to 0.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias: as ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
+        kernel_num (int): Number of kernels ``K``. Default: 4.
+        ratio (float): Routing hidden width ratio. Default: 0.25.
+        attention_norm (str): Norm after ``fc1``; ``'none'`` as the
+            reference code (works at batch size 1). Default: ``'none'``.
+        impl (str): Per-sample conv implementation. Default: ``'auto'``.
+        **kwargs: ``padding_mode='zeros'``.
+    """
+
+    TEMPERATURE_SCHEDULE = dict(start=30.0, end=1.0, epochs=10)
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: IntOrPair,
+                 stride: IntOrPair = 1,
+                 padding: IntOrPair = 0,
+                 dilation: IntOrPair = 1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 kernel_num: int = 4,
+                 ratio: float = 0.25,
+                 attention_norm: Optional[str] = 'none',
+                 impl: str = 'auto',
+                 **kwargs):
+        check_positive(ratio, 'ratio', allow_float=True)
+        check_positive(kernel_num, 'kernel_num')
+        check_positive(in_channels, 'in_channels')
+        if in_channels == 3:
+            hidden = kernel_num
+        else:
+            hidden = int(in_channels * ratio) + 1
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            kernel_num=kernel_num,
+            routing='softmax',
+            hidden_channels=hidden,
+            attention_norm=attention_norm,
+            impl=impl,
+            **kwargs)
+        self.ratio = ratio

@@ -1,1 +1,3 @@
-__all__ = []
+from .temperature_hook import DynamicTemperatureHook
+
+__all__ = ['DynamicTemperatureHook']

@@ -1,1 +1,5 @@
-__all__ = []
+from .ddf_up_mask_head import DDFUpFCNMaskHead
+from .dropout_linear_cls_head import DropoutLinearClsHead
+from .kw_linear_cls_head import KWLinearClsHead
+
+__all__ = ['KWLinearClsHead', 'DDFUpFCNMaskHead', 'DropoutLinearClsHead']

@@ -1,1 +1,3 @@
-__all__ = []
+from .ddf_up_fpn import DDFUpFPN
+
+__all__ = ['DDFUpFPN']

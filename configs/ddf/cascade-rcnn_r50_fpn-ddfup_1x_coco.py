@@ -1,0 +1,9 @@
+# Cascade R-CNN 1x, ResNet-50 + DDF-Up FPN (guided DDF-Up top-down).
+_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    neck=dict(
+        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))

@@ -1,0 +1,3 @@
+# Comparison point for ./faster-rcnn_r50_fpn-ddfup_1x_coco.py: mmdet's
+# CARAFE FPN, unchanged (needs mmcv's CUDA carafe op to run).
+_base_ = 'mmdet::carafe/faster-rcnn_r50_fpn-carafe_1x_coco.py'

@@ -1,0 +1,11 @@
+# Faster R-CNN 1x, ResNet-50 + FPN whose top-down nearest-neighbour
+# upsampling is replaced by DDF-Up (DDF paper, detection experiment). Each
+# DDF-Up is guided by the lateral map of the finer level it merges into.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    neck=dict(
+        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))

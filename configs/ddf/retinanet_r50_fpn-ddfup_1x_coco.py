@@ -1,0 +1,10 @@
+# RetinaNet 1x, ResNet-50 + DDF-Up FPN (guided DDF-Up in the top-down path;
+# RetinaNet's start_level/extra convs are kept).
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    neck=dict(
+        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))

@@ -1,0 +1,25 @@
+# Faster R-CNN 1x + FPN with OD-MobileNetV2 (1.0, ODConv 1x): the official
+# detection setting takes the stride-4/8/16/32 maps (24, 32, 96, 1280
+# channels), i.e. mmpretrain MobileNetV2 out_indices (1, 2, 4, 7).
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmpretrain.models', 'mmdyn.models', 'mmdyn.engine'],
+    allow_failed_imports=False)
+
+pretrained = 'work_dirs/mobilenet-v2-odconv1x_8xb32_in1k/epoch_150.pth'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='mmpretrain.DynamicMobileNetV2',
+        widen_factor=1.0,
+        dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625),
+        out_indices=(1, 2, 4, 7),
+        frozen_stages=1,
+        norm_eval=True,
+        init_cfg=dict(
+            type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
+    neck=dict(in_channels=[24, 32, 96, 1280]))
+
+find_unused_parameters = True
+custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]

@@ -1,0 +1,178 @@
+"""Fixes that let mmengine 0.10 run on today's torch, numpy and setuptools.
+
+Applied once by ``import mmdyn.engine`` (:func:`apply_compat_fixes` is
+idempotent). Each fix is small, targeted and has a test in
+``tests/test_engine/test_compat.py``:
+
+1. **torch >= 2.6 loads with** ``weights_only=True`` **by default.**
+   mmengine's checkpoints hold more than tensors: the ``message_hub`` state
+   (``HistoryBuffer`` objects holding numpy arrays, numpy scalars and dtypes)
+   and, inside ``HistoryBuffer``, references to its statistics methods
+   pickled as ``getattr(HistoryBuffer, 'mean')``. Without the fix ``resume``
+   and ``load_from`` fail with ``UnpicklingError: Unsupported global``.
+   Rather than turning ``weights_only`` off (which would execute arbitrary
+   pickled code), the few globals these checkpoints need are allow-listed
+   with :func:`torch.serialization.add_safe_globals`. ``builtins.getattr``
+   is NOT allow-listed as such: its name is mapped to
+   :func:`_restricted_getattr`, which only looks up HistoryBuffer's
+   statistics methods. Checkpoints written under numpy 1.x name numpy's
+   internals ``numpy.core.*``; those names are mapped too.
+2. **setuptools >= 81 has no** ``pkg_resources``. mmengine's
+   ``is_installed``/``get_installed_path`` import it, and
+   ``Config.fromfile`` calls them for every ``mmdet::``/``mmpretrain::``
+   base config, so every inherited config failed with
+   ``ModuleNotFoundError: No module named 'pkg_resources'``. They are
+   replaced by equivalents on :mod:`importlib.metadata` (the standard
+   library's successor of ``pkg_resources``), in every module that imported
+   them by name.
+
+numpy 2.x itself needs no runtime patch on this stack (mmcv 2.1, mmdet 3.3,
+mmpretrain 1.2, pycocotools): the demo trainings, CocoMetric, Accuracy and
+the mmcv transforms run cleanly; the tests keep that checked.
+"""
+import importlib
+import importlib.metadata
+import importlib.util
+import os.path as osp
+
+import numpy as np
+import torch
+
+__all__ = [
+    'apply_compat_fixes', 'checkpoint_safe_globals', 'is_installed',
+    'get_installed_path'
+]
+
+_APPLIED = False
+
+# The HistoryBuffer attributes a checkpoint may legitimately reference
+# (``HistoryBuffer._set_default_statistics`` registers these).
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+
+def _restricted_getattr(obj, name):
+    """Stands in for ``builtins.getattr`` while unpickling a checkpoint.
+
+    Only ``getattr(HistoryBuffer, <statistics method>)`` is allowed: that is
+    the one use mmengine's checkpoints make of it. Anything else is refused,
+    so allow-listing this does not reopen ``weights_only``'s guarantees.
+    """
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(obj, name)
+    raise torch.serialization.pickle.UnpicklingError(
+        f'weights_only load refused getattr({obj!r}, {name!r}): mmdyn only '
+        'allows HistoryBuffer statistics methods')
+
+
+def checkpoint_safe_globals():
+    """List the globals an mmengine checkpoint needs for a weights-only load.
+
+    Returns:
+        list: entries for :func:`torch.serialization.add_safe_globals`
+        (objects, or ``(object, 'pickled.name')`` pairs where the name a
+        checkpoint uses differs from the object's own).
+    """
+    from mmengine.logging import HistoryBuffer
+    from numpy._core import multiarray
+    safe = [
+        HistoryBuffer,
+        np.ndarray,
+        np.dtype,
+        multiarray._reconstruct,
+        multiarray.scalar,
+        (_restricted_getattr, 'builtins.getattr'),
+        # numpy 1.x wrote these names; numpy 2 keeps them importable only
+        # through a deprecation shim, so map them to the new objects.
+        (multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+        (multiarray.scalar, 'numpy.core.multiarray.scalar'),
+    ]
+    # A dtype pickles as ``numpy.dtype`` plus arguments, but its class (e.g.
+    # ``numpy.dtypes.Float64DType``) appears when a dtype type is stored.
+    import numpy.dtypes
+    for name in dir(numpy.dtypes):
+        obj = getattr(numpy.dtypes, name)
+        if isinstance(obj, type) and issubclass(obj, np.dtype):
+            safe.append(obj)
+    return safe
+
+
+# --- importlib.metadata replacements of mmengine's pkg_resources helpers ---
+
+
+def _top_level_module(package):
+    """Module name a distribution installs (``mmcv-full`` -> ``mmcv``)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return package
+    top_level = dist.read_text('top_level.txt')
+    if top_level and top_level.split():
+        return top_level.split()[0]
+    return package.replace('-', '_')
+
+
+def is_installed(package):
+    """Whether ``package`` is installed or importable.
+
+    Args:
+        package (str): distribution or module name.
+
+    Returns:
+        bool: True if installed.
+    """
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        spec = importlib.util.find_spec(package)
+        return spec is not None and spec.origin is not None
+
+
+def get_installed_path(package):
+    """Folder of the module that ``package`` installs.
+
+    Args:
+        package (str): distribution or module name (e.g. ``'mmdet'``).
+
+    Returns:
+        str: the package folder.
+
+    Raises:
+        importlib.metadata.PackageNotFoundError: neither installed nor on
+            ``sys.path``.
+        RuntimeError: ``package`` is a namespace package.
+    """
+    module = _top_level_module(package)
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise importlib.metadata.PackageNotFoundError(package)
+    if spec.origin is None:
+        raise RuntimeError(f'{package} is a namespace package, which is '
+                           'invalid for `get_installed_path`')
+    return osp.dirname(spec.origin)
+
+
+def _patch_package_utils():
+    """Point every by-name import of mmengine's helpers at ours."""
+    names = dict(is_installed=is_installed,
+                 get_installed_path=get_installed_path)
+    for module_name in ('mmengine.utils.package_utils', 'mmengine.utils',
+                        'mmengine.config.config', 'mmengine.hub.hub'):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - optional module
+            continue
+        for name, func in names.items():
+            if hasattr(module, name):
+                setattr(module, name, func)
+
+
+def apply_compat_fixes():
+    """Apply the fixes described in this module (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    _patch_package_utils()
+    _APPLIED = True

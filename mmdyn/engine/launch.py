@@ -1,0 +1,126 @@
+"""Config preparation shared by ``tools/train.py`` and ``tools/test.py``.
+
+The tools stay task-agnostic: whether a config is an mmdet or an mmpretrain
+one is read from its ``default_scope`` (inferred from the model type when a
+config has none), and everything else is mmengine's ``Runner``.
+"""
+import os.path as osp
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from mmdyn.datasets import ensure_demo_data
+
+__all__ = [
+    'load_config', 'infer_default_scope', 'enable_amp', 'set_resume',
+    'add_checkpoint_check', 'build_runner'
+]
+
+_KNOWN_SCOPES = ('mmdet', 'mmpretrain')
+
+
+def load_config(path, cfg_options=None, launcher='none', work_dir=None):
+    """Read a config and apply the command-line settings common to tools.
+
+    Args:
+        path (str): config file.
+        cfg_options (dict, optional): ``--cfg-options`` overrides.
+        launcher (str): ``none``, ``pytorch``, ``slurm`` or ``mpi``.
+            Defaults to ``'none'``.
+        work_dir (str, optional): ``--work-dir``; else the config's
+            ``work_dir``; else ``./work_dirs/<config name>``.
+
+    Returns:
+        mmengine.Config: the prepared config.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path} does not exist')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(path))[0])
+    if cfg.get('default_scope') is None:
+        scope = infer_default_scope(cfg)
+        if scope is not None:
+            cfg.default_scope = scope
+    return cfg
+
+
+def infer_default_scope(cfg):
+    """Guess ``'mmdet'`` or ``'mmpretrain'`` for a config without a scope.
+
+    Args:
+        cfg (mmengine.Config): the config.
+
+    Returns:
+        str | None: the scope whose model registry knows ``cfg.model.type``.
+    """
+    model_type = cfg.get('model', {}).get('type')
+    if not isinstance(model_type, str):
+        return None
+    if '.' in model_type and model_type.split('.')[0] in _KNOWN_SCOPES:
+        return model_type.split('.')[0]
+    import mmdet.registry
+    import mmpretrain.registry
+    for scope, registry in (('mmdet', mmdet.registry.MODELS),
+                            ('mmpretrain', mmpretrain.registry.MODELS)):
+        registry.import_from_location()
+        if model_type in registry.module_dict:
+            return scope
+    return None
+
+
+def enable_amp(cfg):
+    """Switch the config's optimizer wrapper to mixed precision.
+
+    On CUDA: mmengine's ``AmpOptimWrapper`` with dynamic loss scaling. On
+    CPU: :class:`~mmdyn.engine.amp.CPUAmpOptimWrapper` (bfloat16).
+    """
+    optim_wrapper = cfg.get('optim_wrapper')
+    if optim_wrapper is None:
+        raise ValueError('--amp needs an optim_wrapper in the config')
+    if optim_wrapper.get('type', 'OptimWrapper') in ('AmpOptimWrapper',
+                                                     'CPUAmpOptimWrapper'):
+        return
+    if torch.cuda.is_available():
+        optim_wrapper.type = 'AmpOptimWrapper'
+        optim_wrapper.loss_scale = 'dynamic'
+    else:
+        optim_wrapper.type = 'CPUAmpOptimWrapper'
+        optim_wrapper.dtype = 'bfloat16'
+
+
+def set_resume(cfg, resume):
+    """``--resume``: ``'auto'`` (latest in the work dir) or a file path."""
+    if resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif resume is not None:
+        cfg.resume = True
+        cfg.load_from = resume
+
+
+def add_checkpoint_check(cfg):
+    """Add :class:`CheckpointShapeCheckHook` unless the config has one."""
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(h.get('type') in ('CheckpointShapeCheckHook',
+                                 'mmdyn.CheckpointShapeCheckHook')
+               for h in hooks):
+        hooks.append(dict(type='CheckpointShapeCheckHook'))
+    cfg.custom_hooks = hooks
+
+
+def build_runner(cfg):
+    """Generate missing demo data, then build the config's runner."""
+    ensure_demo_data(cfg)
+    add_checkpoint_check(cfg)
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

@@ -1,0 +1,243 @@
+"""Multiply-add counting: formulas against hand-computed values and static
+convs of the same shape, whole models against spec.md section 5.1 (counted
+on the official code)."""
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mmdyn.analysis.flops import (count_config_madds, count_madds,
+                                  format_report, static_layer_madds)
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIGS = osp.join(ROOT, 'configs')
+
+
+def madds_of(model, x, num_images=None):
+    model.eval()
+    return count_madds(model, lambda: model(x),
+                       num_images=num_images or x.shape[0])
+
+
+def test_static_conv_formula_hand_computed():
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2, bias=True)
+    x = torch.randn(3, 8, 10, 10)
+    # output 3 x 16 x 5 x 5, each output sums (8 / 2) * 3 * 3 products
+    assert static_layer_madds(conv, x, conv(x)) == 3 * 16 * 5 * 5 * 4 * 9
+    linear = nn.Linear(10, 7)
+    y = torch.randn(4, 10)
+    assert static_layer_madds(linear, y, linear(y)) == 4 * 7 * 10
+    deconv = nn.ConvTranspose2d(6, 4, 2, stride=2)
+    z = torch.randn(1, 6, 5, 5)
+    # every input element is scattered to C_out * k * k outputs
+    assert static_layer_madds(deconv, z, deconv(z)) == 6 * 25 * 4 * 4
+    assert static_layer_madds(nn.ReLU(), y, y) is None
+
+
+def test_count_madds_per_image_and_repeated_calls():
+
+    class Net(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = self.conv(x)
+            x = self.conv(x[:, :3])  # called twice: both calls count
+            return self.fc(x.mean((2, 3)))
+
+    report = madds_of(Net(), torch.randn(2, 3, 6, 6))
+    per_image = report.per_image()
+    expected = 2 * (4 * 36 * 3 * 9) + 5 * 4
+    assert per_image['conv'] == expected
+    assert per_image['total'] == expected
+    assert report.params == (4 * 3 * 9 + 4) + (5 * 4 + 5)
+    conv_record = [r for r in report.layers if r.name == 'conv'][0]
+    assert conv_record.calls == 2
+    assert 'total' in format_report(report, per_layer=True)
+
+
+def test_dynamic_layer_children_not_counted_twice():
+
+    class FakeDynamic(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.Linear(3, 2)  # inside: must not count
+
+        def forward(self, x):
+            self.attention(x.mean((2, 3)))
+            return x
+
+        def madds_per_sample(self, input_hw):
+            h, w = input_hw
+            return dict(conv=h * w, att=7, agg=11, scal=13)
+
+    model = nn.Sequential(FakeDynamic(), nn.Conv2d(3, 1, 1))
+    report = madds_of(model, torch.randn(4, 3, 5, 6))
+    per_image = report.per_image()
+    assert per_image == dict(
+        conv=30 + 30 * 3, att=7, agg=11, scal=13, total=30 + 90 + 31)
+
+
+def _odconv_reference(c_in, c_out, k, groups, kernel_num, h, w, stride=1):
+    """spec 1.1 / 5.1, written out independently of the layer."""
+    hidden = max(int(c_in / 16), 16)
+    pad = k // 2
+    h_out = (h + 2 * pad - k) // stride + 1
+    w_out = (w + 2 * pad - k) // stride + 1
+    depthwise = c_in == groups == c_out
+    numel_w = c_out * (c_in // groups) * k * k
+    att = c_in * hidden + hidden * c_in  # fc, channel_fc
+    att += 0 if depthwise else hidden * c_out
+    att += hidden * k * k if k > 1 else 0
+    att += hidden * kernel_num if kernel_num > 1 else 0
+    if kernel_num > 1:
+        agg = kernel_num * numel_w
+    else:
+        agg = numel_w if k > 1 else 0
+    scal = c_in * h * w + (0 if depthwise else c_out * h_out * w_out)
+    return dict(att=att, agg=agg, scal=scal)
+
+
+@pytest.mark.parametrize('c_in,c_out,k,groups,kernel_num,stride', [
+    (16, 32, 3, 1, 1, 1),
+    (16, 32, 3, 1, 4, 2),
+    (32, 64, 1, 1, 1, 1),
+    (32, 64, 1, 1, 4, 1),
+    (24, 24, 3, 24, 1, 1),  # depthwise: no filter attention
+    (24, 48, 3, 2, 2, 1),
+])
+def test_odconv_layer_counts(c_in, c_out, k, groups, kernel_num, stride):
+    from mmdyn.ops import ODConv2d
+    h, w = 9, 7
+    layer = ODConv2d(c_in, c_out, k, stride=stride, padding=k // 2,
+                     groups=groups, bias=False, kernel_num=kernel_num)
+    static = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2,
+                       groups=groups, bias=False)
+    x = torch.randn(2, c_in, h, w)
+    dyn = madds_of(layer, x).per_image()
+    # the conv part is one ordinary conv of the same shape
+    assert dyn['conv'] == madds_of(static, x).per_image()['conv']
+    ref = _odconv_reference(c_in, c_out, k, groups, kernel_num, h, w, stride)
+    for column in ('att', 'agg', 'scal'):
+        assert dyn[column] == ref[column], column
+
+
+def test_dyconv_layer_counts():
+    from mmdyn.ops import DyConv2d
+    layer = DyConv2d(16, 32, 3, padding=1, bias=False, kernel_num=4)
+    static = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 8, 8)
+    dyn = madds_of(layer, x).per_image()
+    assert dyn['conv'] == madds_of(static, x).per_image()['conv']
+    assert dyn['agg'] == 4 * 32 * 16 * 9  # K * numel(W)
+    hidden = int(16 * 0.25) + 1  # spec 4: GAP -> C_in->h -> h->K
+    assert dyn['att'] == 16 * hidden + hidden * 4
+    assert dyn['scal'] == 0
+
+
+def test_kw_layer_counts():
+    from mmdyn.ops import KWConv2d
+    layer = KWConv2d(16, 32, 3, padding=1, bias=False)
+    static = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 8, 8)
+    dyn = madds_of(layer, x).per_image()
+    assert dyn['conv'] == madds_of(static, x).per_image()['conv']
+    # one private warehouse: cell [32, 16], m = 9 mixtures, n = 9 cells;
+    # assembling is the [m x n] @ [n x cell] product = numel(W) * n
+    assert dyn['agg'] == 32 * 16 * 9 * 9
+    hidden = 16  # max(int(16 / 16), 16)
+    assert dyn['att'] == 16 * hidden + hidden * 9 * (9 + 1)
+
+
+def test_ddf_layer_counts():
+    from mmdyn.ops import DDFConv2d
+    layer = DDFConv2d(20, 20, 3, stride=2, padding=1)
+    x = torch.randn(2, 20, 8, 8)
+    dyn = madds_of(layer, x).per_image()
+    # spec 5.1: conv = C * Ho * Wo * k^2 (a depthwise conv's count)
+    depthwise = nn.Conv2d(20, 20, 3, stride=2, padding=1, groups=20)
+    assert dyn['conv'] == madds_of(depthwise, x).per_image()['conv']
+    assert dyn['agg'] == 20 * 4 * 4 * 9  # combining the two filters
+    mid = int(20 * 0.2)
+    spatial = 20 * 9 * 4 * 4  # 1x1 conv C -> k^2 at output resolution
+    channel = 20 * mid + mid * 20 * 9
+    assert dyn['att'] == spatial + channel
+
+
+def _config(pattern):
+    import glob
+    found = sorted(glob.glob(osp.join(CONFIGS, pattern)))
+    assert found, f'no config matches {pattern}'
+    return found[0]
+
+
+# spec.md 5.1, millions of multiply-adds per 224x224 image; None: the spec
+# gives no single number for that column.
+SPEC_MADDS = {
+    'odconv/resnet18-odconv1x_*in1k.py':
+    dict(conv=1814.1, att=0.25, agg=11.0, scal=3.2, total=1828.5),
+    'odconv/resnet18-odconv4x_*in1k.py':
+    dict(conv=1814.1, att=0.25, agg=43.9, scal=3.2, total=1861.4),
+    'odconv/resnet50-odconv1x_*in1k.py':
+    dict(conv=4089.2, att=3.0, agg=11.3, scal=17.7, total=4121.2),
+    'odconv/mobilenet-v2-odconv1x_*in1k.py':
+    dict(conv=300.8, att=1.4, agg=0.06, scal=10.6, total=312.8),
+    'odconv/mobilenet-v2-odconv4x_*in1k.py':
+    dict(conv=300.8, att=1.4, agg=8.8, scal=10.6, total=321.5),
+    'kernelwarehouse/resnet18-kw1x_*in1k.py':
+    dict(conv=1814.1, agg=385, total=2199.2),
+    'kernelwarehouse/mobilenet-v2-kw1x_*in1k.py':
+    dict(conv=300.8, att=1.6, agg=157, total=459.0),
+    'ddf/resnet50-ddf-mul_*in1k.py':
+    dict(conv=2251.9, att=14.9, agg=12.4, total=2279.3),
+    'dyconv/resnet18-dyconv4x_*in1k.py':
+    dict(conv=1814.1, att=0.3, agg=44.6, total=1859.0),
+}
+
+
+def _close(value, spec):
+    # 1 % of the published figure, or half a unit of its last printed digit
+    return abs(value - spec) <= max(0.01 * spec, 0.05)
+
+
+@pytest.mark.parametrize('pattern', sorted(SPEC_MADDS))
+def test_model_totals_match_spec(pattern):
+    report = count_config_madds(_config(pattern))
+    ours = {k: v / 1e6 for k, v in report.per_image().items()}
+    mismatched = {
+        column: (round(ours[column], 2), spec)
+        for column, spec in SPEC_MADDS[pattern].items()
+        if not _close(ours[column], spec)
+    }
+    assert not mismatched, f'(ours, spec 5.1) in M: {mismatched}'
+
+
+def test_static_resnet18_and_detector(tmp_path):
+    cfg = tmp_path / 'r18.py'
+    cfg.write_text("_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'\n")
+    report = count_config_madds(str(cfg))
+    assert abs(report.per_image()['total'] / 1e6 - 1814.1) < 0.1
+    assert report.params == 11_689_512
+
+
+def test_get_flops_cli_markdown(tmp_path):
+    cfg = tmp_path / 'r18.py'
+    cfg.write_text("_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'\n")
+    out = subprocess.run(
+        [sys.executable,
+         osp.join(ROOT, 'tools/analysis_tools/get_flops.py'), str(cfg),
+         '--shape', '112', '--markdown'],
+        capture_output=True, text=True, check=True).stdout
+    row = [line for line in out.splitlines() if line.startswith('| r18')][0]
+    # at 112x112 every conv map has a quarter of the positions
+    fc = 512 * 1000
+    expected_g = ((1814.1e6 - fc) / 4 + fc) / 1e9
+    assert abs(float(row.split('|')[-2]) - expected_g) < 0.001
+    assert '11.69' in row

@@ -1,0 +1,85 @@
+"""Whole-model inference / training-step latency, throughput and memory.
+
+    python tools/analysis_tools/benchmark.py CONFIG [--compare CONFIG2 ...] \
+        [--batch-size 8] [--shape 224 224] [--device cpu|cuda] [--amp] \
+        [--mode infer|train] [--repeat 10] [--warmup 2] [--threads N]
+
+With ``--compare``, the models are built in one process and their
+iterations alternate, and the table gives each one's time ratio to CONFIG
+(the median of the per-round ratios). Peak memory: CUDA
+``max_memory_allocated``; CPU the resident-set growth during one iteration
+(see :mod:`mmdyn.analysis.benchmark`).
+"""
+import argparse
+
+from mmengine.config import DictAction
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description='Benchmark inference or a training step of configs')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument(
+        '--compare',
+        nargs='+',
+        default=[],
+        help='other config(s), run alternately in the same process')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        default=None,
+        help='H W (default: 224 224 for classifiers, 800 1333 for '
+        'detectors)')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
+    parser.add_argument('--amp', action='store_true', help='autocast')
+    parser.add_argument(
+        '--mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('--repeat', type=int, default=10,
+                        help='timed rounds (median reported)')
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed rounds first')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch default)')
+    parser.add_argument('--no-memory', action='store_true',
+                        help='skip the memory pass')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='overrides applied to every config')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    from mmdyn.analysis.benchmark import benchmark_configs, format_results
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = None
+    if args.shape is not None:
+        if len(args.shape) not in (1, 2):
+            raise ValueError(f'--shape takes 1 or 2 values, got {args.shape}')
+        shape = (args.shape[0], args.shape[-1])
+    results = benchmark_configs(
+        [args.config] + list(args.compare),
+        mode=args.mode,
+        batch_size=args.batch_size,
+        shape=shape,
+        device=args.device,
+        amp=args.amp,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        cfg_options=args.cfg_options,
+        measure_memory=not args.no_memory)
+    print(f'device {args.device}, torch threads {torch.get_num_threads()}, '
+          f'amp {args.amp}, {args.repeat} timed rounds after {args.warmup} '
+          'warm-up rounds')
+    print(format_results(results, args.device))
+
+
+if __name__ == '__main__':
+    main()
