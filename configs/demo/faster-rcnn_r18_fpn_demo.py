@@ -16,7 +16,11 @@ model = dict(
         norm_eval=False,
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=neck_channels),
-    rpn_head=dict(in_channels=neck_channels, feat_channels=neck_channels),
+    rpn_head=dict(
+        in_channels=neck_channels,
+        feat_channels=neck_channels,
+        # Objects are 15-60 px at this scale: 16 px anchors at stride 4.
+        anchor_generator=dict(scales=[4])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=neck_channels),
         bbox_head=dict(

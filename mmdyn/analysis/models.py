@@ -60,7 +60,13 @@ def build_model(config, cfg_options: Optional[dict] = None,
     from mmengine.registry import MODELS, init_default_scope
     cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    model = MODELS.build(copy.deepcopy(cfg.model))
+    model_cfg = copy.deepcopy(cfg.model)
+    # As mmengine's Runner: a top-level data_preprocessor (mmpretrain's
+    # configs keep num_classes, mean and std there) applies to the model.
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor',
+                             copy.deepcopy(cfg.data_preprocessor))
+    model = MODELS.build(model_cfg)
     return model.to(device).eval()
 
 

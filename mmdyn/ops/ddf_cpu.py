@@ -181,9 +181,185 @@ void CAT(ddf_backward_sf, DDF_SUF)(const DDF_T *go, const DDF_T *x,
         }
     }
 }
+
+/* ---- Stride 1: every tap is a constant offset in a zero-padded plane. ----
+   A plane padded by R = r*d on each side (and one spare row, so that the
+   garbage columns below never read outside it) is laid out with row length
+   Wp = W + 2R. An output pixel p = y*Wp + x (x < W; the columns x >= W are
+   computed and thrown away) reads tap (i, j) at p + i*d*Wp + j*d, so each
+   tap is one long contiguous loop over the plane. The spatial filter comes
+   in the same layout: sfe [B, k*k, H, Wp], zero in the columns >= W. */
+
+static inline void CAT(pad_plane, DDF_SUF)(const DDF_T *src, DDF_T *dst,
+                                           long H, long W, long Wp, long R) {
+    for (long y = 0; y < H; ++y) {
+        DDF_T *row = dst + (y + R) * Wp + R;
+        const DDF_T *srow = src + y * W;
+        for (long x = 0; x < W; ++x) row[x] = srow[x];
+    }
+}
+
+void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
+                                   const DDF_T *sfe, DDF_T *out, long B,
+                                   long C, long H, long W, long k, long d,
+                                   int add, int threads) {
+    const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
+    const long L = H * Wp, P = (H + 2 * R + 1) * Wp;
+    #pragma omp parallel num_threads(threads)
+    {
+        DDF_T *xb = (DDF_T *)calloc(P, sizeof(DDF_T));
+        DDF_T *ob = (DDF_T *)malloc(L * sizeof(DDF_T));
+        #pragma omp for schedule(static)
+        for (long bc = 0; bc < B * C; ++bc) {
+            const long b = bc / C;
+            CAT(pad_plane, DDF_SUF)(x + bc * H * W, xb, H, W, Wp, R);
+            if (k == 3) {
+                /* The common case, unrolled: the 9 taps accumulate in a
+                   register, one store per pixel instead of nine. */
+                const DDF_T *cv = cf + bc * 9;
+                const DDF_T *se = sfe + b * 9 * L;
+                const long o1 = d, o2 = 2 * d, o3 = d * Wp, o6 = 2 * d * Wp;
+                const long offs[9] = {0, o1, o2, o3, o3 + o1, o3 + o2,
+                                      o6, o6 + o1, o6 + o2};
+#define DDF_TAP(t, F) (xq[offs[t]] * F(cv[t], se[(t) * L + q]))
+#define DDF_SUM9(F) (DDF_TAP(0, F) + DDF_TAP(1, F) + DDF_TAP(2, F) \
+                     + DDF_TAP(3, F) + DDF_TAP(4, F) + DDF_TAP(5, F) \
+                     + DDF_TAP(6, F) + DDF_TAP(7, F) + DDF_TAP(8, F))
+                if (add) {
+                    #pragma omp simd
+                    for (long q = 0; q < L; ++q) {
+                        const DDF_T *xq = xb + q;
+                        ob[q] = DDF_SUM9(F_ADD);
+                    }
+                } else {
+                    #pragma omp simd
+                    for (long q = 0; q < L; ++q) {
+                        const DDF_T *xq = xb + q;
+                        ob[q] = DDF_SUM9(F_MUL);
+                    }
+                }
+#undef DDF_TAP
+#undef DDF_SUM9
+            } else {
+            for (long q = 0; q < L; ++q) ob[q] = 0;
+            for (long t = 0; t < kk; ++t) {
+                const DDF_T cv = cf[bc * kk + t];
+                const DDF_T *restrict xs = xb + (t / k) * d * Wp + (t % k) * d;
+                const DDF_T *restrict se = sfe + (b * kk + t) * L;
+                DDF_T *restrict o = ob;
+                if (add) {
+                    #pragma omp simd
+                    for (long q = 0; q < L; ++q) o[q] += xs[q] * (cv + se[q]);
+                } else {
+                    #pragma omp simd
+                    for (long q = 0; q < L; ++q) o[q] += xs[q] * (cv * se[q]);
+                }
+            }
+            }
+            DDF_T *op = out + bc * H * W;
+            for (long y = 0; y < H; ++y)
+                for (long xo = 0; xo < W; ++xo) op[y * W + xo] = ob[y * Wp + xo];
+        }
+        free(xb);
+        free(ob);
+    }
+}
+
+/* Gradients w.r.t. x (scattered back along each tap's offset into a padded
+   plane) and the channel filter, one (b, c) plane per task. */
+void CAT(ddf_backward_x_cf_s1, DDF_SUF)(const DDF_T *go, const DDF_T *x,
+                                         const DDF_T *cf, const DDF_T *sfe,
+                                         DDF_T *gx, DDF_T *gcf, long B,
+                                         long C, long H, long W, long k,
+                                         long d, int add, int need_x,
+                                         int need_cf, int threads) {
+    const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
+    const long L = H * Wp, P = (H + 2 * R + 1) * Wp;
+    #pragma omp parallel num_threads(threads)
+    {
+        DDF_T *xb = (DDF_T *)calloc(P, sizeof(DDF_T));
+        DDF_T *gxb = (DDF_T *)malloc(P * sizeof(DDF_T));
+        DDF_T *gob = (DDF_T *)calloc(L, sizeof(DDF_T));
+        #pragma omp for schedule(static)
+        for (long bc = 0; bc < B * C; ++bc) {
+            const long b = bc / C;
+            CAT(pad_plane, DDF_SUF)(x + bc * H * W, xb, H, W, Wp, R);
+            for (long y = 0; y < H; ++y)  /* columns >= W stay zero */
+                for (long xo = 0; xo < W; ++xo)
+                    gob[y * Wp + xo] = go[bc * H * W + y * W + xo];
+            for (long q = 0; q < P; ++q) gxb[q] = 0;
+            for (long t = 0; t < kk; ++t) {
+                const long off = (t / k) * d * Wp + (t % k) * d;
+                const DDF_T cv = cf[bc * kk + t];
+                const DDF_T *restrict xs = xb + off;
+                DDF_T *restrict gs = gxb + off;
+                const DDF_T *restrict se = sfe + (b * kk + t) * L;
+                const DDF_T *restrict g = gob;
+                DDF_T acc = 0;
+                if (add) {
+                    #pragma omp simd reduction(+:acc)
+                    for (long q = 0; q < L; ++q) {
+                        gs[q] += g[q] * (cv + se[q]);
+                        acc += g[q] * xs[q];
+                    }
+                } else {
+                    #pragma omp simd reduction(+:acc)
+                    for (long q = 0; q < L; ++q) {
+                        gs[q] += g[q] * (cv * se[q]);
+                        acc += g[q] * se[q] * xs[q];
+                    }
+                }
+                if (need_cf) gcf[bc * kk + t] = acc;
+            }
+            if (need_x) {
+                DDF_T *gp = gx + bc * H * W;
+                for (long y = 0; y < H; ++y)
+                    for (long xo = 0; xo < W; ++xo)
+                        gp[y * W + xo] = gxb[(y + R) * Wp + xo + R];
+            }
+        }
+        free(xb);
+        free(gxb);
+        free(gob);
+    }
+}
+
+/* Gradient w.r.t. the spatial filter, in the padded layout (gsfe
+   [B, k*k, H, Wp], written here): a sum over channels, so the tasks are
+   (sample, block of the plane). xp [B, C, H+2R+1, Wp] is x padded, goe
+   [B, C, H, Wp] the output gradient with zero columns >= W. */
+void CAT(ddf_backward_sf_s1, DDF_SUF)(const DDF_T *goe, const DDF_T *xp,
+                                       const DDF_T *cf, DDF_T *gsfe, long B,
+                                       long C, long H, long W, long k,
+                                       long d, int add, long blocks,
+                                       int threads) {
+    const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
+    const long L = H * Wp, P = (H + 2 * R + 1) * Wp;
+    const long step = (L + blocks - 1) / blocks;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long task = 0; task < B * blocks; ++task) {
+        const long b = task / blocks, q0 = (task % blocks) * step;
+        const long q1 = q0 + step < L ? q0 + step : L;
+        for (long t = 0; t < kk; ++t)
+            for (long q = q0; q < q1; ++q) gsfe[(b * kk + t) * L + q] = 0;
+        for (long c = 0; c < C; ++c) {
+            const long bc = b * C + c;
+            const DDF_T *restrict g = goe + bc * L;
+            for (long t = 0; t < kk; ++t) {
+                const long off = (t / k) * d * Wp + (t % k) * d;
+                const DDF_T cv = add ? (DDF_T)1 : cf[bc * kk + t];
+                const DDF_T *restrict xs = xp + bc * P + off;
+                DDF_T *restrict gs = gsfe + (b * kk + t) * L;
+                #pragma omp simd
+                for (long q = q0; q < q1; ++q) gs[q] += g[q] * cv * xs[q];
+            }
+        }
+    }
+}
 '''
 
-_SOURCE = ('#define DDF_T float\n#define DDF_SUF _f32\n' + _KERNEL_BODY +
+_SOURCE = ('#include <stdlib.h>\n'
+           '#define DDF_T float\n#define DDF_SUF _f32\n' + _KERNEL_BODY +
            '#undef DDF_T\n#undef DDF_SUF\n'
            '#define DDF_T double\n#define DDF_SUF _f64\n' + _KERNEL_BODY)
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c99']
@@ -232,7 +408,15 @@ def _declare(lib: ctypes.CDLL) -> None:
             [ptr] * 6 + [long_] * 9 + [int_] * 4)
         getattr(lib, 'ddf_backward_sf' + suffix).argtypes = (
             [ptr] * 4 + [long_] * 9 + [int_] * 2)
-        for name in ('ddf_forward', 'ddf_backward_x_cf', 'ddf_backward_sf'):
+        getattr(lib, 'ddf_forward_s1' + suffix).argtypes = (
+            [ptr] * 4 + [long_] * 6 + [int_] * 2)
+        getattr(lib, 'ddf_backward_x_cf_s1' + suffix).argtypes = (
+            [ptr] * 6 + [long_] * 6 + [int_] * 4)
+        getattr(lib, 'ddf_backward_sf_s1' + suffix).argtypes = (
+            [ptr] * 4 + [long_] * 6 + [int_, long_, int_])
+        for name in ('ddf_forward', 'ddf_backward_x_cf', 'ddf_backward_sf',
+                     'ddf_forward_s1', 'ddf_backward_x_cf_s1',
+                     'ddf_backward_sf_s1'):
             getattr(lib, name + suffix).restype = None
 
 
@@ -275,6 +459,7 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 def _ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
+    # The caller must hold a reference to ``t`` until the C call returns.
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
@@ -283,15 +468,32 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // 4096 + 1))
 
 
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """Zero columns on the right: the kernels' padded-row layout."""
+    return torch.nn.functional.pad(t, (0, cols)).contiguous()
+
+
 def forward(lib, x, cf, sf, out_hw, kernel_size, dilation, stride, add):
     """out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype."""
     B, C, H, W = x.shape
     Ho, Wo = out_hw
+    suffix = _SUFFIX[x.dtype]
     out = x.new_empty((B, C, Ho, Wo))
-    getattr(lib, 'ddf_forward' + _SUFFIX[x.dtype])(
-        _ptr(x), _ptr(cf), _ptr(sf), _ptr(out), B, C, H, W, Ho, Wo,
-        kernel_size, dilation, stride, int(add),
-        _threads(B * C * Ho * Wo))
+    threads = _threads(B * C * Ho * Wo)
+    if stride == 1:
+        pad = (kernel_size - 1) // 2 * dilation
+        # Named, so that it stays alive during the call (ctypes only sees a
+        # raw pointer).
+        sfe = _pad_cols(sf, 2 * pad)
+        getattr(lib, 'ddf_forward_s1' + suffix)(_ptr(x), _ptr(cf), _ptr(sfe),
+                                                _ptr(out), B, C, H, W,
+                                                kernel_size, dilation,
+                                                int(add), threads)
+        return out
+    getattr(lib, 'ddf_forward' + suffix)(_ptr(x), _ptr(cf), _ptr(sf),
+                                         _ptr(out), B, C, H, W, Ho, Wo,
+                                         kernel_size, dilation, stride,
+                                         int(add), threads)
     return out
 
 
@@ -304,15 +506,37 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
     suffix = _SUFFIX[x.dtype]
     gx = torch.empty_like(x) if needs[0] else None
     gcf = torch.empty_like(cf) if needs[1] else None
+    gsf = None
+    threads = _threads(B * C * Ho * Wo)
+    if stride == 1:
+        pad = (kernel_size - 1) // 2 * dilation
+        if needs[0] or needs[1]:
+            sfe = _pad_cols(sf, 2 * pad)
+            getattr(lib, 'ddf_backward_x_cf_s1' + suffix)(
+                _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(sfe), _ptr(gx),
+                _ptr(gcf), B, C, H, W, kernel_size, dilation, int(add),
+                int(needs[0]), int(needs[1]), threads)
+            del sfe
+        if needs[2]:
+            # One spare zero row below, as the kernel's padded planes.
+            xp = torch.nn.functional.pad(x, (pad, pad, pad, pad + 1))
+            gsfe = sf.new_empty((B, sf.shape[1], H, W + 2 * pad))
+            blocks = -(-threads // B)
+            goe = _pad_cols(grad_out, 2 * pad)
+            getattr(lib, 'ddf_backward_sf_s1' + suffix)(
+                _ptr(goe), _ptr(xp), _ptr(cf),
+                _ptr(gsfe), B, C, H, W, kernel_size, dilation, int(add),
+                blocks, threads)
+            gsf = gsfe[..., :W].contiguous()
+        return gx, gcf, gsf
     gsf = torch.empty_like(sf) if needs[2] else None
-    work = _threads(B * C * Ho * Wo)
     if needs[0] or needs[1]:
         getattr(lib, 'ddf_backward_x_cf' + suffix)(
             _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(sf), _ptr(gx), _ptr(gcf),
             B, C, H, W, Ho, Wo, kernel_size, dilation, stride, int(add),
-            int(needs[0]), int(needs[1]), work)
+            int(needs[0]), int(needs[1]), threads)
     if needs[2]:
         getattr(lib, 'ddf_backward_sf' + suffix)(
             _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(gsf), B, C, H, W, Ho, Wo,
-            kernel_size, dilation, stride, int(add), work)
+            kernel_size, dilation, stride, int(add), threads)
     return gx, gcf, gsf

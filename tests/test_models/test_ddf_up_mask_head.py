@@ -154,4 +154,5 @@ def test_roi_head_loss_forward_backward():
         results = head.predict(feats, demo_mm_proposals([shape, shape], 20),
                                samples, rescale=False)
     assert len(results) == 2
-    assert results[0].masks.shape[-2:] == shape[1:]
+    masks = results[0].masks
+    assert masks.dim() == 3 and masks.shape[0] == len(results[0].bboxes)

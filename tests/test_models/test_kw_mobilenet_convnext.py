@@ -16,6 +16,7 @@ from mmpretrain.models.backbones import ConvNeXt, MobileNetV2
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmdyn.engine  # noqa: F401
 import mmdyn.models  # noqa: F401
@@ -39,8 +40,10 @@ PARITY = {
 }
 
 
-def build_from_config(name, device=None):
+def build_from_config(name, device=None, overrides=None):
     cfg = Config.fromfile(osp.join(CONFIG_DIR, name))
+    for key, value in (overrides or {}).items():
+        cfg.model[key].update(value)
     # As mmengine's Runner does.
     cfg.model.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
     with DefaultScope.overwrite_default_scope('mmpretrain'):
@@ -270,13 +273,28 @@ def train_one_step(model, size):
 
 def test_kw_mobilenet_v2_trains_at_batch_size_1():
     _, model = build_from_config('mobilenet-v2-w0.5-kw1d2x_8xb32_in1k.py')
-    model = train_one_step(model, 32)
+    model = train_one_step(model, 64)
     assert 'head.warehouse_manager.weights.0' in dict(
         model.named_parameters())
 
 
 def test_kw_convnext_trains_at_batch_size_1():
-    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py')
+    # The tiny config's model (LN attention, mixup/cutmix) on a narrower,
+    # shallower network to keep the test fast; no drop path, which could
+    # drop a whole block of this one-sample batch.
+    overrides = dict(
+        backbone=dict(
+            arch=dict(depths=[1, 1, 3, 1], channels=[32, 64, 96, 128]),
+            drop_path_rate=0.),
+        head=dict(in_channels=128))
+    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py',
+                                 overrides=overrides)
+    with torch.no_grad():
+        # Layer scale 1 (the paper's detection setting) instead of 1e-6, so
+        # that every block's update is large enough to show.
+        for stage in model.backbone.stages:
+            for block in stage:
+                block.gamma.fill_(1.0)
     train_one_step(model, 32)
 
 
@@ -333,6 +351,14 @@ def test_frozen_stages_freeze_only_warehouses_of_frozen_layers():
     assert all(p.requires_grad for p in backbone.layer3.parameters())
     backbone.train()
     assert not backbone.layer1.training and backbone.layer3.training
+
+    # norm_eval also stops the attention-branch BNs, as the paper's
+    # detection backbone does.
+    backbone = KWMobileNetV2(widen_factor=0.5, norm_eval=True).train()
+    norms = [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in norms)
+    assert not any(m.training for m in norms)
+    assert backbone.layer3.training
 
 
 def test_invalid_arguments_raise_value_error():

@@ -1,13 +1,13 @@
 # The synthetic demo detection set (data/demo_det, generated on first use
 # by tools/train.py / tools/test.py or tools/misc/make_demo_data.py):
-# COCO format, 3 classes, 300 train / 100 val images of 128-192 px.
+# COCO format, 3 classes, 300 train / 100 val images of 128-192 px, resized to 128 px.
 _base_ = 'mmdet::_base_/datasets/coco_detection.py'
 
 data_root = 'data/demo_det/'
 metainfo = dict(
     classes=('circle', 'square', 'triangle'),
     palette=[(220, 20, 60), (0, 128, 255), (0, 170, 0)])
-image_scale = (192, 192)
+image_scale = (128, 128)
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -85,6 +85,12 @@ class DynamicMobileNetV2(MobileNetV2):
         yield 'depthwise', conv_modules[-2]
         yield 'project', conv_modules[-1]
 
+    def train(self, mode: bool = True) -> 'DynamicMobileNetV2':
+        # mmpretrain's MobileNetV2.train returns None; nn.Module's contract
+        # (and `net.eval()` chaining) expects the module back.
+        super().train(mode)
+        return self
+
     def init_weights(self):
         super().init_weights()
         if is_pretrained(self.init_cfg):

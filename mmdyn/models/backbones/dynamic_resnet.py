@@ -173,6 +173,12 @@ class DynamicResNet(ResNet):
             setattr(parent, name,
                     dynamic_like(getattr(parent, name), self.dyconv_cfg))
 
+    def train(self, mode: bool = True) -> 'DynamicResNet':
+        # mmpretrain's ResNet.train returns None; nn.Module's contract (and
+        # `net.eval()` chaining) expects the module back.
+        super().train(mode)
+        return self
+
     def init_weights(self):
         super().init_weights()
         if is_pretrained(self.init_cfg):

@@ -286,7 +286,8 @@ class KWConvNeXt(BaseBackbone):
             if i in self.out_indices:
                 norm = getattr(self, f'norm{i}')
                 if self.gap_before_final_norm:
-                    outs.append(norm(x.mean([-2, -1], keepdim=True)).flatten(1))
+                    pooled = x.mean([-2, -1], keepdim=True)
+                    outs.append(norm(pooled).flatten(1))
                 else:
                     outs.append(norm(x))
         return tuple(outs)

@@ -186,8 +186,8 @@ class KWMobileNetV2(BaseBackbone):
         norm_cfg (dict): Norm config of the feature maps.
             Default: ``dict(type='BN')``.
         act_cfg (dict): Activation config. Default: ``dict(type='ReLU6')``.
-        norm_eval (bool): Keep BN layers of the feature maps in eval mode
-            while training. Default: False.
+        norm_eval (bool): Keep every BN layer (attention branches included)
+            in eval mode while training. Default: False.
         with_cp (bool): Gradient checkpointing in the blocks.
             Default: False.
         reduction (float | Sequence[float]): Attention hidden width ratio.
@@ -373,9 +373,9 @@ class KWMobileNetV2(BaseBackbone):
         self._freeze_stages()
         if mode and self.norm_eval:
             for m in self.modules():
-                # Only the feature-map BNs: the attention-branch BNs are
-                # part of the KW layers' routing and keep training.
-                if isinstance(m, nn.BatchNorm2d):
+                # Includes the attention-branch BNs, as the paper's
+                # detection backbone does.
+                if isinstance(m, _BatchNorm):
                     m.eval()
         return self
 

@@ -1,0 +1,219 @@
+"""CPU speed and memory of the DDF operator, DDFConv2d and DDF-Up.
+
+Compares, on the CPU this runs on:
+
+* ``ddf`` (fused C kernel, ``impl='auto'``), the pure-PyTorch tap loop
+  (``impl='taps'``) and the unfold reference with a depthwise 3x3 conv
+  ``nn.Conv2d(C, C, 3, padding=1, groups=C)`` of the same shape, forward and
+  forward+backward, batch 1 / 8 / 32, 256ch 14x14 and 64ch 56x56;
+* ``DDFConv2d`` (whole module, filter branches included) with a dense 3x3
+  conv;
+* ``DDFUpsample`` (x2) with nearest ``F.interpolate`` (mmcv's CARAFE has no
+  CPU kernel).
+
+Timing: the candidates of one row are run interleaved, round after round;
+each round times a few calls of each; the table gives each candidate's
+median time and the median over rounds of its ratio to the baseline of the
+same round. By default everything runs on one thread and is timed by that
+thread's CPU time (``time.thread_time``), which a shared, overloaded CPU
+does not inflate the way it inflates wall time; ``--threads N`` (N > 1)
+times wall clock instead. Peak memory: the largest sum of
+bytes allocated and not yet freed during one call, from the PyTorch
+profiler's allocation events (``profile_memory=True``), in units of the
+output size (inputs and parameters excluded).
+
+Usage::
+
+    python benchmarks/ddf.py [--rounds 7] [--quick] [--out benchmarks/ddf.md]
+"""
+import argparse
+import os.path as osp
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
+from mmdyn.ops.ddf import ddf_reference
+
+
+def peak_bytes(fn) -> int:
+    """Peak of live bytes allocated by ``fn`` (CPU allocator events)."""
+    with profile(activities=[ProfilerActivity.CPU],
+                 profile_memory=True) as prof:
+        fn()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == '[memory]'
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+CLOCK = {'fn': time.perf_counter}
+
+
+def time_interleaved(candidates: dict, rounds: int, calls: int) -> dict:
+    """Median seconds per call and median ratio to the first candidate."""
+    clock = CLOCK['fn']
+    names = list(candidates)
+    times = {n: [] for n in names}
+    ratios = {n: [] for n in names}
+    for fn in candidates.values():  # warm up (builds, caches)
+        fn()
+    for _ in range(rounds):
+        this_round = {}
+        for n in names:
+            start = clock()
+            for _ in range(calls):
+                candidates[n]()
+            this_round[n] = (clock() - start) / calls
+            times[n].append(this_round[n])
+        for n in names:
+            ratios[n].append(this_round[n] / this_round[names[0]])
+    return {
+        n: (statistics.median(times[n]), statistics.median(ratios[n]))
+        for n in names
+    }
+
+
+def fwd_bwd(fn, tensors):
+
+    def run():
+        for t in tensors:
+            t.grad = None
+        fn().sum().backward()
+
+    return run
+
+
+def op_rows(rounds, quick):
+    rows = []
+    shapes = [(256, 14), (64, 56)]
+    batches = [1, 8] if quick else [1, 8, 32]
+    for C, H in shapes:
+        for B in batches:
+            x = torch.randn(B, C, H, H, requires_grad=True)
+            cf = torch.randn(B, C, 3, 3, requires_grad=True)
+            sf = torch.randn(B, 9, H, H, requires_grad=True)
+            dw = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)
+            out_bytes = x.numel() * 4
+            small = B * C * H * H <= 8 * 256 * 196
+            with torch.no_grad():
+                fwd = {
+                    'depthwise 3x3': lambda: dw(x),
+                    'ddf fused': lambda: ddf(x, cf, sf, 3),
+                    'ddf taps': lambda: ddf(x, cf, sf, 3, impl='taps'),
+                }
+                if small:
+                    fwd['ddf unfold'] = lambda: ddf_reference(x, cf, sf, 3)
+                res = time_interleaved(fwd, rounds, 3)
+                mem = {n: peak_bytes(f) / out_bytes for n, f in fwd.items()}
+            rows += [('forward', f'{B}x{C}x{H}x{H}', n, t, r, mem[n])
+                     for n, (t, r) in res.items()]
+            both = {
+                'depthwise 3x3':
+                fwd_bwd(lambda: dw(x), [x]),
+                'ddf fused':
+                fwd_bwd(lambda: ddf(x, cf, sf, 3), [x, cf, sf]),
+                'ddf taps':
+                fwd_bwd(lambda: ddf(x, cf, sf, 3, impl='taps'), [x, cf, sf]),
+            }
+            res = time_interleaved(both, rounds, 2)
+            mem = {n: peak_bytes(f) / out_bytes for n, f in both.items()}
+            rows += [('fwd+bwd', f'{B}x{C}x{H}x{H}', n, t, r, mem[n])
+                     for n, (t, r) in res.items()]
+    return rows
+
+
+def module_rows(rounds):
+    rows = []
+    for C, H in [(256, 14), (64, 56)]:
+        B = 8
+        x = torch.randn(B, C, H, H)
+        dense = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        layer = DDFConv2d(C, C, 3)
+        with torch.no_grad():
+            res = time_interleaved(
+                {
+                    'dense 3x3 conv': lambda: dense(x),
+                    'DDFConv2d': lambda: layer(x)
+                }, rounds, 3)
+        rows += [('module fwd', f'{B}x{C}x{H}x{H}', n, t, r, float('nan'))
+                 for n, (t, r) in res.items()]
+        up = DDFUpsample(C, 2)
+        with torch.no_grad():
+            res = time_interleaved(
+                {
+                    'nearest x2': lambda: F.interpolate(x, scale_factor=2),
+                    'DDFUpsample x2': lambda: up(x)
+                }, rounds, 3)
+        rows += [('upsample fwd', f'{B}x{C}x{H}x{H}', n, t, r, float('nan'))
+                 for n, (t, r) in res.items()]
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(rows) -> str:
+    lines = [
+        '| pass | input | implementation | median ms | ratio to first '
+        '| peak extra memory (x output) |', '|---|---|---|---:|---:|---:|'
+    ]
+    for kind, shape, name, t, r, m in rows:
+        mem = '' if m != m else f'{m:.2f}'
+        lines.append(f'| {kind} | {shape} | {name} | {t * 1e3:.3f} | '
+                     f'{r:.2f} | {mem} |')
+    return '\n'.join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads; 1 (default) is timed by thread CPU time')
+    parser.add_argument(
+        '--out',
+        default=osp.join(osp.dirname(osp.abspath(__file__)), 'ddf.md'))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.threads == 1:
+        CLOCK['fn'] = time.thread_time
+    rows = op_rows(args.rounds, args.quick) + module_rows(args.rounds)
+    table = format_table(rows)
+    clock = ('thread CPU time'
+             if args.threads == 1 else 'wall time')
+    header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
+              f'thread(s), {clock}, {_cpu_name()}, {args.rounds} interleaved '
+              'rounds, float32')
+    print(header)
+    print(table)
+    with open(args.out, 'w') as f:
+        f.write('## DDF on CPU\n\n' + header + '\n\n' + table + '\n')
+    print(f'written to {args.out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,116 @@
+"""mmdyn.engine.compat: each compatibility fix and what failed before it."""
+import importlib.util
+import io
+import os.path as osp
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.logging import HistoryBuffer
+
+import mmdyn.engine  # noqa: F401
+from mmdyn.engine import compat
+from toy_runner import make_runner
+
+
+# --- fix 2: setuptools >= 81 has no pkg_resources --------------------------
+
+def test_installed_package_helpers_without_pkg_resources():
+    import mmdet
+    import mmengine.config.config as config_module
+    import mmengine.utils
+    # Before the fix these called into pkg_resources.
+    for module in (mmengine.utils, config_module):
+        assert module.is_installed is compat.is_installed
+        assert module.get_installed_path is compat.get_installed_path
+    assert compat.is_installed('mmdet')
+    assert not compat.is_installed('mmdyn-no-such-package-xyz')
+    assert compat.get_installed_path('mmdet') == osp.dirname(mmdet.__file__)
+    # A distribution whose module name differs from its name.
+    assert compat.get_installed_path('opencv-python') == osp.dirname(
+        importlib.util.find_spec('cv2').origin)
+
+
+def test_config_with_installed_base(tmp_path):
+    # Failed with "No module named 'pkg_resources'" under setuptools >= 81.
+    path = tmp_path / 'cfg.py'
+    path.write_text("_base_ = 'mmdet::faster_rcnn/"
+                    "faster-rcnn_r50_fpn_1x_coco.py'\n"
+                    "model = dict(backbone=dict(depth=18))\n")
+    cfg = Config.fromfile(str(path))
+    assert cfg.model.type == 'FasterRCNN'
+    assert cfg.model.backbone.depth == 18
+    assert cfg.model.neck.type == 'FPN'
+
+
+# --- fix 1: weights_only=True loading of mmengine checkpoints --------------
+
+@pytest.fixture(scope='module')
+def trained_checkpoint(tmp_path_factory):
+    work_dir = str(tmp_path_factory.mktemp('compat_runner'))
+    runner = make_runner(work_dir, 'compat_a', max_iters=4, ckpt_interval=4)
+    runner.train()
+    return osp.join(work_dir, 'iter_4.pth')
+
+
+def test_checkpoint_needs_only_allowed_globals(trained_checkpoint):
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(
+        trained_checkpoint))
+    # What mmengine 0.10.7 + numpy 2 put in a checkpoint: torch's default
+    # allow-list refuses all of these.
+    assert 'mmengine.logging.history_buffer.HistoryBuffer' in unsafe
+    assert 'builtins.getattr' in unsafe
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    buffers = ckpt['message_hub']['log_scalars']
+    assert isinstance(buffers['train/loss'], HistoryBuffer)
+    assert buffers['train/loss'].mean() == pytest.approx(
+        float(np.mean(buffers['train/loss'].data[0])))
+    assert ckpt['meta']['iter'] == 4
+
+
+def test_resume_and_load_from_in_fresh_runners(trained_checkpoint, tmp_path):
+    # Resume: before the fix, Runner.resume raised UnpicklingError.
+    runner = make_runner(str(tmp_path / 'resume'), 'compat_b', max_iters=6,
+                         resume=True, load_from=trained_checkpoint)
+    runner.train()
+    assert runner.iter == 6
+    # load_from (weights only, training restarts at iteration 0).
+    runner = make_runner(str(tmp_path / 'load'), 'compat_c', max_iters=2,
+                         load_from=trained_checkpoint)
+    runner.train()
+    assert runner.iter == 2
+
+
+def test_restricted_getattr_refuses_anything_else(tmp_path):
+    assert compat._restricted_getattr(HistoryBuffer, 'mean') is \
+        HistoryBuffer.mean
+    for obj, name in ((HistoryBuffer, '__init__'), (np.ndarray, 'tofile'),
+                      (torch, 'load')):
+        with pytest.raises(pickle.UnpicklingError, match='refused'):
+            compat._restricted_getattr(obj, name)
+
+    class Evil:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, '__init__'))
+
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'x': Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_numpy1_checkpoint_names_load(tmp_path):
+    # Checkpoints written under numpy 1.x name 'numpy.core.multiarray.*'.
+    buf = io.BytesIO()
+    state = {'a': np.arange(5, dtype=np.int64), 's': np.float64(2.5)}
+    torch.save(state, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue().replace(b'numpy._core.multiarray',
+                                  b'numpy.core.multiarray')
+    assert b'numpy.core.multiarray\n_reconstruct' in data
+    path = tmp_path / 'np1.pth'
+    path.write_bytes(data)
+    loaded = torch.load(str(path), weights_only=True)
+    np.testing.assert_array_equal(loaded['a'], np.arange(5))
+    assert loaded['s'] == 2.5

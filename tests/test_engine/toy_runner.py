@@ -1,0 +1,93 @@
+"""A tiny classifier and Runner factory shared by the engine tests.
+
+Not a test module (no ``test_`` prefix). The model optionally uses an
+``ODConv2d`` layer so that resume tests cover a temperature buffer.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+import mmdyn.engine  # noqa: F401  (compat fixes, hooks, checkpoint loader)
+
+
+class ToyDataset(Dataset):
+    """Deterministic 3x8x8 images with 2 classes, a function of the index."""
+
+    def __init__(self, length=32):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        gen = torch.Generator().manual_seed(index)
+        label = index % 2
+        img = torch.randn(3, 8, 8, generator=gen) + (1.0 if label else -1.0)
+        return dict(inputs=img, labels=torch.tensor(label))
+
+
+class ToyNet(BaseModel):
+    """conv (static or ODConv) -> BN -> ReLU -> pool -> linear."""
+
+    def __init__(self, dynamic=False, in_channels=3, kernel_num=4):
+        super().__init__()
+        if dynamic:
+            from mmdyn.ops import ODConv2d
+            self.conv = ODConv2d(in_channels, 8, 3, padding=1,
+                                 kernel_num=kernel_num)
+        else:
+            self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        if isinstance(inputs, (list, tuple)):
+            inputs = torch.stack(inputs)
+        x = F.relu(self.bn(self.conv(inputs)))
+        logits = self.fc(x.mean((2, 3)))
+        if mode == 'loss':
+            if isinstance(labels, (list, tuple)):
+                labels = torch.stack(labels)
+            return dict(loss=F.cross_entropy(logits, labels))
+        return logits
+
+
+def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
+                resume=False, load_from=None, custom_hooks=(), model=None,
+                batch_size=4, amp=False):
+    """An iteration-based Runner on :class:`ToyDataset` (CPU, seeded)."""
+    optim_wrapper = dict(
+        optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-4))
+    if amp:
+        optim_wrapper['type'] = 'CPUAmpOptimWrapper'
+    hooks = list(custom_hooks)
+    if dynamic:
+        hooks.append(dict(type='DynamicTemperatureHook', iters=max_iters))
+    hooks.append(dict(type='CheckpointShapeCheckHook'))
+    return Runner(
+        model=model if model is not None else ToyNet(dynamic=dynamic),
+        work_dir=work_dir,
+        experiment_name=name,
+        train_dataloader=dict(
+            dataset=ToyDataset(),
+            sampler=dict(type='InfiniteSampler', shuffle=True),
+            batch_size=batch_size,
+            num_workers=0,
+            collate_fn=dict(type='default_collate')),
+        optim_wrapper=optim_wrapper,
+        param_scheduler=dict(type='MultiStepLR', by_epoch=False,
+                             milestones=[max_iters // 2 + 1], gamma=0.5),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(
+            checkpoint=dict(type='CheckpointHook', by_epoch=False,
+                            interval=ckpt_interval),
+            logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=hooks,
+        randomness=dict(seed=0, deterministic=True),
+        resume=resume,
+        load_from=load_from,
+        default_scope='mmengine',
+    )
