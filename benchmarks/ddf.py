@@ -210,8 +210,22 @@ def main():
               'rounds, float32')
     print(header)
     print(table)
+    notes = (
+        '`ddf fused` is the default CPU path (C loops built on first use, '
+        'explicit backward); `ddf taps` the pure-PyTorch tap loop with a '
+        'tap-by-tap backward (used on CUDA, or with no C compiler); `ddf '
+        'unfold` the explicit unfold-and-sum reference. Ratios are medians '
+        'of per-round ratios to the first row of each group. Peak extra '
+        'memory: largest live total of the bytes the call allocates '
+        '(profiler allocation events), in units of the output size; '
+        'fwd+bwd includes the gradients themselves. Module rows time the '
+        'whole layer (filter branches included) against a dense 3x3 conv '
+        '(`DDFConv2d`) and nearest interpolation (`DDFUpsample`, x2; '
+        'mmcv CARAFE has no CPU kernel). Reproduce: '
+        '`python benchmarks/ddf.py`.')
     with open(args.out, 'w') as f:
-        f.write('## DDF on CPU\n\n' + header + '\n\n' + table + '\n')
+        f.write('## DDF on CPU\n\n' + header + '\n\n' + table + '\n\n' +
+                notes + '\n')
     print(f'written to {args.out}')
 
 

@@ -77,11 +77,13 @@ void CAT(ddf_forward, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
                     if (add) {
                         #pragma omp simd
                         for (long xo = lo; xo < hi; ++xo)
-                            orow[xo] += irow[xo * s + off] * F_ADD(cv, srow[xo]);
+                            orow[xo] +=
+                                irow[xo * s + off] * F_ADD(cv, srow[xo]);
                     } else {
                         #pragma omp simd
                         for (long xo = lo; xo < hi; ++xo)
-                            orow[xo] += irow[xo * s + off] * F_MUL(cv, srow[xo]);
+                            orow[xo] +=
+                                irow[xo * s + off] * F_MUL(cv, srow[xo]);
                     }
                 }
             }
@@ -124,10 +126,12 @@ void CAT(ddf_backward_x_cf, DDF_SUF)(const DDF_T *go, const DDF_T *x,
                 if (need_x) {
                     if (add) {
                         for (long xo = lo; xo < hi; ++xo)
-                            gxrow[xo * s + off] += grow[xo] * F_ADD(cv, srow[xo]);
+                            gxrow[xo * s + off] +=
+                                grow[xo] * F_ADD(cv, srow[xo]);
                     } else {
                         for (long xo = lo; xo < hi; ++xo)
-                            gxrow[xo * s + off] += grow[xo] * F_MUL(cv, srow[xo]);
+                            gxrow[xo * s + off] +=
+                                grow[xo] * F_MUL(cv, srow[xo]);
                     }
                 }
                 if (need_cf) {
@@ -199,10 +203,13 @@ static inline void CAT(pad_plane, DDF_SUF)(const DDF_T *src, DDF_T *dst,
     }
 }
 
+/* out_plane / out_row / out_col: element strides of the output, so that
+   DDF-Up can write each sub-pixel phase straight into its pixels. */
 void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
                                    const DDF_T *sfe, DDF_T *out, long B,
                                    long C, long H, long W, long k, long d,
-                                   int add, int threads) {
+                                   long out_plane, long out_row,
+                                   long out_col, int add, int threads) {
     const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
     const long L = H * Wp, P = (H + 2 * R + 1) * Wp;
     #pragma omp parallel num_threads(threads)
@@ -256,9 +263,10 @@ void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
                 }
             }
             }
-            DDF_T *op = out + bc * H * W;
+            DDF_T *op = out + bc * out_plane;
             for (long y = 0; y < H; ++y)
-                for (long xo = 0; xo < W; ++xo) op[y * W + xo] = ob[y * Wp + xo];
+                for (long xo = 0; xo < W; ++xo)
+                    op[y * out_row + xo * out_col] = ob[y * Wp + xo];
         }
         free(xb);
         free(ob);
@@ -409,7 +417,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, 'ddf_backward_sf' + suffix).argtypes = (
             [ptr] * 4 + [long_] * 9 + [int_] * 2)
         getattr(lib, 'ddf_forward_s1' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 6 + [int_] * 2)
+            [ptr] * 4 + [long_] * 9 + [int_] * 2)
         getattr(lib, 'ddf_backward_x_cf_s1' + suffix).argtypes = (
             [ptr] * 6 + [long_] * 6 + [int_] * 4)
         getattr(lib, 'ddf_backward_sf_s1' + suffix).argtypes = (
@@ -473,14 +481,30 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, cols)).contiguous()
 
 
-def forward(lib, x, cf, sf, out_hw, kernel_size, dilation, stride, add):
-    """out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype."""
+def forward(lib,
+            x,
+            cf,
+            sf,
+            out_hw,
+            kernel_size,
+            dilation,
+            stride,
+            add,
+            out=None):
+    """out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype.
+
+    With stride 1, ``out`` may be given: a [B, C, H, W] view (any strides
+    whose planes are ``b * C + c`` apart) that receives the result.
+    """
     B, C, H, W = x.shape
     Ho, Wo = out_hw
     suffix = _SUFFIX[x.dtype]
-    out = x.new_empty((B, C, Ho, Wo))
     threads = _threads(B * C * Ho * Wo)
     if stride == 1:
+        if out is None:
+            out = x.new_empty((B, C, Ho, Wo))
+        if out.stride(0) != C * out.stride(1):
+            raise ValueError('out must have planes b * C + c apart')
         pad = (kernel_size - 1) // 2 * dilation
         # Named, so that it stays alive during the call (ctypes only sees a
         # raw pointer).
@@ -488,8 +512,11 @@ def forward(lib, x, cf, sf, out_hw, kernel_size, dilation, stride, add):
         getattr(lib, 'ddf_forward_s1' + suffix)(_ptr(x), _ptr(cf), _ptr(sfe),
                                                 _ptr(out), B, C, H, W,
                                                 kernel_size, dilation,
-                                                int(add), threads)
+                                                out.stride(1), out.stride(2),
+                                                out.stride(3), int(add),
+                                                threads)
         return out
+    out = x.new_empty((B, C, Ho, Wo))
     getattr(lib, 'ddf_forward' + suffix)(_ptr(x), _ptr(cf), _ptr(sf),
                                          _ptr(out), B, C, H, W, Ho, Wo,
                                          kernel_size, dilation, stride,

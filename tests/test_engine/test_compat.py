@@ -56,8 +56,16 @@ def trained_checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_needs_only_allowed_globals(trained_checkpoint):
-    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(
-        trained_checkpoint))
+    # What torch's own allow-list (without mmdyn's additions) refuses.
+    ours = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(
+            trained_checkpoint))
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(trained_checkpoint, weights_only=True)
+    finally:
+        torch.serialization.add_safe_globals(ours)
     # What mmengine 0.10.7 + numpy 2 put in a checkpoint: torch's default
     # allow-list refuses all of these.
     assert 'mmengine.logging.history_buffer.HistoryBuffer' in unsafe

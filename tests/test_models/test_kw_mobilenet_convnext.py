@@ -305,7 +305,12 @@ def test_kw_convnext_init_weights_keeps_kaiming_attention():
     """mmpretrain's ConvNeXt classifier init draws every Linear from
     N(0, 0.02); the KW attention linears must keep the paper's fan-out
     Kaiming init (std sqrt(2 / out_features))."""
-    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py')
+    overrides = dict(
+        backbone=dict(
+            arch=dict(depths=[1, 1, 1, 3], channels=[32, 64, 96, 128])),
+        head=dict(in_channels=128))
+    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py',
+                                 overrides=overrides)
     model.init_weights()
     fc2 = model.backbone.stages[3][2].pwconv2.attention.fc2
     expected = (2 / fc2.out_features)**0.5
@@ -315,7 +320,8 @@ def test_kw_convnext_init_weights_keeps_kaiming_attention():
 
 
 def test_configs_follow_the_paper_recipes():
-    cfg, _ = build_from_config('mobilenet-v2-kw1x_8xb32_in1k.py', 'meta')
+    cfg = Config.fromfile(
+        osp.join(CONFIG_DIR, 'mobilenet-v2-kw1x_8xb32_in1k.py'))
     assert cfg.train_cfg.max_epochs == 150
     assert cfg.optim_wrapper.optimizer.lr == 0.05
     assert cfg.optim_wrapper.optimizer.weight_decay == 4e-5

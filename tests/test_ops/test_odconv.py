@@ -87,17 +87,32 @@ def reference_forward(layer, x):
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_forward_matches_reference(name):
+@pytest.mark.parametrize('fold', [True, False])
+def test_forward_matches_reference(name, fold):
+    """Both ways of applying alpha_c/alpha_f (on the feature maps or
+    folded into the per-sample kernel), with and without autograd."""
     layer = randomise(build(CASES[name]))
+    layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(3, layer.in_channels, 9, 10)
     with torch.no_grad():
-        torch.testing.assert_close(
-            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+        ref = reference_forward(layer, x)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_choice_follows_tensor_sizes():
+    # Stage-1 shape: the kernel is smaller than the feature maps.
+    assert ODConv2d(64, 64, 3, padding=1).fold_attentions((56, 56))
+    assert ODConv2d(96, 96, 3, groups=96).fold_attentions((14, 14))
+    # Stage-3 shape: the feature maps are smaller.
+    assert not ODConv2d(256, 256, 3, padding=1).fold_attentions((14, 14))
 
 
 @pytest.mark.parametrize('impl', IMPLS)
-def test_every_impl_forward_backward(impl):
+@pytest.mark.parametrize('fold', [True, False])
+def test_every_impl_forward_backward(impl, fold):
     layer = randomise(build(CASES['groups_stride'], impl=impl))
+    layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(4, 8, 11, 9, requires_grad=True)
     out = layer(x)
     x_ref = x.detach().clone().requires_grad_()
@@ -157,10 +172,12 @@ def test_saturated_attentions_equal_static_conv(name):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ('loop', 'grouped', 'unfold'))
-def test_gradcheck_float64(impl):
+@pytest.mark.parametrize('impl,fold', [('loop', True), ('grouped', False),
+                                       ('unfold', True)])
+def test_gradcheck_float64(impl, fold):
     layer = build((4, 4, 3, 1, 1, 1, 2, 2, True), impl=impl)
     layer = randomise(layer).double()
+    layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     names = ['weight', 'attention.fc.weight', 'attention.spatial_fc.bias',
              'attention.kernel_fc.weight', 'attention.filter_fc.weight']

@@ -11,6 +11,7 @@ load into this backbone.
 """
 from typing import Iterator, Optional, Sequence, Tuple
 
+import torch
 from mmcv.cnn import build_conv_layer
 from mmpretrain.models.backbones.resnet import ResNet
 from mmpretrain.registry import MODELS
@@ -135,8 +136,18 @@ class DynamicResNet(ResNet):
         self.dyconv_layers = tuple(dyconv_layers)
         self.dyconv_downsample = bool(dyconv_downsample)
         self.dyconv_stem = bool(dyconv_stem)
-        super().__init__(
-            depth, zero_init_residual=zero_init_residual, **kwargs)
+        if torch.get_default_device().type == 'meta':
+            # mmpretrain's ResNet calls .item() on a tensor (drop-path
+            # rates), which a meta tensor cannot do: build the static network
+            # on the CPU and move it, so that `with torch.device('meta')`
+            # still counts parameters without allocating the dynamic layers.
+            with torch.device('cpu'):
+                super().__init__(
+                    depth, zero_init_residual=zero_init_residual, **kwargs)
+            self.to('meta')
+        else:
+            super().__init__(
+                depth, zero_init_residual=zero_init_residual, **kwargs)
         if stage_with_dyconv is None:
             stage_with_dyconv = (True, ) * self.num_stages
         if len(stage_with_dyconv) != self.num_stages:
