@@ -321,9 +321,9 @@ def benchmark_configs(configs: Sequence[str],
     steps, names, param_bytes = [], [], []
     for config in configs:
         cfg = load_config(config, cfg_options)
+        # Construction already initialises every layer; init_weights would
+        # only add the (long) initialisation log.
         model = build_model(cfg, device=device)
-        if hasattr(model, 'init_weights'):
-            model.init_weights()
         size = shape if shape is not None else default_shape(task_of(model))
         batch = make_batch(
             model, batch_size, size, training=(mode == 'train'),

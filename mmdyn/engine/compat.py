@@ -26,12 +26,29 @@ idempotent). Each fix is small, targeted and has a test in
    library's successor of ``pkg_resources``), in every module that imported
    them by name.
 
+3. **DDP on a CPU-only machine.** mmengine's ``init_dist('pytorch')`` calls
+   ``torch.cuda.set_device`` unconditionally, which raises "Found no NVIDIA
+   driver" without a GPU. Without CUDA the replacement skips it and uses
+   the ``gloo`` backend (``nccl`` needs GPUs). ``tools/train.py`` also sets
+   ``model_wrapper_cfg.device_ids=None`` there (DDP refuses device ids for
+   CPU modules); see :func:`mmdyn.engine.launch.configure_cpu_distributed`.
+
+4. **mmcv 2.1's layer builders hide the unknown name.** For a type that
+   is not registered (a typo such as ``conv_cfg=dict(type='ODConv')``, or
+   a config without ``custom_imports``), ``build_conv_layer`` and its
+   siblings raise ``KeyError: Cannot find None in registry`` (they format
+   the lookup result instead of the name). The wrapped builders re-raise
+   with the config's ``type``, the scope and the closest registered names.
+
 numpy 2.x itself needs no runtime patch on this stack (mmcv 2.1, mmdet 3.3,
 mmpretrain 1.2, pycocotools): the demo trainings, CocoMetric, Accuracy and
 the mmcv transforms run cleanly; the tests keep that checked.
 """
+import difflib
+import functools
 import importlib
 import importlib.metadata
+import sys
 import importlib.util
 import os.path as osp
 
@@ -168,6 +185,93 @@ def _patch_package_utils():
                 setattr(module, name, func)
 
 
+def _init_dist_pytorch_cpu_aware(backend='nccl', init_backend='torch',
+                                 **kwargs):
+    """mmengine's ``_init_dist_pytorch``, usable without CUDA."""
+    from mmengine.dist import utils as dist_utils
+    if torch.cuda.is_available() or init_backend != 'torch':
+        return _ORIGINAL['init_dist_pytorch'](backend, init_backend, **kwargs)
+    if backend == 'nccl':
+        backend = 'gloo'
+    dist_utils.torch_dist.init_process_group(backend=backend, **kwargs)
+
+
+_ORIGINAL = {}
+
+
+def _patch_init_dist():
+    from mmengine.dist import utils as dist_utils
+    if 'init_dist_pytorch' not in _ORIGINAL:
+        _ORIGINAL['init_dist_pytorch'] = dist_utils._init_dist_pytorch
+    dist_utils._init_dist_pytorch = _init_dist_pytorch_cpu_aware
+
+
+def _registered_layer_names():
+    from mmengine.registry import MODELS, DefaultScope
+    names = set(MODELS.module_dict)
+    scope = DefaultScope.get_current_instance()
+    if scope is not None:
+        registry = MODELS._get_root_registry()
+        # Children of the root registry, by scope (e.g. 'mmdet').
+        child = registry.children.get(scope.scope_name)
+        if child is not None:
+            names.update(child.module_dict)
+    return sorted(names)
+
+
+def _naming_builder(builder, kind):
+    """Wrap an mmcv ``build_*_layer`` to name an unknown ``type``."""
+
+    @functools.wraps(builder)
+    def build(cfg, *args, **kwargs):
+        try:
+            return builder(cfg, *args, **kwargs)
+        except KeyError as err:
+            if 'Cannot find None' not in str(err) or not isinstance(
+                    cfg, dict):
+                raise
+            layer_type = cfg.get('type')
+            close = difflib.get_close_matches(
+                str(layer_type), _registered_layer_names(), n=3)
+            hint = f' Did you mean {close}?' if close else ''
+            raise KeyError(
+                f'{kind} type {layer_type!r} (config {dict(cfg)}) is not '
+                f'registered.{hint} mmdyn layers need custom_imports=dict('
+                "imports=['mmdyn.models']) in the config.") from err
+
+    build.__mmdyn_wrapped__ = builder
+    return build
+
+
+def _patch_layer_builders():
+    from mmcv.cnn.bricks import conv, norm, padding, plugin, upsample
+    replacements = {}
+    for module, name, kind in ((conv, 'build_conv_layer', 'conv layer'),
+                               (norm, 'build_norm_layer', 'norm layer'),
+                               (padding, 'build_padding_layer',
+                                'padding layer'),
+                               (plugin, 'build_plugin_layer', 'plugin'),
+                               (upsample, 'build_upsample_layer',
+                                'upsample layer')):
+        original = getattr(module, name)
+        if hasattr(original, '__mmdyn_wrapped__'):
+            continue
+        replacements[id(original)] = (original,
+                                      _naming_builder(original, kind))
+    # Modules that did `from mmcv.cnn import build_conv_layer` hold their own
+    # reference: replace it everywhere it was imported so far. Modules
+    # imported later read the patched attributes of mmcv's modules.
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, '__dict__', None)
+        if not namespace or not getattr(module, '__name__', '').startswith(
+                ('mmcv', 'mmdet', 'mmpretrain', 'mmengine', 'mmdyn')):
+            continue
+        for attr, value in list(namespace.items()):
+            hit = replacements.get(id(value))
+            if hit is not None and value is hit[0]:
+                setattr(module, attr, hit[1])
+
+
 def apply_compat_fixes():
     """Apply the fixes described in this module (idempotent)."""
     global _APPLIED
@@ -175,4 +279,6 @@ def apply_compat_fixes():
         return
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
     _patch_package_utils()
+    _patch_init_dist()
+    _patch_layer_builders()
     _APPLIED = True

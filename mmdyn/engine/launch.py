@@ -14,7 +14,7 @@ from mmengine.runner import Runner
 from mmdyn.datasets import ensure_demo_data
 
 __all__ = [
-    'load_config', 'infer_default_scope', 'enable_amp', 'set_resume',
+    'load_config', 'configure_cpu_distributed', 'infer_default_scope', 'enable_amp', 'set_resume',
     'add_checkpoint_check', 'build_runner'
 ]
 
@@ -50,7 +50,27 @@ def load_config(path, cfg_options=None, launcher='none', work_dir=None):
         scope = infer_default_scope(cfg)
         if scope is not None:
             cfg.default_scope = scope
+    if launcher != 'none' and not torch.cuda.is_available():
+        configure_cpu_distributed(cfg)
     return cfg
+
+
+def configure_cpu_distributed(cfg):
+    """Settings for PyTorch DDP on CPU: gloo, no device ids.
+
+    ``nccl`` (the configs' default) needs GPUs, and DDP refuses
+    ``device_ids`` for a CPU module while mmengine passes
+    ``[LOCAL_RANK]`` unless the wrapper config says otherwise.
+    """
+    env_cfg = cfg.setdefault('env_cfg', {})
+    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        dist_cfg['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
 
 
 def infer_default_scope(cfg):

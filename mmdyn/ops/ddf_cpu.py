@@ -378,14 +378,18 @@ _state = {'tried': False, 'lib': None}
 
 
 def _cpu_model() -> str:
+    """CPU name and instruction-set flags: a build with -march=native must
+    not be reused on a CPU that lacks some of its instructions."""
+    found = {}
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('model name') or line.startswith('flags'):
-                    return line
+                key = line.split(':', 1)[0].strip()
+                if key in ('model name', 'flags') and key not in found:
+                    found[key] = line
     except OSError:
         pass
-    return platform.processor()
+    return ''.join(found.values()) or platform.processor()
 
 
 def _build(path: str) -> None:

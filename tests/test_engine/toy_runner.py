@@ -67,8 +67,12 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
     if dynamic:
         hooks.append(dict(type='DynamicTemperatureHook', iters=max_iters))
     hooks.append(dict(type='CheckpointShapeCheckHook'))
+    if model is None:
+        # Runner seeds only after the model exists: seed its init here.
+        torch.manual_seed(0)
+        model = ToyNet(dynamic=dynamic)
     return Runner(
-        model=model if model is not None else ToyNet(dynamic=dynamic),
+        model=model,
         work_dir=work_dir,
         experiment_name=name,
         train_dataloader=dict(

@@ -195,3 +195,12 @@ def test_usable_from_mmdet_as_mmpretrain_backbone():
     assert isinstance(net, DynamicResNet)
     outs = net.eval()(torch.rand(1, 3, 32, 32))
     assert [o.shape[1] for o in outs] == [16, 32, 64, 128]
+
+
+def test_builds_on_meta_device():
+    cpu = DynamicResNet(50, dyconv_cfg=OD1, **SMALL)
+    with torch.device('meta'):
+        meta = DynamicResNet(50, dyconv_cfg=OD1, **SMALL)
+    assert {p.device.type for p in meta.parameters()} == {'meta'}
+    assert sum(p.numel() for p in meta.parameters()) == sum(
+        p.numel() for p in cpu.parameters())

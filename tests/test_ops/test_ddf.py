@@ -63,6 +63,26 @@ def test_ddf_matches_unfold_sum_forward_backward(impl, k, d, s, combine):
         torch.testing.assert_close(got.grad, want.grad)
 
 
+@pytest.mark.parametrize('B,s,combine', [(1, 1, 'mul'), (3, 1, 'add'),
+                                          (4, 2, 'mul')])
+def test_ddf_fused_multithreaded(B, s, combine, monkeypatch):
+    # Big enough (> 4096 outputs) for the fused kernel to split the work
+    # over two threads; B=1 also splits the spatial-filter gradient of one
+    # sample in blocks.
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    x, cf, sf = random_inputs(B, 8, 24, 23, 3, s)
+    inputs = [t.clone().requires_grad_() for t in (x, cf, sf)]
+    refs = [t.clone().requires_grad_() for t in (x, cf, sf)]
+    out = ddf(*inputs, 3, 1, s, combine, impl='fused')
+    expected = unfold_sum(*refs, 3, 1, s, combine)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(inputs, refs):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 @pytest.mark.parametrize('impl', ['fused', 'taps'])
 def test_ddf_non_contiguous_float32_and_ceil_size(impl):
     # x transposed, channel filter permuted, spatial filter sliced; output
@@ -377,9 +397,10 @@ def ddf_up_per_position(up, x, guidance=None):
     return out
 
 
+@pytest.mark.parametrize('impl', ['auto', 'taps'])
 @pytest.mark.parametrize('combine,s', [('mul', 2), ('add', 3)])
-def test_ddf_up_matches_per_position_reference(combine, s):
-    up = DDFUpsample(6, s, combine=combine).double()
+def test_ddf_up_matches_per_position_reference(combine, s, impl):
+    up = DDFUpsample(6, s, combine=combine, impl=impl).double()
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     with torch.no_grad():
         out = up(x)
@@ -421,3 +442,23 @@ def test_ddf_up_gradcheck():
     x = torch.randn(1, 5, 3, 3, dtype=torch.float64, requires_grad=True)
     # fast_mode: the slow mode needs one backward per output element.
     assert torch.autograd.gradcheck(up, (x, ), fast_mode=True)
+
+
+def test_ddf_up_onnx_export_dynamic_batch(tmp_path):
+    import onnxruntime as ort  # the 'tests' extra
+    up = DDFUpsample(8, 2).eval()
+    path = str(tmp_path / 'ddf_up.onnx')
+    torch.onnx.export(
+        up, (torch.randn(2, 8, 3, 4), ),
+        path,
+        input_names=['x'],
+        dynamic_axes={'x': {
+            0: 'batch'
+        }},
+        dynamo=False)
+    x = torch.randn(3, 8, 3, 4)
+    (got, ) = ort.InferenceSession(path).run(None, dict(x=x.numpy()))
+    with torch.no_grad():
+        expected = ddf_up_per_position(up, x)
+    torch.testing.assert_close(
+        torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)

@@ -172,15 +172,19 @@ def test_saturated_attentions_equal_static_conv(name):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize('impl,fold', [('loop', True), ('grouped', False),
-                                       ('unfold', True)])
-def test_gradcheck_float64(impl, fold):
-    layer = build((4, 4, 3, 1, 1, 1, 2, 2, True), impl=impl)
+@pytest.mark.parametrize('impl,fold,num', [('loop', True, 2),
+                                           ('grouped', False, 2),
+                                           ('unfold', True, 2),
+                                           ('grouped', False, 1)])
+def test_gradcheck_float64(impl, fold, num):
+    layer = build((4, 4, 3, 1, 1, 1, 2, num, True), impl=impl)
     layer = randomise(layer).double()
     layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     names = ['weight', 'attention.fc.weight', 'attention.spatial_fc.bias',
-             'attention.kernel_fc.weight', 'attention.filter_fc.weight']
+             'attention.filter_fc.weight']
+    if num > 1:
+        names.append('attention.kernel_fc.weight')
     params = dict(layer.named_parameters())
     inputs = [params[n].detach().clone().requires_grad_() for n in names]
 

@@ -1,0 +1,47 @@
+"""Every config in configs/ loads (with its custom_imports)."""
+import glob
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+
+import mmdyn.engine  # noqa: F401  (pkg_resources-free 'mmdet::' bases)
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIGS = sorted(
+    p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                         recursive=True)
+    if '_base_' not in p.split(osp.sep))
+
+
+def test_configs_found():
+    names = [osp.basename(p) for p in CONFIGS]
+    for name in ('faster-rcnn_r18_fpn_demo.py', 'mask-rcnn_r18_fpn_demo.py',
+                 'resnet18_demo_cls.py'):
+        assert name in names
+
+
+@pytest.mark.parametrize('path', CONFIGS,
+                         ids=[osp.relpath(p, REPO) for p in CONFIGS])
+def test_config_loads(path):
+    cfg = Config.fromfile(path)
+    assert 'model' in cfg and 'type' in cfg.model
+    imports = cfg.get('custom_imports', {}).get('imports', [])
+    for module in imports:
+        assert isinstance(module, str)
+
+
+def test_demo_configs_content():
+    det = Config.fromfile(osp.join(REPO, 'configs/demo/'
+                                   'mask-rcnn_r18_fpn_demo.py'))
+    assert det.default_scope == 'mmdet'
+    assert det.model.backbone.depth == 18
+    assert det.model.roi_head.bbox_head.num_classes == 3
+    assert det.model.roi_head.mask_head.num_classes == 3
+    assert det.val_evaluator.type == 'CocoMetric'
+    assert list(det.val_evaluator.metric) == ['bbox', 'segm']
+    assert det.train_dataloader.dataset.data_root == 'data/demo_det/'
+    cls = Config.fromfile(osp.join(REPO, 'configs/demo/resnet18_demo_cls.py'))
+    assert cls.default_scope == 'mmpretrain'
+    assert cls.model.head.num_classes == 4
+    assert cls.val_evaluator.type == 'Accuracy'

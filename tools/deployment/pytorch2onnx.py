@@ -1,0 +1,75 @@
+"""Export a classification config (or a detector's backbone) to ONNX.
+
+    python tools/deployment/pytorch2onnx.py CONFIG [CHECKPOINT] \
+        --output-file model.onnx [--shape 224 224] [--dynamic-batch] \
+        [--backbone-only] [--verify] [--opset 17]
+
+Classifiers are exported as ``inputs [B, 3, H, W] -> logits [B, classes]``
+(no preprocessing: feed normalised images), backbones as ``inputs -> one
+output per feature map``. ``--dynamic-batch`` makes the batch dimension
+dynamic; dynamic convolutions export with their batch-independent
+im2col + batched-matmul path. ``--verify`` runs the file with onnxruntime at
+batch 1 and 4 and compares with PyTorch (fails above ``--tolerance``).
+"""
+import argparse
+import sys
+
+from mmengine.config import DictAction
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Export a config to ONNX')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('checkpoint', nargs='?', default=None,
+                        help='checkpoint (default: random weights)')
+    parser.add_argument('--output-file', required=True, help='.onnx path')
+    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
+                        help='input H W (one value: square)')
+    parser.add_argument('--dynamic-batch', action='store_true',
+                        help='make the batch dimension dynamic')
+    parser.add_argument('--backbone-only', action='store_true',
+                        help="export model.backbone's feature maps (for "
+                        'detectors)')
+    parser.add_argument('--opset', type=int, default=17)
+    parser.add_argument('--verify', action='store_true',
+                        help='compare with onnxruntime at batch 1 and 4')
+    parser.add_argument('--tolerance', type=float, default=1e-4,
+                        help='max abs difference accepted by --verify')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='config overrides')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    from mmdyn.analysis.models import build_model
+    from mmdyn.analysis.onnx_export import (compare_with_onnxruntime,
+                                            export_onnx, exportable)
+    if len(args.shape) not in (1, 2):
+        sys.exit(f'--shape takes 1 or 2 values, got {args.shape}')
+    shape = (args.shape[0], args.shape[-1])
+    model = build_model(args.config, args.cfg_options)
+    if args.checkpoint:
+        from mmengine.runner import load_checkpoint
+        load_checkpoint(model, args.checkpoint, map_location='cpu',
+                        strict=True)
+    module = exportable(model, args.backbone_only)
+    names = export_onnx(module, args.output_file, shape, args.dynamic_batch,
+                        args.opset)
+    print(f'exported {args.output_file} (input [B, 3, {shape[0]}, '
+          f'{shape[1]}], outputs {names}, dynamic batch: '
+          f'{args.dynamic_batch})')
+    if args.verify:
+        batches = (1, 4) if args.dynamic_batch else (2, )
+        worst = 0.0
+        for batch, diff in compare_with_onnxruntime(module, args.output_file,
+                                                    shape, batches):
+            print(f'onnxruntime vs PyTorch, batch {batch}: max abs '
+                  f'difference {diff:.3g}')
+            worst = max(worst, diff)
+        if worst > args.tolerance:
+            sys.exit(f'verification failed: {worst:.3g} > {args.tolerance}')
+
+
+if __name__ == '__main__':
+    main()
