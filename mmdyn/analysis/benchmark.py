@@ -292,7 +292,8 @@ def benchmark_configs(configs: Sequence[str],
                       warmup: int = 2,
                       cfg_options: Optional[dict] = None,
                       log: Optional[Callable[[str], None]] = print,
-                      measure_memory: bool = True) -> List[BenchResult]:
+                      measure_memory: bool = True,
+                      profile: bool = False) -> List[BenchResult]:
     """Build each config's model and benchmark them interleaved.
 
     Args:
@@ -308,6 +309,8 @@ def benchmark_configs(configs: Sequence[str],
         cfg_options (dict, optional): Overrides applied to every config.
         log (callable, optional): Progress printer. Default: print.
         measure_memory (bool): Default: True.
+        profile (bool): After the timing, print the top operators of one
+            iteration of each model (torch profiler). Default: False.
 
     Returns:
         list[BenchResult]: one per config.
@@ -342,6 +345,10 @@ def benchmark_configs(configs: Sequence[str],
                               device, log, measure_memory)
     for result, nbytes in zip(results, param_bytes):
         result.param_bytes = nbytes
+    if profile and log is not None:
+        for step, name in zip(steps, names):
+            log(f'[benchmark] top operators of one {mode} iteration of '
+                f'{name}:\n' + profile_step(step, device=device))
     return results
 
 
@@ -373,3 +380,17 @@ def format_results(results: Sequence[BenchResult], device: str = 'cpu'
                      f'{r.median * 1e3:.1f} | {r.images_per_s:.1f} | '
                      f'{r.peak_mem_bytes / 2**20:.0f} | {ratio} |')
     return '\n'.join(lines)
+
+
+def profile_step(step: Callable[[], None], row_limit: int = 15,
+                 device: str = 'cpu') -> str:
+    """Top operators of one iteration by self time (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU]
+    sort_by = 'self_cpu_time_total'
+    if str(device).startswith('cuda'):
+        activities.append(ProfilerActivity.CUDA)
+        sort_by = 'self_cuda_time_total'
+    with profile(activities=activities) as prof:
+        step()
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)

@@ -238,13 +238,8 @@ class _DDFUpFusedCPU(torch.autograd.Function):
     def forward(ctx, x, cf, sf, kernel_size, dilation, add, scale, lib):
         ctx.conf = (kernel_size, dilation, add, scale, lib)
         ctx.save_for_backward(x, cf, sf)
-        B, C, H, W = x.shape
-        out = x.new_empty((B, C, H, scale, W, scale))
-        for p in range(scale * scale):
-            ddf_cpu.forward(lib, x, cf[p], sf[p], (H, W), kernel_size,
-                            dilation, 1, add,
-                            out[:, :, :, p // scale, :, p % scale])
-        return out.view(B, C, H * scale, W * scale)
+        return ddf_cpu.forward(lib, x, cf, sf, x.shape[-2:], kernel_size,
+                               dilation, 1, add, scale)
 
     @staticmethod
     @once_differentiable
@@ -360,6 +355,33 @@ def ddf(x: torch.Tensor,
 # --------------------------------------------------------------------------
 # Filter normalisation and the two filter-generating branches
 # --------------------------------------------------------------------------
+def normalize_filters(x: torch.Tensor, groups: int,
+                      kk: int) -> torch.Tensor:
+    """Centre and divide by the unbiased std (+1e-10) each of the ``groups``
+    filters of k*k values along dim 1 of ``x`` [B, groups*kk, ...].
+
+    Computed in float32 (float64 for float64 inputs), after dividing each
+    filter by its detached max-abs: the result is unchanged (the
+    normalisation is scale invariant, and the 1e-10 is rescaled with it)
+    but huge filters cannot overflow, and a constant filter gives zeros.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = x.to(dtype).reshape(x.shape[0], groups, kk, *x.shape[2:])
+    # Subtracting one element first makes a constant filter exactly zero
+    # (the mean of huge equal values is not exact); centring ignores it.
+    v = v - v.narrow(2, 0, 1)
+    v = v - v.mean(2, keepdim=True)
+    scale = v.detach().abs().amax(2, keepdim=True).clamp_min(
+        torch.finfo(dtype).tiny)
+    v = v / scale
+    # Unbiased std written out (torch.std over a strided dim is slow on
+    # CPU); the clamp only touches constant filters (v == 0), whose sqrt
+    # would otherwise have an infinite gradient.
+    var = v.square().sum(2, keepdim=True) / (kk - 1)
+    std = var.clamp_min(torch.finfo(dtype).tiny).sqrt()
+    return (v / (std + 1e-10 / scale)).reshape(x.shape)
+
+
 class FilterNorm(nn.Module):
     """Centre each filter and divide it by its unbiased std (+1e-10).
 
@@ -415,32 +437,10 @@ class FilterNorm(nn.Module):
                 self.std.normal_().mul_(self.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        kk = self.kernel_size**2
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self.filter_type == 'spatial':
-            v = x.to(dtype).reshape(B, self.channels, kk, *x.shape[2:])
-            dim = 2
-        else:
-            v = x.to(dtype).reshape(B, self.channels, kk)
-            dim = 2
-        # Subtracting one element first makes a constant filter exactly zero
-        # (the mean of huge equal values is not exact); centring ignores it.
-        v = v - v.narrow(dim, 0, 1)
-        v = v - v.mean(dim, keepdim=True)
-        scale = v.detach().abs().amax(dim, keepdim=True).clamp_min(
-            torch.finfo(dtype).tiny)
-        v = v / scale
-        # Unbiased std written out (torch.std over a strided dim is slow on
-        # CPU); the clamp only touches constant filters (v == 0), whose
-        # sqrt would otherwise have an infinite gradient.
-        var = v.square().sum(dim, keepdim=True) / (v.shape[dim] - 1)
-        std = var.clamp_min(torch.finfo(dtype).tiny).sqrt()
-        v = v / (std + 1e-10 / scale)
-        v = v.reshape(x.shape)
+        v = normalize_filters(x, self.channels, self.kernel_size**2)
         if self.std is None:
             return v * self.gain
-        return v * self.std.to(dtype).view(1, -1, 1, 1)
+        return v * self.std.to(v.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f'{self.channels}, kernel_size={self.kernel_size}, '
@@ -818,6 +818,17 @@ class DDFUpsample(nn.Module):
         return [guidance[:, :, py::s, px::s] for py in range(s)
                 for px in range(s)]
 
+    def _spatial_filters_batched(self, x: torch.Tensor):
+        """The s*s spatial branches (1x1 conv + norm) on one input as one
+        conv and one norm: same result, a quarter of the small ops."""
+        convs = [b[0] for b in self.spatial_branch]
+        raw = F.conv2d(x, torch.cat([c.weight for c in convs]),
+                       torch.cat([c.bias for c in convs]))
+        norm = self.spatial_branch[0][1]
+        n = len(convs)
+        sf = normalize_filters(raw, n * self.head, self.kernel_size**2)
+        return (sf * norm.gain).chunk(n, dim=1)
+
     def forward(self,
                 x: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -830,7 +841,10 @@ class DDFUpsample(nn.Module):
         s = self.scale_factor
         guides = self._phase_guidance(x, guidance)
         cfs = [b(x).view(B, C, k, k) for b in self.channel_branch]
-        sfs = [b(g) for b, g in zip(self.spatial_branch, guides)]
+        if len(self.spatial_branch[0]) == 2 and not self.guided:
+            sfs = self._spatial_filters_batched(x)
+        else:
+            sfs = [b(g) for b, g in zip(self.spatial_branch, guides)]
         lib = _choose_impl(self.impl, x) if self.head == 1 else None
         if lib is not None:
             work = torch.float64 if x.dtype == torch.float64 else \

@@ -203,70 +203,95 @@ static inline void CAT(pad_plane, DDF_SUF)(const DDF_T *src, DDF_T *dst,
     }
 }
 
-/* out_plane / out_row / out_col: element strides of the output, so that
-   DDF-Up can write each sub-pixel phase straight into its pixels. */
-void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
-                                   const DDF_T *sfe, DDF_T *out, long B,
-                                   long C, long H, long W, long k, long d,
-                                   long out_plane, long out_row,
-                                   long out_col, int add, int threads) {
-    const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
-    const long L = H * Wp, P = (H + 2 * R + 1) * Wp;
-    #pragma omp parallel num_threads(threads)
-    {
-        DDF_T *xb = (DDF_T *)calloc(P, sizeof(DDF_T));
-        DDF_T *ob = (DDF_T *)malloc(L * sizeof(DDF_T));
-        #pragma omp for schedule(static)
-        for (long bc = 0; bc < B * C; ++bc) {
-            const long b = bc / C;
-            CAT(pad_plane, DDF_SUF)(x + bc * H * W, xb, H, W, Wp, R);
-            if (k == 3) {
-                /* The common case, unrolled: the 9 taps accumulate in a
-                   register, one store per pixel instead of nine. */
-                const DDF_T *cv = cf + bc * 9;
-                const DDF_T *se = sfe + b * 9 * L;
-                const long o1 = d, o2 = 2 * d, o3 = d * Wp, o6 = 2 * d * Wp;
-                const long offs[9] = {0, o1, o2, o3, o3 + o1, o3 + o2,
-                                      o6, o6 + o1, o6 + o2};
+/* One (b, c) plane: ob[q] = sum_t xb[q + off_t] * F(cv[t], se[t * L + q])
+   for the padded plane xb. */
+static inline __attribute__((always_inline)) void
+CAT(plane_s1, DDF_SUF)(const DDF_T *restrict xb,
+                                          const DDF_T *restrict cf,
+                                          const DDF_T *restrict se,
+                                          DDF_T *restrict ob, long L,
+                                          long Wp, long k, long d, int add) {
+    if (k == 3) {
+        /* The common case, unrolled: the 9 taps accumulate in a register,
+           one store per pixel instead of nine. (restrict and the local
+           copy of the channel filter let the compiler keep it in registers
+           and vectorise.) */
+        DDF_T cv[9];
+        for (int t = 0; t < 9; ++t) cv[t] = cf[t];
+        const long o1 = d, o2 = 2 * d, o3 = d * Wp, o6 = 2 * d * Wp;
+        const long offs[9] = {0, o1, o2, o3, o3 + o1, o3 + o2,
+                              o6, o6 + o1, o6 + o2};
 #define DDF_TAP(t, F) (xq[offs[t]] * F(cv[t], se[(t) * L + q]))
 #define DDF_SUM9(F) (DDF_TAP(0, F) + DDF_TAP(1, F) + DDF_TAP(2, F) \
                      + DDF_TAP(3, F) + DDF_TAP(4, F) + DDF_TAP(5, F) \
                      + DDF_TAP(6, F) + DDF_TAP(7, F) + DDF_TAP(8, F))
-                if (add) {
-                    #pragma omp simd
-                    for (long q = 0; q < L; ++q) {
-                        const DDF_T *xq = xb + q;
-                        ob[q] = DDF_SUM9(F_ADD);
-                    }
-                } else {
-                    #pragma omp simd
-                    for (long q = 0; q < L; ++q) {
-                        const DDF_T *xq = xb + q;
-                        ob[q] = DDF_SUM9(F_MUL);
-                    }
-                }
+        if (add) {
+            #pragma omp simd
+            for (long q = 0; q < L; ++q) {
+                const DDF_T *xq = xb + q;
+                ob[q] = DDF_SUM9(F_ADD);
+            }
+        } else {
+            #pragma omp simd
+            for (long q = 0; q < L; ++q) {
+                const DDF_T *xq = xb + q;
+                ob[q] = DDF_SUM9(F_MUL);
+            }
+        }
 #undef DDF_TAP
 #undef DDF_SUM9
-            } else {
-            for (long q = 0; q < L; ++q) ob[q] = 0;
-            for (long t = 0; t < kk; ++t) {
-                const DDF_T cv = cf[bc * kk + t];
-                const DDF_T *restrict xs = xb + (t / k) * d * Wp + (t % k) * d;
-                const DDF_T *restrict se = sfe + (b * kk + t) * L;
-                DDF_T *restrict o = ob;
-                if (add) {
-                    #pragma omp simd
-                    for (long q = 0; q < L; ++q) o[q] += xs[q] * (cv + se[q]);
-                } else {
-                    #pragma omp simd
-                    for (long q = 0; q < L; ++q) o[q] += xs[q] * (cv * se[q]);
-                }
-            }
-            }
-            DDF_T *op = out + bc * out_plane;
+        return;
+    }
+    for (long q = 0; q < L; ++q) ob[q] = 0;
+    for (long t = 0; t < k * k; ++t) {
+        const DDF_T c = cf[t];
+        const DDF_T *restrict xs = xb + (t / k) * d * Wp + (t % k) * d;
+        const DDF_T *restrict s = se + t * L;
+        DDF_T *restrict o = ob;
+        if (add) {
+            #pragma omp simd
+            for (long q = 0; q < L; ++q) o[q] += xs[q] * (c + s[q]);
+        } else {
+            #pragma omp simd
+            for (long q = 0; q < L; ++q) o[q] += xs[q] * (c * s[q]);
+        }
+    }
+}
+
+/* n = scale^2 DDFs of the same input ("phases": cf [n, B, C, k*k], sfe
+   [n, B, k*k, H, Wp]) whose outputs are interleaved into out
+   [B, C, scale*H, scale*W]: phase p = py*scale + px fills the pixels
+   (y*scale + py, x*scale + px). scale = 1 is the plain operator; scale > 1
+   is DDF-Up, written row by row without a pixel-shuffle copy. */
+void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
+                                   const DDF_T *sfe, DDF_T *out, long B,
+                                   long C, long H, long W, long k, long d,
+                                   long scale, int add, int threads) {
+    const long R = (k - 1) / 2 * d, Wp = W + 2 * R, kk = k * k;
+    const long L = H * Wp, P = (H + 2 * R + 1) * Wp, n = scale * scale;
+    const long Ws = W * scale;
+    #pragma omp parallel num_threads(threads)
+    {
+        DDF_T *xb = (DDF_T *)calloc(P, sizeof(DDF_T));
+        DDF_T *ob = (DDF_T *)malloc(n * L * sizeof(DDF_T));
+        #pragma omp for schedule(static)
+        for (long bc = 0; bc < B * C; ++bc) {
+            const long b = bc / C;
+            CAT(pad_plane, DDF_SUF)(x + bc * H * W, xb, H, W, Wp, R);
+            for (long p = 0; p < n; ++p)
+                CAT(plane_s1, DDF_SUF)(xb, cf + (p * B * C + bc) * kk,
+                                       sfe + (p * B + b) * kk * L, ob + p * L,
+                                       L, Wp, k, d, add);
+            DDF_T *op = out + bc * n * H * W;
             for (long y = 0; y < H; ++y)
-                for (long xo = 0; xo < W; ++xo)
-                    op[y * out_row + xo * out_col] = ob[y * Wp + xo];
+                for (long py = 0; py < scale; ++py) {
+                    DDF_T *orow = op + (y * scale + py) * Ws;
+                    for (long px = 0; px < scale; ++px) {
+                        const DDF_T *src = ob + (py * scale + px) * L + y * Wp;
+                        for (long xo = 0; xo < W; ++xo)
+                            orow[xo * scale + px] = src[xo];
+                    }
+                }
         }
         free(xb);
         free(ob);
@@ -421,7 +446,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, 'ddf_backward_sf' + suffix).argtypes = (
             [ptr] * 4 + [long_] * 9 + [int_] * 2)
         getattr(lib, 'ddf_forward_s1' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 9 + [int_] * 2)
+            [ptr] * 4 + [long_] * 7 + [int_] * 2)
         getattr(lib, 'ddf_backward_x_cf_s1' + suffix).argtypes = (
             [ptr] * 6 + [long_] * 6 + [int_] * 4)
         getattr(lib, 'ddf_backward_sf_s1' + suffix).argtypes = (
@@ -494,32 +519,30 @@ def forward(lib,
             dilation,
             stride,
             add,
-            out=None):
+            scale=1):
     """out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype.
 
-    With stride 1, ``out`` may be given: a [B, C, H, W] view (any strides
-    whose planes are ``b * C + c`` apart) that receives the result.
+    ``scale`` > 1 (stride 1 only) is DDF-Up: ``cf`` [s*s, B, C, k*k] and
+    ``sf`` [s*s, B, k*k, H, W] hold one filter pair per sub-pixel phase, and
+    the result is the interleaved [B, C, s*H, s*W].
     """
     B, C, H, W = x.shape
     Ho, Wo = out_hw
     suffix = _SUFFIX[x.dtype]
-    threads = _threads(B * C * Ho * Wo)
+    threads = _threads(B * C * Ho * Wo * scale * scale)
     if stride == 1:
-        if out is None:
-            out = x.new_empty((B, C, Ho, Wo))
-        if out.stride(0) != C * out.stride(1):
-            raise ValueError('out must have planes b * C + c apart')
+        out = x.new_empty((B, C, H * scale, W * scale))
         pad = (kernel_size - 1) // 2 * dilation
         # Named, so that it stays alive during the call (ctypes only sees a
         # raw pointer).
         sfe = _pad_cols(sf, 2 * pad)
         getattr(lib, 'ddf_forward_s1' + suffix)(_ptr(x), _ptr(cf), _ptr(sfe),
                                                 _ptr(out), B, C, H, W,
-                                                kernel_size, dilation,
-                                                out.stride(1), out.stride(2),
-                                                out.stride(3), int(add),
-                                                threads)
+                                                kernel_size, dilation, scale,
+                                                int(add), threads)
         return out
+    if scale != 1:
+        raise ValueError('scale > 1 needs stride 1')
     out = x.new_empty((B, C, Ho, Wo))
     getattr(lib, 'ddf_forward' + suffix)(_ptr(x), _ptr(cf), _ptr(sf),
                                          _ptr(out), B, C, H, W, Ho, Wo,

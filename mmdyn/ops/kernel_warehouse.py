@@ -415,9 +415,32 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         kernel = self.assemble_kernel(attention)
         if not torch.is_autocast_enabled(x.device.type):
             kernel = kernel.to(x.dtype)
+        if self.impl == 'auto' and self._is_pointwise:
+            return self._pointwise_conv(x, kernel)
         return per_sample_conv2d(x, kernel, self.bias, self.stride,
                                  self.padding, self.dilation, self.groups,
                                  impl=self.impl)
+
+    @property
+    def _is_pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.padding == (0, 0)
+                and self.groups == 1)
+
+    def _pointwise_conv(self, x: torch.Tensor,
+                        kernel: torch.Tensor) -> torch.Tensor:
+        # A 1x1 conv with per-sample kernels is one batched matmul; on CPU
+        # it measured ~2x faster than the grouped conv (benchmark in the
+        # configs README), and its graph has no batch size baked in.
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        batch, channels, height, width = x.shape
+        out = torch.bmm(
+            kernel.reshape(batch, self.out_channels, channels),
+            x.reshape(batch, channels, height * width))
+        out = out.reshape(batch, self.out_channels, height, width)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
+        return out
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
         """Multiply-adds per sample (spec 5.1) for an ``input_hw`` input."""

@@ -101,8 +101,10 @@ def _conv_grouped(x, weight, bias, stride, padding, dilation, groups):
 
 
 def _conv_unfold(x, weight, bias, stride, padding, dilation, groups):
-    batch, c_in, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape[1:]
+    # Python ints: only the batch may vary in a traced/exported graph; the
+    # kernel and feature sizes are constants of the layer and the input.
+    h, w = int(x.shape[2]), int(x.shape[3])
+    c_out, c_in_g, kh, kw = (int(v) for v in weight.shape[1:])
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding,

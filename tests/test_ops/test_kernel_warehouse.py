@@ -108,7 +108,8 @@ class _Net(nn.Module):
 
 SPECS = {
     'plain': [('stage0_layer0_conv0', (8, 16, 3), dict(padding=1)),
-              ('stage0_layer1_conv1', (16, 8, 1), dict(stride=2))],
+              ('stage0_layer1_conv1', (16, 8, 1), dict(stride=2,
+                                                       bias=True))],
     'grouped_dilated': [
         ('stage0_layer0_conv0', (8, 8, (3, 2)),
          dict(padding=(2, 1), dilation=2, groups=2, bias=True)),
@@ -137,7 +138,7 @@ def test_matches_naive_reference(spec, budget):
                 layer.bias.normal_()
         x = torch.randn(2, layer.in_channels, 7, 6, dtype=torch.float64)
         expected = _reference_conv(layer, x, 0.3)
-        for impl in ('loop', 'grouped', 'unfold'):
+        for impl in ('auto', 'loop', 'grouped', 'unfold'):
             layer.impl = impl
             torch.testing.assert_close(
                 layer(x), expected, rtol=1e-9, atol=1e-9)
@@ -330,8 +331,9 @@ def test_bf16_autocast_cpu():
     torch.testing.assert_close(low, ref, rtol=0.1, atol=0.1)
 
 
-def test_trace_is_batch_size_independent():
-    layer = KWConv2d(4, 8, 3, padding=1)
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (1, 2)])
+def test_trace_is_batch_size_independent(kernel_size, stride):
+    layer = KWConv2d(4, 8, kernel_size, stride, padding=kernel_size // 2)
     layer.eval()
     with warnings.catch_warnings():  # tracer warnings about shape checks
         warnings.simplefilter('ignore')

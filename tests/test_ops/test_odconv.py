@@ -93,6 +93,7 @@ def test_forward_matches_reference(name, fold):
     folded into the per-sample kernel), with and without autograd."""
     layer = randomise(build(CASES[name]))
     layer.fold_attentions = lambda input_hw: fold
+    layer.use_scaled_columns = lambda input_hw: False
     x = torch.randn(3, layer.in_channels, 9, 10)
     with torch.no_grad():
         ref = reference_forward(layer, x)
@@ -100,7 +101,37 @@ def test_forward_matches_reference(name, fold):
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['single_kernel_3x3', 'non_square'])
+def test_scaled_columns_path(name):
+    """K == 1: the static kernel times alpha_s/alpha_c-scaled im2col
+    columns, against the reference, forward and backward."""
+    case = CASES[name][:7] + (1, True)
+    layer = randomise(build(case))
+    layer.use_scaled_columns = lambda input_hw: True
+    x = torch.randn(3, layer.in_channels, 9, 10, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+    out = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = reference_forward(layer, x_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out)
+    params = [layer.weight, layer.attention.fc.weight,
+              layer.attention.spatial_fc.weight,
+              layer.attention.channel_fc.bias]
+    got = torch.autograd.grad(out, [x] + params, grad)
+    want = torch.autograd.grad(ref, [x_ref] + params, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_fold_choice_follows_tensor_sizes():
+    # Deep layer, one kernel: scaled im2col columns instead of a kernel.
+    deep = ODConv2d(512, 512, 3, padding=1, kernel_num=1)
+    assert deep.use_scaled_columns((7, 7))
+    assert not deep.use_scaled_columns((28, 28))
+    assert not ODConv2d(512, 512, 3, padding=1).use_scaled_columns((7, 7))
     # Stage-1 shape: the kernel is smaller than the feature maps.
     assert ODConv2d(64, 64, 3, padding=1).fold_attentions((56, 56))
     assert ODConv2d(96, 96, 3, groups=96).fold_attentions((14, 14))
@@ -329,3 +360,17 @@ def test_wrong_input_is_reported():
     layer = ODConv2d(8, 12, 3)
     with pytest.raises(ValueError, match='in_channels'):
         layer(torch.randn(2, 6, 9, 9))
+
+
+@pytest.mark.parametrize('name', ['regular', 'single_kernel_3x3',
+                                  'pointwise_1x', 'depthwise'])
+def test_traced_graph_does_not_bake_the_batch_size(name):
+    """The export path (ONNX/tracing): traced at batch 2, run at batch 5."""
+    layer = randomise(build(CASES[name]))
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            layer, torch.randn(2, layer.in_channels, 9, 10),
+            check_trace=False)
+        x = torch.randn(5, layer.in_channels, 9, 10)
+        torch.testing.assert_close(traced(x), reference_forward(layer, x),
+                                   rtol=1e-4, atol=1e-5)

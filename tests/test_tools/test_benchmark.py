@@ -89,6 +89,7 @@ def test_cli(tmp_path):
         sys.executable,
         osp.join(ROOT, 'tools/analysis_tools/benchmark.py'), static,
         '--compare', dynamic, '--batch-size', '2', '--shape', '32', '32',
-        '--repeat', '2', '--warmup', '0', '--no-memory'
+        '--repeat', '2', '--warmup', '0', '--no-memory', '--profile'
     ], capture_output=True, text=True, check=True).stdout
     assert '| tiny_odconv | infer | 2 |' in out
+    assert 'top operators of one infer iteration of tiny_odconv' in out

@@ -2,7 +2,8 @@
 
     python tools/analysis_tools/benchmark.py CONFIG [--compare CONFIG2 ...] \
         [--batch-size 8] [--shape 224 224] [--device cpu|cuda] [--amp] \
-        [--mode infer|train] [--repeat 10] [--warmup 2] [--threads N]
+        [--mode infer|train] [--repeat 10] [--warmup 2] [--threads N] \
+        [--profile]
 
 With ``--compare``, the models are built in one process and their
 iterations alternate, and the table gives each one's time ratio to CONFIG
@@ -44,6 +45,9 @@ def parse_args():
                         help='torch CPU threads (default: torch default)')
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the memory pass')
+    parser.add_argument('--profile', action='store_true',
+                        help='print the top operators of one iteration of '
+                        'each model (torch profiler)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -74,7 +78,8 @@ def main():
         repeat=args.repeat,
         warmup=args.warmup,
         cfg_options=args.cfg_options,
-        measure_memory=not args.no_memory)
+        measure_memory=not args.no_memory,
+        profile=args.profile)
     print(f'device {args.device}, torch threads {torch.get_num_threads()}, '
           f'amp {args.amp}, {args.repeat} timed rounds after {args.warmup} '
           'warm-up rounds')
