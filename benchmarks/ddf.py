@@ -27,6 +27,7 @@ Usage::
     python benchmarks/ddf.py [--rounds 7] [--quick] [--out benchmarks/ddf.md]
 """
 import argparse
+import os
 import os.path as osp
 import platform
 import statistics
@@ -205,8 +206,10 @@ def main():
     table = format_table(rows)
     clock = ('thread CPU time'
              if args.threads == 1 else 'wall time')
+    load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
-              f'thread(s), {clock}, {_cpu_name()}, {args.rounds} interleaved '
+              f'thread(s), {clock}, {_cpu_name()} ({os.cpu_count()} CPUs, '
+              f'load average {load} at the end), {args.rounds} interleaved '
               'rounds, float32')
     print(header)
     print(table)

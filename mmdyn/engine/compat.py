@@ -40,9 +40,16 @@ idempotent). Each fix is small, targeted and has a test in
    the lookup result instead of the name). The wrapped builders re-raise
    with the config's ``type``, the scope and the closest registered names.
 
-numpy 2.x itself needs no runtime patch on this stack (mmcv 2.1, mmdet 3.3,
-mmpretrain 1.2, pycocotools): the demo trainings, CocoMetric, Accuracy and
-the mmcv transforms run cleanly; the tests keep that checked.
+5. **numpy >= 2.4 removed** ``np.in1d``, which mmpretrain 1.2's retrieval
+   metrics (``RetrievalRecall``, ``RetrievalAveragePrecision``) call. That
+   module alone gets a numpy namespace with ``in1d`` (= ``np.isin`` on the
+   flattened input, its documented equivalent); numpy itself is untouched.
+
+Otherwise numpy 2.x needs no runtime patch on this stack (mmcv 2.1, mmdet
+3.3, mmpretrain 1.2, pycocotools 2.0.11): the demo trainings, CocoMetric
+(bbox, segm), Accuracy and the mmcv/mmdet transforms run; the remaining
+removed aliases (``np.float`` in ``mmcv.ops.pixel_group``, mmdet's
+``ytviseval``) are in code mmdyn never reaches.
 """
 import difflib
 import functools
@@ -272,6 +279,29 @@ def _patch_layer_builders():
                 setattr(module, attr, hit[1])
 
 
+class _NumpyWithIn1d:
+    """numpy, plus the ``in1d`` that numpy 2.4 removed."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def in1d(ar1, ar2, assume_unique=False, invert=False):
+        return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique,
+                       invert=invert)
+
+
+def _patch_numpy_in1d():
+    if hasattr(np, 'in1d'):
+        return
+    try:
+        from mmpretrain.evaluation.metrics import retrieval
+    except ImportError:  # pragma: no cover - mmpretrain not installed
+        return
+    if retrieval.np is np:
+        retrieval.np = _NumpyWithIn1d()
+
+
 def apply_compat_fixes():
     """Apply the fixes described in this module (idempotent)."""
     global _APPLIED
@@ -281,4 +311,5 @@ def apply_compat_fixes():
     _patch_package_utils()
     _patch_init_dist()
     _patch_layer_builders()
+    _patch_numpy_in1d()
     _APPLIED = True

@@ -205,8 +205,7 @@ static inline void CAT(pad_plane, DDF_SUF)(const DDF_T *src, DDF_T *dst,
 
 /* One (b, c) plane: ob[q] = sum_t xb[q + off_t] * F(cv[t], se[t * L + q])
    for the padded plane xb. */
-static inline __attribute__((always_inline)) void
-CAT(plane_s1, DDF_SUF)(const DDF_T *restrict xb,
+static inline void CAT(plane_s1, DDF_SUF)(const DDF_T *restrict xb,
                                           const DDF_T *restrict cf,
                                           const DDF_T *restrict se,
                                           DDF_T *restrict ob, long L,
@@ -283,6 +282,12 @@ void CAT(ddf_forward_s1, DDF_SUF)(const DDF_T *x, const DDF_T *cf,
                                        sfe + (p * B + b) * kk * L, ob + p * L,
                                        L, Wp, k, d, add);
             DDF_T *op = out + bc * n * H * W;
+            if (scale == 1) {  /* contiguous rows: let it vectorise */
+                for (long y = 0; y < H; ++y)
+                    for (long xo = 0; xo < W; ++xo)
+                        op[y * W + xo] = ob[y * Wp + xo];
+                continue;
+            }
             for (long y = 0; y < H; ++y)
                 for (long py = 0; py < scale; ++py) {
                     DDF_T *orow = op + (y * scale + py) * Ws;

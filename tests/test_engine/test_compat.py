@@ -122,3 +122,43 @@ def test_numpy1_checkpoint_names_load(tmp_path):
     loaded = torch.load(str(path), weights_only=True)
     np.testing.assert_array_equal(loaded['a'], np.arange(5))
     assert loaded['s'] == 2.5
+
+
+# --- fix 5: numpy >= 2.4 has no np.in1d (mmpretrain retrieval metrics) -----
+
+def test_retrieval_metric_under_numpy2():
+    from mmpretrain.evaluation.metrics import RetrievalRecall
+    # Before the fix: AttributeError: module 'numpy' has no attribute 'in1d'.
+    pred = torch.tensor([[0.9, 0.8, 0.1], [0.1, 0.2, 0.7]])
+    target = [torch.tensor([1]), torch.tensor([0])]
+    recall = RetrievalRecall.calculate(pred, target, topk=(1, 2),
+                                      target_indices=True)
+    # Sample 0: top-1 is class 0 (miss), top-2 adds class 1 (hit).
+    # Sample 1: top-1 is class 2, top-2 adds class 1: class 0 never found.
+    assert [float(r) for r in recall] == [0.0, 50.0]
+
+
+# --- fix 4: mmcv's builders named the unknown type "None" ------------------
+
+def test_unknown_conv_type_is_named():
+    from mmcv.cnn import build_conv_layer
+
+    import mmdyn.models  # noqa: F401  (registers ODConv2d)
+    with pytest.raises(KeyError, match=r"'ODConv'.*Did you mean.*ODConv2d"):
+        build_conv_layer(dict(type='ODConv'), 3, 8, 3)
+    # Registered types still build.
+    assert build_conv_layer(dict(type='Conv2d'), 3, 8, 3).out_channels == 8
+
+
+# --- fix 3: DDP initialisation without CUDA --------------------------------
+
+def test_init_dist_without_cuda_uses_gloo(monkeypatch):
+    import mmengine.dist.utils as dist_utils
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'set_device',
+                        lambda *a: calls.append('set_device'))
+    monkeypatch.setattr(dist_utils.torch_dist, 'init_process_group',
+                        lambda backend, **kw: calls.append(backend))
+    dist_utils._init_dist_pytorch('nccl')
+    assert calls == ['gloo']
