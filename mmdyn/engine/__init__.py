@@ -11,5 +11,6 @@ from .amp import CPUAmpOptimWrapper  # noqa: E402
 from .checkpoint import (CheckpointLoadError, CheckpointShapeCheckHook,  # noqa: E402,E501
                          register_local_loader)
 from .hooks import *  # noqa: F401,F403,E402
+from .sanity import EmptyDatasetCheckHook  # noqa: E402
 
 register_local_loader()

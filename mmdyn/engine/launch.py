@@ -128,12 +128,12 @@ def set_resume(cfg, resume):
 
 
 def add_checkpoint_check(cfg):
-    """Add :class:`CheckpointShapeCheckHook` unless the config has one."""
+    """Add mmdyn's safety hooks (:class:`CheckpointShapeCheckHook`,
+    :class:`EmptyDatasetCheckHook`) unless the config has them."""
     hooks = list(cfg.get('custom_hooks', None) or [])
-    if not any(h.get('type') in ('CheckpointShapeCheckHook',
-                                 'mmdyn.CheckpointShapeCheckHook')
-               for h in hooks):
-        hooks.append(dict(type='CheckpointShapeCheckHook'))
+    for name in ('CheckpointShapeCheckHook', 'EmptyDatasetCheckHook'):
+        if not any(h.get('type') == name for h in hooks):
+            hooks.append(dict(type=name))
     cfg.custom_hooks = hooks
 
 

@@ -39,7 +39,7 @@ def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
-def _repeat_positions(spatial: torch.Tensor, rows: int) -> Tuple[int, int]:
+def _repeat_positions(rows: int) -> Tuple[int, int]:
     """Layout for scaling a [B, rows*P] kernel by a [B, P] attention.
 
     Broadcasting a [B, 1, P] factor over a [B, rows, P] view runs an inner
@@ -63,7 +63,7 @@ class _MixKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, bank, spatial):
         positions = spatial.shape[1]
-        repeat, rows = _repeat_positions(spatial, bank.shape[1] // positions)
+        repeat, rows = _repeat_positions(bank.shape[1] // positions)
         scale = spatial.repeat(1, repeat).unsqueeze(1)
         out = (kernel @ bank).view(-1, rows, positions * repeat).mul_(scale)
         ctx.save_for_backward(kernel, bank, spatial)
@@ -73,11 +73,10 @@ class _MixKernels(torch.autograd.Function):
     def backward(ctx, grad):
         kernel, bank, spatial = ctx.saved_tensors
         batch, positions = spatial.shape
-        grad = grad.to(bank.dtype)
+        grad = grad.to(bank.dtype).contiguous()
         grad_kernel = grad_bank = grad_spatial = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            repeat, rows = _repeat_positions(spatial,
-                                             bank.shape[1] // positions)
+            repeat, rows = _repeat_positions(bank.shape[1] // positions)
             scaled = (grad.view(batch, rows, positions * repeat) *
                       spatial.repeat(1, repeat).unsqueeze(1)).view(batch, -1)
             if ctx.needs_input_grad[0]:
@@ -85,8 +84,7 @@ class _MixKernels(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_bank = kernel.t() @ scaled
         if ctx.needs_input_grad[2]:
-            repeat, rows = _repeat_positions(spatial,
-                                             bank.shape[1] // positions)
+            repeat, rows = _repeat_positions(bank.shape[1] // positions)
             mixed = (kernel @ bank).view(batch, rows, positions * repeat)
             grad_spatial = (grad.view_as(mixed) * mixed).sum(1).view(
                 batch, repeat, positions).sum(1)

@@ -138,6 +138,15 @@ def test_bad_training_input_is_named(tmp_path, kind, match):
     assert not osp.exists(osp.join(str(tmp_path), 'last_checkpoint'))
 
 
+def test_empty_dataset_is_named(tmp_path):
+    # Without the check an InfiniteSampler over no data spins forever.
+    runner = make_runner(str(tmp_path), 'rel_empty_dataset', max_iters=2)
+    runner._train_dataloader['dataset'] = ToyDataset(length=0)
+    with pytest.raises(ValueError, match='train_dataloader.dataset is empty'):
+        runner.train()
+    assert not _checkpoints_in(str(tmp_path))
+
+
 def test_empty_batch_is_named():
     model = ToyNet(dynamic=True)
     with pytest.raises(ValueError, match='empty batch'):

@@ -67,6 +67,7 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
     if dynamic:
         hooks.append(dict(type='DynamicTemperatureHook', iters=max_iters))
     hooks.append(dict(type='CheckpointShapeCheckHook'))
+    hooks.append(dict(type='EmptyDatasetCheckHook'))
     if model is None:
         # Runner seeds only after the model exists: seed its init here.
         torch.manual_seed(0)

@@ -2,8 +2,8 @@
 import copy
 import os.path as osp
 
-import pytest
 import mmdet
+import pytest
 import torch
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
 from mmdet.registry import MODELS

@@ -198,9 +198,9 @@ def test_usable_from_mmdet_as_mmpretrain_backbone():
 
 
 def test_builds_on_meta_device():
-    cpu = DynamicResNet(50, dyconv_cfg=OD1, **SMALL)
+    cpu = DynamicResNet(18, dyconv_cfg=OD1, **SMALL)
     with torch.device('meta'):
-        meta = DynamicResNet(50, dyconv_cfg=OD1, **SMALL)
+        meta = DynamicResNet(18, dyconv_cfg=OD1, **SMALL)
     assert {p.device.type for p in meta.parameters()} == {'meta'}
     assert sum(p.numel() for p in meta.parameters()) == sum(
         p.numel() for p in cpu.parameters())
