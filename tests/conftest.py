@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing when pytest runs things in
-# parallel processes, and make CPU results repeatable.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on a busy 2-core machine more threads make tiny ops
+# ~100x slower, and results stay repeatable. Tests that need several threads
+# (and the subprocesses the tool tests start) set their own.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
