@@ -377,7 +377,7 @@ def format_results(results: Sequence[BenchResult], device: str = 'cpu'
     for r in results:
         ratio = f'{paired_ratio(r, base):.2f}x'
         lines.append(f'| {r.name} | {r.mode} | {r.batch_size} | '
-                     f'{r.median * 1e3:.1f} | {r.images_per_s:.1f} | '
+                     f'{r.median * 1e3:.1f} | {r.images_per_s:.3g} | '
                      f'{r.peak_mem_bytes / 2**20:.0f} | {ratio} |')
     return '\n'.join(lines)
 
