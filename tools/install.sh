@@ -113,7 +113,16 @@ else
     mmcv_ok || die "mmcv $MMCV_VERSION is installed but its compiled ops do not import"
 fi
 
-# 4. mmdet, mmpretrain and the test tools.
+# 4. pkg_resources: setuptools >= 81 dropped it, and mmengine 0.10.7 still
+# imports it to resolve `mmdet::`/`mmpretrain::` config bases (mmdyn.engine
+# patches that too, but plain mmengine scripts need it).
+if "$PYTHON" -c 'import pkg_resources' >/dev/null 2>&1; then
+    log "pkg_resources available (setuptools $(version setuptools))"
+else
+    pip_install 'setuptools<81'
+fi
+
+# 5. mmdet, mmpretrain and the test tools.
 need=()
 [ "$(version mmdet)" = "$MMDET_VERSION" ] || need+=("mmdet==$MMDET_VERSION")
 [ "$(version mmpretrain)" = "$MMPRETRAIN_VERSION" ] || need+=("mmpretrain==$MMPRETRAIN_VERSION")
@@ -126,7 +135,7 @@ else
     log "mmdet $MMDET_VERSION, mmpretrain $MMPRETRAIN_VERSION, pytest, onnx, onnxruntime already installed"
 fi
 
-# 5. mmdyn itself, editable.
+# 6. mmdyn itself, editable.
 if "$PYTHON" - "$ROOT" <<'EOF' 2>/dev/null
 import os, sys
 import mmdyn
