@@ -12,3 +12,25 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _isolate_default_scope():
+    """Give each test a clean mmengine default scope and restore it after.
+
+    mmengine keeps the latest ``DefaultScope`` globally, and registries build
+    from it: a test that ran a Runner with ``default_scope='mmdet'`` would
+    otherwise change where the next test's ``MODELS.build`` looks names up.
+    """
+    try:
+        from mmengine.registry import DefaultScope
+    except ImportError:  # pragma: no cover - mmengine is installed in CI
+        yield
+        return
+    saved = DefaultScope._instance_dict.copy()
+    # Start every test with no default scope (module-scoped fixtures may have
+    # run a Runner): a test that needs one sets it itself.
+    DefaultScope._instance_dict.clear()
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

@@ -371,7 +371,8 @@ def format_results(results: Sequence[BenchResult], device: str = 'cpu'
                  'peak RSS growth (MiB)')
     lines = [
         f'| config | mode | batch | median (ms) | images/s | {mem_label} '
-        '| time ratio vs first (paired median) |', '|---|---|---:|---:|---:|---:|---:|'
+        '| time ratio vs first (paired median) |',
+        '|---|---|---:|---:|---:|---:|---:|'
     ]
     base = results[0]
     for r in results:
