@@ -444,7 +444,10 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             agg = numel_w
         else:
             agg = 0
-        scal = self.in_channels * h * w + self.out_channels * h_out * w_out
+        # Depthwise layers have no filter attention: no alpha_f * y product.
+        scal = self.in_channels * h * w
+        if not att.is_depthwise:
+            scal += self.out_channels * h_out * w_out
         return dict(conv=conv, att=att_madds, agg=agg, scal=scal)
 
     def extra_repr(self) -> str:

@@ -302,8 +302,9 @@ def test_madds_hand_computed():
     assert pw.madds_per_sample((56, 56)) == dict(
         conv=51_380_224, att=6144, agg=0, scal=1_003_520)
     dw = ODConv2d(32, 32, 3, stride=2, padding=1, groups=32, kernel_num=1)
+    # Depthwise: no filter attention, so only alpha_c * x (32 * 112 * 112).
     assert dw.madds_per_sample((112, 112)) == dict(
-        conv=903_168, att=1168, agg=288, scal=501_760)
+        conv=903_168, att=1168, agg=288, scal=401_408)
 
 
 def test_batch_one_training_and_bf16_autocast():
