@@ -306,3 +306,24 @@ def convert_file(family: str, src: str, dst: str,
     if log is not None:
         log(f'converted {len(state)} tensors of {src} for {used} -> {dst}')
     return used
+
+
+def converter_cli(family: str, description: str,
+                  argv: Optional[Sequence[str]] = None) -> None:
+    """Command line of ``tools/model_converters/<family>2mmdyn.py``.
+
+    ``IN OUT [--config CONFIG]``; exits with the refusal message (unknown,
+    missing or mis-shaped keys) instead of a traceback.
+    """
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('src', help='official checkpoint')
+    parser.add_argument('dst', help='output mmdyn checkpoint')
+    parser.add_argument('--config', default=None,
+                        help='target mmdyn config (default: found by shapes)')
+    args = parser.parse_args(argv)
+    try:
+        convert_file(family, args.src, args.dst, args.config)
+    except ConversionError as err:
+        sys.exit(f'conversion refused: {err}')

@@ -11,23 +11,7 @@ config the checkpoint fits exactly); unknown keys, missing keys and shape
 mismatches are refused with a list of them. OUT is an mmengine checkpoint
 (load it with ``load_from`` or ``init_cfg=dict(type='Pretrained')``).
 """
-import argparse
-import sys
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('src', help='official checkpoint')
-    parser.add_argument('dst', help='output mmdyn checkpoint')
-    parser.add_argument('--config', default=None,
-                        help='target mmdyn config (default: found by shapes)')
-    args = parser.parse_args()
-    from mmdyn.analysis.converters import ConversionError, convert_file
-    try:
-        convert_file('ddf', args.src, args.dst, args.config)
-    except ConversionError as err:
-        sys.exit(f'conversion refused: {err}')
-
+from mmdyn.analysis.converters import converter_cli
 
 if __name__ == '__main__':
-    main()
+    converter_cli('ddf', __doc__.splitlines()[0])

@@ -6,13 +6,13 @@ _base_ = [
     'mmdet::_base_/default_runtime.py'
 ]
 
-max_epochs = 6
+max_epochs = 10
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=50),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[5], gamma=0.1)
+         milestones=[8], gamma=0.1)
 ]
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-3, weight_decay=1e-4),
