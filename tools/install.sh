@@ -136,11 +136,9 @@ else
 fi
 
 # 6. mmdyn itself, editable.
-if "$PYTHON" - "$ROOT" <<'EOF' 2>/dev/null
-import os, sys
-import mmdyn
-sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(mmdyn.__file__))) == sys.argv[1] else 1)
-EOF
+# From /, so that the checkout (the current directory) cannot shadow a
+# missing install.
+if (cd / && "$PYTHON" -c "import os, sys, mmdyn; sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(mmdyn.__file__))) == sys.argv[1] else 1)" "$ROOT") 2>/dev/null
 then
     log "mmdyn already installed in editable mode from $ROOT"
 else
@@ -148,7 +146,7 @@ else
 fi
 
 log "checking the stack"
-"$PYTHON" - <<'EOF' || die "the installed stack does not import"
+(cd / && "$PYTHON" -) <<'EOF' || die "the installed stack does not import"
 import torch, torchvision, mmengine, mmcv, mmdet, mmpretrain
 import mmcv.ops
 import mmdyn.models, mmdyn.engine
