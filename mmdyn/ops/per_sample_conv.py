@@ -67,21 +67,26 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     if x.shape[0] == 1:
         return 'loop'  # a single plain conv
     # Measured (benchmarks/README.md): on CPU (oneDNN) the grouped conv is
-    # within ~1.1-1.2x of a static conv of the same shape while the loop of
-    # batch-1 convs is 2-7x; on CUDA the grouped conv is the official choice.
+    # within ~1.1-1.2x of a static conv of the same shape in the forward pass
+    # while the loop of batch-1 convs is 2-7x; on CUDA the grouped conv is
+    # the official choice. But oneDNN's backward of a batch-as-groups conv
+    # with a per-sample weight is pathological on CPU (a KW ResNet-18 step at
+    # batch 32, 64 px: 36 of 47 s in 17 such backward calls), so a CPU
+    # graph that needs gradients takes the loop.
+    if not x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or
+                                                      weight.requires_grad):
+        return 'loop'
     return 'grouped'
 
 
-def _bias_of(bias: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
-    if bias is None:
-        return None
-    return bias[b] if bias.dim() == 2 else bias
-
-
 def _conv_loop(x, weight, bias, stride, padding, dilation, groups):
+    # unbind/split rather than weight[b]: the backward of B separate
+    # selections would write B full-size zero gradients (O(B^2) traffic).
+    biases = (bias.unbind(0) if bias is not None and bias.dim() == 2 else
+              [bias] * x.shape[0])
     outs = [
-        F.conv2d(x[b:b + 1], weight[b], _bias_of(bias, b), stride, padding,
-                 dilation, groups) for b in range(x.shape[0])
+        F.conv2d(xb, wb, bb, stride, padding, dilation, groups)
+        for xb, wb, bb in zip(x.split(1, dim=0), weight.unbind(0), biases)
     ]
     return torch.cat(outs, dim=0)
 
