@@ -1,4 +1,10 @@
-"""tools/dist_train.sh: 2-process PyTorch DDP (gloo on CPU) on demo data."""
+"""tools/dist_train.sh: 2-process PyTorch DDP (gloo on CPU) on demo data.
+
+With ``find_unused_parameters=False`` DDP fails in the second iteration if a
+parameter got no gradient in the first: running two iterations per rank with
+the ODConv, KernelWarehouse (shared warehouses) and DyConv backbones checks
+that no dynamic layer leaves a parameter unused.
+"""
 import os
 import os.path as osp
 import socket
@@ -18,14 +24,18 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_dist_train_two_processes(tmp_path):
+@pytest.mark.parametrize('config', [
+    'resnet18_demo_cls.py', 'resnet18-odconv1x_demo_cls.py',
+    'resnet18-kw1x_demo_cls.py', 'resnet18-dyconv4x_demo_cls.py'
+])
+def test_dist_train_two_processes(tmp_path, config):
     cwd = str(tmp_path)
     make_demo_classification(osp.join(cwd, 'data', 'demo_cls'), num_train=4,
                              num_val=1)
     env = dict(os.environ, PORT=str(_free_port()), OMP_NUM_THREADS='1')
     proc = subprocess.run(
         ['bash', osp.join(REPO, 'tools/dist_train.sh'),
-         osp.join(REPO, 'configs/demo/resnet18_demo_cls.py'), '2',
+         osp.join(REPO, 'configs/demo', config), '2',
          '--work-dir', 'wd', '--cfg-options', 'train_cfg.max_epochs=1',
          'train_dataloader.batch_size=4', 'val_dataloader.batch_size=4',
          'default_hooks.logger.interval=1'],
