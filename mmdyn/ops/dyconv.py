@@ -36,7 +36,8 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import per_sample_conv2d
+from .per_sample_conv import (per_sample_conv2d, streamed_per_sample_conv2d,
+                              streams_per_sample)
 
 ROUTINGS = ('sigmoid', 'softmax')
 
@@ -187,9 +188,17 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         pi = self.routing_weights(x).to(self.weight.dtype)
-        weight = (pi @ self.weight.flatten(1)).view(-1,
-                                                    *self.weight.shape[1:])
         bias = pi @ self.bias if self.bias is not None else None
+        bank = self.weight.flatten(1)
+        if streams_per_sample(x, bank.shape[1], self.out_channels,
+                              self.output_hw(*x.shape[-2:]), self.impl):
+            out = streamed_per_sample_conv2d(
+                x, lambda b: (pi[b] @ bank).view(self.weight.shape[1:]),
+                self.stride, self.padding, self.dilation, self.groups)
+            if bias is not None:
+                out += bias[:, :, None, None].to(out.dtype)
+            return out
+        weight = (pi @ bank).view(-1, *self.weight.shape[1:])
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
                                  self.dilation, self.groups, self.impl)
 

@@ -46,7 +46,9 @@ from torch import nn
 
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import PER_SAMPLE_CONV_IMPLS, per_sample_conv2d
+from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, per_sample_conv2d,
+                              streamed_per_sample_conv2d,
+                              streams_per_sample)
 
 Ratio = Union[float, Sequence[float]]
 
@@ -411,6 +413,15 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         self.check_input(x)
         self._check_finalized()
         attention = self._attention_weights(x.mean(dim=(2, 3)))
+        if streams_per_sample(x, _prod(self.weight_shape), self.out_channels,
+                              self.output_hw(*x.shape[-2:]), self.impl):
+            out = streamed_per_sample_conv2d(
+                x, lambda b: self.assemble_kernel(attention[b:b + 1]).to(
+                    x.dtype), self.stride, self.padding, self.dilation,
+                self.groups)
+            if self.bias is not None:
+                out += self.bias.reshape(1, -1, 1, 1).to(out.dtype)
+            return out
         kernel = self.assemble_kernel(attention)
         if not torch.is_autocast_enabled(x.device.type):
             kernel = kernel.to(x.dtype)

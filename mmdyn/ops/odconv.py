@@ -27,7 +27,8 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import per_sample_conv2d
+from .per_sample_conv import (per_sample_conv2d, streamed_per_sample_conv2d,
+                              streams_per_sample)
 
 
 def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -65,7 +66,14 @@ class _MixKernels(torch.autograd.Function):
         positions = spatial.shape[1]
         repeat, rows = _repeat_positions(bank.shape[1] // positions)
         scale = spatial.repeat(1, repeat).unsqueeze(1)
-        out = (kernel @ bank).view(-1, rows, positions * repeat).mul_(scale)
+        if kernel.shape[1] == 1:
+            # One kernel: a broadcast product, one pass over the output
+            # (a [B, 1] x [1, N] matmul is an outer product MKL runs slowly).
+            out = bank.view(1, rows, positions * repeat) * (
+                scale * kernel.view(-1, 1, 1))
+        else:
+            out = (kernel @ bank).view(-1, rows,
+                                       positions * repeat).mul_(scale)
         ctx.save_for_backward(kernel, bank, spatial)
         return out.view(kernel.shape[0], -1)
 
@@ -323,6 +331,11 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             weight = weight.mul_(scale) if fresh else weight * scale
         return weight.view(-1, *bank.shape[1:])
 
+    def _sample_weight(self, spatial, kernel, b: int) -> torch.Tensor:
+        """Sample ``b``'s kernel (spatial and kernel attentions only)."""
+        pick = (lambda a: None if a is None else a[b:b + 1])
+        return self.aggregate_weight(pick(spatial), pick(kernel))
+
     def _channel_scale(self, channel, filt, c_out, c_in_g):
         """[B, C_out, C_in/g] product of the channel and filter attentions
         laid out as the kernel's (output, input-in-group) dimensions."""
@@ -397,6 +410,14 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                                     self.padding, self.dilation,
                                     self.groups, self.impl)
             return out
+        elif (spatial is not None or kernel is not None) and \
+                streams_per_sample(x, self.weight[0].numel(),
+                                   self.out_channels,
+                                   self.output_hw(*x.shape[-2:]), self.impl):
+            out = streamed_per_sample_conv2d(
+                x * channel[:, :, None, None],
+                lambda b: self._sample_weight(spatial, kernel, b),
+                self.stride, self.padding, self.dilation, self.groups)
         else:
             weight = self.aggregate_weight(spatial, kernel)
             x = x * channel[:, :, None, None]

@@ -11,9 +11,15 @@ This module holds the interchangeable implementations of that operation:
   batch size, so it is the path used for ONNX export.
 * ``'auto'``: picks one of the above for the device and shape.
 
+:func:`streamed_per_sample_conv2d` is the CPU inference path of deep
+layers, whose per-sample kernels are much larger than their feature maps: it
+builds one sample's kernel and convolves at once, so that the ``[B,
+numel(W)]`` tensor of all kernels (tens of MB, page-faulted on every call and
+cache-cold by the time the conv reads it) never exists.
+
 torch only.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +83,51 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
                                                       weight.requires_grad):
         return 'loop'
     return 'grouped'
+
+
+def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
+                       out_hw: Tuple[int, int], impl: str = 'auto') -> bool:
+    """Whether ``'auto'`` builds and applies the kernels one sample at a time.
+
+    True for CPU inference (no autograd graph) of a batch when one sample's
+    kernel has more than twice the elements of that sample's input and
+    output maps (ResNet stage 3 and 4 shapes). Measured on this project's
+    2-core CPU at batch 8 (benchmarks/README.md): ODConv 4x at 256 -> 256,
+    14x14: 2.08x -> 1.08x of ``nn.Conv2d``; 512 -> 512, 7x7: 5.6x -> 2.6x;
+    at 128 -> 128, 28x28 the batched grouped conv stays faster (1.12x vs
+    1.40x).
+    """
+    if impl != 'auto' or x.device.type != 'cpu' or x.shape[0] == 1:
+        return False
+    if torch.is_grad_enabled() or _is_exporting() or torch.jit.is_tracing():
+        return False
+    c_in, h, w = x.shape[1:]
+    features = c_in * h * w + out_channels * out_hw[0] * out_hw[1]
+    return kernel_numel > 2 * features
+
+
+def streamed_per_sample_conv2d(x: torch.Tensor,
+                               kernel_fn: Callable[[int], torch.Tensor],
+                               stride: Tuple[int, int] = (1, 1),
+                               padding: Tuple[int, int] = (0, 0),
+                               dilation: Tuple[int, int] = (1, 1),
+                               groups: int = 1) -> torch.Tensor:
+    """``conv(x[b], kernel_fn(b))`` for each sample ``b``, one at a time.
+
+    ``kernel_fn(b)`` returns sample ``b``'s kernel [C_out, C_in/g, kh, kw]
+    (or [1, C_out, ...]); it is used at once and freed before the next one
+    is built, so the kernel stays in cache and its memory is reused. No
+    bias: callers add theirs. Same result as :func:`per_sample_conv2d` with
+    the stacked kernels.
+    """
+    outs = []
+    for b, xb in enumerate(x.split(1, dim=0)):
+        kernel = kernel_fn(b)
+        if kernel.dim() == 5:
+            kernel = kernel[0]
+        outs.append(F.conv2d(xb, kernel, None, stride, padding, dilation,
+                             groups))
+    return torch.cat(outs, dim=0)
 
 
 def _conv_loop(x, weight, bias, stride, padding, dilation, groups):

@@ -248,3 +248,16 @@ def test_invalid_dyconv_ratio():
     for ratio in (0, -0.5):
         with pytest.raises(ValueError, match='ratio'):
             DyConv2d(8, 8, 3, ratio=ratio)
+
+
+@pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
+@pytest.mark.parametrize('bias', [True, False])
+def test_streamed_inference_path_matches_reference(cls, bias):
+    """Deep-layer CPU inference builds one sample's kernel at a time."""
+    from mmdyn.ops.per_sample_conv import streams_per_sample
+    layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
+    x = torch.randn(3, 16, 4, 5)
+    with torch.no_grad():
+        assert streams_per_sample(x, layer.weight[0].numel(), 24, (4, 5))
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)

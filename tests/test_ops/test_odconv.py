@@ -375,3 +375,25 @@ def test_traced_graph_does_not_bake_the_batch_size(name):
         x = torch.randn(5, layer.in_channels, 9, 10)
         torch.testing.assert_close(traced(x), reference_forward(layer, x),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num', [1, 4])
+@pytest.mark.parametrize('bias', [True, False])
+def test_streamed_inference_path_matches_reference(num, bias):
+    """Deep-layer CPU inference builds one sample's kernel at a time."""
+    from mmdyn.ops.per_sample_conv import streams_per_sample
+    layer = randomise(ODConv2d(16, 24, 3, stride=2, padding=1, bias=bias,
+                               kernel_num=num))
+    layer.use_scaled_columns = lambda input_hw: False
+    x = torch.randn(3, 16, 5, 6)
+    with torch.no_grad():
+        assert streams_per_sample(x, layer.weight[0].numel(), 24,
+                                  layer.output_hw(5, 6))
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+    # Not with autograd, not for one sample, not for an explicit impl.
+    assert not streams_per_sample(x, layer.weight[0].numel(), 24, (3, 3))
+    with torch.no_grad():
+        assert not streams_per_sample(x[:1], 10**6, 24, (3, 3))
+        assert not streams_per_sample(x, 10**6, 24, (3, 3), impl='loop')
+        assert not streams_per_sample(x, 100, 24, (3, 3))
