@@ -185,10 +185,47 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             return torch.softmax(logits, dim=1)
         return torch.sigmoid(logits)
 
+    def conv_then_mix(self, x: torch.Tensor) -> bool:
+        """Whether to convolve with all ``K`` kernels and mix the outputs.
+
+        ``sum_k pi_k conv(x, W_k)`` equals ``conv(x, sum_k pi_k W_k)``; it
+        costs ``K`` static convs of the batch but no per-sample kernel. On
+        CPU with autograd, the per-sample kernels (and their gradients) of
+        layers on small maps cost far more than their convolutions (a
+        DyConv ResNet-18 step at batch 32, 64 px: mostly kernel copies and
+        page faults), so those layers take this path: ``impl='auto'``, a
+        graph with gradients, and ``(K - 1) * H_out * W_out <= 96``.
+        """
+        if self.impl != 'auto' or x.device.type != 'cpu' or \
+                not torch.is_grad_enabled():
+            return False
+        h_out, w_out = self.output_hw(*x.shape[-2:])
+        return (self.kernel_num - 1) * h_out * w_out <= 96
+
+    def _conv_then_mix(self, x: torch.Tensor,
+                       pi: torch.Tensor) -> torch.Tensor:
+        groups, num = self.groups, self.kernel_num
+        c_out_g = self.out_channels // groups
+        # Group-major output channels (group, kernel, channel) so that each
+        # group of the stacked conv sees its own input channels.
+        bank = self.weight.reshape(num, groups, c_out_g,
+                                   *self.weight.shape[2:]).transpose(0, 1)
+        out = F.conv2d(x, bank.reshape(-1, *self.weight.shape[2:]), None,
+                       self.stride, self.padding, self.dilation, groups)
+        h_out, w_out = out.shape[-2:]
+        out = out.view(-1, groups, num, c_out_g, h_out * w_out)
+        out = torch.einsum('bgkcp,bk->bgcp', out, pi.to(out.dtype))
+        return out.reshape(-1, self.out_channels, h_out, w_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         pi = self.routing_weights(x).to(self.weight.dtype)
         bias = pi @ self.bias if self.bias is not None else None
+        if self.conv_then_mix(x):
+            out = self._conv_then_mix(x, pi)
+            if bias is not None:
+                out = out + bias[:, :, None, None].to(out.dtype)
+            return out
         bank = self.weight.flatten(1)
         if streams_per_sample(x, bank.shape[1], self.out_channels,
                               self.output_hw(*x.shape[-2:]), self.impl):

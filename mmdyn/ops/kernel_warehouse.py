@@ -413,6 +413,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         self.check_input(x)
         self._check_finalized()
         attention = self._attention_weights(x.mean(dim=(2, 3)))
+        if self.uses_position_major(x):
+            return self._position_major_conv(x, attention)
         if streams_per_sample(x, _prod(self.weight_shape), self.out_channels,
                               self.output_hw(*x.shape[-2:]), self.impl):
             out = streamed_per_sample_conv2d(
@@ -430,6 +432,70 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         return per_sample_conv2d(x, kernel, self.bias, self.stride,
                                  self.padding, self.dilation, self.groups,
                                  impl=self.impl)
+
+    def uses_position_major(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` convolves straight from the mixtures.
+
+        For ``impl='auto'``, ``groups == 1``, on CPU, when one sample's
+        kernel is larger than its input and output maps together (deep
+        layers; every layer of a small-input network). See
+        :meth:`_position_major_conv`.
+        """
+        if self.impl != 'auto' or self.groups != 1 or \
+                x.device.type != 'cpu' or torch.jit.is_tracing() or \
+                torch.onnx.is_in_onnx_export():
+            return False
+        h_out, w_out = self.output_hw(*x.shape[-2:])
+        features = (self.in_channels * x.shape[-2] * x.shape[-1] +
+                    self.out_channels * h_out * w_out)
+        return _prod(self.weight_shape) > features
+
+    def _position_major_conv(self, x: torch.Tensor,
+                             attention: torch.Tensor) -> torch.Tensor:
+        """The conv from the mixtures without building the kernel layout.
+
+        The mixtures come out of the cell matmul position-major, [B, kh*kw,
+        C_out, C_in] (a copy only to bring the input blocks next to each
+        other when a mixture spans part of C_in), so instead of permuting
+        them into [B, C_out, C_in, kh, kw] (a stride-``kh*kw`` transposition
+        of the largest tensor of the layer, and again in the backward) the
+        conv is ``sum_p mixtures[:, p] @ columns[:, :, p]`` over the im2col
+        columns of the input, kernel position by kernel position. Same
+        result as the per-sample conv with :meth:`assemble_kernel`.
+        """
+        cells = self.warehouse_manager.weights[self.warehouse_id]
+        cells = cells.reshape(cells.shape[0], -1)
+        if not torch.is_autocast_enabled(x.device.type):
+            attention = attention.to(cells.dtype)
+        mixtures = torch.matmul(attention, cells)  # [B, m, c_o * c_i]
+        g_s, g_o, g_i, c_o, c_i = self._kw_layout
+        mixtures = mixtures.reshape(-1, g_s, g_o, g_i, c_o, c_i)
+        if g_i > 1:
+            mixtures = mixtures.transpose(3, 4)
+        mixtures = mixtures.reshape(-1, g_s, self.out_channels,
+                                    self.in_channels)
+        h_out, w_out = self.output_hw(*x.shape[-2:])
+        if g_s == 1:  # 1x1: strided input, one batched matmul
+            if self.padding != (0, 0):
+                x = torch.nn.functional.pad(
+                    x, (self.padding[1], ) * 2 + (self.padding[0], ) * 2)
+            if self.stride != (1, 1):
+                x = x[:, :, ::self.stride[0], ::self.stride[1]]
+            columns = [x.reshape(x.shape[0], self.in_channels, -1)]
+        else:
+            columns = torch.nn.functional.unfold(
+                x, self.kernel_size, self.dilation, self.padding,
+                self.stride).view(x.shape[0], self.in_channels, g_s, -1)
+            columns = columns.unbind(2)
+        parts = mixtures.to(x.dtype).unbind(1) if not \
+            torch.is_autocast_enabled(x.device.type) else mixtures.unbind(1)
+        out = torch.bmm(parts[0], columns[0])
+        for part, column in zip(parts[1:], columns[1:]):
+            out = torch.baddbmm(out, part, column)
+        out = out.view(-1, self.out_channels, h_out, w_out)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
+        return out
 
     @property
     def _is_pointwise(self) -> bool:

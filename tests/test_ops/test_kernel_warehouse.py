@@ -414,3 +414,41 @@ def test_streamed_inference_path_matches_reference(kernel_size):
         assert streams_per_sample(x, 32 * 16 * kernel_size**2, 32, (2, 1))
         torch.testing.assert_close(
             layer(x), _reference_conv(layer, x, 0.0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel_size,stride,padding,dilation', [
+    (3, 1, 1, 1), (3, 2, 2, 2), ((3, 1), 1, (1, 0), 1), (1, 2, 1, 1),
+    (1, 1, 0, 1)])
+@pytest.mark.parametrize('inplane', [1, 0.5])
+def test_position_major_path_matches_reference(kernel_size, stride, padding,
+                                               dilation, inplane):
+    """Deep CPU layers convolve from the position-major mixtures; forward
+    and backward against the naive reference, mixtures spanning all or
+    half of the input channels."""
+    net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
+                 dict(stride=stride, padding=padding, dilation=dilation,
+                      bias=True))],
+               cell_num_ratio=1, cell_inplane_ratio=inplane,
+               cell_outplane_ratio=0.5).double().train()
+    layer = net.layers[0]
+    _set_tau(net, 0.4)
+    with torch.no_grad():
+        for p in layer.attention.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        layer.bias.normal_()
+    hw = (2, 3) if kernel_size == 1 else (5, 4)
+    x = torch.randn(3, 16, *hw, dtype=torch.float64, requires_grad=True)
+    assert layer.uses_position_major(x)
+    out = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = _reference_conv(layer, x_ref, 0.4)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(out)
+    cells = layer.warehouse_manager.weights[layer.warehouse_id]
+    params = [cells, layer.attention.fc1.weight, layer.bias]
+    got = torch.autograd.grad(out, [x] + params, grad)
+    want = torch.autograd.grad(ref, [x_ref] + params, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    layer.impl = 'loop'
+    assert not layer.uses_position_major(x)
