@@ -142,3 +142,27 @@ def test_invalid_channels_name_the_argument(cls):
         cls(10, 10, 3, padding=1, groups=4)
     with pytest.raises(ValueError, match='in_channels'):
         cls(16, 16, 3, padding=1)(torch.randn(1, 8, 9, 9))
+
+
+@pytest.mark.parametrize('cls', LAYERS, ids=IDS)
+@pytest.mark.parametrize('hw', [(3, 4), (12, 13)], ids=['deep', 'shallow'])
+@pytest.mark.parametrize('grad', [False, True], ids=['infer', 'train'])
+def test_cpu_bf16_autocast_every_path(cls, hw, grad):
+    """Finite and close to fp32 under CPU bf16 autocast on every CPU path
+    (small maps: streamed / position-major inference, conv-then-mix and
+    position-major training; larger maps: the batched paths)."""
+    torch.manual_seed(0)
+    layer = cls(16, 16, 3, padding=1, bias=True).eval()
+    x = torch.randn(4, 16, *hw)
+    with torch.no_grad():
+        ref = layer(x)
+    with torch.set_grad_enabled(grad), torch.autocast(
+            'cpu', dtype=torch.bfloat16):
+        x_in = x.clone().requires_grad_(grad)
+        out = layer(x_in)
+        assert torch.isfinite(out).all()
+        if grad:
+            out.float().square().mean().backward()
+            assert torch.isfinite(x_in.grad).all()
+    scale = ref.abs().max().clamp(min=1e-3)
+    assert (out.float() - ref).abs().max() / scale < 0.05
