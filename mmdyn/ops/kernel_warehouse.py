@@ -343,15 +343,18 @@ class _KWLayerMixin(TemperatureMixin):
             Tensor: [B, *weight_shape]; mixture ``(s * G_o + o) * G_i + c``
             fills output block o, input block c, spatial position s.
         """
+        kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
+        return kernel.reshape(-1, *self.weight_shape)
+
+    def mix_cells(self, attention: torch.Tensor) -> torch.Tensor:
+        """The mixtures ``attention @ cells``, [B, g_s, g_o, g_i, c_o, c_i]
+        (kernel position, output block, input block, then the cell)."""
         cells = self.warehouse_manager.weights[self.warehouse_id]
         cells = cells.reshape(cells.shape[0], -1)
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
         mixtures = torch.matmul(attention, cells)  # [B, m, c_o * c_i]
-        g_s, g_o, g_i, c_o, c_i = self._kw_layout
-        mixtures = mixtures.reshape(-1, g_s, g_o, g_i, c_o, c_i)
-        kernel = mixtures.permute(0, 2, 4, 3, 5, 1)
-        return kernel.reshape(-1, *self.weight_shape)
+        return mixtures.reshape(-1, *self._kw_layout)
 
     def _agg_madds(self) -> int:
         return _prod(self.weight_shape) * self.num_cells
@@ -463,13 +466,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         columns of the input, kernel position by kernel position. Same
         result as the per-sample conv with :meth:`assemble_kernel`.
         """
-        cells = self.warehouse_manager.weights[self.warehouse_id]
-        cells = cells.reshape(cells.shape[0], -1)
-        if not torch.is_autocast_enabled(x.device.type):
-            attention = attention.to(cells.dtype)
-        mixtures = torch.matmul(attention, cells)  # [B, m, c_o * c_i]
-        g_s, g_o, g_i, c_o, c_i = self._kw_layout
-        mixtures = mixtures.reshape(-1, g_s, g_o, g_i, c_o, c_i)
+        mixtures = self.mix_cells(attention)
+        g_s, g_i = self._kw_layout[0], self._kw_layout[2]
         if g_i > 1:
             mixtures = mixtures.transpose(3, 4)
         mixtures = mixtures.reshape(-1, g_s, self.out_channels,
