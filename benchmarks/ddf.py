@@ -198,6 +198,8 @@ def main():
         '--out',
         default=osp.join(osp.dirname(osp.abspath(__file__)), 'ddf.md'))
     args = parser.parse_args()
+    from mmdyn.engine.malloc import tune_malloc
+    malloc = 'tuned' if tune_malloc() else 'default'
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.threads == 1:
@@ -210,7 +212,7 @@ def main():
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
               f'thread(s), {clock}, {_cpu_name()} ({os.cpu_count()} CPUs, '
               f'load average {load} at the end), {args.rounds} interleaved '
-              'rounds, float32')
+              f'rounds, float32, {malloc} malloc (mmdyn.engine.malloc)')
     print(header)
     print(table)
     notes = (

@@ -182,6 +182,7 @@ def conditions(args) -> str:
     return (f'{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; {cpu}, '
             f'{os.cpu_count()} cores, torch {torch.__version__}, '
             f'{args.threads} threads, {args.clock} clock, '
+            f'{args.malloc} malloc (mmdyn.engine.malloc), '
             f'{args.repeat} interleaved repeats '
             f'(median) after {args.warmup} warm-up; load average before the '
             f'run: {load}')
@@ -219,6 +220,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    from mmdyn.engine.malloc import tune_malloc
+    args.malloc = 'tuned' if tune_malloc() else 'default'
     cond = conditions(args)
     print(cond)
     table = run(args)

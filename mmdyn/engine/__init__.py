@@ -11,6 +11,7 @@ from .amp import CPUAmpOptimWrapper  # noqa: E402
 from .checkpoint import (CheckpointLoadError, CheckpointShapeCheckHook,  # noqa: E402,E501
                          register_local_loader)
 from .hooks import *  # noqa: F401,F403,E402
+from .malloc import tune_malloc  # noqa: E402
 from .sanity import EmptyDatasetCheckHook  # noqa: E402
 
 register_local_loader()

@@ -13,6 +13,8 @@ from mmengine.runner import Runner
 
 from mmdyn.datasets import ensure_demo_data
 
+from .malloc import MALLOC_TUNING_ENV, tune_malloc
+
 __all__ = [
     'load_config', 'configure_cpu_distributed', 'infer_default_scope', 'enable_amp', 'set_resume',
     'add_checkpoint_check', 'build_runner'
@@ -138,9 +140,17 @@ def add_checkpoint_check(cfg):
 
 
 def build_runner(cfg):
-    """Generate missing demo data, then build the config's runner."""
+    """Tune ``malloc`` (see :mod:`mmdyn.engine.malloc`), generate missing
+    demo data, then build the config's runner."""
+    malloc_tuned = tune_malloc()
     ensure_demo_data(cfg)
     add_checkpoint_check(cfg)
     if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    runner.logger.info(
+        'glibc malloc tuned to reuse freed memory (%s=0 to disable)' %
+        MALLOC_TUNING_ENV if malloc_tuned else
+        'malloc left at its defaults')
+    return runner

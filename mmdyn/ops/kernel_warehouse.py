@@ -421,7 +421,7 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         if streams_per_sample(x, _prod(self.weight_shape), self.out_channels,
                               self.output_hw(*x.shape[-2:]), self.impl):
             out = streamed_per_sample_conv2d(
-                x, lambda b: self.assemble_kernel(attention[b:b + 1]).to(
+                x, lambda b, _: self.assemble_kernel(attention[b:b + 1]).to(
                     x.dtype), self.stride, self.padding, self.dilation,
                 self.groups)
             if self.bias is not None:

@@ -331,10 +331,38 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             weight = weight.mul_(scale) if fresh else weight * scale
         return weight.view(-1, *bank.shape[1:])
 
-    def _sample_weight(self, spatial, kernel, b: int) -> torch.Tensor:
-        """Sample ``b``'s kernel (spatial and kernel attentions only)."""
+    def _sample_weight(self, spatial, kernel, b: int,
+                       buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sample ``b``'s kernel (spatial and kernel attentions only),
+        [1, C_out, C_in/g, kh, kw].
+
+        Written into ``buffer`` (the previous sample's kernel, see
+        :func:`~mmdyn.ops.per_sample_conv.streamed_per_sample_conv2d`) when
+        it has the weight's dtype: the same products as
+        :func:`_mix_kernels`, with ``out=``.
+        """
         pick = (lambda a: None if a is None else a[b:b + 1])
-        return self.aggregate_weight(pick(spatial), pick(kernel))
+        bank = self.weight.flatten(1)
+        if buffer is None or buffer.dtype != bank.dtype:
+            return self.aggregate_weight(pick(spatial), pick(kernel))
+        out = buffer.view(1, -1)
+        with torch.autocast(bank.device.type, enabled=False):
+            if spatial is None:
+                return torch.matmul(
+                    kernel[b:b + 1].to(bank.dtype), bank,
+                    out=out).view_as(buffer)
+            positions = spatial.shape[1]
+            repeat, rows = _repeat_positions(bank.shape[1] // positions)
+            scale = spatial[b:b + 1].to(bank.dtype).repeat(1, repeat)
+            scale = scale.unsqueeze(1)
+            out = out.view(1, rows, positions * repeat)
+            if kernel is None:
+                torch.mul(bank.view(out.shape), scale, out=out)
+            else:
+                torch.matmul(kernel[b:b + 1].to(bank.dtype), bank,
+                             out=out.view(1, -1))
+                out.mul_(scale)
+        return buffer
 
     def _channel_scale(self, channel, filt, c_out, c_in_g):
         """[B, C_out, C_in/g] product of the channel and filter attentions
@@ -416,7 +444,8 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                                    self.output_hw(*x.shape[-2:]), self.impl):
             out = streamed_per_sample_conv2d(
                 x * channel[:, :, None, None],
-                lambda b: self._sample_weight(spatial, kernel, b),
+                lambda b, buffer: self._sample_weight(spatial, kernel, b,
+                                                      buffer),
                 self.stride, self.padding, self.dilation, self.groups)
         else:
             weight = self.aggregate_weight(spatial, kernel)

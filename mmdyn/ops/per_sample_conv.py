@@ -94,7 +94,8 @@ def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
     output maps (ResNet stage 3 and 4 shapes). Measured on this project's
     2-core CPU at batch 8, 1 thread (benchmarks/README.md): ODConv 4x at
     256 -> 256, 14x14: 2.25x -> 1.61x of ``nn.Conv2d`` (DyConv 2.14x ->
-    1.47x); 512 -> 512, 7x7: 5.6x -> 2.6x; at 128 -> 128, 28x28 the batched
+    1.47x), and 1.46x (DyConv 1.32x) once the samples share one kernel
+    buffer (quiet machine); 512 -> 512, 7x7: 5.6x -> 2.6x; at 128 -> 128, 28x28 the batched
     grouped conv stays faster (1.12x vs 1.40x).
     """
     if impl != 'auto' or x.device.type != 'cpu' or x.shape[0] == 1:
@@ -106,27 +107,34 @@ def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
     return kernel_numel > 2 * features
 
 
-def streamed_per_sample_conv2d(x: torch.Tensor,
-                               kernel_fn: Callable[[int], torch.Tensor],
-                               stride: Tuple[int, int] = (1, 1),
-                               padding: Tuple[int, int] = (0, 0),
-                               dilation: Tuple[int, int] = (1, 1),
-                               groups: int = 1) -> torch.Tensor:
-    """``conv(x[b], kernel_fn(b))`` for each sample ``b``, one at a time.
+def streamed_per_sample_conv2d(
+        x: torch.Tensor,
+        kernel_fn: Callable[[int, Optional[torch.Tensor]], torch.Tensor],
+        stride: Tuple[int, int] = (1, 1),
+        padding: Tuple[int, int] = (0, 0),
+        dilation: Tuple[int, int] = (1, 1),
+        groups: int = 1) -> torch.Tensor:
+    """``conv(x[b], kernel_fn(b, buffer))`` for each sample ``b``, one at a
+    time.
 
-    ``kernel_fn(b)`` returns sample ``b``'s kernel [C_out, C_in/g, kh, kw]
-    (or [1, C_out, ...]); it is used at once and freed before the next one
-    is built, so the kernel stays in cache and its memory is reused. No
-    bias: callers add theirs. Same result as :func:`per_sample_conv2d` with
-    the stacked kernels.
+    ``kernel_fn(b, buffer)`` returns sample ``b``'s kernel [C_out, C_in/g,
+    kh, kw] (or [1, C_out, ...]). ``buffer`` is None for the first sample
+    and then the kernel returned for the previous one: a ``kernel_fn`` that
+    writes into it (``out=``) reuses one kernel-sized block of memory for
+    the whole batch. That matters on CPU: a fresh multi-MB tensor per
+    sample is paid in page faults (8 samples of a 256 -> 256 3x3 kernel,
+    14x14, 1 thread: 35.5 ms with a fresh kernel per sample, 21.1 ms
+    written into one buffer, 17.5 ms for a fixed kernel). No bias: callers
+    add theirs. Same result as :func:`per_sample_conv2d` with the stacked
+    kernels.
     """
     outs = []
+    kernel = None
     for b, xb in enumerate(x.split(1, dim=0)):
-        kernel = kernel_fn(b)
-        if kernel.dim() == 5:
-            kernel = kernel[0]
-        outs.append(F.conv2d(xb, kernel, None, stride, padding, dilation,
-                             groups))
+        kernel = kernel_fn(b, kernel)
+        outs.append(
+            F.conv2d(xb, kernel[0] if kernel.dim() == 5 else kernel, None,
+                     stride, padding, dilation, groups))
     return torch.cat(outs, dim=0)
 
 

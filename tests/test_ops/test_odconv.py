@@ -377,6 +377,19 @@ def test_traced_graph_does_not_bake_the_batch_size(name):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('bias', [True, False])
+def test_streamed_pointwise_inference_matches_reference(bias):
+    """A 1x1 ODConv with K kernels (no spatial attention) streams too, each
+    sample's kernel written into the previous one's buffer."""
+    from mmdyn.ops.per_sample_conv import streams_per_sample
+    layer = randomise(ODConv2d(16, 24, 1, bias=bias, kernel_num=4))
+    x = torch.randn(4, 16, 1, 2)
+    with torch.no_grad():
+        assert streams_per_sample(x, layer.weight[0].numel(), 24, (1, 2))
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
 def test_streamed_inference_path_matches_reference(num, bias):

@@ -61,6 +61,8 @@ def main():
     import torch
 
     from mmdyn.analysis.benchmark import benchmark_configs, format_results
+    from mmdyn.engine.malloc import MALLOC_TUNING_ENV, tune_malloc
+    malloc_tuned = tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = None
@@ -82,7 +84,9 @@ def main():
         profile=args.profile)
     print(f'device {args.device}, torch threads {torch.get_num_threads()}, '
           f'amp {args.amp}, {args.repeat} timed rounds after {args.warmup} '
-          'warm-up rounds')
+          'warm-up rounds, malloc ' +
+          ('tuned' if malloc_tuned else f'defaults ({MALLOC_TUNING_ENV}=0 or '
+           'not glibc)'))
     print(format_results(results, args.device))
 
 
