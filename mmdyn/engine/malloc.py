@@ -8,9 +8,9 @@ gradients, per-sample kernels) over and over, so each of them is paid in
 page faults again; on this project's CPU a page fault costs about 3 us (a
 fresh 67 MB tensor takes 53 ms to fill, 5 ms when its memory is reused).
 Dynamic convolutions allocate more such temporaries than a static network
-and suffer most: ODConv-1x ResNet-50 training step at batch 8, 1 thread,
-1.41x the static ResNet-50 with the default settings and 1.14x with these
-(benchmarks/models.md).
+and suffer most: ODConv-1x ResNet-50 training step at batch 8, 1.52x the
+static ResNet-50 with the default settings and 1.24x with these at 1
+thread, 1.64x and 1.32x at 2 threads (benchmarks/models.md).
 
 :func:`tune_malloc` keeps blocks up to 32 MiB (glibc's largest accepted
 mmap threshold) in the heap and stops trimming it, the same effect as the
