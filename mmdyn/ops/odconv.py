@@ -51,6 +51,31 @@ def _repeat_positions(rows: int) -> Tuple[int, int]:
     return repeat, rows // repeat
 
 
+def _mix_kernels_forward(kernel: Optional[torch.Tensor], bank: torch.Tensor,
+                         spatial: torch.Tensor,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P],
+    written into ``out`` when given; ``kernel`` None means one kernel with
+    attention 1. No autograd: the forward of :class:`_MixKernels` and the
+    streamed per-sample kernels."""
+    batch, positions = spatial.shape
+    repeat, rows = _repeat_positions(bank.shape[1] // positions)
+    scale = spatial.repeat(1, repeat).unsqueeze(1)
+    if out is None:
+        out = bank.new_empty(batch, bank.shape[1])
+    mixed = out.view(batch, rows, positions * repeat)
+    if kernel is None or kernel.shape[1] == 1:
+        # One kernel: a broadcast product, one pass over the output
+        # (a [B, 1] x [1, N] matmul is an outer product MKL runs slowly).
+        if kernel is not None:
+            scale = scale * kernel.view(-1, 1, 1)
+        torch.mul(bank.view(1, rows, positions * repeat), scale, out=mixed)
+    else:
+        torch.matmul(kernel, bank, out=out)
+        mixed.mul_(scale)
+    return out
+
+
 class _MixKernels(torch.autograd.Function):
     """``(kernel @ bank) * spatial`` with a memory-lean backward.
 
@@ -63,19 +88,8 @@ class _MixKernels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel, bank, spatial):
-        positions = spatial.shape[1]
-        repeat, rows = _repeat_positions(bank.shape[1] // positions)
-        scale = spatial.repeat(1, repeat).unsqueeze(1)
-        if kernel.shape[1] == 1:
-            # One kernel: a broadcast product, one pass over the output
-            # (a [B, 1] x [1, N] matmul is an outer product MKL runs slowly).
-            out = bank.view(1, rows, positions * repeat) * (
-                scale * kernel.view(-1, 1, 1))
-        else:
-            out = (kernel @ bank).view(-1, rows,
-                                       positions * repeat).mul_(scale)
         ctx.save_for_backward(kernel, bank, spatial)
-        return out.view(kernel.shape[0], -1)
+        return _mix_kernels_forward(kernel, bank, spatial)
 
     @staticmethod
     def backward(ctx, grad):
@@ -345,23 +359,14 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         bank = self.weight.flatten(1)
         if buffer is None or buffer.dtype != bank.dtype:
             return self.aggregate_weight(pick(spatial), pick(kernel))
+        kernel = None if kernel is None else pick(kernel).to(bank.dtype)
         out = buffer.view(1, -1)
         with torch.autocast(bank.device.type, enabled=False):
             if spatial is None:
-                return torch.matmul(
-                    kernel[b:b + 1].to(bank.dtype), bank,
-                    out=out).view_as(buffer)
-            positions = spatial.shape[1]
-            repeat, rows = _repeat_positions(bank.shape[1] // positions)
-            scale = spatial[b:b + 1].to(bank.dtype).repeat(1, repeat)
-            scale = scale.unsqueeze(1)
-            out = out.view(1, rows, positions * repeat)
-            if kernel is None:
-                torch.mul(bank.view(out.shape), scale, out=out)
+                torch.matmul(kernel, bank, out=out)
             else:
-                torch.matmul(kernel[b:b + 1].to(bank.dtype), bank,
-                             out=out.view(1, -1))
-                out.mul_(scale)
+                _mix_kernels_forward(kernel, bank,
+                                     pick(spatial).to(bank.dtype), out)
         return buffer
 
     def _channel_scale(self, channel, filt, c_out, c_in_g):

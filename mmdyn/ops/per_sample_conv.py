@@ -95,8 +95,8 @@ def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
     2-core CPU at batch 8, 1 thread (benchmarks/README.md): ODConv 4x at
     256 -> 256, 14x14: 2.25x -> 1.61x of ``nn.Conv2d`` (DyConv 2.14x ->
     1.47x), then 1-12 % less once the samples share one kernel buffer
-    (four A/B runs); 512 -> 512, 7x7: 5.6x -> 2.6x; at 128 -> 128, 28x28 the batched
-    grouped conv stays faster (1.12x vs 1.40x).
+    (four A/B runs); 512 -> 512, 7x7: 5.6x -> 2.6x; at 128 -> 128, 28x28
+    the batched grouped conv stays faster (1.12x vs 1.40x).
     """
     if impl != 'auto' or x.device.type != 'cpu' or x.shape[0] == 1:
         return False
