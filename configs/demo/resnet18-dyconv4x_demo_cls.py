@@ -4,7 +4,7 @@
 # T = 1 the routing gradients of a from-scratch DyConv are 20-50x the
 # static ones (ResNet-18 stem grad norm 54-114 vs ~2): annealed over one
 # epoch, training stalled at chance (23.75 % top-1); annealed over the whole
-# run it reaches 55 % (static ResNet-18: 47.5 %), see README.md. The
+# run it reaches 55 % (static ResNet-18: 41.25 %), see README.md. The
 # ImageNet recipe anneals over 10 of 100 epochs, i.e. ~12k iterations.
 _base_ = './resnet18_demo_cls.py'
 
