@@ -36,8 +36,8 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import (per_sample_conv2d, streamed_per_sample_conv2d,
-                              streams_per_sample)
+from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
+                              uses_chunked_kernels)
 
 ROUTINGS = ('sigmoid', 'softmax')
 
@@ -217,18 +217,6 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         out = torch.einsum('bgkcp,bk->bgcp', out, pi.to(out.dtype))
         return out.reshape(-1, self.out_channels, h_out, w_out)
 
-    def _sample_weight(self, pi: torch.Tensor, bank: torch.Tensor, b: int,
-                       buffer: Optional[torch.Tensor]) -> torch.Tensor:
-        """Sample ``b``'s kernel ``pi[b] @ bank``, written into ``buffer``
-        (the previous sample's kernel, see
-        :func:`~mmdyn.ops.per_sample_conv.streamed_per_sample_conv2d`) when
-        it has the product's dtype."""
-        if buffer is None or buffer.dtype != bank.dtype or \
-                torch.is_autocast_enabled(bank.device.type):
-            return (pi[b] @ bank).view(self.weight.shape[1:])
-        return torch.matmul(pi[b].view(1, -1), bank,
-                            out=buffer.view(1, -1)).view_as(buffer)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         pi = self.routing_weights(x).to(self.weight.dtype)
@@ -239,11 +227,16 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
                 out = out + bias[:, :, None, None].to(out.dtype)
             return out
         bank = self.weight.flatten(1)
-        if streams_per_sample(x, bank.shape[1], self.out_channels,
-                              self.output_hw(*x.shape[-2:]), self.impl):
-            out = streamed_per_sample_conv2d(
-                x, lambda b, buffer: self._sample_weight(pi, bank, b, buffer),
-                self.stride, self.padding, self.dilation, self.groups)
+        if uses_chunked_kernels(x, bank.shape[1], self.out_channels,
+                                self.output_hw(*x.shape[-2:]), self.impl):
+
+            def kernels(start, stop, out):
+                with torch.autocast(x.device.type, enabled=False):
+                    return torch.matmul(pi[start:stop], bank, out=out)
+
+            out = chunked_per_sample_conv2d(
+                x, kernels, self.weight.shape[1:], bank.dtype, self.stride,
+                self.padding, self.dilation, self.groups)
             if bias is not None:
                 out += bias[:, :, None, None].to(out.dtype)
             return out

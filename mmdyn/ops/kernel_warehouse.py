@@ -46,9 +46,8 @@ from torch import nn
 
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, per_sample_conv2d,
-                              streamed_per_sample_conv2d,
-                              streams_per_sample)
+from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
+                              per_sample_conv2d, uses_chunked_kernels)
 
 Ratio = Union[float, Sequence[float]]
 
@@ -418,12 +417,14 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         attention = self._attention_weights(x.mean(dim=(2, 3)))
         if self.uses_position_major(x):
             return self._position_major_conv(x, attention)
-        if streams_per_sample(x, _prod(self.weight_shape), self.out_channels,
-                              self.output_hw(*x.shape[-2:]), self.impl):
-            out = streamed_per_sample_conv2d(
-                x, lambda b, _: self.assemble_kernel(attention[b:b + 1]).to(
-                    x.dtype), self.stride, self.padding, self.dilation,
-                self.groups)
+        if uses_chunked_kernels(x, _prod(self.weight_shape),
+                                self.out_channels,
+                                self.output_hw(*x.shape[-2:]), self.impl):
+            out = chunked_per_sample_conv2d(
+                x, lambda start, stop, _: self.assemble_kernel(
+                    attention[start:stop]).flatten(1).to(x.dtype),
+                self.weight_shape, None, self.stride, self.padding,
+                self.dilation, self.groups)
             if self.bias is not None:
                 out += self.bias.reshape(1, -1, 1, 1).to(out.dtype)
             return out

@@ -27,8 +27,8 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .per_sample_conv import (per_sample_conv2d, streamed_per_sample_conv2d,
-                              streams_per_sample)
+from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
+                              uses_chunked_kernels)
 
 
 def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -57,7 +57,7 @@ def _mix_kernels_forward(kernel: Optional[torch.Tensor], bank: torch.Tensor,
     """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P],
     written into ``out`` when given; ``kernel`` None means one kernel with
     attention 1. No autograd: the forward of :class:`_MixKernels` and the
-    streamed per-sample kernels."""
+    chunked per-sample kernels."""
     batch, positions = spatial.shape
     repeat, rows = _repeat_positions(bank.shape[1] // positions)
     scale = spatial.repeat(1, repeat).unsqueeze(1)
@@ -345,29 +345,20 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             weight = weight.mul_(scale) if fresh else weight * scale
         return weight.view(-1, *bank.shape[1:])
 
-    def _sample_weight(self, spatial, kernel, b: int,
-                       buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Sample ``b``'s kernel (spatial and kernel attentions only),
-        [1, C_out, C_in/g, kh, kw].
-
-        Written into ``buffer`` (the previous sample's kernel, see
-        :func:`~mmdyn.ops.per_sample_conv.streamed_per_sample_conv2d`) when
-        it has the weight's dtype: the same products as
-        :func:`_mix_kernels`, with ``out=``.
-        """
-        pick = (lambda a: None if a is None else a[b:b + 1])
+    def _mix_into(self, spatial, kernel, start: int, stop: int,
+                  out: torch.Tensor) -> torch.Tensor:
+        """Samples ``start:stop``'s kernels (spatial and kernel attentions
+        only) written into ``out`` [stop - start, numel(W)]: the products of
+        :func:`_mix_kernels` without autograd (see
+        :func:`~mmdyn.ops.per_sample_conv.chunked_per_sample_conv2d`)."""
+        dtype = self.weight.dtype
         bank = self.weight.flatten(1)
-        if buffer is None or buffer.dtype != bank.dtype:
-            return self.aggregate_weight(pick(spatial), pick(kernel))
-        kernel = None if kernel is None else pick(kernel).to(bank.dtype)
-        out = buffer.view(1, -1)
+        kernel = None if kernel is None else kernel[start:stop].to(dtype)
         with torch.autocast(bank.device.type, enabled=False):
             if spatial is None:
-                torch.matmul(kernel, bank, out=out)
-            else:
-                _mix_kernels_forward(kernel, bank,
-                                     pick(spatial).to(bank.dtype), out)
-        return buffer
+                return torch.matmul(kernel, bank, out=out)
+            return _mix_kernels_forward(kernel, bank,
+                                        spatial[start:stop].to(dtype), out)
 
     def _channel_scale(self, channel, filt, c_out, c_in_g):
         """[B, C_out, C_in/g] product of the channel and filter attentions
@@ -444,14 +435,16 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                                     self.groups, self.impl)
             return out
         elif (spatial is not None or kernel is not None) and \
-                streams_per_sample(x, self.weight[0].numel(),
-                                   self.out_channels,
-                                   self.output_hw(*x.shape[-2:]), self.impl):
-            out = streamed_per_sample_conv2d(
+                uses_chunked_kernels(x, self.weight[0].numel(),
+                                     self.out_channels,
+                                     self.output_hw(*x.shape[-2:]),
+                                     self.impl):
+            out = chunked_per_sample_conv2d(
                 x * channel[:, :, None, None],
-                lambda b, buffer: self._sample_weight(spatial, kernel, b,
-                                                      buffer),
-                self.stride, self.padding, self.dilation, self.groups)
+                lambda start, stop, buffer: self._mix_into(
+                    spatial, kernel, start, stop, buffer),
+                self.weight.shape[1:], self.weight.dtype, self.stride,
+                self.padding, self.dilation, self.groups)
         else:
             weight = self.aggregate_weight(spatial, kernel)
             x = x * channel[:, :, None, None]

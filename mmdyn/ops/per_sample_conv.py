@@ -11,14 +11,15 @@ This module holds the interchangeable implementations of that operation:
   batch size, so it is the path used for ONNX export.
 * ``'auto'``: picks one of the above for the device and shape.
 
-:func:`streamed_per_sample_conv2d` is the CPU inference path of deep
+:func:`chunked_per_sample_conv2d` is the CPU inference path of deep
 layers, whose per-sample kernels are much larger than their feature maps: it
-builds one sample's kernel and convolves at once, so that the ``[B,
-numel(W)]`` tensor of all kernels (tens of MB, page-faulted on every call and
-cache-cold by the time the conv reads it) never exists.
+builds the kernels into one workspace kept between calls, so that the ``[B,
+numel(W)]`` tensor of all kernels (tens of MB) is not a fresh allocation,
+page-faulted, on every call.
 
 torch only.
 """
+import threading
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -85,18 +86,17 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     return 'grouped'
 
 
-def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
-                       out_hw: Tuple[int, int], impl: str = 'auto') -> bool:
-    """Whether ``'auto'`` builds and applies the kernels one sample at a time.
+def uses_chunked_kernels(x: torch.Tensor, kernel_numel: int,
+                         out_channels: int, out_hw: Tuple[int, int],
+                         impl: str = 'auto') -> bool:
+    """Whether ``'auto'`` runs :func:`chunked_per_sample_conv2d`.
 
     True for CPU inference (no autograd graph) of a batch when one sample's
     kernel has more than twice the elements of that sample's input and
-    output maps (ResNet stage 3 and 4 shapes). Measured on this project's
-    2-core CPU at batch 8, 1 thread (benchmarks/README.md): ODConv 4x at
-    256 -> 256, 14x14: 2.25x -> 1.61x of ``nn.Conv2d`` (DyConv 2.14x ->
-    1.47x), then 1-12 % less once the samples share one kernel buffer
-    (four A/B runs); 512 -> 512, 7x7: 5.6x -> 2.6x; at 128 -> 128, 28x28
-    the batched grouped conv stays faster (1.12x vs 1.40x).
+    output maps (ResNet stage 3 and 4 shapes), where the per-sample kernels
+    cost more than the feature maps. At 128 -> 128, 28x28 the batched
+    grouped conv stays faster (1.12x vs 1.40x of ``nn.Conv2d``,
+    benchmarks/README.md).
     """
     if impl != 'auto' or x.device.type != 'cpu' or x.shape[0] == 1:
         return False
@@ -107,34 +107,85 @@ def streams_per_sample(x: torch.Tensor, kernel_numel: int, out_channels: int,
     return kernel_numel > 2 * features
 
 
-def streamed_per_sample_conv2d(
+#: Size of the per-thread block that :func:`chunked_per_sample_conv2d`
+#: builds kernels into; a batch whose kernels do not fit is done in chunks.
+KERNEL_WORKSPACE_BYTES = 64 * 2**20
+
+_workspaces = threading.local()
+
+
+def kernel_workspace(numel: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """A reused 1-D tensor of at least ``numel`` elements, one per thread,
+    dtype and device, grown on demand and kept between calls (see
+    :func:`release_kernel_workspaces`).
+
+    Why: a fresh tensor of a batch of deep-layer kernels (tens of MB) is,
+    with glibc's default thresholds, a new mmap paid in page faults on
+    every call. Kept, its pages stay mapped. Building the whole batch's
+    kernels at once, then convolving, also beats building one sample's
+    kernel per conv (ResNet-50 stage 3, batch 8, interleaved A/B,
+    benchmarks/README.md): DyConv K=4 1.52x -> 1.40x of ``nn.Conv2d`` at 1
+    thread, 1.77x -> 1.56x at 2 threads.
+    """
+    cache = getattr(_workspaces, 'blocks', None)
+    if cache is None:
+        cache = _workspaces.blocks = {}
+    key = (dtype, device)
+    block = cache.get(key)
+    if block is None or block.numel() < numel:
+        block = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return block[:numel]
+
+
+def release_kernel_workspaces() -> None:
+    """Free this thread's kernel workspaces."""
+    _workspaces.blocks = {}
+
+
+def chunked_per_sample_conv2d(
         x: torch.Tensor,
-        kernel_fn: Callable[[int, Optional[torch.Tensor]], torch.Tensor],
+        kernels_fn: Callable[[int, int, torch.Tensor], torch.Tensor],
+        kernel_shape: Tuple[int, ...],
+        dtype: Optional[torch.dtype],
         stride: Tuple[int, int] = (1, 1),
         padding: Tuple[int, int] = (0, 0),
         dilation: Tuple[int, int] = (1, 1),
         groups: int = 1) -> torch.Tensor:
-    """``conv(x[b], kernel_fn(b, buffer))`` for each sample ``b``, one at a
-    time.
+    """``conv(x[b], kernel_b)`` for each sample, the kernels built a chunk
+    of samples at a time into one reused workspace.
 
-    ``kernel_fn(b, buffer)`` returns sample ``b``'s kernel [C_out, C_in/g,
-    kh, kw] (or [1, C_out, ...]). ``buffer`` is None for the first sample
-    and then the kernel returned for the previous one: a ``kernel_fn`` that
-    writes into it (``out=``) reuses one kernel-sized block of memory for
-    the whole batch. That matters on CPU: a fresh multi-MB tensor per
-    sample is paid in page faults (8 samples of a 256 -> 256 3x3 kernel,
-    14x14, 1 thread: 35.5 ms with a fresh kernel per sample, 21.1 ms
-    written into one buffer, 17.5 ms for a fixed kernel). No bias: callers
-    add theirs. Same result as :func:`per_sample_conv2d` with the stacked
-    kernels.
+    ``kernels_fn(start, stop, out)`` returns the kernels of samples
+    ``start:stop`` as a [stop - start, numel] tensor; ``out`` is a
+    workspace slice of that shape and ``dtype`` that it may write them into
+    (``out=``) and return, or None when ``dtype`` is None (a ``kernels_fn``
+    that allocates its own). The chunk is the whole batch when its kernels
+    fit in :data:`KERNEL_WORKSPACE_BYTES`. Each sample is then one batch-1
+    ``F.conv2d`` (on this CPU faster than the batch-as-groups conv of the
+    same kernels). No bias: callers add theirs. Inference only (the
+    workspace is overwritten by the next call): callers use it under
+    :func:`uses_chunked_kernels`.
     """
+    batch = x.shape[0]
+    numel = 1
+    for size in kernel_shape:
+        numel *= int(size)
+    item = torch.empty((), dtype=dtype or x.dtype).element_size()
+    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (numel * item)))
+    workspace = None if dtype is None else kernel_workspace(
+        chunk * numel, dtype, x.device)
     outs = []
-    kernel = None
-    for b, xb in enumerate(x.split(1, dim=0)):
-        kernel = kernel_fn(b, kernel)
-        outs.append(
-            F.conv2d(xb, kernel[0] if kernel.dim() == 5 else kernel, None,
-                     stride, padding, dilation, groups))
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        out = None if workspace is None else workspace[:(stop - start) *
+                                                       numel].view(
+                                                           stop - start, numel)
+        kernels = kernels_fn(start, stop, out)
+        for xb, kernel in zip(x[start:stop].split(1, dim=0),
+                              kernels.unbind(0)):
+            outs.append(
+                F.conv2d(xb, kernel.view(kernel_shape), None, stride,
+                         padding, dilation, groups))
     return torch.cat(outs, dim=0)
 
 

@@ -149,7 +149,7 @@ def test_invalid_channels_name_the_argument(cls):
 @pytest.mark.parametrize('grad', [False, True], ids=['infer', 'train'])
 def test_cpu_bf16_autocast_every_path(cls, hw, grad):
     """Finite and close to fp32 under CPU bf16 autocast on every CPU path
-    (small maps: streamed / position-major inference, conv-then-mix and
+    (small maps: chunked / position-major inference, conv-then-mix and
     position-major training; larger maps: the batched paths)."""
     torch.manual_seed(0)
     layer = cls(16, 16, 3, padding=1, bias=True).eval()

@@ -252,13 +252,14 @@ def test_invalid_dyconv_ratio():
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_streamed_inference_path_matches_reference(cls, bias):
-    """Deep-layer CPU inference builds one sample's kernel at a time."""
-    from mmdyn.ops.per_sample_conv import streams_per_sample
+def test_chunked_inference_path_matches_reference(cls, bias):
+    """Deep-layer CPU inference builds the kernels into the reused
+    workspace, then one batch-1 conv per sample."""
+    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 4, 5)
     with torch.no_grad():
-        assert streams_per_sample(x, layer.weight[0].numel(), 24, (4, 5))
+        assert uses_chunked_kernels(x, layer.weight[0].numel(), 24, (4, 5))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
 

@@ -399,9 +399,10 @@ def test_errors():
 
 
 @pytest.mark.parametrize('kernel_size', [3, 1])
-def test_streamed_inference_path_matches_reference(kernel_size):
-    """Deep-layer CPU inference builds one sample's kernel at a time."""
-    from mmdyn.ops.per_sample_conv import streams_per_sample
+def test_chunked_inference_path_matches_reference(kernel_size):
+    """Deep-layer CPU inference builds the kernels into the reused
+    workspace, then one batch-1 conv per sample."""
+    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True))],
                cell_num_ratio=1, cell_inplane_ratio=0.5).double().eval()
@@ -411,7 +412,7 @@ def test_streamed_inference_path_matches_reference(kernel_size):
             p.add_(torch.randn_like(p) * 0.1)
         layer.bias.normal_()
         x = torch.randn(3, 16, 2, 1, dtype=torch.float64)
-        assert streams_per_sample(x, 32 * 16 * kernel_size**2, 32, (2, 1))
+        assert uses_chunked_kernels(x, 32 * 16 * kernel_size**2, 32, (2, 1))
         torch.testing.assert_close(
             layer(x), _reference_conv(layer, x, 0.0), rtol=1e-9, atol=1e-9)
 

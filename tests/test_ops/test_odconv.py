@@ -378,35 +378,36 @@ def test_traced_graph_does_not_bake_the_batch_size(name):
 
 
 @pytest.mark.parametrize('bias', [True, False])
-def test_streamed_pointwise_inference_matches_reference(bias):
-    """A 1x1 ODConv with K kernels (no spatial attention) streams too, each
-    sample's kernel written into the previous one's buffer."""
-    from mmdyn.ops.per_sample_conv import streams_per_sample
+def test_chunked_pointwise_inference_matches_reference(bias):
+    """A 1x1 ODConv with K kernels (no spatial attention) takes the chunked
+    path too, its kernels a plain mixture written into the workspace."""
+    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
     layer = randomise(ODConv2d(16, 24, 1, bias=bias, kernel_num=4))
     x = torch.randn(4, 16, 1, 2)
     with torch.no_grad():
-        assert streams_per_sample(x, layer.weight[0].numel(), 24, (1, 2))
+        assert uses_chunked_kernels(x, layer.weight[0].numel(), 24, (1, 2))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
-def test_streamed_inference_path_matches_reference(num, bias):
-    """Deep-layer CPU inference builds one sample's kernel at a time."""
-    from mmdyn.ops.per_sample_conv import streams_per_sample
+def test_chunked_inference_path_matches_reference(num, bias):
+    """Deep-layer CPU inference builds the kernels into the reused
+    workspace, then one batch-1 conv per sample."""
+    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
     layer = randomise(ODConv2d(16, 24, 3, stride=2, padding=1, bias=bias,
                                kernel_num=num))
     layer.use_scaled_columns = lambda input_hw: False
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
-        assert streams_per_sample(x, layer.weight[0].numel(), 24,
+        assert uses_chunked_kernels(x, layer.weight[0].numel(), 24,
                                   layer.output_hw(5, 6))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
     # Not with autograd, not for one sample, not for an explicit impl.
-    assert not streams_per_sample(x, layer.weight[0].numel(), 24, (3, 3))
+    assert not uses_chunked_kernels(x, layer.weight[0].numel(), 24, (3, 3))
     with torch.no_grad():
-        assert not streams_per_sample(x[:1], 10**6, 24, (3, 3))
-        assert not streams_per_sample(x, 10**6, 24, (3, 3), impl='loop')
-        assert not streams_per_sample(x, 100, 24, (3, 3))
+        assert not uses_chunked_kernels(x[:1], 10**6, 24, (3, 3))
+        assert not uses_chunked_kernels(x, 10**6, 24, (3, 3), impl='loop')
+        assert not uses_chunked_kernels(x, 100, 24, (3, 3))

@@ -139,3 +139,61 @@ def test_auto_uses_batch_independent_graph_when_tracing():
         direct_per_sample_conv(x2, w2, None, **kw),
         rtol=1e-4,
         atol=1e-4)
+
+
+@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('workspace_samples', [1, 2, 100])
+def test_chunked_conv_matches_direct_sum(case, workspace_samples,
+                                         monkeypatch):
+    """Kernels built chunk by chunk into the workspace (chunks of 1, of 2
+    with a shorter last chunk, and the whole batch) against the direct
+    convolution."""
+    from mmdyn.ops import per_sample_conv
+    x, weight, _, kw = make_case(case, bias_kind=None)
+    numel = weight[0].numel()
+    monkeypatch.setattr(per_sample_conv, 'KERNEL_WORKSPACE_BYTES',
+                        workspace_samples * numel * 4)
+    per_sample_conv.release_kernel_workspaces()
+    chunks = []
+
+    def kernels(start, stop, out):
+        chunks.append((start, stop))
+        assert out.shape == (stop - start, numel)
+        return torch.mul(weight[start:stop].flatten(1), 1.0, out=out)
+
+    out = per_sample_conv.chunked_per_sample_conv2d(
+        x, kernels, weight.shape[1:], torch.float32, **kw)
+    torch.testing.assert_close(
+        out, direct_per_sample_conv(x, weight, None, **kw), rtol=1e-4,
+        atol=1e-4)
+    size = min(workspace_samples, x.shape[0])
+    assert chunks == [(s, min(s + size, x.shape[0]))
+                      for s in range(0, x.shape[0], size)]
+
+
+def test_kernel_workspace_is_reused_per_thread_and_released():
+    import threading
+
+    from mmdyn.ops.per_sample_conv import (kernel_workspace,
+                                           release_kernel_workspaces)
+    release_kernel_workspaces()
+    first = kernel_workspace(100, torch.float32, torch.device('cpu'))
+    # Smaller requests share the block; a larger one grows it.
+    assert kernel_workspace(50, torch.float32,
+                            torch.device('cpu')).data_ptr() == \
+        first.data_ptr()
+    grown = kernel_workspace(1000, torch.float32, torch.device('cpu'))
+    assert grown.numel() == 1000
+    assert kernel_workspace(10, torch.float64,
+                            torch.device('cpu')).dtype == torch.float64
+    other = []
+    thread = threading.Thread(target=lambda: other.append(
+        kernel_workspace(1000, torch.float32, torch.device('cpu'))))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != grown.data_ptr()
+    import weakref
+    alive = weakref.ref(grown.untyped_storage())
+    del first, grown
+    release_kernel_workspaces()
+    assert alive() is None  # the block is freed
