@@ -149,8 +149,9 @@ def build_runner(cfg):
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
-    runner.logger.info(
-        'glibc malloc tuned to reuse freed memory (%s=0 to disable)' %
-        MALLOC_TUNING_ENV if malloc_tuned else
-        'malloc left at its defaults')
+    if malloc_tuned:
+        runner.logger.info('glibc malloc tuned to reuse freed memory '
+                           f'({MALLOC_TUNING_ENV}=0 to disable)')
+    else:
+        runner.logger.info('malloc left at its defaults')
     return runner

@@ -19,6 +19,7 @@ page-faulted, on every call.
 
 torch only.
 """
+import math
 import threading
 from typing import Callable, Optional, Tuple
 
@@ -167,19 +168,15 @@ def chunked_per_sample_conv2d(
     :func:`uses_chunked_kernels`.
     """
     batch = x.shape[0]
-    numel = 1
-    for size in kernel_shape:
-        numel *= int(size)
-    item = torch.empty((), dtype=dtype or x.dtype).element_size()
+    numel = math.prod(int(size) for size in kernel_shape)
+    item = (dtype or x.dtype).itemsize
     chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (numel * item)))
     workspace = None if dtype is None else kernel_workspace(
-        chunk * numel, dtype, x.device)
+        chunk * numel, dtype, x.device).view(chunk, numel)
     outs = []
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
-        out = None if workspace is None else workspace[:(stop - start) *
-                                                       numel].view(
-                                                           stop - start, numel)
+        out = None if workspace is None else workspace[:stop - start]
         kernels = kernels_fn(start, stop, out)
         for xb, kernel in zip(x[start:stop].split(1, dim=0),
                               kernels.unbind(0)):
