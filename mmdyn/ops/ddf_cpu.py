@@ -7,27 +7,17 @@ filter tap, about 9x a depthwise 3x3 conv on a 2-core CPU (see
 input and channel filter; backward for the spatial filter) do it in one pass
 each, without any k*k-times larger buffer.
 
-The C source has no PyTorch headers, so building it takes about a second with
-the system C compiler; it is called through ``ctypes`` on the tensors' data
-pointers. The shared object is cached under ``$MMDYN_CACHE_DIR`` (default
-``~/.cache/mmdyn``), keyed by the source, compiler flags and CPU model.
-Everything degrades gracefully: with no compiler, or with
-``MMDYN_DDF_CPU_KERNEL=0``, :func:`load` returns None and
+The C source is built and loaded by :class:`~mmdyn.ops.c_library.CLibrary`
+(cached under ``$MMDYN_CACHE_DIR``). Everything degrades gracefully: with no
+compiler, or with ``MMDYN_DDF_CPU_KERNEL=0``, :func:`load` returns None and
 :func:`mmdyn.ops.ddf.ddf` uses its pure-PyTorch tap loop.
 """
 import ctypes
-import hashlib
-import os
-import os.path as osp
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from typing import Optional
 
 import torch
+
+from .c_library import CLibrary, num_threads, ptr
 
 # One C body per dtype: the macro DDF_T is the element type, DDF_SUF the
 # function-name suffix. F() is the combined filter value for one tap.
@@ -400,45 +390,7 @@ _SOURCE = ('#include <stdlib.h>\n'
            '#define DDF_T float\n#define DDF_SUF _f32\n' + _KERNEL_BODY +
            '#undef DDF_T\n#undef DDF_SUF\n'
            '#define DDF_T double\n#define DDF_SUF _f64\n' + _KERNEL_BODY)
-_FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=c99']
 _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
-
-_lock = threading.Lock()
-_state = {'tried': False, 'lib': None}
-
-
-def _cpu_model() -> str:
-    """CPU name and instruction-set flags: a build with -march=native must
-    not be reused on a CPU that lacks some of its instructions."""
-    found = {}
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key = line.split(':', 1)[0].strip()
-                if key in ('model name', 'flags') and key not in found:
-                    found[key] = line
-    except OSError:
-        pass
-    return ''.join(found.values()) or platform.processor()
-
-
-def _build(path: str) -> None:
-    compiler = os.environ.get('CC') or shutil.which('gcc') or shutil.which(
-        'cc')
-    if compiler is None:
-        raise RuntimeError('no C compiler found (set CC)')
-    os.makedirs(osp.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=osp.dirname(path)) as tmp:
-        src = osp.join(tmp, 'ddf_cpu.c')
-        with open(src, 'w') as f:
-            f.write(_SOURCE)
-        out = osp.join(tmp, 'ddf_cpu.so')
-        subprocess.run([compiler, *_FLAGS, src, '-o', out],
-                       check=True,
-                       capture_output=True,
-                       timeout=120)
-        # Atomic: parallel test workers may build the same file.
-        os.replace(out, path)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -462,33 +414,14 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, name + suffix).restype = None
 
 
+_LIBRARY = CLibrary('ddf_cpu', _SOURCE, _declare, 'MMDYN_DDF_CPU_KERNEL',
+                    'using the slower PyTorch tap loop')
+
+
 def load() -> Optional[ctypes.CDLL]:
     """Return the compiled kernel library, building it once; None if not
     available (no compiler, build failure, or ``MMDYN_DDF_CPU_KERNEL=0``)."""
-    if _state['tried']:
-        return _state['lib']
-    with _lock:
-        if _state['tried']:
-            return _state['lib']
-        if os.environ.get('MMDYN_DDF_CPU_KERNEL', '1') == '0':
-            _state['tried'] = True
-            return None
-        key = hashlib.sha1(
-            (_SOURCE + ' '.join(_FLAGS) + _cpu_model()).encode()).hexdigest()
-        cache = os.environ.get('MMDYN_CACHE_DIR') or osp.join(
-            osp.expanduser('~'), '.cache', 'mmdyn')
-        path = osp.join(cache, f'ddf_cpu_{key[:16]}.so')
-        try:
-            if not osp.exists(path):
-                _build(path)
-            lib = ctypes.CDLL(path)
-            _declare(lib)
-            _state['lib'] = lib
-        except Exception as e:  # noqa: BLE001 - any failure means fallback
-            warnings.warn(f'mmdyn: fused DDF CPU kernel unavailable ({e}); '
-                          'using the slower PyTorch tap loop')
-        _state['tried'] = True
-        return _state['lib']
+    return _LIBRARY.load()
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -498,16 +431,6 @@ def supports(*tensors: torch.Tensor) -> bool:
     return (dtype in _SUFFIX
             and all(t.device.type == 'cpu' and t.dtype == dtype
                     for t in tensors))
-
-
-def _ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
-    # The caller must hold a reference to ``t`` until the C call returns.
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
-
-
-def _threads(work: int) -> int:
-    # Tiny problems are faster on one thread than waking the pool.
-    return max(1, min(torch.get_num_threads(), work // 4096 + 1))
 
 
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -534,23 +457,23 @@ def forward(lib,
     B, C, H, W = x.shape
     Ho, Wo = out_hw
     suffix = _SUFFIX[x.dtype]
-    threads = _threads(B * C * Ho * Wo * scale * scale)
+    threads = num_threads(B * C * Ho * Wo * scale * scale)
     if stride == 1:
         out = x.new_empty((B, C, H * scale, W * scale))
         pad = (kernel_size - 1) // 2 * dilation
         # Named, so that it stays alive during the call (ctypes only sees a
         # raw pointer).
         sfe = _pad_cols(sf, 2 * pad)
-        getattr(lib, 'ddf_forward_s1' + suffix)(_ptr(x), _ptr(cf), _ptr(sfe),
-                                                _ptr(out), B, C, H, W,
+        getattr(lib, 'ddf_forward_s1' + suffix)(ptr(x), ptr(cf), ptr(sfe),
+                                                ptr(out), B, C, H, W,
                                                 kernel_size, dilation, scale,
                                                 int(add), threads)
         return out
     if scale != 1:
         raise ValueError('scale > 1 needs stride 1')
     out = x.new_empty((B, C, Ho, Wo))
-    getattr(lib, 'ddf_forward' + suffix)(_ptr(x), _ptr(cf), _ptr(sf),
-                                         _ptr(out), B, C, H, W, Ho, Wo,
+    getattr(lib, 'ddf_forward' + suffix)(ptr(x), ptr(cf), ptr(sf),
+                                         ptr(out), B, C, H, W, Ho, Wo,
                                          kernel_size, dilation, stride,
                                          int(add), threads)
     return out
@@ -566,14 +489,14 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
     gx = torch.empty_like(x) if needs[0] else None
     gcf = torch.empty_like(cf) if needs[1] else None
     gsf = None
-    threads = _threads(B * C * Ho * Wo)
+    threads = num_threads(B * C * Ho * Wo)
     if stride == 1:
         pad = (kernel_size - 1) // 2 * dilation
         if needs[0] or needs[1]:
             sfe = _pad_cols(sf, 2 * pad)
             getattr(lib, 'ddf_backward_x_cf_s1' + suffix)(
-                _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(sfe), _ptr(gx),
-                _ptr(gcf), B, C, H, W, kernel_size, dilation, int(add),
+                ptr(grad_out), ptr(x), ptr(cf), ptr(sfe), ptr(gx),
+                ptr(gcf), B, C, H, W, kernel_size, dilation, int(add),
                 int(needs[0]), int(needs[1]), threads)
             del sfe
         if needs[2]:
@@ -583,19 +506,19 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
             blocks = -(-threads // B)
             goe = _pad_cols(grad_out, 2 * pad)
             getattr(lib, 'ddf_backward_sf_s1' + suffix)(
-                _ptr(goe), _ptr(xp), _ptr(cf),
-                _ptr(gsfe), B, C, H, W, kernel_size, dilation, int(add),
+                ptr(goe), ptr(xp), ptr(cf),
+                ptr(gsfe), B, C, H, W, kernel_size, dilation, int(add),
                 blocks, threads)
             gsf = gsfe[..., :W].contiguous()
         return gx, gcf, gsf
     gsf = torch.empty_like(sf) if needs[2] else None
     if needs[0] or needs[1]:
         getattr(lib, 'ddf_backward_x_cf' + suffix)(
-            _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(sf), _ptr(gx), _ptr(gcf),
+            ptr(grad_out), ptr(x), ptr(cf), ptr(sf), ptr(gx), ptr(gcf),
             B, C, H, W, Ho, Wo, kernel_size, dilation, stride, int(add),
             int(needs[0]), int(needs[1]), threads)
     if needs[2]:
         getattr(lib, 'ddf_backward_sf' + suffix)(
-            _ptr(grad_out), _ptr(x), _ptr(cf), _ptr(gsf), B, C, H, W, Ho, Wo,
+            ptr(grad_out), ptr(x), ptr(cf), ptr(gsf), B, C, H, W, Ho, Wo,
             kernel_size, dilation, stride, int(add), threads)
     return gx, gcf, gsf

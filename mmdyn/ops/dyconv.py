@@ -38,6 +38,7 @@ from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
 from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
                               uses_chunked_kernels)
+from .winograd import uses_winograd, winograd_per_sample_conv2d
 
 ROUTINGS = ('sigmoid', 'softmax')
 
@@ -225,6 +226,14 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             out = self._conv_then_mix(x, pi)
             if bias is not None:
                 out = out + bias[:, :, None, None].to(out.dtype)
+            return out
+        if uses_winograd(x, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups,
+                         self.impl):
+            out = winograd_per_sample_conv2d(x, self.weight, pi, None,
+                                             self.padding)
+            if bias is not None:
+                out += bias[:, :, None, None]
             return out
         bank = self.weight.flatten(1)
         if uses_chunked_kernels(x, bank.shape[1], self.out_channels,

@@ -29,6 +29,7 @@ from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_positive)
 from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
                               uses_chunked_kernels)
+from .winograd import uses_winograd, winograd_per_sample_conv2d
 
 
 def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -428,6 +429,12 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                            self.groups)
         elif self.use_scaled_columns(x.shape[-2:]):
             out = self._scaled_columns_conv(x, channel, spatial)
+        elif uses_winograd(x, self.out_channels, self.kernel_size,
+                           self.stride, self.padding, self.dilation,
+                           self.groups, self.impl):
+            out = winograd_per_sample_conv2d(
+                x * channel[:, :, None, None], self.weight, kernel, spatial,
+                self.padding)
         elif self.fold_attentions(x.shape[-2:]):
             weight = self.aggregate_weight(spatial, kernel, channel, filt)
             out = per_sample_conv2d(x, weight, self.bias, self.stride,

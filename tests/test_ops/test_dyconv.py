@@ -292,3 +292,37 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
         assert not layer.conv_then_mix(x)
     layer.impl = 'loop'
     assert not layer.conv_then_mix(x)
+
+
+@pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
+@pytest.mark.parametrize('bias', [True, False])
+def test_winograd_inference_path_matches_reference(monkeypatch, cls, bias):
+    """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the
+    routing weights (thresholds lowered so that a small layer takes it;
+    odd output size: cropped tiles)."""
+    from mmdyn.ops import dyconv, winograd
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
+    calls = []
+    real = dyconv.winograd_per_sample_conv2d
+    monkeypatch.setattr(dyconv, 'winograd_per_sample_conv2d',
+                        lambda *a: calls.append(1) or real(*a))
+    layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
+    x = torch.randn(3, 16, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert calls == [1]
+
+
+def test_winograd_at_resnet_stage3_size():
+    """The default thresholds send a ResNet-50 stage-3 layer (256 -> 256,
+    14x14) to the Winograd path; it matches the per-sample reference."""
+    from mmdyn.ops.winograd import uses_winograd
+    layer = randomise(DyConv2d(256, 256, 3, padding=1, bias=False))
+    x = torch.randn(2, 256, 14, 14)
+    with torch.no_grad():
+        assert uses_winograd(x, 256, layer.kernel_size, layer.stride,
+                             layer.padding, layer.dilation, layer.groups)
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)

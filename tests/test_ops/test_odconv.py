@@ -411,3 +411,40 @@ def test_chunked_inference_path_matches_reference(num, bias):
         assert not uses_chunked_kernels(x[:1], 10**6, 24, (3, 3))
         assert not uses_chunked_kernels(x, 10**6, 24, (3, 3), impl='loop')
         assert not uses_chunked_kernels(x, 100, 24, (3, 3))
+
+
+@pytest.mark.parametrize('num', [1, 4])
+@pytest.mark.parametrize('bias', [True, False])
+def test_winograd_inference_path_matches_reference(monkeypatch, num, bias):
+    """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) with the
+    spatial and kernel attentions folded into the transformed kernels
+    (thresholds lowered so that a small layer takes it; odd output size)."""
+    from mmdyn.ops import odconv, winograd
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
+    calls = []
+    real = odconv.winograd_per_sample_conv2d
+    monkeypatch.setattr(odconv, 'winograd_per_sample_conv2d',
+                        lambda *a: calls.append(1) or real(*a))
+    layer = randomise(ODConv2d(16, 24, 3, padding=1, bias=bias,
+                               kernel_num=num))
+    x = torch.randn(3, 16, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize('num', [1, 4])
+def test_winograd_at_resnet_stage3_size(num):
+    """The default thresholds send a ResNet-50 stage-3 layer (256 -> 256,
+    14x14) to the Winograd path; it matches the per-sample reference."""
+    from mmdyn.ops.winograd import uses_winograd
+    layer = randomise(ODConv2d(256, 256, 3, padding=1, bias=False,
+                               kernel_num=num))
+    x = torch.randn(2, 256, 14, 14)
+    with torch.no_grad():
+        assert uses_winograd(x, 256, layer.kernel_size, layer.stride,
+                             layer.padding, layer.dilation, layer.groups)
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,363 @@
+"""Winograd F(2x2, 3x3) convolution of each sample with its own 3x3 kernel.
+
+The CPU inference path of the mixture-of-kernels layers (DyConv, CondConv,
+ODConv) on deep 3x3 stride-1 layers. There, every sample has its own kernel
+and oneDNN's batch-1 convolutions cost 1.1-1.5x one batch conv of the same
+shape (benchmarks/README.md); no batched oneDNN primitive takes per-sample
+kernels. In the Winograd domain the per-sample kernels are no obstacle: a
+2x2 output tile of a 3x3 conv is ::
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (4x4 input tile d)
+
+and summed over input channels the elementwise product becomes, for each
+of the 16 tile positions ``p``, a matrix product ::
+
+    M_b[p] = U_b[p] @ V_b[p]   [C_out, C_in] @ [C_in, tiles]
+
+with ``U_b = G W_b G^T`` (the transformed kernel of sample ``b``) and
+``V_b = B^T d B`` (its transformed input tiles): one batched matmul over
+``B * 16`` products with 2.25x fewer multiply-adds than the direct conv.
+
+The per-sample kernel of these layers is ``W_b = s_b * sum_k a_bk W_k``
+(``a`` the kernel attention or routing weights, ``s`` ODConv's spatial
+attention over the 9 kernel positions). Building ``U_b`` from it is a pass
+over ``16/9`` times the kernel's size; as PyTorch ops (einsum + matmul with
+an inner dimension of 9) it costs 0.3-0.8x of the whole static conv, so it
+is one fused C loop (:data:`_SOURCE`, built by
+:class:`~mmdyn.ops.c_library.CLibrary`) that reads the kernel bank in its
+own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
+
+Numbers (benchmarks/README.md): ResNet-50 stage 3 (256 -> 256, 14x14),
+batch 8, eval, 2 threads: ODConv 1x 1.41x -> ~1.1x, ODConv 4x 1.51x ->
+~1.2x, DyConv K=4 1.46x -> ~1.1x of ``nn.Conv2d``.
+
+Results differ from the direct conv by float32 rounding of the transforms
+(relative error ~1e-6). ``MMDYN_WINOGRAD=0`` turns the path off;
+:func:`winograd_kernels_reference` and the per-sample ``F.conv2d`` loop are
+the references the tests compare it with.
+
+torch only (plus the C loop through ``ctypes``).
+"""
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .c_library import CLibrary, num_threads, ptr
+from .per_sample_conv import (KERNEL_WORKSPACE_BYTES, _is_exporting,
+                              kernel_workspace)
+
+#: Smallest ``min(C_in, C_out)`` that takes the Winograd path: with few
+#: channels the input/output transforms, which move feature maps, outweigh
+#: the matmul (64 -> 64 at 56x56: 1.30x of ``nn.Conv2d`` with the kernels
+#: given, against 1.09x for the batch-1 convs).
+WINOGRAD_MIN_CHANNELS = 128
+#: Smallest number of 2x2 output tiles per sample: the kernel transform is
+#: paid once per sample, the matmul once per tile (512 -> 512 at 7x7, 16
+#: tiles: 1.05x with the kernels given, plus a transform of a 9 MB kernel).
+WINOGRAD_MIN_TILES = 36
+#: Environment variable; ``0`` disables the Winograd path.
+WINOGRAD_SWITCH = 'MMDYN_WINOGRAD'
+
+# F(2x2, 3x3) (Lavin & Gray, 2016).
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+_SOURCE = r'''
+#define CHUNK 512
+/* out[b, 4u+v, n] = (G w G^T)[u][v] with the 3x3 kernel
+   w[j] = S[b, j] * sum_k A[b, k] * W[k, n, j]  (j = 3 * row + col)
+   W: [K, N, 9], A: [B, K] (NULL: K == 1, weight 1), S: [B, 9] (NULL: 1),
+   out: [B, 16, N]. A block of CHUNK kernels of one sample per task: the
+   mixture is summed contiguously, de-interleaved into 9 rows, transformed
+   with G's 0 / 1 / 0.5 entries as adds, and stored as 16 rows. */
+void winograd_kernels_f32(const float *W, const float *A, const float *S,
+                          float *out, long B, long K, long N, int threads) {
+    const long chunks = (N + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
+    for (long c = 0; c < chunks; ++c) {
+        for (long b = 0; b < B; ++b) {
+            const long n0 = c * CHUNK;
+            const long len = (N - n0) < CHUNK ? (N - n0) : CHUNK;
+            float mixed[9 * CHUNK];
+            float w[9][CHUNK];
+            const float a0 = A ? A[b * K] : 1.0f;
+            const float *src = W + n0 * 9;
+            #pragma omp simd
+            for (long q = 0; q < 9 * len; ++q) mixed[q] = a0 * src[q];
+            for (long k = 1; k < K; ++k) {
+                const float ak = A[b * K + k];
+                const float *srck = W + (k * N + n0) * 9;
+                #pragma omp simd
+                for (long q = 0; q < 9 * len; ++q) mixed[q] += ak * srck[q];
+            }
+            for (long j = 0; j < 9; ++j) {
+                const float sj = S ? S[b * 9 + j] : 1.0f;
+                for (long n = 0; n < len; ++n) w[j][n] = sj * mixed[9 * n + j];
+            }
+            float *o = out + b * 16 * N + n0;
+            #pragma omp simd
+            for (long n = 0; n < len; ++n) {
+                float t[4][3];
+                for (int q = 0; q < 3; ++q) {
+                    const float w0 = w[q][n], w1 = w[3 + q][n];
+                    const float w2 = w[6 + q][n];
+                    t[0][q] = w0;
+                    t[1][q] = 0.5f * (w0 + w1 + w2);
+                    t[2][q] = 0.5f * (w0 - w1 + w2);
+                    t[3][q] = w2;
+                }
+                for (int u = 0; u < 4; ++u) {
+                    const float l = t[u][0], m = t[u][1], r = t[u][2];
+                    o[(4 * u + 0) * N + n] = l;
+                    o[(4 * u + 1) * N + n] = 0.5f * (l + m + r);
+                    o[(4 * u + 2) * N + n] = 0.5f * (l - m + r);
+                    o[(4 * u + 3) * N + n] = r;
+                }
+            }
+        }
+    }
+}
+'''
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, n = ctypes.c_void_p, ctypes.c_long
+    lib.winograd_kernels_f32.argtypes = [p, p, p, p, n, n, n, ctypes.c_int]
+    lib.winograd_kernels_f32.restype = None
+
+
+_LIBRARY = CLibrary('winograd_cpu', _SOURCE, _declare, WINOGRAD_SWITCH,
+                    'per-sample convs run as batch-1 convs')
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernel-transform loop; None when unavailable (no
+    compiler, a failed build, or ``MMDYN_WINOGRAD=0``)."""
+    return _LIBRARY.load()
+
+
+def num_tiles(out_hw: Tuple[int, int]) -> int:
+    """2x2 output tiles of an ``out_hw`` map."""
+    return ((out_hw[0] + 1) // 2) * ((out_hw[1] + 1) // 2)
+
+
+def uses_winograd(x: torch.Tensor, out_channels: int,
+                  kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                  padding: Tuple[int, int], dilation: Tuple[int, int],
+                  groups: int, impl: str = 'auto') -> bool:
+    """Whether a layer with these arguments runs
+    :func:`winograd_per_sample_conv2d` on ``x``.
+
+    True for CPU float32 inference (no autograd graph, no autocast, no
+    tracing or export) of a batch of two or more through a 3x3, stride 1,
+    dilation 1, ``groups=1`` layer with ``impl='auto'``, at least
+    :data:`WINOGRAD_MIN_CHANNELS` input and output channels and
+    :data:`WINOGRAD_MIN_TILES` output tiles, when the C loop is available.
+    """
+    if impl != 'auto' or x.device.type != 'cpu' or x.dtype != torch.float32:
+        return False
+    if x.shape[0] < 2 or torch.is_grad_enabled() or _is_exporting() or \
+            torch.jit.is_tracing() or torch.is_autocast_enabled('cpu'):
+        return False
+    if tuple(kernel_size) != (3, 3) or tuple(stride) != (1, 1) or \
+            tuple(dilation) != (1, 1) or groups != 1:
+        return False
+    if min(x.shape[1], out_channels) < WINOGRAD_MIN_CHANNELS:
+        return False
+    out_hw = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
+    if num_tiles(out_hw) < WINOGRAD_MIN_TILES:
+        return False
+    return load() is not None
+
+
+def _check_bank(bank, mix, spatial):
+    if bank.dim() != 5 or tuple(bank.shape[3:]) != (3, 3):
+        raise ValueError('bank must be [K, C_out, C_in, 3, 3], got '
+                         f'{tuple(bank.shape)}')
+    if mix is None and spatial is None:
+        raise ValueError('one of mix and spatial must be given (the batch)')
+    batch = (mix if mix is not None else spatial).shape[0]
+    if mix is not None and tuple(mix.shape) != (batch, bank.shape[0]):
+        raise ValueError(f'mix must be [B, K={bank.shape[0]}], got '
+                         f'{tuple(mix.shape)}')
+    if mix is None and bank.shape[0] != 1:
+        raise ValueError(f'mix is needed for a bank of {bank.shape[0]} '
+                         'kernels')
+    if spatial is not None and tuple(spatial.shape) != (batch, 9):
+        raise ValueError(f'spatial must be [B={batch}, 9], got '
+                         f'{tuple(spatial.shape)}')
+    return batch
+
+
+def winograd_kernels_reference(bank: torch.Tensor,
+                               mix: Optional[torch.Tensor],
+                               spatial: Optional[torch.Tensor]) -> torch.Tensor:
+    """``U_b = G W_b G^T`` with ``W_b = spatial[b] * sum_k mix[b, k] *
+    bank[k]``, by plain tensor ops (the reference of
+    :func:`winograd_kernels`).
+
+    Args:
+        bank (Tensor): [K, C_out, C_in, 3, 3].
+        mix (Tensor, optional): [B, K]; None for one kernel of weight 1.
+        spatial (Tensor, optional): [B, 9] factors of the kernel positions.
+
+    Returns:
+        Tensor: [B, 16, C_out, C_in].
+    """
+    batch = _check_bank(bank, mix, spatial)
+    num, c_out, c_in = bank.shape[:3]
+    flat = bank.reshape(num, c_out * c_in, 9)
+    weight = (flat[0].expand(batch, -1, -1) if mix is None else
+              torch.einsum('bk,knj->bnj', mix.to(bank.dtype), flat))
+    if spatial is not None:
+        weight = weight * spatial.to(bank.dtype)[:, None, :]
+    g = torch.tensor(_G, dtype=bank.dtype, device=bank.device)
+    transform = torch.kron(g, g)  # [16, 9]
+    return torch.matmul(transform, weight.transpose(1, 2)).view(
+        batch, 16, c_out, c_in)
+
+
+def winograd_kernels(bank: torch.Tensor,
+                     mix: Optional[torch.Tensor],
+                     spatial: Optional[torch.Tensor],
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The transformed per-sample kernels of
+    :func:`winograd_kernels_reference`, by the fused C loop (float32 CPU
+    tensors; the library must be available, see :func:`load`).
+
+    ``out``, when given, is a contiguous float32 tensor of B * 16 * C_out *
+    C_in elements that the kernels are written into.
+    """
+    batch = _check_bank(bank, mix, spatial)
+    lib = load()
+    if lib is None:
+        raise RuntimeError('the Winograd C loop is unavailable (no C '
+                           f'compiler, or {WINOGRAD_SWITCH}=0)')
+    tensors = [t for t in (bank, mix, spatial) if t is not None]
+    if any(t.device.type != 'cpu' or t.dtype != torch.float32
+           for t in tensors):
+        raise ValueError('winograd_kernels takes float32 CPU tensors')
+    num, c_out, c_in = bank.shape[:3]
+    n = c_out * c_in
+    if out is None:
+        out = bank.new_empty(batch, 16, c_out, c_in)
+    elif out.numel() != batch * 16 * n or not out.is_contiguous() or \
+            out.dtype != torch.float32:
+        raise ValueError(f'out must be a contiguous float32 tensor of '
+                         f'{batch * 16 * n} elements')
+    bank = bank.contiguous()
+    mix = None if mix is None else mix.contiguous()
+    spatial = None if spatial is None else spatial.contiguous()
+    lib.winograd_kernels_f32(ptr(bank), ptr(mix), ptr(spatial), ptr(out),
+                             batch, num, n, num_threads(batch * 16 * n))
+    return out.view(batch, 16, c_out, c_in)
+
+
+def _bt_rows(d, out=(None, None, None, None)):
+    """``B^T`` of F(2x2, 3x3) along a list of the 4 rows (or columns) of
+    the input tiles: ``(d0 - d2, d1 + d2, d2 - d1, d1 - d3)``."""
+    return (torch.sub(d[0], d[2], out=out[0]),
+            torch.add(d[1], d[2], out=out[1]),
+            torch.sub(d[2], d[1], out=out[2]),
+            torch.sub(d[1], d[3], out=out[3]))
+
+
+def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
+    """``V = B^T d B`` of every 4x4 input tile (stride 2).
+
+    Returns:
+        tuple: V [B, 16, C, tiles] and the tile grid (tiles_h, tiles_w).
+    """
+    batch, channels, h, w = x.shape
+    ph, pw = padding
+    tiles_h, tiles_w = (h + 2 * ph - 1) // 2, (w + 2 * pw - 1) // 2
+    # Zero rows/columns to a whole number of tiles (the extra output row or
+    # column of an odd size is computed and cropped).
+    xp = F.pad(x, (pw, 2 * tiles_w + 2 - w - pw, ph,
+                   2 * tiles_h + 2 - h - ph))
+    v = x.new_empty(batch, 4, 4, channels, tiles_h, tiles_w)
+    rows = [xp[:, :, u:u + 2 * tiles_h:2] for u in range(4)]
+    for i, row in enumerate(_bt_rows(rows)):
+        cols = [row[..., c:c + 2 * tiles_w:2] for c in range(4)]
+        _bt_rows(cols, out=v[:, i].unbind(1))
+    return v.view(batch, 16, channels, tiles_h * tiles_w), (tiles_h, tiles_w)
+
+
+def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
+                      out: torch.Tensor) -> None:
+    """``out`` [B, C, 2 tiles_h, 2 tiles_w] = ``A^T m A`` of every tile,
+    ``m`` [B, 16, C, tiles]; ``A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]``."""
+    batch, _, channels, _ = m.shape
+    tiles_h, tiles_w = grid
+    m = m.view(batch, 4, 4, channels, tiles_h, tiles_w)
+    rows = (m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3])
+    tiles = out.view(batch, channels, tiles_h, 2, tiles_w, 2)
+    for a, row in enumerate(rows):
+        torch.add(row[:, 0] + row[:, 1], row[:, 2], out=tiles[:, :, :, a, :, 0])
+        torch.sub(row[:, 1] - row[:, 2], row[:, 3], out=tiles[:, :, :, a, :, 1])
+
+
+def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
+                    padding: Tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """3x3, stride 1 conv of sample ``b`` of ``x`` with the transformed
+    kernel ``kernels[b]`` (from :func:`winograd_kernels`; [B, 16, C_out,
+    C_in]). No bias."""
+    out_h = x.shape[2] + 2 * padding[0] - 2
+    out_w = x.shape[3] + 2 * padding[1] - 2
+    v, grid = _input_transform(x, padding)
+    out = x.new_empty(x.shape[0], kernels.shape[2], 2 * grid[0], 2 * grid[1])
+    _output_transform(torch.matmul(kernels, v), grid, out)
+    if (out_h, out_w) != tuple(out.shape[2:]):
+        out = out[:, :, :out_h, :out_w].contiguous()
+    return out
+
+
+def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
+                               mix: Optional[torch.Tensor],
+                               spatial: Optional[torch.Tensor],
+                               padding: Tuple[int, int] = (1, 1)
+                               ) -> torch.Tensor:
+    """``conv(x[b], spatial[b] * sum_k mix[b, k] * bank[k])`` (3x3, stride
+    1, zero ``padding``) for each sample, by Winograd F(2x2, 3x3).
+
+    The transformed kernels are built a chunk of samples at a time into the
+    per-thread workspace of
+    :func:`~mmdyn.ops.per_sample_conv.kernel_workspace` (the whole batch
+    when they fit in ``KERNEL_WORKSPACE_BYTES``). Inference only: callers
+    check :func:`uses_winograd`. No bias.
+
+    Args:
+        x (Tensor): [B, C_in, H, W], float32 on CPU.
+        bank (Tensor): [K, C_out, C_in, 3, 3].
+        mix (Tensor, optional): [B, K]; None for ``K == 1``.
+        spatial (Tensor, optional): [B, 9]; None for no spatial factor.
+        padding (tuple[int, int]): Zero padding.
+
+    Returns:
+        Tensor: [B, C_out, H_out, W_out].
+    """
+    batch = x.shape[0]
+    c_out, c_in = bank.shape[1:3]
+    if x.shape[1] != c_in:
+        raise ValueError(f'x has {x.shape[1]} channels, the bank {c_in}')
+    per_sample = 16 * c_out * c_in
+    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (per_sample * 4)))
+    workspace = kernel_workspace(chunk * per_sample, torch.float32, x.device)
+    outs = []
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        kernels = winograd_kernels(
+            bank, None if mix is None else mix[start:stop],
+            None if spatial is None else spatial[start:stop],
+            out=workspace[:(stop - start) * per_sample])
+        outs.append(winograd_conv2d(x[start:stop], kernels, padding))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+__all__ = [
+    'WINOGRAD_MIN_CHANNELS', 'WINOGRAD_MIN_TILES', 'WINOGRAD_SWITCH', 'load',
+    'num_tiles', 'uses_winograd', 'winograd_kernels',
+    'winograd_kernels_reference', 'winograd_conv2d',
+    'winograd_per_sample_conv2d'
+]
