@@ -171,14 +171,20 @@ def conditions(args) -> str:
     except OSError:
         load = 'n/a'
     cpu = platform.processor() or platform.machine()
+    isa = ''
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 if line.startswith('model name'):
                     cpu = line.split(':', 1)[1].strip()
+                elif line.startswith('flags'):
+                    flags = line.split()
+                    isa = (' (AVX-512)' if 'avx512f' in flags else
+                           ' (AVX2)' if 'avx2' in flags else '')
                     break
     except OSError:
         pass
+    cpu += isa
     return (f'{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; {cpu}, '
             f'{os.cpu_count()} cores, torch {torch.__version__}, '
             f'{args.threads} threads, {args.clock} clock, '

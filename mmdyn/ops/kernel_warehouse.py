@@ -46,8 +46,11 @@ from torch import nn
 
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm, check_positive)
+from .kernel_warehouse_cpu import small_rows_matmul, uses_small_rows_matmul
 from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
-                              per_sample_conv2d, uses_chunked_kernels)
+                              kernel_workspace, per_sample_conv2d,
+                              uses_chunked_kernels)
+from .winograd import uses_winograd, winograd_block_conv2d
 
 Ratio = Union[float, Sequence[float]]
 
@@ -345,14 +348,32 @@ class _KWLayerMixin(TemperatureMixin):
         kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
 
-    def mix_cells(self, attention: torch.Tensor) -> torch.Tensor:
+    def mix_cells(self, attention: torch.Tensor,
+                  reuse_buffer: bool = False) -> torch.Tensor:
         """The mixtures ``attention @ cells``, [B, g_s, g_o, g_i, c_o, c_i]
-        (kernel position, output block, input block, then the cell)."""
+        (kernel position, output block, input block, then the cell).
+
+        Float32 CPU inference runs the product as
+        :func:`~mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`. With
+        ``reuse_buffer`` (inference only) the mixtures are written into
+        this thread's reused ``'kw_mixtures'`` workspace, valid until the
+        next such call: a fresh tensor above glibc's mmap threshold (a
+        ResNet-50 stage-4 layer's 75 MB at batch 8) costs about as much in
+        page faults as the product itself.
+        """
         cells = self.warehouse_manager.weights[self.warehouse_id]
         cells = cells.reshape(cells.shape[0], -1)
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
-        mixtures = torch.matmul(attention, cells)  # [B, m, c_o * c_i]
+        out = None
+        if reuse_buffer and not torch.is_grad_enabled():
+            shape = (*attention.shape[:-1], cells.shape[1])
+            out = kernel_workspace(math.prod(shape), attention.dtype,
+                                   attention.device, 'kw_mixtures').view(shape)
+        if uses_small_rows_matmul(attention, cells):
+            mixtures = small_rows_matmul(attention, cells, out=out)
+        else:  # [B, m, c_o * c_i]
+            mixtures = torch.matmul(attention, cells, out=out)
         return mixtures.reshape(-1, *self._kw_layout)
 
     def _agg_madds(self) -> int:
@@ -415,6 +436,17 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         self.check_input(x)
         self._check_finalized()
         attention = self._attention_weights(x.mean(dim=(2, 3)))
+        if uses_winograd(x, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups,
+                         self.impl):
+            # Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2,
+            # 3x3) straight from the mixtures (mmdyn/ops/winograd.py).
+            out = winograd_block_conv2d(
+                x, self.mix_cells(attention, reuse_buffer=True),
+                self.padding)
+            if self.bias is not None:
+                out += self.bias.reshape(1, -1, 1, 1)
+            return out
         if self.uses_position_major(x):
             return self._position_major_conv(x, attention)
         if uses_chunked_kernels(x, _prod(self.weight_shape),
@@ -467,7 +499,7 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         columns of the input, kernel position by kernel position. Same
         result as the per-sample conv with :meth:`assemble_kernel`.
         """
-        mixtures = self.mix_cells(attention)
+        mixtures = self.mix_cells(attention, reuse_buffer=True)
         g_s, g_i = self._kw_layout[0], self._kw_layout[2]
         if g_i > 1:
             mixtures = mixtures.transpose(3, 4)

@@ -116,10 +116,13 @@ _workspaces = threading.local()
 
 
 def kernel_workspace(numel: int, dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device,
+                     slot: str = 'kernels') -> torch.Tensor:
     """A reused 1-D tensor of at least ``numel`` elements, one per thread,
-    dtype and device, grown on demand and kept between calls (see
-    :func:`release_kernel_workspaces`).
+    dtype, device and ``slot``, grown on demand and kept between calls (see
+    :func:`release_kernel_workspaces`). Two buffers that must be alive at
+    the same time (KernelWarehouse's mixtures and the Winograd kernels
+    made from them) use different slots.
 
     Why: a fresh tensor of a batch of deep-layer kernels (tens of MB) is,
     with glibc's default thresholds, a new mmap paid in page faults on
@@ -132,7 +135,7 @@ def kernel_workspace(numel: int, dtype: torch.dtype,
     cache = getattr(_workspaces, 'blocks', None)
     if cache is None:
         cache = _workspaces.blocks = {}
-    key = (dtype, device)
+    key = (dtype, device, slot)
     block = cache.get(key)
     if block is None or block.numel() < numel:
         block = cache[key] = torch.empty(numel, dtype=dtype, device=device)

@@ -39,6 +39,7 @@ the references the tests compare it with.
 torch only (plus the C loop through ``ctypes``).
 """
 import ctypes
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -65,6 +66,25 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 _SOURCE = r'''
 #define CHUNK 512
+/* o[(4u + v) * stride + n] = (G w G^T)[u][v] for the 3x3 kernel w0..w8
+   (row-major); G's entries 0, 1 and 1/2 as adds. */
+#define WINOGRAD_ROW(l, m, r, u)                                         \
+    o_[(4 * (u) + 0) * s_ + n_] = (l);                                   \
+    o_[(4 * (u) + 1) * s_ + n_] = 0.5f * ((l) + (m) + (r));              \
+    o_[(4 * (u) + 2) * s_ + n_] = 0.5f * ((l) - (m) + (r));              \
+    o_[(4 * (u) + 3) * s_ + n_] = (r);
+#define WINOGRAD_STORE(o, stride, n, w0, w1, w2, w3, w4, w5, w6, w7, w8) \
+    do {                                                                 \
+        float *o_ = (o); const long s_ = (stride), n_ = (n);             \
+        const float a0 = (w0), a1 = (w1), a2 = (w2), a3 = (w3);          \
+        const float a4 = (w4), a5 = (w5), a6 = (w6), a7 = (w7);          \
+        const float a8 = (w8);                                           \
+        const float h0 = 0.5f * (a0 + a3 + a6), g0 = 0.5f * (a0 - a3 + a6); \
+        const float h1 = 0.5f * (a1 + a4 + a7), g1 = 0.5f * (a1 - a4 + a7); \
+        const float h2 = 0.5f * (a2 + a5 + a8), g2 = 0.5f * (a2 - a5 + a8); \
+        WINOGRAD_ROW(a0, a1, a2, 0) WINOGRAD_ROW(h0, h1, h2, 1)          \
+        WINOGRAD_ROW(g0, g1, g2, 2) WINOGRAD_ROW(a6, a7, a8, 3)          \
+    } while (0)
 /* out[b, 4u+v, n] = (G w G^T)[u][v] with the 3x3 kernel
    w[j] = S[b, j] * sum_k A[b, k] * W[k, n, j]  (j = 3 * row + col)
    W: [K, N, 9], A: [B, K] (NULL: K == 1, weight 1), S: [B, 9] (NULL: 1),
@@ -98,22 +118,35 @@ void winograd_kernels_f32(const float *W, const float *A, const float *S,
             float *o = out + b * 16 * N + n0;
             #pragma omp simd
             for (long n = 0; n < len; ++n) {
-                float t[4][3];
-                for (int q = 0; q < 3; ++q) {
-                    const float w0 = w[q][n], w1 = w[3 + q][n];
-                    const float w2 = w[6 + q][n];
-                    t[0][q] = w0;
-                    t[1][q] = 0.5f * (w0 + w1 + w2);
-                    t[2][q] = 0.5f * (w0 - w1 + w2);
-                    t[3][q] = w2;
-                }
-                for (int u = 0; u < 4; ++u) {
-                    const float l = t[u][0], m = t[u][1], r = t[u][2];
-                    o[(4 * u + 0) * N + n] = l;
-                    o[(4 * u + 1) * N + n] = 0.5f * (l + m + r);
-                    o[(4 * u + 2) * N + n] = 0.5f * (l - m + r);
-                    o[(4 * u + 3) * N + n] = r;
-                }
+                WINOGRAD_STORE(o, N, n, w[0][n], w[1][n], w[2][n], w[3][n],
+                               w[4][n], w[5][n], w[6][n], w[7][n], w[8][n]);
+            }
+        }
+    }
+}
+
+/* The same transform for per-sample kernels stored in KernelWarehouse's
+   mixture layout, mix: [B, 9, GO, GI, CO, CI] (position, output block,
+   input block, cell); out: [B, 16, GO * CO, GI * CI]. One output row (b,
+   output channel) per task; runs of CI contiguous elements. */
+void winograd_blocks_f32(const float *mix, float *out, long B, long GO,
+                         long GI, long CO, long CI, int threads) {
+    const long cout = GO * CO, cin = GI * CI, N = cout * cin;
+    const long block = GO * GI * CO * CI;  /* one kernel position */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long row = 0; row < B * cout; ++row) {
+        const long b = row / cout, o = row % cout, og = o / CO, oc = o % CO;
+        for (long ig = 0; ig < GI; ++ig) {
+            const float *src = mix + b * 9 * block +
+                               ((og * GI + ig) * CO + oc) * CI;
+            float *dst = out + b * 16 * N + o * cin + ig * CI;
+            #pragma omp simd
+            for (long n = 0; n < CI; ++n) {
+                WINOGRAD_STORE(dst, N, n, src[n], src[block + n],
+                               src[2 * block + n], src[3 * block + n],
+                               src[4 * block + n], src[5 * block + n],
+                               src[6 * block + n], src[7 * block + n],
+                               src[8 * block + n]);
             }
         }
     }
@@ -125,6 +158,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.winograd_kernels_f32.argtypes = [p, p, p, p, n, n, n, ctypes.c_int]
     lib.winograd_kernels_f32.restype = None
+    lib.winograd_blocks_f32.argtypes = [p, p, n, n, n, n, n, ctypes.c_int]
+    lib.winograd_blocks_f32.restype = None
 
 
 _LIBRARY = CLibrary('winograd_cpu', _SOURCE, _declare, WINOGRAD_SWITCH,
@@ -313,6 +348,62 @@ def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
     return out
 
 
+def winograd_kernels_from_blocks(mixtures: torch.Tensor,
+                                 out: Optional[torch.Tensor] = None
+                                 ) -> torch.Tensor:
+    """``G W_b G^T`` of per-sample 3x3 kernels given in KernelWarehouse's
+    mixture layout (:meth:`~mmdyn.ops.KWConv2d.mix_cells`), by the C loop.
+
+    Args:
+        mixtures (Tensor): [B, 9, g_o, g_i, c_o, c_i], float32 on CPU,
+            contiguous: kernel position ``3 * row + col``, output block,
+            input block, then the ``c_o x c_i`` cell.
+        out (Tensor, optional): Contiguous float32 tensor of ``B * 16 *
+            C_out * C_in`` elements to write into.
+
+    Returns:
+        Tensor: [B, 16, g_o * c_o, g_i * c_i].
+    """
+    if mixtures.dim() != 6 or mixtures.shape[1] != 9:
+        raise ValueError('mixtures must be [B, 9, g_o, g_i, c_o, c_i], got '
+                         f'{tuple(mixtures.shape)}')
+    if mixtures.device.type != 'cpu' or mixtures.dtype != torch.float32:
+        raise ValueError('winograd_kernels_from_blocks takes a float32 CPU '
+                         'tensor')
+    lib = load()
+    if lib is None:
+        raise RuntimeError('the Winograd C loop is unavailable (no C '
+                           f'compiler, or {WINOGRAD_SWITCH}=0)')
+    batch, _, g_o, g_i, c_o, c_i = mixtures.shape
+    shape = (batch, 16, g_o * c_o, g_i * c_i)
+    if out is None:
+        out = mixtures.new_empty(shape)
+    elif out.numel() != math.prod(shape) or not out.is_contiguous() or \
+            out.dtype != torch.float32:
+        raise ValueError(f'out must be a contiguous float32 tensor of '
+                         f'{math.prod(shape)} elements')
+    mixtures = mixtures.contiguous()
+    lib.winograd_blocks_f32(ptr(mixtures), ptr(out), batch, g_o, g_i, c_o,
+                            c_i, num_threads(out.numel()))
+    return out.view(shape)
+
+
+def _chunked_winograd_conv2d(x, c_out, padding, kernels_fn):
+    """``winograd_conv2d`` of chunks of samples whose transformed kernels,
+    ``kernels_fn(start, stop, out)``, fit the reused workspace."""
+    batch = x.shape[0]
+    per_sample = 16 * c_out * x.shape[1]
+    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (per_sample * 4)))
+    workspace = kernel_workspace(chunk * per_sample, torch.float32, x.device)
+    outs = []
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        kernels = kernels_fn(start, stop,
+                             workspace[:(stop - start) * per_sample])
+        outs.append(winograd_conv2d(x[start:stop], kernels, padding))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
                                mix: Optional[torch.Tensor],
                                spatial: Optional[torch.Tensor],
@@ -337,27 +428,32 @@ def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
     Returns:
         Tensor: [B, C_out, H_out, W_out].
     """
-    batch = x.shape[0]
-    c_out, c_in = bank.shape[1:3]
-    if x.shape[1] != c_in:
-        raise ValueError(f'x has {x.shape[1]} channels, the bank {c_in}')
-    per_sample = 16 * c_out * c_in
-    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (per_sample * 4)))
-    workspace = kernel_workspace(chunk * per_sample, torch.float32, x.device)
-    outs = []
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        kernels = winograd_kernels(
-            bank, None if mix is None else mix[start:stop],
-            None if spatial is None else spatial[start:stop],
-            out=workspace[:(stop - start) * per_sample])
-        outs.append(winograd_conv2d(x[start:stop], kernels, padding))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if x.shape[1] != bank.shape[2]:
+        raise ValueError(f'x has {x.shape[1]} channels, the bank '
+                         f'{bank.shape[2]}')
+    return _chunked_winograd_conv2d(
+        x, bank.shape[1], padding, lambda start, stop, out:
+        winograd_kernels(bank, None if mix is None else mix[start:stop],
+                         None if spatial is None else spatial[start:stop],
+                         out=out))
 
+
+def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
+                          padding: Tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``conv(x[b], W_b)`` (3x3, stride 1) by Winograd F(2x2, 3x3) for
+    per-sample kernels in KernelWarehouse's mixture layout (see
+    :func:`winograd_kernels_from_blocks`). Inference only. No bias."""
+    c_out = mixtures.shape[2] * mixtures.shape[4]
+    if x.shape[1] != mixtures.shape[3] * mixtures.shape[5]:
+        raise ValueError(f'x has {x.shape[1]} channels, the kernels '
+                         f'{mixtures.shape[3] * mixtures.shape[5]}')
+    return _chunked_winograd_conv2d(
+        x, c_out, padding, lambda start, stop, out:
+        winograd_kernels_from_blocks(mixtures[start:stop], out=out))
 
 __all__ = [
     'WINOGRAD_MIN_CHANNELS', 'WINOGRAD_MIN_TILES', 'WINOGRAD_SWITCH', 'load',
     'num_tiles', 'uses_winograd', 'winograd_kernels',
-    'winograd_kernels_reference', 'winograd_conv2d',
-    'winograd_per_sample_conv2d'
+    'winograd_kernels_reference', 'winograd_kernels_from_blocks',
+    'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d'
 ]

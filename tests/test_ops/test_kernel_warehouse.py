@@ -453,3 +453,66 @@ def test_position_major_path_matches_reference(kernel_size, stride, padding,
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
     layer.impl = 'loop'
     assert not layer.uses_position_major(x)
+
+
+@pytest.mark.parametrize('inplane,outplane', [(1, 1), (0.5, 0.5)])
+@pytest.mark.parametrize('kernel_size,path', [(3, 'winograd'),
+                                              (3, 'position_major'),
+                                              (1, 'position_major')])
+def test_float32_inference_paths_match_reference(monkeypatch, inplane,
+                                                 outplane, kernel_size,
+                                                 path):
+    """Float32 CPU inference: the cell products by the C loop into the
+    reused mixtures buffer, then Winograd F(2x2, 3x3) from the mixture
+    layout (3x3 stride 1) or the position-major conv; against the float64
+    naive reference. Thresholds lowered so that small layers take these
+    paths; cells split over input and output channels too."""
+    from mmdyn.ops import kernel_warehouse as kw
+    from mmdyn.ops import kernel_warehouse_cpu, winograd
+    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
+    if path == 'winograd':
+        monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
+        monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
+    calls = []
+    for name in ('small_rows_matmul', 'winograd_block_conv2d'):
+        real = getattr(kw, name)
+        monkeypatch.setattr(
+            kw, name, lambda *a, _real=real, _name=name, **k:
+            calls.append(_name) or _real(*a, **k))
+    net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
+                 dict(padding=kernel_size // 2, bias=True))],
+               cell_num_ratio=1, cell_inplane_ratio=inplane,
+               cell_outplane_ratio=outplane).eval()
+    layer = net.layers[0]
+    with torch.no_grad():
+        for p in layer.attention.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        layer.bias.normal_()
+        hw = {'winograd': (7, 6), 'position_major': (3, 5)}[path]
+        x = torch.randn(3, 16, *(hw if kernel_size == 3 else (2, 3)))
+        if path == 'position_major':
+            assert layer.uses_position_major(x)
+        out = layer(x)
+        expected = _reference_conv(net.double().layers[0], x.double(), 0.0)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
+    assert calls[0] == 'small_rows_matmul'
+    assert ('winograd_block_conv2d' in calls) == (path == 'winograd')
+
+
+def test_reused_mixtures_buffer_only_in_inference():
+    """``mix_cells(reuse_buffer=True)`` writes into one per-thread buffer in
+    inference (the next call overwrites it) and allocates with autograd."""
+    net = _Net([('stage0_layer0_conv0', (16, 32, 3), dict(padding=1))],
+               cell_num_ratio=1).eval()
+    layer = net.layers[0]
+    att = torch.rand(2, layer.num_mixtures, layer.num_cells)
+    with torch.no_grad():
+        first = layer.mix_cells(att, reuse_buffer=True)
+        second = layer.mix_cells(att * 2, reuse_buffer=True)
+        assert first.data_ptr() == second.data_ptr()
+        fresh = layer.mix_cells(att)
+        assert fresh.data_ptr() != second.data_ptr()
+        torch.testing.assert_close(second, 2 * fresh)
+    with_grad = layer.mix_cells(att, reuse_buffer=True)
+    assert with_grad.requires_grad
+    assert with_grad.data_ptr() != second.data_ptr()

@@ -1,0 +1,97 @@
+"""KernelWarehouse kernel assembly: ``torch.matmul`` against the C loop.
+
+Builds KW-1x ResNet-50 (``configs/kernelwarehouse/``), records the shape of
+every ``attention @ cells`` product of one batch-8 forward, then times each
+distinct shape with ``torch.matmul`` (MKL) and with
+:func:`mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`, both writing into
+a reused output as the inference path does, interleaved, median of
+``--repeat``. Prints one row per shape and the per-forward totals.
+
+Usage::
+
+    python benchmarks/kw_assembly.py [--batch-size 8] [--repeat 9]
+"""
+import argparse
+import os.path as osp
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG = osp.join(ROOT, 'configs/kernelwarehouse/'
+                  'resnet50-kw1x_8xb128-300e_in1k.py')
+
+
+def assembly_shapes(batch_size: int) -> dict:
+    """{(rows, inner, columns): calls} of one forward of KW-1x ResNet-50."""
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    import mmdyn.models  # noqa: F401 (registers the backbones)
+    from mmdyn.ops import kernel_warehouse as kw
+    shapes = {}
+    real = kw._KWLayerMixin.mix_cells
+
+    def recording(self, attention, *args, **kwargs):
+        cells = self.warehouse_manager.weights[self.warehouse_id]
+        key = (attention.shape[0] * attention.shape[1], attention.shape[2],
+               cells[0].numel())
+        shapes[key] = shapes.get(key, 0) + 1
+        return real(self, attention, *args, **kwargs)
+
+    model = MODELS.build(Config.fromfile(CONFIG).model).eval()
+    kw._KWLayerMixin.mix_cells = recording
+    try:
+        with torch.no_grad():
+            model(torch.randn(batch_size, 3, 224, 224), mode='tensor')
+    finally:
+        kw._KWLayerMixin.mix_cells = real
+    return shapes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--repeat', type=int, default=9)
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from mmdyn.engine.malloc import tune_malloc
+    from mmdyn.ops.kernel_warehouse_cpu import load, small_rows_matmul
+    tune_malloc()
+    if load() is None:
+        sys.exit('the C loop is unavailable (no compiler, or '
+                 'MMDYN_KW_CPU_KERNEL=0)')
+    shapes = assembly_shapes(args.batch_size)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+          f'batch {args.batch_size}, median of {args.repeat}')
+    print('| rows x inner x columns | calls | matmul ms | C loop ms | '
+          'C GMAC/s | speed-up |')
+    print('|---|---:|---:|---:|---:|---:|')
+    totals = [0.0, 0.0]
+    for (rows, inner, cols), calls in sorted(shapes.items(),
+                                             key=lambda kv: -kv[0][2]):
+        a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+        out = torch.empty(rows, cols)
+        candidates = (lambda: torch.matmul(a, b, out=out),
+                      lambda: small_rows_matmul(a, b, out=out))
+        times = [[], []]
+        for i in range(args.repeat + 2):
+            for j, step in enumerate(candidates):
+                start = time.perf_counter()
+                step()
+                if i >= 2:
+                    times[j].append(time.perf_counter() - start)
+        mkl, loop = (statistics.median(t) * 1e3 for t in times)
+        totals[0] += mkl * calls
+        totals[1] += loop * calls
+        print(f'| {rows} x {inner} x {cols} | {calls} | {mkl:.1f} | '
+              f'{loop:.1f} | {rows * inner * cols / loop / 1e6:.1f} | '
+              f'{mkl / loop:.2f}x |')
+    print(f'| per forward | | {totals[0]:.0f} | {totals[1]:.0f} | | '
+          f'{totals[0] / totals[1]:.2f}x |')
+
+
+if __name__ == '__main__':
+    main()
