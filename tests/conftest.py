@@ -34,3 +34,28 @@ def _isolate_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(saved)
+
+
+@pytest.fixture
+def spy_calls(monkeypatch):
+    """``spy(module, name)`` wraps ``module.name`` to record its calls (a
+    list of names, returned) for the rest of the test."""
+
+    def spy(module, name):
+        calls = []
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name,
+            lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+        return calls
+
+    return spy
+
+
+@pytest.fixture
+def small_winograd(monkeypatch):
+    """Winograd thresholds lowered so that small test layers take the path
+    (mmdyn/ops/winograd.py)."""
+    from mmdyn.ops import winograd
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)

@@ -1,8 +1,11 @@
 """Dynamic convolution operators (torch only).
 
 One method per file: :mod:`.dyconv` (CondConv/DyConv), :mod:`.odconv`,
-:mod:`.kernel_warehouse`, :mod:`.ddf` (DDF and DDF-Up). Shared pieces live in
-:mod:`.base` and :mod:`.per_sample_conv`.
+:mod:`.kernel_warehouse`, :mod:`.ddf` (DDF and DDF-Up); their C loops for the
+CPU in :mod:`.ddf_cpu` and :mod:`.kernel_warehouse_cpu`. Shared pieces live in
+:mod:`.base`, :mod:`.per_sample_conv`, :mod:`.winograd` (Winograd F(2x2, 3x3)
+inference of per-sample 3x3 kernels) and :mod:`.c_library` (building and
+loading the C loops).
 """
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm)

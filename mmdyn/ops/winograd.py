@@ -27,9 +27,11 @@ is one fused C loop (:data:`_SOURCE`, built by
 :class:`~mmdyn.ops.c_library.CLibrary`) that reads the kernel bank in its
 own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
 
-Numbers (benchmarks/README.md): ResNet-50 stage 3 (256 -> 256, 14x14),
-batch 8, eval, 2 threads: ODConv 1x 1.41x -> ~1.1x, ODConv 4x 1.51x ->
-~1.2x, DyConv K=4 1.46x -> ~1.1x of ``nn.Conv2d``.
+Numbers (benchmarks/README.md, 2-core AVX2 CPU): ResNet-50 stage 3 (256 ->
+256, 14x14), batch 8, eval, 2 threads, time relative to ``nn.Conv2d`` of the
+same shape, batch-1 convs -> Winograd: ODConv 1x 1.41x -> 1.06x, ODConv 4x
+1.51x -> 1.13x, DyConv K=4 1.46x -> 1.10x. KernelWarehouse builds its
+transformed kernels from its mixtures (:func:`winograd_block_conv2d`).
 
 Results differ from the direct conv by float32 rounding of the transforms
 (relative error ~1e-6). ``MMDYN_WINOGRAD=0`` turns the path off;

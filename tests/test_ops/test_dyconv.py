@@ -296,23 +296,19 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(monkeypatch, cls, bias):
+def test_winograd_inference_path_matches_reference(small_winograd,
+                                                    spy_calls, cls, bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the
     routing weights (thresholds lowered so that a small layer takes it;
     odd output size: cropped tiles)."""
-    from mmdyn.ops import dyconv, winograd
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
-    calls = []
-    real = dyconv.winograd_per_sample_conv2d
-    monkeypatch.setattr(dyconv, 'winograd_per_sample_conv2d',
-                        lambda *a: calls.append(1) or real(*a))
+    from mmdyn.ops import dyconv
+    calls = spy_calls(dyconv, 'winograd_per_sample_conv2d')
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
-    assert calls == [1]
+    assert calls == ['winograd_per_sample_conv2d']
 
 
 def test_winograd_at_resnet_stage3_size():

@@ -459,26 +459,21 @@ def test_position_major_path_matches_reference(kernel_size, stride, padding,
 @pytest.mark.parametrize('kernel_size,path', [(3, 'winograd'),
                                               (3, 'position_major'),
                                               (1, 'position_major')])
-def test_float32_inference_paths_match_reference(monkeypatch, inplane,
-                                                 outplane, kernel_size,
-                                                 path):
+def test_float32_inference_paths_match_reference(request, monkeypatch,
+                                                 spy_calls, inplane, outplane,
+                                                 kernel_size, path):
     """Float32 CPU inference: the cell products by the C loop into the
     reused mixtures buffer, then Winograd F(2x2, 3x3) from the mixture
     layout (3x3 stride 1) or the position-major conv; against the float64
     naive reference. Thresholds lowered so that small layers take these
     paths; cells split over input and output channels too."""
     from mmdyn.ops import kernel_warehouse as kw
-    from mmdyn.ops import kernel_warehouse_cpu, winograd
+    from mmdyn.ops import kernel_warehouse_cpu
     monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
     if path == 'winograd':
-        monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
-        monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
-    calls = []
-    for name in ('small_rows_matmul', 'winograd_block_conv2d'):
-        real = getattr(kw, name)
-        monkeypatch.setattr(
-            kw, name, lambda *a, _real=real, _name=name, **k:
-            calls.append(_name) or _real(*a, **k))
+        request.getfixturevalue('small_winograd')
+    calls = spy_calls(kw, 'small_rows_matmul')
+    winograd_calls = spy_calls(kw, 'winograd_block_conv2d')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True))],
                cell_num_ratio=1, cell_inplane_ratio=inplane,
@@ -495,8 +490,8 @@ def test_float32_inference_paths_match_reference(monkeypatch, inplane,
         out = layer(x)
         expected = _reference_conv(net.double().layers[0], x.double(), 0.0)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
-    assert calls[0] == 'small_rows_matmul'
-    assert ('winograd_block_conv2d' in calls) == (path == 'winograd')
+    assert calls == ['small_rows_matmul']
+    assert bool(winograd_calls) == (path == 'winograd')
 
 
 def test_reused_mixtures_buffer_only_in_inference():

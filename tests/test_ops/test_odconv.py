@@ -415,24 +415,20 @@ def test_chunked_inference_path_matches_reference(num, bias):
 
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(monkeypatch, num, bias):
+def test_winograd_inference_path_matches_reference(small_winograd,
+                                                    spy_calls, num, bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) with the
     spatial and kernel attentions folded into the transformed kernels
     (thresholds lowered so that a small layer takes it; odd output size)."""
-    from mmdyn.ops import odconv, winograd
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
-    calls = []
-    real = odconv.winograd_per_sample_conv2d
-    monkeypatch.setattr(odconv, 'winograd_per_sample_conv2d',
-                        lambda *a: calls.append(1) or real(*a))
+    from mmdyn.ops import odconv
+    calls = spy_calls(odconv, 'winograd_per_sample_conv2d')
     layer = randomise(ODConv2d(16, 24, 3, padding=1, bias=bias,
                                kernel_num=num))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
-    assert calls == [1]
+    assert calls == ['winograd_per_sample_conv2d']
 
 
 @pytest.mark.parametrize('num', [1, 4])
