@@ -44,9 +44,12 @@ def spy_calls(monkeypatch):
     def spy(module, name):
         calls = []
         real = getattr(module, name)
-        monkeypatch.setattr(
-            module, name,
-            lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+
+        def recording(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
         return calls
 
     return spy

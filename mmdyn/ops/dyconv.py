@@ -227,9 +227,7 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             if bias is not None:
                 out = out + bias[:, :, None, None].to(out.dtype)
             return out
-        if uses_winograd(x, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups,
-                         self.impl):
+        if uses_winograd(x, self):
             out = winograd_per_sample_conv2d(x, self.weight, pi, None,
                                              self.padding)
             if bias is not None:

@@ -436,9 +436,7 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         self.check_input(x)
         self._check_finalized()
         attention = self._attention_weights(x.mean(dim=(2, 3)))
-        if uses_winograd(x, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups,
-                         self.impl):
+        if uses_winograd(x, self):
             # Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2,
             # 3x3) straight from the mixtures (mmdyn/ops/winograd.py).
             out = winograd_block_conv2d(

@@ -429,9 +429,7 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                            self.groups)
         elif self.use_scaled_columns(x.shape[-2:]):
             out = self._scaled_columns_conv(x, channel, spatial)
-        elif uses_winograd(x, self.out_channels, self.kernel_size,
-                           self.stride, self.padding, self.dilation,
-                           self.groups, self.impl):
+        elif uses_winograd(x, self):
             out = winograd_per_sample_conv2d(
                 x * channel[:, :, None, None], self.weight, kernel, spatial,
                 self.padding)

@@ -179,29 +179,31 @@ def num_tiles(out_hw: Tuple[int, int]) -> int:
     return ((out_hw[0] + 1) // 2) * ((out_hw[1] + 1) // 2)
 
 
-def uses_winograd(x: torch.Tensor, out_channels: int,
-                  kernel_size: Tuple[int, int], stride: Tuple[int, int],
-                  padding: Tuple[int, int], dilation: Tuple[int, int],
-                  groups: int, impl: str = 'auto') -> bool:
-    """Whether a layer with these arguments runs
-    :func:`winograd_per_sample_conv2d` on ``x``.
+def uses_winograd(x: torch.Tensor, conv) -> bool:
+    """Whether the dynamic conv layer ``conv`` runs ``x`` through the
+    Winograd path (:func:`winograd_per_sample_conv2d` or
+    :func:`winograd_block_conv2d`).
 
-    True for CPU float32 inference (no autograd graph, no autocast, no
-    tracing or export) of a batch of two or more through a 3x3, stride 1,
-    dilation 1, ``groups=1`` layer with ``impl='auto'``, at least
-    :data:`WINOGRAD_MIN_CHANNELS` input and output channels and
+    ``conv`` has ``nn.Conv2d``'s attributes (``out_channels``,
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``) and
+    ``impl``. True for CPU float32 inference (no autograd graph, no
+    autocast, no tracing or export) of a batch of two or more through a
+    3x3, stride 1, dilation 1, ``groups=1`` layer with ``impl='auto'``, at
+    least :data:`WINOGRAD_MIN_CHANNELS` input and output channels and
     :data:`WINOGRAD_MIN_TILES` output tiles, when the C loop is available.
     """
-    if impl != 'auto' or x.device.type != 'cpu' or x.dtype != torch.float32:
+    if conv.impl != 'auto' or x.device.type != 'cpu' or \
+            x.dtype != torch.float32:
         return False
     if x.shape[0] < 2 or torch.is_grad_enabled() or _is_exporting() or \
             torch.jit.is_tracing() or torch.is_autocast_enabled('cpu'):
         return False
-    if tuple(kernel_size) != (3, 3) or tuple(stride) != (1, 1) or \
-            tuple(dilation) != (1, 1) or groups != 1:
+    if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or \
+            tuple(conv.dilation) != (1, 1) or conv.groups != 1:
         return False
-    if min(x.shape[1], out_channels) < WINOGRAD_MIN_CHANNELS:
+    if min(x.shape[1], conv.out_channels) < WINOGRAD_MIN_CHANNELS:
         return False
+    padding = conv.padding
     out_hw = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
     if num_tiles(out_hw) < WINOGRAD_MIN_TILES:
         return False
@@ -227,9 +229,9 @@ def _check_bank(bank, mix, spatial):
     return batch
 
 
-def winograd_kernels_reference(bank: torch.Tensor,
-                               mix: Optional[torch.Tensor],
-                               spatial: Optional[torch.Tensor]) -> torch.Tensor:
+def winograd_kernels_reference(
+        bank: torch.Tensor, mix: Optional[torch.Tensor],
+        spatial: Optional[torch.Tensor]) -> torch.Tensor:
     """``U_b = G W_b G^T`` with ``W_b = spatial[b] * sum_k mix[b, k] *
     bank[k]``, by plain tensor ops (the reference of
     :func:`winograd_kernels`).
@@ -331,8 +333,10 @@ def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
     rows = (m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3])
     tiles = out.view(batch, channels, tiles_h, 2, tiles_w, 2)
     for a, row in enumerate(rows):
-        torch.add(row[:, 0] + row[:, 1], row[:, 2], out=tiles[:, :, :, a, :, 0])
-        torch.sub(row[:, 1] - row[:, 2], row[:, 3], out=tiles[:, :, :, a, :, 1])
+        torch.add(row[:, 0] + row[:, 1], row[:, 2],
+                  out=tiles[:, :, :, a, :, 0])
+        torch.sub(row[:, 1] - row[:, 2], row[:, 3],
+                  out=tiles[:, :, :, a, :, 1])
 
 
 def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,

@@ -440,7 +440,6 @@ def test_winograd_at_resnet_stage3_size(num):
                                kernel_num=num))
     x = torch.randn(2, 256, 14, 14)
     with torch.no_grad():
-        assert uses_winograd(x, 256, layer.kernel_size, layer.stride,
-                             layer.padding, layer.dilation, layer.groups)
+        assert uses_winograd(x, layer)
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)

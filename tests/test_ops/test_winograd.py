@@ -2,6 +2,8 @@
 references: a loop of F.conv2d over per-sample kernels built by an explicit
 sum, and the transformed kernel written out entry by entry from the
 F(2x2, 3x3) matrix G."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,23 +152,24 @@ def test_uses_winograd_only_where_it_pays(monkeypatch):
     never with autograd, autocast, one sample, other kernels/strides,
     groups, few channels or tiles, an explicit impl, or without the C
     loop."""
-    args = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1),
-                dilation=(1, 1), groups=1)
+    conv = SimpleNamespace(out_channels=256, kernel_size=(3, 3),
+                           stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                           groups=1, impl='auto')
     x = torch.randn(2, 256, 14, 14)
     with torch.no_grad():
-        assert uses_winograd(x, 256, **args)
-        assert not uses_winograd(x[:1], 256, **args)
-        assert not uses_winograd(x.double(), 256, **args)
-        assert not uses_winograd(x, 256, impl='loop', **args)
+        assert uses_winograd(x, conv)
+        assert not uses_winograd(x[:1], conv)
+        assert not uses_winograd(x.double(), conv)
         for key, value in (('kernel_size', (1, 1)), ('stride', (2, 2)),
-                           ('dilation', (2, 2)), ('groups', 2)):
-            assert not uses_winograd(x, 256, **dict(args, **{key: value}))
-        assert not uses_winograd(x, 64, **args)
-        assert not uses_winograd(x[:, :64].contiguous(), 256, **args)
+                           ('dilation', (2, 2)), ('groups', 2),
+                           ('impl', 'loop'), ('out_channels', 64)):
+            other = SimpleNamespace(**dict(vars(conv), **{key: value}))
+            assert not uses_winograd(x, other)
+        assert not uses_winograd(x[:, :64].contiguous(), conv)
         # 7x7 output: 16 tiles.
-        assert not uses_winograd(x[..., :7, :7], 256, **args)
+        assert not uses_winograd(x[..., :7, :7], conv)
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not uses_winograd(x, 256, **args)
+            assert not uses_winograd(x, conv)
         monkeypatch.setattr(winograd, 'load', lambda: None)
-        assert not uses_winograd(x, 256, **args)
-    assert not uses_winograd(x, 256, **args)  # autograd on
+        assert not uses_winograd(x, conv)
+    assert not uses_winograd(x, conv)  # autograd on
