@@ -12,7 +12,8 @@ shape: the few rows of ``attention`` are packed once into panels of 4, each
 thread packs a block of ``cells`` columns that fits the L1 cache into strips
 of 24, and a 4x24 AVX2/FMA tile sums the inner dimension in registers
 (a portable C tile where AVX2/FMA is missing). It runs these shapes at
-19-32 GMAC/s, 1.3-1.7x MKL (benchmarks/README.md). Only float32
+22-32 GMAC/s, 1.0-1.6x MKL, 1.39x over one batch-8 forward
+(benchmarks/README.md). Only float32
 inference uses it (:func:`uses_small_rows_matmul`); ``torch.matmul``
 stays the reference and the path of autograd, other dtypes and devices.
 ``MMDYN_KW_CPU_KERNEL=0`` turns it off.
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .c_library import CLibrary, ptr
+from .c_library import CLibrary, num_threads, ptr
 
 _SOURCE = r'''
 #include <stdint.h>
@@ -41,7 +42,7 @@ static void tile_4x24(const float *ap, const float *bp, long K, float *c,
     float tile[MR][NR];
 #if defined(__AVX2__) && defined(__FMA__)
     /* Twelve named accumulators: an array of vectors indexed in loops is
-       not reliably kept in registers. 4 x 24 beat 6 x 16 by 15 % on the
+       not reliably kept in registers. 4 x 24 beat 6 x 16 by 17 % on the
        ResNet-50 assembly shapes (no padded rows for B * m = 32, 36, 72:
        multiples of 4; three loads per four broadcasts). */
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00;
@@ -207,9 +208,9 @@ def small_rows_matmul(a: torch.Tensor,
     elif tuple(out.shape) != shape or out.dtype != torch.float32 or \
             not out.is_contiguous():
         raise ValueError(f'out must be a contiguous float32 {shape} tensor')
-    threads = max(1, min(torch.get_num_threads(), -(-b.shape[1] // 1024)))
     if lib.small_rows_matmul_f32(ptr(rows), ptr(b), ptr(out), rows.shape[0],
-                                 rows.shape[1], b.shape[1], threads):
+                                 rows.shape[1], b.shape[1],
+                                 num_threads(out.numel())):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
     return out

@@ -179,6 +179,32 @@ def num_tiles(out_hw: Tuple[int, int]) -> int:
     return ((out_hw[0] + 1) // 2) * ((out_hw[1] + 1) // 2)
 
 
+def _output_hw(x: torch.Tensor, padding: Tuple[int, int]) -> Tuple[int, int]:
+    """Output size of a 3x3, stride-1 conv of ``x``."""
+    return x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
+
+
+def _library() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError('the Winograd C loop is unavailable (no C '
+                           f'compiler, or {WINOGRAD_SWITCH}=0)')
+    return lib
+
+
+def _kernels_out(out: Optional[torch.Tensor], shape: Tuple[int, ...],
+                 like: torch.Tensor) -> torch.Tensor:
+    """A new [B, 16, C_out, C_in] tensor, or ``out`` checked to be one
+    the C loops can write into (contiguous float32, same size)."""
+    if out is None:
+        return like.new_empty(shape)
+    if out.numel() != math.prod(shape) or not out.is_contiguous() or \
+            out.dtype != torch.float32:
+        raise ValueError(f'out must be a contiguous float32 tensor of '
+                         f'{math.prod(shape)} elements')
+    return out.view(shape)
+
+
 def uses_winograd(x: torch.Tensor, conv) -> bool:
     """Whether the dynamic conv layer ``conv`` runs ``x`` through the
     Winograd path (:func:`winograd_per_sample_conv2d` or
@@ -203,9 +229,7 @@ def uses_winograd(x: torch.Tensor, conv) -> bool:
         return False
     if min(x.shape[1], conv.out_channels) < WINOGRAD_MIN_CHANNELS:
         return False
-    padding = conv.padding
-    out_hw = (x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
-    if num_tiles(out_hw) < WINOGRAD_MIN_TILES:
+    if num_tiles(_output_hw(x, conv.padding)) < WINOGRAD_MIN_TILES:
         return False
     return load() is not None
 
@@ -269,28 +293,20 @@ def winograd_kernels(bank: torch.Tensor,
     C_in elements that the kernels are written into.
     """
     batch = _check_bank(bank, mix, spatial)
-    lib = load()
-    if lib is None:
-        raise RuntimeError('the Winograd C loop is unavailable (no C '
-                           f'compiler, or {WINOGRAD_SWITCH}=0)')
+    lib = _library()
     tensors = [t for t in (bank, mix, spatial) if t is not None]
     if any(t.device.type != 'cpu' or t.dtype != torch.float32
            for t in tensors):
         raise ValueError('winograd_kernels takes float32 CPU tensors')
     num, c_out, c_in = bank.shape[:3]
     n = c_out * c_in
-    if out is None:
-        out = bank.new_empty(batch, 16, c_out, c_in)
-    elif out.numel() != batch * 16 * n or not out.is_contiguous() or \
-            out.dtype != torch.float32:
-        raise ValueError(f'out must be a contiguous float32 tensor of '
-                         f'{batch * 16 * n} elements')
+    out = _kernels_out(out, (batch, 16, c_out, c_in), bank)
     bank = bank.contiguous()
     mix = None if mix is None else mix.contiguous()
     spatial = None if spatial is None else spatial.contiguous()
     lib.winograd_kernels_f32(ptr(bank), ptr(mix), ptr(spatial), ptr(out),
-                             batch, num, n, num_threads(batch * 16 * n))
-    return out.view(batch, 16, c_out, c_in)
+                             batch, num, n, num_threads(out.numel()))
+    return out
 
 
 def _bt_rows(d, out=(None, None, None, None)):
@@ -344,8 +360,7 @@ def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
     """3x3, stride 1 conv of sample ``b`` of ``x`` with the transformed
     kernel ``kernels[b]`` (from :func:`winograd_kernels`; [B, 16, C_out,
     C_in]). No bias."""
-    out_h = x.shape[2] + 2 * padding[0] - 2
-    out_w = x.shape[3] + 2 * padding[1] - 2
+    out_h, out_w = _output_hw(x, padding)
     v, grid = _input_transform(x, padding)
     out = x.new_empty(x.shape[0], kernels.shape[2], 2 * grid[0], 2 * grid[1])
     _output_transform(torch.matmul(kernels, v), grid, out)
@@ -376,22 +391,13 @@ def winograd_kernels_from_blocks(mixtures: torch.Tensor,
     if mixtures.device.type != 'cpu' or mixtures.dtype != torch.float32:
         raise ValueError('winograd_kernels_from_blocks takes a float32 CPU '
                          'tensor')
-    lib = load()
-    if lib is None:
-        raise RuntimeError('the Winograd C loop is unavailable (no C '
-                           f'compiler, or {WINOGRAD_SWITCH}=0)')
+    lib = _library()
     batch, _, g_o, g_i, c_o, c_i = mixtures.shape
-    shape = (batch, 16, g_o * c_o, g_i * c_i)
-    if out is None:
-        out = mixtures.new_empty(shape)
-    elif out.numel() != math.prod(shape) or not out.is_contiguous() or \
-            out.dtype != torch.float32:
-        raise ValueError(f'out must be a contiguous float32 tensor of '
-                         f'{math.prod(shape)} elements')
+    out = _kernels_out(out, (batch, 16, g_o * c_o, g_i * c_i), mixtures)
     mixtures = mixtures.contiguous()
     lib.winograd_blocks_f32(ptr(mixtures), ptr(out), batch, g_o, g_i, c_o,
                             c_i, num_threads(out.numel()))
-    return out.view(shape)
+    return out
 
 
 def _chunked_winograd_conv2d(x, c_out, padding, kernels_fn):
@@ -456,6 +462,7 @@ def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
     return _chunked_winograd_conv2d(
         x, c_out, padding, lambda start, stop, out:
         winograd_kernels_from_blocks(mixtures[start:stop], out=out))
+
 
 __all__ = [
     'WINOGRAD_MIN_CHANNELS', 'WINOGRAD_MIN_TILES', 'WINOGRAD_SWITCH', 'load',
