@@ -38,6 +38,7 @@ anneals it from 1 to 0 at the start of training.
 torch only.
 """
 import math
+import os
 from functools import reduce
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -46,7 +47,8 @@ from torch import nn
 
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm, check_positive)
-from .kernel_warehouse_cpu import small_rows_matmul, uses_small_rows_matmul
+from .kernel_warehouse_cpu import (Scatter, pack_columns, small_rows_matmul,
+                                   uses_small_rows_matmul)
 from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
                               kernel_workspace, per_sample_conv2d,
                               uses_chunked_kernels)
@@ -348,33 +350,74 @@ class _KWLayerMixin(TemperatureMixin):
         kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
 
-    def mix_cells(self, attention: torch.Tensor,
-                  reuse_buffer: bool = False) -> torch.Tensor:
-        """The mixtures ``attention @ cells``, [B, g_s, g_o, g_i, c_o, c_i]
-        (kernel position, output block, input block, then the cell).
+    def mix_cells(self,
+                  attention: torch.Tensor,
+                  reuse_buffer: bool = False,
+                  position_major: bool = False) -> torch.Tensor:
+        """The mixtures ``attention @ cells``.
+
+        Args:
+            attention (Tensor): [B, m, n] attentions.
+            reuse_buffer (bool): In inference, write the mixtures into this
+                thread's reused ``'kw_mixtures'`` workspace, valid until the
+                next such call: a fresh tensor above glibc's mmap threshold
+                (a ResNet-50 stage-4 layer's 75 MB at batch 8) costs about
+                as much in page faults as the product itself.
+            position_major (bool): Return [B, g_s, C_out, C_in] (the
+                kernel, position by position) instead of the mixture layout.
+
+        Returns:
+            Tensor: [B, g_s, g_o, g_i, c_o, c_i] (kernel position, output
+            block, input block, then the cell), or [B, g_s, C_out, C_in].
 
         Float32 CPU inference runs the product as
-        :func:`~mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`. With
-        ``reuse_buffer`` (inference only) the mixtures are written into
-        this thread's reused ``'kw_mixtures'`` workspace, valid until the
-        next such call: a fresh tensor above glibc's mmap threshold (a
-        ResNet-50 stage-4 layer's 75 MB at batch 8) costs about as much in
-        page faults as the product itself.
+        :func:`~mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul` on the
+        manager's packed copy of the cells
+        (:meth:`WarehouseManager.packed_cells`), writing the position-major
+        layout directly; otherwise ``torch.matmul``, then a transposition
+        when mixtures span part of C_in.
         """
         cells = self.warehouse_manager.weights[self.warehouse_id]
         cells = cells.reshape(cells.shape[0], -1)
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
+        g_s, g_o, g_i, c_o, c_i = self._kw_layout
+        batch = attention.shape[0]
+        shape = (batch, g_s, g_o * c_o, g_i * c_i) if position_major else \
+            (batch, *self._kw_layout)
         out = None
         if reuse_buffer and not torch.is_grad_enabled():
-            shape = (*attention.shape[:-1], cells.shape[1])
             out = kernel_workspace(math.prod(shape), attention.dtype,
                                    attention.device, 'kw_mixtures').view(shape)
         if uses_small_rows_matmul(attention, cells):
-            mixtures = small_rows_matmul(attention, cells, out=out)
-        else:  # [B, m, c_o * c_i]
-            mixtures = torch.matmul(attention, cells, out=out)
-        return mixtures.reshape(-1, *self._kw_layout)
+            if out is None:
+                out = attention.new_empty(shape)
+            scatter = target = None
+            if position_major and g_i > 1:
+                scatter, target = self._position_major_scatter(batch), out
+            else:
+                target = out.view(*attention.shape[:-1], cells.shape[1])
+            small_rows_matmul(attention, cells, target,
+                              packed_b=self.warehouse_manager.packed_cells(
+                                  self.warehouse_id),
+                              scatter=scatter)
+            return out
+        if position_major and g_i > 1:  # [B, m, c_o * c_i], rearranged
+            mixtures = torch.matmul(attention, cells)
+            return mixtures.view(-1, *self._kw_layout).transpose(3, 4) \
+                .reshape(shape)
+        return torch.matmul(attention, cells, out=out).reshape(shape)
+
+    def _position_major_scatter(self, batch: int) -> Scatter:
+        """Where mixture (b, s, o, i) starts in [B, g_s, C_out, C_in], and
+        its rows of c_i columns every C_in."""
+        g_s, g_o, g_i, c_o, c_i = self._kw_layout
+        sample, position, block_out, block_in = torch.meshgrid(
+            torch.arange(batch), torch.arange(g_s), torch.arange(g_o),
+            torch.arange(g_i), indexing='ij')
+        starts = ((sample * g_s + position) * g_o * c_o +
+                  block_out * c_o) * g_i * c_i + block_in * c_i
+        return Scatter(starts.flatten(), c_i, g_i * c_i)
 
     def _agg_madds(self) -> int:
         return _prod(self.weight_shape) * self.num_cells
@@ -488,21 +531,17 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
                              attention: torch.Tensor) -> torch.Tensor:
         """The conv from the mixtures without building the kernel layout.
 
-        The mixtures come out of the cell matmul position-major, [B, kh*kw,
-        C_out, C_in] (a copy only to bring the input blocks next to each
-        other when a mixture spans part of C_in), so instead of permuting
+        The mixtures come out of the cell product position-major, [B,
+        kh*kw, C_out, C_in] (:meth:`mix_cells`), so instead of permuting
         them into [B, C_out, C_in, kh, kw] (a stride-``kh*kw`` transposition
         of the largest tensor of the layer, and again in the backward) the
         conv is ``sum_p mixtures[:, p] @ columns[:, :, p]`` over the im2col
         columns of the input, kernel position by kernel position. Same
         result as the per-sample conv with :meth:`assemble_kernel`.
         """
-        mixtures = self.mix_cells(attention, reuse_buffer=True)
-        g_s, g_i = self._kw_layout[0], self._kw_layout[2]
-        if g_i > 1:
-            mixtures = mixtures.transpose(3, 4)
-        mixtures = mixtures.reshape(-1, g_s, self.out_channels,
-                                    self.in_channels)
+        mixtures = self.mix_cells(attention, reuse_buffer=True,
+                                  position_major=True)
+        g_s = self._kw_layout[0]
         h_out, w_out = self.output_hw(*x.shape[-2:])
         if g_s == 1:  # 1x1: strided input, one batched matmul
             if self.padding != (0, 0):
@@ -708,6 +747,8 @@ class WarehouseManager(nn.Module):
         self.cell_shapes: List[Tuple[int, ...]] = []
         self.slices: List[Tuple[int, int, int]] = []
         self.finalized = False
+        # warehouse index -> ((data_ptr, version, shape), packed cells)
+        self._packed: Dict[int, Tuple[tuple, torch.Tensor]] = {}
 
     @staticmethod
     def _check_ratio(value, name: str) -> None:
@@ -895,6 +936,47 @@ class WarehouseManager(nn.Module):
                     f'{self.weights[idx].shape[0]}; use an integer ratio '
                     '>= 1 or 1/p with mixture counts the rule can realise')
         self.init_weights()
+
+    def packed_cells(self, index: int) -> Optional[torch.Tensor]:
+        """Warehouse ``index`` cut into the column strips of the CPU
+        assembly loop (:func:`~mmdyn.ops.kernel_warehouse_cpu.pack_columns`),
+        built on first use in inference and kept until the cells change.
+
+        Every KW layer of a warehouse reads all of its cells; without this
+        copy each of them re-cuts the warehouse (read with a stride of a
+        cell row), about 10 % of KW-1x ResNet-50's assembly time
+        (benchmarks/README.md). The copy costs the warehouse's size in
+        memory while it lives: it is dropped by ``train()`` and rebuilt
+        when the cells' storage, dtype or version counter changes (every
+        in-place update through the parameter, ``load_state_dict`` and
+        optimiser steps included; not writes through ``.data``: call
+        :meth:`clear_packed_cells` after those). ``MMDYN_KW_PACKED_CELLS=0``
+        turns it off.
+
+        Returns:
+            Tensor | None: The strips; None when switched off or not in
+            float32 CPU inference.
+        """
+        cells = self.weights[index]
+        if os.environ.get('MMDYN_KW_PACKED_CELLS', '1') == '0' or \
+                self.training or torch.is_grad_enabled() or \
+                cells.device.type != 'cpu' or cells.dtype != torch.float32:
+            return None
+        key = (cells.data_ptr(), cells._version, tuple(cells.shape))
+        cached = self._packed.get(index)
+        if cached is None or cached[0] != key:
+            cached = (key, pack_columns(cells.reshape(cells.shape[0], -1)))
+            self._packed[index] = cached
+        return cached[1]
+
+    def clear_packed_cells(self) -> None:
+        """Drop the packed copies of the warehouses (see
+        :meth:`packed_cells`)."""
+        self._packed = {}
+
+    def train(self, mode: bool = True) -> 'WarehouseManager':
+        self.clear_packed_cells()
+        return super().train(mode)
 
     @torch.no_grad()
     def init_weights(self) -> None:

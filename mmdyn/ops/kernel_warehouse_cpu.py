@@ -19,7 +19,7 @@ stays the reference and the path of autograd, other dtypes and devices.
 ``MMDYN_KW_CPU_KERNEL=0`` turns it off.
 """
 import ctypes
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -35,11 +35,51 @@ _SOURCE = r'''
 #define MR 4
 #define NR 24
 
-/* c[0:mr, 0:nr] (row stride ldc) = ap [K][MR] (packed rows) x bp [K][NR]
-   (packed columns). */
-static void tile_4x24(const float *ap, const float *bp, long K, float *c,
-                      long ldc, long mr, long nr) {
-    float tile[MR][NR];
+/* Where C's rows and columns go. Row r starts at out + rows[r] (out + r * N
+   when rows is NULL); column j lands at (j / seg) * seg_stride + j % seg
+   from there: seg = seg_stride = N is plain row-major, while seg = c_i,
+   seg_stride = C_in writes a [c_o, c_i] cell into its place in a
+   [C_out, C_in] matrix. */
+typedef struct {
+    float *out;
+    const long *rows;
+    long N, seg, seg_stride;
+    int stream;
+} layout_t;
+
+/* Column j of a row lands at col_offset(L, j) from the row's start. */
+static long col_offset(const layout_t *L, long j) {
+    return (j / L->seg) * L->seg_stride + j % L->seg;
+}
+
+static float *row_start(const layout_t *L, long r) {
+    return L->out + (L->rows ? L->rows[r] : r * L->N);
+}
+
+/* The general store of rows 0..mr, columns c0..c0+nr of a tile (edge tiles
+   and strips that cross a segment). */
+static void store_tile(const layout_t *L, float tile[MR][NR], long r0,
+                       long mr, long c0, long nr) {
+    for (long r = 0; r < mr; ++r) {
+        float *row = row_start(L, r0 + r);
+        for (long q = 0; q < nr;) {
+            const long within = (c0 + q) % L->seg;
+            long len = L->seg - within;
+            if (len > nr - q) len = nr - q;
+            memcpy(row + col_offset(L, c0 + q), tile[r] + q,
+                   len * sizeof(float));
+            q += len;
+        }
+    }
+}
+
+/* ap [K][MR] (packed rows) x bp [K][NR] (packed columns). With `dst`, a
+   whole tile whose rows start at dst[0..MR-1] is stored from the registers
+   (streaming, non-temporal stores when `stream` and aligned: the output of
+   a deep layer is larger than the last-level cache, and a plain store first
+   reads each line it writes); otherwise into `tile`. */
+static void tile_4x24(const float *ap, const float *bp, long K,
+                      float *const *dst, int stream, float tile[MR][NR]) {
 #if defined(__AVX2__) && defined(__FMA__)
     /* Twelve named accumulators: an array of vectors indexed in loops is
        not reliably kept in registers. 4 x 24 beat 6 x 16 by 17 % on the
@@ -62,84 +102,137 @@ static void tile_4x24(const float *ap, const float *bp, long K, float *c,
         KW_ROW(2, c20, c21, c22) KW_ROW(3, c30, c31, c32)
     }
 #undef KW_ROW
-    _mm256_storeu_ps(tile[0], c00); _mm256_storeu_ps(tile[0] + 8, c01);
-    _mm256_storeu_ps(tile[0] + 16, c02);
-    _mm256_storeu_ps(tile[1], c10); _mm256_storeu_ps(tile[1] + 8, c11);
-    _mm256_storeu_ps(tile[1] + 16, c12);
-    _mm256_storeu_ps(tile[2], c20); _mm256_storeu_ps(tile[2] + 8, c21);
-    _mm256_storeu_ps(tile[2] + 16, c22);
-    _mm256_storeu_ps(tile[3], c30); _mm256_storeu_ps(tile[3] + 8, c31);
-    _mm256_storeu_ps(tile[3] + 16, c32);
+#define KW_STORE(r, x0, x1, x2)                                            \
+    if (!dst) {                                                            \
+        _mm256_storeu_ps(tile[r], x0); _mm256_storeu_ps(tile[r] + 8, x1);  \
+        _mm256_storeu_ps(tile[r] + 16, x2);                                \
+    } else if (stream && ((uintptr_t)dst[r] & 31) == 0) {                  \
+        _mm256_stream_ps(dst[r], x0); _mm256_stream_ps(dst[r] + 8, x1);    \
+        _mm256_stream_ps(dst[r] + 16, x2);                                 \
+    } else {                                                               \
+        _mm256_storeu_ps(dst[r], x0); _mm256_storeu_ps(dst[r] + 8, x1);    \
+        _mm256_storeu_ps(dst[r] + 16, x2);                                 \
+    }
+    KW_STORE(0, c00, c01, c02) KW_STORE(1, c10, c11, c12)
+    KW_STORE(2, c20, c21, c22) KW_STORE(3, c30, c31, c32)
+#undef KW_STORE
 #else
-    memset(tile, 0, sizeof(tile));
+    (void)stream;
+    memset(tile, 0, sizeof(float) * MR * NR);
     for (long k = 0; k < K; ++k)
         for (int r = 0; r < MR; ++r)
             for (int q = 0; q < NR; ++q)
                 tile[r][q] += ap[k * MR + r] * bp[k * NR + q];
+    if (dst)
+        for (int r = 0; r < MR; ++r) memcpy(dst[r], tile[r], sizeof(tile[r]));
 #endif
-    for (long r = 0; r < mr; ++r) memcpy(c + r * ldc, tile[r], nr * 4);
 }
 
-/* C[M, N] = A[M, K] @ B[K, N], all row-major and contiguous. Returns 0,
-   or -1 when out of memory (C is then not written). */
-int small_rows_matmul_f32(const float *A, const float *B, float *C, long M,
-                          long K, long N, int threads) {
+/* Strip s of B [K, N] (columns s*NR..) as [K][NR], zero-padded. */
+static void pack_strip(const float *B, long K, long N, long s, float *dst) {
+    const long c0 = s * NR;
+    const long w = (N - c0) < NR ? (N - c0) : NR;
+    if (w == NR) {
+        /* A constant size: two vector moves, no call. */
+        for (long k = 0; k < K; ++k)
+            memcpy(dst + k * NR, B + k * N + c0, NR * 4);
+    } else {
+        for (long k = 0; k < K; ++k)
+            for (long q = 0; q < NR; ++q)
+                dst[k * NR + q] = q < w ? B[k * N + c0 + q] : 0.0f;
+    }
+}
+
+/* Bp [ceil(N / NR)][K][NR] = B [K, N] cut into zero-padded strips. */
+void pack_columns_f32(const float *B, float *Bp, long K, long N,
+                      int threads) {
+    const long strips = (N + NR - 1) / NR;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long s = 0; s < strips; ++s) pack_strip(B, K, N, s, Bp + s * K * NR);
+}
+
+/* C = A [M, K] @ B [K, N] (row-major, contiguous), stored as `L` says.
+   `Bp`, when not NULL, is B already cut by pack_columns_f32 (then B is not
+   read); otherwise each thread packs a block of strips that fits the L1
+   cache. Returns 0, or -1 when out of memory (C is then not written). */
+int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
+                          float *out, long M, long K, long N,
+                          const long *rows, long seg, long seg_stride,
+                          int stream, int threads) {
+    const layout_t L = {out, rows, N, seg, seg_stride, stream};
     const long panels = (M + MR - 1) / MR;
+    const long strips = (N + NR - 1) / NR;
     float *ap = calloc((size_t)(panels * MR * K), sizeof(float));
     if (!ap) return -1;
     for (long g = 0; g < panels; ++g)
         for (long r = 0; r < MR && g * MR + r < M; ++r)
             for (long k = 0; k < K; ++k)
                 ap[(g * K + k) * MR + r] = A[(g * MR + r) * K + k];
-    /* Column block of B: about 32 KB packed, a whole number of strips. */
-    long block = 32768 / (K * 4) / NR * NR;
-    if (block < NR) block = NR;
-    const long blocks = (N + block - 1) / block;
+    /* Strips per block: about 32 KB packed. */
+    long per_block = 32768 / (K * 4 * NR);
+    if (per_block < 1) per_block = 1;
+    const long blocks = (strips + per_block - 1) / per_block;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         /* 64-byte aligned: unaligned 32-byte loads that straddle cache
            lines cost a third of the speed here. */
-        char *raw = malloc((size_t)(block * K) * sizeof(float) + 64);
+        char *raw = malloc((Bp ? 0 : (size_t)(per_block * K * NR) *
+                            sizeof(float)) + 64);
         float *bp = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
-        if (!raw) {
+        long *offsets = malloc((size_t)per_block * sizeof(long));
+        if (!raw || !offsets) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp barrier
         if (!failed) {
+            float tile[MR][NR];
             #pragma omp for schedule(static)
             for (long blk = 0; blk < blocks; ++blk) {
-                const long n0 = blk * block;
-                const long len = (N - n0) < block ? (N - n0) : block;
-                const long strips = (len + NR - 1) / NR;
-                for (long s = 0; s < strips; ++s) {
-                    const long c0 = n0 + s * NR;
-                    const long w = (N - c0) < NR ? (N - c0) : NR;
-                    float *dst = bp + s * K * NR;
-                    if (w == NR) {
-                        /* A constant size: two vector moves, no call. */
-                        for (long k = 0; k < K; ++k)
-                            memcpy(dst + k * NR, B + k * N + c0, NR * 4);
-                    } else {
-                        for (long k = 0; k < K; ++k)
-                            for (long q = 0; q < NR; ++q)
-                                dst[k * NR + q] =
-                                    q < w ? B[k * N + c0 + q] : 0.0f;
-                    }
+                const long s0 = blk * per_block;
+                const long s1 = (s0 + per_block) < strips ?
+                    (s0 + per_block) : strips;
+                const float *block = Bp ? Bp + s0 * K * NR : bp;
+                if (!Bp)
+                    for (long s = s0; s < s1; ++s)
+                        pack_strip(B, K, N, s, bp + (s - s0) * K * NR);
+                /* Each strip's offset in a row; -1 where the strip is
+                   partial or crosses a segment (general store). */
+                for (long s = s0; s < s1; ++s) {
+                    const long c0 = s * NR;
+                    offsets[s - s0] = (c0 + NR <= N &&
+                                       c0 % seg + NR <= seg) ?
+                        col_offset(&L, c0) : -1;
                 }
                 for (long g = 0; g < panels; ++g) {
                     const long mr = (M - g * MR) < MR ? (M - g * MR) : MR;
-                    for (long s = 0; s < strips; ++s) {
-                        const long c0 = n0 + s * NR;
-                        const long w = (N - c0) < NR ? (N - c0) : NR;
-                        tile_4x24(ap + g * K * MR, bp + s * K * NR, K,
-                                  C + g * MR * N + c0, N, mr, w);
+                    float *row[MR];
+                    for (long r = 0; r < mr; ++r)
+                        row[r] = row_start(&L, g * MR + r);
+                    for (long s = s0; s < s1; ++s) {
+                        const long c0 = s * NR;
+                        const float *bs = block + (s - s0) * K * NR;
+                        const long off = offsets[s - s0];
+                        if (mr == MR && off >= 0) {
+                            float *dst[MR] = {row[0] + off, row[1] + off,
+                                              row[2] + off, row[3] + off};
+                            tile_4x24(ap + g * K * MR, bs, K, dst, stream,
+                                      tile);
+                        } else {
+                            tile_4x24(ap + g * K * MR, bs, K, NULL, 0, tile);
+                            store_tile(&L, tile, g * MR, mr, c0,
+                                       (N - c0) < NR ? (N - c0) : NR);
+                        }
                     }
                 }
             }
+#if defined(__AVX2__)
+            if (stream) _mm_sfence();
+#endif
         }
         free(raw);
+        free(offsets);
     }
     free(ap);
     return failed ? -1 : 0;
@@ -150,11 +243,31 @@ int small_rows_matmul_f32(const float *A, const float *B, float *C, long M,
 #: ``torch.matmul``.
 MIN_COLUMNS = 4096
 
+#: Columns per packed strip (the width of the C tile).
+STRIP = 24
+
+#: Outputs of at least this many bytes are written with streaming
+#: (non-temporal) stores: they exceed the last-level cache anyway.
+STREAM_BYTES = 16 << 20
+
+
+class Scatter(NamedTuple):
+    """Where the rows and columns of a product go in ``out`` (flat): row r
+    starts at ``row_starts[r]`` and column j lands ``(j // segment) *
+    segment_stride + j % segment`` after it. KernelWarehouse uses it to
+    write a ``[c_o, c_i]`` cell mixture into its block of a ``[C_out,
+    C_in]`` kernel (``segment = c_i``, ``segment_stride = C_in``)."""
+    row_starts: torch.Tensor
+    segment: int
+    segment_stride: int
+
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, n = ctypes.c_void_p, ctypes.c_long
-    lib.small_rows_matmul_f32.argtypes = [p, p, p, n, n, n, ctypes.c_int]
+    p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i, i]
     lib.small_rows_matmul_f32.restype = ctypes.c_int
+    lib.pack_columns_f32.argtypes = [p, p, n, n, i]
+    lib.pack_columns_f32.restype = None
 
 
 _LIBRARY = CLibrary('kernel_warehouse_cpu', _SOURCE, _declare,
@@ -183,34 +296,112 @@ def uses_small_rows_matmul(a: torch.Tensor, b: torch.Tensor) -> bool:
     return load() is not None
 
 
-def small_rows_matmul(a: torch.Tensor,
-                      b: torch.Tensor,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a @ b`` for float32 CPU tensors, ``a`` [..., K] with few rows and
-    ``b`` [K, N] with many columns (see :func:`uses_small_rows_matmul`),
-    written into ``out`` (contiguous, ``a.shape[:-1] + (N,)``) when
-    given."""
+def _library() -> ctypes.CDLL:
     lib = load()
     if lib is None:
         raise RuntimeError('the KernelWarehouse C loop is unavailable (no C '
                            'compiler, or MMDYN_KW_CPU_KERNEL=0)')
-    if a.dtype != torch.float32 or b.dtype != torch.float32 or \
-            a.device.type != 'cpu' or b.device.type != 'cpu':
+    return lib
+
+
+def _check_float32_cpu(*tensors: torch.Tensor) -> None:
+    if any(t.dtype != torch.float32 or t.device.type != 'cpu'
+           for t in tensors):
         raise ValueError('small_rows_matmul takes float32 CPU tensors')
+
+
+def _largest_offset(n: int, segment: int, stride: int) -> int:
+    """Largest ``(j // segment) * stride + j % segment`` over j < n: the
+    last column, or the last of the segment before it."""
+    offset = (n - 1) // segment * stride + (n - 1) % segment
+    if n > segment:
+        j = (n - 1) // segment * segment - 1
+        offset = max(offset, j // segment * stride + j % segment)
+    return offset
+
+
+def pack_columns(b: torch.Tensor) -> torch.Tensor:
+    """``b`` [K, N] cut into zero-padded strips of :data:`STRIP` columns,
+    ``[ceil(N / STRIP), K, STRIP]``: the layout the C loop reads. Passing it
+    as ``packed_b`` saves :func:`small_rows_matmul` cutting ``b`` on every
+    call (reading ``b`` with a stride of N costs about 10 % of the product
+    at ResNet-50's shapes)."""
+    lib = _library()
+    _check_float32_cpu(b)
+    if b.dim() != 2:
+        raise ValueError(f'b must be 2-D, got {tuple(b.shape)}')
+    b = b.detach().contiguous()
+    k, n = b.shape
+    packed = b.new_empty(((n + STRIP - 1) // STRIP, k, STRIP))
+    lib.pack_columns_f32(ptr(b), ptr(packed), k, n,
+                         num_threads(packed.numel()))
+    return packed
+
+
+def small_rows_matmul(a: torch.Tensor,
+                      b: torch.Tensor,
+                      out: Optional[torch.Tensor] = None,
+                      *,
+                      packed_b: Optional[torch.Tensor] = None,
+                      scatter: Optional[Scatter] = None) -> torch.Tensor:
+    """``a @ b`` for float32 CPU tensors, ``a`` [..., K] with few rows and
+    ``b`` [K, N] with many columns (see :func:`uses_small_rows_matmul`).
+
+    Args:
+        a (Tensor): [..., K].
+        b (Tensor): [K, N]; not read when ``packed_b`` is given.
+        out (Tensor, optional): Contiguous output, ``a.shape[:-1] + (N,)``;
+            with ``scatter``, any contiguous float32 tensor (required).
+        packed_b (Tensor, optional): ``pack_columns(b)``.
+        scatter (Scatter, optional): Write the product into ``out`` in this
+            layout instead of row-major (bounds are checked).
+
+    Returns:
+        Tensor: ``out`` (a new tensor when not given).
+    """
+    lib = _library()
+    _check_float32_cpu(a, b)
     if b.dim() != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(f'cannot multiply {tuple(a.shape)} by '
                          f'{tuple(b.shape)}')
     rows = a.reshape(-1, a.shape[-1]).contiguous()
-    b = b.contiguous()
-    shape = (*a.shape[:-1], b.shape[1])
-    if out is None:
-        out = rows.new_empty(shape)
-    elif tuple(out.shape) != shape or out.dtype != torch.float32 or \
-            not out.is_contiguous():
-        raise ValueError(f'out must be a contiguous float32 {shape} tensor')
-    if lib.small_rows_matmul_f32(ptr(rows), ptr(b), ptr(out), rows.shape[0],
-                                 rows.shape[1], b.shape[1],
-                                 num_threads(out.numel())):
+    (m, k), n = rows.shape, b.shape[1]
+    if packed_b is None:
+        b = b.contiguous()
+    else:
+        _check_float32_cpu(packed_b)
+        if tuple(packed_b.shape) != ((n + STRIP - 1) // STRIP, k, STRIP) \
+                or not packed_b.is_contiguous():
+            raise ValueError(f'packed_b must be pack_columns(b) of a [{k}, '
+                             f'{n}] b, got {tuple(packed_b.shape)}')
+    starts, segment, segment_stride = None, n, n
+    if scatter is None:
+        shape = (*a.shape[:-1], n)
+        if out is None:
+            out = rows.new_empty(shape)
+        elif tuple(out.shape) != shape or out.dtype != torch.float32 or \
+                not out.is_contiguous():
+            raise ValueError(
+                f'out must be a contiguous float32 {shape} tensor')
+    else:
+        starts, segment, segment_stride = scatter
+        if out is None or out.dtype != torch.float32 or \
+                not out.is_contiguous():
+            raise ValueError('scatter needs a contiguous float32 out')
+        starts = starts.to(torch.long).contiguous()
+        if starts.shape != (m, ) or segment < 1 or segment_stride < 0:
+            raise ValueError(f'scatter must give {m} row starts and a '
+                             'positive segment')
+        last = _largest_offset(n, segment, segment_stride)
+        if m and (int(starts.min()) < 0 or
+                  int(starts.max()) + last >= out.numel()):
+            raise ValueError('scatter writes outside out')
+    stream = int(m * n * 4 >= STREAM_BYTES)
+    if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
+                                                else b), ptr(packed_b),
+                                 ptr(out), m, k, n, ptr(starts), segment,
+                                 segment_stride, stream,
+                                 num_threads(m * n)):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
     return out

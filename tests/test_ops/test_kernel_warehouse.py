@@ -4,6 +4,7 @@ The references below are written from the method's definition (spec section
 2): attention recomputed from the layer's submodules, each mixture assembled
 cell by cell with Python loops, then ``F.conv2d`` per sample.
 """
+import copy
 import warnings
 
 import pytest
@@ -511,3 +512,51 @@ def test_reused_mixtures_buffer_only_in_inference():
     with_grad = layer.mix_cells(att, reuse_buffer=True)
     assert with_grad.requires_grad
     assert with_grad.data_ptr() != second.data_ptr()
+
+
+def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
+    """Float32 CPU inference cuts each warehouse into strips once for all
+    its layers; an in-place update of the cells (an optimiser step) or
+    load_state_dict re-cuts it, train() drops it, MMDYN_KW_PACKED_CELLS=0
+    turns it off. Outputs against the float64 naive reference each
+    time."""
+    from mmdyn.ops import kernel_warehouse as kw
+    from mmdyn.ops import kernel_warehouse_cpu
+    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
+    packs = spy_calls(kw, 'pack_columns')
+    specs = [('stage0_layer0_conv0', (16, 32, 1), {}),
+             ('stage0_layer1_conv0', (32, 16, 1), {})]
+    net = _Net(specs, cell_num_ratio=1, cell_inplane_ratio=0.5).eval()
+    manager = net.warehouse_manager
+    x = torch.randn(2, 16, 3, 3)
+
+    def check():
+        with torch.no_grad():
+            hidden = net.layers[0](x)
+            out = net.layers[1](hidden)
+            ref_net = copy.deepcopy(net).double()
+            ref = _reference_conv(ref_net.layers[1],
+                                  _reference_conv(ref_net.layers[0],
+                                                  x.double(), 0.0), 0.0)
+        torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+
+    check()
+    check()
+    assert packs == ['pack_columns']  # one warehouse, both layers, twice
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    net.train()
+    assert manager._packed == {}
+    net.layers[1](net.layers[0](x)).square().sum().backward()
+    optimizer.step()
+    net.eval()
+    check()
+    assert len(packs) == 2
+    other = _Net(specs, cell_num_ratio=1, cell_inplane_ratio=0.5)
+    net.load_state_dict(other.state_dict())
+    check()
+    assert len(packs) == 3
+    monkeypatch.setenv('MMDYN_KW_PACKED_CELLS', '0')
+    with torch.no_grad():
+        assert manager.packed_cells(0) is None
+    check()
+    assert len(packs) == 3

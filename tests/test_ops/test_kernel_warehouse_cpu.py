@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from mmdyn.ops import kernel_warehouse_cpu
-from mmdyn.ops.kernel_warehouse_cpu import (small_rows_matmul,
+from mmdyn.ops.kernel_warehouse_cpu import (STRIP, Scatter, pack_columns,
+                                            small_rows_matmul,
                                             uses_small_rows_matmul)
 
 
@@ -54,3 +55,72 @@ def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
         monkeypatch.setattr(kernel_warehouse_cpu, 'load', lambda: None)
         assert not uses_small_rows_matmul(a, b)
     assert not uses_small_rows_matmul(a, b)  # autograd on
+
+
+@pytest.mark.parametrize('rows,inner,cols', [(72, 47, 4096), (9, 5, 100),
+                                             (4, 3, 17)])
+def test_packed_columns(rows, inner, cols):
+    """Columns cut into strips once (pack_columns) give the same product;
+    the strips hold b's columns, zero-padded."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    packed = pack_columns(b)
+    strips = -(-cols // STRIP)
+    assert packed.shape == (strips, inner, STRIP)
+    padded = torch.zeros(inner, strips * STRIP)
+    padded[:, :cols] = b
+    assert torch.equal(packed, padded.view(inner, strips, STRIP)
+                       .transpose(0, 1))
+    # b itself is not read when its strips are given
+    got = small_rows_matmul(a, torch.full((inner, cols), float('nan')),
+                            packed_b=packed)
+    torch.testing.assert_close(got, a @ b, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match='packed_b'):
+        small_rows_matmul(a, b, packed_b=packed[:, :-1])
+
+
+@pytest.mark.parametrize('packed', [False, True])
+@pytest.mark.parametrize('g_o,g_i,c_o,c_i', [(2, 3, 5, 8), (1, 4, 2, 30),
+                                             (3, 2, 4, 24)])
+def test_scatter_writes_cells_into_kernel_blocks(packed, g_o, g_i, c_o, c_i):
+    """Row (b, o, i) of the product is a [c_o, c_i] cell; scattered, it
+    lands in block (o, i) of sample b's [g_o c_o, g_i c_i] kernel: against
+    the same product permuted by torch."""
+    batch, inner = 3, 7
+    a = torch.randn(batch, g_o * g_i, inner)
+    b = torch.randn(inner, c_o * c_i)
+    c_out, c_in = g_o * c_o, g_i * c_i
+    bi, o, i = torch.meshgrid(torch.arange(batch), torch.arange(g_o),
+                              torch.arange(g_i), indexing='ij')
+    starts = ((bi * c_out + o * c_o) * c_in + i * c_i).flatten()
+    out = torch.full((batch, c_out, c_in), float('nan'))
+    small_rows_matmul(a, b, out,
+                      packed_b=pack_columns(b) if packed else None,
+                      scatter=Scatter(starts, c_i, c_in))
+    expected = (a @ b).view(batch, g_o, g_i, c_o, c_i).transpose(2, 3)
+    torch.testing.assert_close(out, expected.reshape(batch, c_out, c_in),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_scatter_bounds_are_checked():
+    a, b = torch.randn(2, 3), torch.randn(3, 10)
+    out = torch.empty(20)
+    small_rows_matmul(a, b, out, scatter=Scatter(torch.tensor([0, 10]),
+                                                 10, 10))
+    torch.testing.assert_close(out.view(2, 10), a @ b)
+    for starts, segment, stride in (([0, 11], 10, 10), ([-1, 5], 10, 10),
+                                    ([0, 9], 5, 7), ([0, 1], 0, 1)):
+        with pytest.raises(ValueError, match='scatter'):
+            small_rows_matmul(a, b, out, scatter=Scatter(
+                torch.tensor(starts), segment, stride))
+    with pytest.raises(ValueError, match='scatter'):
+        small_rows_matmul(a, b, None, scatter=Scatter(torch.tensor([0, 1]),
+                                                      10, 10))
+
+
+def test_streaming_stores_for_large_outputs(monkeypatch):
+    """Outputs above STREAM_BYTES take the streaming stores: same
+    result."""
+    monkeypatch.setattr(kernel_warehouse_cpu, 'STREAM_BYTES', 1)
+    a, b = torch.randn(9, 20), torch.randn(20, 4800)
+    torch.testing.assert_close(small_rows_matmul(a, b), a @ b, rtol=1e-5,
+                               atol=1e-4)
