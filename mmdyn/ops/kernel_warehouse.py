@@ -347,13 +347,21 @@ class _KWLayerMixin(TemperatureMixin):
             Tensor: [B, *weight_shape]; mixture ``(s * G_o + o) * G_i + c``
             fills output block o, input block c, spatial position s.
         """
-        kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
+        if self._kw_layout[0] == 1:  # one position: no transposition
+            kernel = self.mix_cells(attention, layout='position_major')
+        else:
+            kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
+
+    #: Layouts of :meth:`mix_cells`: the cell product's own, the kernel
+    #: position by position, the kernel with each output channel's
+    #: positions side by side.
+    MIXTURE_LAYOUTS = ('cells', 'position_major', 'output_major')
 
     def mix_cells(self,
                   attention: torch.Tensor,
                   reuse_buffer: bool = False,
-                  position_major: bool = False) -> torch.Tensor:
+                  layout: str = 'cells') -> torch.Tensor:
         """The mixtures ``attention @ cells``.
 
         Args:
@@ -363,28 +371,34 @@ class _KWLayerMixin(TemperatureMixin):
                 next such call: a fresh tensor above glibc's mmap threshold
                 (a ResNet-50 stage-4 layer's 75 MB at batch 8) costs about
                 as much in page faults as the product itself.
-            position_major (bool): Return [B, g_s, C_out, C_in] (the
-                kernel, position by position) instead of the mixture layout.
-
-        Returns:
-            Tensor: [B, g_s, g_o, g_i, c_o, c_i] (kernel position, output
-            block, input block, then the cell), or [B, g_s, C_out, C_in].
+            layout (str): 'cells': [B, g_s, g_o, g_i, c_o, c_i] (kernel
+                position, output block, input block, then the cell);
+                'position_major': [B, g_s, C_out, C_in];
+                'output_major': [B, C_out, g_s, C_in].
 
         Float32 CPU inference runs the product as
         :func:`~mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul` on the
         manager's packed copy of the cells
-        (:meth:`WarehouseManager.packed_cells`), writing the position-major
-        layout directly; otherwise ``torch.matmul``, then a transposition
-        when mixtures span part of C_in.
+        (:meth:`WarehouseManager.packed_cells`), writing the layout
+        directly; otherwise ``torch.matmul``, then a rearranging copy.
         """
+        if layout not in self.MIXTURE_LAYOUTS:
+            raise ValueError(f'layout must be one of {self.MIXTURE_LAYOUTS}'
+                             f', got {layout!r}')
         cells = self.warehouse_manager.weights[self.warehouse_id]
         cells = cells.reshape(cells.shape[0], -1)
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
         g_s, g_o, g_i, c_o, c_i = self._kw_layout
         batch = attention.shape[0]
-        shape = (batch, g_s, g_o * c_o, g_i * c_i) if position_major else \
-            (batch, *self._kw_layout)
+        shape = {
+            'cells': (batch, *self._kw_layout),
+            'position_major': (batch, g_s, g_o * c_o, g_i * c_i),
+            'output_major': (batch, g_o * c_o, g_s, g_i * c_i)
+        }[layout]
+        # Whether the layout is the cell product's own, row after row.
+        plain = layout == 'cells' or (g_i == 1 and (
+            layout == 'position_major' or g_s == 1))
         out = None
         if reuse_buffer and not torch.is_grad_enabled():
             out = kernel_workspace(math.prod(shape), attention.dtype,
@@ -392,32 +406,39 @@ class _KWLayerMixin(TemperatureMixin):
         if uses_small_rows_matmul(attention, cells):
             if out is None:
                 out = attention.new_empty(shape)
-            scatter = target = None
-            if position_major and g_i > 1:
-                scatter, target = self._position_major_scatter(batch), out
-            else:
+            scatter, target = None, out
+            if plain:
                 target = out.view(*attention.shape[:-1], cells.shape[1])
+            else:
+                scatter = self._mixture_scatter(batch, layout)
             small_rows_matmul(attention, cells, target,
                               packed_b=self.warehouse_manager.packed_cells(
                                   self.warehouse_id),
                               scatter=scatter)
             return out
-        if position_major and g_i > 1:  # [B, m, c_o * c_i], rearranged
-            mixtures = torch.matmul(attention, cells)
-            return mixtures.view(-1, *self._kw_layout).transpose(3, 4) \
-                .reshape(shape)
-        return torch.matmul(attention, cells, out=out).reshape(shape)
+        if plain:
+            return torch.matmul(attention, cells, out=out).reshape(shape)
+        mixtures = torch.matmul(attention, cells).view(-1, *self._kw_layout)
+        order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
+            (0, 2, 4, 1, 3, 5)
+        return mixtures.permute(order).reshape(shape)
 
-    def _position_major_scatter(self, batch: int) -> Scatter:
-        """Where mixture (b, s, o, i) starts in [B, g_s, C_out, C_in], and
-        its rows of c_i columns every C_in."""
+    def _mixture_scatter(self, batch: int, layout: str) -> Scatter:
+        """Where mixture (b, s, o, i) starts in the 'position_major' or
+        'output_major' layout; its rows of c_i columns are C_in apart, or
+        g_s * C_in."""
         g_s, g_o, g_i, c_o, c_i = self._kw_layout
         sample, position, block_out, block_in = torch.meshgrid(
             torch.arange(batch), torch.arange(g_s), torch.arange(g_o),
             torch.arange(g_i), indexing='ij')
-        starts = ((sample * g_s + position) * g_o * c_o +
-                  block_out * c_o) * g_i * c_i + block_in * c_i
-        return Scatter(starts.flatten(), c_i, g_i * c_i)
+        c_out, c_in = g_o * c_o, g_i * c_i
+        if layout == 'position_major':
+            starts = ((sample * g_s + position) * c_out +
+                      block_out * c_o) * c_in + block_in * c_i
+            return Scatter(starts.flatten(), c_i, c_in)
+        starts = ((sample * c_out + block_out * c_o) * g_s +
+                  position) * c_in + block_in * c_i
+        return Scatter(starts.flatten(), c_i, g_s * c_in)
 
     def _agg_madds(self) -> int:
         return _prod(self.weight_shape) * self.num_cells
@@ -529,41 +550,66 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
 
     def _position_major_conv(self, x: torch.Tensor,
                              attention: torch.Tensor) -> torch.Tensor:
-        """The conv from the mixtures without building the kernel layout.
+        """The conv from the mixtures without the [C_out, C_in, kh, kw]
+        kernel layout.
 
-        The mixtures come out of the cell product position-major, [B,
-        kh*kw, C_out, C_in] (:meth:`mix_cells`), so instead of permuting
-        them into [B, C_out, C_in, kh, kw] (a stride-``kh*kw`` transposition
-        of the largest tensor of the layer, and again in the backward) the
-        conv is ``sum_p mixtures[:, p] @ columns[:, :, p]`` over the im2col
-        columns of the input, kernel position by kernel position. Same
-        result as the per-sample conv with :meth:`assemble_kernel`.
+        Permuting the mixtures into that layout is a stride-``kh*kw``
+        transposition of the largest tensor of the layer (and again in the
+        backward). In training the conv is ``sum_p mixtures[:, p] @
+        columns[:, :, p]``: position-major mixtures [B, kh*kw, C_out, C_in]
+        (:meth:`mix_cells`) against the im2col columns, kernel position by
+        kernel position. In inference the cell product writes the mixtures
+        output-major, [B, C_out, kh*kw * C_in], and the conv is one batched
+        matmul with position-major columns (inner size kh*kw * C_in; 10-25
+        % faster than nine accumulated ones at ResNet-50's stage 3-4
+        shapes, benchmarks/README.md). Same result as the per-sample conv
+        with :meth:`assemble_kernel`.
         """
-        mixtures = self.mix_cells(attention, reuse_buffer=True,
-                                  position_major=True)
         g_s = self._kw_layout[0]
         h_out, w_out = self.output_hw(*x.shape[-2:])
+        cast = (lambda t: t) if torch.is_autocast_enabled(x.device.type) \
+            else (lambda t: t.to(x.dtype))
         if g_s == 1:  # 1x1: strided input, one batched matmul
             if self.padding != (0, 0):
                 x = torch.nn.functional.pad(
                     x, (self.padding[1], ) * 2 + (self.padding[0], ) * 2)
             if self.stride != (1, 1):
                 x = x[:, :, ::self.stride[0], ::self.stride[1]]
-            columns = [x.reshape(x.shape[0], self.in_channels, -1)]
+            mixtures = self.mix_cells(attention, True, 'position_major')
+            out = torch.bmm(cast(mixtures[:, 0]),
+                            x.reshape(x.shape[0], self.in_channels, -1))
+        elif not torch.is_grad_enabled():
+            kernels = self.mix_cells(attention, True, 'output_major')
+            out = torch.bmm(
+                cast(kernels.reshape(x.shape[0], self.out_channels, -1)),
+                self._position_major_columns(x, h_out, w_out))
         else:
+            mixtures = self.mix_cells(attention, True, 'position_major')
             columns = torch.nn.functional.unfold(
                 x, self.kernel_size, self.dilation, self.padding,
                 self.stride).view(x.shape[0], self.in_channels, g_s, -1)
-            columns = columns.unbind(2)
-        parts = mixtures.to(x.dtype).unbind(1) if not \
-            torch.is_autocast_enabled(x.device.type) else mixtures.unbind(1)
-        out = torch.bmm(parts[0], columns[0])
-        for part, column in zip(parts[1:], columns[1:]):
-            out = torch.baddbmm(out, part, column)
+            parts = cast(mixtures).unbind(1)
+            out = torch.bmm(parts[0], columns[:, :, 0])
+            for p in range(1, g_s):
+                out = torch.baddbmm(out, parts[p], columns[:, :, p])
         out = out.view(-1, self.out_channels, h_out, w_out)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
         return out
+
+    def _position_major_columns(self, x: torch.Tensor, h_out: int,
+                                w_out: int) -> torch.Tensor:
+        """im2col with the kernel positions outermost: [B, kh*kw * C_in,
+        H' W'] (``F.unfold`` puts the channels outermost)."""
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+        views = [
+            x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh,
+              j * dw:j * dw + sw * (w_out - 1) + 1:sw] for i in range(kh)
+            for j in range(kw)
+        ]
+        return torch.stack(views, 1).view(x.shape[0], -1, h_out * w_out)
 
     @property
     def _is_pointwise(self) -> bool:

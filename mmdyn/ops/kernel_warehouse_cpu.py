@@ -8,15 +8,18 @@ square products (35 GMAC/s): the assembly alone took 1.04 s of a 2.4 s
 KW-1x ResNet-50 forward at batch 8, the static ResNet-50 1.15 s in all.
 
 :func:`small_rows_matmul` is a plain register-blocked product for that
-shape: the few rows of ``attention`` are packed once into panels of 4, each
-thread packs a block of ``cells`` columns that fits the L1 cache into strips
-of 24, and a 4x24 AVX2/FMA tile sums the inner dimension in registers
-(a portable C tile where AVX2/FMA is missing). It runs these shapes at
-22-32 GMAC/s, 1.0-1.6x MKL, 1.39x over one batch-8 forward
-(benchmarks/README.md). Only float32
-inference uses it (:func:`uses_small_rows_matmul`); ``torch.matmul``
-stays the reference and the path of autograd, other dtypes and devices.
-``MMDYN_KW_CPU_KERNEL=0`` turns it off.
+shape: the few rows of ``attention`` are packed once into panels of 4, the
+columns of ``cells`` are cut into strips of 24 (per call, a block that fits
+the L1 cache at a time, or once for good by :func:`pack_columns`), and a
+4x24 AVX2/FMA tile sums the inner dimension in registers (a portable C
+tile where AVX2/FMA is missing). A :class:`Scatter` writes the result in
+another layout than row-major, e.g. each ``[c_o, c_i]`` mixture into its
+block of a ``[C_out, C_in]`` kernel, which saves a transposition copy.
+It runs ResNet-50's shapes at 28-35 GMAC/s from packed strips
+(benchmarks/README.md). Only float32 inference uses it
+(:func:`uses_small_rows_matmul`); ``torch.matmul`` stays the reference and
+the path of autograd, other dtypes and devices. ``MMDYN_KW_CPU_KERNEL=0``
+turns it off.
 """
 import ctypes
 from typing import NamedTuple, Optional
@@ -44,7 +47,6 @@ typedef struct {
     float *out;
     const long *rows;
     long N, seg, seg_stride;
-    int stream;
 } layout_t;
 
 /* Column j of a row lands at col_offset(L, j) from the row's start. */
@@ -74,12 +76,11 @@ static void store_tile(const layout_t *L, float tile[MR][NR], long r0,
 }
 
 /* ap [K][MR] (packed rows) x bp [K][NR] (packed columns). With `dst`, a
-   whole tile whose rows start at dst[0..MR-1] is stored from the registers
-   (streaming, non-temporal stores when `stream` and aligned: the output of
-   a deep layer is larger than the last-level cache, and a plain store first
-   reads each line it writes); otherwise into `tile`. */
+   whole tile whose rows start at dst[0..MR-1] is stored straight from the
+   registers (a copy through `tile` cost ~10 % at K = 47); otherwise into
+   `tile`. */
 static void tile_4x24(const float *ap, const float *bp, long K,
-                      float *const *dst, int stream, float tile[MR][NR]) {
+                      float *const *dst, float tile[MR][NR]) {
 #if defined(__AVX2__) && defined(__FMA__)
     /* Twelve named accumulators: an array of vectors indexed in loops is
        not reliably kept in registers. 4 x 24 beat 6 x 16 by 17 % on the
@@ -106,9 +107,6 @@ static void tile_4x24(const float *ap, const float *bp, long K,
     if (!dst) {                                                            \
         _mm256_storeu_ps(tile[r], x0); _mm256_storeu_ps(tile[r] + 8, x1);  \
         _mm256_storeu_ps(tile[r] + 16, x2);                                \
-    } else if (stream && ((uintptr_t)dst[r] & 31) == 0) {                  \
-        _mm256_stream_ps(dst[r], x0); _mm256_stream_ps(dst[r] + 8, x1);    \
-        _mm256_stream_ps(dst[r] + 16, x2);                                 \
     } else {                                                               \
         _mm256_storeu_ps(dst[r], x0); _mm256_storeu_ps(dst[r] + 8, x1);    \
         _mm256_storeu_ps(dst[r] + 16, x2);                                 \
@@ -117,7 +115,6 @@ static void tile_4x24(const float *ap, const float *bp, long K,
     KW_STORE(2, c20, c21, c22) KW_STORE(3, c30, c31, c32)
 #undef KW_STORE
 #else
-    (void)stream;
     memset(tile, 0, sizeof(float) * MR * NR);
     for (long k = 0; k < K; ++k)
         for (int r = 0; r < MR; ++r)
@@ -158,8 +155,8 @@ void pack_columns_f32(const float *B, float *Bp, long K, long N,
 int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
                           float *out, long M, long K, long N,
                           const long *rows, long seg, long seg_stride,
-                          int stream, int threads) {
-    const layout_t L = {out, rows, N, seg, seg_stride, stream};
+                          int threads) {
+    const layout_t L = {out, rows, N, seg, seg_stride};
     const long panels = (M + MR - 1) / MR;
     const long strips = (N + NR - 1) / NR;
     float *ap = calloc((size_t)(panels * MR * K), sizeof(float));
@@ -217,19 +214,15 @@ int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
                         if (mr == MR && off >= 0) {
                             float *dst[MR] = {row[0] + off, row[1] + off,
                                               row[2] + off, row[3] + off};
-                            tile_4x24(ap + g * K * MR, bs, K, dst, stream,
-                                      tile);
+                            tile_4x24(ap + g * K * MR, bs, K, dst, tile);
                         } else {
-                            tile_4x24(ap + g * K * MR, bs, K, NULL, 0, tile);
+                            tile_4x24(ap + g * K * MR, bs, K, NULL, tile);
                             store_tile(&L, tile, g * MR, mr, c0,
                                        (N - c0) < NR ? (N - c0) : NR);
                         }
                     }
                 }
             }
-#if defined(__AVX2__)
-            if (stream) _mm_sfence();
-#endif
         }
         free(raw);
         free(offsets);
@@ -246,10 +239,6 @@ MIN_COLUMNS = 4096
 #: Columns per packed strip (the width of the C tile).
 STRIP = 24
 
-#: Outputs of at least this many bytes are written with streaming
-#: (non-temporal) stores: they exceed the last-level cache anyway.
-STREAM_BYTES = 16 << 20
-
 
 class Scatter(NamedTuple):
     """Where the rows and columns of a product go in ``out`` (flat): row r
@@ -264,7 +253,7 @@ class Scatter(NamedTuple):
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i, i]
+    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i]
     lib.small_rows_matmul_f32.restype = ctypes.c_int
     lib.pack_columns_f32.argtypes = [p, p, n, n, i]
     lib.pack_columns_f32.restype = None
@@ -396,12 +385,10 @@ def small_rows_matmul(a: torch.Tensor,
         if m and (int(starts.min()) < 0 or
                   int(starts.max()) + last >= out.numel()):
             raise ValueError('scatter writes outside out')
-    stream = int(m * n * 4 >= STREAM_BYTES)
     if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
                                                 else b), ptr(packed_b),
                                  ptr(out), m, k, n, ptr(starts), segment,
-                                 segment_stride, stream,
-                                 num_threads(m * n)):
+                                 segment_stride, num_threads(m * n)):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
     return out

@@ -422,8 +422,9 @@ def test_chunked_inference_path_matches_reference(kernel_size):
     (3, 1, 1, 1), (3, 2, 2, 2), ((3, 1), 1, (1, 0), 1), (1, 2, 1, 1),
     (1, 1, 0, 1)])
 @pytest.mark.parametrize('inplane', [1, 0.5])
-def test_position_major_path_matches_reference(kernel_size, stride, padding,
-                                               dilation, inplane):
+def test_position_major_path_matches_reference(monkeypatch, kernel_size,
+                                               stride, padding, dilation,
+                                               inplane):
     """Deep CPU layers convolve from the position-major mixtures; forward
     and backward against the naive reference, mixtures spanning all or
     half of the input channels."""
@@ -452,6 +453,15 @@ def test_position_major_path_matches_reference(kernel_size, stride, padding,
     want = torch.autograd.grad(ref, [x_ref] + params, grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    # Inference: output-major mixtures against position-major columns (one
+    # matmul), by torch.matmul in float64, then by the C loop in float32.
+    from mmdyn.ops import kernel_warehouse_cpu
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
+        monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
+        net.float()
+        torch.testing.assert_close(layer(x.float()), ref.float(), rtol=1e-4,
+                                   atol=1e-4)
     layer.impl = 'loop'
     assert not layer.uses_position_major(x)
 
@@ -560,3 +570,35 @@ def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
         assert manager.packed_cells(0) is None
     check()
     assert len(packs) == 3
+
+
+@pytest.mark.parametrize('c_path', [False, True])
+@pytest.mark.parametrize('kernel_size,inplane,outplane', [(3, 0.5, 0.5),
+                                                          (3, 1, 1),
+                                                          (1, 0.25, 0.5)])
+def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane,
+                         outplane):
+    """mix_cells' 'position_major' and 'output_major' layouts, written
+    directly by the C loop (Scatter) or rearranged from torch.matmul,
+    against the naive kernel permuted by torch."""
+    from mmdyn.ops import kernel_warehouse_cpu
+    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS',
+                        1 if c_path else 1 << 30)
+    net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size), {})],
+               cell_num_ratio=1, cell_inplane_ratio=inplane,
+               cell_outplane_ratio=outplane).eval()
+    layer = net.layers[0]
+    att = torch.rand(3, layer.num_mixtures, layer.num_cells)
+    # [B, C_out, C_in, kh, kw] by the naive loop, float64
+    reference = copy.deepcopy(net).double().layers[0]
+    kernel = torch.stack([_reference_kernel(reference, a)
+                          for a in att.double()]).flatten(3).float()
+    expected = {'position_major': kernel.permute(0, 3, 1, 2),
+                'output_major': kernel.permute(0, 1, 3, 2)}
+    with torch.no_grad():
+        for layout, want in expected.items():
+            got = layer.mix_cells(att, reuse_buffer=True, layout=layout)
+            assert tuple(got.shape) == tuple(want.shape)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='layout'):
+        layer.mix_cells(att, layout='kernel')

@@ -116,11 +116,3 @@ def test_scatter_bounds_are_checked():
         small_rows_matmul(a, b, None, scatter=Scatter(torch.tensor([0, 1]),
                                                       10, 10))
 
-
-def test_streaming_stores_for_large_outputs(monkeypatch):
-    """Outputs above STREAM_BYTES take the streaming stores: same
-    result."""
-    monkeypatch.setattr(kernel_warehouse_cpu, 'STREAM_BYTES', 1)
-    a, b = torch.randn(9, 20), torch.randn(20, 4800)
-    torch.testing.assert_close(small_rows_matmul(a, b), a @ b, rtol=1e-5,
-                               atol=1e-4)
