@@ -3,9 +3,12 @@
 Builds KW-1x ResNet-50 (``configs/kernelwarehouse/``), records the shape of
 every ``attention @ cells`` product of one batch-8 forward, then times each
 distinct shape with ``torch.matmul`` (MKL) and with
-:func:`mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`, both writing into
-a reused output as the inference path does, interleaved, median of
-``--repeat``. Prints one row per shape and the per-forward totals.
+:func:`mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`, cutting the cells
+into column strips on every call or reading them pre-cut
+(:func:`~mmdyn.ops.kernel_warehouse_cpu.pack_columns`, what the inference
+path does through ``WarehouseManager.packed_cells``), all writing into a
+reused output, interleaved, median of ``--repeat``. Prints one row per
+shape and the per-forward totals.
 
 Usage::
 
@@ -58,7 +61,8 @@ def main():
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     from mmdyn.engine.malloc import tune_malloc
-    from mmdyn.ops.kernel_warehouse_cpu import load, small_rows_matmul
+    from mmdyn.ops.kernel_warehouse_cpu import (load, pack_columns,
+                                                small_rows_matmul)
     tune_malloc()
     if load() is None:
         sys.exit('the C loop is unavailable (no compiler, or '
@@ -67,30 +71,35 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, median of {args.repeat}')
     print('| rows x inner x columns | calls | matmul ms | C loop ms | '
-          'C GMAC/s | speed-up |')
-    print('|---|---:|---:|---:|---:|---:|')
-    totals = [0.0, 0.0]
+          'C loop, pre-cut ms | pre-cut GMAC/s | speed-up |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    totals = [0.0, 0.0, 0.0]
     for (rows, inner, cols), calls in sorted(shapes.items(),
                                              key=lambda kv: -kv[0][2]):
         a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+        packed = pack_columns(b)
         out = torch.empty(rows, cols)
         candidates = (lambda: torch.matmul(a, b, out=out),
-                      lambda: small_rows_matmul(a, b, out=out))
-        times = [[], []]
+                      lambda: small_rows_matmul(a, b, out=out),
+                      lambda: small_rows_matmul(a, b, out=out,
+                                                packed_b=packed))
+        times = [[] for _ in candidates]
         for i in range(args.repeat + 2):
             for j, step in enumerate(candidates):
                 start = time.perf_counter()
                 step()
                 if i >= 2:
                     times[j].append(time.perf_counter() - start)
-        mkl, loop = (statistics.median(t) * 1e3 for t in times)
-        totals[0] += mkl * calls
-        totals[1] += loop * calls
+        medians = [statistics.median(t) * 1e3 for t in times]
+        for j, median in enumerate(medians):
+            totals[j] += median * calls
+        mkl, loop, precut = medians
         print(f'| {rows} x {inner} x {cols} | {calls} | {mkl:.1f} | '
-              f'{loop:.1f} | {rows * inner * cols / loop / 1e6:.1f} | '
-              f'{mkl / loop:.2f}x |')
-    print(f'| per forward | | {totals[0]:.0f} | {totals[1]:.0f} | | '
-          f'{totals[0] / totals[1]:.2f}x |')
+              f'{loop:.1f} | {precut:.1f} | '
+              f'{rows * inner * cols / precut / 1e6:.1f} | '
+              f'{mkl / precut:.2f}x |')
+    print(f'| per forward | | {totals[0]:.0f} | {totals[1]:.0f} | '
+          f'{totals[2]:.0f} | | {totals[0] / totals[2]:.2f}x |')
 
 
 if __name__ == '__main__':

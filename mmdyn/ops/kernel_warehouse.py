@@ -534,15 +534,19 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
     def uses_position_major(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` convolves straight from the mixtures.
 
-        For ``impl='auto'``, ``groups == 1``, on CPU, when one sample's
+        For ``impl='auto'``, ``groups == 1``, on CPU: 1x1 kernels (one
+        batched matmul, the mixtures written straight into the kernel
+        layout and the reused buffer), and larger kernels when one sample's
         kernel is larger than its input and output maps together (deep
-        layers; every layer of a small-input network). See
-        :meth:`_position_major_conv`.
+        layers; every layer of a small-input network), where im2col costs
+        less than building the kernel. See :meth:`_position_major_conv`.
         """
         if self.impl != 'auto' or self.groups != 1 or \
                 x.device.type != 'cpu' or torch.jit.is_tracing() or \
                 torch.onnx.is_in_onnx_export():
             return False
+        if self._kw_layout[0] == 1:
+            return True
         h_out, w_out = self.output_hw(*x.shape[-2:])
         features = (self.in_channels * x.shape[-2] * x.shape[-1] +
                     self.out_channels * h_out * w_out)

@@ -400,12 +400,14 @@ def test_errors():
 
 
 @pytest.mark.parametrize('kernel_size', [3, 1])
-def test_chunked_inference_path_matches_reference(kernel_size):
-    """Deep-layer CPU inference builds the kernels into the reused
-    workspace, then one batch-1 conv per sample."""
-    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
+def test_chunked_inference_path_matches_reference(spy_calls, kernel_size):
+    """Deep grouped layers in CPU inference (the position-major path takes
+    groups == 1) build the kernels into the reused workspace, then one
+    batch-1 conv per sample."""
+    from mmdyn.ops import kernel_warehouse as kw
+    calls = spy_calls(kw, 'chunked_per_sample_conv2d')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
-                 dict(padding=kernel_size // 2, bias=True))],
+                 dict(padding=kernel_size // 2, bias=True, groups=2))],
                cell_num_ratio=1, cell_inplane_ratio=0.5).double().eval()
     layer = net.layers[0]
     with torch.no_grad():
@@ -413,9 +415,10 @@ def test_chunked_inference_path_matches_reference(kernel_size):
             p.add_(torch.randn_like(p) * 0.1)
         layer.bias.normal_()
         x = torch.randn(3, 16, 2, 1, dtype=torch.float64)
-        assert uses_chunked_kernels(x, 32 * 16 * kernel_size**2, 32, (2, 1))
+        assert not layer.uses_position_major(x)
         torch.testing.assert_close(
             layer(x), _reference_conv(layer, x, 0.0), rtol=1e-9, atol=1e-9)
+    assert calls == ['chunked_per_sample_conv2d']
 
 
 @pytest.mark.parametrize('kernel_size,stride,padding,dilation', [
