@@ -45,7 +45,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .c_library import CLibrary, num_threads, ptr
 from .per_sample_conv import (KERNEL_WORKSPACE_BYTES, _is_exporting,
@@ -67,6 +66,8 @@ WINOGRAD_SWITCH = 'MMDYN_WINOGRAD'
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 _SOURCE = r'''
+#include <stdlib.h>
+#include <string.h>
 #define CHUNK 512
 /* o[(4u + v) * stride + n] = (G w G^T)[u][v] for the 3x3 kernel w0..w8
    (row-major); G's entries 0, 1 and 1/2 as adds. */
@@ -153,6 +154,132 @@ void winograd_blocks_f32(const float *mix, float *out, long B, long GO,
         }
     }
 }
+
+/* V[b, 4i + j, c, ty * TW + tx] = (B^T d B)[i][j] for the 4x4 tile d of
+   x[b, c] whose corner is at (2 ty - ph, 2 tx - pw), zero outside x.
+   x: [B, C, H, W]; V: [B, 16, C, TH * TW]. B^T = [[1, 0, -1, 0], [0, 1, 1,
+   0], [0, -1, 1, 0], [0, 1, 0, -1]]. Per plane and tile row: each of the 4
+   input rows is split into even and odd columns (tile tx starts at even
+   column tx), transformed along the row for all tiles at once, then the 4
+   rows are combined; every loop runs over contiguous tiles. */
+int winograd_input_f32(const float *x, float *V, long B, long C, long H,
+                       long W, long ph, long pw, long TH, long TW,
+                       int threads) {
+    const long T = TH * TW;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        /* even[TW + 1], odd[TW + 1], rows[4 input rows][4][TW] */
+        float *buf = malloc(sizeof(float) * (2 * (TW + 1) + 16 * TW));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (!failed) {
+            float *even = buf, *odd = buf + TW + 1, *rows = buf + 2 * (TW + 1);
+            #pragma omp for schedule(static)
+            for (long plane = 0; plane < B * C; ++plane) {
+                const long b = plane / C, c = plane % C;
+                const float *src = x + plane * H * W;
+                float *dst = V + (b * 16 * C + c) * T;
+                for (long ty = 0; ty < TH; ++ty) {
+                    for (long r = 0; r < 4; ++r) {
+                        float *ct = rows + r * 4 * TW;
+                        const long y = 2 * ty + r - ph;
+                        if (y < 0 || y >= H) {
+                            memset(ct, 0, sizeof(float) * 4 * TW);
+                            continue;
+                        }
+                        const float *line = src + y * W;
+                        for (long k = 0; k <= TW; ++k) {
+                            const long col = 2 * k - pw;
+                            even[k] = (col >= 0 && col < W) ? line[col] : 0.0f;
+                            odd[k] = (col + 1 >= 0 && col + 1 < W) ?
+                                line[col + 1] : 0.0f;
+                        }
+                        #pragma omp simd
+                        for (long t = 0; t < TW; ++t) {
+                            ct[t] = even[t] - even[t + 1];
+                            ct[TW + t] = odd[t] + even[t + 1];
+                            ct[2 * TW + t] = even[t + 1] - odd[t];
+                            ct[3 * TW + t] = odd[t] - odd[t + 1];
+                        }
+                    }
+                    for (long j = 0; j < 4; ++j) {
+                        const float *d0 = rows + j * TW, *d1 = d0 + 4 * TW;
+                        const float *d2 = d1 + 4 * TW, *d3 = d2 + 4 * TW;
+                        float *o = dst + ty * TW;
+                        const long step = 4 * C * T;  /* from i to i + 1 */
+                        #pragma omp simd
+                        for (long t = 0; t < TW; ++t) {
+                            o[j * C * T + t] = d0[t] - d2[t];
+                            o[j * C * T + step + t] = d1[t] + d2[t];
+                            o[j * C * T + 2 * step + t] = d2[t] - d1[t];
+                            o[j * C * T + 3 * step + t] = d1[t] - d3[t];
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out[b, c, 2 ty + a, 2 tx + e] = (A^T m A)[a][e] for the 4x4 tile m =
+   M[b, :, c, ty * TW + tx] (16 entries, row-major), cropped to OH x OW.
+   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. M: [B, 16, C, TH * TW]. */
+int winograd_output_f32(const float *M, float *out, long B, long C,
+                        long OH, long OW, long TH, long TW, int threads) {
+    const long T = TH * TW;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *buf = malloc(sizeof(float) * 8 * TW);  /* rows[2][4][TW] */
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (!failed) {
+            #pragma omp for schedule(static)
+            for (long plane = 0; plane < B * C; ++plane) {
+                const long b = plane / C, c = plane % C;
+                const float *src = M + (b * 16 * C + c) * T;
+                float *dst = out + plane * OH * OW;
+                for (long ty = 0; ty < TH; ++ty) {
+                    for (long j = 0; j < 4; ++j) {
+                        const float *m0 = src + j * C * T + ty * TW;
+                        const float *m1 = m0 + 4 * C * T, *m2 = m1 + 4 * C * T;
+                        const float *m3 = m2 + 4 * C * T;
+                        float *r0 = buf + j * TW, *r1 = buf + (4 + j) * TW;
+                        #pragma omp simd
+                        for (long t = 0; t < TW; ++t) {
+                            r0[t] = m0[t] + m1[t] + m2[t];
+                            r1[t] = m1[t] - m2[t] - m3[t];
+                        }
+                    }
+                    for (long a = 0; a < 2; ++a) {
+                        const long y = 2 * ty + a;
+                        if (y >= OH) break;
+                        const float *q = buf + 4 * a * TW;
+                        float *line = dst + y * OW;
+                        for (long t = 0; t < TW; ++t) {
+                            const float left = q[t] + q[TW + t] + q[2 * TW + t];
+                            const float right = q[TW + t] - q[2 * TW + t] -
+                                                q[3 * TW + t];
+                            line[2 * t] = left;
+                            if (2 * t + 1 < OW) line[2 * t + 1] = right;
+                        }
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
 '''
 
 
@@ -162,6 +289,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.winograd_kernels_f32.restype = None
     lib.winograd_blocks_f32.argtypes = [p, p, n, n, n, n, n, ctypes.c_int]
     lib.winograd_blocks_f32.restype = None
+    lib.winograd_input_f32.argtypes = [p, p, n, n, n, n, n, n, n, n,
+                                       ctypes.c_int]
+    lib.winograd_input_f32.restype = ctypes.c_int
+    lib.winograd_output_f32.argtypes = [p, p, n, n, n, n, n, n, ctypes.c_int]
+    lib.winograd_output_f32.restype = ctypes.c_int
 
 
 _LIBRARY = CLibrary('winograd_cpu', _SOURCE, _declare, WINOGRAD_SWITCH,
@@ -309,17 +441,11 @@ def winograd_kernels(bank: torch.Tensor,
     return out
 
 
-def _bt_rows(d, out=(None, None, None, None)):
-    """``B^T`` of F(2x2, 3x3) along a list of the 4 rows (or columns) of
-    the input tiles: ``(d0 - d2, d1 + d2, d2 - d1, d1 - d3)``."""
-    return (torch.sub(d[0], d[2], out=out[0]),
-            torch.add(d[1], d[2], out=out[1]),
-            torch.sub(d[2], d[1], out=out[2]),
-            torch.sub(d[1], d[3], out=out[3]))
-
-
 def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
-    """``V = B^T d B`` of every 4x4 input tile (stride 2).
+    """``V = B^T d B`` of every 4x4 input tile (stride 2) by the C loop: one
+    pass over ``x``, writing V once. As PyTorch ops (eight passes) the input
+    and output transforms took 8.7 ms at ResNet-50's stage 2 (128 channels,
+    28x28, batch 8), 4.1 ms at stage 3; the C loops 3.6 and 2.2 ms.
 
     Returns:
         tuple: V [B, 16, C, tiles] and the tile grid (tiles_h, tiles_w).
@@ -327,32 +453,27 @@ def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     batch, channels, h, w = x.shape
     ph, pw = padding
     tiles_h, tiles_w = (h + 2 * ph - 1) // 2, (w + 2 * pw - 1) // 2
-    # Zero rows/columns to a whole number of tiles (the extra output row or
-    # column of an odd size is computed and cropped).
-    xp = F.pad(x, (pw, 2 * tiles_w + 2 - w - pw, ph,
-                   2 * tiles_h + 2 - h - ph))
-    v = x.new_empty(batch, 4, 4, channels, tiles_h, tiles_w)
-    rows = [xp[:, :, u:u + 2 * tiles_h:2] for u in range(4)]
-    for i, row in enumerate(_bt_rows(rows)):
-        cols = [row[..., c:c + 2 * tiles_w:2] for c in range(4)]
-        _bt_rows(cols, out=v[:, i].unbind(1))
-    return v.view(batch, 16, channels, tiles_h * tiles_w), (tiles_h, tiles_w)
+    x = x.contiguous()
+    v = x.new_empty(batch, 16, channels, tiles_h * tiles_w)
+    if _library().winograd_input_f32(ptr(x), ptr(v), batch, channels, h, w,
+                                     ph, pw, tiles_h, tiles_w,
+                                     num_threads(v.numel())):
+        raise MemoryError('Winograd input transform: out of memory')
+    return v, (tiles_h, tiles_w)
 
 
 def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
-                      out: torch.Tensor) -> None:
-    """``out`` [B, C, 2 tiles_h, 2 tiles_w] = ``A^T m A`` of every tile,
-    ``m`` [B, 16, C, tiles]; ``A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]``."""
+                      out_hw: Tuple[int, int]) -> torch.Tensor:
+    """[B, C, out_h, out_w] = ``A^T m A`` of every tile of ``m`` [B, 16, C,
+    tiles] by the C loop, cropped to ``out_hw``."""
     batch, _, channels, _ = m.shape
-    tiles_h, tiles_w = grid
-    m = m.view(batch, 4, 4, channels, tiles_h, tiles_w)
-    rows = (m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3])
-    tiles = out.view(batch, channels, tiles_h, 2, tiles_w, 2)
-    for a, row in enumerate(rows):
-        torch.add(row[:, 0] + row[:, 1], row[:, 2],
-                  out=tiles[:, :, :, a, :, 0])
-        torch.sub(row[:, 1] - row[:, 2], row[:, 3],
-                  out=tiles[:, :, :, a, :, 1])
+    m = m.contiguous()
+    out = m.new_empty(batch, channels, *out_hw)
+    if _library().winograd_output_f32(ptr(m), ptr(out), batch, channels,
+                                      out_hw[0], out_hw[1], grid[0], grid[1],
+                                      num_threads(m.numel())):
+        raise MemoryError('Winograd output transform: out of memory')
+    return out
 
 
 def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
@@ -360,13 +481,9 @@ def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
     """3x3, stride 1 conv of sample ``b`` of ``x`` with the transformed
     kernel ``kernels[b]`` (from :func:`winograd_kernels`; [B, 16, C_out,
     C_in]). No bias."""
-    out_h, out_w = _output_hw(x, padding)
     v, grid = _input_transform(x, padding)
-    out = x.new_empty(x.shape[0], kernels.shape[2], 2 * grid[0], 2 * grid[1])
-    _output_transform(torch.matmul(kernels, v), grid, out)
-    if (out_h, out_w) != tuple(out.shape[2:]):
-        out = out[:, :, :out_h, :out_w].contiguous()
-    return out
+    return _output_transform(torch.matmul(kernels, v), grid,
+                             _output_hw(x, padding))
 
 
 def winograd_kernels_from_blocks(mixtures: torch.Tensor,

@@ -173,3 +173,37 @@ def test_uses_winograd_only_where_it_pays(monkeypatch):
         monkeypatch.setattr(winograd, 'load', lambda: None)
         assert not uses_winograd(x, conv)
     assert not uses_winograd(x, conv)  # autograd on
+
+
+BT = [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0],
+      [0.0, 1.0, 0.0, -1.0]]
+AT = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]]
+
+
+@pytest.mark.parametrize('size,padding', [((7, 6), (1, 1)), ((5, 9), (0, 1)),
+                                          ((4, 4), (1, 0)), ((3, 3), (0, 0)),
+                                          ((14, 14), (1, 1))])
+def test_feature_transforms_against_the_matrices(size, padding):
+    """The C input and output transforms against B^T d B and A^T m A
+    written with F(2x2, 3x3)'s matrices over unfolded tiles; odd sizes,
+    asymmetric padding, cropped outputs."""
+    batch, channels = 2, 3
+    (h, w), (ph, pw) = size, padding
+    x = torch.randn(batch, channels, h, w)
+    v, (th, tw) = winograd._input_transform(x, padding)
+    tiles = F.pad(x, (pw, pw + 2, ph, ph + 2)).unfold(2, 4, 2).unfold(
+        3, 4, 2)[:, :, :th, :tw]
+    bt = torch.tensor(BT)
+    want = torch.einsum('ir,bcyxrs,js->bijcyx', bt, tiles, bt)
+    torch.testing.assert_close(v, want.reshape(batch, 16, channels, th * tw),
+                               rtol=1e-5, atol=1e-5)
+    m = torch.randn(batch, 16, channels, th * tw)
+    out_hw = (h + 2 * ph - 2, w + 2 * pw - 2)
+    got = winograd._output_transform(m, (th, tw), out_hw)
+    at = torch.tensor(AT)
+    y = torch.einsum('ai,bijct,ej->bctae', at,
+                     m.view(batch, 4, 4, channels, th * tw), at)
+    y = y.reshape(batch, channels, th, tw, 2, 2).permute(0, 1, 2, 4, 3, 5)
+    y = y.reshape(batch, channels, 2 * th, 2 * tw)[..., :out_hw[0],
+                                                   :out_hw[1]]
+    torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
