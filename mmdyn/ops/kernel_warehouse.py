@@ -52,7 +52,8 @@ from .kernel_warehouse_cpu import (Scatter, pack_columns, small_rows_matmul,
 from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
                               kernel_workspace, per_sample_conv2d,
                               uses_chunked_kernels)
-from .winograd import uses_winograd, winograd_block_conv2d
+from .winograd import (chunked_winograd_conv2d, uses_winograd,
+                       winograd_block_conv2d)
 
 Ratio = Union[float, Sequence[float]]
 
@@ -501,11 +502,7 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         self._check_finalized()
         attention = self._attention_weights(x.mean(dim=(2, 3)))
         if uses_winograd(x, self):
-            # Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2,
-            # 3x3) straight from the mixtures (mmdyn/ops/winograd.py).
-            out = winograd_block_conv2d(
-                x, self.mix_cells(attention, reuse_buffer=True),
-                self.padding)
+            out = self._winograd_conv(x, attention)
             if self.bias is not None:
                 out += self.bias.reshape(1, -1, 1, 1)
             return out
@@ -530,6 +527,31 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         return per_sample_conv2d(x, kernel, self.bias, self.stride,
                                  self.padding, self.dilation, self.groups,
                                  impl=self.impl)
+
+    def _winograd_conv(self, x: torch.Tensor,
+                       attention: torch.Tensor) -> torch.Tensor:
+        """Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2, 3x3)
+        (mmdyn/ops/winograd.py), no bias.
+
+        When every mixture is a whole [C_out, C_in] kernel position
+        (``g_o = g_i = 1``) and the C loop runs the cell product, it writes
+        the transformed kernels ``G W_b G^T`` directly (each strip of the
+        product transformed while in the L1 cache: the per-sample kernels
+        are never stored); otherwise they are built from the mixtures.
+        """
+        g_o, g_i = self._kw_layout[1:3]
+        cells = self.warehouse_manager.weights[self.warehouse_id]
+        cells = cells.reshape(cells.shape[0], -1)
+        if g_o == g_i == 1 and uses_small_rows_matmul(attention, cells):
+            packed = self.warehouse_manager.packed_cells(self.warehouse_id)
+            return chunked_winograd_conv2d(
+                x, self.out_channels, self.padding,
+                lambda start, stop, out: small_rows_matmul(
+                    attention[start:stop], cells, out, packed_b=packed,
+                    winograd=True).view(stop - start, 16, self.out_channels,
+                                        self.in_channels))
+        return winograd_block_conv2d(
+            x, self.mix_cells(attention, reuse_buffer=True), self.padding)
 
     def uses_position_major(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` convolves straight from the mixtures.

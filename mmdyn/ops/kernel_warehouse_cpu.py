@@ -27,8 +27,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from .c_library import CLibrary, num_threads, ptr
+from .winograd import KERNEL_TRANSFORM_C
 
-_SOURCE = r'''
+_SOURCE = KERNEL_TRANSFORM_C + r'''
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +126,38 @@ static void tile_4x24(const float *ap, const float *bp, long K,
 #endif
 }
 
+/* Columns c0..c0 + NR of C = A @ B (packed A panels `ap`, packed strip
+   `bs`) into `strip`, then the Winograd transform of each sample's 9 rows
+   into out [M / 9, 16, N]. */
+static void winograd_strip(const float *ap, const float *bs, float *strip,
+                           float *out, long M, long K, long N, long c0,
+                           float tile[MR][NR]) {
+    const long panels = (M + MR - 1) / MR;
+    const long w = (N - c0) < NR ? (N - c0) : NR;
+    for (long g = 0; g < panels; ++g) {
+        const long mr = (M - g * MR) < MR ? (M - g * MR) : MR;
+        float *first = strip + g * MR * NR;
+        if (mr == MR) {
+            float *dst[MR] = {first, first + NR, first + 2 * NR,
+                              first + 3 * NR};
+            tile_4x24(ap + g * K * MR, bs, K, dst, tile);
+        } else {
+            tile_4x24(ap + g * K * MR, bs, K, NULL, tile);
+            memcpy(first, tile, (size_t)(mr * NR) * sizeof(float));
+        }
+    }
+    for (long b = 0; b < M / 9; ++b) {
+        const float *k = strip + b * 9 * NR;
+        float *o = out + b * 16 * N + c0;
+        #pragma omp simd
+        for (long n = 0; n < w; ++n) {
+            WINOGRAD_STORE(o, N, n, k[n], k[NR + n], k[2 * NR + n],
+                           k[3 * NR + n], k[4 * NR + n], k[5 * NR + n],
+                           k[6 * NR + n], k[7 * NR + n], k[8 * NR + n]);
+        }
+    }
+}
+
 /* Strip s of B [K, N] (columns s*NR..) as [K][NR], zero-padded. */
 static void pack_strip(const float *B, long K, long N, long s, float *dst) {
     const long c0 = s * NR;
@@ -151,11 +184,16 @@ void pack_columns_f32(const float *B, float *Bp, long K, long N,
 /* C = A [M, K] @ B [K, N] (row-major, contiguous), stored as `L` says.
    `Bp`, when not NULL, is B already cut by pack_columns_f32 (then B is not
    read); otherwise each thread packs a block of strips that fits the L1
-   cache. Returns 0, or -1 when out of memory (C is then not written). */
+   cache. With `winograd`, the rows of C are M / 9 3x3 kernels (rows 9b ..
+   9b + 8: the kernel positions of sample b, each column one kernel) and
+   out receives their Winograd transforms G w G^T, [M / 9, 16, N]: a strip
+   of C is kept in a buffer and transformed there (`rows`, `seg` and
+   `seg_stride` unused). Returns 0, or -1 when out of memory (out is then
+   not written). */
 int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
                           float *out, long M, long K, long N,
                           const long *rows, long seg, long seg_stride,
-                          int threads) {
+                          int winograd, int threads) {
     const layout_t L = {out, rows, N, seg, seg_stride};
     const long panels = (M + MR - 1) / MR;
     const long strips = (N + NR - 1) / NR;
@@ -178,7 +216,10 @@ int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
                             sizeof(float)) + 64);
         float *bp = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         long *offsets = malloc((size_t)per_block * sizeof(long));
-        if (!raw || !offsets) {
+        /* winograd: one strip of C, [panels * MR][NR] */
+        float *strip = winograd ?
+            malloc((size_t)(panels * MR * NR) * sizeof(float)) : NULL;
+        if (!raw || !offsets || (winograd && !strip)) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -194,6 +235,12 @@ int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
                 if (!Bp)
                     for (long s = s0; s < s1; ++s)
                         pack_strip(B, K, N, s, bp + (s - s0) * K * NR);
+                if (winograd) {
+                    for (long s = s0; s < s1; ++s)
+                        winograd_strip(ap, block + (s - s0) * K * NR, strip,
+                                       out, M, K, N, s * NR, tile);
+                    continue;
+                }
                 /* Each strip's offset in a row; -1 where the strip is
                    partial or crosses a segment (general store). */
                 for (long s = s0; s < s1; ++s) {
@@ -226,6 +273,7 @@ int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
         }
         free(raw);
         free(offsets);
+        free(strip);
     }
     free(ap);
     return failed ? -1 : 0;
@@ -253,7 +301,8 @@ class Scatter(NamedTuple):
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i]
+    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i,
+                                          i]
     lib.small_rows_matmul_f32.restype = ctypes.c_int
     lib.pack_columns_f32.argtypes = [p, p, n, n, i]
     lib.pack_columns_f32.restype = None
@@ -332,7 +381,8 @@ def small_rows_matmul(a: torch.Tensor,
                       out: Optional[torch.Tensor] = None,
                       *,
                       packed_b: Optional[torch.Tensor] = None,
-                      scatter: Optional[Scatter] = None) -> torch.Tensor:
+                      scatter: Optional[Scatter] = None,
+                      winograd: bool = False) -> torch.Tensor:
     """``a @ b`` for float32 CPU tensors, ``a`` [..., K] with few rows and
     ``b`` [K, N] with many columns (see :func:`uses_small_rows_matmul`).
 
@@ -344,6 +394,11 @@ def small_rows_matmul(a: torch.Tensor,
         packed_b (Tensor, optional): ``pack_columns(b)``.
         scatter (Scatter, optional): Write the product into ``out`` in this
             layout instead of row-major (bounds are checked).
+        winograd (bool): The rows are 3x3 kernels, nine rows (positions)
+            per sample, each column one kernel: write their Winograd
+            F(2x2, 3x3) transforms ``G w G^T`` instead, ``out`` [rows / 9,
+            16, N] (:func:`~mmdyn.ops.winograd.winograd_kernels_reference`
+            of the product, without writing the product).
 
     Returns:
         Tensor: ``out`` (a new tensor when not given).
@@ -364,7 +419,18 @@ def small_rows_matmul(a: torch.Tensor,
             raise ValueError(f'packed_b must be pack_columns(b) of a [{k}, '
                              f'{n}] b, got {tuple(packed_b.shape)}')
     starts, segment, segment_stride = None, n, n
-    if scatter is None:
+    if winograd:
+        shape = (m // 9, 16, n)
+        if scatter is not None or m % 9:
+            raise ValueError('winograd takes 9 rows per sample and no '
+                             'scatter')
+        if out is None:
+            out = rows.new_empty(shape)
+        elif out.numel() != m // 9 * 16 * n or \
+                out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f'out must be a contiguous float32 tensor of '
+                             f'{m // 9 * 16 * n} elements')
+    elif scatter is None:
         shape = (*a.shape[:-1], n)
         if out is None:
             out = rows.new_empty(shape)
@@ -388,7 +454,8 @@ def small_rows_matmul(a: torch.Tensor,
     if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
                                                 else b), ptr(packed_b),
                                  ptr(out), m, k, n, ptr(starts), segment,
-                                 segment_stride, num_threads(m * n)):
+                                 segment_stride, int(winograd),
+                                 num_threads(m * n)):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
     return out

@@ -65,10 +65,9 @@ WINOGRAD_SWITCH = 'MMDYN_WINOGRAD'
 # F(2x2, 3x3) (Lavin & Gray, 2016).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
-_SOURCE = r'''
-#include <stdlib.h>
-#include <string.h>
-#define CHUNK 512
+#: C macros of the kernel transform ``G w G^T`` (shared with the
+#: KernelWarehouse assembly loop, which applies it to its tiles).
+KERNEL_TRANSFORM_C = r'''
 /* o[(4u + v) * stride + n] = (G w G^T)[u][v] for the 3x3 kernel w0..w8
    (row-major); G's entries 0, 1 and 1/2 as adds. */
 #define WINOGRAD_ROW(l, m, r, u)                                         \
@@ -88,6 +87,13 @@ _SOURCE = r'''
         WINOGRAD_ROW(a0, a1, a2, 0) WINOGRAD_ROW(h0, h1, h2, 1)          \
         WINOGRAD_ROW(g0, g1, g2, 2) WINOGRAD_ROW(a6, a7, a8, 3)          \
     } while (0)
+'''
+
+_SOURCE = r'''
+#include <stdlib.h>
+#include <string.h>
+#define CHUNK 512
+''' + KERNEL_TRANSFORM_C + r'''
 /* out[b, 4u+v, n] = (G w G^T)[u][v] with the 3x3 kernel
    w[j] = S[b, j] * sum_k A[b, k] * W[k, n, j]  (j = 3 * row + col)
    W: [K, N, 9], A: [B, K] (NULL: K == 1, weight 1), S: [B, 9] (NULL: 1),
@@ -517,9 +523,13 @@ def winograd_kernels_from_blocks(mixtures: torch.Tensor,
     return out
 
 
-def _chunked_winograd_conv2d(x, c_out, padding, kernels_fn):
+def chunked_winograd_conv2d(x: torch.Tensor, c_out: int,
+                            padding: Tuple[int, int],
+                            kernels_fn) -> torch.Tensor:
     """``winograd_conv2d`` of chunks of samples whose transformed kernels,
-    ``kernels_fn(start, stop, out)``, fit the reused workspace."""
+    ``kernels_fn(start, stop, out)`` -> [stop - start, 16, C_out, C_in]
+    written into ``out`` (a flat slice of the reused workspace), fit that
+    workspace."""
     batch = x.shape[0]
     per_sample = 16 * c_out * x.shape[1]
     chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (per_sample * 4)))
@@ -560,7 +570,7 @@ def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
     if x.shape[1] != bank.shape[2]:
         raise ValueError(f'x has {x.shape[1]} channels, the bank '
                          f'{bank.shape[2]}')
-    return _chunked_winograd_conv2d(
+    return chunked_winograd_conv2d(
         x, bank.shape[1], padding, lambda start, stop, out:
         winograd_kernels(bank, None if mix is None else mix[start:stop],
                          None if spatial is None else spatial[start:stop],
@@ -576,7 +586,7 @@ def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
     if x.shape[1] != mixtures.shape[3] * mixtures.shape[5]:
         raise ValueError(f'x has {x.shape[1]} channels, the kernels '
                          f'{mixtures.shape[3] * mixtures.shape[5]}')
-    return _chunked_winograd_conv2d(
+    return chunked_winograd_conv2d(
         x, c_out, padding, lambda start, stop, out:
         winograd_kernels_from_blocks(mixtures[start:stop], out=out))
 
@@ -585,5 +595,6 @@ __all__ = [
     'WINOGRAD_MIN_CHANNELS', 'WINOGRAD_MIN_TILES', 'WINOGRAD_SWITCH', 'load',
     'num_tiles', 'uses_winograd', 'winograd_kernels',
     'winograd_kernels_reference', 'winograd_kernels_from_blocks',
-    'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d'
+    'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d',
+    'chunked_winograd_conv2d'
 ]

@@ -476,18 +476,20 @@ def test_position_major_path_matches_reference(monkeypatch, kernel_size,
 def test_float32_inference_paths_match_reference(request, monkeypatch,
                                                  spy_calls, inplane, outplane,
                                                  kernel_size, path):
-    """Float32 CPU inference: the cell products by the C loop into the
-    reused mixtures buffer, then Winograd F(2x2, 3x3) from the mixture
-    layout (3x3 stride 1) or the position-major conv; against the float64
-    naive reference. Thresholds lowered so that small layers take these
-    paths; cells split over input and output channels too."""
+    """Float32 CPU inference: Winograd F(2x2, 3x3) (3x3 stride 1) with the
+    transformed kernels written by the C cell product (whole-position
+    cells) or built from the mixtures (cells split over input and output
+    channels), or the position-major conv from mixtures the C loop wrote
+    into the reused buffer; against the float64 naive reference.
+    Thresholds lowered so that small layers take these paths."""
     from mmdyn.ops import kernel_warehouse as kw
     from mmdyn.ops import kernel_warehouse_cpu
     monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
     if path == 'winograd':
         request.getfixturevalue('small_winograd')
     calls = spy_calls(kw, 'small_rows_matmul')
-    winograd_calls = spy_calls(kw, 'winograd_block_conv2d')
+    block_calls = spy_calls(kw, 'winograd_block_conv2d')
+    fused_calls = spy_calls(kw, 'chunked_winograd_conv2d')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True))],
                cell_num_ratio=1, cell_inplane_ratio=inplane,
@@ -505,7 +507,9 @@ def test_float32_inference_paths_match_reference(request, monkeypatch,
         expected = _reference_conv(net.double().layers[0], x.double(), 0.0)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
     assert calls == ['small_rows_matmul']
-    assert bool(winograd_calls) == (path == 'winograd')
+    fused = path == 'winograd' and inplane == outplane == 1
+    assert bool(fused_calls) == fused
+    assert bool(block_calls) == (path == 'winograd' and not fused)
 
 
 def test_reused_mixtures_buffer_only_in_inference():

@@ -116,3 +116,25 @@ def test_scatter_bounds_are_checked():
         small_rows_matmul(a, b, None, scatter=Scatter(torch.tensor([0, 1]),
                                                       10, 10))
 
+
+
+@pytest.mark.parametrize('packed', [False, True])
+@pytest.mark.parametrize('batch,inner,cols', [(8, 47, 4096), (3, 5, 100),
+                                              (1, 7, 24)])
+def test_winograd_transform_of_the_product(packed, batch, inner, cols):
+    """winograd=True: the nine rows of each sample are a 3x3 kernel per
+    column; out holds G w G^T of each, against the product transformed with
+    F(2x2, 3x3)'s G by torch (partial panels of rows, partial strips)."""
+    a, b = torch.randn(batch, 9, inner), torch.randn(inner, cols)
+    got = small_rows_matmul(a, b, packed_b=pack_columns(b) if packed
+                            else None, winograd=True)
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
+                      [0.0, 0.0, 1.0]])
+    kernels = (a @ b).transpose(1, 2).reshape(batch, cols, 3, 3)
+    want = (g @ kernels @ g.t()).reshape(batch, cols, 16).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match='9 rows'):
+        small_rows_matmul(a[:, :8], b, winograd=True)
+    with pytest.raises(ValueError, match='out'):
+        small_rows_matmul(a, b, torch.empty(batch, 16, cols + 1),
+                          winograd=True)
