@@ -602,8 +602,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
             if self.stride != (1, 1):
                 x = x[:, :, ::self.stride[0], ::self.stride[1]]
             mixtures = self.mix_cells(attention, True, 'position_major')
-            out = torch.bmm(cast(mixtures[:, 0]),
-                            x.reshape(x.shape[0], self.in_channels, -1))
+            out = torch.bmm(
+                cast(mixtures.view(-1, self.out_channels, self.in_channels)),
+                x.reshape(x.shape[0], self.in_channels, -1))
         elif not torch.is_grad_enabled():
             kernels = self.mix_cells(attention, True, 'output_major')
             out = torch.bmm(
@@ -611,13 +612,16 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
                 self._position_major_columns(x, h_out, w_out))
         else:
             mixtures = self.mix_cells(attention, True, 'position_major')
+            # unbind, not indexing: its backward is one stack, where nine
+            # selects would each scatter into a zero tensor of full size.
             columns = torch.nn.functional.unfold(
                 x, self.kernel_size, self.dilation, self.padding,
-                self.stride).view(x.shape[0], self.in_channels, g_s, -1)
+                self.stride).view(x.shape[0], self.in_channels, g_s,
+                                  -1).unbind(2)
             parts = cast(mixtures).unbind(1)
-            out = torch.bmm(parts[0], columns[:, :, 0])
-            for p in range(1, g_s):
-                out = torch.baddbmm(out, parts[p], columns[:, :, p])
+            out = torch.bmm(parts[0], columns[0])
+            for part, column in zip(parts[1:], columns[1:]):
+                out = torch.baddbmm(out, part, column)
         out = out.view(-1, self.out_channels, h_out, w_out)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
