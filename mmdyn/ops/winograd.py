@@ -29,9 +29,11 @@ own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
 
 Numbers (benchmarks/README.md, 2-core AVX2 CPU): ResNet-50 stage 3 (256 ->
 256, 14x14), batch 8, eval, 2 threads, time relative to ``nn.Conv2d`` of the
-same shape, batch-1 convs -> Winograd: ODConv 1x 1.41x -> 1.06x, ODConv 4x
-1.51x -> 1.13x, DyConv K=4 1.46x -> 1.10x. KernelWarehouse builds its
-transformed kernels from its mixtures (:func:`winograd_block_conv2d`).
+same shape, batch-1 convs -> Winograd -> with the feature-map transforms
+in C as well: ODConv 1x 1.41x -> 1.06x -> 1.00x, ODConv 4x 1.51x -> 1.13x
+-> 1.01x, DyConv K=4 1.46x -> 1.10x -> 0.99x. KernelWarehouse's cell
+product writes its transformed kernels directly, or they are built from its
+mixtures (:func:`winograd_block_conv2d`).
 
 Results differ from the direct conv by float32 rounding of the transforms
 (relative error ~1e-6). ``MMDYN_WINOGRAD=0`` turns the path off;
