@@ -400,16 +400,18 @@ class _KWLayerMixin(TemperatureMixin):
         # Whether the layout is the cell product's own, row after row.
         plain = layout == 'cells' or (g_i == 1 and (
             layout == 'position_major' or g_s == 1))
+        c_loop = uses_small_rows_matmul(attention, cells)
+        rows_shape = (*attention.shape[:-1], cells.shape[1])
         out = None
-        if reuse_buffer and not torch.is_grad_enabled():
+        if reuse_buffer and not torch.is_grad_enabled() and (plain or c_loop):
             out = kernel_workspace(math.prod(shape), attention.dtype,
                                    attention.device, 'kw_mixtures').view(shape)
-        if uses_small_rows_matmul(attention, cells):
+        if c_loop:
             if out is None:
                 out = attention.new_empty(shape)
             scatter, target = None, out
             if plain:
-                target = out.view(*attention.shape[:-1], cells.shape[1])
+                target = out.view(rows_shape)
             else:
                 scatter = self._mixture_scatter(batch, layout)
             small_rows_matmul(attention, cells, target,
@@ -418,7 +420,9 @@ class _KWLayerMixin(TemperatureMixin):
                               scatter=scatter)
             return out
         if plain:
-            return torch.matmul(attention, cells, out=out).reshape(shape)
+            return torch.matmul(
+                attention, cells,
+                out=None if out is None else out.view(rows_shape)).view(shape)
         mixtures = torch.matmul(attention, cells).view(-1, *self._kw_layout)
         order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
             (0, 2, 4, 1, 3, 5)
@@ -430,8 +434,8 @@ class _KWLayerMixin(TemperatureMixin):
         g_s * C_in."""
         g_s, g_o, g_i, c_o, c_i = self._kw_layout
         sample, position, block_out, block_in = torch.meshgrid(
-            torch.arange(batch), torch.arange(g_s), torch.arange(g_o),
-            torch.arange(g_i), indexing='ij')
+            *(torch.arange(n, device='cpu') for n in (batch, g_s, g_o, g_i)),
+            indexing='ij')
         c_out, c_in = g_o * c_o, g_i * c_i
         if layout == 'position_major':
             starts = ((sample * g_s + position) * c_out +
@@ -586,8 +590,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         (:meth:`mix_cells`) against the im2col columns, kernel position by
         kernel position. In inference the cell product writes the mixtures
         output-major, [B, C_out, kh*kw * C_in], and the conv is one batched
-        matmul with position-major columns (inner size kh*kw * C_in; 10-25
-        % faster than nine accumulated ones at ResNet-50's stage 3-4
+        matmul with position-major columns (inner size kh*kw * C_in; 9-22
+        % less time than nine accumulated ones at ResNet-50's stage 3-4
         shapes, benchmarks/README.md). Same result as the per-sample conv
         with :meth:`assemble_kernel`.
         """
@@ -823,8 +827,10 @@ class WarehouseManager(nn.Module):
         self.cell_shapes: List[Tuple[int, ...]] = []
         self.slices: List[Tuple[int, int, int]] = []
         self.finalized = False
-        # warehouse index -> ((data_ptr, version, shape), packed cells)
-        self._packed: Dict[int, Tuple[tuple, torch.Tensor]] = {}
+        # warehouse index -> ((data_ptr, version, shape), sampled values,
+        # packed cells)
+        self._packed: Dict[int, Tuple[tuple, torch.Tensor,
+                                      torch.Tensor]] = {}
 
     @staticmethod
     def _check_ratio(value, name: str) -> None:
@@ -1020,14 +1026,17 @@ class WarehouseManager(nn.Module):
 
         Every KW layer of a warehouse reads all of its cells; without this
         copy each of them re-cuts the warehouse (read with a stride of a
-        cell row), about 10 % of KW-1x ResNet-50's assembly time
+        cell row), about 14 % of KW-1x ResNet-50's assembly time
         (benchmarks/README.md). The copy costs the warehouse's size in
-        memory while it lives: it is dropped by ``train()`` and rebuilt
-        when the cells' storage, dtype or version counter changes (every
-        in-place update through the parameter, ``load_state_dict`` and
-        optimiser steps included; not writes through ``.data``: call
-        :meth:`clear_packed_cells` after those). ``MMDYN_KW_PACKED_CELLS=0``
-        turns it off.
+        memory while it lives (89 MiB for KW-1x ResNet-50): ``train()``
+        and device or dtype moves drop it. It is rebuilt when the cells'
+        storage, shape or version counter changes (every in-place update
+        through the parameter: ``load_state_dict`` and optimiser steps), or
+        any of 256 evenly spaced values of the cells (writes through
+        ``.data``, which leave the version counter alone, e.g. mmengine's
+        EMA parameter swap). After a ``.data`` write to only a few cells,
+        call :meth:`clear_packed_cells`. ``MMDYN_KW_PACKED_CELLS=0`` turns
+        it off.
 
         Returns:
             Tensor | None: The strips; None when switched off or not in
@@ -1038,12 +1047,16 @@ class WarehouseManager(nn.Module):
                 self.training or torch.is_grad_enabled() or \
                 cells.device.type != 'cpu' or cells.dtype != torch.float32:
             return None
+        flat = cells.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 256)].clone()
         key = (cells.data_ptr(), cells._version, tuple(cells.shape))
         cached = self._packed.get(index)
-        if cached is None or cached[0] != key:
-            cached = (key, pack_columns(cells.reshape(cells.shape[0], -1)))
+        if cached is None or cached[0] != key or \
+                not torch.equal(cached[1], sample):
+            cached = (key, sample,
+                      pack_columns(cells.reshape(cells.shape[0], -1)))
             self._packed[index] = cached
-        return cached[1]
+        return cached[2]
 
     def clear_packed_cells(self) -> None:
         """Drop the packed copies of the warehouses (see
@@ -1053,6 +1066,10 @@ class WarehouseManager(nn.Module):
     def train(self, mode: bool = True) -> 'WarehouseManager':
         self.clear_packed_cells()
         return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_packed_cells()
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:

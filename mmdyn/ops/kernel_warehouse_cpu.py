@@ -15,8 +15,8 @@ the L1 cache at a time, or once for good by :func:`pack_columns`), and a
 tile where AVX2/FMA is missing). A :class:`Scatter` writes the result in
 another layout than row-major, e.g. each ``[c_o, c_i]`` mixture into its
 block of a ``[C_out, C_in]`` kernel, which saves a transposition copy.
-It runs ResNet-50's shapes at 28-35 GMAC/s from packed strips
-(benchmarks/README.md). Only float32 inference uses it
+It runs ResNet-50's shapes at 23-35 GMAC/s from packed strips, 27-35 on
+the large ones (benchmarks/README.md). Only float32 inference uses it
 (:func:`uses_small_rows_matmul`); ``torch.matmul`` stays the reference and
 the path of autograd, other dtypes and devices. ``MMDYN_KW_CPU_KERNEL=0``
 turns it off.
@@ -362,7 +362,7 @@ def pack_columns(b: torch.Tensor) -> torch.Tensor:
     """``b`` [K, N] cut into zero-padded strips of :data:`STRIP` columns,
     ``[ceil(N / STRIP), K, STRIP]``: the layout the C loop reads. Passing it
     as ``packed_b`` saves :func:`small_rows_matmul` cutting ``b`` on every
-    call (reading ``b`` with a stride of N costs about 10 % of the product
+    call (reading ``b`` with a stride of N costs about 14 % of the product
     at ResNet-50's shapes)."""
     lib = _library()
     _check_float32_cpu(b)
@@ -443,14 +443,18 @@ def small_rows_matmul(a: torch.Tensor,
         if out is None or out.dtype != torch.float32 or \
                 not out.is_contiguous():
             raise ValueError('scatter needs a contiguous float32 out')
-        starts = starts.to(torch.long).contiguous()
+        starts = starts.to('cpu', torch.long).contiguous()
         if starts.shape != (m, ) or segment < 1 or segment_stride < 0:
             raise ValueError(f'scatter must give {m} row starts and a '
                              'positive segment')
+        if n > segment and segment_stride < segment:
+            raise ValueError('scatter segments of a row overlap '
+                             f'(segment {segment}, stride {segment_stride})')
         last = _largest_offset(n, segment, segment_stride)
         if m and (int(starts.min()) < 0 or
                   int(starts.max()) + last >= out.numel()):
             raise ValueError('scatter writes outside out')
+    _check_float32_cpu(out)
     if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
                                                 else b), ptr(packed_b),
                                  ptr(out), m, k, n, ptr(starts), segment,

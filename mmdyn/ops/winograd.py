@@ -449,6 +449,12 @@ def winograd_kernels(bank: torch.Tensor,
     return out
 
 
+def _check_float32_cpu(t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.device.type != 'cpu':
+        raise ValueError('the Winograd C loops take float32 CPU tensors, got '
+                         f'{t.dtype} on {t.device}')
+
+
 def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     """``V = B^T d B`` of every 4x4 input tile (stride 2) by the C loop: one
     pass over ``x``, writing V once. As PyTorch ops (eight passes) the input
@@ -458,6 +464,7 @@ def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     Returns:
         tuple: V [B, 16, C, tiles] and the tile grid (tiles_h, tiles_w).
     """
+    _check_float32_cpu(x)
     batch, channels, h, w = x.shape
     ph, pw = padding
     tiles_h, tiles_w = (h + 2 * ph - 1) // 2, (w + 2 * pw - 1) // 2
@@ -474,6 +481,7 @@ def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
                       out_hw: Tuple[int, int]) -> torch.Tensor:
     """[B, C, out_h, out_w] = ``A^T m A`` of every tile of ``m`` [B, 16, C,
     tiles] by the C loop, cropped to ``out_hw``."""
+    _check_float32_cpu(m)
     batch, _, channels, _ = m.shape
     m = m.contiguous()
     out = m.new_empty(batch, channels, *out_hw)

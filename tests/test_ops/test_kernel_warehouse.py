@@ -533,9 +533,9 @@ def test_reused_mixtures_buffer_only_in_inference():
 
 def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
     """Float32 CPU inference cuts each warehouse into strips once for all
-    its layers; an in-place update of the cells (an optimiser step) or
-    load_state_dict re-cuts it, train() drops it, MMDYN_KW_PACKED_CELLS=0
-    turns it off. Outputs against the float64 naive reference each
+    its layers; an in-place update of the cells (an optimiser step),
+    load_state_dict or a write through .data re-cuts it, train() and dtype
+    moves drop it, MMDYN_KW_PACKED_CELLS=0 turns it off. Outputs against the float64 naive reference each
     time."""
     from mmdyn.ops import kernel_warehouse as kw
     from mmdyn.ops import kernel_warehouse_cpu
@@ -572,11 +572,21 @@ def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
     net.load_state_dict(other.state_dict())
     check()
     assert len(packs) == 3
+    # A write through .data (mmengine's EMA swap) leaves the version counter
+    # alone: the sampled values catch it.
+    manager.weights[0].data.mul_(-1.5)
+    check()
+    assert len(packs) == 4
+    net.double()  # moves drop the copy
+    assert manager._packed == {}
+    net.float()
+    check()
+    assert len(packs) == 5
     monkeypatch.setenv('MMDYN_KW_PACKED_CELLS', '0')
     with torch.no_grad():
         assert manager.packed_cells(0) is None
     check()
-    assert len(packs) == 3
+    assert len(packs) == 5
 
 
 @pytest.mark.parametrize('c_path', [False, True])

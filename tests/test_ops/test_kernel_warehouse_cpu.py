@@ -115,7 +115,12 @@ def test_scatter_bounds_are_checked():
     with pytest.raises(ValueError, match='scatter'):
         small_rows_matmul(a, b, None, scatter=Scatter(torch.tensor([0, 1]),
                                                       10, 10))
-
+    with pytest.raises(ValueError, match='overlap'):
+        small_rows_matmul(a, b, out, scatter=Scatter(torch.tensor([0, 10]),
+                                                     5, 4))
+    with pytest.raises(ValueError, match='float32'):
+        small_rows_matmul(a, b, out.double(),
+                          scatter=Scatter(torch.tensor([0, 10]), 10, 10))
 
 
 @pytest.mark.parametrize('packed', [False, True])

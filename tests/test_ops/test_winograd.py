@@ -207,3 +207,11 @@ def test_feature_transforms_against_the_matrices(size, padding):
     y = y.reshape(batch, channels, 2 * th, 2 * tw)[..., :out_hw[0],
                                                    :out_hw[1]]
     torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_transforms_take_float32_cpu_only():
+    with pytest.raises(ValueError, match='float32 CPU'):
+        winograd._input_transform(torch.randn(1, 2, 4, 4).double(), (1, 1))
+    with pytest.raises(ValueError, match='float32 CPU'):
+        winograd._output_transform(torch.randn(1, 16, 2, 4).double(), (2, 2),
+                                   (4, 4))
