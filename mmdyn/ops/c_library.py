@@ -57,6 +57,17 @@ def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
+def check_float32_cpu(what: str,
+                      *tensors: Optional[torch.Tensor]) -> None:
+    """The C loops read and write raw float32 host memory: raise
+    ValueError for any other tensor (None entries are skipped)."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32
+                              or t.device.type != 'cpu'):
+            raise ValueError(f'{what} takes float32 CPU tensors, got '
+                             f'{t.dtype} on {t.device}')
+
+
 def num_threads(work: int) -> int:
     """OpenMP threads for ``work`` elements: tiny problems are faster on one
     thread than waking the pool."""
@@ -112,6 +123,16 @@ class CLibrary:
 
     def enabled(self) -> bool:
         return os.environ.get(self.switch, '1') != '0'
+
+    def require(self) -> ctypes.CDLL:
+        """:meth:`load` for callers without a fallback: RuntimeError when
+        the library is unavailable."""
+        lib = self.load()
+        if lib is None:
+            raise RuntimeError(f'mmdyn: C kernels {self.name!r} unavailable '
+                               f'(no C compiler, a failed build, or '
+                               f'{self.switch}=0)')
+        return lib
 
     def load(self) -> Optional[ctypes.CDLL]:
         """The loaded library, built on first use; None when unavailable

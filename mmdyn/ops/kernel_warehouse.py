@@ -354,6 +354,12 @@ class _KWLayerMixin(TemperatureMixin):
             kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
 
+    def _cell_rows(self) -> torch.Tensor:
+        """This layer's warehouse as [n, cell_size]: the right operand of
+        every mixture product."""
+        cells = self.warehouse_manager.weights[self.warehouse_id]
+        return cells.reshape(cells.shape[0], -1)
+
     #: Layouts of :meth:`mix_cells`: the cell product's own, the kernel
     #: position by position, the kernel with each output channel's
     #: positions side by side.
@@ -386,8 +392,7 @@ class _KWLayerMixin(TemperatureMixin):
         if layout not in self.MIXTURE_LAYOUTS:
             raise ValueError(f'layout must be one of {self.MIXTURE_LAYOUTS}'
                              f', got {layout!r}')
-        cells = self.warehouse_manager.weights[self.warehouse_id]
-        cells = cells.reshape(cells.shape[0], -1)
+        cells = self._cell_rows()
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
         g_s, g_o, g_i, c_o, c_i = self._kw_layout
@@ -544,8 +549,7 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         are never stored); otherwise they are built from the mixtures.
         """
         g_o, g_i = self._kw_layout[1:3]
-        cells = self.warehouse_manager.weights[self.warehouse_id]
-        cells = cells.reshape(cells.shape[0], -1)
+        cells = self._cell_rows()
         if g_o == g_i == 1 and uses_small_rows_matmul(attention, cells):
             packed = self.warehouse_manager.packed_cells(self.warehouse_id)
             return chunked_winograd_conv2d(

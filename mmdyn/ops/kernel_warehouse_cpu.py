@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .c_library import CLibrary, num_threads, ptr
+from .c_library import CLibrary, check_float32_cpu, num_threads, ptr
 from .winograd import KERNEL_TRANSFORM_C
 
 _SOURCE = KERNEL_TRANSFORM_C + r'''
@@ -334,20 +334,6 @@ def uses_small_rows_matmul(a: torch.Tensor, b: torch.Tensor) -> bool:
     return load() is not None
 
 
-def _library() -> ctypes.CDLL:
-    lib = load()
-    if lib is None:
-        raise RuntimeError('the KernelWarehouse C loop is unavailable (no C '
-                           'compiler, or MMDYN_KW_CPU_KERNEL=0)')
-    return lib
-
-
-def _check_float32_cpu(*tensors: torch.Tensor) -> None:
-    if any(t.dtype != torch.float32 or t.device.type != 'cpu'
-           for t in tensors):
-        raise ValueError('small_rows_matmul takes float32 CPU tensors')
-
-
 def _largest_offset(n: int, segment: int, stride: int) -> int:
     """Largest ``(j // segment) * stride + j % segment`` over j < n: the
     last column, or the last of the segment before it."""
@@ -364,8 +350,8 @@ def pack_columns(b: torch.Tensor) -> torch.Tensor:
     as ``packed_b`` saves :func:`small_rows_matmul` cutting ``b`` on every
     call (reading ``b`` with a stride of N costs about 14 % of the product
     at ResNet-50's shapes)."""
-    lib = _library()
-    _check_float32_cpu(b)
+    lib = _LIBRARY.require()
+    check_float32_cpu('small_rows_matmul', b)
     if b.dim() != 2:
         raise ValueError(f'b must be 2-D, got {tuple(b.shape)}')
     b = b.detach().contiguous()
@@ -403,8 +389,8 @@ def small_rows_matmul(a: torch.Tensor,
     Returns:
         Tensor: ``out`` (a new tensor when not given).
     """
-    lib = _library()
-    _check_float32_cpu(a, b)
+    lib = _LIBRARY.require()
+    check_float32_cpu('small_rows_matmul', a, b)
     if b.dim() != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(f'cannot multiply {tuple(a.shape)} by '
                          f'{tuple(b.shape)}')
@@ -413,7 +399,7 @@ def small_rows_matmul(a: torch.Tensor,
     if packed_b is None:
         b = b.contiguous()
     else:
-        _check_float32_cpu(packed_b)
+        check_float32_cpu('small_rows_matmul', packed_b)
         if tuple(packed_b.shape) != ((n + STRIP - 1) // STRIP, k, STRIP) \
                 or not packed_b.is_contiguous():
             raise ValueError(f'packed_b must be pack_columns(b) of a [{k}, '
@@ -454,7 +440,7 @@ def small_rows_matmul(a: torch.Tensor,
         if m and (int(starts.min()) < 0 or
                   int(starts.max()) + last >= out.numel()):
             raise ValueError('scatter writes outside out')
-    _check_float32_cpu(out)
+    check_float32_cpu('small_rows_matmul', out)
     if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
                                                 else b), ptr(packed_b),
                                  ptr(out), m, k, n, ptr(starts), segment,

@@ -48,7 +48,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .c_library import CLibrary, num_threads, ptr
+from .c_library import CLibrary, check_float32_cpu, num_threads, ptr
 from .per_sample_conv import (KERNEL_WORKSPACE_BYTES, _is_exporting,
                               kernel_workspace)
 
@@ -324,14 +324,6 @@ def _output_hw(x: torch.Tensor, padding: Tuple[int, int]) -> Tuple[int, int]:
     return x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
 
 
-def _library() -> ctypes.CDLL:
-    lib = load()
-    if lib is None:
-        raise RuntimeError('the Winograd C loop is unavailable (no C '
-                           f'compiler, or {WINOGRAD_SWITCH}=0)')
-    return lib
-
-
 def _kernels_out(out: Optional[torch.Tensor], shape: Tuple[int, ...],
                  like: torch.Tensor) -> torch.Tensor:
     """A new [B, 16, C_out, C_in] tensor, or ``out`` checked to be one
@@ -433,11 +425,8 @@ def winograd_kernels(bank: torch.Tensor,
     C_in elements that the kernels are written into.
     """
     batch = _check_bank(bank, mix, spatial)
-    lib = _library()
-    tensors = [t for t in (bank, mix, spatial) if t is not None]
-    if any(t.device.type != 'cpu' or t.dtype != torch.float32
-           for t in tensors):
-        raise ValueError('winograd_kernels takes float32 CPU tensors')
+    check_float32_cpu('winograd_kernels', bank, mix, spatial)
+    lib = _LIBRARY.require()
     num, c_out, c_in = bank.shape[:3]
     n = c_out * c_in
     out = _kernels_out(out, (batch, 16, c_out, c_in), bank)
@@ -449,12 +438,6 @@ def winograd_kernels(bank: torch.Tensor,
     return out
 
 
-def _check_float32_cpu(t: torch.Tensor) -> None:
-    if t.dtype != torch.float32 or t.device.type != 'cpu':
-        raise ValueError('the Winograd C loops take float32 CPU tensors, got '
-                         f'{t.dtype} on {t.device}')
-
-
 def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     """``V = B^T d B`` of every 4x4 input tile (stride 2) by the C loop: one
     pass over ``x``, writing V once. As PyTorch ops (eight passes) the input
@@ -464,15 +447,15 @@ def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     Returns:
         tuple: V [B, 16, C, tiles] and the tile grid (tiles_h, tiles_w).
     """
-    _check_float32_cpu(x)
+    check_float32_cpu('the Winograd input transform', x)
     batch, channels, h, w = x.shape
     ph, pw = padding
     tiles_h, tiles_w = (h + 2 * ph - 1) // 2, (w + 2 * pw - 1) // 2
     x = x.contiguous()
     v = x.new_empty(batch, 16, channels, tiles_h * tiles_w)
-    if _library().winograd_input_f32(ptr(x), ptr(v), batch, channels, h, w,
-                                     ph, pw, tiles_h, tiles_w,
-                                     num_threads(v.numel())):
+    lib = _LIBRARY.require()
+    if lib.winograd_input_f32(ptr(x), ptr(v), batch, channels, h, w, ph, pw,
+                              tiles_h, tiles_w, num_threads(v.numel())):
         raise MemoryError('Winograd input transform: out of memory')
     return v, (tiles_h, tiles_w)
 
@@ -481,13 +464,14 @@ def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
                       out_hw: Tuple[int, int]) -> torch.Tensor:
     """[B, C, out_h, out_w] = ``A^T m A`` of every tile of ``m`` [B, 16, C,
     tiles] by the C loop, cropped to ``out_hw``."""
-    _check_float32_cpu(m)
+    check_float32_cpu('the Winograd output transform', m)
     batch, _, channels, _ = m.shape
     m = m.contiguous()
     out = m.new_empty(batch, channels, *out_hw)
-    if _library().winograd_output_f32(ptr(m), ptr(out), batch, channels,
-                                      out_hw[0], out_hw[1], grid[0], grid[1],
-                                      num_threads(m.numel())):
+    lib = _LIBRARY.require()
+    if lib.winograd_output_f32(ptr(m), ptr(out), batch, channels, out_hw[0],
+                               out_hw[1], grid[0], grid[1],
+                               num_threads(m.numel())):
         raise MemoryError('Winograd output transform: out of memory')
     return out
 
@@ -521,10 +505,8 @@ def winograd_kernels_from_blocks(mixtures: torch.Tensor,
     if mixtures.dim() != 6 or mixtures.shape[1] != 9:
         raise ValueError('mixtures must be [B, 9, g_o, g_i, c_o, c_i], got '
                          f'{tuple(mixtures.shape)}')
-    if mixtures.device.type != 'cpu' or mixtures.dtype != torch.float32:
-        raise ValueError('winograd_kernels_from_blocks takes a float32 CPU '
-                         'tensor')
-    lib = _library()
+    check_float32_cpu('winograd_kernels_from_blocks', mixtures)
+    lib = _LIBRARY.require()
     batch, _, g_o, g_i, c_o, c_i = mixtures.shape
     out = _kernels_out(out, (batch, 16, g_o * c_o, g_i * c_i), mixtures)
     mixtures = mixtures.contiguous()
