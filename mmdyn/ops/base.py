@@ -9,10 +9,17 @@
 * :func:`build_attention_norm`: the normalisation used inside attention
   branches on pooled features, configurable so that training works at batch
   size 1.
+* :func:`check_allocation`: the one size guard every layer applies to its
+  parameters before allocating them (budget: :func:`allocation_budget`).
+* :func:`empty_batch_output`: the result of a layer on an empty batch.
+* :func:`kernel_bank_safe`: lets ``module.to(memory_format=...)`` pass over
+  the 5-D kernel banks.
 
 torch only: no OpenMMLab imports here.
 """
-from typing import Optional, Tuple, Union
+import math
+import os
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -48,12 +55,115 @@ def to_pair(value: IntOrPair, name: str, minimum: int = 0) -> Tuple[int, int]:
 
 
 def check_positive(value, name: str, allow_float: bool = False):
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is > 0."""
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is > 0 (and
+    finite: NaN and inf are refused)."""
     types = (int, float) if allow_float else (int, )
-    if isinstance(value, bool) or not isinstance(value, types) or value <= 0:
-        kind = 'a positive number' if allow_float else 'a positive int'
+    if isinstance(value, bool) or not isinstance(value, types) or \
+            not math.isfinite(value) or value <= 0:
+        kind = 'a positive finite number' if allow_float else \
+            'a positive int'
         raise ValueError(f'{name} must be {kind}, got {value!r}')
     return value
+
+
+#: Environment variable that sets the allocation budget, in bytes.
+ALLOCATION_BUDGET_ENV = 'MMDYN_MAX_ALLOC_BYTES'
+#: Default budget: the largest parameter tensor one layer (or one KW
+#: warehouse) may allocate, in bytes. The largest tensors of the shipped
+#: models are a few hundred MiB (a KW-4x warehouse).
+DEFAULT_ALLOCATION_BUDGET = 4 * 2**30
+
+
+def allocation_budget() -> int:
+    """The allocation budget in bytes: ``$MMDYN_MAX_ALLOC_BYTES`` when set,
+    else :data:`DEFAULT_ALLOCATION_BUDGET`."""
+    value = os.environ.get(ALLOCATION_BUDGET_ENV)
+    if value is None or value == '':
+        return DEFAULT_ALLOCATION_BUDGET
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = -1
+    if budget <= 0:
+        raise ValueError(f'{ALLOCATION_BUDGET_ENV} must be a positive number '
+                         f'of bytes, got {value!r}')
+    return budget
+
+
+def check_allocation(numel: int,
+                     what: str,
+                     arguments: str,
+                     itemsize: int = 4) -> None:
+    """Raise ``ValueError`` before a tensor of ``numel`` elements larger
+    than :func:`allocation_budget` is allocated.
+
+    Args:
+        numel (int): Elements of the tensor about to be allocated.
+        what (str): What it is (for the message).
+        arguments (str): The arguments that set its size, with their values
+            (for the message).
+        itemsize (int): Bytes per element. Default: 4 (float32).
+    """
+    size = int(numel) * itemsize
+    budget = allocation_budget()
+    if size > budget:
+        raise ValueError(
+            f'{what} would allocate {_bytes(size)}, above the '
+            f'{_bytes(budget)} budget: reduce {arguments}, or raise the '
+            f'budget with the environment variable {ALLOCATION_BUDGET_ENV} '
+            '(bytes)')
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+        if size >= scale:
+            return f'{size / scale:.3g} {unit}'
+    return f'{size} B'
+
+
+def empty_batch_output(shape: Sequence[int], x: torch.Tensor,
+                       tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Zeros of ``shape`` (an empty batch's output) in the graph of ``x`` and
+    of ``tensors`` (the layer's parameters).
+
+    As ``nn.Conv2d`` on an empty batch, the backward then gives ``x`` an
+    empty gradient and every parameter a zero gradient (not ``None``, which
+    distributed training would report as an unused parameter), and nothing
+    else runs: no attention, no update of a norm's running statistics.
+    """
+    out = x.new_zeros(shape)
+    linked = [t for t in tensors if t.requires_grad]
+    if x.requires_grad:
+        linked.append(x)
+    if not linked or not torch.is_grad_enabled():
+        return out
+    return out + sum(t.sum() for t in linked).to(out.dtype) * 0
+
+
+def kernel_bank_safe(fn: Callable[[torch.Tensor],
+                                  torch.Tensor]) -> Callable:
+    """Wrap an ``nn.Module._apply`` function so that 5-D tensors (kernel
+    banks [K, C_out, C_in/g, kh, kw]) pass ``module.to(memory_format=
+    torch.channels_last)``.
+
+    torch refuses a 4-D memory format for a 5-D tensor. A bank is no
+    activation: it keeps its own (contiguous) layout, and the other
+    conversions of ``fn`` (device, dtype) still apply to it, on a 4-D
+    view. Every other tensor gets ``fn`` unchanged.
+    """
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() != 5:
+            return fn(t)
+        try:
+            return fn(t)
+        except RuntimeError as error:
+            if 'rank 4' not in str(error):
+                raise
+        shape = t.shape
+        return fn(t.flatten(0, 1)).contiguous().view(shape)
+
+    return apply
 
 
 class DynamicConv2dBase(nn.Module):
@@ -99,7 +209,8 @@ class DynamicConv2dBase(nn.Module):
             raise ValueError(f'out_channels ({out_channels}) must be '
                              f'divisible by groups ({groups})')
         if padding_mode != 'zeros':
-            raise ValueError(f"padding_mode must be 'zeros', got "
+            raise ValueError(f"padding_mode must be 'zeros' (the only "
+                             f'padding of dynamic convs), got '
                              f'{padding_mode!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -147,9 +258,6 @@ class DynamicConv2dBase(nn.Module):
             raise ValueError(f'{type(self).__name__} expects input x with '
                              f'{self.in_channels} channels (in_channels), '
                              f'got {x.shape[1]} (shape {tuple(x.shape)})')
-        if x.shape[0] == 0:
-            raise ValueError(f'{type(self).__name__} got an empty batch '
-                             f'(input x of shape {tuple(x.shape)})')
         for i, name in ((0, 'height'), (1, 'width')):
             span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
             if x.shape[2 + i] + 2 * self.padding[i] < span:
@@ -157,6 +265,19 @@ class DynamicConv2dBase(nn.Module):
                     f'{type(self).__name__}: input x {name} '
                     f'{x.shape[2 + i]} (+2x padding {self.padding[i]}) is '
                     f'smaller than the kernel span {span}')
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(memory_format=torch.channels_last) with 5-D kernel banks.
+        return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
+
+    def empty_output(self, x: torch.Tensor,
+                     *extra: torch.Tensor) -> torch.Tensor:
+        """The output for an empty batch ``x`` (see
+        :func:`empty_batch_output`); ``extra`` are parameters the layer
+        reads but does not own (a shared warehouse)."""
+        h_out, w_out = self.output_hw(*x.shape[-2:])
+        return empty_batch_output((0, self.out_channels, h_out, w_out), x,
+                                  (*self.parameters(), *extra))
 
     def output_hw(self, h: int, w: int) -> Tuple[int, int]:
         """Spatial output size for an ``h x w`` input, as ``nn.Conv2d``."""

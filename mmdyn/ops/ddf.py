@@ -29,7 +29,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ddf_cpu
-from .base import DynamicConv2dBase, check_positive
+from .base import (DynamicConv2dBase, check_allocation, check_positive,
+                   empty_batch_output)
 
 COMBINES = ('mul', 'add')
 IMPLS = ('auto', 'fused', 'taps', 'reference')
@@ -62,11 +63,12 @@ def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
     if C % head:
         raise ValueError(f'the channels of x ({C}) must be divisible by '
                          f'head ({head})')
-    if channel_filter.shape[0] != B or channel_filter.numel() != B * C * kk:
-        expected = [B, C, kernel_size, kernel_size]
+    layouts = ((B, C, kernel_size, kernel_size), (B, C * kk, 1, 1))
+    if tuple(channel_filter.shape) not in layouts:
         raise ValueError(
-            f'channel_filter must be [B, C, k, k] = {expected} (or '
-            f'[B, C*k*k, 1, 1]), got {tuple(channel_filter.shape)}')
+            f'channel_filter must be [B, C, k, k] = {list(layouts[0])} or '
+            f'[B, C*k*k, 1, 1] = {list(layouts[1])}, got '
+            f'{tuple(channel_filter.shape)}')
     Ho, Wo = spatial_filter.shape[-2:] if spatial_filter.dim() == 4 else (0,
                                                                         0)
     # Official size H // s; the conv size ceil(H / s) (where the official
@@ -319,6 +321,12 @@ def ddf(x: torch.Tensor,
     cf, sf, out_hw = _check_ddf_args(x, channel_filter, spatial_filter,
                                      kernel_size, dilation, stride, combine,
                                      head)
+    _check_choice(impl, 'impl', IMPLS)
+    if x.numel() == 0:  # an empty batch (or no channels): an empty output
+        out_dtype = torch.promote_types(
+            torch.promote_types(x.dtype, cf.dtype), sf.dtype)
+        return empty_batch_output((*x.shape[:2], *out_hw), x.to(out_dtype),
+                                  (channel_filter, spatial_filter))
     if impl == 'reference':
         return ddf_reference(x, channel_filter, spatial_filter, kernel_size,
                              dilation, stride, combine, head)
@@ -462,6 +470,11 @@ def build_spatial_branch(in_channels: int,
 
     Laid out as the official ``spatial_branch`` (same state-dict keys).
     """
+    check_allocation(
+        in_channels * max(gen_kernel_size**2, head * kernel_size**2),
+        'the DDF spatial branch',
+        f'kernel_size ({kernel_size}), head ({head}) or gen_kernel_size '
+        f'({gen_kernel_size})')
     layers = []
     if gen_kernel_size > 1:
         layers.append(
@@ -484,6 +497,9 @@ def build_channel_branch(channels: int,
     Laid out as the official ``channel_branch`` (same state-dict keys).
     """
     hidden = _hidden_channels(channels, se_ratio)
+    check_allocation(hidden * channels * kernel_size**2,
+                     'the DDF channel branch',
+                     f'se_ratio ({se_ratio}) or kernel_size ({kernel_size})')
     return nn.Sequential(
         nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1),
         nn.ReLU(inplace=True), nn.Conv2d(hidden, channels * kernel_size**2, 1),
@@ -654,6 +670,8 @@ class DDFConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.shape[0] == 0:
+            return self.empty_output(x)
         cf, sf = self.filters(x)
         out = ddf(x, cf, sf, self.kernel_size[0], self.dilation[0],
                   self.stride[0], self.combine, self.head, self.impl)
@@ -846,7 +864,7 @@ class DDFUpsample(nn.Module):
         else:
             sfs = [b(g) for b, g in zip(self.spatial_branch, guides)]
         lib = _choose_impl(self.impl, x) if self.head == 1 else None
-        if lib is not None:
+        if lib is not None and B > 0:
             work = torch.float64 if x.dtype == torch.float64 else \
                 torch.float32
             cf = torch.stack(cfs).to(work).reshape(s * s, B, C, k * k)

@@ -503,7 +503,7 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
             # One spare zero row below, as the kernel's padded planes.
             xp = torch.nn.functional.pad(x, (pad, pad, pad, pad + 1))
             gsfe = sf.new_empty((B, sf.shape[1], H, W + 2 * pad))
-            blocks = -(-threads // B)
+            blocks = -(-threads // max(B, 1))
             goe = _pad_cols(grad_out, 2 * pad)
             getattr(lib, 'ddf_backward_sf_s1' + suffix)(
                 ptr(goe), ptr(xp), ptr(cf),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
-                   build_attention_norm, check_positive)
+                   build_attention_norm, check_allocation, check_positive)
 from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
                               uses_chunked_kernels)
 from .winograd import uses_winograd, winograd_per_sample_conv2d
@@ -156,6 +156,16 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         self.routing = routing
         self.impl = impl
         self.init_temperature(1.0)
+        kh, kw = self.kernel_size
+        check_allocation(
+            kernel_num * out_channels * (in_channels // groups) * kh * kw,
+            f'the {type(self).__name__} kernel bank',
+            f'kernel_num ({kernel_num})')
+        if hidden_channels is not None:
+            check_allocation(
+                hidden_channels * (in_channels + kernel_num),
+                f'the {type(self).__name__} routing layers',
+                f'ratio / hidden_channels ({hidden_channels})')
         self.attention = RoutingAttention(in_channels, kernel_num,
                                           hidden_channels, attention_norm)
         self.weight = nn.Parameter(
@@ -220,6 +230,8 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.shape[0] == 0:
+            return self.empty_output(x)
         pi = self.routing_weights(x).to(self.weight.dtype)
         bias = pi @ self.bias if self.bias is not None else None
         if self.conv_then_mix(x):

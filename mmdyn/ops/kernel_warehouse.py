@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
-                   build_attention_norm, check_positive)
+                   build_attention_norm, check_allocation, check_positive,
+                   empty_batch_output, kernel_bank_safe)
 from .kernel_warehouse_cpu import (Scatter, pack_columns, small_rows_matmul,
                                    uses_small_rows_matmul)
 from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
@@ -300,6 +301,14 @@ class _KWLayerMixin(TemperatureMixin):
                            cell_in)
         in_channels = self._kw_in_channels()
         hidden = max(int(in_channels * reduction), 16)
+        check_allocation(
+            max(hidden, num_mixtures) * num_mixtures * (num_cells + 1),
+            f'the attention of KW layer {self.warehouse_name!r} '
+            f'({num_mixtures} mixtures x {num_cells + 1} cells)',
+            f'cell_num_ratio ({cell_num_ratio}) or reduction ({reduction})')
+        check_allocation(in_channels * hidden,
+                         f'the attention of KW layer {self.warehouse_name!r}',
+                         f'reduction ({reduction})')
         beta, cursor = one_to_one_beta(num_mixtures, num_cells, start,
                                        cell_num_ratio)
         basis = {}
@@ -354,10 +363,14 @@ class _KWLayerMixin(TemperatureMixin):
             kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
 
+    def _cells(self) -> torch.Tensor:
+        """This layer's warehouse (a parameter of the manager)."""
+        return self.warehouse_manager.weights[self.warehouse_id]
+
     def _cell_rows(self) -> torch.Tensor:
         """This layer's warehouse as [n, cell_size]: the right operand of
         every mixture product."""
-        cells = self.warehouse_manager.weights[self.warehouse_id]
+        cells = self._cells()
         return cells.reshape(cells.shape[0], -1)
 
     #: Layouts of :meth:`mix_cells`: the cell product's own, the kernel
@@ -474,6 +487,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
             grouping (``stage{S}_layer{L}_conv{J}``); required with a
             manager. Default: None.
         impl (str): ``per_sample_conv2d`` implementation. Default: 'auto'.
+        padding_mode (str): ``'zeros'`` only, as accepted by ``nn.Conv2d``.
+            Default: ``'zeros'``.
         **manager_kwargs: Options of the private :class:`WarehouseManager`
             (``reduction``, ``cell_num_ratio``, ``cell_inplane_ratio``,
             ``cell_outplane_ratio``, ``attention_norm``, ``fc1_bias``,
@@ -492,9 +507,10 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
                  warehouse_manager: Optional['WarehouseManager'] = None,
                  warehouse_name: Optional[str] = None,
                  impl: str = 'auto',
+                 padding_mode: str = 'zeros',
                  **manager_kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride,
-                         padding, dilation, groups, bias)
+                         padding, dilation, groups, bias, padding_mode)
         if impl not in PER_SAMPLE_CONV_IMPLS:
             raise ValueError(f'impl must be one of {PER_SAMPLE_CONV_IMPLS}, '
                              f'got {impl!r}')
@@ -509,6 +525,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         self._check_finalized()
+        if x.shape[0] == 0:
+            return self.empty_output(x, self._cells())
         attention = self._attention_weights(x.mean(dim=(2, 3)))
         if uses_winograd(x, self):
             out = self._winograd_conv(x, attention)
@@ -725,6 +743,10 @@ class KWLinear(_KWLayerMixin, nn.Module):
                 f'{getattr(x, "shape", type(x).__name__)}')
         self._check_finalized()
         shape = x.shape
+        if x.numel() == 0:  # as nn.Linear: an empty output
+            return empty_batch_output(
+                (*shape[:-1], self.out_features), x,
+                (*self.parameters(), self._cells()))
         tokens = x.reshape(shape[0], -1, shape[-1])  # [B, L, C_in]
         attention = self._attention_weights(tokens.mean(dim=1))
         kernel = self.assemble_kernel(attention).squeeze(-1)  # [B, O, I]
@@ -990,6 +1012,12 @@ class WarehouseManager(nn.Module):
                 for s in shapes)
             num_cells = max(int(total * self._num_ratios[idx]), 1)
             cell_shape = (cell_out, cell_in) + (1, ) * (len(shapes[0]) - 2)
+            check_allocation(
+                num_cells * cell_out * cell_in, f'warehouse {fused!r} '
+                f'({num_cells} cells of {cell_out}x{cell_in})',
+                f'cell_num_ratio ({self._num_ratios[idx]}), '
+                f'cell_inplane_ratio ({in_ratios[idx]}) or '
+                f'cell_outplane_ratio ({out_ratios[idx]})')
             self.cell_shapes.append(cell_shape)
             weights.append(nn.Parameter(torch.empty(num_cells, *cell_shape)))
         self.weights = nn.ParameterList(weights)
@@ -1073,7 +1101,8 @@ class WarehouseManager(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_packed_cells()
-        return super()._apply(fn, *args, **kwargs)
+        # 5-D cells pass model.to(memory_format=torch.channels_last).
+        return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:

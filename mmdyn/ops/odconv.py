@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
-                   build_attention_norm, check_positive)
+                   build_attention_norm, check_allocation, check_positive)
 from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
                               uses_chunked_kernels)
 from .winograd import uses_winograd, winograd_per_sample_conv2d
@@ -274,6 +274,15 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         self.reduction = reduction
         self.impl = impl
         self.init_temperature(1.0)
+        kh, kw = self.kernel_size
+        check_allocation(
+            kernel_num * out_channels * (in_channels // groups) * kh * kw,
+            'the ODConv2d kernel bank', f'kernel_num ({kernel_num})')
+        hidden = max(int(in_channels * reduction), min_channels)
+        check_allocation(
+            hidden * (2 * in_channels + out_channels + kh * kw + kernel_num),
+            'the ODConv2d attention',
+            f'reduction ({reduction}) or min_channels ({min_channels})')
         self.attention = ODAttention(in_channels, out_channels,
                                      self.kernel_size, groups, reduction,
                                      kernel_num, min_channels, attention_norm)
@@ -422,6 +431,8 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.shape[0] == 0:
+            return self.empty_output(x)
         channel, filt, spatial, kernel = self.attentions(x)
         if self.is_pointwise_1x:
             out = F.conv2d(x * channel[:, :, None, None], self.weight[0],
