@@ -1,41 +1,52 @@
-"""Convert official ODConv / KernelWarehouse / DDF checkpoints to mmdyn.
+"""Convert official ODConv / KernelWarehouse / DDF / DyConv checkpoints.
 
-The official models (OSVAI/ODConv ``od_resnet``/``od_mobilenetv2``,
-OSVAI/KernelWarehouse ``kw_resnet``, theFoxofSky/ddfnet
-``ddf_{mul,add}_resnet``) are plain torchvision/timm-style networks. mmdyn
-builds the same networks as an mmpretrain ``ImageClassifier`` whose layers
-keep the official names inside mmpretrain's backbone layout, so a conversion
-is a renaming of keys:
+Pipeline (``tools/model_converters/<family>2mmdyn.py``):
 
-* ResNets: ``conv1``/``bn1``/``layerX.*`` (and KW's
-  ``warehouse_manager.weights.i``) get the ``backbone.`` prefix, the
-  classifier ``fc`` becomes ``head.fc``.
-* MobileNetV2 (torchvision layout ``features.i``) maps to mmpretrain's
-  ``conv1`` / ``layerS.j.conv.*`` (ConvModule: ``.conv``, ``.bn``) /
-  ``conv2`` and ``classifier.1`` to ``head.fc``.
+1. read the file in the format its training script wrote
+   (:mod:`mmdyn.analysis.checkpoint_formats`: training checkpoints with
+   ``args``, EMA weights, ``module.`` prefixes; data only, no code run);
+2. rename the keys (:mod:`mmdyn.analysis.official_layouts`);
+3. check them against the model of an mmdyn config: the given one, or the
+   one config of the family's folder whose model the weights fit exactly
+   (models are built on the meta device for this: shapes only);
+4. optionally (``--verify``) load the result strictly into the built model
+   and print the logits of a fixed input, to compare with the official code;
+5. save as an mmengine checkpoint, atomically (nothing is written when a
+   step fails).
 
-The converted dict is then checked against the target model built from an
-mmdyn config: an official key that no rule knows, a target key left empty,
-or a shape mismatch is refused with a message listing them. The only target
-entries not taken from the checkpoint are the temperature buffers, which the
-official code keeps as plain attributes; they get the model's construction
-value, the inference value (ODConv/DyConv T = 1, KW tau = 0).
+The only target entries not taken from the checkpoint are the temperature
+buffers, which the official codes keep as plain attributes; they get the
+model's construction value, the inference value (ODConv/DyConv T = 1, KW
+tau = 0).
 """
+import functools
 import glob
+import os
 import os.path as osp
 import re
+import tempfile
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-FAMILIES = ('odconv', 'kw', 'ddf')
+from .checkpoint_formats import (CheckpointFormatError, OfficialCheckpoint,
+                                 read_official_checkpoint, unwrap_checkpoint)
+from .official_layouts import (CONFIG_FOLDERS, CONVERTER_SCRIPTS, FAMILIES,
+                               LayoutError, architecture_of, config_pattern,
+                               mbv2_block_index, rename_keys, rules_for)
+
+__all__ = [
+    'ConversionError', 'FAMILIES', 'candidate_configs', 'convert',
+    'convert_file', 'converter_cli', 'load_official_state_dict',
+    'match_target', 'mbv2_block_index', 'rules_for', 'save_checkpoint',
+    'unwrap_state_dict', 'verify_input', 'verify_logits'
+]
+
 # Target entries that official checkpoints do not hold (see module doc).
 FILLED_FROM_MODEL = (re.compile(r'(^|\.)temperature$'), )
-# mmpretrain MobileNetV2 stages: blocks per stage of the standard table.
-MBV2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
-
-Rule = Tuple[str, object]
+REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+VERIFY_SHAPE = (1, 3, 224, 224)
 
 
 class ConversionError(ValueError):
@@ -43,189 +54,126 @@ class ConversionError(ValueError):
 
 
 def load_official_state_dict(path: str) -> 'OrderedDict[str, torch.Tensor]':
-    """Read an official checkpoint, unwrapping ``state_dict``/``model`` and
-    the ``module.`` prefix of DataParallel/DDP saves."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    return unwrap_state_dict(ckpt)
+    """The weights of an official checkpoint file (see
+    :func:`mmdyn.analysis.checkpoint_formats.read_official_checkpoint`)."""
+    return read_official_checkpoint(path).state_dict
 
 
 def unwrap_state_dict(ckpt) -> 'OrderedDict[str, torch.Tensor]':
-    """The tensor dict inside a checkpoint object (see above)."""
-    if isinstance(ckpt, dict):
-        for key in ('state_dict', 'model', 'model_ema'):
-            if key in ckpt and isinstance(ckpt[key], dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not all(
-            isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ConversionError('the checkpoint holds no state dict of '
-                              'tensors')
-    out = OrderedDict()
-    for key, value in ckpt.items():
-        out[key[len('module.'):] if key.startswith('module.') else key] = \
-            value
-    return out
+    """The weights inside a loaded checkpoint object."""
+    return unwrap_checkpoint(ckpt).state_dict
 
 
-RESNET_RULES: List[Rule] = [
-    (r'^fc\.(weight|bias)$', r'head.fc.\1'),
-    (r'^(conv1|bn1)\.(.+)$', r'backbone.\1.\2'),
-    (r'^(layer[1-4]\.\d+\..+)$', r'backbone.\1'),
-]
-KW_RESNET_RULES: List[Rule] = RESNET_RULES + [
-    (r'^warehouse_manager\.weights\.(\d+)$',
-     r'backbone.warehouse_manager.weights.\1'),
-]
+def _fits(key: str) -> bool:
+    return any(p.search(key) for p in FILLED_FROM_MODEL)
 
 
-def mbv2_block_index() -> Dict[int, Tuple[int, int]]:
-    """official ``features.i`` (1..17) -> (mmpretrain stage, block)."""
-    table, i = {}, 1
-    for stage, count in enumerate(MBV2_BLOCKS, start=1):
-        for block in range(count):
-            table[i] = (stage, block)
-            i += 1
-    return table
+def _shape(value) -> Tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple) else tuple(value.shape)
 
 
-def _mbv2_rules(state: Dict[str, torch.Tensor]) -> List[Rule]:
-    """Rules for torchvision-layout (OD_)MobileNetV2 keys.
+def check_fit(converted: Dict[str, torch.Tensor],
+              target: Dict[str, torch.Tensor],
+              origin: Optional[Dict[str, str]] = None,
+              config: Optional[str] = None) -> None:
+    """Raise :class:`ConversionError` unless ``converted`` has exactly the
+    target's keys (less the temperatures) with the target's shapes.
 
-    A block with an expansion conv has official modules ``conv.0`` (expand
-    ConvBNReLU), ``conv.1`` (depthwise ConvBNReLU), ``conv.2`` (projection
-    conv) and ``conv.3`` (its BN); without expansion ``conv.0`` (depthwise),
-    ``conv.1`` (projection), ``conv.2`` (BN). mmpretrain has a ConvModule
-    (``.conv`` + ``.bn``) per conv.
+    The message names the first mismatching key (its official name too,
+    when ``origin`` maps it) with both shapes, then counts the rest.
     """
-    index = mbv2_block_index()
-    last = max(index) + 1
-    rules: List[Rule] = [
-        (r'^features\.0\.0\.(.+)$', r'backbone.conv1.conv.\1'),
-        (r'^features\.0\.1\.(.+)$', r'backbone.conv1.bn.\1'),
-        (rf'^features\.{last}\.0\.(.+)$', r'backbone.conv2.conv.\1'),
-        (rf'^features\.{last}\.1\.(.+)$', r'backbone.conv2.bn.\1'),
-        (r'^classifier\.1\.(weight|bias)$', r'head.fc.\1'),
-    ]
-    for i, (stage, block) in index.items():
-        src, dst = rf'^features\.{i}\.conv\.', f'backbone.layer{stage}.' \
-            f'{block}.conv.'
-        expands = any(k.startswith(f'features.{i}.conv.3.') for k in state)
-        if expands:
-            pairs = [('0.0', '0.conv'), ('0.1', '0.bn'), ('1.0', '1.conv'),
-                     ('1.1', '1.bn'), ('2', '2.conv'), ('3', '2.bn')]
-        else:
-            pairs = [('0.0', '0.conv'), ('0.1', '0.bn'), ('1', '1.conv'),
-                     ('2', '1.bn')]
-        for old, new in pairs:
-            rules.append((src + re.escape(old) + r'\.(.+)$', dst + new +
-                          r'.\1'))
-    return rules
+    origin = origin or {}
 
+    def name(key):
+        old = origin.get(key)
+        return f'{old} (-> {key})' if old and old != key else key
 
-def rename_keys(state: Dict[str, torch.Tensor],
-                rules: Sequence[Rule]) -> 'OrderedDict[str, torch.Tensor]':
-    """Apply the first matching ``(pattern, replacement)`` rule to each key.
-
-    Raises:
-        ConversionError: listing the keys no rule matches.
-    """
-    compiled = [(re.compile(p), r) for p, r in rules]
-    out, unknown = OrderedDict(), []
-    for key, value in state.items():
-        for pattern, replacement in compiled:
-            if pattern.match(key):
-                out[pattern.sub(replacement, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConversionError(
-            f'{len(unknown)} key(s) of the official checkpoint are not part '
-            f'of the layout this converter knows: {_preview(unknown)}')
-    return out
-
-
-def _preview(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... ({len(keys) - limit} more)'
-                    if len(keys) > limit else '')
+    mismatched = [k for k in converted
+                  if k in target and _shape(converted[k]) != _shape(target[k])]
+    unexpected = [k for k in converted if k not in target]
+    missing = [k for k in target if k not in converted and not _fits(k)]
+    if not (mismatched or unexpected or missing):
+        return
+    where = f' for {osp.basename(config)}' if config else ''
+    if mismatched:
+        key = mismatched[0]
+        first = (f'first shape mismatch {name(key)}: checkpoint '
+                 f'{_shape(converted[key])} vs model {_shape(target[key])}')
+    elif unexpected:
+        first = f'first key the model does not have: {name(unexpected[0])}'
+    else:
+        first = f'first model key missing from the checkpoint: {missing[0]}'
+    counts = (f'{len(mismatched)} shape mismatch(es), {len(unexpected)} '
+              f'key(s) the model does not have, {len(missing)} model key(s) '
+              'missing')
+    error = ConversionError(f'the checkpoint does not fit the model{where}: '
+                            f'{first} ({counts})')
+    error.problems = len(mismatched) + len(unexpected) + len(missing)
+    raise error
 
 
 def match_target(converted: Dict[str, torch.Tensor],
-                 target: Dict[str, torch.Tensor]
+                 target: Dict[str, torch.Tensor],
+                 origin: Optional[Dict[str, str]] = None,
+                 config: Optional[str] = None
                  ) -> 'OrderedDict[str, torch.Tensor]':
-    """Check ``converted`` against the target model's state dict.
-
-    Returns the dict to load (every target key, in target order; only the
-    temperature buffers come from ``target``).
-
-    Raises:
-        ConversionError: listing unexpected keys, missing keys and shape
-            mismatches.
-    """
-    unexpected = [k for k in converted if k not in target]
-    missing = [
-        k for k in target if k not in converted
-        and not any(p.search(k) for p in FILLED_FROM_MODEL)
-    ]
-    mismatched = [
-        f'{k}: checkpoint {tuple(converted[k].shape)} vs model '
-        f'{tuple(target[k].shape)}' for k in converted
-        if k in target and converted[k].shape != target[k].shape
-    ]
-    problems = []
-    if unexpected:
-        problems.append(f'{len(unexpected)} converted key(s) the model does '
-                        f'not have: {_preview(unexpected)}')
-    if missing:
-        problems.append(f'{len(missing)} model key(s) missing from the '
-                        f'checkpoint: {_preview(missing)}')
-    if mismatched:
-        problems.append(f'{len(mismatched)} shape mismatch(es): '
-                        f'{_preview(mismatched)}')
-    if problems:
-        raise ConversionError('; '.join(problems))
+    """Check ``converted`` against the target state dict (see
+    :func:`check_fit`) and return the dict to load: every target key, in
+    target order, the temperatures taken from ``target``."""
+    check_fit(converted, target, origin, config)
     out = OrderedDict()
     for key, value in target.items():
         out[key] = converted[key] if key in converted else value.clone()
     return out
 
 
-def rules_for(family: str, state: Dict[str, torch.Tensor]) -> List[Rule]:
-    """Renaming rules for an official checkpoint of ``family``."""
-    if family not in FAMILIES:
-        raise ValueError(f'family must be one of {FAMILIES}, got '
-                         f'{family!r}')
-    if any(k.startswith('features.') for k in state):
-        if family != 'odconv':
-            raise ConversionError(
-                f'MobileNetV2 checkpoints are supported for ODConv only, '
-                f'not for {family!r}')
-        return _mbv2_rules(state)
-    if family == 'kw':
-        return KW_RESNET_RULES
-    return RESNET_RULES
-
-
 def candidate_configs(family: str, state: Dict[str, torch.Tensor],
-                      config_root: str) -> List[str]:
-    """mmdyn configs that may fit an official checkpoint (architecture
-    guessed from the keys; the exact variant is then found by shapes)."""
-    folder = dict(odconv='odconv', kw='kernelwarehouse', ddf='ddf')[family]
-    if any(k.startswith('features.') for k in state):
-        pattern = 'mobilenet-v2*_in1k.py'
-    else:
-        blocks = len({k.split('.')[1] for k in state
-                      if k.startswith('layer3.')})
-        bottleneck = any('.conv3.' in k for k in state)
-        depth = {(2, False): 18, (6, False): 34, (6, True): 50,
-                 (23, True): 101, (36, True): 152}.get((blocks, bottleneck))
-        if depth is None:
-            raise ConversionError(
-                f'cannot tell the ResNet depth of this checkpoint '
-                f'({blocks} blocks in layer3); pass the target config')
-        pattern = f'resnet{depth}-*_in1k.py'
-    return sorted(glob.glob(osp.join(config_root, folder, pattern)))
+                      config_root: Optional[str] = None) -> List[str]:
+    """mmdyn configs that may fit an official checkpoint (architecture and
+    depth from the keys; the exact variant is then found by shapes)."""
+    root = config_root or osp.join(REPO_ROOT, 'configs')
+    pattern = config_pattern(architecture_of(state), state)
+    return sorted(
+        glob.glob(osp.join(root, CONFIG_FOLDERS[family], pattern)))
+
+
+@functools.lru_cache(maxsize=64)
+def target_shapes(config: str) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the config's model, built on the meta device
+    (shapes without memory or initialisation time)."""
+    from .models import build_model
+    with torch.device('meta'):
+        model = build_model(config, device='meta')
+    return OrderedDict((k, tuple(v.shape)) for k, v in
+                       model.state_dict().items())
+
+
+def _relative(path: str) -> str:
+    path = osp.abspath(path)
+    return osp.relpath(path, REPO_ROOT) if path.startswith(REPO_ROOT) \
+        else path
+
+
+def _several_fit(family: str, fits: Sequence[str], arch: Optional[str],
+                 src: str) -> ConversionError:
+    """The error for weights that fit several configs (DDF mul and add)."""
+    hint = ''
+    if arch:
+        named = [c for c in fits
+                 if all(part in osp.basename(c)
+                        for part in re.findall(r'mul|add', arch))]
+        if len(named) == 1:
+            hint = (f'; the file records the model {arch!r}, which is '
+                    f'{osp.basename(named[0])}')
+            fits = named + [c for c in fits if c != named[0]]
+    commands = ' or '.join(
+        f'python {CONVERTER_SCRIPTS[family]} {src} OUT.pth --config '
+        f'{_relative(c)}' for c in fits)
+    return ConversionError(
+        f'the weights fit several configs ({len(fits)}) that differ only in '
+        f'what the weights cannot tell (e.g. DDF mul vs add){hint}: pass '
+        '--config, '
+        f'run {commands}')
 
 
 def convert(state: Dict[str, torch.Tensor],
@@ -233,78 +181,199 @@ def convert(state: Dict[str, torch.Tensor],
             config: Optional[str] = None,
             config_root: Optional[str] = None,
             build: Optional[Callable[[str], torch.nn.Module]] = None,
-            log: Optional[Callable[[str], None]] = None
+            log: Optional[Callable[[str], None]] = None,
+            arch: Optional[str] = None,
+            src: str = 'IN.pth'
             ) -> Tuple['OrderedDict[str, torch.Tensor]', str]:
     """Convert an official state dict to an mmdyn model's state dict.
 
     Args:
         state (dict): Official state dict (already unwrapped).
-        family (str): 'odconv', 'kw' or 'ddf'.
+        family (str): 'odconv', 'kw', 'ddf' or 'dyconv'.
         config (str, optional): Target mmdyn config. Default: the one config
-            of ``config_root`` whose model the checkpoint fits exactly.
+            of the family's folder whose model the checkpoint fits exactly.
         config_root (str, optional): mmdyn's ``configs`` folder. Default:
             the repository's.
-        build (callable, optional): config path -> model; default builds it
-            with :func:`mmdyn.analysis.models.build_model`.
+        build (callable, optional): config path -> model, used for the
+            values of the temperature buffers; default
+            :func:`mmdyn.analysis.models.build_model`.
         log (callable, optional): Progress printer.
+        arch (str, optional): Model name the checkpoint records, used in
+            the message when several configs fit.
+        src (str): Source file name, for the commands in messages.
 
     Returns:
         tuple: (state dict to save, config it was checked against).
 
     Raises:
-        ConversionError: unknown keys, or no/several fitting configs, or a
+        ConversionError: unknown keys, no or several fitting configs, or a
             mismatch with ``config``.
     """
     if build is None:
         from .models import build_model
         build = build_model
-    converted = rename_keys(state, rules_for(family, state))
-    if config is not None:
-        return match_target(converted, build(config).state_dict()), config
-    root = config_root or osp.join(
-        osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-        'configs')
-    fits, reasons = [], []
-    for candidate in candidate_configs(family, state, root):
-        if log is not None:
-            log(f'trying {candidate}')
+    try:
+        names = rename_keys(state, rules_for(family, state))
+    except LayoutError as err:
+        raise ConversionError(str(err)) from None
+    converted = OrderedDict((names[k], v) for k, v in state.items())
+    origin = {new: old for old, new in names.items()}
+    if config is None:
         try:
-            fits.append((match_target(converted,
-                                      build(candidate).state_dict()),
-                         candidate))
-        except ConversionError as err:
-            reasons.append(f'{osp.basename(candidate)}: {err}')
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        raise ConversionError(
-            'the checkpoint fits no mmdyn config; pass --config. Tried: ' +
-            (' | '.join(reasons) if reasons else 'nothing (no config)'))
-    raise ConversionError(
-        'the checkpoint fits several configs '
-        f'({", ".join(osp.basename(c) for _, c in fits)}), e.g. DDF mul '
-        'and add have the same weights: pass --config')
+            candidates = candidate_configs(family, state, config_root)
+        except LayoutError as err:
+            raise ConversionError(str(err)) from None
+        fits, reasons = [], []
+        for candidate in candidates:
+            if log is not None:
+                log(f'trying {_relative(candidate)}')
+            try:
+                check_fit(converted, target_shapes(osp.abspath(candidate)),
+                          origin, candidate)
+                fits.append(candidate)
+            except ConversionError as err:
+                reasons.append(err)
+        if not fits:
+            tried = ', '.join(osp.basename(c) for c in candidates)
+            closest = min(reasons, key=lambda e: e.problems) if reasons \
+                else ''
+            raise ConversionError(
+                f'the checkpoint fits none of the {family} configs tried '
+                f'({tried or "none found"}); pass --config to compare with '
+                f'one; closest: {closest}')
+        if len(fits) > 1:
+            raise _several_fit(family, fits, arch, src)
+        config = fits[0]
+    else:
+        check_fit(converted, target_shapes(osp.abspath(config)), origin,
+                  config)
+    return match_target(converted, build(config).state_dict(), origin,
+                        config), config
+
+
+def verify_input(shape: Sequence[int] = VERIFY_SHAPE) -> torch.Tensor:
+    """The fixed input of ``--verify``: ``sin(0.7 * i)`` over the flat index
+    ``i``, computed in float64 and cast to float32 (no random generator,
+    so any PyTorch reproduces it)."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    index = torch.arange(count, dtype=torch.float64)
+    return (index * 0.7).sin().float().reshape(*shape)
+
+
+@torch.no_grad()
+def verify_logits(model: torch.nn.Module,
+                  shape: Sequence[int] = VERIFY_SHAPE) -> torch.Tensor:
+    """Logits [1, classes] of an mmpretrain classifier in eval mode for
+    :func:`verify_input` (the network only: no data preprocessor)."""
+    model.eval()
+    logits = model(verify_input(shape), mode='tensor')
+    if isinstance(logits, (tuple, list)):
+        logits = logits[-1]
+    return logits
+
+
+def format_verification(logits: torch.Tensor) -> List[str]:
+    """Top-5 (class, logit) and the checksums printed by ``--verify``."""
+    values, indices = logits[0].double().topk(min(5, logits.shape[1]))
+    top5 = ', '.join(f'{int(i)}: {float(v):.6f}'
+                     for i, v in zip(indices, values))
+    flat = logits.double()
+    return [
+        f'top-5 logits (class: logit): {top5}',
+        f'checksum: sum {float(flat.sum()):.6f}, '
+        f'sum of squares {float((flat**2).sum()):.6f}',
+    ]
+
+
+def verify_state(config: str, state: Dict[str, torch.Tensor],
+                 log: Callable[[str], None] = print,
+                 model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """Load ``state`` strictly into ``model`` (default: built from
+    ``config``), print the logits of the fixed input; returns them."""
+    if model is None:
+        from .models import build_model
+        model = build_model(config)
+    model.load_state_dict(state, strict=True)
+    logits = verify_logits(model)
+    log(f'verify: {_relative(config)}, input {tuple(VERIFY_SHAPE)} = '
+        'sin(0.7 * arange(N)) (float64 -> float32), eval mode')
+    for line in format_verification(logits):
+        log(line)
+    return logits
 
 
 def save_checkpoint(state: Dict[str, torch.Tensor], path: str,
                     source: str, config: str) -> None:
-    """Save as an mmengine checkpoint (``state_dict`` + ``meta``)."""
-    torch.save(
-        dict(
-            state_dict=state,
-            meta=dict(converted_from=osp.basename(source),
-                      config=osp.basename(config))), path)
+    """Save as an mmengine checkpoint (``state_dict`` + ``meta``), through a
+    temporary file in the same folder renamed into place: an interrupted or
+    failed save leaves no partial ``path``."""
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(
+        prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(handle, 'wb') as f:
+            torch.save(
+                dict(
+                    state_dict=state,
+                    meta=dict(
+                        converted_from=osp.basename(source),
+                        config=osp.basename(config))), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def convert_file(family: str, src: str, dst: str,
+def convert_file(family: str,
+                 src: str,
+                 dst: str,
                  config: Optional[str] = None,
-                 log: Optional[Callable[[str], None]] = print) -> str:
-    """Read, convert, check and save; returns the config used."""
-    state = load_official_state_dict(src)
-    out, used = convert(state, family, config, log=log)
+                 log: Optional[Callable[[str], None]] = print,
+                 weights: str = 'auto',
+                 trust: bool = False,
+                 verify: bool = False) -> str:
+    """Read, convert, check, optionally verify, and save; returns the
+    config used. Nothing is written when any step fails.
+
+    Args:
+        family (str): 'odconv', 'kw', 'ddf' or 'dyconv'.
+        src (str): Official checkpoint.
+        dst (str): Output mmengine checkpoint.
+        config (str, optional): Target config (default: found by shapes).
+        log (callable, optional): Printer. Default: print.
+        weights (str): 'auto', 'model' or 'ema' (see
+            :func:`mmdyn.analysis.checkpoint_formats.unwrap_checkpoint`).
+        trust (bool): Allow any pickled object (runs code named in the
+            file). Default: False.
+        verify (bool): Load into the built model and print the logits of
+            the fixed input. Default: False.
+    """
+    log = log or (lambda msg: None)
+    ckpt: OfficialCheckpoint = read_official_checkpoint(src, weights, trust)
+    log(f'read {src}: {ckpt.source}, {len(ckpt.state_dict)} tensors'
+        + (f', model {ckpt.arch!r}' if ckpt.arch else ''))
+    if ckpt.ema_available and weights == 'auto':
+        log('the file also holds EMA weights: --weights ema converts those')
+    from .models import build_model
+    built = {}
+
+    def build_once(path):
+        built[path] = build_model(path)
+        return built[path]
+
+    out, used = convert(ckpt.state_dict, family, config, build=build_once,
+                        log=log, arch=ckpt.arch, src=src)
+    if verify:
+        verify_state(used, out, log, model=built.get(used))
     save_checkpoint(out, dst, src, used)
-    if log is not None:
-        log(f'converted {len(state)} tensors of {src} for {used} -> {dst}')
+    log(f'converted {len(ckpt.state_dict)} tensors of {src} for '
+        f'{_relative(used)} -> {dst}')
     return used
 
 
@@ -312,18 +381,39 @@ def converter_cli(family: str, description: str,
                   argv: Optional[Sequence[str]] = None) -> None:
     """Command line of ``tools/model_converters/<family>2mmdyn.py``.
 
-    ``IN OUT [--config CONFIG]``; exits with the refusal message (unknown,
-    missing or mis-shaped keys) instead of a traceback.
+    ``IN OUT [--config CONFIG] [--weights {auto,model,ema}] [--verify]
+    [--trust-checkpoint]``; exits with a one-line refusal instead of a
+    traceback.
     """
     import argparse
     import sys
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('src', help='official checkpoint')
     parser.add_argument('dst', help='output mmdyn checkpoint')
-    parser.add_argument('--config', default=None,
-                        help='target mmdyn config (default: found by shapes)')
+    parser.add_argument(
+        '--config',
+        default=None,
+        help='target mmdyn config (default: the one config the weights fit)')
+    parser.add_argument(
+        '--weights',
+        choices=('auto', 'model', 'ema'),
+        default='auto',
+        help="which weights of a training checkpoint: the model's (auto, "
+        'model) or the EMA ones (ema)')
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='load the result strictly into the model and print the top-5 '
+        'logits and checksums of a fixed input (see the README)')
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='load pickled objects other than tensors and plain data; runs '
+        'code named in the file: only for files you trust')
     args = parser.parse_args(argv)
     try:
-        convert_file(family, args.src, args.dst, args.config)
-    except ConversionError as err:
+        convert_file(family, args.src, args.dst, args.config,
+                     weights=args.weights, trust=args.trust_checkpoint,
+                     verify=args.verify)
+    except (ConversionError, CheckpointFormatError) as err:
         sys.exit(f'conversion refused: {err}')

@@ -225,6 +225,49 @@ def test_ddf_layer_matches_official_forward(combine, stride):
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def dyconv_layer_unofficial(prefix, c_in, c_out, k, d, kernel_num=4):
+    """Dynamic_conv2d keys of kaijieshi7/Dynamic-convolution-Pytorch:
+    kernel bank, 1x1-conv attention (fc1 without bias, fc2 with bias),
+    hidden width int(C_in * 0.25) + 1, or K for a 3-channel input."""
+    h = kernel_num if c_in == 3 else int(c_in * 0.25) + 1
+    d[prefix + 'weight'] = torch.randn(kernel_num, c_out, c_in, k, k) * 0.2
+    d[prefix + 'attention.fc1.weight'] = torch.randn(h, c_in, 1, 1) * 0.3
+    d[prefix + 'attention.fc2.weight'] = torch.randn(kernel_num, h, 1,
+                                                     1) * 0.3
+    d[prefix + 'attention.fc2.bias'] = torch.randn(kernel_num) * 0.1
+    return d
+
+
+def unofficial_dyconv_forward(d, x, stride, padding, temperature=1.0):
+    """Its forward: GAP -> fc1 -> ReLU -> fc2 -> softmax(z / T), then one
+    grouped conv over the batch with the mixed kernels."""
+    bank = d['weight']
+    b = x.shape[0]
+    z = F.relu(F.conv2d(x.mean((2, 3), keepdim=True),
+                        d['attention.fc1.weight']))
+    z = F.conv2d(z, d['attention.fc2.weight'], d['attention.fc2.bias'])
+    pi = torch.softmax(z.view(b, -1) / temperature, 1)
+    w = (pi @ bank.view(bank.shape[0], -1)).view(-1, *bank.shape[2:])
+    out = F.conv2d(x.view(1, -1, *x.shape[2:]), w, None, stride, padding,
+                   1, b)
+    return out.view(b, bank.shape[1], *out.shape[2:])
+
+
+@pytest.mark.parametrize('c_in,c_out,k,stride', [(16, 24, 3, 2),
+                                                 (3, 8, 3, 1),
+                                                 (20, 12, 1, 1)])
+def test_dyconv_layer_matches_unofficial_forward(c_in, c_out, k, stride):
+    from mmdyn.ops import DyConv2d
+    official = dyconv_layer_unofficial('', c_in, c_out, k, {})
+    layer = DyConv2d(c_in, c_out, k, stride, k // 2, bias=False)
+    # its temperature is a plain attribute: filled with the inference T = 1
+    layer.load_state_dict(match_target(official, layer.state_dict()))
+    layer.eval()
+    x = torch.randn(3, c_in, 9, 8)
+    expected = unofficial_dyconv_forward(official, x, stride, k // 2)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
 # ---- whole models --------------------------------------------------------
 
 
@@ -390,7 +433,7 @@ def test_ddf_resnet50_whole_model_and_ambiguity():
 
     official = resnet_official(50, ddf)
     # mul and add have the same weights: refuse to guess
-    with pytest.raises(ConversionError, match='several'):
+    with pytest.raises(ConversionError, match="several configs"):
         convert(official, 'ddf')
     config = osp.join(ROOT, 'configs/ddf/resnet50-ddf-add_8xb128-130e_in1k.py')
     converted, used = convert(official, 'ddf', config=config)
@@ -400,6 +443,25 @@ def test_ddf_resnet50_whole_model_and_ambiguity():
     for key, value in official.items():
         assert torch.equal(state[resnet_mapping(key)], value), key
     assert set(state) == {resnet_mapping(k) for k in official}
+
+
+def test_dyconv_resnet18_whole_model_from_plain_state_dict(tmp_path):
+
+    def dy(prefix, name, ci, co, k, s, d):
+        # every block conv and the downsample 1x1 are Dynamic_conv2d
+        dyconv_layer_unofficial(prefix + name + '.', ci, co, k, d)
+
+    official = resnet_official(18, dy)
+    src, dst = tmp_path / 'dy_resnet18.pth', tmp_path / 'out.pth'
+    torch.save(official, src)  # torch.save(model.state_dict(), ...)
+    # no config given: the one DyConv ResNet-18 config, found by shapes
+    used = convert_file('dyconv', str(src), str(dst), log=None)
+    assert osp.basename(used) == 'resnet18-dyconv4x_8xb32_in1k.py'
+    converted = unwrap_state_dict(torch.load(dst, weights_only=True))
+    model = build_model(used)
+    check_converted(official, converted, model, resnet_mapping)
+    for key in [k for k in converted if k.endswith('temperature')]:
+        assert float(converted[key]) == 1.0
 
 
 def test_refusals():
@@ -417,8 +479,14 @@ def test_refusals():
     wrong = dict(official, weight=torch.zeros(2, 16, 16, 3, 3))
     with pytest.raises(ConversionError, match='shape'):
         match_target(wrong, target)
-    with pytest.raises(ConversionError, match='not part of the layout'):
+    with pytest.raises(ConversionError, match='needs no conversion'):
         convert({'backbone.conv1.weight': torch.zeros(1)}, 'odconv')
+    with pytest.raises(ConversionError, match='no official layout'):
+        convert({'stem.weight': torch.zeros(1)}, 'odconv')
+    with pytest.raises(ConversionError,
+                       match='not part of the layout.*avgpool.extra'):
+        convert({'layer1.0.conv1.weight': torch.zeros(1),
+                 'avgpool.extra': torch.zeros(1)}, 'kw')
 
 
 def test_cli_roundtrip(tmp_path):

@@ -1,15 +1,19 @@
 """Convert an official theFoxofSky/ddfnet DDF-ResNet checkpoint to mmdyn.
 
-ddf_{mul,add}_resnet50/101: mul and add have the same weights, so pass
---config (e.g. configs/ddf/resnet50-ddf-add_8xb128-130e_in1k.py).
+ddf_{mul,add}_resnet50/101, as timm's ``train.py`` saves them
+(``state_dict``, ``state_dict_ema``, ``args``, ``arch``, ...) or as a
+plain state dict. mul and add have the same weights, so --config is
+required; without it the refusal lists the candidate configs with the
+command for each (and the one the file's recorded model name points to).
 
-    python tools/model_converters/ddf2mmdyn.py IN OUT [--config CONFIG]
+    python tools/model_converters/ddf2mmdyn.py IN OUT --config CONFIG
+        [--weights {auto,model,ema}] [--verify] [--trust-checkpoint]
 
 The keys are renamed to mmdyn's ImageClassifier layout (backbone.*,
-head.fc.*) and checked against the model of CONFIG (default: the one mmdyn
-config the checkpoint fits exactly); unknown keys, missing keys and shape
-mismatches are refused with a list of them. OUT is an mmengine checkpoint
-(load it with ``load_from`` or ``init_cfg=dict(type='Pretrained')``).
+head.fc.*) and checked against the model of CONFIG; a mismatch is refused
+naming the first mismatching key with both shapes, and nothing is written.
+``--verify`` prints the top-5 logits and checksums of a fixed input
+(README.md, "Model zoo").
 """
 from mmdyn.analysis.converters import converter_cli
 

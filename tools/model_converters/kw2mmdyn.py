@@ -1,14 +1,20 @@
-"""Convert an official OSVAI/KernelWarehouse KW-ResNet checkpoint to mmdyn.
+"""Convert an official OSVAI/KernelWarehouse checkpoint to mmdyn.
 
-kw_resnet18/50, any budget (the config is found by the warehouse shapes).
+kw_resnet18/50 (every budget), kw_mobilenetv2_050/100 (1x, 4x),
+kw1d2x_mobilenetv2_050/100 (with its KW classifier) and kw_convnext_tiny,
+as the official ``main.py`` saves them (``model``, ``model_ema``,
+``optimizer``, ``epoch``, ``scaler``, ``args``) or as a plain state dict.
+The config is found by the warehouse shapes.
 
     python tools/model_converters/kw2mmdyn.py IN OUT [--config CONFIG]
+        [--weights {auto,model,ema}] [--verify] [--trust-checkpoint]
 
 The keys are renamed to mmdyn's ImageClassifier layout (backbone.*,
-head.fc.*) and checked against the model of CONFIG (default: the one mmdyn
-config the checkpoint fits exactly); unknown keys, missing keys and shape
-mismatches are refused with a list of them. OUT is an mmengine checkpoint
-(load it with ``load_from`` or ``init_cfg=dict(type='Pretrained')``).
+head.*) and checked against the model of CONFIG; a mismatch is refused
+naming the first mismatching key with both shapes, and nothing is written.
+``--weights ema`` converts the EMA weights of a checkpoint trained with
+``--model_ema``. ``--verify`` prints the top-5 logits and checksums of a
+fixed input (README.md, "Model zoo").
 """
 from mmdyn.analysis.converters import converter_cli
 

@@ -1,14 +1,19 @@
 """Convert an official OSVAI/ODConv checkpoint to mmdyn.
 
-od_resnet18/50/101 and od_mobilenetv2_050/075/100, any kernel number.
+od_resnet18/50/101 and od_mobilenetv2_050/075/100, any kernel number, as
+the official ``main.py`` saves them (``state_dict`` with ``module.`` keys
+beside ``epoch``, ``best_acc``, ``optimizer``) or as a plain state dict.
 
     python tools/model_converters/odconv2mmdyn.py IN OUT [--config CONFIG]
+        [--weights {auto,model,ema}] [--verify] [--trust-checkpoint]
 
 The keys are renamed to mmdyn's ImageClassifier layout (backbone.*,
 head.fc.*) and checked against the model of CONFIG (default: the one mmdyn
-config the checkpoint fits exactly); unknown keys, missing keys and shape
-mismatches are refused with a list of them. OUT is an mmengine checkpoint
-(load it with ``load_from`` or ``init_cfg=dict(type='Pretrained')``).
+config the checkpoint fits exactly); a mismatch is refused naming the first
+mismatching key with both shapes, and nothing is written. ``--verify``
+prints the top-5 logits and checksums of a fixed input (README.md, "Model
+zoo"). OUT is an mmengine checkpoint (``load_from`` or
+``init_cfg=dict(type='Pretrained')``).
 """
 from mmdyn.analysis.converters import converter_cli
 
