@@ -1,6 +1,6 @@
 # ./faster-rcnn_r18_fpn_demo.py with a KW-ResNet-18 backbone
 # (KernelWarehouse 1x, 4 warehouses), trained from scratch. tau anneals
-# 1 -> 0 over the first 2 of the 12 demo epochs.
+# 1 -> 0 over the first 2 of the 10 demo epochs.
 _base_ = './faster-rcnn_r18_fpn_demo.py'
 
 custom_imports = dict(

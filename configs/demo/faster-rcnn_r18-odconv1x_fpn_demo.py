@@ -1,6 +1,6 @@
 # ./faster-rcnn_r18_fpn_demo.py with an OD-ResNet-18 backbone (ODConv 1x,
 # r=1/16, both 3x3 convs of every BasicBlock), trained from scratch. The
-# temperature anneals 30 -> 1 over the first 2 of the 12 demo epochs (the
+# temperature anneals 30 -> 1 over the first 2 of the 10 demo epochs (the
 # ImageNet recipe anneals over the first 10 of 100).
 _base_ = './faster-rcnn_r18_fpn_demo.py'
 

@@ -4,6 +4,7 @@
 # schedule in place of COCO's; narrow neck and heads for speed.
 _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
+    'mmdet::_base_/default_runtime.py',
     './_base_/demo_det_data.py',
     './_base_/demo_det_schedule.py',
 ]

@@ -5,6 +5,7 @@
 # faster-rcnn_r18_fpn_demo.py).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/default_runtime.py',
     './_base_/demo_ins_data.py',
     './_base_/demo_det_schedule.py',
 ]

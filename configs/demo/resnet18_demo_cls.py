@@ -48,7 +48,9 @@ param_scheduler = dict(
     _delete_=True, type='CosineAnnealingLR', by_epoch=True, T_max=max_epochs)
 train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=10)
 auto_scale_lr = dict(base_batch_size=32)
+# A checkpoint every epoch, so that `tools/train.py CONFIG --resume`
+# continues an interrupted run.
 default_hooks = dict(
     logger=dict(interval=5),
-    checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
+    checkpoint=dict(interval=1, max_keep_ckpts=1))
 randomness = dict(seed=0)

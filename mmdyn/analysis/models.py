@@ -36,12 +36,16 @@ def resolve_config_path(path: str) -> str:
     """Accept ``'mmpretrain::resnet/resnet50_8xb32_in1k.py'`` style names.
 
     A file path is returned unchanged; ``package::relative`` names point into
-    the package's installed ``.mim/configs`` folder.
+    the package's installed ``.mim/configs`` folder (``mmdyn::`` into
+    mmdyn's configs, see :func:`mmdyn.engine.config_bases.mmdyn_config_root`).
     """
     if '::' not in path or osp.exists(path):
         return path
-    from mmengine.utils import get_installed_path
     package, relative = path.split('::', 1)
+    if package == 'mmdyn':
+        from mmdyn.engine.config_bases import mmdyn_config_root
+        return osp.join(mmdyn_config_root(), relative)
+    from mmengine.utils import get_installed_path
     return osp.join(get_installed_path(package), '.mim', 'configs', relative)
 
 

@@ -9,7 +9,19 @@ dynamo exporter needs onnxscript and handles the data-dependent parts of
 detectors poorly) and with a batch of 2 example inputs, so that no
 batch-size-1 special case (e.g. "one kernel for the whole batch") is baked
 into the graph.
+
+**TracerWarnings.** Tracing an mmdyn model makes torch print a dozen
+``TracerWarning: Converting a tensor to a Python boolean/integer``: the
+layers check their input shapes and pick an execution path from the
+channel counts and the spatial size in Python. Those values are constants of
+the exported graph anyway (its input height and width are fixed; only the
+batch is dynamic), and no decision depends on the batch size: the export
+takes the batch-independent path for every batch, which
+:func:`compare_with_onnxruntime` (``--verify``: batch 1 and 4) checks. So
+:func:`export_onnx` records them and logs one line with their count instead;
+``show_tracer_warnings=True`` (``--show-tracer-warnings``) shows them.
 """
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -61,7 +73,8 @@ def export_onnx(module: nn.Module,
                 output_file: str,
                 shape: Sequence[int],
                 dynamic_batch: bool = True,
-                opset_version: int = 17) -> List[str]:
+                opset_version: int = 17,
+                show_tracer_warnings: bool = False) -> List[str]:
     """Export ``module`` (``inputs [B, 3, H, W] -> tensor(s)``) to ONNX.
 
     Args:
@@ -71,6 +84,9 @@ def export_onnx(module: nn.Module,
         dynamic_batch (bool): Make the batch dimension dynamic.
             Default: True.
         opset_version (int): Default: 17.
+        show_tracer_warnings (bool): Let torch's ``TracerWarning``s through
+            (see the module docstring). Default: False: they are counted
+            and logged in one line; other warnings pass as usual.
 
     Returns:
         list[str]: output names.
@@ -87,7 +103,8 @@ def export_onnx(module: nn.Module,
     if dynamic_batch:
         dynamic_axes = {name: {0: 'batch'} for name in output_names}
         dynamic_axes['input'] = {0: 'batch'}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         torch.onnx.export(
             module,
             (example, ),
@@ -98,6 +115,20 @@ def export_onnx(module: nn.Module,
             opset_version=opset_version,
             do_constant_folding=True,
             dynamo=False)
+    tracer = [w for w in caught if issubclass(w.category,
+                                              torch.jit.TracerWarning)]
+    for w in caught:
+        if show_tracer_warnings or w not in tracer:
+            warnings.warn_explicit(w.message, w.category, w.filename,
+                                   w.lineno)
+    if tracer and not show_tracer_warnings:
+        from mmengine.logging import print_log
+        print_log(
+            f'{len(tracer)} TracerWarnings of shape checks and path choices '
+            'fixed at trace time (input size fixed, batch-independent; see '
+            'mmdyn/analysis/onnx_export.py) not shown: '
+            'show_tracer_warnings=True / --show-tracer-warnings shows them',
+            logger='current')
     return output_names
 
 

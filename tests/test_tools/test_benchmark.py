@@ -1,7 +1,5 @@
 """Whole-model benchmark on tiny configs (no timed assertions)."""
 import os.path as osp
-import subprocess
-import sys
 
 import torch
 
@@ -11,6 +9,16 @@ from mmdyn.analysis.benchmark import (BenchResult, ModelStep,
 from mmdyn.analysis.models import build_model, make_batch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def load_tool(path):
+    """A tool script as a module, to call its ``main(argv)`` in-process."""
+    import importlib.util
+    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 TINY = """
 custom_imports = dict(imports=['mmdyn.models', 'mmdyn.engine'],
@@ -83,13 +91,15 @@ def test_paired_ratio_and_sampler():
     assert sampler.peak_growth >= 48 * 2**20
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys, monkeypatch):
+    from mmdyn.engine import malloc
+    # in-process: leave this process's malloc settings alone
+    monkeypatch.setattr(malloc, 'tune_malloc', lambda: False)
     static, dynamic = write_configs(tmp_path)
-    out = subprocess.run([
-        sys.executable,
-        osp.join(ROOT, 'tools/analysis_tools/benchmark.py'), static,
-        '--compare', dynamic, '--batch-size', '2', '--shape', '32', '32',
-        '--repeat', '2', '--warmup', '0', '--no-memory', '--profile'
-    ], capture_output=True, text=True, check=True).stdout
+    load_tool('tools/analysis_tools/benchmark.py').main([
+        static, '--compare', dynamic, '--batch-size', '2', '--shape', '32',
+        '32', '--repeat', '2', '--warmup', '0', '--no-memory', '--profile'
+    ])
+    out = capsys.readouterr().out
     assert '| tiny_odconv | infer | 2 |' in out
     assert 'top operators of one infer iteration of tiny_odconv' in out

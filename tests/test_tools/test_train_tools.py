@@ -1,20 +1,25 @@
 """tools/train.py and tools/test.py end to end on the demo configs.
 
-Shortened by --cfg-options to a couple of images and iterations: these check
-the plumbing (metrics keys, checkpoints, resume, --amp, --out, --show-dir),
-not accuracy. Each run is a fresh process in a temporary folder, so the demo
-data is generated there ("created on first use").
+Called in-process (their ``main(argv)``) on a few tiny images, shortened by
+--cfg-options: these check the plumbing (metrics keys, checkpoints, resume
+after an interruption, --amp, --out, --show-dir), not accuracy. One
+interrupted detection run is shared by the tests of this module
+(``interrupted_detector``, session-scoped).
 """
 import glob
+import importlib.util
 import math
 import os.path as osp
 import pickle
 import re
-import subprocess
-import sys
+import shutil
+import types
 
 import pytest
+import torch
+from mmengine.runner.loops import EpochBasedTrainLoop
 
+import mmdyn.engine  # noqa: F401
 from mmdyn.datasets import make_demo_classification, make_demo_detection
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -22,85 +27,160 @@ DET_CFG = osp.join(REPO, 'configs/demo/faster-rcnn_r18_fpn_demo.py')
 CLS_CFG = osp.join(REPO, 'configs/demo/resnet18_demo_cls.py')
 
 
-def run_tool(args, cwd, timeout=600):
-    proc = subprocess.run([sys.executable] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        f'mmdyn_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def losses(output):
-    return [float(v) for v in re.findall(r'\bloss: ([-\w.+]+)', output)]
+def latest_log(work_dir):
+    logs = sorted(glob.glob(osp.join(work_dir, '*', '*.log')))
+    assert logs, f'no log under {work_dir}'
+    with open(logs[-1]) as f:
+        return f.read()
 
 
-DET_SMALL = [
-    'train_dataloader.batch_size=2', 'train_dataloader.dataset.indices=2',
-    'val_dataloader.batch_size=2', 'val_dataloader.dataset.indices=2',
-    'test_dataloader.batch_size=2', 'test_dataloader.dataset.indices=2',
-    'default_hooks.logger.interval=1'
-]
+def losses(log):
+    return [float(v) for v in re.findall(r'\bloss: ([-\w.+]+)', log)]
 
 
-@pytest.mark.slow
-def test_detection_train_resume_test(tmp_path):
-    cwd = str(tmp_path)
-    # Small demo set made up front; the tools find it complete.
-    make_demo_detection(osp.join(cwd, 'data', 'demo_det'), num_train=4,
-                        num_val=2)
-    train = [osp.join(REPO, 'tools/train.py'), DET_CFG, '--work-dir', 'wd']
-    out = run_tool(train + ['--amp', '--cfg-options',
-                            'train_cfg.max_epochs=1'] + DET_SMALL, cwd)
-    assert 'CPUAmpOptimWrapper' in out or 'AmpOptimWrapper' in out
-    values = losses(out)
+def det_options(data_root):
+    """Point the demo detection config at a tiny demo set in ``data_root``:
+    4 training images in batches of 2 (2 iterations an epoch)."""
+    ann = osp.join(data_root, 'annotations', 'instances_val.json')
+    options = [
+        'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
+        'test_dataloader.batch_size=2', f'val_evaluator.ann_file={ann}',
+        f'test_evaluator.ann_file={ann}', 'default_hooks.logger.interval=1'
+    ]
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options += [
+            f'{loader}.dataset.data_root={data_root}/',
+            f'{loader}.num_workers=0', f'{loader}.persistent_workers=False'
+        ]
+    return options
+
+
+class Interrupted(Exception):
+    """Stands in for a kill between two epochs."""
+
+
+def interrupt_after_epoch(epoch):
+    run_epoch = EpochBasedTrainLoop.run_epoch
+
+    def run_epoch_then_stop(loop):
+        run_epoch(loop)
+        if loop.epoch == epoch:
+            raise Interrupted(f'stopped after epoch {epoch}')
+
+    return run_epoch_then_stop
+
+
+@pytest.fixture(scope='session')
+def interrupted_detector(tmp_path_factory):
+    """The demo Faster R-CNN trained with --amp for 2 epochs, as configured
+    (checkpoints every epoch), interrupted after epoch 1.
+
+    Returns the run's folders and a copy of ``epoch_1.pth`` that later runs
+    in the work dir cannot remove.
+    """
+    root = tmp_path_factory.mktemp('demo_detector')
+    data_root = str(root / 'demo_det')
+    make_demo_detection(data_root, num_train=4, num_val=2, min_size=96,
+                        max_size=128)
+    options = det_options(data_root)
+    work_dir = str(root / 'wd')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EpochBasedTrainLoop, 'run_epoch',
+                      interrupt_after_epoch(1))
+        with pytest.raises(Interrupted):
+            load_tool('train').main([
+                DET_CFG, '--work-dir', work_dir, '--amp', '--cfg-options',
+                'train_cfg.max_epochs=2', *options
+            ])
+    log = latest_log(work_dir)
+    checkpoint = str(root / 'epoch_1_copy.pth')
+    shutil.copy(osp.join(work_dir, 'epoch_1.pth'), checkpoint)
+    return types.SimpleNamespace(
+        root=str(root), work_dir=work_dir, options=options, log=log,
+        checkpoint=checkpoint)
+
+
+def test_demo_detector_trains_with_amp(interrupted_detector):
+    log = interrupted_detector.log
+    assert 'CPUAmpOptimWrapper' in log or 'AmpOptimWrapper' in log
+    values = losses(log)
     assert values and all(math.isfinite(v) for v in values), values
+    meta = torch.load(interrupted_detector.checkpoint, map_location='cpu',
+                      weights_only=False)['meta']
+    assert meta['epoch'] == 1 and meta['iter'] == 2
+
+
+def test_interrupted_demo_run_resumes(interrupted_detector):
+    """The demo configs checkpoint every epoch: `--resume` after an
+    interruption continues from the last finished epoch."""
+    work_dir = interrupted_detector.work_dir
+    load_tool('train').main([
+        DET_CFG, '--work-dir', work_dir, '--amp', '--resume',
+        '--cfg-options', 'train_cfg.max_epochs=2',
+        *interrupted_detector.options
+    ])
+    log = latest_log(work_dir)
+    assert 'resumed epoch: 1, iter: 2' in log
+    assert 'Epoch(train) [2]' in log and 'Epoch(train) [1]' not in log
+    # validation at the last epoch
+    assert 'coco/bbox_mAP' in log
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+
+
+def test_test_tool_out_and_show_dir(interrupted_detector, tmp_path):
+    out = str(tmp_path / 'preds.pkl')
+    work_dir = str(tmp_path / 'wd_test')
+    metrics = load_tool('test').main([
+        DET_CFG, interrupted_detector.checkpoint, '--work-dir', work_dir,
+        '--out', out, '--show-dir', 'vis', '--cfg-options',
+        *interrupted_detector.options
+    ])
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'):
-        assert key in out
-    assert osp.isfile(osp.join(cwd, 'wd', 'epoch_1.pth'))
-
-    out = run_tool(train + ['--resume', '--cfg-options',
-                            'train_cfg.max_epochs=2'] + DET_SMALL, cwd)
-    assert 'resumed epoch: 1, iter: 1' in out
-    assert 'Epoch(train) [2]' in out and 'Epoch(train) [1]' not in out
-    assert osp.isfile(osp.join(cwd, 'wd', 'epoch_2.pth'))
-
-    out = run_tool([osp.join(REPO, 'tools/test.py'), DET_CFG, 'wd/epoch_2.pth',
-                    '--work-dir', 'wd_test', '--out', 'preds.pkl',
-                    '--show-dir', 'vis', '--cfg-options'] + DET_SMALL, cwd)
-    assert 'coco/bbox_mAP' in out
-    with open(osp.join(cwd, 'preds.pkl'), 'rb') as f:
+        assert 0.0 <= metrics[key] <= 1.0
+    with open(out, 'rb') as f:
         preds = pickle.load(f)
     assert len(preds) == 2 and 'pred_instances' in preds[0]
-    assert glob.glob(osp.join(cwd, 'wd_test', '*', 'vis', '*.png'))
+    # mmdet puts --show-dir under WORK_DIR/TIMESTAMP/ (README says so)
+    assert glob.glob(osp.join(work_dir, '*', 'vis', '*.png'))
 
 
-@pytest.mark.slow
 def test_classification_amp_train_and_test(tmp_path):
-    cwd = str(tmp_path)
-    make_demo_classification(osp.join(cwd, 'data', 'demo_cls'), num_train=4,
-                             num_val=2)
+    data_root = str(tmp_path / 'demo_cls')
+    make_demo_classification(data_root, num_train=4, num_val=2)
     small = ['train_cfg.max_epochs=1', 'train_dataloader.batch_size=8',
              'val_dataloader.batch_size=8', 'test_dataloader.batch_size=8',
              'default_hooks.logger.interval=1']
-    out = run_tool([osp.join(REPO, 'tools/train.py'), CLS_CFG, '--work-dir',
-                    'wd', '--amp', '--cfg-options'] + small, cwd)
-    values = losses(out)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        small += [f'{loader}.dataset.data_root={data_root}',
+                  f'{loader}.num_workers=0',
+                  f'{loader}.persistent_workers=False']
+    work_dir = str(tmp_path / 'wd')
+    load_tool('train').main(
+        [CLS_CFG, '--work-dir', work_dir, '--amp', '--cfg-options', *small])
+    log = latest_log(work_dir)
+    values = losses(log)
     assert values and all(math.isfinite(v) for v in values), values
-    assert 'accuracy/top1' in out
-    out = run_tool([osp.join(REPO, 'tools/test.py'), CLS_CFG, 'wd/epoch_1.pth',
-                    '--work-dir', 'wd', '--out', 'preds.pkl',
-                    '--cfg-options'] + small, cwd)
-    assert 'accuracy/top1' in out
-    with open(osp.join(cwd, 'preds.pkl'), 'rb') as f:
+    assert 'accuracy/top1' in log
+    out = str(tmp_path / 'preds.pkl')
+    metrics = load_tool('test').main([
+        CLS_CFG, osp.join(work_dir, 'epoch_1.pth'), '--work-dir', work_dir,
+        '--out', out, '--cfg-options', *small
+    ])
+    assert 'accuracy/top1' in metrics
+    with open(out, 'rb') as f:
         assert len(pickle.load(f)) == 8
 
 
 def test_resume_and_amp_flags(tmp_path):
-    sys.path.insert(0, osp.join(REPO, 'tools'))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
+    train = load_tool('train')
     assert train.parse_args(['c.py', '--resume']).resume == 'auto'
     assert train.parse_args(['c.py', '--resume', 'x.pth']).resume == 'x.pth'
     assert train.parse_args(['c.py']).resume is None
@@ -111,8 +191,33 @@ def test_resume_and_amp_flags(tmp_path):
     assert cfg.optim_wrapper.type in ('CPUAmpOptimWrapper', 'AmpOptimWrapper')
     set_resume(cfg, 'auto')
     assert cfg.resume is True and cfg.load_from is None
-    import torch
     if not torch.cuda.is_available():
         assert cfg.env_cfg.dist_cfg.backend == 'gloo'
         assert cfg.model_wrapper_cfg.device_ids is None
         assert cfg.model_wrapper_cfg.find_unused_parameters is False
+
+
+@pytest.mark.parametrize('config', sorted(
+    glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
+    ids=lambda p: osp.basename(p))
+def test_demo_configs_checkpoint_every_epoch(config):
+    from mmengine.config import Config
+    cfg = Config.fromfile(config)
+    assert cfg.default_hooks.checkpoint.interval == 1
+    assert cfg.default_hooks.checkpoint.get('by_epoch', True)
+
+
+@pytest.mark.parametrize('config', sorted(
+    glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
+    ids=lambda p: osp.basename(p))
+def test_demo_config_headers_state_the_schedule(config):
+    """Epoch counts named in a demo config's header comment ("the first 2
+    of the 10 demo epochs", "over all 30 epochs") match its schedule."""
+    from mmengine.config import Config
+    with open(config) as f:
+        header = ''.join(line for line in f if line.startswith('#'))
+    header = ' '.join(header.replace('#', ' ').split())
+    max_epochs = Config.fromfile(config).train_cfg.max_epochs
+    for pattern in (r'of the (\d+) demo epochs', r'over all (\d+) epochs'):
+        for count in re.findall(pattern, header):
+            assert int(count) == max_epochs, (pattern, count, max_epochs)

@@ -16,7 +16,7 @@ import argparse
 from mmengine.config import DictAction
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Benchmark inference or a training step of configs')
     parser.add_argument('config', help='config file path')
@@ -53,11 +53,11 @@ def parse_args():
         nargs='+',
         action=DictAction,
         help='overrides applied to every config')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     import torch
 
     from mmdyn.analysis.benchmark import benchmark_configs, format_results

@@ -22,7 +22,7 @@ import os.path as osp
 from mmengine.config import DictAction
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Count multiply-adds (dynamic layers included) and '
         'parameters of a model config')
@@ -47,7 +47,7 @@ def parse_args():
         nargs='+',
         action=DictAction,
         help='override config settings, as in tools/train.py')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def markdown_table(rows) -> str:
@@ -65,8 +65,8 @@ def markdown_table(rows) -> str:
     return '\n'.join(lines)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     from mmdyn.analysis.flops import count_config_madds, format_report
     if args.shape is None:
         shape = None

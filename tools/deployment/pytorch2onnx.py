@@ -10,6 +10,8 @@ output per feature map``. ``--dynamic-batch`` makes the batch dimension
 dynamic; dynamic convolutions export with their batch-independent
 im2col + batched-matmul path. ``--verify`` runs the file with onnxruntime at
 batch 1 and 4 and compares with PyTorch (fails above ``--tolerance``).
+torch's TracerWarnings (the layers' shape checks, fixed at trace time) are
+counted in one line; ``--show-tracer-warnings`` prints them.
 """
 import argparse
 import sys
@@ -17,7 +19,7 @@ import sys
 from mmengine.config import DictAction
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Export a config to ONNX')
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', nargs='?', default=None,
@@ -35,13 +37,18 @@ def parse_args():
                         help='compare with onnxruntime at batch 1 and 4')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='max abs difference accepted by --verify')
+    parser.add_argument(
+        '--show-tracer-warnings', action='store_true',
+        help="show torch's TracerWarnings (by default counted in one line: "
+        'they are shape checks fixed at trace time, see '
+        'mmdyn/analysis/onnx_export.py)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='config overrides')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     from mmdyn.analysis.models import build_model
     from mmdyn.analysis.onnx_export import (compare_with_onnxruntime,
                                             export_onnx, exportable)
@@ -55,7 +62,7 @@ def main():
                         strict=True)
     module = exportable(model, args.backbone_only)
     names = export_onnx(module, args.output_file, shape, args.dynamic_batch,
-                        args.opset)
+                        args.opset, args.show_tracer_warnings)
     print(f'exported {args.output_file} (input [B, 3, {shape[0]}, '
           f'{shape[1]}], outputs {names}, dynamic batch: '
           f'{args.dynamic_batch})')

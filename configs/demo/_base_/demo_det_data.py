@@ -1,23 +1,34 @@
 # The synthetic demo detection set (data/demo_det, generated on first use
 # by tools/train.py / tools/test.py or tools/misc/make_demo_data.py):
-# COCO format, 3 classes, 300 train / 100 val images of 128-192 px, resized to 128 px.
-_base_ = 'mmdet::_base_/datasets/coco_detection.py'
+# COCO format, 3 classes, 300 train / 100 val images of 128-192 px, resized
+# to 128 px.
+#
+# An overlay base (mmdyn.engine.config_bases): it goes after the other
+# bases of a config and replaces their dataset settings, so it can follow a
+# complete stock detector config as well as a model-only base, e.g.
+#   _base_ = ['mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
+#             'mmdyn::demo/_base_/demo_det_data.py',
+#             'mmdyn::demo/_base_/demo_det_schedule.py']
+#   model = dict(bbox_head=dict(num_classes=3))
+_overlay_ = True
 
+dataset_type = 'CocoDataset'
 data_root = 'data/demo_det/'
+backend_args = None
 metainfo = dict(
     classes=('circle', 'square', 'triangle'),
     palette=[(220, 20, 60), (0, 128, 255), (0, 170, 0)])
 image_scale = (128, 128)
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=image_scale, keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs')
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='Resize', scale=image_scale, keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(
@@ -25,27 +36,47 @@ test_pipeline = [
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                    'scale_factor'))
 ]
+# `_delete_=True`: the stock config's dataset (which may be wrapped, e.g. in
+# a RepeatDataset) is replaced, not merged into.
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=True),
+    batch_sampler=dict(type='AspectRatioBatchSampler'),
     dataset=dict(
+        _delete_=True,
+        type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=8),
-        pipeline=train_pipeline))
+        pipeline=train_pipeline,
+        backend_args=backend_args))
 val_dataloader = dict(
     batch_size=8,
     num_workers=1,
+    persistent_workers=True,
+    drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
+        _delete_=True,
+        type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
+        test_mode=True,
+        pipeline=test_pipeline,
+        backend_args=backend_args))
 test_dataloader = val_dataloader
 
 val_evaluator = dict(
-    ann_file=data_root + 'annotations/instances_val.json', metric='bbox')
+    _delete_=True,
+    type='CocoMetric',
+    ann_file=data_root + 'annotations/instances_val.json',
+    metric='bbox',
+    format_only=False,
+    backend_args=backend_args)
 test_evaluator = val_evaluator
