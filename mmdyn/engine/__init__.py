@@ -6,6 +6,7 @@ from .compat import apply_compat_fixes
 
 # Before anything else: Config.fromfile of 'mmdet::' bases needs the fix.
 apply_compat_fixes()
+from . import config_bases, dcn_slot  # noqa: F401,E402  (mmdyn:: bases, overlays; dcn= checks)
 
 from .amp import CPUAmpOptimWrapper  # noqa: E402
 from .checkpoint import (CheckpointLoadError, CheckpointShapeCheckHook,  # noqa: E402,E501
