@@ -37,28 +37,9 @@ def _isolate_default_scope():
 
 
 @pytest.fixture
-def spy_calls(monkeypatch):
-    """``spy(module, name)`` wraps ``module.name`` to record its calls (a
-    list of names, returned) for the rest of the test."""
-
-    def spy(module, name):
-        calls = []
-        real = getattr(module, name)
-
-        def recording(*args, **kwargs):
-            calls.append(name)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, recording)
-        return calls
-
-    return spy
-
-
-@pytest.fixture
 def small_winograd(monkeypatch):
-    """Winograd thresholds lowered so that small test layers take the path
-    (mmdyn/ops/winograd.py)."""
-    from mmdyn.ops import winograd
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_CHANNELS', 1)
-    monkeypatch.setattr(winograd, 'WINOGRAD_MIN_TILES', 1)
+    """Winograd thresholds of the public dispatch table lowered so that
+    small test layers take the path (mmdyn/ops/fast_paths.py)."""
+    from mmdyn.ops.fast_paths import THRESHOLDS
+    monkeypatch.setitem(THRESHOLDS['winograd'], 'min_channels', 1)
+    monkeypatch.setitem(THRESHOLDS['winograd'], 'min_tiles', 1)

@@ -22,7 +22,10 @@ import os
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .fast_paths import graph_capture
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -119,6 +122,12 @@ def _bytes(size: int) -> str:
         if size >= scale:
             return f'{size / scale:.3g} {unit}'
     return f'{size} B'
+
+
+def is_empty_batch(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no sample (never while a graph is traced or
+    exported: a captured graph keeps its batch dimension symbolic)."""
+    return not graph_capture() and x.shape[0] == 0
 
 
 def empty_batch_output(shape: Sequence[int], x: torch.Tensor,
@@ -337,6 +346,30 @@ class BatchNormBatch1(nn.BatchNorm1d):
                                             self.running_var, self.weight,
                                             self.bias, False, 0.0, self.eps)
         return super().forward(x)
+
+
+def linear_1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Apply a 1x1 ``conv`` to pooled features [B, C] as a matmul.
+
+    The attention layers of the official codes are 1x1 convs (their
+    checkpoint layout); on a 1x1 map a matmul is the same and avoids the
+    conv call overhead.
+    """
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def init_attention_weights(module: nn.Module) -> None:
+    """The official init of an attention branch: fan_out kaiming (ReLU
+    gain) for every conv and linear weight, zero biases, norms 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(
+                m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def build_attention_norm(norm: Optional[str], num_features: int) -> nn.Module:

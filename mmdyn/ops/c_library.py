@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
-# -mprefer-vector-width=256: gcc's tuning for some AVX2 CPUs (AMD Zen 1,
-# this project's CI machine) vectorises with 128-bit registers; 256-bit ones
-# made DDF's fused forward 1.9x -> 1.1x faster there (benchmarks/ddf.md).
+# -mprefer-vector-width=256: gcc's tuning for some AVX2 CPUs (e.g. AMD Zen 1)
+# vectorises with 128-bit registers; 256-bit ones make DDF's fused forward
+# markedly faster there (benchmarks/ddf.md).
 FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=256', '-fopenmp',
          '-shared', '-fPIC', '-std=c99')
 

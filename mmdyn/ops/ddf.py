@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 
 from . import ddf_cpu
 from .base import (DynamicConv2dBase, check_allocation, check_positive,
-                   empty_batch_output)
+                   empty_batch_output, is_empty_batch)
+from .fast_paths import ddf_path, graph_capture
 
 COMBINES = ('mul', 'add')
 IMPLS = ('auto', 'fused', 'taps', 'reference')
@@ -39,19 +40,41 @@ IMPLS = ('auto', 'fused', 'taps', 'reference')
 # --------------------------------------------------------------------------
 # The operator
 # --------------------------------------------------------------------------
-def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
-                    stride, combine, head):
-    """Validate the arguments of :func:`ddf`; return (cf [B, C, k*k], sf,
-    (Ho, Wo))."""
+def check_ddf_config(kernel_size: int,
+                     dilation: int,
+                     head: int,
+                     combine: str,
+                     stride: int = 1,
+                     impl: Optional[str] = None,
+                     se_ratio: Optional[float] = None,
+                     channels: Optional[Tuple[str, int]] = None) -> None:
+    """The argument checks shared by :func:`ddf`, :class:`DDFConv2d` and
+    :class:`DDFUpsample`: ``ValueError`` naming the argument.
+
+    ``channels``: (its argument name, the channel count) that ``head`` must
+    divide; ``impl`` and ``se_ratio`` are checked when given.
+    """
     check_positive(kernel_size, 'kernel_size')
     if kernel_size % 2 == 0:
         raise ValueError(f'kernel_size must be odd, got {kernel_size}')
     check_positive(dilation, 'dilation')
     check_positive(stride, 'stride')
     check_positive(head, 'head')
-    if combine not in COMBINES:
-        raise ValueError(f'combine must be one of {COMBINES}, got '
-                         f'{combine!r}')
+    _check_choice(combine, 'combine', COMBINES)
+    if impl is not None:
+        _check_choice(impl, 'impl', IMPLS)
+    if se_ratio is not None:
+        check_positive(se_ratio, 'se_ratio', allow_float=True)
+    if channels is not None and channels[1] % head:
+        raise ValueError(f'{channels[0]} ({channels[1]}) must be divisible '
+                         f'by head ({head})')
+
+
+def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
+                    stride, combine, head):
+    """Validate the arguments of :func:`ddf`; return (cf [B, C, k*k], sf,
+    (Ho, Wo))."""
+    check_ddf_config(kernel_size, dilation, head, combine, stride)
     for name, t in (('x', x), ('channel_filter', channel_filter),
                     ('spatial_filter', spatial_filter)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -225,11 +248,6 @@ class _DDFFusedCPU(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def _exporting() -> bool:
-    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
-
-
 class _DDFUpFusedCPU(torch.autograd.Function):
     """DDF-Up's s*s stride-1 DDFs on CPU, each written straight into its
     sub-pixel phase of the [B, C, s*H, s*W] output (no stack and pixel
@@ -269,15 +287,13 @@ class _DDFUpFusedCPU(torch.autograd.Function):
 
 
 def _choose_impl(impl: str, x: torch.Tensor):
-    """Return the fused-kernel library to use, or None for the tap loop."""
-    if impl not in IMPLS:
-        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
-    if impl == 'taps' or x.device.type != 'cpu' or _exporting():
+    """The fused-kernel library for :func:`ddf_path`'s ``'fused'``, or None
+    for the tap loop."""
+    _check_choice(impl, 'impl', IMPLS)
+    lib = ddf_cpu.load() if x.device.type == 'cpu' and impl in (
+        'auto', 'fused') and not graph_capture() else None
+    if ddf_path(impl, x, lib is not None) != 'fused':
         return None
-    lib = ddf_cpu.load()
-    if impl == 'fused' and lib is None:
-        raise RuntimeError('impl="fused" needs the compiled DDF CPU kernel, '
-                           'which could not be built')
     return lib
 
 
@@ -322,7 +338,7 @@ def ddf(x: torch.Tensor,
                                      kernel_size, dilation, stride, combine,
                                      head)
     _check_choice(impl, 'impl', IMPLS)
-    if x.numel() == 0:  # an empty batch (or no channels): an empty output
+    if not graph_capture() and x.numel() == 0:  # an empty batch
         out_dtype = torch.promote_types(
             torch.promote_types(x.dtype, cf.dtype), sf.dtype)
         return empty_batch_output((*x.shape[:2], *out_hw), x.to(out_dtype),
@@ -353,7 +369,7 @@ def ddf(x: torch.Tensor,
     else:
         args = (x.to(out_dtype), cf.to(out_dtype), sf.to(out_dtype),
                 kernel_size, dilation, stride, add, out_hw)
-        if _exporting():
+        if graph_capture():
             out = _ddf_taps(*args)  # plain ops, for the exporter to record
         else:
             out = _DDFTaps.apply(*args)
@@ -632,18 +648,16 @@ class DDFConv2d(DynamicConv2dBase):
                              f'({in_channels}) for DDFConv2d, got {groups!r}')
         super().__init__(in_channels, out_channels, k, stride, implied,
                          dilation, groups, bias)
-        check_positive(head, 'head')
-        if in_channels % head:
-            raise ValueError(f'in_channels ({in_channels}) must be divisible'
-                             f' by head ({head})')
-        check_positive(se_ratio, 'se_ratio', allow_float=True)
-        _check_choice(combine, 'combine', COMBINES)
-        _check_choice(impl, 'impl', IMPLS)
+        check_ddf_config(k, dilation, head, combine, stride, impl, se_ratio,
+                         ('in_channels', in_channels))
         check_positive(gen_kernel_size, 'gen_kernel_size')
         self.head = head
         self.se_ratio = se_ratio
         self.combine = combine
         self.impl = impl
+        #: The DDF path of the latest forward: 'fused', 'taps' or
+        #: 'reference' (see :mod:`mmdyn.ops.fast_paths`).
+        self.last_path = None
         self.spatial_branch = build_spatial_branch(in_channels, k, head,
                                                    stride, nonlinearity,
                                                    gen_kernel_size)
@@ -670,8 +684,10 @@ class DDFConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.shape[0] == 0:
+        if is_empty_batch(x):
+            self.last_path = 'empty'
             return self.empty_output(x)
+        self.last_path = ddf_path(self.impl, x)
         cf, sf = self.filters(x)
         out = ddf(x, cf, sf, self.kernel_size[0], self.dilation[0],
                   self.stride[0], self.combine, self.head, self.impl)
@@ -681,7 +697,8 @@ class DDFConv2d(DynamicConv2dBase):
 
     def madds_per_sample(self, input_hw) -> dict:
         """Multiply-adds for one sample of spatial size ``input_hw``
-        (spec 5.1: conv and agg are both C*Ho*Wo*k*k)."""
+        (convention of :mod:`mmdyn.analysis.flops`: conv and agg are both
+        C*Ho*Wo*k*k)."""
         Ho, Wo = self.output_hw(*input_hw)
         k2 = self.kernel_size[0] * self.kernel_size[1]
         apply = self.in_channels * Ho * Wo * k2
@@ -761,18 +778,9 @@ class DDFUpsample(nn.Module):
         super().__init__()
         check_positive(channels, 'channels')
         check_positive(scale_factor, 'scale_factor')
-        check_positive(kernel_size, 'kernel_size')
-        if kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be odd, got {kernel_size}')
-        check_positive(dilation, 'dilation')
-        check_positive(head, 'head')
-        check_positive(se_ratio, 'se_ratio', allow_float=True)
+        check_ddf_config(kernel_size, dilation, head, combine, 1, impl,
+                         se_ratio, ('channels', channels))
         check_positive(gen_kernel_size, 'gen_kernel_size')
-        _check_choice(combine, 'combine', COMBINES)
-        _check_choice(impl, 'impl', IMPLS)
-        if channels % head:
-            raise ValueError(f'channels ({channels}) must be divisible by '
-                             f'head ({head})')
         if guide_channels is not None and not guided:
             raise ValueError('guide_channels is only used with guided=True')
         if guided:
@@ -789,6 +797,9 @@ class DDFUpsample(nn.Module):
         self.guided = guided
         self.guide_channels = guide_channels
         self.impl = impl
+        #: The DDF path of the latest forward: 'fused', 'taps' or
+        #: 'reference' (see :mod:`mmdyn.ops.fast_paths`).
+        self.last_path = None
         spatial_in = guide_channels if guided else channels
         self.spatial_branch = nn.ModuleList(
             build_spatial_branch(spatial_in, kernel_size, head, 1,
@@ -864,7 +875,9 @@ class DDFUpsample(nn.Module):
         else:
             sfs = [b(g) for b, g in zip(self.spatial_branch, guides)]
         lib = _choose_impl(self.impl, x) if self.head == 1 else None
-        if lib is not None and B > 0:
+        empty = is_empty_batch(x)
+        self.last_path = 'empty' if empty else ddf_path(self.impl, x)
+        if lib is not None and not empty:
             work = torch.float64 if x.dtype == torch.float64 else \
                 torch.float32
             cf = torch.stack(cfs).to(work).reshape(s * s, B, C, k * k)

@@ -2,7 +2,7 @@
 
 PyTorch has no single CPU op for ``sum_t a_t * b_t * shift_t(x)``: written
 with eager ops the DDF operator costs two full passes over the output per
-filter tap, about 9x a depthwise 3x3 conv on a 2-core CPU (see
+filter tap, several times a depthwise 3x3 conv (see
 ``benchmarks/ddf.md``). The three loops below (forward; backward for the
 input and channel filter; backward for the spatial filter) do it in one pass
 each, without any k*k-times larger buffer.

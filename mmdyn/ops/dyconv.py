@@ -19,9 +19,9 @@ They differ only in the routing function:
   ``Sigmoid(GlobalAveragePool(x) R)``). It has no temperature schedule: T
   stays 1.
 * DyConv: ``pi = softmax(fc2(ReLU(fc1(GAP(x)))) / T)``, following the common
-  unofficial implementation (kaijieshi7/Dynamic-convolution-Pytorch; spec
-  section 4): ``fc1`` ``C_in -> h`` without bias, ``fc2`` ``h -> K`` with
-  bias, ``h = int(C_in * ratio) + 1`` (``h = K`` when ``C_in == 3``), no
+  unofficial implementation (kaijieshi7/Dynamic-convolution-Pytorch):
+  ``fc1`` ``C_in -> h`` without bias, ``fc2`` ``h -> K`` with bias,
+  ``h = int(C_in * ratio) + 1`` (``h = K`` when ``C_in == 3``), no
   norm, T annealed 30 -> 1 over 10 epochs (the paper's schedule shape;
   the unofficial code's 34 - 3 per epoch is not used, and inference uses
   T = 1).
@@ -35,17 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
-                   build_attention_norm, check_allocation, check_positive)
-from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
-                              uses_chunked_kernels)
-from .winograd import uses_winograd, winograd_per_sample_conv2d
+                   build_attention_norm, check_allocation, check_positive,
+                   init_attention_weights, is_empty_batch, linear_1x1)
+from .fast_paths import (MIXTURE_PATHS, PER_SAMPLE_IMPLS, check_impl,
+                         mixture_conv_then_mix, mixture_path)
+from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
+from .winograd import winograd_per_sample_conv2d
 
 ROUTINGS = ('sigmoid', 'softmax')
-
-
-def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    # 1x1 convs on a 1x1 map (the official layout) applied as a matmul.
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 class RoutingAttention(nn.Module):
@@ -82,21 +79,13 @@ class RoutingAttention(nn.Module):
 
     def init_weights(self) -> None:
         """fan_out kaiming, zero biases, norm 1/0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(
-                    m.weight, mode='fan_out', nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_attention_weights(self)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.hidden_channels is None:
-            return _linear(pooled, self.fc)
-        s = F.relu(self.norm(_linear(pooled, self.fc1)))
-        return _linear(s, self.fc2)
+            return linear_1x1(pooled, self.fc)
+        s = F.relu(self.norm(linear_1x1(pooled, self.fc1)))
+        return linear_1x1(s, self.fc2)
 
     def madds(self) -> int:
         if self.hidden_channels is None:
@@ -122,8 +111,11 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         hidden_channels (int, optional): Routing MLP hidden width; None for a
             single linear layer. Default: None.
         attention_norm (str): Norm in the routing MLP. Default: 'none'.
-        impl (str): Per-sample conv implementation, see
-            :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`.
+        impl (str): ``'auto'`` (the fastest path for the input),
+            ``'reference'`` (the paper's forward), a path of
+            :data:`~mmdyn.ops.fast_paths.MIXTURE_PATHS`, or a per-sample
+            conv (``'loop'``, ``'grouped'``, ``'unfold'``: the reference
+            forward with it). See :mod:`mmdyn.ops.fast_paths`.
             Default: ``'auto'``.
     """
 
@@ -154,7 +146,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             check_positive(hidden_channels, 'hidden_channels')
         self.kernel_num = kernel_num
         self.routing = routing
-        self.impl = impl
+        self.impl = check_impl(impl, MIXTURE_PATHS)
+        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.last_path = None
         self.init_temperature(1.0)
         kh, kw = self.kernel_size
         check_allocation(
@@ -197,24 +191,68 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         return torch.sigmoid(logits)
 
     def conv_then_mix(self, x: torch.Tensor) -> bool:
-        """Whether to convolve with all ``K`` kernels and mix the outputs.
+        """Whether ``impl='auto'`` convolves with all ``K`` kernels and
+        mixes the outputs (:meth:`_forward_conv_then_mix`): CPU with
+        autograd, ``(K - 1) * H_out * W_out`` at most the threshold of
+        :data:`~mmdyn.ops.fast_paths.THRESHOLDS` ``['mixture']``."""
+        return self.impl == 'auto' and mixture_conv_then_mix(self, x)
 
-        ``sum_k pi_k conv(x, W_k)`` equals ``conv(x, sum_k pi_k W_k)``; it
-        costs ``K`` static convs of the batch but no per-sample kernel. On
-        CPU with autograd, the per-sample kernels (and their gradients) of
-        layers on small maps cost far more than their convolutions (a
-        DyConv ResNet-18 step at batch 32, 64 px: mostly kernel copies and
-        page faults), so those layers take this path: ``impl='auto'``, a
-        graph with gradients, and ``(K - 1) * H_out * W_out <= 96``.
-        """
-        if self.impl != 'auto' or x.device.type != 'cpu' or \
-                not torch.is_grad_enabled():
-            return False
-        h_out, w_out = self.output_hw(*x.shape[-2:])
-        return (self.kernel_num - 1) * h_out * w_out <= 96
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reference`'s result by the path that
+        :func:`~mmdyn.ops.fast_paths.mixture_path` chooses (recorded in
+        :attr:`last_path`)."""
+        self.check_input(x)
+        if is_empty_batch(x):
+            self.last_path = 'empty'
+            return self.empty_output(x)
+        pi = self.routing_weights(x).to(self.weight.dtype)
+        path = self.last_path = mixture_path(self, x)
+        if path == 'reference':
+            return self._forward_reference(x, pi)
+        bias = pi @ self.bias if self.bias is not None else None
+        if path == 'conv_then_mix':
+            out = self._forward_conv_then_mix(x, pi)
+            if bias is not None:
+                out = out + bias[:, :, None, None].to(out.dtype)
+            return out
+        if path == 'winograd':
+            out = winograd_per_sample_conv2d(x, self.weight, pi, None,
+                                             self.padding)
+        else:  # 'chunked'
+            out = self._forward_chunked(x, pi)
+        if bias is not None:
+            out += bias[:, :, None, None].to(out.dtype)
+        return out
 
-    def _conv_then_mix(self, x: torch.Tensor,
-                       pi: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's forward: routing weights ``pi``, the per-sample
+        kernel ``W_b = sum_i pi[b, i] W_i`` and bias, one conv per
+        sample."""
+        self.check_input(x)
+        if is_empty_batch(x):
+            return self.empty_output(x)
+        return self._forward_reference(
+            x, self.routing_weights(x).to(self.weight.dtype))
+
+    def _forward_reference(self, x: torch.Tensor,
+                           pi: torch.Tensor) -> torch.Tensor:
+        bias = pi @ self.bias if self.bias is not None else None
+        weight = (pi @ self.weight.flatten(1)).view(-1,
+                                                     *self.weight.shape[1:])
+        impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
+        return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
+                                 self.dilation, self.groups, impl)
+
+    # Fast paths: the reference's result, faster for some shapes on CPU
+    # (chosen by mmdyn.ops.fast_paths.mixture_path).
+
+    def _forward_conv_then_mix(self, x: torch.Tensor,
+                               pi: torch.Tensor) -> torch.Tensor:
+        """``sum_k pi_k conv(x, W_k)``, which equals ``conv(x, sum_k pi_k
+        W_k)``: ``K`` static convs of the batch, no per-sample kernel. On
+        CPU with autograd the per-sample kernels (and their gradients) of
+        layers on small maps cost far more than their convolutions. No
+        bias."""
         groups, num = self.groups, self.kernel_num
         c_out_g = self.out_channels // groups
         # Group-major output channels (group, kernel, channel) so that each
@@ -228,43 +266,24 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         out = torch.einsum('bgkcp,bk->bgcp', out, pi.to(out.dtype))
         return out.reshape(-1, self.out_channels, h_out, w_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if x.shape[0] == 0:
-            return self.empty_output(x)
-        pi = self.routing_weights(x).to(self.weight.dtype)
-        bias = pi @ self.bias if self.bias is not None else None
-        if self.conv_then_mix(x):
-            out = self._conv_then_mix(x, pi)
-            if bias is not None:
-                out = out + bias[:, :, None, None].to(out.dtype)
-            return out
-        if uses_winograd(x, self):
-            out = winograd_per_sample_conv2d(x, self.weight, pi, None,
-                                             self.padding)
-            if bias is not None:
-                out += bias[:, :, None, None]
-            return out
+    def _forward_chunked(self, x: torch.Tensor,
+                         pi: torch.Tensor) -> torch.Tensor:
+        """Kernels built a chunk of samples at a time into the reused
+        workspace, then batch-1 convs (inference). No bias."""
         bank = self.weight.flatten(1)
-        if uses_chunked_kernels(x, bank.shape[1], self.out_channels,
-                                self.output_hw(*x.shape[-2:]), self.impl):
 
-            def kernels(start, stop, out):
-                with torch.autocast(x.device.type, enabled=False):
-                    return torch.matmul(pi[start:stop], bank, out=out)
+        def kernels(start, stop, out):
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.matmul(pi[start:stop], bank, out=out)
 
-            out = chunked_per_sample_conv2d(
-                x, kernels, self.weight.shape[1:], bank.dtype, self.stride,
-                self.padding, self.dilation, self.groups)
-            if bias is not None:
-                out += bias[:, :, None, None].to(out.dtype)
-            return out
-        weight = (pi @ bank).view(-1, *self.weight.shape[1:])
-        return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
-                                 self.dilation, self.groups, self.impl)
+        return chunked_per_sample_conv2d(x, kernels, self.weight.shape[1:],
+                                         bank.dtype, self.stride,
+                                         self.padding, self.dilation,
+                                         self.groups)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
-        """Multiply-adds per sample for an ``input_hw`` input (spec 5.1):
+        """Multiply-adds per sample for an ``input_hw`` input (convention of
+        :mod:`mmdyn.analysis.flops`):
         ``conv`` one conv with the mixed kernel, ``att`` the routing layers,
         ``agg`` ``K * numel(W)``, ``scal`` 0."""
         h_out, w_out = self.output_hw(int(input_hw[0]), int(input_hw[1]))
@@ -332,7 +351,8 @@ class CondConv2d(_MixtureOfKernelsConv2d):
 class DyConv2d(_MixtureOfKernelsConv2d):
     """Dynamic convolution (DyConv): softmax attention over ``K`` kernels.
 
-    Layout and init of the common unofficial code (spec section 4):
+    Layout and init of the common unofficial code
+    (kaijieshi7/Dynamic-convolution-Pytorch):
     ``attention.fc1`` (1x1, ``C_in -> h``, no bias), ReLU, ``attention.fc2``
     (1x1, ``h -> K``, bias), softmax(z / T); ``h = int(C_in * ratio) + 1``,
     or ``K`` for a 3-channel input; no norm by default; bank [K, C_out,

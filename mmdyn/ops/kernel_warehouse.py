@@ -38,32 +38,23 @@ anneals it from 1 to 0 at the start of training.
 torch only.
 """
 import math
-import os
-from functools import reduce
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
-                   build_attention_norm, check_allocation, check_positive,
-                   empty_batch_output, kernel_bank_safe)
-from .kernel_warehouse_cpu import (Scatter, pack_columns, small_rows_matmul,
-                                   uses_small_rows_matmul)
-from .per_sample_conv import (PER_SAMPLE_CONV_IMPLS, chunked_per_sample_conv2d,
-                              kernel_workspace, per_sample_conv2d,
-                              uses_chunked_kernels)
-from .winograd import (chunked_winograd_conv2d, uses_winograd,
-                       winograd_block_conv2d)
+from . import kernel_warehouse_cpu
+from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
+                   check_allocation, check_positive, empty_batch_output,
+                   init_attention_weights, is_empty_batch)
+from .fast_paths import (KERNEL_WAREHOUSE_PATHS, PER_SAMPLE_IMPLS,
+                         check_impl, kernel_warehouse_path, kw_position_major)
+from .kernel_warehouse_cpu import MIXTURE_LAYOUTS
+from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
+from .warehouse_manager import LAYER_TYPES, WarehouseManager  # noqa: F401
 
-Ratio = Union[float, Sequence[float]]
-
-LAYER_TYPES = ('conv2d', 'linear')
 CAF_EPS = 1e-3
-
-
-def _prod(values) -> int:
-    return reduce(lambda a, b: a * b, values, 1)
+_prod = math.prod
 
 
 def contrasting_attention(logits: torch.Tensor, beta: torch.Tensor,
@@ -183,15 +174,7 @@ class KWAttention(nn.Module):
 
     def init_weights(self) -> None:
         """fan_out kaiming Linear weights, zero biases, norm 1 / 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.kaiming_normal_(
-                    module.weight, mode='fan_out', nonlinearity='relu')
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_attention_weights(self)
         if self.num_basis is not None:
             nn.init.zeros_(self.basis_bias)
 
@@ -244,6 +227,9 @@ class _KWLayerMixin(TemperatureMixin):
         self.warehouse_id = None
         self.cell_range = None
         self._kw_layout = None
+        #: The product of the latest :meth:`mix_cells`: 'c_loop' or
+        #: 'matmul'.
+        self.last_mixture_product = None
         if warehouse_manager is None:
             manager = WarehouseManager(sharing_range=(), **manager_kwargs)
             self._manager_ref = (manager, )
@@ -373,10 +359,9 @@ class _KWLayerMixin(TemperatureMixin):
         cells = self._cells()
         return cells.reshape(cells.shape[0], -1)
 
-    #: Layouts of :meth:`mix_cells`: the cell product's own, the kernel
-    #: position by position, the kernel with each output channel's
-    #: positions side by side.
-    MIXTURE_LAYOUTS = ('cells', 'position_major', 'output_major')
+    #: Layouts of :meth:`mix_cells` (see
+    #: :data:`~mmdyn.ops.kernel_warehouse_cpu.MIXTURE_LAYOUTS`).
+    MIXTURE_LAYOUTS = MIXTURE_LAYOUTS
 
     def mix_cells(self,
                   attention: torch.Tensor,
@@ -396,11 +381,10 @@ class _KWLayerMixin(TemperatureMixin):
                 'position_major': [B, g_s, C_out, C_in];
                 'output_major': [B, C_out, g_s, C_in].
 
-        Float32 CPU inference runs the product as
-        :func:`~mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul` on the
-        manager's packed copy of the cells
-        (:meth:`WarehouseManager.packed_cells`), writing the layout
-        directly; otherwise ``torch.matmul``, then a rearranging copy.
+        The product runs in :func:`~mmdyn.ops.kernel_warehouse_cpu.
+        mix_cells` (float32 CPU inference: the C loop on the manager's
+        packed cells, writing the layout directly; otherwise
+        ``torch.matmul``); :attr:`last_mixture_product` records which.
         """
         if layout not in self.MIXTURE_LAYOUTS:
             raise ValueError(f'layout must be one of {self.MIXTURE_LAYOUTS}'
@@ -408,60 +392,10 @@ class _KWLayerMixin(TemperatureMixin):
         cells = self._cell_rows()
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
-        g_s, g_o, g_i, c_o, c_i = self._kw_layout
-        batch = attention.shape[0]
-        shape = {
-            'cells': (batch, *self._kw_layout),
-            'position_major': (batch, g_s, g_o * c_o, g_i * c_i),
-            'output_major': (batch, g_o * c_o, g_s, g_i * c_i)
-        }[layout]
-        # Whether the layout is the cell product's own, row after row.
-        plain = layout == 'cells' or (g_i == 1 and (
-            layout == 'position_major' or g_s == 1))
-        c_loop = uses_small_rows_matmul(attention, cells)
-        rows_shape = (*attention.shape[:-1], cells.shape[1])
-        out = None
-        if reuse_buffer and not torch.is_grad_enabled() and (plain or c_loop):
-            out = kernel_workspace(math.prod(shape), attention.dtype,
-                                   attention.device, 'kw_mixtures').view(shape)
-        if c_loop:
-            if out is None:
-                out = attention.new_empty(shape)
-            scatter, target = None, out
-            if plain:
-                target = out.view(rows_shape)
-            else:
-                scatter = self._mixture_scatter(batch, layout)
-            small_rows_matmul(attention, cells, target,
-                              packed_b=self.warehouse_manager.packed_cells(
-                                  self.warehouse_id),
-                              scatter=scatter)
-            return out
-        if plain:
-            return torch.matmul(
-                attention, cells,
-                out=None if out is None else out.view(rows_shape)).view(shape)
-        mixtures = torch.matmul(attention, cells).view(-1, *self._kw_layout)
-        order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
-            (0, 2, 4, 1, 3, 5)
-        return mixtures.permute(order).reshape(shape)
-
-    def _mixture_scatter(self, batch: int, layout: str) -> Scatter:
-        """Where mixture (b, s, o, i) starts in the 'position_major' or
-        'output_major' layout; its rows of c_i columns are C_in apart, or
-        g_s * C_in."""
-        g_s, g_o, g_i, c_o, c_i = self._kw_layout
-        sample, position, block_out, block_in = torch.meshgrid(
-            *(torch.arange(n, device='cpu') for n in (batch, g_s, g_o, g_i)),
-            indexing='ij')
-        c_out, c_in = g_o * c_o, g_i * c_i
-        if layout == 'position_major':
-            starts = ((sample * g_s + position) * c_out +
-                      block_out * c_o) * c_in + block_in * c_i
-            return Scatter(starts.flatten(), c_i, c_in)
-        starts = ((sample * c_out + block_out * c_o) * g_s +
-                  position) * c_in + block_in * c_i
-        return Scatter(starts.flatten(), c_i, g_s * c_in)
+        mixtures, self.last_mixture_product = kernel_warehouse_cpu.mix_cells(
+            attention, cells, self._kw_layout, layout, reuse_buffer,
+            lambda: self.warehouse_manager.packed_cells(self.warehouse_id))
+        return mixtures
 
     def _agg_madds(self) -> int:
         return _prod(self.weight_shape) * self.num_cells
@@ -486,7 +420,12 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         warehouse_name (str, optional): Layer name used for warehouse
             grouping (``stage{S}_layer{L}_conv{J}``); required with a
             manager. Default: None.
-        impl (str): ``per_sample_conv2d`` implementation. Default: 'auto'.
+        impl (str): ``'auto'`` (the fastest path for the input),
+            ``'reference'`` (the paper's forward), a path of
+            :data:`~mmdyn.ops.fast_paths.KERNEL_WAREHOUSE_PATHS`, or a
+            per-sample conv (``'loop'``, ``'grouped'``, ``'unfold'``: the
+            reference forward with it). See :mod:`mmdyn.ops.fast_paths`.
+            Default: ``'auto'``.
         padding_mode (str): ``'zeros'`` only, as accepted by ``nn.Conv2d``.
             Default: ``'zeros'``.
         **manager_kwargs: Options of the private :class:`WarehouseManager`
@@ -511,10 +450,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
                  **manager_kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          padding, dilation, groups, bias, padding_mode)
-        if impl not in PER_SAMPLE_CONV_IMPLS:
-            raise ValueError(f'impl must be one of {PER_SAMPLE_CONV_IMPLS}, '
-                             f'got {impl!r}')
-        self.impl = impl
+        self.impl = check_impl(impl, KERNEL_WAREHOUSE_PATHS)
+        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.last_path = None
         self._setup_kw(
             (out_channels, in_channels // groups, *self.kernel_size), bias,
             warehouse_manager, warehouse_name, manager_kwargs, 'conv2d')
@@ -523,21 +461,29 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         return self.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reference`'s result by the path that
+        :func:`~mmdyn.ops.fast_paths.kernel_warehouse_path` chooses
+        (recorded in :attr:`last_path`; the CPU paths are in
+        :mod:`~mmdyn.ops.kernel_warehouse_cpu`)."""
         self.check_input(x)
         self._check_finalized()
-        if x.shape[0] == 0:
+        if is_empty_batch(x):
+            self.last_path = 'empty'
             return self.empty_output(x, self._cells())
         attention = self._attention_weights(x.mean(dim=(2, 3)))
-        if uses_winograd(x, self):
-            out = self._winograd_conv(x, attention)
+        path = self.last_path = kernel_warehouse_path(self, x, attention)
+        if path == 'reference':
+            return self._forward_reference(x, attention)
+        if path in ('winograd', 'winograd_fused'):
+            out = kernel_warehouse_cpu.winograd_conv(
+                self, x, attention, fused=path == 'winograd_fused')
             if self.bias is not None:
                 out += self.bias.reshape(1, -1, 1, 1)
             return out
-        if self.uses_position_major(x):
-            return self._position_major_conv(x, attention)
-        if uses_chunked_kernels(x, _prod(self.weight_shape),
-                                self.out_channels,
-                                self.output_hw(*x.shape[-2:]), self.impl):
+        if path == 'position_major':
+            return kernel_warehouse_cpu.position_major_conv(
+                self, x, attention)
+        if path == 'chunked':
             out = chunked_per_sample_conv2d(
                 x, lambda start, stop, _: self.assemble_kernel(
                     attention[start:stop]).flatten(1).to(x.dtype),
@@ -546,151 +492,44 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
             if self.bias is not None:
                 out += self.bias.reshape(1, -1, 1, 1).to(out.dtype)
             return out
+        # 'pointwise'
+        return kernel_warehouse_cpu.pointwise_conv(
+            self, x, self._kernel_like(attention, x))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's forward: the attentions (CAF), the per-sample kernel
+        assembled from the warehouse cells, one conv per sample."""
+        self.check_input(x)
+        self._check_finalized()
+        if is_empty_batch(x):
+            return self.empty_output(x, self._cells())
+        return self._forward_reference(
+            x, self._attention_weights(x.mean(dim=(2, 3))))
+
+    def _forward_reference(self, x: torch.Tensor,
+                           attention: torch.Tensor) -> torch.Tensor:
+        impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
+        return per_sample_conv2d(x, self._kernel_like(attention, x),
+                                 self.bias, self.stride, self.padding,
+                                 self.dilation, self.groups, impl=impl)
+
+    def _kernel_like(self, attention: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor:
+        """The assembled kernels in the dtype of ``x`` (autocast aside)."""
         kernel = self.assemble_kernel(attention)
         if not torch.is_autocast_enabled(x.device.type):
             kernel = kernel.to(x.dtype)
-        if self.impl == 'auto' and self._is_pointwise:
-            return self._pointwise_conv(x, kernel)
-        return per_sample_conv2d(x, kernel, self.bias, self.stride,
-                                 self.padding, self.dilation, self.groups,
-                                 impl=self.impl)
-
-    def _winograd_conv(self, x: torch.Tensor,
-                       attention: torch.Tensor) -> torch.Tensor:
-        """Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2, 3x3)
-        (mmdyn/ops/winograd.py), no bias.
-
-        When every mixture is a whole [C_out, C_in] kernel position
-        (``g_o = g_i = 1``) and the C loop runs the cell product, it writes
-        the transformed kernels ``G W_b G^T`` directly (each strip of the
-        product transformed while in the L1 cache: the per-sample kernels
-        are never stored); otherwise they are built from the mixtures.
-        """
-        g_o, g_i = self._kw_layout[1:3]
-        cells = self._cell_rows()
-        if g_o == g_i == 1 and uses_small_rows_matmul(attention, cells):
-            packed = self.warehouse_manager.packed_cells(self.warehouse_id)
-            return chunked_winograd_conv2d(
-                x, self.out_channels, self.padding,
-                lambda start, stop, out: small_rows_matmul(
-                    attention[start:stop], cells, out, packed_b=packed,
-                    winograd=True).view(stop - start, 16, self.out_channels,
-                                        self.in_channels))
-        return winograd_block_conv2d(
-            x, self.mix_cells(attention, reuse_buffer=True), self.padding)
+        return kernel
 
     def uses_position_major(self, x: torch.Tensor) -> bool:
-        """Whether ``forward`` convolves straight from the mixtures.
-
-        For ``impl='auto'``, ``groups == 1``, on CPU: 1x1 kernels (one
-        batched matmul, the mixtures written straight into the kernel
-        layout and the reused buffer), and larger kernels when one sample's
-        kernel is larger than its input and output maps together (deep
-        layers; every layer of a small-input network), where im2col costs
-        less than building the kernel. See :meth:`_position_major_conv`.
-        """
-        if self.impl != 'auto' or self.groups != 1 or \
-                x.device.type != 'cpu' or torch.jit.is_tracing() or \
-                torch.onnx.is_in_onnx_export():
-            return False
-        if self._kw_layout[0] == 1:
-            return True
-        h_out, w_out = self.output_hw(*x.shape[-2:])
-        features = (self.in_channels * x.shape[-2] * x.shape[-1] +
-                    self.out_channels * h_out * w_out)
-        return _prod(self.weight_shape) > features
-
-    def _position_major_conv(self, x: torch.Tensor,
-                             attention: torch.Tensor) -> torch.Tensor:
-        """The conv from the mixtures without the [C_out, C_in, kh, kw]
-        kernel layout.
-
-        Permuting the mixtures into that layout is a stride-``kh*kw``
-        transposition of the largest tensor of the layer (and again in the
-        backward). In training the conv is ``sum_p mixtures[:, p] @
-        columns[:, :, p]``: position-major mixtures [B, kh*kw, C_out, C_in]
-        (:meth:`mix_cells`) against the im2col columns, kernel position by
-        kernel position. In inference the cell product writes the mixtures
-        output-major, [B, C_out, kh*kw * C_in], and the conv is one batched
-        matmul with position-major columns (inner size kh*kw * C_in; 9-22
-        % less time than nine accumulated ones at ResNet-50's stage 3-4
-        shapes, benchmarks/README.md). Same result as the per-sample conv
-        with :meth:`assemble_kernel`.
-        """
-        g_s = self._kw_layout[0]
-        h_out, w_out = self.output_hw(*x.shape[-2:])
-        cast = (lambda t: t) if torch.is_autocast_enabled(x.device.type) \
-            else (lambda t: t.to(x.dtype))
-        if g_s == 1:  # 1x1: strided input, one batched matmul
-            if self.padding != (0, 0):
-                x = torch.nn.functional.pad(
-                    x, (self.padding[1], ) * 2 + (self.padding[0], ) * 2)
-            if self.stride != (1, 1):
-                x = x[:, :, ::self.stride[0], ::self.stride[1]]
-            mixtures = self.mix_cells(attention, True, 'position_major')
-            out = torch.bmm(
-                cast(mixtures.view(-1, self.out_channels, self.in_channels)),
-                x.reshape(x.shape[0], self.in_channels, -1))
-        elif not torch.is_grad_enabled():
-            kernels = self.mix_cells(attention, True, 'output_major')
-            out = torch.bmm(
-                cast(kernels.reshape(x.shape[0], self.out_channels, -1)),
-                self._position_major_columns(x, h_out, w_out))
-        else:
-            mixtures = self.mix_cells(attention, True, 'position_major')
-            # unbind, not indexing: its backward is one stack, where nine
-            # selects would each scatter into a zero tensor of full size.
-            columns = torch.nn.functional.unfold(
-                x, self.kernel_size, self.dilation, self.padding,
-                self.stride).view(x.shape[0], self.in_channels, g_s,
-                                  -1).unbind(2)
-            parts = cast(mixtures).unbind(1)
-            out = torch.bmm(parts[0], columns[0])
-            for part, column in zip(parts[1:], columns[1:]):
-                out = torch.baddbmm(out, part, column)
-        out = out.view(-1, self.out_channels, h_out, w_out)
-        if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
-        return out
-
-    def _position_major_columns(self, x: torch.Tensor, h_out: int,
-                                w_out: int) -> torch.Tensor:
-        """im2col with the kernel positions outermost: [B, kh*kw * C_in,
-        H' W'] (``F.unfold`` puts the channels outermost)."""
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-        views = [
-            x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh,
-              j * dw:j * dw + sw * (w_out - 1) + 1:sw] for i in range(kh)
-            for j in range(kw)
-        ]
-        return torch.stack(views, 1).view(x.shape[0], -1, h_out * w_out)
-
-    @property
-    def _is_pointwise(self) -> bool:
-        return (self.kernel_size == (1, 1) and self.padding == (0, 0)
-                and self.groups == 1)
-
-    def _pointwise_conv(self, x: torch.Tensor,
-                        kernel: torch.Tensor) -> torch.Tensor:
-        # A 1x1 conv with per-sample kernels is one batched matmul. On this
-        # project's CPU it measured ~2x faster than the grouped conv for
-        # ResNet-50's 1x1 shapes at batch 8, and its graph has no batch
-        # size baked in (so it also serves export).
-        if self.stride != (1, 1):
-            x = x[:, :, ::self.stride[0], ::self.stride[1]]
-        batch, channels, height, width = x.shape
-        out = torch.bmm(
-            kernel.reshape(batch, self.out_channels, channels),
-            x.reshape(batch, channels, height * width))
-        out = out.reshape(batch, self.out_channels, height, width)
-        if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
-        return out
+        """Whether ``impl='auto'`` may convolve straight from the mixtures
+        (path ``'position_major'``; see
+        :func:`~mmdyn.ops.fast_paths.kw_position_major`)."""
+        return self.impl == 'auto' and kw_position_major(self, x)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
-        """Multiply-adds per sample (spec 5.1) for an ``input_hw`` input."""
+        """Multiply-adds per sample for an ``input_hw`` input (convention
+        of :mod:`mmdyn.analysis.flops`)."""
         self._check_finalized()
         h_out, w_out = self.output_hw(*input_hw)
         conv = h_out * w_out * _prod(self.weight_shape)
@@ -774,349 +613,3 @@ class KWLinear(_KWLayerMixin, nn.Module):
 
 
 KW_LAYERS = (KWConv2d, KWLinear)
-
-
-class WarehouseManager(nn.Module):
-    """Creates, stores and allocates the kernel warehouses of a network.
-
-    Args:
-        reduction (float | tuple[float]): Attention hidden width ratio,
-            ``h = max(int(C_in * reduction), 16)``. Default: 1/16.
-        cell_num_ratio (float | tuple[float]): Warehouse size over the total
-            number of mixtures of its layers (the budget ``b``). Default: 1.
-        cell_inplane_ratio (float | tuple[float]): Cell input channels over
-            the gcd of the layers' input channels (per group). Default: 1.
-        cell_outplane_ratio (float | tuple[float]): Cell output channels over
-            the gcd of the layers' output channels. Default: 1.
-        sharing_range (tuple[str]): Name tokens that start with one of these
-            are replaced by it before grouping (``stage2_layer3_conv1`` ->
-            ``stage2_layer_conv`` with ``('layer', 'conv')``); layers with
-            equal fused names share a warehouse. Default: ('layer', 'conv').
-        nonlocal_basis_ratio (float): < 1 enables the non-local basis
-            attention. Default: 1.
-        attention_norm (str): Attention norm, see
-            :func:`~mmdyn.ops.build_attention_norm`. Default: 'bn_batch1'.
-        fc1_bias (bool, optional): fc1 bias; None follows the official rule
-            (bias iff the norm is not BatchNorm). Default: None.
-
-    Ratios given as tuples hold one value per warehouse, in the order of
-    their first reservation (a 1-tuple applies to all).
-    """
-
-    def __init__(self,
-                 reduction: Ratio = 1 / 16,
-                 cell_num_ratio: Ratio = 1,
-                 cell_inplane_ratio: Ratio = 1,
-                 cell_outplane_ratio: Ratio = 1,
-                 sharing_range: Union[str, Sequence[str]] = ('layer',
-                                                             'conv'),
-                 nonlocal_basis_ratio: float = 1,
-                 attention_norm: str = 'bn_batch1',
-                 fc1_bias: Optional[bool] = None):
-        super().__init__()
-        for name, value in (('reduction', reduction),
-                            ('cell_num_ratio', cell_num_ratio),
-                            ('cell_inplane_ratio', cell_inplane_ratio),
-                            ('cell_outplane_ratio', cell_outplane_ratio)):
-            self._check_ratio(value, name)
-        check_positive(nonlocal_basis_ratio, 'nonlocal_basis_ratio',
-                       allow_float=True)
-        if attention_norm not in ATTENTION_NORMS and attention_norm is not \
-                None:
-            raise ValueError(f'attention_norm must be one of '
-                             f'{ATTENTION_NORMS}, got {attention_norm!r}')
-        if isinstance(sharing_range, str):
-            sharing_range = (sharing_range, )
-        sharing_range = tuple(sharing_range)
-        if not all(isinstance(s, str) and s and '_' not in s
-                   for s in sharing_range):
-            raise ValueError('sharing_range must be a tuple of non-empty '
-                             "name tokens without '_', got "
-                             f'{sharing_range!r}')
-        if fc1_bias is not None and not isinstance(fc1_bias, bool):
-            raise ValueError(f'fc1_bias must be None or a bool, got '
-                             f'{fc1_bias!r}')
-        self.reduction = reduction
-        self.cell_num_ratio = cell_num_ratio
-        self.cell_inplane_ratio = cell_inplane_ratio
-        self.cell_outplane_ratio = cell_outplane_ratio
-        self.sharing_range = sharing_range
-        self.nonlocal_basis_ratio = nonlocal_basis_ratio
-        self.attention_norm = attention_norm or 'none'
-        if fc1_bias is None:
-            fc1_bias = self.attention_norm not in ('bn', 'bn_batch1')
-        self.fc1_bias = fc1_bias
-        # fused warehouse name -> list of member weight shapes, in
-        # reservation order (dicts keep insertion order).
-        self.warehouse_shapes: Dict[str, List[Tuple[int, ...]]] = {}
-        self._layers: List[nn.Module] = []
-        self.cell_shapes: List[Tuple[int, ...]] = []
-        self.slices: List[Tuple[int, int, int]] = []
-        self.finalized = False
-        # warehouse index -> ((data_ptr, version, shape), sampled values,
-        # packed cells)
-        self._packed: Dict[int, Tuple[tuple, torch.Tensor,
-                                      torch.Tensor]] = {}
-
-    @staticmethod
-    def _check_ratio(value, name: str) -> None:
-        values = value if isinstance(value, (tuple, list)) else (value, )
-        if len(values) == 0:
-            raise ValueError(f'{name} must not be empty')
-        for v in values:
-            check_positive(v, name, allow_float=True)
-
-    @staticmethod
-    def _per_warehouse(value, name: str, count: int) -> List[float]:
-        if not isinstance(value, (tuple, list)):
-            return [value] * count
-        if len(value) == 1:
-            return list(value) * count
-        if len(value) != count:
-            raise ValueError(f'{name} has {len(value)} values but the '
-                             f'network has {count} warehouses')
-        return list(value)
-
-    def fuse_name(self, name: str) -> str:
-        """The warehouse a layer named ``name`` belongs to."""
-        tokens = []
-        for token in name.split('_'):
-            for prefix in self.sharing_range:
-                if token.startswith(prefix):
-                    token = prefix
-            tokens.append(token)
-        return '_'.join(tokens)
-
-    @property
-    def warehouse_names(self) -> List[str]:
-        return list(self.warehouse_shapes)
-
-    def _register_layer(self, layer: nn.Module, name: str,
-                        layer_type: str) -> None:
-        if self.finalized:
-            raise ValueError(f'cannot reserve layer {name!r}: the '
-                             'WarehouseManager is already finalized')
-        if not isinstance(name, str) or not name:
-            raise ValueError(f'name must be a non-empty str, got {name!r}')
-        fused = self.fuse_name(name)
-        members = self.warehouse_shapes.setdefault(fused, [])
-        if members and len(members[0]) != len(layer.weight_shape):
-            raise ValueError(
-                f'layer {name!r} ({layer_type}) cannot share warehouse '
-                f'{fused!r} with layers of another dimensionality; adjust '
-                'name or sharing_range')
-        members.append(layer.weight_shape)
-        layer.warehouse_id = self.warehouse_names.index(fused)
-        self._layers.append(layer)
-
-    def reserve(self,
-                name: str,
-                in_channels: int,
-                out_channels: int,
-                kernel_size=1,
-                stride=1,
-                padding=0,
-                dilation=1,
-                groups: int = 1,
-                bias: bool = False,
-                layer_type: str = 'conv2d',
-                **layer_kwargs) -> nn.Module:
-        """Create a KW layer whose kernel will come from a warehouse.
-
-        Args:
-            name (str): Layer name used for grouping
-                (``stage{S}_layer{L}_{kind}{J}``).
-            in_channels (int): Input channels (features for 'linear').
-            out_channels (int): Output channels (features for 'linear').
-            kernel_size, stride, padding, dilation, groups: As
-                ``nn.Conv2d`` (ignored for 'linear').
-            bias (bool): Whether the layer has a bias. Default: False.
-            layer_type (str): 'conv2d' (-> :class:`KWConv2d`) or 'linear'
-                (-> :class:`KWLinear`). Default: 'conv2d'.
-            **layer_kwargs: Extra layer arguments (e.g. ``impl``).
-
-        Returns:
-            KWConv2d | KWLinear: the layer, usable after :meth:`finalize`.
-        """
-        if layer_type not in LAYER_TYPES:
-            raise ValueError(f'layer_type must be one of {LAYER_TYPES}, got '
-                             f'{layer_type!r}')
-        if layer_type == 'linear':
-            return KWLinear(in_channels, out_channels, bias=bias,
-                            warehouse_manager=self, warehouse_name=name)
-        return KWConv2d(in_channels, out_channels, kernel_size, stride,
-                        padding, dilation, groups, bias,
-                        warehouse_manager=self, warehouse_name=name,
-                        **layer_kwargs)
-
-    def finalize(self, network: nn.Module) -> None:
-        """Store the warehouses and allocate them to the layers.
-
-        Args:
-            network (nn.Module): The module containing every reserved layer
-                (walked in ``network.modules()`` order).
-        """
-        if self.finalized:
-            raise ValueError('WarehouseManager.finalize was already called')
-        if not isinstance(network, nn.Module):
-            raise ValueError('network must be an nn.Module, got '
-                             f'{type(network).__name__}')
-        if not self._layers:
-            raise ValueError('finalize called before any layer was reserved')
-        found = [
-            m for m in network.modules()
-            if isinstance(m, KW_LAYERS) and m.warehouse_manager is self
-        ]
-        missing = [
-            layer.warehouse_name for layer in self._layers
-            if not any(layer is m for m in found)
-        ]
-        if missing:
-            raise ValueError(
-                f'reserved layers {missing} are not submodules of network; '
-                'register every reserved layer before calling finalize')
-        self._store()
-        self._allocate(found)
-        self.finalized = True
-
-    def _store(self) -> None:
-        count = len(self.warehouse_shapes)
-        self._reductions = self._per_warehouse(self.reduction, 'reduction',
-                                               count)
-        self._num_ratios = self._per_warehouse(self.cell_num_ratio,
-                                               'cell_num_ratio', count)
-        in_ratios = self._per_warehouse(self.cell_inplane_ratio,
-                                        'cell_inplane_ratio', count)
-        out_ratios = self._per_warehouse(self.cell_outplane_ratio,
-                                         'cell_outplane_ratio', count)
-        weights = []
-        self.cell_shapes = []
-        for idx, (fused, shapes) in enumerate(self.warehouse_shapes.items()):
-            gcd_out = reduce(math.gcd, (s[0] for s in shapes))
-            gcd_in = reduce(math.gcd, (s[1] for s in shapes))
-            cell_out = max(int(gcd_out * out_ratios[idx]), 1)
-            cell_in = max(int(gcd_in * in_ratios[idx]), 1)
-            if gcd_out % cell_out:
-                raise ValueError(
-                    f'cell_outplane_ratio {out_ratios[idx]} gives '
-                    f'{cell_out}-channel cells that do not divide the '
-                    f'output channels of warehouse {fused!r} (gcd '
-                    f'{gcd_out})')
-            if gcd_in % cell_in:
-                raise ValueError(
-                    f'cell_inplane_ratio {in_ratios[idx]} gives '
-                    f'{cell_in}-channel cells that do not divide the input '
-                    f'channels of warehouse {fused!r} (gcd {gcd_in})')
-            total = sum(
-                (s[0] // cell_out) * (s[1] // cell_in) * _prod(s[2:])
-                for s in shapes)
-            num_cells = max(int(total * self._num_ratios[idx]), 1)
-            cell_shape = (cell_out, cell_in) + (1, ) * (len(shapes[0]) - 2)
-            check_allocation(
-                num_cells * cell_out * cell_in, f'warehouse {fused!r} '
-                f'({num_cells} cells of {cell_out}x{cell_in})',
-                f'cell_num_ratio ({self._num_ratios[idx]}), '
-                f'cell_inplane_ratio ({in_ratios[idx]}) or '
-                f'cell_outplane_ratio ({out_ratios[idx]})')
-            self.cell_shapes.append(cell_shape)
-            weights.append(nn.Parameter(torch.empty(num_cells, *cell_shape)))
-        self.weights = nn.ParameterList(weights)
-
-    def _allocate(self, layers: List[nn.Module]) -> None:
-        cursors = [0] * len(self.weights)
-        self.slices = []
-        for layer in layers:
-            idx = layer.warehouse_id
-            num_cells = self.weights[idx].shape[0]
-            start = cursors[idx]
-            end = layer._allocate(self.cell_shapes[idx], num_cells, start,
-                                  self._num_ratios[idx],
-                                  self._reductions[idx], self.attention_norm,
-                                  self.fc1_bias, self.nonlocal_basis_ratio)
-            if end > num_cells:
-                raise ValueError(
-                    f'cell_num_ratio {self._num_ratios[idx]}: layer '
-                    f'{layer.warehouse_name!r} needs cells up to {end} but '
-                    f'warehouse {self.warehouse_names[idx]!r} has '
-                    f'{num_cells}')
-            self.slices.append((idx, start, end))
-            cursors[idx] = end
-        for idx, cursor in enumerate(cursors):
-            if cursor != self.weights[idx].shape[0]:
-                raise ValueError(
-                    f'cell_num_ratio {self._num_ratios[idx]}: the layers of '
-                    f'warehouse {self.warehouse_names[idx]!r} select '
-                    f'{cursor} cells but it holds '
-                    f'{self.weights[idx].shape[0]}; use an integer ratio '
-                    '>= 1 or 1/p with mixture counts the rule can realise')
-        self.init_weights()
-
-    def packed_cells(self, index: int) -> Optional[torch.Tensor]:
-        """Warehouse ``index`` cut into the column strips of the CPU
-        assembly loop (:func:`~mmdyn.ops.kernel_warehouse_cpu.pack_columns`),
-        built on first use in inference and kept until the cells change.
-
-        Every KW layer of a warehouse reads all of its cells; without this
-        copy each of them re-cuts the warehouse (read with a stride of a
-        cell row), about 14 % of KW-1x ResNet-50's assembly time
-        (benchmarks/README.md). The copy costs the warehouse's size in
-        memory while it lives (89 MiB for KW-1x ResNet-50): ``train()``
-        and device or dtype moves drop it. It is rebuilt when the cells'
-        storage, shape or version counter changes (every in-place update
-        through the parameter: ``load_state_dict`` and optimiser steps), or
-        any of 256 evenly spaced values of the cells (writes through
-        ``.data``, which leave the version counter alone, e.g. mmengine's
-        EMA parameter swap). After a ``.data`` write to only a few cells,
-        call :meth:`clear_packed_cells`. ``MMDYN_KW_PACKED_CELLS=0`` turns
-        it off.
-
-        Returns:
-            Tensor | None: The strips; None when switched off or not in
-            float32 CPU inference.
-        """
-        cells = self.weights[index]
-        if os.environ.get('MMDYN_KW_PACKED_CELLS', '1') == '0' or \
-                self.training or torch.is_grad_enabled() or \
-                cells.device.type != 'cpu' or cells.dtype != torch.float32:
-            return None
-        flat = cells.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 256)].clone()
-        key = (cells.data_ptr(), cells._version, tuple(cells.shape))
-        cached = self._packed.get(index)
-        if cached is None or cached[0] != key or \
-                not torch.equal(cached[1], sample):
-            cached = (key, sample,
-                      pack_columns(cells.reshape(cells.shape[0], -1)))
-            self._packed[index] = cached
-        return cached[2]
-
-    def clear_packed_cells(self) -> None:
-        """Drop the packed copies of the warehouses (see
-        :meth:`packed_cells`)."""
-        self._packed = {}
-
-    def train(self, mode: bool = True) -> 'WarehouseManager':
-        self.clear_packed_cells()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_packed_cells()
-        # 5-D cells pass model.to(memory_format=torch.channels_last).
-        return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """fan_out kaiming init of every layer's cell slice."""
-        for idx, start, end in self.slices:
-            if end <= start:
-                continue
-            cells = self.weights[idx][start:end]
-            fan_out = (end - start) * _prod(cells.shape[1:]) // cells.shape[2]
-            cells.normal_(0.0, math.sqrt(2.0 / fan_out))
-
-    def extra_repr(self) -> str:
-        if not self.finalized:
-            return f'{len(self._layers)} reserved layers, not finalized'
-        return ', '.join(f'{name}: {w.shape[0]}x{list(w.shape[1:])}'
-                         for name, w in zip(self.warehouse_names,
-                                            self.weights))

@@ -1,11 +1,11 @@
-"""Fused CPU loop for KernelWarehouse's kernel assembly, built on first use.
+"""KernelWarehouse's CPU path: the fused cell product (a C loop built on
+first use), the packed cells, the mixture layouts and the fast convs.
 
 A KW layer's kernels are ``attention @ cells``: ``[B * m, n] x [n,
 cell_size]`` with a few dozen rows, a hundred-odd inner dimension and up to
-262144 columns (ResNet-50 at batch 8). MKL runs these shapes at 11-23
-GMAC/s on this project's 2-core CPU, about half of what it reaches on large
-square products (35 GMAC/s): the assembly alone took 1.04 s of a 2.4 s
-KW-1x ResNet-50 forward at batch 8, the static ResNet-50 1.15 s in all.
+262144 columns (ResNet-50 at batch 8). MKL runs these shapes at a fraction
+of the speed it reaches on large square products, and the assembly is a
+large part of a KW ResNet's forward (benchmarks/README.md).
 
 :func:`small_rows_matmul` is a plain register-blocked product for that
 shape: the few rows of ``attention`` are packed once into panels of 4, the
@@ -15,19 +15,30 @@ the L1 cache at a time, or once for good by :func:`pack_columns`), and a
 tile where AVX2/FMA is missing). A :class:`Scatter` writes the result in
 another layout than row-major, e.g. each ``[c_o, c_i]`` mixture into its
 block of a ``[C_out, C_in]`` kernel, which saves a transposition copy.
-It runs ResNet-50's shapes at 23-35 GMAC/s from packed strips, 27-35 on
-the large ones (benchmarks/README.md). Only float32 inference uses it
-(:func:`uses_small_rows_matmul`); ``torch.matmul`` stays the reference and
-the path of autograd, other dtypes and devices. ``MMDYN_KW_CPU_KERNEL=0``
-turns it off.
+Its speed at ResNet-50's shapes is in benchmarks/README.md. Only float32
+inference uses it (:func:`uses_small_rows_matmul`); ``torch.matmul`` stays
+the reference and the path of autograd, other dtypes and devices.
+``MMDYN_KW_CPU_KERNEL=0`` turns it off.
+
+The rest of the module: :class:`PackedCells` (each warehouse cut into
+strips once for inference), the mixture layouts (:func:`mix_cells`) and the
+fast paths of :class:`~mmdyn.ops.KWConv2d` (:func:`winograd_conv`,
+:func:`position_major_conv`, :func:`pointwise_conv`), chosen by
+:func:`~mmdyn.ops.fast_paths.kernel_warehouse_path`.
 """
 import ctypes
-from typing import NamedTuple, Optional
+import math
+import os
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .c_library import CLibrary, check_float32_cpu, num_threads, ptr
-from .winograd import KERNEL_TRANSFORM_C
+from .fast_paths import uses_c_cell_product
+from .per_sample_conv import kernel_workspace
+from .winograd import (KERNEL_TRANSFORM_C, chunked_winograd_conv2d,
+                       winograd_block_conv2d)
 
 _SOURCE = KERNEL_TRANSFORM_C + r'''
 #include <stdint.h>
@@ -280,10 +291,6 @@ int small_rows_matmul_f32(const float *A, const float *B, const float *Bp,
 }
 '''
 
-#: Fewest columns (cell elements) for which the loop beats MKL; below,
-#: ``torch.matmul``.
-MIN_COLUMNS = 4096
-
 #: Columns per packed strip (the width of the C tile).
 STRIP = 24
 
@@ -320,18 +327,10 @@ def load() -> Optional[ctypes.CDLL]:
 
 
 def uses_small_rows_matmul(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether :func:`small_rows_matmul` serves ``a @ b``: float32 CPU
-    tensors, no autograd graph, no autocast or tracing, a 2-D ``b`` of at
-    least :data:`MIN_COLUMNS` columns, and the loop available."""
-    if a.device.type != 'cpu' or b.device.type != 'cpu' or \
-            a.dtype != torch.float32 or b.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or \
-            torch.is_autocast_enabled('cpu'):
-        return False
-    if b.dim() != 2 or b.shape[1] < MIN_COLUMNS or a.shape[-1] != b.shape[0]:
-        return False
-    return load() is not None
+    """Whether :func:`small_rows_matmul` serves ``a @ b`` (see
+    :func:`~mmdyn.ops.fast_paths.uses_c_cell_product`, whose column
+    threshold is in :data:`~mmdyn.ops.fast_paths.THRESHOLDS`)."""
+    return uses_c_cell_product(a, b)
 
 
 def _largest_offset(n: int, segment: int, stride: int) -> int:
@@ -448,4 +447,272 @@ def small_rows_matmul(a: torch.Tensor,
                                  num_threads(m * n)):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
+    return out
+
+
+# --------------------------------------------------------------------------
+# Packed cells: each warehouse cut into column strips once for inference
+# --------------------------------------------------------------------------
+#: Environment switch: ``0`` turns the packed copies off.
+PACKED_CELLS_SWITCH = 'MMDYN_KW_PACKED_CELLS'
+
+
+class PackedCells:
+    """The warehouses of a :class:`~mmdyn.ops.WarehouseManager` cut into
+    the column strips of :func:`pack_columns`, built on first use in
+    float32 CPU inference and kept until the cells change.
+
+    Every KW layer of a warehouse reads all of its cells; without this copy
+    each of them re-cuts the warehouse (read with a stride of a cell row, a
+    visible part of KW-1x ResNet-50's assembly time, benchmarks/README.md).
+    The copy costs the warehouse's size in memory while it lives: the
+    manager drops it on ``train()`` and device or dtype moves. It is
+    rebuilt when the cells' storage, shape or version counter changes
+    (every in-place update through the parameter: ``load_state_dict`` and
+    optimiser steps), or any of 256 evenly spaced values of the cells
+    (writes through ``.data``, which leave the version counter alone, e.g.
+    mmengine's EMA parameter swap). After a ``.data`` write to only a few
+    cells, call :meth:`clear`. ``MMDYN_KW_PACKED_CELLS=0`` turns it off.
+    """
+
+    def __init__(self):
+        # warehouse index -> ((data_ptr, version, shape), sampled values,
+        # packed cells)
+        self._cache: Dict[int, Tuple[tuple, torch.Tensor,
+                                     torch.Tensor]] = {}
+        #: How many times a warehouse was cut into strips (a record for
+        #: tests and profiling).
+        self.builds = 0
+
+    def get(self, index: int, cells: torch.Tensor,
+            training: bool) -> Optional[torch.Tensor]:
+        """The strips of warehouse ``index`` (``cells``); None when
+        switched off or not in float32 CPU inference."""
+        if os.environ.get(PACKED_CELLS_SWITCH, '1') == '0' or training or \
+                torch.is_grad_enabled() or cells.device.type != 'cpu' or \
+                cells.dtype != torch.float32:
+            return None
+        flat = cells.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 256)].clone()
+        key = (cells.data_ptr(), cells._version, tuple(cells.shape))
+        cached = self._cache.get(index)
+        if cached is None or cached[0] != key or \
+                not torch.equal(cached[1], sample):
+            cached = (key, sample,
+                      pack_columns(cells.reshape(cells.shape[0], -1)))
+            self._cache[index] = cached
+            self.builds += 1
+        return cached[2]
+
+    def clear(self) -> None:
+        """Drop every packed copy."""
+        self._cache = {}
+
+    def __len__(self) -> int:
+        """Warehouses with a packed copy now."""
+        return len(self._cache)
+
+
+# --------------------------------------------------------------------------
+# Mixture layouts: the cell product written in the layout a conv reads
+# --------------------------------------------------------------------------
+#: Layouts of the mixtures ``attention @ cells`` (g_s kernel positions, g_o
+#: output and g_i input blocks of c_o x c_i cells): the cell product's own
+#: [B, g_s, g_o, g_i, c_o, c_i]; the kernel position by position,
+#: [B, g_s, C_out, C_in]; the kernel with each output channel's positions
+#: side by side, [B, C_out, g_s, C_in].
+MIXTURE_LAYOUTS = ('cells', 'position_major', 'output_major')
+
+
+def mixture_shape(batch: int, kw_layout: Tuple[int, ...],
+                  layout: str) -> Tuple[int, ...]:
+    """The shape of ``batch`` samples' mixtures in ``layout``."""
+    g_s, g_o, g_i, c_o, c_i = kw_layout
+    return {
+        'cells': (batch, *kw_layout),
+        'position_major': (batch, g_s, g_o * c_o, g_i * c_i),
+        'output_major': (batch, g_o * c_o, g_s, g_i * c_i)
+    }[layout]
+
+
+def mixture_scatter(batch: int, kw_layout: Tuple[int, ...],
+                    layout: str) -> Scatter:
+    """Where mixture (b, s, o, i) starts in the 'position_major' or
+    'output_major' layout; its rows of c_i columns are C_in apart, or
+    g_s * C_in."""
+    g_s, g_o, g_i, c_o, c_i = kw_layout
+    sample, position, block_out, block_in = torch.meshgrid(
+        *(torch.arange(n, device='cpu') for n in (batch, g_s, g_o, g_i)),
+        indexing='ij')
+    c_out, c_in = g_o * c_o, g_i * c_i
+    if layout == 'position_major':
+        starts = ((sample * g_s + position) * c_out +
+                  block_out * c_o) * c_in + block_in * c_i
+        return Scatter(starts.flatten(), c_i, c_in)
+    starts = ((sample * c_out + block_out * c_o) * g_s +
+              position) * c_in + block_in * c_i
+    return Scatter(starts.flatten(), c_i, g_s * c_in)
+
+
+def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
+              kw_layout: Tuple[int, ...], layout: str, reuse_buffer: bool,
+              packed: Callable[[], Optional[torch.Tensor]]
+              ) -> Tuple[torch.Tensor, str]:
+    """The mixtures ``attention`` [B, m, n] @ ``cells`` [n, c_o * c_i] in
+    ``layout`` (see :meth:`~mmdyn.ops.KWConv2d.mix_cells`).
+
+    Float32 CPU inference runs the product as :func:`small_rows_matmul` on
+    the packed cells (``packed()``), writing the layout directly; otherwise
+    ``torch.matmul``, then a rearranging copy. With ``reuse_buffer`` (in
+    inference) the result is written into this thread's reused
+    ``'kw_mixtures'`` workspace.
+
+    Returns:
+        tuple[Tensor, str]: the mixtures, and the product that made them
+        (``'c_loop'`` or ``'matmul'``).
+    """
+    batch = attention.shape[0]
+    g_s, g_o, g_i = kw_layout[:3]
+    shape = mixture_shape(batch, kw_layout, layout)
+    # Whether the layout is the cell product's own, row after row.
+    plain = layout == 'cells' or (g_i == 1 and (
+        layout == 'position_major' or g_s == 1))
+    c_loop = uses_c_cell_product(attention, cells)
+    rows_shape = (*attention.shape[:-1], cells.shape[1])
+    out = None
+    if reuse_buffer and not torch.is_grad_enabled() and (plain or c_loop):
+        out = kernel_workspace(math.prod(shape), attention.dtype,
+                               attention.device, 'kw_mixtures').view(shape)
+    if c_loop:
+        if out is None:
+            out = attention.new_empty(shape)
+        scatter, target = None, out
+        if plain:
+            target = out.view(rows_shape)
+        else:
+            scatter = mixture_scatter(batch, kw_layout, layout)
+        small_rows_matmul(attention, cells, target, packed_b=packed(),
+                          scatter=scatter)
+        return out, 'c_loop'
+    if plain:
+        return torch.matmul(
+            attention, cells,
+            out=None if out is None else out.view(rows_shape)).view(
+                shape), 'matmul'
+    mixtures = torch.matmul(attention, cells).view(-1, *kw_layout)
+    order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
+        (0, 2, 4, 1, 3, 5)
+    return mixtures.permute(order).reshape(shape), 'matmul'
+
+
+# --------------------------------------------------------------------------
+# The fast paths of KWConv2d (chosen by fast_paths.kernel_warehouse_path)
+# --------------------------------------------------------------------------
+def winograd_conv(layer, x: torch.Tensor, attention: torch.Tensor,
+                  fused: bool) -> torch.Tensor:
+    """Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2, 3x3), no
+    bias.
+
+    ``fused`` (every mixture a whole [C_out, C_in] kernel position and the
+    C loop running the cell product): the product writes the transformed
+    kernels ``G W_b G^T`` directly, each strip transformed while in the L1
+    cache, so the per-sample kernels are never stored. Otherwise they are
+    built from the mixtures.
+    """
+    if fused:
+        cells = layer._cell_rows()
+        packed = layer.warehouse_manager.packed_cells(layer.warehouse_id)
+        return chunked_winograd_conv2d(
+            x, layer.out_channels, layer.padding,
+            lambda start, stop, out: small_rows_matmul(
+                attention[start:stop], cells, out, packed_b=packed,
+                winograd=True).view(stop - start, 16, layer.out_channels,
+                                    layer.in_channels))
+    return winograd_block_conv2d(
+        x, layer.mix_cells(attention, reuse_buffer=True), layer.padding)
+
+
+def position_major_conv(layer, x: torch.Tensor,
+                        attention: torch.Tensor) -> torch.Tensor:
+    """The conv from the mixtures without the [C_out, C_in, kh, kw] kernel
+    layout (with the layer's bias).
+
+    Permuting the mixtures into that layout is a stride-``kh*kw``
+    transposition of the largest tensor of the layer (and again in the
+    backward). 1x1 layers: one batched matmul with the (strided) input. In
+    training the conv is ``sum_p mixtures[:, p] @ columns[:, :, p]``:
+    position-major mixtures [B, kh*kw, C_out, C_in] against the im2col
+    columns, kernel position by kernel position. In inference the cell
+    product writes the mixtures output-major, [B, C_out, kh*kw * C_in], and
+    the conv is one batched matmul with position-major columns (inner size
+    kh*kw * C_in; less time than nine accumulated ones at ResNet-50's stage
+    3-4 shapes, benchmarks/README.md).
+    """
+    g_s = layer._kw_layout[0]
+    h_out, w_out = layer.output_hw(*x.shape[-2:])
+    cast = (lambda t: t) if torch.is_autocast_enabled(x.device.type) \
+        else (lambda t: t.to(x.dtype))
+    if g_s == 1:  # 1x1: strided input, one batched matmul
+        if layer.padding != (0, 0):
+            x = F.pad(x, (layer.padding[1], ) * 2 + (layer.padding[0], ) * 2)
+        if layer.stride != (1, 1):
+            x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
+        mixtures = layer.mix_cells(attention, True, 'position_major')
+        out = torch.bmm(
+            cast(mixtures.view(-1, layer.out_channels, layer.in_channels)),
+            x.reshape(x.shape[0], layer.in_channels, -1))
+    elif not torch.is_grad_enabled():
+        kernels = layer.mix_cells(attention, True, 'output_major')
+        out = torch.bmm(
+            cast(kernels.reshape(x.shape[0], layer.out_channels, -1)),
+            position_major_columns(x, layer, h_out, w_out))
+    else:
+        mixtures = layer.mix_cells(attention, True, 'position_major')
+        # unbind, not indexing: its backward is one stack, where nine
+        # selects would each scatter into a zero tensor of full size.
+        columns = F.unfold(x, layer.kernel_size, layer.dilation,
+                           layer.padding, layer.stride).view(
+                               x.shape[0], layer.in_channels, g_s,
+                               -1).unbind(2)
+        parts = cast(mixtures).unbind(1)
+        out = torch.bmm(parts[0], columns[0])
+        for part, column in zip(parts[1:], columns[1:]):
+            out = torch.baddbmm(out, part, column)
+    out = out.view(-1, layer.out_channels, h_out, w_out)
+    if layer.bias is not None:
+        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def position_major_columns(x: torch.Tensor, conv, h_out: int,
+                           w_out: int) -> torch.Tensor:
+    """im2col with the kernel positions outermost: [B, kh*kw * C_in,
+    H' W'] (``F.unfold`` puts the channels outermost); ``conv`` gives the
+    kernel size, padding, stride and dilation."""
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    x = F.pad(x, (pw, pw, ph, ph))
+    views = [
+        x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh,
+          j * dw:j * dw + sw * (w_out - 1) + 1:sw] for i in range(kh)
+        for j in range(kw)
+    ]
+    return torch.stack(views, 1).view(x.shape[0], -1, h_out * w_out)
+
+
+def pointwise_conv(layer, x: torch.Tensor,
+                   kernel: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv with per-sample kernels [B, C_out, C_in, 1, 1] as one
+    batched matmul (with the layer's bias): faster than the grouped conv
+    for ResNet-50's 1x1 shapes on CPU, and its graph has no batch size
+    baked in (so it also serves export)."""
+    if layer.stride != (1, 1):
+        x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
+    batch, channels, height, width = x.shape
+    out = torch.bmm(
+        kernel.reshape(batch, layer.out_channels, channels),
+        x.reshape(batch, channels, height * width))
+    out = out.reshape(batch, layer.out_channels, height, width)
+    if layer.bias is not None:
+        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
     return out

@@ -26,19 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
-                   build_attention_norm, check_allocation, check_positive)
-from .per_sample_conv import (chunked_per_sample_conv2d, per_sample_conv2d,
-                              uses_chunked_kernels)
-from .winograd import uses_winograd, winograd_per_sample_conv2d
-
-
-def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Apply a 1x1 ``conv`` to pooled features [B, C] as a matmul.
-
-    The attention layers are stored as 1x1 convs (the official layout) but on
-    a 1x1 map a matmul is the same and avoids the conv call overhead.
-    """
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+                   build_attention_norm, check_allocation, check_positive,
+                   init_attention_weights, is_empty_batch, linear_1x1)
+from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
+from .fast_paths import (ODCONV_PATHS, PER_SAMPLE_IMPLS, check_impl,
+                         odconv_folds, odconv_path, odconv_scaled_columns)
+from .winograd import winograd_per_sample_conv2d
 
 
 def _repeat_positions(rows: int) -> Tuple[int, int]:
@@ -46,7 +39,7 @@ def _repeat_positions(rows: int) -> Tuple[int, int]:
 
     Broadcasting a [B, 1, P] factor over a [B, rows, P] view runs an inner
     loop of only P (9) elements; repeating the factor R times gives rows of
-    9R contiguous elements, about 2x faster on CPU. Returns (R, rows / R).
+    9R contiguous elements, faster on CPU. Returns (R, rows / R).
     """
     repeat = math.gcd(rows, 64)
     return repeat, rows // repeat
@@ -172,15 +165,7 @@ class ODAttention(nn.Module):
 
     def init_weights(self) -> None:
         """fan_out kaiming for the attention convs, zero biases, BN 1/0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(
-                    m.weight, mode='fan_out', nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_attention_weights(self)
 
     def forward(self, pooled: torch.Tensor, temperature: torch.Tensor):
         """Attentions for pooled features ``pooled`` [B, C_in].
@@ -190,17 +175,19 @@ class ODAttention(nn.Module):
             spatial [B, kh*kw] | None, kernel [B, K] | None)``; ``None`` is
             an attention that is the constant 1 for this layer.
         """
-        s = F.relu(self.bn(_linear(pooled, self.fc)))
-        channel = torch.sigmoid(_linear(s, self.channel_fc) / temperature)
+        s = F.relu(self.bn(linear_1x1(pooled, self.fc)))
+        channel = torch.sigmoid(
+            linear_1x1(s, self.channel_fc) / temperature)
         filt = spatial = kernel = None
         if not self.is_depthwise:
-            filt = torch.sigmoid(_linear(s, self.filter_fc) / temperature)
+            filt = torch.sigmoid(
+                linear_1x1(s, self.filter_fc) / temperature)
         if self.num_positions > 1:
             spatial = torch.sigmoid(
-                _linear(s, self.spatial_fc) / temperature)
+                linear_1x1(s, self.spatial_fc) / temperature)
         if self.kernel_num > 1:
             kernel = torch.softmax(
-                _linear(s, self.kernel_fc) / temperature, dim=1)
+                linear_1x1(s, self.kernel_fc) / temperature, dim=1)
         return channel, filt, spatial, kernel
 
 
@@ -242,9 +229,12 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         attention_norm (str): Norm after the first attention layer:
             ``'bn_batch1'`` (official BN, also trainable at batch size 1),
             ``'bn'``, ``'ln'`` or ``'none'``. Default: ``'bn_batch1'``.
-        impl (str): Per-sample conv implementation, see
-            :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`.
-            Default: ``'auto'``.
+        impl (str): ``'auto'`` (the fastest path for the input),
+            ``'reference'`` (the paper's forward), a path of
+            :data:`~mmdyn.ops.fast_paths.ODCONV_PATHS`, or a per-sample conv
+            of :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`
+            (``'loop'``, ``'grouped'``, ``'unfold'``: the reference forward
+            with it). See :mod:`mmdyn.ops.fast_paths`. Default: ``'auto'``.
         **kwargs: ``padding_mode='zeros'``, as ``nn.Conv2d``.
     """
 
@@ -272,7 +262,9 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         check_positive(min_channels, 'min_channels')
         self.kernel_num = kernel_num
         self.reduction = reduction
-        self.impl = impl
+        self.impl = check_impl(impl, ODCONV_PATHS)
+        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.last_path = None
         self.init_temperature(1.0)
         kh, kw = self.kernel_size
         check_allocation(
@@ -386,41 +378,111 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         return scale.to(self.weight.dtype)
 
     def fold_attentions(self, input_hw: Tuple[int, int]) -> bool:
-        """Whether ``alpha_c``/``alpha_f`` go into the kernel rather than
-        onto the feature maps: when the kernel is the smaller tensor (early,
-        high-resolution layers and depthwise convs)."""
-        h, w = input_hw
-        h_out, w_out = self.output_hw(h, w)
-        numel_w = self.weight[0].numel()
-        return 2 * numel_w < (self.in_channels * h * w +
-                              self.out_channels * h_out * w_out)
+        """Whether ``alpha_c``/``alpha_f`` are cheaper folded into the
+        kernel than applied to the feature maps (path ``'folded'``; see
+        :func:`~mmdyn.ops.fast_paths.odconv_folds`)."""
+        return odconv_folds(self, input_hw)
 
     def use_scaled_columns(self, input_hw: Tuple[int, int]) -> bool:
-        """Whether to run a ``K == 1`` layer as one GEMM of the static kernel
-        with im2col columns scaled by ``alpha_s`` (and ``alpha_c``).
+        """Whether this one-kernel layer pays to run as the static kernel
+        times scaled im2col columns (path ``'scaled_columns'``; see
+        :func:`~mmdyn.ops.fast_paths.odconv_scaled_columns`)."""
+        return odconv_scaled_columns(self, input_hw)
 
-        With one kernel, ``conv(x_b, alpha_s[b] * W)`` scales kernel
-        position ``p`` for sample ``b``, which is the same as scaling the
-        columns of position ``p``; this avoids materialising a
-        per-sample kernel and is cheaper when the kernel is larger than
-        the columns (deep layers: ``C_out >= 2 * H_out * W_out``).
-        """
-        if self.kernel_num != 1 or self.groups != 1 or \
-                self.attention.num_positions == 1:
-            return False
-        h_out, w_out = self.output_hw(*input_hw)
-        # Measured on CPU (benchmarks/README.md): 1.3x of nn.Conv2d instead
-        # of ~6x at 512 channels 7x7; no clear gain when the two are close.
-        return self.out_channels >= 2 * h_out * w_out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reference`'s result by the path that
+        :func:`~mmdyn.ops.fast_paths.odconv_path` chooses (recorded in
+        :attr:`last_path`)."""
+        self.check_input(x)
+        if is_empty_batch(x):
+            self.last_path = 'empty'
+            return self.empty_output(x)
+        channel, filt, spatial, kernel = self.attentions(x)
+        path = self.last_path = odconv_path(
+            self, x, spatial is not None or kernel is not None)
+        if path == 'reference':
+            return self._forward_reference(x, channel, filt, spatial, kernel)
+        if path == 'folded':  # filter attention and bias in the kernel conv
+            return self._forward_folded(x, channel, filt, spatial, kernel)
+        if path == 'scaled_columns':
+            out = self._forward_scaled_columns(x, channel, spatial)
+            return self._filter_and_bias(out, filt)
+        x = x * channel[:, :, None, None]
+        if path == 'winograd':
+            out = winograd_per_sample_conv2d(x, self.weight, kernel, spatial,
+                                             self.padding)
+        else:  # 'chunked'
+            out = self._forward_chunked(x, spatial, kernel)
+        return self._filter_and_bias(out, filt)
 
-    def _scaled_columns_conv(self, x, channel, spatial):
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's forward: the four attentions, the per-sample kernel
+        ``W_b = sum_i alpha_w[b, i] * (alpha_s[b] * W_i)``, then
+        ``alpha_f[b] * conv(alpha_c[b] * x_b, W_b)`` (+ bias)."""
+        self.check_input(x)
+        if is_empty_batch(x):
+            return self.empty_output(x)
+        return self._forward_reference(x, *self.attentions(x))
+
+    def _forward_reference(self, x, channel, filt, spatial, kernel):
+        weight = self.aggregate_weight(spatial, kernel)
+        x = x * channel[:, :, None, None]
+        if weight.shape[0] == 1:  # nothing depends on the sample
+            out = F.conv2d(x, weight[0], None, self.stride, self.padding,
+                           self.dilation, self.groups)
+        else:
+            out = per_sample_conv2d(x, weight, None, self.stride,
+                                    self.padding, self.dilation, self.groups,
+                                    self._per_sample_impl)
+        return self._filter_and_bias(out, filt)
+
+    def _filter_and_bias(self, out: torch.Tensor,
+                         filt: Optional[torch.Tensor]) -> torch.Tensor:
+        """``alpha_f * out + bias``."""
+        if filt is not None:
+            scale = filt[:, :, None, None].to(out.dtype)
+            out = out * scale if torch.is_grad_enabled() else out.mul_(scale)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+        return out
+
+    @property
+    def _per_sample_impl(self) -> str:
+        return self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
+
+    # Fast paths: the reference's result, faster for some shapes on CPU
+    # (chosen by mmdyn.ops.fast_paths.odconv_path).
+
+    def _forward_folded(self, x, channel, filt, spatial, kernel):
+        """``alpha_c`` and ``alpha_f`` folded into the per-sample kernel
+        (the smaller tensor on high-resolution maps)."""
+        weight = self.aggregate_weight(spatial, kernel, channel, filt)
+        return per_sample_conv2d(x, weight, self.bias, self.stride,
+                                 self.padding, self.dilation, self.groups,
+                                 self._per_sample_impl)
+
+    def _forward_chunked(self, x, spatial, kernel):
+        """Kernels built a chunk of samples at a time into the reused
+        workspace, then batch-1 convs (inference)."""
+        return chunked_per_sample_conv2d(
+            x, lambda start, stop, buffer: self._mix_into(
+                spatial, kernel, start, stop, buffer),
+            self.weight.shape[1:], self.weight.dtype, self.stride,
+            self.padding, self.dilation, self.groups)
+
+    def _forward_scaled_columns(self, x, channel, spatial):
+        """One kernel: ``conv(alpha_c[b] * x_b, alpha_s[b] * W)`` scales
+        input channel ``c`` and kernel position ``p`` of sample ``b``, which
+        is scaling the im2col columns of (c, p): one GEMM of the static
+        kernel, no per-sample kernel (cheaper when the kernel is larger than
+        the columns)."""
         h_out, w_out = self.output_hw(int(x.shape[2]), int(x.shape[3]))
         positions = self.attention.num_positions
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding,
                         self.stride)  # [B, C_in * P, L]
-        scale = (channel[:, :, None] * spatial[:, None, :]).to(cols.dtype)
         # -1 for the batch: no batch size baked into an exported graph.
         cols = cols.view(-1, self.in_channels, positions, h_out * w_out)
+        scale = (channel[:, :, None] * spatial[:, None, :]).to(cols.dtype)
         scale = scale.unsqueeze(-1)
         cols = cols * scale if torch.is_grad_enabled() else cols.mul_(scale)
         kernel = self.weight.view(self.out_channels, -1)
@@ -429,57 +491,9 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             cols.view(-1, self.in_channels * positions, h_out * w_out))
         return out.view(-1, self.out_channels, h_out, w_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if x.shape[0] == 0:
-            return self.empty_output(x)
-        channel, filt, spatial, kernel = self.attentions(x)
-        if self.is_pointwise_1x:
-            out = F.conv2d(x * channel[:, :, None, None], self.weight[0],
-                           None, self.stride, self.padding, self.dilation,
-                           self.groups)
-        elif self.use_scaled_columns(x.shape[-2:]):
-            out = self._scaled_columns_conv(x, channel, spatial)
-        elif uses_winograd(x, self):
-            out = winograd_per_sample_conv2d(
-                x * channel[:, :, None, None], self.weight, kernel, spatial,
-                self.padding)
-        elif self.fold_attentions(x.shape[-2:]):
-            weight = self.aggregate_weight(spatial, kernel, channel, filt)
-            out = per_sample_conv2d(x, weight, self.bias, self.stride,
-                                    self.padding, self.dilation,
-                                    self.groups, self.impl)
-            return out
-        elif (spatial is not None or kernel is not None) and \
-                uses_chunked_kernels(x, self.weight[0].numel(),
-                                     self.out_channels,
-                                     self.output_hw(*x.shape[-2:]),
-                                     self.impl):
-            out = chunked_per_sample_conv2d(
-                x * channel[:, :, None, None],
-                lambda start, stop, buffer: self._mix_into(
-                    spatial, kernel, start, stop, buffer),
-                self.weight.shape[1:], self.weight.dtype, self.stride,
-                self.padding, self.dilation, self.groups)
-        else:
-            weight = self.aggregate_weight(spatial, kernel)
-            x = x * channel[:, :, None, None]
-            if weight.shape[0] == 1:
-                out = F.conv2d(x, weight[0], None, self.stride, self.padding,
-                               self.dilation, self.groups)
-            else:
-                out = per_sample_conv2d(x, weight, None, self.stride,
-                                        self.padding, self.dilation,
-                                        self.groups, self.impl)
-        if filt is not None:
-            scale = filt[:, :, None, None].to(out.dtype)
-            out = out * scale if torch.is_grad_enabled() else out.mul_(scale)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
-        return out
-
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
-        """Multiply-adds per sample for an ``input_hw`` input (spec 5.1).
+        """Multiply-adds per sample for an ``input_hw`` input, in the
+        convention of :mod:`mmdyn.analysis.flops`.
 
         ``conv``: one conv with the per-sample kernel; ``att``: the attention
         layers; ``agg``: building the kernel (``K * numel(W)``, ``numel(W)``

@@ -26,12 +26,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .fast_paths import graph_capture, uses_chunked_kernels  # noqa: F401
+
 PER_SAMPLE_CONV_IMPLS = ('auto', 'loop', 'grouped', 'unfold')
-
-
-def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() if hasattr(
-        torch.onnx, 'is_in_onnx_export') else False
 
 
 def per_sample_conv2d(x: torch.Tensor,
@@ -70,42 +67,21 @@ def per_sample_conv2d(x: torch.Tensor,
 
 def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     """The implementation ``'auto'`` uses for these shapes and this device."""
-    if _is_exporting() or torch.jit.is_tracing():
+    if graph_capture():
         return 'unfold'
     if x.shape[0] == 1:
         return 'loop'  # a single plain conv
     # Measured (benchmarks/README.md): on CPU (oneDNN) the grouped conv is
-    # within ~1.1-1.2x of a static conv of the same shape in the forward pass
-    # while the loop of batch-1 convs is 2-7x; on CUDA the grouped conv is
-    # the official choice. But oneDNN's backward of a batch-as-groups conv
-    # with a per-sample weight is pathological on CPU (a KW ResNet-18 step at
-    # batch 32, 64 px: 36 of 47 s in 17 such backward calls), so a CPU
-    # graph that needs gradients takes the loop.
+    # close to a static conv of the same shape in the forward pass while the
+    # loop of batch-1 convs is several times slower; on CUDA the grouped
+    # conv is the official choice. But oneDNN's backward of a
+    # batch-as-groups conv with a per-sample weight is pathological on CPU
+    # (most of a KW ResNet-18 training step), so a CPU graph that needs
+    # gradients takes the loop.
     if not x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or
                                                       weight.requires_grad):
         return 'loop'
     return 'grouped'
-
-
-def uses_chunked_kernels(x: torch.Tensor, kernel_numel: int,
-                         out_channels: int, out_hw: Tuple[int, int],
-                         impl: str = 'auto') -> bool:
-    """Whether ``'auto'`` runs :func:`chunked_per_sample_conv2d`.
-
-    True for CPU inference (no autograd graph) of a batch when one sample's
-    kernel has more than twice the elements of that sample's input and
-    output maps (ResNet stage 3 and 4 shapes), where the per-sample kernels
-    cost more than the feature maps. At 128 -> 128, 28x28 the batched
-    grouped conv stays faster (1.12x vs 1.40x of ``nn.Conv2d``,
-    benchmarks/README.md).
-    """
-    if impl != 'auto' or x.device.type != 'cpu' or x.shape[0] == 1:
-        return False
-    if torch.is_grad_enabled() or _is_exporting() or torch.jit.is_tracing():
-        return False
-    c_in, h, w = x.shape[1:]
-    features = c_in * h * w + out_channels * out_hw[0] * out_hw[1]
-    return kernel_numel > 2 * features
 
 
 #: Size of the per-thread block that :func:`chunked_per_sample_conv2d`
@@ -128,9 +104,7 @@ def kernel_workspace(numel: int, dtype: torch.dtype,
     with glibc's default thresholds, a new mmap paid in page faults on
     every call. Kept, its pages stay mapped. Building the whole batch's
     kernels at once, then convolving, also beats building one sample's
-    kernel per conv (ResNet-50 stage 3, batch 8, interleaved A/B,
-    benchmarks/README.md): DyConv K=4 1.52x -> 1.40x of ``nn.Conv2d`` at 1
-    thread, 1.77x -> 1.56x at 2 threads.
+    kernel per conv (benchmarks/README.md).
     """
     cache = getattr(_workspaces, 'blocks', None)
     if cache is None:
@@ -165,8 +139,8 @@ def chunked_per_sample_conv2d(
     (``out=``) and return, or None when ``dtype`` is None (a ``kernels_fn``
     that allocates its own). The chunk is the whole batch when its kernels
     fit in :data:`KERNEL_WORKSPACE_BYTES`. Each sample is then one batch-1
-    ``F.conv2d`` (on this CPU faster than the batch-as-groups conv of the
-    same kernels). No bias: callers add theirs. Inference only (the
+    ``F.conv2d`` (on CPU faster than the batch-as-groups conv of the same
+    kernels, benchmarks/README.md). No bias: callers add theirs. Inference only (the
     workspace is overwritten by the next call): callers use it under
     :func:`uses_chunked_kernels`.
     """

@@ -2,7 +2,7 @@
 
 The CPU inference path of the mixture-of-kernels layers (DyConv, CondConv,
 ODConv) on deep 3x3 stride-1 layers. There, every sample has its own kernel
-and oneDNN's batch-1 convolutions cost 1.1-1.5x one batch conv of the same
+and oneDNN's batch-1 convolutions cost more than one batch conv of the same
 shape (benchmarks/README.md); no batched oneDNN primitive takes per-sample
 kernels. In the Winograd domain the per-sample kernels are no obstacle: a
 2x2 output tile of a 3x3 conv is ::
@@ -22,18 +22,16 @@ The per-sample kernel of these layers is ``W_b = s_b * sum_k a_bk W_k``
 (``a`` the kernel attention or routing weights, ``s`` ODConv's spatial
 attention over the 9 kernel positions). Building ``U_b`` from it is a pass
 over ``16/9`` times the kernel's size; as PyTorch ops (einsum + matmul with
-an inner dimension of 9) it costs 0.3-0.8x of the whole static conv, so it
-is one fused C loop (:data:`_SOURCE`, built by
+an inner dimension of 9) it costs a large part of the whole static conv, so
+it is one fused C loop (:data:`_SOURCE`, built by
 :class:`~mmdyn.ops.c_library.CLibrary`) that reads the kernel bank in its
 own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
 
-Numbers (benchmarks/README.md, 2-core AVX2 CPU): ResNet-50 stage 3 (256 ->
-256, 14x14), batch 8, eval, 2 threads, time relative to ``nn.Conv2d`` of the
-same shape, batch-1 convs -> Winograd -> with the feature-map transforms
-in C as well: ODConv 1x 1.41x -> 1.06x -> 1.00x, ODConv 4x 1.51x -> 1.13x
--> 1.01x, DyConv K=4 1.46x -> 1.10x -> 0.99x. KernelWarehouse's cell
-product writes its transformed kernels directly, or they are built from its
-mixtures (:func:`winograd_block_conv2d`).
+The speed of this path against batch-1 convs and ``nn.Conv2d`` is measured
+in benchmarks/README.md. KernelWarehouse's cell product writes its
+transformed kernels directly, or they are built from its mixtures
+(:func:`winograd_block_conv2d`). Which layers take the path:
+:func:`~mmdyn.ops.fast_paths.uses_winograd`.
 
 Results differ from the direct conv by float32 rounding of the transforms
 (relative error ~1e-6). ``MMDYN_WINOGRAD=0`` turns the path off;
@@ -49,18 +47,9 @@ from typing import Optional, Tuple
 import torch
 
 from .c_library import CLibrary, check_float32_cpu, num_threads, ptr
-from .per_sample_conv import (KERNEL_WORKSPACE_BYTES, _is_exporting,
-                              kernel_workspace)
+from .fast_paths import uses_winograd
+from .per_sample_conv import KERNEL_WORKSPACE_BYTES, kernel_workspace
 
-#: Smallest ``min(C_in, C_out)`` that takes the Winograd path: with few
-#: channels the input/output transforms, which move feature maps, outweigh
-#: the matmul (64 -> 64 at 56x56: 1.30x of ``nn.Conv2d`` with the kernels
-#: given, against 1.09x for the batch-1 convs).
-WINOGRAD_MIN_CHANNELS = 128
-#: Smallest number of 2x2 output tiles per sample: the kernel transform is
-#: paid once per sample, the matmul once per tile (512 -> 512 at 7x7, 16
-#: tiles: 1.05x with the kernels given, plus a transform of a 9 MB kernel).
-WINOGRAD_MIN_TILES = 36
 #: Environment variable; ``0`` disables the Winograd path.
 WINOGRAD_SWITCH = 'MMDYN_WINOGRAD'
 
@@ -337,35 +326,6 @@ def _kernels_out(out: Optional[torch.Tensor], shape: Tuple[int, ...],
     return out.view(shape)
 
 
-def uses_winograd(x: torch.Tensor, conv) -> bool:
-    """Whether the dynamic conv layer ``conv`` runs ``x`` through the
-    Winograd path (:func:`winograd_per_sample_conv2d` or
-    :func:`winograd_block_conv2d`).
-
-    ``conv`` has ``nn.Conv2d``'s attributes (``out_channels``,
-    ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``) and
-    ``impl``. True for CPU float32 inference (no autograd graph, no
-    autocast, no tracing or export) of a batch of two or more through a
-    3x3, stride 1, dilation 1, ``groups=1`` layer with ``impl='auto'``, at
-    least :data:`WINOGRAD_MIN_CHANNELS` input and output channels and
-    :data:`WINOGRAD_MIN_TILES` output tiles, when the C loop is available.
-    """
-    if conv.impl != 'auto' or x.device.type != 'cpu' or \
-            x.dtype != torch.float32:
-        return False
-    if x.shape[0] < 2 or torch.is_grad_enabled() or _is_exporting() or \
-            torch.jit.is_tracing() or torch.is_autocast_enabled('cpu'):
-        return False
-    if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or \
-            tuple(conv.dilation) != (1, 1) or conv.groups != 1:
-        return False
-    if min(x.shape[1], conv.out_channels) < WINOGRAD_MIN_CHANNELS:
-        return False
-    if num_tiles(_output_hw(x, conv.padding)) < WINOGRAD_MIN_TILES:
-        return False
-    return load() is not None
-
-
 def _check_bank(bank, mix, spatial):
     if bank.dim() != 5 or tuple(bank.shape[3:]) != (3, 3):
         raise ValueError('bank must be [K, C_out, C_in, 3, 3], got '
@@ -440,9 +400,7 @@ def winograd_kernels(bank: torch.Tensor,
 
 def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     """``V = B^T d B`` of every 4x4 input tile (stride 2) by the C loop: one
-    pass over ``x``, writing V once. As PyTorch ops (eight passes) the input
-    and output transforms took 8.7 ms at ResNet-50's stage 2 (128 channels,
-    28x28, batch 8), 4.1 ms at stage 3; the C loops 3.6 and 2.2 ms.
+    pass over ``x``, writing V once (as PyTorch ops: eight passes).
 
     Returns:
         tuple: V [B, 16, C, tiles] and the tile grid (tiles_h, tiles_w).
@@ -584,7 +542,7 @@ def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
 
 
 __all__ = [
-    'WINOGRAD_MIN_CHANNELS', 'WINOGRAD_MIN_TILES', 'WINOGRAD_SWITCH', 'load',
+    'WINOGRAD_SWITCH', 'load',
     'num_tiles', 'uses_winograd', 'winograd_kernels',
     'winograd_kernels_reference', 'winograd_kernels_from_blocks',
     'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d',

@@ -262,6 +262,7 @@ def test_chunked_inference_path_matches_reference(cls, bias):
         assert uses_chunked_kernels(x, layer.weight[0].numel(), 24, (4, 5))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+        assert layer.last_path == 'chunked'
 
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
@@ -274,6 +275,7 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
     x = torch.randn(3, layer.in_channels, 4, 5, requires_grad=True)
     assert layer.conv_then_mix(x)
     out = layer(x)
+    assert layer.last_path == 'conv_then_mix'
     x_ref = x.detach().clone().requires_grad_()
     ref = reference_forward(layer, x_ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -292,23 +294,33 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
         assert not layer.conv_then_mix(x)
     layer.impl = 'loop'
     assert not layer.conv_then_mix(x)
+    # Forced by impl on a map where 'auto' would not take it.
+    layer.impl = 'conv_then_mix'
+    big = torch.randn(2, layer.in_channels, 12, 12)
+    torch.testing.assert_close(layer(big), reference_forward(layer, big),
+                               rtol=1e-4, atol=1e-5)
+    assert layer.last_path == 'conv_then_mix'
 
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(small_winograd,
-                                                    spy_calls, cls, bias):
+def test_winograd_inference_path_matches_reference(small_winograd, cls,
+                                                    bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the
     routing weights (thresholds lowered so that a small layer takes it;
     odd output size: cropped tiles)."""
-    from mmdyn.ops import dyconv
-    calls = spy_calls(dyconv, 'winograd_per_sample_conv2d')
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
-    assert calls == ['winograd_per_sample_conv2d']
+    assert layer.last_path == 'winograd'
+    # The same path forced with the default thresholds.
+    layer.impl = 'winograd'
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert layer.last_path == 'winograd'
 
 
 def test_winograd_at_resnet_stage3_size():

@@ -26,6 +26,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def c_loop_always(monkeypatch):
+    """The C cell product for every width (its threshold in the public
+    dispatch table lowered), so that small layers take it."""
+    from mmdyn.ops.fast_paths import THRESHOLDS
+    monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
+                        1)
+
+
 def _set_tau(module, tau):
     for m in module.modules():
         if isinstance(m, (KWConv2d, KWLinear)):
@@ -400,12 +409,10 @@ def test_errors():
 
 
 @pytest.mark.parametrize('kernel_size', [3, 1])
-def test_chunked_inference_path_matches_reference(spy_calls, kernel_size):
+def test_chunked_inference_path_matches_reference(kernel_size):
     """Deep grouped layers in CPU inference (the position-major path takes
     groups == 1) build the kernels into the reused workspace, then one
     batch-1 conv per sample."""
-    from mmdyn.ops import kernel_warehouse as kw
-    calls = spy_calls(kw, 'chunked_per_sample_conv2d')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True, groups=2))],
                cell_num_ratio=1, cell_inplane_ratio=0.5).double().eval()
@@ -418,14 +425,14 @@ def test_chunked_inference_path_matches_reference(spy_calls, kernel_size):
         assert not layer.uses_position_major(x)
         torch.testing.assert_close(
             layer(x), _reference_conv(layer, x, 0.0), rtol=1e-9, atol=1e-9)
-    assert calls == ['chunked_per_sample_conv2d']
+    assert layer.last_path == 'chunked'
 
 
 @pytest.mark.parametrize('kernel_size,stride,padding,dilation', [
     (3, 1, 1, 1), (3, 2, 2, 2), ((3, 1), 1, (1, 0), 1), (1, 2, 1, 1),
     (1, 1, 0, 1)])
 @pytest.mark.parametrize('inplane', [1, 0.5])
-def test_position_major_path_matches_reference(monkeypatch, kernel_size,
+def test_position_major_path_matches_reference(request, kernel_size,
                                                stride, padding, dilation,
                                                inplane):
     """Deep CPU layers convolve from the position-major mixtures; forward
@@ -446,6 +453,7 @@ def test_position_major_path_matches_reference(monkeypatch, kernel_size,
     x = torch.randn(3, 16, *hw, dtype=torch.float64, requires_grad=True)
     assert layer.uses_position_major(x)
     out = layer(x)
+    assert layer.last_path == 'position_major'
     x_ref = x.detach().clone().requires_grad_()
     ref = _reference_conv(layer, x_ref, 0.4)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
@@ -458,23 +466,35 @@ def test_position_major_path_matches_reference(monkeypatch, kernel_size,
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
     # Inference: output-major mixtures against position-major columns (one
     # matmul), by torch.matmul in float64, then by the C loop in float32.
-    from mmdyn.ops import kernel_warehouse_cpu
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
-        monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
+        assert layer.last_mixture_product == 'matmul'
+        request.getfixturevalue('c_loop_always')
         net.float()
         torch.testing.assert_close(layer(x.float()), ref.float(), rtol=1e-4,
                                    atol=1e-4)
+        assert layer.last_path == 'position_major'
+        assert layer.last_mixture_product == 'c_loop'
     layer.impl = 'loop'
     assert not layer.uses_position_major(x)
+    # Forced on a layer whose maps outweigh its kernel.
+    layer.impl = 'position_major'
+    big = x.detach()[:, :, :1].float().repeat(1, 1, 12, 12)
+    with torch.no_grad():
+        layer.impl = 'reference'
+        want = layer(big)
+        assert layer.last_path == 'reference'
+        layer.impl = 'position_major'
+        torch.testing.assert_close(layer(big), want, rtol=1e-4, atol=1e-4)
+        assert layer.last_path == 'position_major'
 
 
 @pytest.mark.parametrize('inplane,outplane', [(1, 1), (0.5, 0.5)])
 @pytest.mark.parametrize('kernel_size,path', [(3, 'winograd'),
                                               (3, 'position_major'),
                                               (1, 'position_major')])
-def test_float32_inference_paths_match_reference(request, monkeypatch,
-                                                 spy_calls, inplane, outplane,
+def test_float32_inference_paths_match_reference(request, c_loop_always,
+                                                 inplane, outplane,
                                                  kernel_size, path):
     """Float32 CPU inference: Winograd F(2x2, 3x3) (3x3 stride 1) with the
     transformed kernels written by the C cell product (whole-position
@@ -482,14 +502,8 @@ def test_float32_inference_paths_match_reference(request, monkeypatch,
     channels), or the position-major conv from mixtures the C loop wrote
     into the reused buffer; against the float64 naive reference.
     Thresholds lowered so that small layers take these paths."""
-    from mmdyn.ops import kernel_warehouse as kw
-    from mmdyn.ops import kernel_warehouse_cpu
-    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
     if path == 'winograd':
         request.getfixturevalue('small_winograd')
-    calls = spy_calls(kw, 'small_rows_matmul')
-    block_calls = spy_calls(kw, 'winograd_block_conv2d')
-    fused_calls = spy_calls(kw, 'chunked_winograd_conv2d')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True))],
                cell_num_ratio=1, cell_inplane_ratio=inplane,
@@ -506,10 +520,11 @@ def test_float32_inference_paths_match_reference(request, monkeypatch,
         out = layer(x)
         expected = _reference_conv(net.double().layers[0], x.double(), 0.0)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
-    assert calls == ['small_rows_matmul']
     fused = path == 'winograd' and inplane == outplane == 1
-    assert bool(fused_calls) == fused
-    assert bool(block_calls) == (path == 'winograd' and not fused)
+    # The fused path writes the transformed kernels in the C product; the
+    # others take the mixtures from it.
+    assert layer.last_path == ('winograd_fused' if fused else path)
+    assert layer.last_mixture_product == 'c_loop' or fused
 
 
 def test_reused_mixtures_buffer_only_in_inference():
@@ -531,16 +546,13 @@ def test_reused_mixtures_buffer_only_in_inference():
     assert with_grad.data_ptr() != second.data_ptr()
 
 
-def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
+def test_packed_cells_cache_follows_the_cells(monkeypatch, c_loop_always):
     """Float32 CPU inference cuts each warehouse into strips once for all
     its layers; an in-place update of the cells (an optimiser step),
     load_state_dict or a write through .data re-cuts it, train() and dtype
-    moves drop it, MMDYN_KW_PACKED_CELLS=0 turns it off. Outputs against the float64 naive reference each
+    moves drop it, MMDYN_KW_PACKED_CELLS=0 turns it off (the manager
+    counts its builds). Outputs against the float64 naive reference each
     time."""
-    from mmdyn.ops import kernel_warehouse as kw
-    from mmdyn.ops import kernel_warehouse_cpu
-    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
-    packs = spy_calls(kw, 'pack_columns')
     specs = [('stage0_layer0_conv0', (16, 32, 1), {}),
              ('stage0_layer1_conv0', (32, 16, 1), {})]
     net = _Net(specs, cell_num_ratio=1, cell_inplane_ratio=0.5).eval()
@@ -559,34 +571,35 @@ def test_packed_cells_cache_follows_the_cells(monkeypatch, spy_calls):
 
     check()
     check()
-    assert packs == ['pack_columns']  # one warehouse, both layers, twice
+    assert manager.packed.builds == 1  # one warehouse, both layers, twice
+    assert net.layers[0].last_mixture_product == 'c_loop'
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
     net.train()
-    assert manager._packed == {}
+    assert len(manager.packed) == 0
     net.layers[1](net.layers[0](x)).square().sum().backward()
     optimizer.step()
     net.eval()
     check()
-    assert len(packs) == 2
+    assert manager.packed.builds == 2
     other = _Net(specs, cell_num_ratio=1, cell_inplane_ratio=0.5)
     net.load_state_dict(other.state_dict())
     check()
-    assert len(packs) == 3
+    assert manager.packed.builds == 3
     # A write through .data (mmengine's EMA swap) leaves the version counter
     # alone: the sampled values catch it.
     manager.weights[0].data.mul_(-1.5)
     check()
-    assert len(packs) == 4
+    assert manager.packed.builds == 4
     net.double()  # moves drop the copy
-    assert manager._packed == {}
+    assert len(manager.packed) == 0
     net.float()
     check()
-    assert len(packs) == 5
+    assert manager.packed.builds == 5
     monkeypatch.setenv('MMDYN_KW_PACKED_CELLS', '0')
     with torch.no_grad():
         assert manager.packed_cells(0) is None
     check()
-    assert len(packs) == 5
+    assert manager.packed.builds == 5
 
 
 @pytest.mark.parametrize('c_path', [False, True])
@@ -598,8 +611,8 @@ def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane,
     """mix_cells' 'position_major' and 'output_major' layouts, written
     directly by the C loop (Scatter) or rearranged from torch.matmul,
     against the naive kernel permuted by torch."""
-    from mmdyn.ops import kernel_warehouse_cpu
-    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS',
+    from mmdyn.ops.fast_paths import THRESHOLDS
+    monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1 if c_path else 1 << 30)
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size), {})],
                cell_num_ratio=1, cell_inplane_ratio=inplane,
@@ -615,6 +628,8 @@ def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane,
     with torch.no_grad():
         for layout, want in expected.items():
             got = layer.mix_cells(att, reuse_buffer=True, layout=layout)
+            assert layer.last_mixture_product == ('c_loop' if c_path else
+                                                  'matmul')
             assert tuple(got.shape) == tuple(want.shape)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='layout'):

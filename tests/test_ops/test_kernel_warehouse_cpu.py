@@ -8,6 +8,17 @@ from mmdyn.ops.kernel_warehouse_cpu import (STRIP, Scatter, pack_columns,
                                             uses_small_rows_matmul)
 
 
+@pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
+def c_threads(request):
+    """Run a C-loop test on one and on two OpenMP threads (the loops split
+    work of more than 4096 elements per thread, so the larger cases really
+    use both)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize('rows,inner,cols', [
     (72, 138, 4096),  # ResNet-50 shapes: multiples of the 4x24 tile
     (32, 47, 5000),   # a partial last strip of columns
@@ -15,7 +26,7 @@ from mmdyn.ops.kernel_warehouse_cpu import (STRIP, Scatter, pack_columns,
     (3, 1, 17),       # fewer columns than one strip, inner size 1
     (1, 300, 24),
 ])
-def test_matches_torch_matmul(rows, inner, cols):
+def test_matches_torch_matmul(rows, inner, cols, c_threads):
     a = torch.randn(rows, inner)
     b = torch.randn(inner, cols)
     torch.testing.assert_close(small_rows_matmul(a, b), a @ b, rtol=1e-5,
@@ -59,7 +70,7 @@ def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
 
 @pytest.mark.parametrize('rows,inner,cols', [(72, 47, 4096), (9, 5, 100),
                                              (4, 3, 17)])
-def test_packed_columns(rows, inner, cols):
+def test_packed_columns(rows, inner, cols, c_threads):
     """Columns cut into strips once (pack_columns) give the same product;
     the strips hold b's columns, zero-padded."""
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
@@ -81,7 +92,8 @@ def test_packed_columns(rows, inner, cols):
 @pytest.mark.parametrize('packed', [False, True])
 @pytest.mark.parametrize('g_o,g_i,c_o,c_i', [(2, 3, 5, 8), (1, 4, 2, 30),
                                              (3, 2, 4, 24)])
-def test_scatter_writes_cells_into_kernel_blocks(packed, g_o, g_i, c_o, c_i):
+def test_scatter_writes_cells_into_kernel_blocks(packed, g_o, g_i, c_o, c_i,
+                                                 c_threads):
     """Row (b, o, i) of the product is a [c_o, c_i] cell; scattered, it
     lands in block (o, i) of sample b's [g_o c_o, g_i c_i] kernel: against
     the same product permuted by torch."""
@@ -126,7 +138,8 @@ def test_scatter_bounds_are_checked():
 @pytest.mark.parametrize('packed', [False, True])
 @pytest.mark.parametrize('batch,inner,cols', [(8, 47, 4096), (3, 5, 100),
                                               (1, 7, 24)])
-def test_winograd_transform_of_the_product(packed, batch, inner, cols):
+def test_winograd_transform_of_the_product(packed, batch, inner, cols,
+                                           c_threads):
     """winograd=True: the nine rows of each sample are a 3x3 kernel per
     column; out holds G w G^T of each, against the product transformed with
     F(2x2, 3x3)'s G by torch (partial panels of rows, partial strips)."""

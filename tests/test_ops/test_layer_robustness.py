@@ -156,8 +156,9 @@ def test_channels_last_model_and_input_equal_contiguous(name, train):
 @pytest.mark.parametrize('name', ['odconv_k4', 'dyconv', 'kwconv'])
 def test_channels_last_on_the_fast_inference_paths(name, small_winograd,
                                                    monkeypatch):
-    from mmdyn.ops import kernel_warehouse_cpu
-    monkeypatch.setattr(kernel_warehouse_cpu, 'MIN_COLUMNS', 1)
+    from mmdyn.ops.fast_paths import THRESHOLDS
+    monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
+                        1)
     make, shape, _ = LAYERS[name]
     layer = make().eval()
     converted = copy.deepcopy(layer).to(memory_format=torch.channels_last)

@@ -89,16 +89,20 @@ def reference_forward(layer, x):
 @pytest.mark.parametrize('name', list(CASES))
 @pytest.mark.parametrize('fold', [True, False])
 def test_forward_matches_reference(name, fold):
-    """Both ways of applying alpha_c/alpha_f (on the feature maps or
-    folded into the per-sample kernel), with and without autograd."""
-    layer = randomise(build(CASES[name]))
-    layer.fold_attentions = lambda input_hw: fold
-    layer.use_scaled_columns = lambda input_hw: False
+    """Both ways of applying alpha_c/alpha_f (on the feature maps: the
+    reference path, or folded into the per-sample kernel), with and
+    without autograd, selected by impl."""
+    path = 'folded' if fold else 'reference'
+    layer = randomise(build(CASES[name], impl=path))
     x = torch.randn(3, layer.in_channels, 9, 10)
     with torch.no_grad():
         ref = reference_forward(layer, x)
         torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+        assert layer.last_path == path
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
+    assert layer.last_path == path
+    torch.testing.assert_close(layer.forward_reference(x), ref, rtol=1e-4,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['single_kernel_3x3', 'non_square'])
@@ -106,13 +110,13 @@ def test_scaled_columns_path(name):
     """K == 1: the static kernel times alpha_s/alpha_c-scaled im2col
     columns, against the reference, forward and backward."""
     case = CASES[name][:7] + (1, True)
-    layer = randomise(build(case))
-    layer.use_scaled_columns = lambda input_hw: True
+    layer = randomise(build(case, impl='scaled_columns'))
     x = torch.randn(3, layer.in_channels, 9, 10, requires_grad=True)
     with torch.no_grad():
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
     out = layer(x)
+    assert layer.last_path == 'scaled_columns'
     x_ref = x.detach().clone().requires_grad_()
     ref = reference_forward(layer, x_ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -139,13 +143,14 @@ def test_fold_choice_follows_tensor_sizes():
     assert not ODConv2d(256, 256, 3, padding=1).fold_attentions((14, 14))
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('fold', [True, False])
-def test_every_impl_forward_backward(impl, fold):
+@pytest.mark.parametrize('impl', IMPLS + ('folded', 'reference'))
+def test_every_impl_forward_backward(impl):
     layer = randomise(build(CASES['groups_stride'], impl=impl))
-    layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(4, 8, 11, 9, requires_grad=True)
     out = layer(x)
+    if impl != 'auto':
+        assert layer.last_path == ('folded' if impl == 'folded' else
+                                   'reference')
     x_ref = x.detach().clone().requires_grad_()
     ref = reference_forward(layer, x_ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -203,14 +208,12 @@ def test_saturated_attentions_equal_static_conv(name):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize('impl,fold,num', [('loop', True, 2),
-                                           ('grouped', False, 2),
-                                           ('unfold', True, 2),
-                                           ('grouped', False, 1)])
-def test_gradcheck_float64(impl, fold, num):
+@pytest.mark.parametrize('impl,num', [('loop', 2), ('folded', 2),
+                                      ('grouped', 2), ('unfold', 2),
+                                      ('grouped', 1), ('folded', 1)])
+def test_gradcheck_float64(impl, num):
     layer = build((4, 4, 3, 1, 1, 1, 2, num, True), impl=impl)
     layer = randomise(layer).double()
-    layer.fold_attentions = lambda input_hw: fold
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     names = ['weight', 'attention.fc.weight', 'attention.spatial_fc.bias',
              'attention.filter_fc.weight']
@@ -388,6 +391,7 @@ def test_chunked_pointwise_inference_matches_reference(bias):
         assert uses_chunked_kernels(x, layer.weight[0].numel(), 24, (1, 2))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+        assert layer.last_path == 'chunked'
 
 
 @pytest.mark.parametrize('num', [1, 4])
@@ -396,15 +400,18 @@ def test_chunked_inference_path_matches_reference(num, bias):
     """Deep-layer CPU inference builds the kernels into the reused
     workspace, then one batch-1 conv per sample."""
     from mmdyn.ops.per_sample_conv import uses_chunked_kernels
+    # impl: a one-kernel layer this deep would take the scaled columns.
     layer = randomise(ODConv2d(16, 24, 3, stride=2, padding=1, bias=bias,
-                               kernel_num=num))
-    layer.use_scaled_columns = lambda input_hw: False
+                               kernel_num=num, impl='chunked'))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         assert uses_chunked_kernels(x, layer.weight[0].numel(), 24,
                                   layer.output_hw(5, 6))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
+        assert layer.last_path == 'chunked'
+    with pytest.raises(ValueError, match="impl='chunked' cannot run"):
+        layer(x)  # autograd on
     # Not with autograd, not for one sample, not for an explicit impl.
     assert not uses_chunked_kernels(x, layer.weight[0].numel(), 24, (3, 3))
     with torch.no_grad():
@@ -415,20 +422,34 @@ def test_chunked_inference_path_matches_reference(num, bias):
 
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(small_winograd,
-                                                    spy_calls, num, bias):
+def test_winograd_inference_path_matches_reference(small_winograd, num,
+                                                    bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) with the
     spatial and kernel attentions folded into the transformed kernels
-    (thresholds lowered so that a small layer takes it; odd output size)."""
-    from mmdyn.ops import odconv
-    calls = spy_calls(odconv, 'winograd_per_sample_conv2d')
+    (thresholds lowered so that a small layer takes it; odd output size);
+    impl='winograd' forces it with the default thresholds."""
     layer = randomise(ODConv2d(16, 24, 3, padding=1, bias=bias,
                                kernel_num=num))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
-    assert calls == ['winograd_per_sample_conv2d']
+    assert layer.last_path == 'winograd'
+
+
+@pytest.mark.parametrize('num', [1, 4])
+def test_winograd_forced_by_impl(num):
+    layer = randomise(ODConv2d(16, 24, 3, padding=1, kernel_num=num,
+                               impl='winograd'))
+    x = torch.randn(3, 16, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
+    assert layer.last_path == 'winograd'
+    with pytest.raises(ValueError, match="impl='winograd' cannot run"):
+        layer(x)  # autograd on
+    with pytest.raises(ValueError, match='impl must be one of'):
+        ODConv2d(16, 24, 3, impl='fast')
 
 
 @pytest.mark.parametrize('num', [1, 4])
@@ -443,3 +464,4 @@ def test_winograd_at_resnet_stage3_size(num):
         assert uses_winograd(x, layer)
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-4)
+        assert layer.last_path == 'winograd'

@@ -13,6 +13,17 @@ from mmdyn.ops.winograd import (uses_winograd, winograd_kernels,
                                 winograd_kernels_reference,
                                 winograd_per_sample_conv2d)
 
+@pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
+def c_threads(request):
+    """Run a C-loop test on one and on two OpenMP threads (the loops split
+    work of more than 4096 elements per thread, so the larger cases really
+    use both)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 G = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]
 
 
@@ -47,7 +58,8 @@ def inputs(batch, num, c_in, c_out, with_mix=True, with_spatial=True):
                                                        (3, True, False),
                                                        (1, False, True),
                                                        (1, True, False)])
-def test_transformed_kernels_entry_by_entry(num, with_mix, with_spatial):
+def test_transformed_kernels_entry_by_entry(num, with_mix, with_spatial,
+                                           c_threads):
     """U[b, 4u+v, o, i] = sum_{r,c} G[u][r] G[v][c] W_b[o, i, r, c], for the
     C loop and the PyTorch reference."""
     batch = 3
@@ -69,7 +81,7 @@ def test_transformed_kernels_entry_by_entry(num, with_mix, with_spatial):
         atol=1e-5)
 
 
-def test_transformed_kernels_many_chunks_of_the_c_loop():
+def test_transformed_kernels_many_chunks_of_the_c_loop(c_threads):
     """More kernels than one block of the C loop (512), not a multiple."""
     bank, mix, spatial = inputs(2, 2, 33, 40)
     torch.testing.assert_close(
@@ -83,7 +95,7 @@ def test_transformed_kernels_many_chunks_of_the_c_loop():
                                           ((5, 7), (0, 0)),
                                           ((6, 5), (2, 1)),
                                           ((3, 3), (0, 2))])
-def test_per_sample_conv_matches_conv_loop(size, padding):
+def test_per_sample_conv_matches_conv_loop(size, padding, c_threads):
     """Even and odd output sizes (cropped tiles), zero and asymmetric
     padding."""
     batch = 3
@@ -183,7 +195,7 @@ AT = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]]
 @pytest.mark.parametrize('size,padding', [((7, 6), (1, 1)), ((5, 9), (0, 1)),
                                           ((4, 4), (1, 0)), ((3, 3), (0, 0)),
                                           ((14, 14), (1, 1))])
-def test_feature_transforms_against_the_matrices(size, padding):
+def test_feature_transforms_against_the_matrices(size, padding, c_threads):
     """The C input and output transforms against B^T d B and A^T m A
     written with F(2x2, 3x3)'s matrices over unfolded tiles; odd sizes,
     asymmetric padding, cropped outputs."""
