@@ -1,0 +1,9 @@
+# Cascade: stock Cascade R-CNN with DDF-Up in the FPN's top-down path.
+_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    neck=dict(
+        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))

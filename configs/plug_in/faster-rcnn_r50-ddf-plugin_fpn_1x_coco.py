@@ -1,0 +1,16 @@
+# Stock ResNet's plugins=: an extra DDF layer after the 3x3 conv (and its
+# BN + ReLU) of every Bottleneck in stage 4. A plugin adds a layer, it does
+# not replace one; plugins are built with in_channels only, so the layer's
+# out_channels (the stage's width, 512 in stage 4) is given here.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(plugins=[
+        dict(
+            cfg=dict(type='DDFConv2d', out_channels=512, kernel_size=3),
+            stages=(False, False, False, True),
+            position='after_conv2')
+    ]))

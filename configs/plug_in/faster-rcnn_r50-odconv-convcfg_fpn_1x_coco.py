@@ -1,0 +1,10 @@
+# Stock ResNet's conv_cfg: every conv of the backbone (stem 7x7, the 1x1s
+# and 3x3s of the blocks, the shortcut 1x1s) becomes ODConv. Use dcn= to
+# convert only the 3x3s. (conv_cfg=DDFConv2d cannot work: the 1x1s change
+# the channel count.)
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(backbone=dict(conv_cfg=dict(type='ODConv2d', kernel_num=1)))

@@ -1,0 +1,15 @@
+# Instance segmentation: stock Mask R-CNN with DDF-Up in the FPN and in
+# the mask head (x2 upsampling of the 14x14 RoI masks, in place of the
+# transposed conv).
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    neck=dict(
+        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)),
+    roi_head=dict(
+        mask_head=dict(
+            type='DDFUpFCNMaskHead',
+            upsample_cfg=dict(type='ddf_up', scale_factor=2))))

@@ -1,0 +1,11 @@
+# mmpretrain's stock ResNet-18 classifier with DyConv (4 kernels) in every
+# block conv: the DynamicResNet backbone with a DyConv2d layer config.
+_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        type='DynamicResNet', dyconv_cfg=dict(type='DyConv2d', kernel_num=4)))
+custom_hooks = [dict(type='DynamicTemperatureHook')]

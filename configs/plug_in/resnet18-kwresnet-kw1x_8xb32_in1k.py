@@ -1,0 +1,11 @@
+# mmpretrain's stock ResNet-18 classifier with KernelWarehouse (1x,
+# warehouses shared within each stage, as the paper): the KWResNet
+# backbone.
+_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(type='KWResNet', kw_cfg=dict(cell_num_ratio=1)))
+custom_hooks = [dict(type='DynamicTemperatureHook')]

@@ -1,0 +1,12 @@
+# mmpretrain's stock ResNet-50 classifier with the paper's OD-ResNet
+# backbone (ODConv 4x in every block conv): change the backbone type.
+_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
+
+custom_imports = dict(
+    imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        type='DynamicResNet',
+        dyconv_cfg=dict(type='ODConv2d', kernel_num=4, reduction=0.0625)))
+custom_hooks = [dict(type='DynamicTemperatureHook')]
