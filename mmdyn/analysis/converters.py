@@ -19,6 +19,7 @@ buffers, which the official codes keep as plain attributes; they get the
 model's construction value, the inference value (ODConv/DyConv T = 1, KW
 tau = 0).
 """
+import contextlib
 import functools
 import glob
 import os
@@ -137,15 +138,43 @@ def candidate_configs(family: str, state: Dict[str, torch.Tensor],
         glob.glob(osp.join(root, CONFIG_FOLDERS[family], pattern)))
 
 
-@functools.lru_cache(maxsize=64)
-def target_shapes(config: str) -> Dict[str, Tuple[int, ...]]:
-    """Key -> shape of the config's model, built on the meta device
-    (shapes without memory or initialisation time)."""
+INIT_FUNCTIONS = ('uniform_', 'normal_', 'trunc_normal_', 'constant_',
+                  'ones_', 'zeros_', 'xavier_uniform_', 'xavier_normal_',
+                  'kaiming_uniform_', 'kaiming_normal_', 'orthogonal_')
+
+
+@contextlib.contextmanager
+def _skipped_init():
+    """``torch.nn.init`` functions as no-ops: on meta tensors they only
+    cost time (their values are never read)."""
+    saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+@functools.lru_cache(maxsize=128)
+def meta_model_summary(config: str
+                       ) -> Tuple['OrderedDict[str, Tuple[int, ...]]', int]:
+    """(key -> shape of the state dict, number of parameters) of the
+    config's model, built on the meta device without initialisation
+    (shapes without memory or time)."""
     from .models import build_model
-    with torch.device('meta'):
+    with torch.device('meta'), _skipped_init():
         model = build_model(config, device='meta')
-    return OrderedDict((k, tuple(v.shape)) for k, v in
-                       model.state_dict().items())
+    shapes = OrderedDict(
+        (k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return shapes, sum(p.numel() for p in model.parameters())
+
+
+def target_shapes(config: str) -> 'OrderedDict[str, Tuple[int, ...]]':
+    """Key -> shape of the config's model state dict (see
+    :func:`meta_model_summary`)."""
+    return meta_model_summary(osp.abspath(config))[0]
 
 
 def _relative(path: str) -> str:
@@ -228,7 +257,7 @@ def convert(state: Dict[str, torch.Tensor],
             if log is not None:
                 log(f'trying {_relative(candidate)}')
             try:
-                check_fit(converted, target_shapes(osp.abspath(candidate)),
+                check_fit(converted, target_shapes(candidate),
                           origin, candidate)
                 fits.append(candidate)
             except ConversionError as err:
@@ -245,7 +274,7 @@ def convert(state: Dict[str, torch.Tensor],
             raise _several_fit(family, fits, arch, src)
         config = fits[0]
     else:
-        check_fit(converted, target_shapes(osp.abspath(config)), origin,
+        check_fit(converted, target_shapes(config), origin,
                   config)
     return match_target(converted, build(config).state_dict(), origin,
                         config), config

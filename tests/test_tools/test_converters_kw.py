@@ -197,8 +197,10 @@ def official_mbv2_forward(d, x, width, kw1d2x, sharing):
     return x @ d['classifier.weight'].t() + d['classifier.bias']
 
 
-def mbv2_to_official(num_backbone_warehouses, kw_classifier):
-    """mmdyn key -> official key for (KW) MobileNetV2."""
+def mbv2_to_official(num_backbone_warehouses, kw_classifier,
+                     classifier='classifier.'):
+    """mmdyn key -> official key for (KW) MobileNetV2 (``classifier`` is
+    ODConv's ``classifier.1.``)."""
     block_of = {}
     i = 1
     for stage, (t, _, n, _) in enumerate(MBV2_SETTINGS, start=1):
@@ -215,7 +217,7 @@ def mbv2_to_official(num_backbone_warehouses, kw_classifier):
         if key.startswith('head.fc.'):
             rest = key[len('head.fc.'):]
             return ('classifier.1.conv.' if kw_classifier else
-                    'classifier.') + rest
+                    classifier) + rest
         if parts[1] in ('conv1', 'conv2'):
             index = 0 if parts[1] == 'conv1' else i
             sub = '0' if parts[2] == 'conv' else '1'
@@ -356,6 +358,7 @@ def resnet_to_official(key):
     return key[len('backbone.'):]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', [
     'resnet18-kw1d4x_8xb128-300e_in1k.py',
     'resnet18-kw1d2x_8xb128-300e_in1k.py',
@@ -396,6 +399,7 @@ class _MetaModel:
         return OrderedDict((k, torch.zeros(s)) for k, s in self.shapes.items())
 
 
+@pytest.mark.slow
 def test_kw_mobilenet_v2_x1_budgets_found_by_shapes():
     from mmdyn.analysis.converters import target_shapes
     for name, warehouses in [('mobilenet-v2-kw1d2x_8xb32_in1k.py', 9),
