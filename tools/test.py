@@ -1,7 +1,7 @@
 """Evaluate a checkpoint with the config's test loop and metrics.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
-        [--show-dir DIR] [--cfg-options KEY=VALUE ...]
+        [--show-dir DIR] [--allow-partial-load] [--cfg-options KEY=VALUE ...]
         [--launcher {none,pytorch,slurm,mpi}]
 
 ``--out`` dumps the raw predictions to a pickle (mmdet's ``DumpDetResults``
@@ -33,6 +33,12 @@ def parse_args(argv=None):
         '--show-dir', help='save images with predictions drawn in this dir')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='seconds per shown image')
+    parser.add_argument(
+        '--allow-partial-load', action='store_true',
+        help='load a checkpoint that leaves more than half of a dynamic '
+        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
+        'warning (default: an error); same as allow_partial_load=True in '
+        'the config')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, e.g. '
@@ -95,6 +101,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
+    if args.allow_partial_load:
+        cfg.allow_partial_load = True
     cfg.load_from = args.checkpoint
     cfg.resume = False
     if args.show or args.show_dir:

@@ -1,7 +1,8 @@
 """Train a model from an mmdet or mmpretrain config with mmengine's Runner.
 
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]]
-        [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
+        [--allow-partial-load] [--cfg-options KEY=VALUE ...]
+        [--launcher {none,pytorch,slurm,mpi}]
 
 Distributed: ``bash tools/dist_train.sh CONFIG NUM_PROCS`` (torchrun) or
 ``bash tools/slurm_train.sh PARTITION JOB CONFIG``. Demo data under
@@ -33,6 +34,12 @@ def parse_args(argv=None):
         help='resume from this checkpoint, or from the latest checkpoint '
         'in the work dir when no path is given')
     parser.add_argument(
+        '--allow-partial-load', action='store_true',
+        help='load a checkpoint that leaves more than half of a dynamic '
+        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
+        'warning (default: an error); same as allow_partial_load=True in '
+        'the config')
+    parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, e.g. '
         'train_cfg.max_epochs=2 "optim_wrapper.optimizer.lr=0.01"')
@@ -52,6 +59,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
+    if args.allow_partial_load:
+        cfg.allow_partial_load = True
     if args.amp:
         enable_amp(cfg)
     if args.auto_scale_lr:

@@ -15,7 +15,22 @@ Two gaps of mmengine 0.10's loader path, closed on ``import mmdyn.engine``:
   ``tools/test.py``) runs at ``after_load_checkpoint``, before any tensor is
   copied, and raises listing the first mismatching keys. Deliberate head
   swaps when fine-tuning are allowed with ``ignore_keys`` patterns.
+* A checkpoint of another method (e.g. KernelWarehouse weights given to an
+  ODConv config) loaded its few matching keys and left the dynamic convs
+  randomly initialised, with a warning in the log only. The same hook
+  raises when a checkpoint leaves more than half of one dynamic layer
+  family's tensors (ODConv, DyConv/CondConv, KernelWarehouse, DDF) without
+  a value, naming the first missing keys. ``allow_partial_load=True`` (the
+  config key of that name, or ``--allow-partial-load`` of the tools)
+  allows it, with a warning.
+* A checkpoint saved by mmdyn records a content hash
+  (:mod:`mmdyn.engine.checkpoint_io`); :func:`load_from_local` refuses a
+  file whose content no longer matches it.
+* An empty ``last_checkpoint`` (``resume=True`` without a file) made
+  mmengine look for a checkpoint named ``''``. :func:`find_resume_checkpoint`
+  names the file and what to do.
 """
+import os
 import os.path as osp
 import re
 import zipfile
@@ -26,10 +41,16 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from .checkpoint_io import verify_content_hash
+
 __all__ = [
     'CheckpointLoadError', 'load_from_local', 'find_shape_mismatches',
-    'CheckpointShapeCheckHook'
+    'find_unloaded_dynamic_layers', 'CheckpointShapeCheckHook',
+    'find_resume_checkpoint', 'patch_resume_lookup'
 ]
+
+# Above this fraction of a family's tensors missing, a load is refused.
+MAX_UNLOADED_FRACTION = 0.5
 
 
 class CheckpointLoadError(RuntimeError):
@@ -58,8 +79,8 @@ def load_from_local(filename, map_location=None):
     if osp.getsize(filename) == 0:
         raise CheckpointLoadError(f'checkpoint {filename} is empty (0 bytes)')
     try:
-        return torch.load(filename, map_location=map_location,
-                          weights_only=True)
+        checkpoint = torch.load(filename, map_location=map_location,
+                                weights_only=True)
     except torch.serialization.pickle.UnpicklingError as err:
         raise CheckpointLoadError(
             f'checkpoint {filename} holds objects that a weights-only load '
@@ -69,6 +90,11 @@ def load_from_local(filename, map_location=None):
         raise CheckpointLoadError(
             f'checkpoint {filename} is corrupt or truncated '
             f'({type(err).__name__}: {str(err).splitlines()[0]})') from err
+    try:
+        verify_content_hash(checkpoint, filename)
+    except ValueError as err:
+        raise CheckpointLoadError(str(err)) from None
+    return checkpoint
 
 
 def find_shape_mismatches(model, state_dict, ignore_keys=()):
@@ -98,6 +124,53 @@ def find_shape_mismatches(model, state_dict, ignore_keys=()):
     return mismatches
 
 
+def _dynamic_families():
+    from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
+                           KWConv2d, KWLinear, ODConv2d, WarehouseManager)
+    return (('ODConv', (ODConv2d, )), ('DyConv/CondConv',
+                                       (DyConv2d, CondConv2d)),
+            ('KernelWarehouse', (KWConv2d, KWLinear, WarehouseManager)),
+            ('DDF', (DDFConv2d, DDFUpsample)))
+
+
+def find_unloaded_dynamic_layers(model, state_dict,
+                                 max_fraction=MAX_UNLOADED_FRACTION):
+    """Dynamic layer families that a checkpoint leaves mostly unset.
+
+    Args:
+        model (torch.nn.Module): the model to load into.
+        state_dict (dict): checkpoint tensors by name.
+        max_fraction (float): a family is reported when more than this
+            fraction of its tensors (parameters and persistent buffers of
+            its layers) has no key in ``state_dict``. Defaults to 0.5.
+
+    Returns:
+        list[tuple[str, list[str], int]]: ``(family, missing keys in model
+        order, number of the family's tensors)``.
+    """
+    prefixes = []
+    for name, module in model.named_modules():
+        for family, types in _dynamic_families():
+            if isinstance(module, types):
+                prefixes.append((name + '.' if name else '', family))
+    if not prefixes:
+        return []
+    # Longest prefix first: a key belongs to its innermost dynamic layer.
+    prefixes.sort(key=lambda item: len(item[0]), reverse=True)
+    owned = {}
+    for key in model.state_dict():
+        for prefix, family in prefixes:
+            if key.startswith(prefix):
+                owned.setdefault(family, []).append(key)
+                break
+    report = []
+    for family, keys in owned.items():
+        missing = [k for k in keys if k not in state_dict]
+        if len(missing) > max_fraction * len(keys):
+            report.append((family, missing, len(keys)))
+    return report
+
+
 @HOOKS.register_module()
 class CheckpointShapeCheckHook(Hook):
     """Refuse a checkpoint whose tensor shapes do not fit the model.
@@ -111,11 +184,16 @@ class CheckpointShapeCheckHook(Hook):
             fine-tuning on other classes). Defaults to ().
         max_listed (int): how many mismatching keys the error lists.
             Defaults to 5.
+        allow_partial_load (bool): load a checkpoint that leaves more than
+            half of a dynamic layer family's tensors without a value (e.g.
+            a backbone-only checkpoint for a model with a DDF-Up neck),
+            with a warning instead of an error. Defaults to False.
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, ignore_keys=(), max_listed=5):
+    def __init__(self, ignore_keys=(), max_listed=5,
+                 allow_partial_load=False):
         if isinstance(ignore_keys, str):
             raise ValueError('ignore_keys must be a sequence of patterns, '
                              f'got the string {ignore_keys!r}')
@@ -123,6 +201,7 @@ class CheckpointShapeCheckHook(Hook):
             raise ValueError(f'max_listed must be >= 1, got {max_listed}')
         self.ignore_keys = tuple(ignore_keys)
         self.max_listed = int(max_listed)
+        self.allow_partial_load = bool(allow_partial_load)
 
     def after_load_checkpoint(self, runner, checkpoint):
         model = runner.model.module if is_model_wrapper(
@@ -146,6 +225,78 @@ class CheckpointShapeCheckHook(Hook):
                 'To fine-tune with deliberately different layers, set '
                 'CheckpointShapeCheckHook(ignore_keys=[...]) in '
                 'custom_hooks.')
+        self._check_unloaded(runner, model, state_dict)
+
+    def _check_unloaded(self, runner, model, state_dict):
+        for family, missing, total in find_unloaded_dynamic_layers(
+                model, state_dict):
+            listed = ', '.join(missing[:self.max_listed])
+            more = len(missing) - self.max_listed
+            tail = f', ... and {more} more' if more > 0 else ''
+            message = (
+                f'the checkpoint has no value for {len(missing)} of the '
+                f'{total} {family} tensors of the model (first: '
+                f'{listed}{tail}): it was saved from another model or '
+                'method, and these layers would stay randomly initialised.')
+            if self.allow_partial_load:
+                runner.logger.warning(message + ' Loading anyway '
+                                      '(allow_partial_load=True).')
+            else:
+                raise CheckpointLoadError(
+                    message + ' Use the matching config, or set '
+                    'allow_partial_load=True in the config '
+                    '(--allow-partial-load) to load it anyway.')
+
+
+def find_resume_checkpoint(work_dir):
+    """The checkpoint ``resume=True`` continues from: the path written in
+    ``WORK_DIR/last_checkpoint`` (mmengine's ``find_latest_checkpoint``),
+    checked.
+
+    Args:
+        work_dir (str): the run's work dir.
+
+    Returns:
+        str | None: the checkpoint path, or None without ``last_checkpoint``
+        (a fresh run).
+
+    Raises:
+        CheckpointLoadError: ``last_checkpoint`` is empty.
+        FileNotFoundError: it names a local file that does not exist.
+    """
+    save_file = osp.join(work_dir, 'last_checkpoint')
+    if not osp.exists(save_file):
+        return _ORIGINAL['find_latest_checkpoint'](work_dir)
+    with open(save_file) as f:
+        last = f.read().strip()
+    candidates = sorted(
+        (p for p in (osp.join(work_dir, n) for n in os.listdir(work_dir))
+         if p.endswith('.pth') and osp.isfile(p)), key=osp.getmtime)
+    hint = (f' (the newest checkpoint there is {candidates[-1]})'
+            if candidates else '')
+    if not last:
+        raise CheckpointLoadError(
+            f'{save_file} is empty (left by an interrupted save?): resume '
+            f'from a file with --resume PATH{hint}, or delete {save_file} '
+            'to start from scratch')
+    if '://' not in last and not osp.isfile(last):
+        raise FileNotFoundError(
+            f'{save_file} names {last}, which does not exist: resume from '
+            f'a file with --resume PATH{hint}, or delete {save_file} to '
+            'start from scratch')
+    return last
+
+
+_ORIGINAL = {}
+
+
+def patch_resume_lookup():
+    """Make mmengine's ``Runner`` use :func:`find_resume_checkpoint`."""
+    from mmengine.runner import checkpoint as mm_checkpoint
+    from mmengine.runner import runner as mm_runner
+    _ORIGINAL.setdefault('find_latest_checkpoint',
+                         mm_checkpoint.find_latest_checkpoint)
+    mm_runner.find_latest_checkpoint = find_resume_checkpoint
 
 
 def register_local_loader():

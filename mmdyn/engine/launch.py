@@ -14,6 +14,7 @@ from mmengine.runner import Runner
 from mmdyn.datasets import ensure_demo_data
 
 from .malloc import MALLOC_TUNING_ENV, tune_malloc
+from .sanity import check_annotation_files
 
 __all__ = [
     'load_config', 'configure_cpu_distributed', 'infer_default_scope', 'enable_amp', 'set_resume',
@@ -131,11 +132,21 @@ def set_resume(cfg, resume):
 
 def add_checkpoint_check(cfg):
     """Add mmdyn's safety hooks (:class:`CheckpointShapeCheckHook`,
-    :class:`EmptyDatasetCheckHook`) unless the config has them."""
+    :class:`EmptyDatasetCheckHook`, :class:`ExactResumeHook`) unless the
+    config has them.
+
+    The config key ``allow_partial_load=True`` (``--allow-partial-load``)
+    becomes the shape check's ``allow_partial_load``.
+    """
     hooks = list(cfg.get('custom_hooks', None) or [])
-    for name in ('CheckpointShapeCheckHook', 'EmptyDatasetCheckHook'):
+    for name in ('CheckpointShapeCheckHook', 'EmptyDatasetCheckHook',
+                 'ExactResumeHook'):
         if not any(h.get('type') == name for h in hooks):
             hooks.append(dict(type=name))
+    if cfg.get('allow_partial_load', False):
+        for hook in hooks:
+            if hook.get('type') == 'CheckpointShapeCheckHook':
+                hook.setdefault('allow_partial_load', True)
     cfg.custom_hooks = hooks
 
 
@@ -144,6 +155,7 @@ def build_runner(cfg):
     demo data, then build the config's runner."""
     malloc_tuned = tune_malloc()
     ensure_demo_data(cfg)
+    check_annotation_files(cfg)
     add_checkpoint_check(cfg)
     if 'runner_type' in cfg:
         runner = RUNNERS.build(cfg)

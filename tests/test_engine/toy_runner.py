@@ -6,7 +6,9 @@ Not a test module (no ``test_`` prefix). The model optionally uses an
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseModel
+from mmengine.registry import METRICS
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
@@ -30,9 +32,11 @@ class ToyDataset(Dataset):
 
 
 class ToyNet(BaseModel):
-    """conv (static or ODConv) -> BN -> ReLU -> pool -> linear."""
+    """conv (static or ODConv) -> BN -> ReLU -> pool -> (dropout) ->
+    linear."""
 
-    def __init__(self, dynamic=False, in_channels=3, kernel_num=4):
+    def __init__(self, dynamic=False, in_channels=3, kernel_num=4,
+                 dropout=0.0):
         super().__init__()
         if dynamic:
             from mmdyn.ops import ODConv2d
@@ -41,13 +45,14 @@ class ToyNet(BaseModel):
         else:
             self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, inputs, labels=None, mode='tensor'):
         if isinstance(inputs, (list, tuple)):
             inputs = torch.stack(inputs)
         x = F.relu(self.bn(self.conv(inputs)))
-        logits = self.fc(x.mean((2, 3)))
+        logits = self.fc(self.dropout(x.mean((2, 3))))
         if mode == 'loss':
             if isinstance(labels, (list, tuple)):
                 labels = torch.stack(labels)
@@ -55,10 +60,36 @@ class ToyNet(BaseModel):
         return logits
 
 
+@METRICS.register_module(force=True)
+class ToyAccuracy(BaseMetric):
+    """Top-1 accuracy of :class:`ToyNet`'s logits, as ``acc``."""
+
+    def process(self, data_batch, data_samples):
+        labels = data_batch['labels']
+        if isinstance(labels, (list, tuple)):
+            labels = torch.stack(labels)
+        logits = torch.stack(list(data_samples))  # one row per sample
+        self.results.append(
+            (int((logits.argmax(1) == labels).sum()), len(labels)))
+
+    def compute_metrics(self, results):
+        return dict(acc=sum(r[0] for r in results) /
+                    sum(r[1] for r in results))
+
+
 def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
                 resume=False, load_from=None, custom_hooks=(), model=None,
-                batch_size=4, amp=False):
-    """An iteration-based Runner on :class:`ToyDataset` (CPU, seeded)."""
+                batch_size=4, amp=False, dropout=0.0, max_epochs=None,
+                max_keep_ckpts=-1, dataset_length=32, exact_resume=True,
+                val_interval=None, save_best=None):
+    """An iteration-based Runner on :class:`ToyDataset` (CPU, seeded).
+
+    With ``max_epochs`` it is epoch-based instead (``DefaultSampler``),
+    still checkpointing every ``ckpt_interval`` iterations. Has mmdyn's
+    safety hooks, as ``tools/train.py`` adds them. ``val_interval`` adds
+    validation (:class:`ToyAccuracy`) and ``save_best`` passes through to
+    the ``CheckpointHook``.
+    """
     optim_wrapper = dict(
         optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-4))
     if amp:
@@ -68,31 +99,50 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
         hooks.append(dict(type='DynamicTemperatureHook', iters=max_iters))
     hooks.append(dict(type='CheckpointShapeCheckHook'))
     hooks.append(dict(type='EmptyDatasetCheckHook'))
+    if exact_resume:
+        hooks.append(dict(type='ExactResumeHook'))
     if model is None:
         # Runner seeds only after the model exists: seed its init here.
         torch.manual_seed(0)
-        model = ToyNet(dynamic=dynamic)
+        model = ToyNet(dynamic=dynamic, dropout=dropout)
+    if max_epochs is None:
+        sampler = dict(type='InfiniteSampler', shuffle=True)
+        train_cfg = dict(by_epoch=False, max_iters=max_iters)
+    else:
+        sampler = dict(type='DefaultSampler', shuffle=True)
+        train_cfg = dict(by_epoch=True, max_epochs=max_epochs)
+    val = {}
+    if val_interval is not None:
+        train_cfg['val_interval'] = val_interval
+        val = dict(
+            val_dataloader=dict(
+                dataset=ToyDataset(8), batch_size=4, num_workers=0,
+                sampler=dict(type='DefaultSampler', shuffle=False),
+                collate_fn=dict(type='default_collate')),
+            val_cfg=dict(), val_evaluator=dict(type='ToyAccuracy'))
     return Runner(
         model=model,
         work_dir=work_dir,
         experiment_name=name,
         train_dataloader=dict(
-            dataset=ToyDataset(),
-            sampler=dict(type='InfiniteSampler', shuffle=True),
+            dataset=ToyDataset(dataset_length),
+            sampler=sampler,
             batch_size=batch_size,
             num_workers=0,
             collate_fn=dict(type='default_collate')),
         optim_wrapper=optim_wrapper,
         param_scheduler=dict(type='MultiStepLR', by_epoch=False,
                              milestones=[max_iters // 2 + 1], gamma=0.5),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        train_cfg=train_cfg,
         default_hooks=dict(
             checkpoint=dict(type='CheckpointHook', by_epoch=False,
-                            interval=ckpt_interval),
+                            interval=ckpt_interval,
+                            max_keep_ckpts=max_keep_ckpts,
+                            save_best=save_best, rule='greater'),
             logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=hooks,
         randomness=dict(seed=0, deterministic=True),
         resume=resume,
         load_from=load_from,
         default_scope='mmengine',
-    )
+        **val)
