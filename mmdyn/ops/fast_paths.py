@@ -102,11 +102,6 @@ def graph_capture() -> bool:
                 or torch.jit.is_scripting())
 
 
-def _cpu_inference(x: torch.Tensor) -> bool:
-    return x.device.type == 'cpu' and not torch.is_grad_enabled() and \
-        not graph_capture()
-
-
 def winograd_applies(x: torch.Tensor, conv) -> bool:
     """Whether the Winograd path can run ``conv`` on ``x``: CPU float32
     inference (no autograd, autocast or graph capture) of a 3x3, stride 1,
@@ -290,6 +285,7 @@ def odconv_path(layer, x: torch.Tensor, sample_dependent: bool) -> str:
                        'inference and a sample-dependent kernel')
     if impl == 'folded':
         return impl
+    check_impl(impl, ODCONV_PATHS)  # reference, or a per-sample conv
     return 'reference'
 
 
@@ -316,6 +312,7 @@ def mixture_path(layer, x: torch.Tensor) -> str:
         return _forced(impl, name, chunked_applies(x), 'inference')
     if impl == 'conv_then_mix':
         return impl
+    check_impl(impl, MIXTURE_PATHS)  # reference, or a per-sample conv
     return 'reference'
 
 
@@ -361,6 +358,7 @@ def kernel_warehouse_path(layer, x: torch.Tensor,
     if impl == 'pointwise':
         return _forced(impl, 'KWConv2d', pointwise,
                        'a 1x1 kernel, no padding and groups=1')
+    check_impl(impl, KERNEL_WAREHOUSE_PATHS)  # or a per-sample conv
     return 'reference'
 
 

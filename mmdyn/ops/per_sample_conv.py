@@ -140,9 +140,9 @@ def chunked_per_sample_conv2d(
     that allocates its own). The chunk is the whole batch when its kernels
     fit in :data:`KERNEL_WORKSPACE_BYTES`. Each sample is then one batch-1
     ``F.conv2d`` (on CPU faster than the batch-as-groups conv of the same
-    kernels, benchmarks/README.md). No bias: callers add theirs. Inference only (the
-    workspace is overwritten by the next call): callers use it under
-    :func:`uses_chunked_kernels`.
+    kernels, benchmarks/README.md). No bias: callers add theirs. Inference
+    only (the workspace is overwritten by the next call): callers use it
+    under :func:`~mmdyn.ops.fast_paths.uses_chunked_kernels`.
     """
     batch = x.shape[0]
     numel = math.prod(int(size) for size in kernel_shape)
