@@ -4,21 +4,16 @@ The official models are plain torchvision/timm-style networks; mmdyn builds
 the same networks as mmpretrain ``ImageClassifier``s whose dynamic layers
 keep the official names, so converting is renaming keys:
 
-==============  ==========================================  ==================
-architecture    official keys                               mmdyn keys
-==============  ==========================================  ==================
-ResNet          ``conv1``, ``bn1``, ``layerS.*``            ``backbone.`` +
-                (ODConv, KW, DDF, DyConv of                 same; ``fc`` ->
-                kaijieshi7/Dynamic-convolution-Pytorch)     ``head.fc``
-MobileNetV2     ``features.i.conv.j.*`` (torchvision)       ``backbone.conv1``
-                (ODConv, KW)                                / ``layerS.b.conv.
-                                                            m.{conv,bn}`` /
-                                                            ``conv2``
-ConvNeXt (KW)   ``downsample_layers.*``, ``stages.*``,      ``backbone.`` +
-                ``norm``, ``head``                          same,
-                                                            ``backbone.normN``
-                                                            , ``head.fc``
-==============  ==========================================  ==================
+* ResNet (ODConv, KW, DDF, and DyConv of kaijieshi7/Dynamic-convolution-
+  Pytorch): ``conv1``, ``bn1``, ``layerS.*`` get the ``backbone.`` prefix,
+  ``fc`` becomes ``head.fc``.
+* MobileNetV2 (ODConv, KW; torchvision layout ``features.i``): the stem,
+  ``features.i.conv.j.*`` and the last conv map to mmpretrain's
+  ``backbone.conv1``, ``backbone.layerS.b.conv.m.{conv,bn}`` and
+  ``backbone.conv2`` (ConvModule names), the classifier to ``head.fc``.
+* ConvNeXt (KW): ``downsample_layers.*`` and ``stages.*`` get the
+  ``backbone.`` prefix, the final ``norm`` becomes ``backbone.normN`` (N the
+  last stage) and ``head`` becomes ``head.fc``.
 
 KernelWarehouse keeps its cells in ``warehouse_manager.weights.i`` (one
 manager per network) -> ``backbone.warehouse_manager.weights.i``; the 1/2x

@@ -10,7 +10,7 @@ tensor against an independent key mapping written in the test.
 """
 import math
 import os.path as osp
-import subprocess
+import runpy
 import sys
 from collections import OrderedDict
 
@@ -489,7 +489,7 @@ def test_refusals():
                  'avgpool.extra': torch.zeros(1)}, 'kw')
 
 
-def test_cli_roundtrip(tmp_path):
+def test_cli_roundtrip(tmp_path, monkeypatch):
 
     def od(prefix, name, ci, co, k, s, d):
         if name.startswith('downsample'):
@@ -502,11 +502,11 @@ def test_cli_roundtrip(tmp_path):
     torch.save({'state_dict': {'module.' + k: v
                                for k, v in official.items()}}, src)
     config = osp.join(ROOT, 'configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
-    subprocess.run([
-        sys.executable,
-        osp.join(ROOT, 'tools/model_converters/odconv2mmdyn.py'),
-        str(src), str(dst), '--config', config
-    ], check=True, capture_output=True)
+    # the script itself, run in-process
+    monkeypatch.setattr(sys, 'argv', [
+        'odconv2mmdyn.py', str(src), str(dst), '--config', config])
+    runpy.run_path(osp.join(ROOT, 'tools/model_converters/odconv2mmdyn.py'),
+                   run_name='__main__')
     out = unwrap_state_dict(torch.load(dst, weights_only=True))
     assert torch.equal(out['backbone.layer2.0.conv1.weight'],
                        official['layer2.0.conv1.weight'])
