@@ -404,7 +404,8 @@ def _pyplot():
 
 
 def _safe(name: str) -> str:
-    return re.sub(r'[^A-Za-z0-9_.-]', '_', name)
+    """File name for a module name ('model' for the root module)."""
+    return re.sub(r'[^A-Za-z0-9_.-]', '_', name) or 'model'
 
 
 def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:

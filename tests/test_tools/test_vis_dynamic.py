@@ -15,7 +15,8 @@ from PIL import Image
 from torch import nn
 
 from mmdyn.analysis.vis_dynamic import (DynamicLayerRecorder,
-                                        normalized_entropy, pixel_filters)
+                                        normalized_entropy, pixel_filters,
+                                        render)
 from mmdyn.ops import DDFConv2d, DDFUpsample, DyConv2d, KWConv2d, ODConv2d
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -83,7 +84,7 @@ def test_ddf_conv_filters_reproduce_the_output():
         outputs[0][0], _ddf_by_hand(x[0], cf, sf, 3), rtol=1e-4, atol=1e-5)
 
 
-def test_odconv_attentions_reproduce_the_output():
+def test_odconv_attentions_reproduce_the_output(tmp_path):
     torch.manual_seed(0)
     layer = ODConv2d(8, 12, 3, padding=1, kernel_num=4, bias=False).eval()
     images = [torch.randn(1, 8, 6, 6) for _ in range(3)]
@@ -108,9 +109,12 @@ def test_odconv_attentions_reproduce_the_output():
         float(-(p * p.log()).sum() / np.log(4)) for p in stacked
     ]
     assert record.entropies == pytest.approx(by_hand, rel=1e-6)
+    # The root module's attention picture (four panels).
+    render([record], str(tmp_path), [], (6, 6))
+    _non_constant_png(str(tmp_path / 'attention' / 'model.png'))
 
 
-def test_dyconv_and_kw_kernel_attentions():
+def test_dyconv_and_kw_kernel_attentions(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(
         DyConv2d(8, 8, 3, padding=1, kernel_num=4),
@@ -130,6 +134,12 @@ def test_dyconv_and_kw_kernel_attentions():
     assert kw.moments['kernel'].count == 2
     assert len(kw.entropies) == 2
     assert all(0 <= e <= 1 for e in kw.entropies)
+    written = render(list(records.values()), str(tmp_path), [], (6, 6))
+    assert sorted(osp.basename(p) for p in written) == [
+        '0.png', '1.png', 'summary.json', 'summary.png'
+    ]
+    for path in written[1:]:
+        _non_constant_png(path)
 
 
 def test_normalized_entropy():
