@@ -46,7 +46,9 @@ def _numpy_scalar_globals() -> list:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar
-    globals_ = [scalar, np.dtype]
+    # numpy 1.x (which wrote the official checkpoints) pickles the scalar
+    # constructor as numpy.core.multiarray.scalar.
+    globals_ = [scalar, (scalar, 'numpy.core.multiarray.scalar'), np.dtype]
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
         globals_ += [

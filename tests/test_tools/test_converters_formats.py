@@ -167,6 +167,26 @@ def test_unknown_global_is_named_and_trust_loads_it(tmp_path, od_r18):
     assert not (tmp_path / 'o.pth').exists()
 
 
+def test_numpy_scalars_of_numpy1_and_numpy2(tmp_path, od_r18):
+    """A metric saved as a numpy scalar, by numpy 2 and (the official
+    checkpoints' era) numpy 1, which names it numpy.core.multiarray."""
+    import zipfile
+
+    import numpy as np
+    new, old = tmp_path / 'np2.pth', tmp_path / 'np1.pth'
+    torch.save(dict(model=od_r18, metric=np.float64(79.1)), new)
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, 'w') as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith('data.pkl'):
+                data = data.replace(b'numpy._core.multiarray\n',
+                                    b'numpy.core.multiarray\n')
+            dst.writestr(info, data)
+    for path in (new, old):
+        ckpt = read_official_checkpoint(str(path))
+        assert ckpt.extra_keys == ['metric']
+
+
 def test_unreadable_files(tmp_path, od_r18):
     path = tmp_path / 'cut.pth'
     torch.save(od_r18, path)
