@@ -2,6 +2,8 @@
 # Distributed evaluation with PyTorch DDP through mmengine (torchrun).
 #   bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [test.py options...]
 # Env: NNODES (1), NODE_RANK (0), PORT (29500), MASTER_ADDR (127.0.0.1).
+# PYTHON: the interpreter (default: python), e.g. a virtual environment's
+# bin/python when that environment is not on PATH.
 set -euo pipefail
 CONFIG=$1
 CHECKPOINT=$2
@@ -10,10 +12,11 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+PYTHON=${PYTHON:-python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 PYTHONPATH="$ROOT:${PYTHONPATH:-}" \
-python -m torch.distributed.run \
+"$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

@@ -17,6 +17,7 @@ import os.path as osp
 import mmdyn.engine  # noqa: F401  (compatibility fixes, hooks)
 from mmdyn.engine.launch import build_runner, load_config
 from mmengine.config import DictAction
+import torch
 
 
 def parse_args(argv=None):
@@ -39,6 +40,10 @@ def parse_args(argv=None):
         'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
         'warning (default: an error); same as allow_partial_load=True in '
         'the config')
+    parser.add_argument(
+        '--threads', type=int, default=None,
+        help='torch CPU threads (default: torch\'s, one per core); 1 is '
+        'fastest on a busy machine (README, "Threads")')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, e.g. '
@@ -99,6 +104,8 @@ def add_dump(cfg, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
     if args.allow_partial_load:

@@ -11,8 +11,9 @@ counter works per module instead, with forward hooks:
   ``conv`` column. Biases, norms, activations and pooling are not counted.
 * any module with a ``madds_per_sample(input_hw)`` method (every mmdyn
   layer): its own numbers, split into ``conv`` / ``att`` / ``agg`` / ``scal``
-  (the convention of spec.md section 5.1), times the number of samples it
-  saw. Its submodules (attention convs and linears) are not counted again.
+  (the convention is stated in ``docs/flops.md``), times the number of
+  samples it saw. Its submodules (attention convs and linears) are not
+  counted again.
 
 Totals are divided by the number of images of the forward pass, so they are
 per image even when a layer sees many samples per image (RoI heads).

@@ -1,6 +1,6 @@
 """Multiply-add counting: formulas against hand-computed values and static
-convs of the same shape, whole models against spec.md section 5.1 (counted
-on the official code)."""
+convs of the same shape, whole models against reference counts of the
+official implementations (the convention of docs/flops.md)."""
 import os.path as osp
 
 import pytest
@@ -94,7 +94,8 @@ def test_dynamic_layer_children_not_counted_twice():
 
 
 def _odconv_reference(c_in, c_out, k, groups, kernel_num, h, w, stride=1):
-    """spec 1.1 / 5.1, written out independently of the layer."""
+    """ODConv's cost by the rules of docs/flops.md, written out
+    independently of the layer."""
     hidden = max(int(c_in / 16), 16)
     pad = k // 2
     h_out = (h + 2 * pad - k) // stride + 1
@@ -145,7 +146,7 @@ def test_dyconv_layer_counts():
     dyn = madds_of(layer, x).per_image()
     assert dyn['conv'] == madds_of(static, x).per_image()['conv']
     assert dyn['agg'] == 4 * 32 * 16 * 9  # K * numel(W)
-    hidden = int(16 * 0.25) + 1  # spec 4: GAP -> C_in->h -> h->K
+    hidden = int(16 * 0.25) + 1  # routing: GAP -> C_in->h -> h->K
     assert dyn['att'] == 16 * hidden + hidden * 4
     assert dyn['scal'] == 0
 
@@ -169,7 +170,7 @@ def test_ddf_layer_counts():
     layer = DDFConv2d(20, 20, 3, stride=2, padding=1)
     x = torch.randn(2, 20, 8, 8)
     dyn = madds_of(layer, x).per_image()
-    # spec 5.1: conv = C * Ho * Wo * k^2 (a depthwise conv's count)
+    # docs/flops.md: conv = C * Ho * Wo * k^2 (a depthwise conv's count)
     depthwise = nn.Conv2d(20, 20, 3, stride=2, padding=1, groups=20)
     assert dyn['conv'] == madds_of(depthwise, x).per_image()['conv']
     assert dyn['agg'] == 20 * 4 * 4 * 9  # combining the two filters
@@ -186,9 +187,11 @@ def _config(pattern):
     return found[0]
 
 
-# spec.md 5.1, millions of multiply-adds per 224x224 image; None: the spec
-# gives no single number for that column.
-SPEC_MADDS = {
+# Millions of multiply-adds per 224x224 image, counted with the convention of
+# docs/flops.md by forward hooks on the official implementations (a batch of
+# two images, divided by two); a column left out has no single reference
+# number.
+REFERENCE_MADDS = {
     'odconv/resnet18-odconv1x_*in1k.py':
     dict(conv=1814.1, att=0.25, agg=11.0, scal=3.2, total=1828.5),
     'odconv/resnet18-odconv4x_*in1k.py':
@@ -210,21 +213,21 @@ SPEC_MADDS = {
 }
 
 
-def _close(value, spec):
-    # 1 % of the published figure, or half a unit of its last printed digit
-    return abs(value - spec) <= max(0.01 * spec, 0.05)
+def _close(value, reference):
+    # 1 % of the reference, or half a unit of its last printed digit
+    return abs(value - reference) <= max(0.01 * reference, 0.05)
 
 
-@pytest.mark.parametrize('pattern', sorted(SPEC_MADDS))
-def test_model_totals_match_spec(pattern):
+@pytest.mark.parametrize('pattern', sorted(REFERENCE_MADDS))
+def test_model_totals_match_reference_counts(pattern):
     report = count_config_madds(_config(pattern))
     ours = {k: v / 1e6 for k, v in report.per_image().items()}
     mismatched = {
-        column: (round(ours[column], 2), spec)
-        for column, spec in SPEC_MADDS[pattern].items()
-        if not _close(ours[column], spec)
+        column: (round(ours[column], 2), reference)
+        for column, reference in REFERENCE_MADDS[pattern].items()
+        if not _close(ours[column], reference)
     }
-    assert not mismatched, f'(ours, spec 5.1) in M: {mismatched}'
+    assert not mismatched, f'(ours, reference) in M: {mismatched}'
 
 
 def test_v1_count_reproduces_the_published_resnet50_madds():

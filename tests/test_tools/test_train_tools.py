@@ -184,6 +184,10 @@ def test_resume_and_amp_flags(tmp_path):
     assert train.parse_args(['c.py', '--resume']).resume == 'auto'
     assert train.parse_args(['c.py', '--resume', 'x.pth']).resume == 'x.pth'
     assert train.parse_args(['c.py']).resume is None
+    assert train.parse_args(['c.py', '--threads', '1']).threads == 1
+    assert train.parse_args(['c.py']).threads is None
+    assert load_tool('test').parse_args(
+        ['c.py', 'x.pth', '--threads', '1']).threads == 1
     from mmdyn.engine.launch import enable_amp, load_config, set_resume
     cfg = load_config(DET_CFG, launcher='pytorch',
                       work_dir=str(tmp_path))
@@ -200,24 +204,18 @@ def test_resume_and_amp_flags(tmp_path):
 @pytest.mark.parametrize('config', sorted(
     glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
     ids=lambda p: osp.basename(p))
-def test_demo_configs_checkpoint_every_epoch(config):
+def test_demo_config_schedule(config):
+    """Every demo config checkpoints every epoch (so that `--resume`
+    continues an interrupted run), and the epoch counts its header comment
+    names ("the first 2 of the 10 demo epochs", "over all 30 epochs") are
+    its schedule's."""
     from mmengine.config import Config
     cfg = Config.fromfile(config)
     assert cfg.default_hooks.checkpoint.interval == 1
     assert cfg.default_hooks.checkpoint.get('by_epoch', True)
-
-
-@pytest.mark.parametrize('config', sorted(
-    glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
-    ids=lambda p: osp.basename(p))
-def test_demo_config_headers_state_the_schedule(config):
-    """Epoch counts named in a demo config's header comment ("the first 2
-    of the 10 demo epochs", "over all 30 epochs") match its schedule."""
-    from mmengine.config import Config
     with open(config) as f:
         header = ''.join(line for line in f if line.startswith('#'))
     header = ' '.join(header.replace('#', ' ').split())
-    max_epochs = Config.fromfile(config).train_cfg.max_epochs
     for pattern in (r'of the (\d+) demo epochs', r'over all (\d+) epochs'):
         for count in re.findall(pattern, header):
-            assert int(count) == max_epochs, (pattern, count, max_epochs)
+            assert int(count) == cfg.train_cfg.max_epochs, (pattern, count)

@@ -3,7 +3,7 @@
     python tools/analysis_tools/get_flops.py CONFIG [CONFIG ...] \
         [--shape H W] [--per-layer] [--markdown] [--cfg-options k=v ...]
 
-Counting convention (spec.md section 5.1): multiply-adds per image;
+Counting convention (docs/flops.md): multiply-adds per image;
 ``conv`` = every conv/linear on feature maps or logits (out_elems * C_in/g *
 prod(k); a dynamic conv counts as one conv with its per-sample kernel),
 ``att`` = attention / filter-generating branches, ``agg`` = building the
