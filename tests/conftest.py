@@ -7,6 +7,39 @@ import torch
 # (and the subprocesses the tool tests start) set their own.
 torch.set_num_threads(1)
 
+# The fast tier, `python -m pytest tests -m "not slow"` (README, "Test"), is
+# the edit-test loop; CI runs everything. Tests that take more than ~4 s on
+# a 2-core machine are marked slow here, in one list, rather than in their
+# files: node-id prefixes (a module, a test, or one parametrisation). Tests
+# that are slow by design (training runs, installs, several processes) may
+# also carry `@pytest.mark.slow` themselves.
+SLOW_TESTS = (
+    # end-to-end runs of the tools (shared interrupted demo run, in-process)
+    'tests/test_tools/test_train_tools.py::test_demo_detector_trains_with_amp',
+    'tests/test_tools/test_train_tools.py::test_interrupted_demo_run_resumes',
+    'tests/test_tools/test_train_tools.py::test_test_tool_out_and_show_dir',
+    'tests/test_tools/test_train_tools.py::test_classification_amp_train',
+    'tests/test_tools/test_detection_demo.py',
+    # several processes
+    'tests/test_engine/test_distributed.py',
+    'tests/test_tools/test_coco_configs_ddp.py::test_two_process_ddp',
+    'tests/test_engine/test_malloc.py::test_tuned_malloc_keeps_multi_mb',
+    # every COCO detection config built and trained for one step
+    'tests/test_tools/test_coco_configs_ddp.py::test_every_trainable_param',
+    # every demo config trained for a few iterations
+    'tests/test_engine/test_amp_demo_configs.py',
+    'tests/test_engine/test_temperature_hook.py::test_iteration_based_loop',
+    # whole-model exports
+    'tests/test_tools/test_onnx.py::test_tiny_models_dynamic_batch[ddf-',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of :data:`SLOW_TESTS` slow."""
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

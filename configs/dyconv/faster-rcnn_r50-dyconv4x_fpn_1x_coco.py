@@ -1,7 +1,8 @@
 # Faster R-CNN 1x + FPN with DY-ResNet-50 (DyConv, K=4, the unofficial
 # dy_resnet placement of ./resnet50-dyconv4x_8xb32_in1k.py: every Bottleneck
 # conv and the downsample 1x1 are dynamic). Detection settings as for ODConv:
-# norm_eval, frozen stem + stage 1, find_unused_parameters.
+# norm_eval, frozen stem + stage 1 (DDP without find_unused_parameters:
+# every other parameter gets a gradient).
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(
@@ -23,6 +24,5 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')))
 
-find_unused_parameters = True
 # Fine-tuning at the inference temperature T=1: no annealing.
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]

@@ -21,5 +21,4 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')))
 
-find_unused_parameters = True
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]

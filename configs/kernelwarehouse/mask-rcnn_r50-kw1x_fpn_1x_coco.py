@@ -1,7 +1,8 @@
 # Mask R-CNN 1x + FPN with KW-ResNet-50 (KernelWarehouse 1x), following the
 # KW paper's COCO setting: AdamW (lr 1e-4, wd 0.05, no decay on norms), LR
 # steps at epochs 8 and 11, the DETR-style multi-scale + crop augmentation,
-# norm_eval, frozen stem + stage 1, find_unused_parameters. The backbone
+# norm_eval, frozen stem + stage 1 (DDP without find_unused_parameters:
+# every other parameter gets a gradient). The backbone
 # starts from an ImageNet checkpoint of ./resnet50-kw1x_8xb128-300e_in1k.py.
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
@@ -68,7 +69,6 @@ optim_wrapper = dict(
         weight_decay=0.05),
     paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}))
 
-find_unused_parameters = True
 # Fine-tuning keeps the inference temperature tau=0 (the official detection
 # backbones set it at init): no annealing.
 custom_hooks = [dict(type='DynamicTemperatureHook', start=0.0, end=0.0)]

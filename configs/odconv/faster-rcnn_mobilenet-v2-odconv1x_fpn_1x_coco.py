@@ -21,5 +21,4 @@ model = dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[24, 32, 96, 1280]))
 
-find_unused_parameters = True
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]

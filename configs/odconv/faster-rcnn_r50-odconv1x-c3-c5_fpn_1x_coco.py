@@ -12,5 +12,4 @@ model = dict(
         dcn=dict(type='ODConv2d', kernel_num=1, reduction=0.0625),
         stage_with_dcn=(False, True, True, True)))
 
-find_unused_parameters = True
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]

@@ -1,6 +1,7 @@
 # Faster R-CNN 1x + FPN with the OD-ResNet-50 backbone (ODConv 1x, r=1/16:
 # every Bottleneck conv is ODConv2d), as in the ODConv paper's COCO runs:
-# norm_eval, frozen stem + stage 1, find_unused_parameters. The backbone
+# norm_eval, frozen stem + stage 1 (DDP without find_unused_parameters:
+# every other parameter gets a gradient). The backbone
 # starts from an ImageNet checkpoint of ./resnet50-odconv1x_8xb32_in1k.py.
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
@@ -22,7 +23,6 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')))
 
-find_unused_parameters = True
 # Fine-tuning keeps the inference temperature (T=1, as the official
 # detection backbone's init_weights sets it): no annealing.
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]
