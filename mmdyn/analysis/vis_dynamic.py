@@ -151,8 +151,9 @@ class LayerRecord:
     kernel_size: int = 0
 
     def add_attention(self, name: str, value: Optional[torch.Tensor],
-                      image: int, profile: Optional[torch.Tensor] = None):
-        """Record attention ``name`` ``[B, ...]`` (None: constant 1)."""
+                      profile: Optional[torch.Tensor] = None):
+        """Record attention ``name`` ``[B, ...]`` (None: constant 1);
+        ``profile`` is what the pictures show (default: ``value``)."""
         if value is None:
             return
         value = value.detach().float().cpu()
@@ -160,8 +161,10 @@ class LayerRecord:
         profile = value if profile is None else profile.detach().float()
         self.profiles.setdefault(name, []).extend(
             profile.reshape(value.shape[0], -1).cpu())
-        if name == 'kernel':
-            self.images.extend([image] * value.shape[0])
+
+    def add_samples(self, batch: int, image: int) -> None:
+        """Count ``batch`` samples seen while running image ``image``."""
+        self.images.extend([image] * batch)
 
 
 class DynamicLayerRecorder:
@@ -223,8 +226,9 @@ class DynamicLayerRecorder:
     def _hook_odconv(self, record, layer):
 
         def hook(_, __, outputs):
+            record.add_samples(outputs[0].shape[0], self.image)
             for name, value in zip(OD_ATTENTIONS, outputs):
-                record.add_attention(name, value, self.image)
+                record.add_attention(name, value)
                 if name == 'kernel' and value is not None:
                     record.entropies.extend(
                         normalized_entropy(value.float()).tolist())
@@ -239,7 +243,8 @@ class DynamicLayerRecorder:
                 weights = torch.softmax(logits, dim=1)
             else:
                 weights = torch.sigmoid(logits)
-            record.add_attention('kernel', weights, self.image)
+            record.add_samples(weights.shape[0], self.image)
+            record.add_attention('kernel', weights)
             record.entropies.extend(normalized_entropy(weights).tolist())
 
         self._hook(layer.attention, hook)
@@ -250,8 +255,8 @@ class DynamicLayerRecorder:
         def hook(_, __, logits):
             att = contrasting_attention(logits.detach(), layer.beta,
                                         layer.temperature)  # [B, m, n]
-            record.add_attention(
-                'kernel', att, self.image, profile=att.abs().mean(1))
+            record.add_samples(att.shape[0], self.image)
+            record.add_attention('kernel', att, profile=att.abs().mean(1))
             record.entropies.extend(
                 normalized_entropy(att).mean(-1).tolist())
 

@@ -114,6 +114,24 @@ def test_odconv_attentions_reproduce_the_output(tmp_path):
     _non_constant_png(str(tmp_path / 'attention' / 'model.png'))
 
 
+def test_odconv_1x_has_no_kernel_attention_but_is_summarised(tmp_path):
+    torch.manual_seed(0)
+    layer = ODConv2d(8, 8, 3, padding=1, kernel_num=1).eval()
+    images = [torch.randn(1, 8, 6, 6) for _ in range(2)]
+    records, _ = _record(layer, [(x, ) for x in images])
+    render(list(records.values()), str(tmp_path), [], (6, 6))
+    summary = json.load(open(tmp_path / 'summary.json'))['']
+    assert summary['samples'] == 2
+    assert summary['kernel_entropy'] is None
+    channel = torch.stack(records[''].profiles['channel']).double()
+    assert sorted(summary['variance_over_images']) == [
+        'channel', 'filter', 'spatial'
+    ]
+    assert summary['variance_over_images']['channel'] == pytest.approx(
+        float(channel.var(0, unbiased=False).mean()), rel=1e-6)
+    _non_constant_png(str(tmp_path / 'summary.png'))
+
+
 def test_dyconv_and_kw_kernel_attentions(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(
