@@ -26,6 +26,11 @@ They differ only in the routing function:
   the unofficial code's 34 - 3 per epoch is not used, and inference uses
   T = 1).
 
+Each layer's ``forward_reference`` computes exactly these formulas;
+``forward`` returns the same result by the path that
+:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+``last_path`` names the one taken).
+
 torch only.
 """
 from typing import Dict, Optional, Tuple

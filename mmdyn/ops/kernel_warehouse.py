@@ -35,6 +35,11 @@ The temperature ``tau`` (buffer ``temperature``) is 0 at construction, which
 is the inference value; :class:`~mmdyn.engine.hooks.DynamicTemperatureHook`
 anneals it from 1 to 0 at the start of training.
 
+Each layer's ``forward_reference`` computes exactly these formulas;
+``forward`` returns the same result by the path that
+:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+``last_path`` names the one taken).
+
 torch only.
 """
 import math

@@ -16,6 +16,11 @@ The sub-module and parameter names (``weight``, ``attention.fc``,
 ``attention.bn``, ``attention.channel_fc``/``filter_fc``/``spatial_fc``/
 ``kernel_fc``) follow the official layout so that its checkpoints map 1:1.
 
+Each layer's ``forward_reference`` computes exactly these formulas;
+``forward`` returns the same result by the path that
+:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+``last_path`` names the one taken).
+
 torch only.
 """
 import math
