@@ -308,7 +308,11 @@ class DynamicLayerRecorder:
             if not call:
                 return
             x = call['x']
-            cf = torch.stack(call['cf'], 1)  # [B, P, C*k*k, 1, 1]
+            cfs = call['cf']
+            if any(cf is None for cf in cfs):  # a path that batches them
+                with torch.no_grad():
+                    cfs = [b(x).float() for b in module.channel_branch]
+            cf = torch.stack(cfs, 1)  # [B, P, C*k*k, 1, 1]
             record.channel_filters.extend(
                 cf.reshape(x.shape[0], phases, -1, k2).cpu())
             if self._keep_maps(record) and x.shape[0] == 1:
