@@ -144,8 +144,9 @@ def test_fold_choice_follows_tensor_sizes():
 
 
 @pytest.mark.parametrize('impl', IMPLS + ('folded', 'reference'))
-def test_every_impl_forward_backward(impl):
-    layer = randomise(build(CASES['groups_stride'], impl=impl))
+@pytest.mark.parametrize('case', ['groups_stride', 'regular'])
+def test_every_impl_forward_backward(impl, case):
+    layer = randomise(build(CASES[case], impl=impl))
     x = torch.randn(4, 8, 11, 9, requires_grad=True)
     out = layer(x)
     if impl != 'auto':
