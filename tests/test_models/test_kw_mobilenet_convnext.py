@@ -1,9 +1,11 @@
 """KW-MobileNetV2 (kw1d2x / kw1x / kw4x, x1.0 / x0.5) and KW-ConvNeXt-T.
 
-References: the official parameter counts and warehouse tables (spec 2.7,
-5), mmpretrain's own MobileNetV2 / ConvNeXt (at temperature 1 every KW kernel
-is its one-to-one cells, so the KW networks must compute the same function
-as the static networks carrying those kernels), and the paper's init rules.
+References: the exact parameter counts and warehouses of the models built
+by the official code (https://github.com/OSVAI/KernelWarehouse, 1000 classes;
+the paper rounds the counts to 0.01M), mmpretrain's own MobileNetV2 /
+ConvNeXt (at temperature 1 every KW kernel is its one-to-one cells, so the KW
+networks must compute the same function as the static networks carrying
+those kernels), and the paper's init rules.
 """
 import os.path as osp
 
@@ -28,7 +30,7 @@ from mmdyn.ops import KWConv2d, KWLinear
 CONFIG_DIR = osp.join(
     osp.dirname(__file__), '..', '..', 'configs', 'kernelwarehouse')
 
-# Parameter counts of the official models at 1000 classes (spec 5).
+# Parameter counts of the models the official code builds (1000 classes).
 PARITY = {
     'mobilenet-v2-kw1d2x_8xb32_in1k.py': 2_654_396,
     'mobilenet-v2-kw1x_8xb32_in1k.py': 5_168_146,
@@ -78,7 +80,8 @@ def warehouse_table(manager):
 def one_to_one_kernel(layer):
     """The static kernel a KW layer computes at temperature 1 (cell_num_ratio
     1): mixture i = (s * G_o + o) * G_i + c is its own cell t0 + i, placed at
-    output block o, input block c, spatial position s (spec 2.4, 2.5)."""
+    output block o, input block c, spatial position s, as the official
+    kernel assembly orders them."""
     cells = layer.warehouse_manager.weights[layer.warehouse_id].detach()
     c_o, c_i = cells.shape[1:3]
     out_channels, in_per_group, kh, kw = layer.weight_shape
@@ -121,7 +124,7 @@ def test_config_parameter_count_matches_official(name):
 
 def test_kw1x_mobilenet_v2_warehouses_match_official_table():
     manager = KWMobileNetV2(widen_factor=1.0).warehouse_manager
-    # stem; S1 dw, pw; S2 pw, dw; S3..S6 pw, dw (spec 2.7)
+    # stem; S1 dw, pw; S2 pw, dw; S3..S6 pw, dw (the official model's)
     assert warehouse_table(manager) == [
         (9, 32, 3), (36, 32, 1), (34, 8, 16), (78, 8, 24), (18, 144, 1),
         (42, 32, 32), (27, 192, 1), (102, 32, 64), (36, 384, 1),

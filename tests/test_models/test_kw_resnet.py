@@ -14,8 +14,9 @@ CONFIG_DIR = osp.join(
     osp.dirname(__file__), '..', '..', 'configs', 'kernelwarehouse')
 SUFFIX = '_8xb128-300e_in1k.py'
 
-# spec sections 2.7 and 5: exact official counts (1000 classes) and the
-# warehouses (cells x cell shape), numbered by stage.
+# Exact parameter counts of the models the official code builds (1000
+# classes; https://github.com/OSVAI/KernelWarehouse) and their warehouses
+# (cells x cell shape), numbered by stage.
 PARITY = {
     'resnet18-kw1d4x': (4_031_768, [(56, 32), (47, 64), (47, 128), (27, 256)]),
     'resnet18-kw1d2x': (7_431_044, [(112, 32), (94, 64), (94, 128),

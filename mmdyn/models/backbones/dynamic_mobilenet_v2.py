@@ -13,8 +13,8 @@ from mmpretrain.models.backbones.mobilenet_v2 import MobileNetV2
 from mmpretrain.registry import MODELS
 from torch import nn
 
-from .dynamic_resnet import (check_dyconv_cfg, dynamic_like,
-                             init_dynamic_layers, is_pretrained)
+from ..utils import (check_dyconv_cfg, dynamic_like, init_dynamic_layers,
+                     is_pretrained)
 
 BLOCK_CONVS = ('expand', 'depthwise', 'project')
 

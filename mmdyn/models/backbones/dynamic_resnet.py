@@ -11,72 +11,14 @@ load into this backbone.
 """
 from typing import Iterator, Optional, Sequence, Tuple
 
-import torch
-from mmcv.cnn import build_conv_layer
 from mmpretrain.models.backbones.resnet import ResNet
 from mmpretrain.registry import MODELS
 from torch import nn
 
-from mmdyn.ops import DynamicConv2dBase
+from ..utils import (build_on_cpu_if_meta, check_dyconv_cfg, dynamic_like,
+                     init_dynamic_layers, is_pretrained)
 
 BLOCK_CONVS = ('conv1', 'conv2', 'conv3')
-
-
-def check_dyconv_cfg(dyconv_cfg) -> dict:
-    """Return a copy of ``dyconv_cfg`` after checking it names a layer type.
-
-    Raises:
-        ValueError: naming ``dyconv_cfg`` if it is not a dict with ``type``.
-    """
-    if not isinstance(dyconv_cfg, dict) or 'type' not in dyconv_cfg:
-        raise ValueError('dyconv_cfg must be a dict with a "type" key, got '
-                         f'{dyconv_cfg!r}')
-    return dict(dyconv_cfg)
-
-
-def dynamic_like(conv: nn.Conv2d, dyconv_cfg: dict) -> nn.Module:
-    """Build a layer from ``dyconv_cfg`` with the geometry of ``conv``.
-
-    Args:
-        conv (nn.Conv2d): The static convolution to mirror (channels, kernel,
-            stride, padding, dilation, groups, bias).
-        dyconv_cfg (dict): Layer config, e.g. ``dict(type='ODConv2d',
-            kernel_num=4, reduction=0.0625)``. Looked up in the current
-            scope's ``MODELS`` (falling back to mmengine's root registry,
-            where :mod:`mmdyn.models.layers` registers the layers).
-
-    Returns:
-        nn.Module: The new layer (on the device of ``conv``'s weight).
-    """
-    layer = build_conv_layer(
-        dyconv_cfg,
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None)
-    return layer.to(conv.weight.device)
-
-
-def init_dynamic_layers(module: nn.Module) -> None:
-    """Call ``init_weights`` of every dynamic layer under ``module``.
-
-    mmengine's init walk only descends through ``BaseModule`` children and
-    stops at mmcv's ``ConvModule``; calling the layers' own initialisation
-    last makes it authoritative wherever a layer sits, and undoes what a
-    backbone-wide ``init_cfg`` (e.g. ``Kaiming`` on ``Conv2d``) may have done
-    to the attention branches.
-    """
-    for m in module.modules():
-        if isinstance(m, DynamicConv2dBase) and hasattr(m, 'init_weights'):
-            m.init_weights()
-
-
-def is_pretrained(init_cfg) -> bool:
-    return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
 
 
 @MODELS.register_module()
@@ -136,16 +78,7 @@ class DynamicResNet(ResNet):
         self.dyconv_layers = tuple(dyconv_layers)
         self.dyconv_downsample = bool(dyconv_downsample)
         self.dyconv_stem = bool(dyconv_stem)
-        if torch.get_default_device().type == 'meta':
-            # mmpretrain's ResNet calls .item() on a tensor (drop-path
-            # rates), which a meta tensor cannot do: build the static network
-            # on the CPU and move it, so that `with torch.device('meta')`
-            # still counts parameters without allocating the dynamic layers.
-            with torch.device('cpu'):
-                super().__init__(
-                    depth, zero_init_residual=zero_init_residual, **kwargs)
-            self.to('meta')
-        else:
+        with build_on_cpu_if_meta(self):
             super().__init__(
                 depth, zero_init_residual=zero_init_residual, **kwargs)
         if stage_with_dyconv is None:

@@ -10,9 +10,12 @@ latter as 1x1 convs on NCHW maps. The KW attention branches use LayerNorm
 ``sharing_range=('layer', 'pwconv')`` there are 12 warehouses: the stem, each
 downsample conv, and per stage one depthwise and one pointwise warehouse.
 
-The interface follows mmpretrain's ``ConvNeXt`` (``arch``, ``out_indices``,
-``gap_before_final_norm``, ``frozen_stages``); with the defaults the output
-is the final LayerNorm of the pooled last stage, ready for a
+The backbone is mmpretrain's ``ConvNeXt`` (``arch``, ``out_indices``,
+``gap_before_final_norm``, ``frozen_stages``, its forward and output norms)
+with its stem and downsample convs replaced by KW convs and its stages
+filled with :class:`KWConvNeXtBlock`, whose names (``dwconv``, ``pwconv1``,
+``pwconv2``, ``gamma``) are the official KW model's. With the defaults the
+output is the final LayerNorm of the pooled last stage, ready for a
 ``LinearClsHead``.
 """
 from typing import Sequence, Union
@@ -21,13 +24,13 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
-from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.models.backbones.convnext import ConvNeXt
 from mmpretrain.models.utils import LayerNorm2d
 from mmpretrain.registry import MODELS
 
 from mmdyn.ops import WarehouseManager
-from .kw_mobilenet_v2 import freeze_warehouses, reinit_kw_layers
+from ..utils import (freeze_warehouses, init_dynamic_layers, kw_like,
+                     register_first)
 
 Ratio = Union[float, Sequence[float]]
 
@@ -107,8 +110,8 @@ class KWConvNeXtBlock(nn.Module):
 
 
 @MODELS.register_module()
-class KWConvNeXt(BaseBackbone):
-    """ConvNeXt whose convs are KernelWarehouse convs.
+class KWConvNeXt(ConvNeXt):
+    """mmpretrain's ConvNeXt whose convs are KernelWarehouse convs.
 
     With the defaults and ``arch='tiny'`` this is the paper's
     ``kw1x_convnext_tiny`` backbone (the classifier Linear lives in the
@@ -145,8 +148,6 @@ class KWConvNeXt(BaseBackbone):
             Default: None.
     """
 
-    arch_settings = ConvNeXt.arch_settings
-
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  in_channels: int = 3,
@@ -165,7 +166,6 @@ class KWConvNeXt(BaseBackbone):
                  nonlocal_basis_ratio: float = 1,
                  attention_norm: str = 'ln',
                  init_cfg=None):
-        super().__init__(init_cfg=init_cfg)
         if isinstance(arch, str):
             if arch not in self.arch_settings:
                 raise ValueError(f'arch must be one of '
@@ -176,31 +176,26 @@ class KWConvNeXt(BaseBackbone):
                   and 'channels' in arch):
             raise ValueError('arch must be a name or a dict with "depths" '
                              f'and "channels", got {arch!r}')
-        self.depths = list(arch['depths'])
-        self.channels = list(arch['channels'])
-        if len(self.depths) != len(self.channels):
+        depths = list(arch['depths'])
+        channels = list(arch['channels'])
+        if len(depths) != len(channels):
             raise ValueError('arch depths and channels must have the same '
-                             f'length, got {self.depths} / {self.channels}')
-        self.num_stages = len(self.depths)
+                             f'length, got {depths} / {channels}')
+        num_stages = len(depths)
         if isinstance(out_indices, int):
             out_indices = [out_indices]
         indices = []
         for index in out_indices:
-            resolved = index + self.num_stages if index < 0 else index
-            if resolved not in range(self.num_stages):
-                raise ValueError(f'out_indices must index the '
-                                 f'{self.num_stages} stages, got '
-                                 f'{out_indices}')
+            resolved = index + num_stages if index < 0 else index
+            if resolved not in range(num_stages):
+                raise ValueError(f'out_indices must index the {num_stages} '
+                                 f'stages, got {out_indices}')
             indices.append(resolved)
-        self.out_indices = indices
-        if frozen_stages not in range(0, self.num_stages + 1):
+        if frozen_stages not in range(0, num_stages + 1):
             raise ValueError('frozen_stages must be in '
-                             f'range(0, {self.num_stages + 1}), got '
+                             f'range(0, {num_stages + 1}), got '
                              f'{frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.gap_before_final_norm = gap_before_final_norm
-
-        self.warehouse_manager = WarehouseManager(
+        manager = WarehouseManager(
             reduction=reduction,
             cell_num_ratio=cell_num_ratio,
             cell_inplane_ratio=cell_inplane_ratio,
@@ -208,102 +203,65 @@ class KWConvNeXt(BaseBackbone):
             sharing_range=tuple(sharing_range),
             nonlocal_basis_ratio=nonlocal_basis_ratio,
             attention_norm=attention_norm)
+        # mmpretrain builds the stem, the downsample layers and the output
+        # norms around empty stages; the KW blocks are added below. Freezing
+        # waits for the warehouses.
+        super().__init__(
+            arch=dict(depths=[0] * num_stages, channels=channels),
+            in_channels=in_channels,
+            stem_patch_size=stem_patch_size,
+            out_indices=indices,
+            frozen_stages=0,
+            gap_before_final_norm=gap_before_final_norm,
+            with_cp=with_cp,
+            init_cfg=init_cfg)
+        self.depths = depths
+        self.frozen_stages = frozen_stages
+        register_first(self, 'warehouse_manager', manager)
 
         # The stem and downsample convs are reserved before the blocks, as
         # in the paper, so that warehouse indices (and per-warehouse ratio
         # tuples) match its numbering.
-        self.downsample_layers = nn.ModuleList()
-        stem = self.warehouse_manager.reserve(
-            name='stem_conv0',
-            in_channels=in_channels,
-            out_channels=self.channels[0],
-            kernel_size=stem_patch_size,
-            stride=stem_patch_size,
-            bias=True)
-        self.downsample_layers.append(
-            nn.Sequential(stem, LayerNorm2d(self.channels[0], eps=1e-6)))
-        for i in range(1, self.num_stages):
-            conv = self.warehouse_manager.reserve(
-                name=f'stage{i - 1}_layerds_conv0',
-                in_channels=self.channels[i - 1],
-                out_channels=self.channels[i],
-                kernel_size=2,
-                stride=2,
-                bias=True)
-            self.downsample_layers.append(
-                nn.Sequential(
-                    LayerNorm2d(self.channels[i - 1], eps=1e-6), conv))
+        for i, layer in enumerate(self.downsample_layers):
+            conv_idx, name = (0, 'stem_conv0') if i == 0 else (
+                1, f'stage{i - 1}_layerds_conv0')
+            layer[conv_idx] = kw_like(manager, name, layer[conv_idx])
 
         # Linear in the block index; plain Python so that building under
         # ``torch.device('meta')`` works.
-        total = sum(self.depths)
+        total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        self.stages = nn.ModuleList()
         block_idx = 0
-        for i, (depth, channels) in enumerate(zip(self.depths,
-                                                  self.channels)):
-            self.stages.append(
-                nn.Sequential(*[
+        for i, stage in enumerate(self.stages):
+            for j in range(depths[i]):
+                stage.append(
                     KWConvNeXtBlock(
-                        channels,
-                        self.warehouse_manager,
+                        channels[i],
+                        manager,
                         stage_idx=i,
                         layer_idx=j,
                         drop_path_rate=rates[block_idx + j],
                         layer_scale_init_value=layer_scale_init_value,
-                        with_cp=with_cp) for j in range(depth)
-                ]))
-            block_idx += depth
-        for i in self.out_indices:
-            self.add_module(f'norm{i}',
-                            LayerNorm2d(self.channels[i], eps=1e-6))
+                        with_cp=with_cp))
+            block_idx += depths[i]
 
-        self._init_static_layers()
-        self.warehouse_manager.finalize(self)
+        manager.finalize(self)
         self._freeze_stages()
-
-    def _init_static_layers(self):
-        """The paper's init (trunc-normal 0.02) of plain convs and linears.
-
-        It runs before the warehouses are allocated, so it never touches
-        the KW layers' attention branches.
-        """
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def init_weights(self):
         if not self._is_init:
-            reinit_kw_layers(self)
+            init_dynamic_layers(self)
         super().init_weights()
 
-    def forward(self, x):
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(self.downsample_layers[i](x))
-            if i in self.out_indices:
-                norm = getattr(self, f'norm{i}')
-                if self.gap_before_final_norm:
-                    pooled = x.mean([-2, -1], keepdim=True)
-                    outs.append(norm(pooled).flatten(1))
-                else:
-                    outs.append(norm(x))
-        return tuple(outs)
-
     def _freeze_stages(self):
-        frozen = []
-        for i in range(self.frozen_stages):
-            frozen += [self.downsample_layers[i], self.stages[i]]
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-        if frozen:
+        super()._freeze_stages()
+        if self.frozen_stages > 0:
+            frozen = []
+            for i in range(self.frozen_stages):
+                frozen += [self.downsample_layers[i], self.stages[i]]
             freeze_warehouses(self.warehouse_manager, frozen)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> 'KWConvNeXt':
+        # mmpretrain's ConvNeXt.train (which re-freezes) returns None.
         super().train(mode)
-        self._freeze_stages()
         return self

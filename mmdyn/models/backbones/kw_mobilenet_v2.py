@@ -3,9 +3,9 @@
 `KernelWarehouse: Rethinking the Design of Dynamic Convolution
 <https://arxiv.org/abs/2406.07879>`_ (ICML 2024).
 
-Two backbones, both with mmpretrain's ``MobileNetV2`` interface (``conv1``,
+Two backbones, both mmpretrain's ``MobileNetV2`` (``conv1``,
 ``layer1``..``layer7``, ``conv2``; ``out_indices`` 0..7, ``frozen_stages``,
-``norm_eval``):
+``norm_eval``) whose convs are replaced by KW convs after construction:
 
 * :class:`KWMobileNetV2` (the paper's kw1x / kw4x models): every conv is a
   KW conv.
@@ -23,152 +23,23 @@ own warehouse), the final 1x1 conv to 1280 is a stage-6 ``pwconv1``, and the
 whole first block of a setting that starts a new KW stage is handed over to
 the previous stage.
 """
-from collections import OrderedDict
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
-import torch.nn as nn
-import torch.utils.checkpoint as cp
-from mmcv.cnn import build_activation_layer, build_norm_layer
-from mmpretrain.models.backbones.base_backbone import BaseBackbone
+from mmcv.cnn import ConvModule
+from mmpretrain.models.backbones.mobilenet_v2 import MobileNetV2
 from mmpretrain.models.utils import make_divisible
 from mmpretrain.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmdyn.ops import KWConv2d, KWLinear, WarehouseManager
+from mmdyn.ops import WarehouseManager
+from ..utils import (freeze_warehouses, init_dynamic_layers, kw_like,
+                     register_first)
 
 Ratio = Union[float, Sequence[float]]
 
 
-def reinit_kw_layers(module: nn.Module) -> None:
-    """Restore the paper's init of the KW attention branches and biases.
-
-    A parent's ``init_cfg`` (e.g. mmpretrain's ConvNeXt classifier, which
-    draws every ``Linear`` from a trunc-normal) reaches the attention
-    branches before a backbone's own ``init_weights`` runs.
-    """
-    for m in module.modules():
-        if isinstance(m, (KWConv2d, KWLinear)):
-            m.init_weights()
-
-
-def freeze_warehouses(manager: WarehouseManager,
-                      frozen: Sequence[nn.Module]) -> None:
-    """Stop the gradient of warehouses used only by frozen modules.
-
-    The cells live in the manager, not in the layers, so freezing a stage's
-    parameters leaves them trainable; a warehouse shared with a layer that
-    is still trained must stay trainable.
-    """
-    frozen_ids = {
-        id(m)
-        for module in frozen for m in module.modules()
-        if isinstance(m, (KWConv2d, KWLinear))
-    }
-    trained = set()
-    for layer in manager._layers:
-        if id(layer) not in frozen_ids:
-            trained.add(layer.warehouse_id)
-    for idx, cells in enumerate(manager.weights):
-        if idx not in trained:
-            cells.requires_grad = False
-
-
-def _conv_norm_act(conv: nn.Module, channels: int, norm_cfg: dict,
-                   act_cfg: Optional[dict]) -> nn.Sequential:
-    """``conv -> norm [-> act]`` with ConvModule's child names."""
-    norm_name, norm = build_norm_layer(norm_cfg, channels)
-    layers = [('conv', conv), (norm_name, norm)]
-    if act_cfg is not None:
-        layers.append(('activate', build_activation_layer(act_cfg)))
-    return nn.Sequential(OrderedDict(layers))
-
-
-class KWInvertedResidual(nn.Module):
-    """MobileNetV2 inverted residual whose convs come from a warehouse.
-
-    Args:
-        in_channels (int): Input channels.
-        out_channels (int): Output channels.
-        stride (int): Stride of the depthwise 3x3 conv (1 or 2).
-        expand_ratio (int): Hidden width / ``in_channels``; 1 drops the
-            expansion conv.
-        warehouse_manager (WarehouseManager): Manager reserving the KW convs.
-        kw_stage (int): KW stage the block's convs are named with.
-        layer_idx (int): Block index in the layer names.
-        kw_pointwise (bool): Whether the expansion and projection 1x1 convs
-            are KW convs (else plain ``nn.Conv2d``). Default: True.
-        norm_cfg (dict): Norm config. Default: ``dict(type='BN')``.
-        act_cfg (dict): Activation config. Default: ``dict(type='ReLU6')``.
-        with_cp (bool): Use gradient checkpointing. Default: False.
-    """
-
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 stride: int,
-                 expand_ratio: int,
-                 warehouse_manager: WarehouseManager,
-                 kw_stage: int,
-                 layer_idx: int,
-                 kw_pointwise: bool = True,
-                 norm_cfg: dict = dict(type='BN'),
-                 act_cfg: dict = dict(type='ReLU6'),
-                 with_cp: bool = False):
-        super().__init__()
-        if stride not in (1, 2):
-            raise ValueError(f'stride must be 1 or 2, got {stride}')
-        self.stride = stride
-        self.with_cp = with_cp
-        self.use_res_connect = stride == 1 and in_channels == out_channels
-        hidden = int(round(in_channels * expand_ratio))
-        prefix = f'stage{kw_stage}_layer{layer_idx}'
-
-        def pointwise(cin, cout, kind):
-            if not kw_pointwise:
-                return nn.Conv2d(cin, cout, 1, bias=False)
-            return warehouse_manager.reserve(
-                name=f'{prefix}_{kind}',
-                in_channels=cin,
-                out_channels=cout,
-                kernel_size=1,
-                bias=False)
-
-        layers = []
-        if expand_ratio != 1:
-            layers.append(
-                _conv_norm_act(
-                    pointwise(in_channels, hidden, 'pwconv0'), hidden,
-                    norm_cfg, act_cfg))
-        depthwise = warehouse_manager.reserve(
-            name=f'{prefix}_dwconv0',
-            in_channels=hidden,
-            out_channels=hidden,
-            kernel_size=3,
-            stride=stride,
-            padding=1,
-            groups=hidden,
-            bias=False)
-        layers.append(_conv_norm_act(depthwise, hidden, norm_cfg, act_cfg))
-        layers.append(
-            _conv_norm_act(
-                pointwise(hidden, out_channels, 'pwconv1'), out_channels,
-                norm_cfg, None))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-
-        def _inner_forward(x):
-            out = self.conv(x)
-            return x + out if self.use_res_connect else out
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
-
-
 @MODELS.register_module()
-class KWMobileNetV2(BaseBackbone):
-    """MobileNetV2 whose convs are KernelWarehouse convs.
+class KWMobileNetV2(MobileNetV2):
+    """mmpretrain's MobileNetV2 whose convs are KernelWarehouse convs.
 
     With the defaults this is the paper's ``kw1x_mobilenetv2`` (13
     warehouses); ``cell_num_ratio=4, sharing_range=('layer', )`` gives
@@ -177,8 +48,9 @@ class KWMobileNetV2(BaseBackbone):
 
     Args:
         widen_factor (float): Width multiplier; channels are
-            ``make_divisible(c * widen_factor, 8)`` and the last conv has
-            ``1280 * max(1, widen_factor)`` channels. Default: 1.0.
+            ``make_divisible(c * widen_factor, 8)``, the last conv's
+            ``make_divisible(1280 * max(1, widen_factor), 8)``.
+            Default: 1.0.
         out_indices (Sequence[int]): Outputs to return, 0..6 for
             ``layer1``..``layer7`` and 7 for ``conv2``. Default: (7, ).
         frozen_stages (int): Freeze ``conv1`` and ``layer1``..``layerN``;
@@ -214,11 +86,7 @@ class KWMobileNetV2(BaseBackbone):
             default None keeps that. Default: None.
     """
 
-    # expand ratio, channels, blocks, stride of the first block
-    arch_settings = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2],
-                     [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-                     [6, 320, 1, 1]]
-    # KW stage of each arch setting.
+    # KW stage of each of mmpretrain's seven block settings.
     kw_stage_settings = (1, 2, 3, 4, 5, 6, 6)
 
     def __init__(self,
@@ -238,7 +106,6 @@ class KWMobileNetV2(BaseBackbone):
                  attention_norm: str = 'bn_batch1',
                  kw_pointwise_stages: Optional[Sequence[int]] = None,
                  init_cfg=None):
-        super().__init__(init_cfg)
         if isinstance(widen_factor, bool) or not isinstance(
                 widen_factor, (int, float)) or widen_factor <= 0:
             raise ValueError('widen_factor must be a positive number, got '
@@ -257,13 +124,7 @@ class KWMobileNetV2(BaseBackbone):
         if not kw_pointwise_stages <= set(range(1, 7)):
             raise ValueError('kw_pointwise_stages must be KW stages in 1..6, '
                              f'got {sorted(kw_pointwise_stages)}')
-        self.widen_factor = widen_factor
-        self.out_indices = out_indices
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.with_cp = with_cp
-
-        self.warehouse_manager = WarehouseManager(
+        manager = WarehouseManager(
             reduction=reduction,
             cell_num_ratio=cell_num_ratio,
             cell_inplane_ratio=cell_inplane_ratio,
@@ -271,112 +132,89 @@ class KWMobileNetV2(BaseBackbone):
             sharing_range=tuple(sharing_range),
             nonlocal_basis_ratio=nonlocal_basis_ratio,
             attention_norm=attention_norm)
+        # ConvModule initialises its plain conv (fan-out Kaiming) and norm
+        # (1 / 0) as the paper does.
+        super().__init__(
+            widen_factor=widen_factor,
+            out_indices=out_indices,
+            frozen_stages=frozen_stages,
+            norm_cfg=norm_cfg,
+            act_cfg=act_cfg,
+            norm_eval=norm_eval,
+            with_cp=with_cp,
+            init_cfg=init_cfg)
+        out_channel = make_divisible(1280 * max(1.0, widen_factor), 8)
+        if out_channel != self.out_channel:
+            # mmpretrain truncates 1280 * widen_factor > 1280 instead.
+            self.out_channel = out_channel
+            self.conv2 = ConvModule(
+                self.in_channels,
+                out_channel,
+                1,
+                norm_cfg=norm_cfg,
+                act_cfg=act_cfg)
+        register_first(self, 'warehouse_manager', manager)
+        self._replace_convs(kw_pointwise_stages)
+        manager.finalize(self)
+        self._freeze_stages()
 
-        in_channels = make_divisible(32 * widen_factor, 8)
-        stem = self.warehouse_manager.reserve(
-            name='stage0_conv0',
-            in_channels=3,
-            out_channels=in_channels,
-            kernel_size=3,
-            stride=2,
-            padding=1,
-            bias=False)
-        self.conv1 = _conv_norm_act(stem, in_channels, norm_cfg, act_cfg)
+    def _replace_convs(self, kw_pointwise_stages: set) -> None:
+        """Reserve the KW convs in the paper's order and names.
 
-        self.layers = []
+        The stem is ``stage0_conv0``; the convs of a block are
+        ``stage{S}_layer{L}_{pwconv0|dwconv0|pwconv1}``, where a block
+        setting that starts a new KW stage hands its whole first block over
+        to the previous stage, and the final 1x1 conv is a ``pwconv1`` of
+        the last stage.
+        """
+        manager = self.warehouse_manager
+        self.conv1.conv = kw_like(manager, 'stage0_conv0', self.conv1.conv)
         layer_idx = 0
-        for i, (expand, channels, num_blocks,
-                stride) in enumerate(self.arch_settings):
-            out_channels = make_divisible(channels * widen_factor, 8)
-            stage = self.kw_stage_settings[i]
-            blocks = []
-            for j in range(num_blocks):
+        for i, stage in enumerate(self.kw_stage_settings):
+            for j, block in enumerate(getattr(self, f'layer{i + 1}')):
                 handover = (j == 0 and i > 0
                             and stage != self.kw_stage_settings[i - 1])
                 block_stage = stage - 1 if handover else stage
-                blocks.append(
-                    KWInvertedResidual(
-                        in_channels,
-                        out_channels,
-                        stride if j == 0 else 1,
-                        expand,
-                        self.warehouse_manager,
-                        kw_stage=block_stage,
-                        layer_idx=layer_idx,
-                        kw_pointwise=block_stage in kw_pointwise_stages,
-                        norm_cfg=norm_cfg,
-                        act_cfg=act_cfg,
-                        with_cp=with_cp))
-                in_channels = out_channels
+                prefix = f'stage{block_stage}_layer{layer_idx}'
+                *expand, depthwise, project = block.conv
+                kw_pointwise = block_stage in kw_pointwise_stages
+                if expand and kw_pointwise:
+                    expand[0].conv = kw_like(manager, f'{prefix}_pwconv0',
+                                             expand[0].conv)
+                depthwise.conv = kw_like(manager, f'{prefix}_dwconv0',
+                                         depthwise.conv)
+                if kw_pointwise:
+                    project.conv = kw_like(manager, f'{prefix}_pwconv1',
+                                           project.conv)
                 # The paper restarts the block count after a hand-over; it
                 # only shows in the (fused-away) layer index of the names.
                 layer_idx = 0 if handover else layer_idx + 1
-            self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-            self.layers.append(f'layer{i + 1}')
-
-        self.out_channel = make_divisible(1280 * max(1.0, widen_factor), 8)
-        last_stage = self.kw_stage_settings[-1]
-        last = self.warehouse_manager.reserve(
-            name=f'stage{last_stage}_layer{layer_idx}_pwconv1',
-            in_channels=in_channels,
-            out_channels=self.out_channel,
-            kernel_size=1,
-            bias=False)
-        self.conv2 = _conv_norm_act(last, self.out_channel, norm_cfg,
-                                    act_cfg)
-        self.layers.append('conv2')
-
-        self._init_static_layers()
-        self.warehouse_manager.finalize(self)
-        self._freeze_stages()
-
-    def _init_static_layers(self):
-        """The paper's init of the layers outside the warehouses."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.conv2.conv = kw_like(
+            manager, f'stage{self.kw_stage_settings[-1]}_layer{layer_idx}'
+            '_pwconv1', self.conv2.conv)
 
     def init_weights(self):
         if not self._is_init:
-            reinit_kw_layers(self)
+            init_dynamic_layers(self)
         super().init_weights()
 
-    def forward(self, x) -> Tuple:
-        x = self.conv1(x)
-        outs = []
-        for i, name in enumerate(self.layers):
-            x = getattr(self, name)(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return tuple(outs)
-
     def _freeze_stages(self):
+        super()._freeze_stages()
         if self.frozen_stages < 0:
             return
+        # mmpretrain leaves the stem's norm in training mode.
+        self.conv1.eval()
         frozen = [self.conv1] + [
             getattr(self, f'layer{i}')
             for i in range(1, self.frozen_stages + 1)
         ]
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
         freeze_warehouses(self.warehouse_manager, frozen)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> 'KWMobileNetV2':
+        # mmpretrain's MobileNetV2.train (frozen stages, and norm_eval for
+        # every BN, the attention branches' included, as the paper's
+        # detection backbone does) returns None.
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                # Includes the attention-branch BNs, as the paper's
-                # detection backbone does.
-                if isinstance(m, _BatchNorm):
-                    m.eval()
         return self
 
 

@@ -8,10 +8,10 @@ from typing import Optional
 from mmcv.cnn.bricks import DropPath
 from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmpretrain.registry import MODELS
-import torch
 from torch import nn
 
-from mmdyn.ops.kernel_warehouse import WarehouseManager
+from mmdyn.ops import WarehouseManager
+from ..utils import build_on_cpu_if_meta, kw_like
 
 
 @MODELS.register_module()
@@ -54,18 +54,7 @@ class KWResNet(ResNet):
         if drop_path_rate < 0 or drop_path_rate >= 1:
             raise ValueError(f'drop_path_rate must be in [0, 1), got '
                              f'{drop_path_rate!r}')
-        if torch.get_default_device().type == 'meta':
-            # mmpretrain's ResNet calls .item() on a tensor, which a meta
-            # tensor cannot do: build the static part on the CPU and move
-            # it, so that parameter counting can still skip allocation.
-            with torch.device('cpu'):
-                super().__init__(
-                    depth,
-                    zero_init_residual=zero_init_residual,
-                    drop_path_rate=0.0,
-                    **kwargs)
-            self.to('meta')
-        else:
+        with build_on_cpu_if_meta(self):
             super().__init__(
                 depth,
                 zero_init_residual=zero_init_residual,
@@ -82,19 +71,6 @@ class KWResNet(ResNet):
                     if drop_path_rate > 0 else nn.Identity()
         self.warehouse_manager = manager
         manager.finalize(self)
-
-    @staticmethod
-    def _kw_like(manager: WarehouseManager, name: str, conv: nn.Conv2d):
-        return manager.reserve(
-            name,
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=False)
 
     def _replace_convs(self, manager: WarehouseManager) -> None:
         # Names follow the official model: block convs are
@@ -120,13 +96,18 @@ class KWResNet(ResNet):
                     else:
                         name = f'stage{stage}_layer{rest_idx}_conv{k}'
                     setattr(block, conv_name,
-                            self._kw_like(manager, name,
-                                          getattr(block, conv_name)))
+                            kw_like(manager, name, getattr(block, conv_name)))
                 if first and block.downsample is not None and \
                         self.strides[stage] != 1:
                     name = f'stage{stage - 1}_layer{layer_idx + 1}_conv0'
                     for idx, module in enumerate(block.downsample):
                         if isinstance(module, nn.Conv2d):
-                            block.downsample[idx] = self._kw_like(
+                            block.downsample[idx] = kw_like(
                                 manager, name, module)
                 layer_idx = 1 if first else layer_idx + 1
+
+    def train(self, mode: bool = True) -> 'KWResNet':
+        # mmpretrain's ResNet.train (frozen stages, norm_eval) returns None;
+        # nn.Module's contract (and `net.eval()` chaining) expects the module.
+        super().train(mode)
+        return self
