@@ -292,11 +292,12 @@ _ORIGINAL = {}
 
 def patch_resume_lookup():
     """Make mmengine's ``Runner`` use :func:`find_resume_checkpoint`."""
-    from mmengine.runner import checkpoint as mm_checkpoint
-    from mmengine.runner import runner as mm_runner
+    import mmengine.runner
+    from mmengine.runner import _flexible_runner, checkpoint, runner
     _ORIGINAL.setdefault('find_latest_checkpoint',
-                         mm_checkpoint.find_latest_checkpoint)
-    mm_runner.find_latest_checkpoint = find_resume_checkpoint
+                         checkpoint.find_latest_checkpoint)
+    for module in (runner, _flexible_runner, mmengine.runner):
+        module.find_latest_checkpoint = find_resume_checkpoint
 
 
 def register_local_loader():
