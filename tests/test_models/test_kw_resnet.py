@@ -173,3 +173,28 @@ def test_invalid_arguments():
         KWResNet(18, drop_path_rate=-0.1)
     with pytest.raises(ValueError, match='cell_num_ratio'):
         KWResNet(18, kw_cfg=dict(cell_num_ratio=1.5))
+
+
+@pytest.mark.parametrize('frozen_stages, trainable', [
+    (-1, [True, True, True, True]),
+    (1, [True, True, True, True]),
+    # stage 0's warehouse also holds layer2's first conv1 and shortcut (the
+    # hand-over rule): it freezes only with layer2; stage 1's holds layer3's.
+    (2, [False, True, True, True]),
+    (3, [False, False, True, True]),
+])
+def test_frozen_stages_freeze_their_warehouses(frozen_stages, trainable):
+    model = KWResNet(depth=18, frozen_stages=frozen_stages)
+    for _ in range(2):  # after construction and after train()
+        assert [w.requires_grad for w in
+                model.warehouse_manager.weights] == trainable
+        model.train()
+    # A training step leaves the frozen warehouses unchanged.
+    before = [w.detach().clone() for w in model.warehouse_manager.weights]
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(2, 3, 32, 32))).backward()
+    optimizer.step()
+    for cells, old, train_it in zip(model.warehouse_manager.weights, before,
+                                    trainable):
+        assert torch.equal(cells, old) != train_it

@@ -11,7 +11,7 @@ from mmpretrain.registry import MODELS
 from torch import nn
 
 from mmdyn.ops import WarehouseManager
-from ..utils import build_on_cpu_if_meta, kw_like
+from ..utils import build_on_cpu_if_meta, freeze_warehouses, kw_like
 
 
 @MODELS.register_module()
@@ -71,6 +71,7 @@ class KWResNet(ResNet):
                     if drop_path_rate > 0 else nn.Identity()
         self.warehouse_manager = manager
         manager.finalize(self)
+        self._freeze_stages()
 
     def _replace_convs(self, manager: WarehouseManager) -> None:
         # Names follow the official model: block convs are
@@ -105,6 +106,18 @@ class KWResNet(ResNet):
                             block.downsample[idx] = kw_like(
                                 manager, name, module)
                 layer_idx = 1 if first else layer_idx + 1
+
+    def _freeze_stages(self):
+        super()._freeze_stages()
+        # The cells live in the warehouse manager, not in the frozen layers:
+        # freeze the warehouses that only frozen stages use. (The stock
+        # constructor calls this before the manager exists.)
+        manager = getattr(self, 'warehouse_manager', None)
+        if manager is None or self.frozen_stages < 0:
+            return
+        frozen = [getattr(self, name) for name in
+                  self.res_layers[:self.frozen_stages]]
+        freeze_warehouses(manager, frozen)
 
     def train(self, mode: bool = True) -> 'KWResNet':
         # mmpretrain's ResNet.train (frozen stages, norm_eval) returns None;
