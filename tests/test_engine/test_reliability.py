@@ -4,9 +4,10 @@
   the model's weights untouched;
 * checkpoints whose (dynamic-conv) shapes do not fit the model: an error
   listing the first mismatching keys, before any tensor is copied;
-* bad inputs (wrong channels, empty batch, maps smaller than the kernel,
-  integer images, unknown layer types in a config): a ValueError/KeyError
-  naming the tensor or config key, and no checkpoint in the work dir.
+* bad inputs (wrong channels, maps smaller than the kernel, integer
+  images, unknown layer types in a config): a ValueError/KeyError naming
+  the tensor or config key, and no checkpoint in the work dir. (An empty
+  batch is not an error: it works as with a static conv.)
 """
 import glob
 import os
@@ -147,10 +148,15 @@ def test_empty_dataset_is_named(tmp_path):
     assert not _checkpoints_in(str(tmp_path))
 
 
-def test_empty_batch_is_named():
-    model = ToyNet(dynamic=True)
-    with pytest.raises(ValueError, match='empty batch'):
-        model(torch.zeros(0, 3, 8, 8))
+def test_empty_batch_works_as_with_a_static_conv():
+    # An empty batch (e.g. no RoIs) is not an error: as with nn.Conv2d.
+    for dynamic in (False, True):
+        model = ToyNet(dynamic=dynamic)
+        x = torch.zeros(0, 3, 8, 8, requires_grad=True)
+        out = model(x)
+        assert out.shape == (0, 2)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 def test_map_smaller_than_kernel_is_named():
