@@ -1,4 +1,7 @@
 
+import os
+import warnings
+
 import pytest
 import torch
 
@@ -29,16 +32,39 @@ SLOW_TESTS = (
     # every demo config trained for a few iterations
     'tests/test_engine/test_amp_demo_configs.py',
     'tests/test_engine/test_temperature_hook.py::test_iteration_based_loop',
-    # whole-model exports
+    # every plug-in recipe and every metafile config built (and trained)
+    'tests/test_tools/test_plug_in.py::test_detection_recipe_trains_one_step',
+    'tests/test_tools/test_plug_in.py::test_classification_recipe_trains_one_'
+    'step[resnet50-',
+    'tests/test_tools/test_metafiles.py::test_every_named_config_builds',
+    'tests/test_models/test_empty_batch.py::test_mask_rcnn_trains_through',
+    # whole models: exports, converted official checkpoints, visualisations
     'tests/test_tools/test_onnx.py::test_tiny_models_dynamic_batch[ddf-',
+    'tests/test_tools/test_converters.py::test_odconv_mobilenet_v2_whole_model',
+    'tests/test_tools/test_converters.py::test_dyconv_resnet18_whole_model',
+    'tests/test_tools/test_converters_kw.py::test_kw_mobilenet_v2_matches_',
+    'tests/test_tools/test_converters_kw.py::test_kw_convnext_tiny_matches_',
+    'tests/test_tools/test_vis_dynamic.py::test_tool_on_a_',
+    'tests/test_engine/test_checkpoint_integrity.py::test_other_method_',
 )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the tests of :data:`SLOW_TESTS` slow."""
+    """Mark the tests of :data:`SLOW_TESTS` slow; when the whole suite is
+    collected, warn about entries that match no test (renamed tests)."""
+    matched = set()
     for item in items:
-        if item.nodeid.startswith(SLOW_TESTS):
+        hits = [p for p in SLOW_TESTS if item.nodeid.startswith(p)]
+        if hits:
             item.add_marker(pytest.mark.slow)
+            matched.update(hits)
+    tests_root = os.path.dirname(os.path.abspath(__file__))
+    paths = {os.path.abspath(str(arg).split('::')[0]) for arg in config.args}
+    if paths == {tests_root} and not config.option.keyword:
+        stale = [p for p in SLOW_TESTS if p not in matched]
+        if stale:
+            warnings.warn(f'SLOW_TESTS entries in tests/conftest.py match no '
+                          f'test (renamed?): {stale}')
 
 
 @pytest.fixture(autouse=True)
