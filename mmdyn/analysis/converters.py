@@ -51,7 +51,13 @@ VERIFY_SHAPE = (1, 3, 224, 224)
 
 
 class ConversionError(ValueError):
-    """An official checkpoint does not fit the target model."""
+    """An official checkpoint does not fit the target model.
+
+    Attributes:
+        problems (int): Mismatching, unexpected and missing keys (0 when
+            the error is not about keys).
+    """
+    problems = 0
 
 
 def load_official_state_dict(path: str) -> 'OrderedDict[str, torch.Tensor]':
@@ -65,7 +71,7 @@ def unwrap_state_dict(ckpt) -> 'OrderedDict[str, torch.Tensor]':
     return unwrap_checkpoint(ckpt).state_dict
 
 
-def _fits(key: str) -> bool:
+def _filled_from_model(key: str) -> bool:
     return any(p.search(key) for p in FILLED_FROM_MODEL)
 
 
@@ -92,7 +98,10 @@ def check_fit(converted: Dict[str, torch.Tensor],
     mismatched = [k for k in converted
                   if k in target and _shape(converted[k]) != _shape(target[k])]
     unexpected = [k for k in converted if k not in target]
-    missing = [k for k in target if k not in converted and not _fits(k)]
+    missing = [
+        k for k in target
+        if k not in converted and not _filled_from_model(k)
+    ]
     if not (mismatched or unexpected or missing):
         return
     where = f' for {osp.basename(config)}' if config else ''
