@@ -17,6 +17,8 @@ with the paper-faithful alternatives in ``docs/dcn_slot.md``):
   parameter budget relies on: that is documented, not an error.
 """
 import functools
+import importlib.abc
+import sys
 
 __all__ = ['DcnSlotError', 'patch_dcn_slot_errors']
 
@@ -65,23 +67,61 @@ def _mmpretrain_resnet_init(original):
     return __init__
 
 
+def _patch_basic_block(module):
+    block = module.BasicBlock
+    if not hasattr(block.__init__, '__mmdyn_wrapped__'):
+        block.__init__ = _basic_block_init(block.__init__)
+
+
+def _patch_mmpretrain_resnet(module):
+    resnet = module.ResNet
+    if not hasattr(resnet.__init__, '__mmdyn_wrapped__'):
+        resnet.__init__ = _mmpretrain_resnet_init(resnet.__init__)
+
+
+_PATCHES = {
+    'mmdet.models.backbones.resnet': _patch_basic_block,
+    'mmpretrain.models.backbones.resnet': _patch_mmpretrain_resnet,
+}
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Applies a patch of :data:`_PATCHES` as soon as its module has been
+    executed, so that ``import mmdyn.engine`` does not import mmdet's and
+    mmpretrain's model packages (two seconds) only to patch them."""
+
+    def find_spec(self, name, path=None, target=None):
+        patch = _PATCHES.get(name)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, 'find_spec'):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
 def patch_dcn_slot_errors():
     """Wrap mmdet's ``BasicBlock`` and mmpretrain's ``ResNet`` constructors
     to raise :class:`DcnSlotError` for a ``dcn`` they cannot take
-    (idempotent; other arguments pass through unchanged)."""
-    try:
-        from mmdet.models.backbones.resnet import BasicBlock
-    except ImportError:  # pragma: no cover - mmdet is a dependency
-        BasicBlock = None
-    if BasicBlock is not None and not hasattr(BasicBlock.__init__,
-                                              '__mmdyn_wrapped__'):
-        BasicBlock.__init__ = _basic_block_init(BasicBlock.__init__)
-    try:
-        from mmpretrain.models.backbones.resnet import ResNet
-    except ImportError:  # pragma: no cover - mmpretrain is a dependency
-        return
-    if not hasattr(ResNet.__init__, '__mmdyn_wrapped__'):
-        ResNet.__init__ = _mmpretrain_resnet_init(ResNet.__init__)
+    (idempotent; other arguments pass through unchanged). Modules not
+    imported yet are patched when they are."""
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
 
 
 patch_dcn_slot_errors()
