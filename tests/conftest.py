@@ -27,8 +27,16 @@ SLOW_TESTS = (
     'tests/test_engine/test_distributed.py',
     'tests/test_tools/test_coco_configs_ddp.py::test_two_process_ddp',
     'tests/test_engine/test_malloc.py::test_tuned_malloc_keeps_multi_mb',
-    # every COCO detection config built and trained for one step
+    # every config loaded, every COCO config trained for one step (the
+    # fast tier builds them: test_detection_configs, test_parity_od_dy_ddf,
+    # test_kw_resnet)
+    'tests/test_tools/test_configs.py::test_config_loads',
     'tests/test_tools/test_coco_configs_ddp.py::test_every_trainable_param',
+    'tests/test_models/test_detection_configs.py::test_loss_forward_backward',
+    'tests/test_tools/test_config_bases.py::test_stock_detector_trains_one_'
+    'step_on_demo_data[atss]',
+    'tests/test_tools/test_config_bases.py::test_stock_detector_trains_one_'
+    'step_on_demo_data[fcos]',
     # every demo config trained for a few iterations
     'tests/test_engine/test_amp_demo_configs.py',
     'tests/test_engine/test_temperature_hook.py::test_iteration_based_loop',
