@@ -1,0 +1,336 @@
+"""Triton kernels of the DDF operator and of DDF-Up's sub-pixel form.
+
+:func:`ddf` computes the same result as :func:`mmdyn.ops.ddf.ddf` (see its
+docstring for the formula) with four Triton kernels:
+
+* forward: one program per (sample, channel) and block of output pixels;
+  the k*k taps of the block are loaded as one [taps, pixels] tile, combined
+  with the channel filter (``mul`` or ``add``) and summed over the taps;
+* input gradient: one program per (sample, channel) and block of *input*
+  pixels, gathering from the output pixels that read each of them (no
+  atomics, any stride);
+* channel-filter gradient: one program per (sample, channel), looping over
+  the output pixels;
+* spatial-filter gradient: one program per (sample, head) and block of
+  output pixels, looping over the head's channels.
+
+Every kernel reads its inputs through their strides (non-contiguous inputs
+are not copied), loads float32/float16/bfloat16 values, accumulates in
+float32 and stores in the tensor's own dtype. Nothing of the size k*k times
+the output is ever made: the only allocations are the outputs and, for
+DDF-Up, a float32 input-gradient accumulator.
+
+DDF-Up (:func:`ddf_up`): the s*s phase DDFs of
+:class:`~mmdyn.ops.ddf.DDFUpsample` are s*s launches of the same forward
+kernel, each writing straight into its strided sub-pixel view
+``out.view(B, C, H, s, W, s)[:, :, :, py, :, px]`` (no stack, no pixel
+shuffle); the backward reads the same strided views of the output gradient.
+
+The entry points are ``torch.library.triton_op`` operators
+(``mmdyn::ddf_triton_forward``, ``mmdyn::ddf_triton_backward``,
+``mmdyn::ddf_up_triton_forward``, ``mmdyn::ddf_up_triton_backward``) with
+autograd registered, so that ``torch.compile`` graphs keep the kernels.
+
+Triton is imported lazily: this module imports without it, and
+:func:`check_available` raises a clear error where it is missing. With the
+environment variable ``TRITON_INTERPRET=1`` (read when a kernel is first
+needed) the kernels run in Triton's interpreter on CPU tensors, which is
+how the tests run them without a GPU.
+"""
+import functools
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+#: Operator namespace of the ``torch.library`` registrations.
+NAMESPACE = 'mmdyn'
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton():
+    """(triton, triton.language) or None when Triton cannot be imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (``TRITON_INTERPRET``,
+    read at each call as Triton reads it)."""
+    modules = _import_triton()
+    return modules is not None and bool(modules[0].knobs.runtime.interpret)
+
+
+def available(device: Optional[torch.device] = None) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device``: Triton
+    importable and a CUDA device, or any device in interpreter mode."""
+    if _import_triton() is None:
+        return False
+    if interpreting():
+        return True
+    return device is not None and torch.device(device).type == 'cuda'
+
+
+def check_available(x: Tensor) -> None:
+    """Raise ``RuntimeError`` saying what is missing for ``impl='triton'``
+    on ``x``."""
+    if _import_triton() is None:
+        raise RuntimeError(
+            "impl='triton' needs the triton package (pip install triton), "
+            'which could not be imported')
+    if not available(x.device):
+        raise RuntimeError(
+            f"impl='triton' runs on CUDA tensors, got a {x.device.type} "
+            'tensor (set TRITON_INTERPRET=1 before the first call to run '
+            "the kernels in Triton's interpreter, or use impl='auto')")
+
+
+# --------------------------------------------------------------------------
+# Kernels (built at first use, once per interpreter setting: the
+# ``@triton.jit`` decorator reads TRITON_INTERPRET when it runs)
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """The kernel module, run afresh for each interpreter setting."""
+    del interpret  # the cache key; the module's decorators read it
+    spec = importlib.util.find_spec('mmdyn.ops.ddf_triton_kernels')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel(name: str):
+    from torch.library import wrap_triton
+    return wrap_triton(getattr(_kernels(interpreting()), name + '_kernel'))
+
+
+def _tiles(kernel_size: int) -> Tuple[int, int]:
+    """(taps padded to a power of two, pixels per program): a tile of about
+    2048 values."""
+    kkp = 1
+    while kkp < kernel_size * kernel_size:
+        kkp *= 2
+    return kkp, max(32, 2048 // kkp)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _skip_launch(*tensors: Tensor) -> bool:
+    """Whether to skip the kernels: fake tensors (shape propagation of
+    the op) under the interpreter, which can only run on real data."""
+    from torch._subclasses.fake_tensor import is_fake
+    return interpreting() and any(is_fake(t) for t in tensors)
+
+
+def _launch_forward(x, cf, sf, out, kernel_size, dilation, stride, add,
+                    head):
+    """out [B, C, Ho, Wo] (any strides) = ddf(x, cf [B, C, k*k], sf)."""
+    B, C, H, W = x.shape
+    Ho, Wo = out.shape[-2:]
+    kkp, block = _tiles(kernel_size)
+    _kernel('forward')[(B * C, _cdiv(Ho * Wo, block))](
+        x, cf, sf, out, C, H, W, Ho, Wo, C // head, *x.stride(),
+        *cf.stride(), *sf.stride(), *out.stride(), K=kernel_size,
+        STRIDE=stride, DIL=dilation, ADD=add, KKP=kkp, BLOCK=block)
+
+
+def _launch_backward(go, x, cf, sf, gx, gcf, gsf, kernel_size, dilation,
+                     stride, add, head, accumulate=False):
+    """Fill the gradients that are not None: gx [B, C, H, W] (contiguous;
+    added to when ``accumulate``), gcf [B, C, k*k], gsf [B, head*k*k, Ho,
+    Wo] (contiguous)."""
+    B, C, H, W = x.shape
+    Ho, Wo = go.shape[-2:]
+    kkp, block = _tiles(kernel_size)
+    conf = dict(K=kernel_size, STRIDE=stride, DIL=dilation, ADD=add,
+                KKP=kkp, BLOCK=block)
+    if gx is not None:
+        _kernel('grad_input')[(B * C, _cdiv(H * W, block))](
+            go, cf, sf, gx, C, H, W, Ho, Wo, C // head, *go.stride(),
+            *cf.stride(), *sf.stride(), ACCUMULATE=accumulate, **conf)
+    if gcf is not None:
+        _kernel('grad_channel_filter')[(B * C, )](
+            go, x, sf, gcf, C, H, W, Ho, Wo, C // head, *go.stride(),
+            *x.stride(), *sf.stride(), **conf)
+    if gsf is not None:
+        _kernel('grad_spatial_filter')[(B * head, _cdiv(Ho * Wo, block))](
+            go, x, cf, gsf, head, H, W, Ho, Wo, C // head, *go.stride(),
+            *x.stride(), *cf.stride(), **conf)
+
+
+def _out_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# --------------------------------------------------------------------------
+# Operators
+# --------------------------------------------------------------------------
+def _ddf_forward(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
+                 dilation: int, stride: int, add: bool, head: int) -> Tensor:
+    """``mmdyn::ddf_triton_forward``: x [B, C, H, W], cf [B, C, k*k],
+    sf [B, head*k*k, Ho, Wo] -> [B, C, Ho, Wo] in the promoted dtype."""
+    out = x.new_empty((*x.shape[:2], *sf.shape[-2:]),
+                      dtype=_out_dtype(x, cf, sf))
+    if out.numel() and not _skip_launch(x, cf, sf):
+        _launch_forward(x, cf, sf, out, kernel_size, dilation, stride, add,
+                        head)
+    return out
+
+
+def _ddf_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
+                  kernel_size: int, dilation: int, stride: int, add: bool,
+                  head: int, needs: List[bool]
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``mmdyn::ddf_triton_backward``: the gradients wrt (x, cf, sf) that
+    ``needs`` asks for (an empty tensor for the others)."""
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) \
+        if needs[0] else x.new_empty(0)
+    gcf = torch.empty_like(cf, memory_format=torch.contiguous_format) \
+        if needs[1] else cf.new_empty(0)
+    gsf = torch.empty_like(sf, memory_format=torch.contiguous_format) \
+        if needs[2] else sf.new_empty(0)
+    if x.numel() and not _skip_launch(grad_out, x, cf, sf):
+        _launch_backward(grad_out, x, cf, sf, gx if needs[0] else None,
+                         gcf if needs[1] else None,
+                         gsf if needs[2] else None, kernel_size, dilation,
+                         stride, add, head)
+    return gx, gcf, gsf
+
+
+def _ddf_up_forward(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
+                    dilation: int, add: bool, head: int,
+                    scale: int) -> Tensor:
+    """``mmdyn::ddf_up_triton_forward``: x [B, C, H, W], cf [s*s, B, C,
+    k*k], sf [s*s, B, head*k*k, H, W] -> [B, C, s*H, s*W], phase p = py*s +
+    px filling the output pixels (y*s + py, x*s + px)."""
+    B, C, H, W = x.shape
+    out = x.new_empty((B, C, H * scale, W * scale),
+                      dtype=_out_dtype(x, cf, sf))
+    if out.numel() and not _skip_launch(x, cf, sf):
+        phases = out.view(B, C, H, scale, W, scale)
+        for p in range(scale * scale):
+            _launch_forward(x, cf[p], sf[p],
+                            phases[:, :, :, p // scale, :, p % scale],
+                            kernel_size, dilation, 1, add, head)
+    return out
+
+
+def _ddf_up_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
+                     kernel_size: int, dilation: int, add: bool, head: int,
+                     scale: int, needs: List[bool]
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``mmdyn::ddf_up_triton_backward``: the gradients of
+    :func:`_ddf_up_forward` wrt (x, cf, sf) that ``needs`` asks for; the
+    input gradient is summed over the phases in a float32 buffer."""
+    B, C, H, W = x.shape
+    gx = x.new_zeros(x.shape, dtype=torch.float32) if needs[0] else None
+    gcf = torch.empty_like(cf, memory_format=torch.contiguous_format) \
+        if needs[1] else cf.new_empty(0)
+    gsf = torch.empty_like(sf, memory_format=torch.contiguous_format) \
+        if needs[2] else sf.new_empty(0)
+    if x.numel() and not _skip_launch(grad_out, x, cf, sf):
+        phases = grad_out.view(B, C, H, scale, W, scale)
+        for p in range(scale * scale):
+            _launch_backward(phases[:, :, :, p // scale, :, p % scale], x,
+                             cf[p], sf[p], gx, gcf[p] if needs[1] else None,
+                             gsf[p] if needs[2] else None, kernel_size,
+                             dilation, 1, add, head, accumulate=True)
+    gx = gx.to(x.dtype) if needs[0] else x.new_empty(0)
+    return gx, gcf, gsf
+
+
+def _grad_or_none(grad: Tensor, needed: bool) -> Optional[Tensor]:
+    return grad if needed else None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.conf = inputs[3:]
+    ctx.save_for_backward(*inputs[:3])
+
+
+def _ddf_autograd(ctx, grad_out):
+    x, cf, sf = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.mmdyn.ddf_triton_backward(grad_out, x, cf, sf, *ctx.conf, needs)
+    return (*map(_grad_or_none, grads, needs), *[None] * len(ctx.conf))
+
+
+def _ddf_up_autograd(ctx, grad_out):
+    x, cf, sf = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.mmdyn.ddf_up_triton_backward(grad_out, x, cf, sf, *ctx.conf, needs)
+    return (*map(_grad_or_none, grads, needs), *[None] * len(ctx.conf))
+
+
+def _keep_opaque_when_interpreting(op) -> None:
+    """Under the interpreter the kernels cannot be traced into a graph
+    (they need real data): there the compiled graph keeps the operator
+    itself instead of its decomposition into kernel launches."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    decompose = op._torch_dispatch_fns[FunctionalTensorMode]
+
+    def functional(mode, func, types, args, kwargs):
+        if interpreting():
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return decompose(mode, func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, functional)
+
+
+def _register_operators() -> None:
+    """Register the four operators and the autograd of the two forwards."""
+    from torch.library import triton_op
+    ops = [
+        triton_op(f'{NAMESPACE}::{name}', fn, mutates_args=())
+        for name, fn in (('ddf_triton_forward', _ddf_forward),
+                         ('ddf_triton_backward', _ddf_backward),
+                         ('ddf_up_triton_forward', _ddf_up_forward),
+                         ('ddf_up_triton_backward', _ddf_up_backward))
+    ]
+    for op in ops:
+        _keep_opaque_when_interpreting(op)
+    ops[0].register_autograd(_ddf_autograd, setup_context=_setup_context)
+    ops[2].register_autograd(_ddf_up_autograd, setup_context=_setup_context)
+
+
+if _import_triton() is not None:
+    _register_operators()
+
+
+def ddf(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int, dilation: int,
+        stride: int, add: bool, head: int) -> Tensor:
+    """DDF by the Triton kernels, differentiable.
+
+    Args are those of :func:`mmdyn.ops.ddf.ddf` after its checks: ``cf`` as
+    [B, C, k*k] (any strides), ``sf`` [B, head*k*k, Ho, Wo], ``add`` for
+    ``combine='add'``. Returns [B, C, Ho, Wo] in the promoted dtype.
+    """
+    if not torch.compiler.is_compiling():
+        check_available(x)
+    return torch.ops.mmdyn.ddf_triton_forward(x, cf, sf, kernel_size,
+                                              dilation, stride, add, head)
+
+
+def ddf_up(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
+           dilation: int, add: bool, head: int, scale: int) -> Tensor:
+    """DDF-Up's s*s stride-1 phase DDFs into one [B, C, s*H, s*W] output.
+
+    ``cf`` [s*s, B, C, k*k] and ``sf`` [s*s, B, head*k*k, H, W] hold the
+    filters of phase p = py*s + px, whose DDF fills the output pixels
+    (y*s + py, x*s + px). Differentiable.
+    """
+    if not torch.compiler.is_compiling():
+        check_available(x)
+    return torch.ops.mmdyn.ddf_up_triton_forward(x, cf, sf, kernel_size,
+                                                 dilation, add, head, scale)
