@@ -45,6 +45,16 @@ idempotent). Each fix is small, targeted and has a test in
    module alone gets a numpy namespace with ``in1d`` (= ``np.isin`` on the
    flattened input, its documented equivalent); numpy itself is untouched.
 
+6. **Every** ``mmdet::``/``mmpretrain::`` **base re-reads the package's
+   metafiles.** mmengine's ``_get_cfg_metainfo`` parses the package's
+   ``model-index.yml`` and all the metafiles it imports (hundreds of YAML
+   files, 1-3 s) for each such base a config names, and again for every
+   base that is not a model config (then it raises ``ValueError``, which
+   the caller catches). The replacement reads each package's index once
+   per process (keyed on the path and modification time of its
+   ``model-index.yml``) and answers from it, with the same results and
+   errors.
+
 Otherwise numpy 2.x needs no runtime patch on this stack (mmcv 2.1, mmdet
 3.3, mmpretrain 1.2, pycocotools 2.0.11): the demo trainings, CocoMetric
 (bbox, segm), Accuracy and the mmcv/mmdet transforms run; the remaining
@@ -57,6 +67,7 @@ import importlib
 import importlib.metadata
 import sys
 import importlib.util
+import os
 import os.path as osp
 
 import numpy as np
@@ -302,6 +313,45 @@ def _patch_numpy_in1d():
         retrieval.np = _NumpyWithIn1d()
 
 
+@functools.lru_cache(maxsize=None)
+def _package_cfg_index(meta_index_path, mtime):
+    """``{config name: model entry}`` of a package's metafiles, as
+    mmengine's ``_get_cfg_metainfo`` builds it (first entry of a name
+    wins; entries without ``Config`` warned about and skipped). ``mtime``
+    is part of the cache key only."""
+    import warnings
+    from mmengine.fileio import load
+    package_mim = osp.dirname(meta_index_path)
+    cfg_dict = {}
+    for meta_path in load(meta_index_path)['Import']:
+        for model_cfg in load(osp.join(package_mim, meta_path))['Models']:
+            if 'Config' not in model_cfg:
+                warnings.warn(f'There is not `Config` define in {model_cfg}')
+                continue
+            cfg_dict.setdefault(model_cfg['Config'].partition('/')[-1],
+                                model_cfg)
+    return cfg_dict
+
+
+def _cached_cfg_metainfo(package_path, cfg_path):
+    """Drop-in for ``mmengine.config.utils._get_cfg_metainfo``."""
+    meta_index_path = osp.join(package_path, '.mim', 'model-index.yml')
+    cfg_dict = _package_cfg_index(meta_index_path,
+                                  os.stat(meta_index_path).st_mtime_ns)
+    if cfg_path not in cfg_dict:
+        raise ValueError(f'Expected configs: {cfg_dict.keys()}, but got '
+                         f'{cfg_path}')
+    return dict(cfg_dict[cfg_path])
+
+
+def _patch_cfg_metainfo():
+    from mmengine.config import utils as config_utils
+    _ORIGINAL.setdefault('_get_cfg_metainfo', config_utils._get_cfg_metainfo)
+    config_utils._get_cfg_metainfo = _cached_cfg_metainfo
+    from mmengine.hub import hub
+    hub._get_cfg_metainfo = _cached_cfg_metainfo
+
+
 def apply_compat_fixes():
     """Apply the fixes described in this module (idempotent)."""
     global _APPLIED
@@ -312,4 +362,5 @@ def apply_compat_fixes():
     _patch_init_dist()
     _patch_layer_builders()
     _patch_numpy_in1d()
+    _patch_cfg_metainfo()
     _APPLIED = True

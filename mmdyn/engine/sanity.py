@@ -1,4 +1,4 @@
-"""Stop early, with the file or config key named, when data are missing.
+r"""Stop early, with the file or config key named, when data are missing.
 
 * An empty training set (a wrong ``data_root``/``ann_file``, or every image
   dropped by ``filter_cfg``) made mmengine train for zero iterations and

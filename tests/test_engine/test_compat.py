@@ -162,3 +162,33 @@ def test_init_dist_without_cuda_uses_gloo(monkeypatch):
                         lambda backend, **kw: calls.append(backend))
     dist_utils._init_dist_pytorch('nccl')
     assert calls == ['gloo']
+
+
+def test_package_metainfo_read_once_with_mmengines_answers(monkeypatch):
+    from mmengine import fileio
+    from mmengine.config import utils as config_utils
+
+    from mmdyn.engine.compat import get_installed_path
+    original = compat._ORIGINAL['_get_cfg_metainfo']
+    assert config_utils._get_cfg_metainfo is not original
+    package = get_installed_path('mmdet')
+    name = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+    base = '_base_/models/faster-rcnn_r50_fpn'
+    # The same entry as mmengine's own lookup, and the same error for a
+    # base config (which has no metafile entry).
+    assert config_utils._get_cfg_metainfo(package, name) == \
+        original(package, name)
+    with pytest.raises(ValueError, match='Expected configs'):
+        original(package, base)
+    with pytest.raises(ValueError, match='Expected configs'):
+        config_utils._get_cfg_metainfo(package, base)
+    # Once cached, further lookups read no YAML at all.
+    loads = []
+    real_load = fileio.load
+    monkeypatch.setattr(fileio, 'load',
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    for _ in range(3):
+        config_utils._get_cfg_metainfo(package, name)
+        with pytest.raises(ValueError):
+            config_utils._get_cfg_metainfo(package, base)
+    assert loads == []

@@ -4,7 +4,6 @@ exists and builds (on the meta device: shapes and parameter counts, no
 memory or initialisation) with the parameter count the metafile states,
 every classification and detection config of the method folders is named,
 and each README is an OpenMMLab model-zoo page."""
-import functools
 import glob
 import os.path as osp
 import re
@@ -14,18 +13,6 @@ import yaml
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 METHODS = ('odconv', 'kernelwarehouse', 'ddf', 'dyconv')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def cached_package_metainfo():
-    """mmengine parses every metafile of mmpretrain/mmdet for each
-    ``mmpretrain::`` base it resolves; read them once for this module."""
-    from mmengine.config import utils
-    original = utils._get_cfg_metainfo
-    cached = functools.lru_cache(maxsize=None)(original)
-    utils._get_cfg_metainfo = cached
-    yield
-    utils._get_cfg_metainfo = original
 
 
 @pytest.fixture(scope='module')
