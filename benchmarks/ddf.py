@@ -22,9 +22,23 @@ bytes allocated and not yet freed during one call, from the PyTorch
 profiler's allocation events (``profile_memory=True``), in units of the
 output size (inputs and parameters excluded).
 
+With ``--device cuda`` (a GPU and Triton needed; a clear error otherwise)
+it compares instead, in float32 and float16, forward and forward+backward:
+``ddf`` by the Triton kernels (:mod:`mmdyn.ops.ddf_triton`), the tap loop
+and a depthwise 3x3 conv; and for x2 upsampling, DDF-Up's Triton sub-pixel
+kernels, mmcv's CARAFE op (``carafe``, k_up 5, when mmcv has its CUDA ops)
+and nearest interpolation. Times are wall clock with
+``torch.cuda.synchronize()``; peak memory is
+``torch.cuda.max_memory_allocated`` above the memory allocated before the
+call, in units of the output size.
+
+Each mode rewrites only its own section (``## DDF on CPU`` / ``## DDF on
+CUDA``) of the output file.
+
 Usage::
 
     python benchmarks/ddf.py [--rounds 7] [--quick] [--out benchmarks/ddf.md]
+    python benchmarks/ddf.py --device cuda [--quick]
 """
 import argparse
 import os
@@ -162,6 +176,161 @@ def module_rows(rounds):
     return rows
 
 
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def cuda_peak_bytes(fn) -> int:
+    """Peak CUDA bytes ``fn`` allocates above those allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _cuda_inputs(shape, k, dtype, phases=0):
+    """x and DDF filters on CUDA (``phases`` > 0: stacked DDF-Up filters
+    [phases, B, C, k*k] and [phases, B, k*k, H, W])."""
+    B, C, H, W = shape
+    lead = (phases, ) if phases else ()
+    make = dict(device='cuda', dtype=dtype, requires_grad=True)
+    return (torch.randn(B, C, H, W, **make),
+            torch.randn(*lead, B, C, k * k, **make),
+            torch.randn(*lead, B, k * k, H, W, **make))
+
+
+def _timed_rows(kind, shape, dtype, candidates, tensors, rounds):
+    """Forward and forward+backward rows of ``candidates`` (name -> a
+    function returning the output), the first one the baseline."""
+    rows = []
+    tag = f'{kind}, {str(dtype).replace("torch.", "")}'
+    out_bytes = candidates[next(iter(candidates))]().numel() * \
+        torch.finfo(dtype).bits // 8
+    with torch.no_grad():
+        res = time_interleaved(candidates, rounds, 10)
+        mem = {n: cuda_peak_bytes(f) / out_bytes
+               for n, f in candidates.items()}
+    rows += [(f'{tag} forward', shape, n, t, r, mem[n])
+             for n, (t, r) in res.items()]
+    both = {n: fwd_bwd(f, tensors) for n, f in candidates.items()}
+    res = time_interleaved(both, rounds, 5)
+    mem = {n: cuda_peak_bytes(f) / out_bytes for n, f in both.items()}
+    rows += [(f'{tag} fwd+bwd', shape, n, t, r, mem[n])
+             for n, (t, r) in res.items()]
+    return rows
+
+
+def _carafe_or_reason():
+    """mmcv's ``carafe`` op, or the reason it cannot run on CUDA here."""
+    try:
+        from mmcv.ops import carafe
+        x = torch.zeros(1, 1, 2, 2, device='cuda')
+        carafe(x, torch.zeros(1, 25, 4, 4, device='cuda'), 5, 1, 2)
+        return carafe, None
+    except Exception as e:  # mmcv without its CUDA ops
+        return None, f'{type(e).__name__}: {str(e).splitlines()[0]}'
+
+
+def cuda_rows(rounds, quick):
+    """The ``--device cuda`` comparisons (see the module docstring)."""
+    from mmdyn.ops import ddf_triton
+    rows, notes = [], []
+    carafe, why = _carafe_or_reason()
+    if carafe is None:
+        notes.append(f'mmcv CARAFE not measured: {why}.')
+    batches = [8] if quick else [8, 32]
+    for dtype in (torch.float32, torch.float16):
+        for C, H in [(256, 14), (64, 56)]:
+            for B in batches:
+                x, cf, sf = _cuda_inputs((B, C, H, H), 3, dtype)
+                dw = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
+                    'cuda', dtype)
+                cf4 = cf.view(B, C, 3, 3)
+                rows += _timed_rows(
+                    'ddf', f'{B}x{C}x{H}x{H}', dtype, {
+                        'depthwise 3x3':
+                        lambda: dw(x),
+                        'ddf triton':
+                        lambda: ddf_triton.ddf(x, cf, sf, 3, 1, 1, False, 1),
+                        'ddf taps':
+                        lambda: ddf(x, cf4, sf, 3, impl='taps'),
+                    }, [x, cf, sf], rounds)
+        for C, H in [(256, 25), (256, 50)]:
+            B = 2
+            x, cf, sf = _cuda_inputs((B, C, H, H), 3, dtype, phases=4)
+            masks = torch.randn(B, 25, 2 * H, 2 * H, device='cuda',
+                                dtype=dtype).softmax(1).requires_grad_()
+            ups = {
+                'nearest x2':
+                lambda: F.interpolate(x, scale_factor=2),
+                'ddf-up triton x2':
+                lambda: ddf_triton.ddf_up(x, cf, sf, 3, 1, False, 1, 2),
+            }
+            if carafe is not None:
+                ups['carafe x2 (k_up 5)'] = lambda: carafe(x, masks, 5, 1, 2)
+            rows += _timed_rows('upsample', f'{B}x{C}x{H}x{H}', dtype, ups,
+                                [x, cf, sf, masks], rounds)
+    return rows, notes
+
+
+def write_section(path: str, title: str, body: str) -> None:
+    """Replace the ``## title`` section of ``path`` (or append it)."""
+    sections, current = [], None
+    if osp.exists(path):
+        with open(path) as f:
+            for line in f.read().splitlines(keepends=True):
+                if line.startswith('## ') or current is None:
+                    current = [line]
+                    sections.append(current)
+                else:
+                    current.append(line)
+    text = f'## {title}\n\n{body.strip()}\n'
+    for i, sec in enumerate(sections):
+        if sec[0].strip() == f'## {title}':
+            sections[i] = [text + ('\n' if i < len(sections) - 1 else '')]
+            break
+    else:
+        if sections:
+            sections[-1].append('\n')
+        sections.append([text])
+    with open(path, 'w') as f:
+        f.write(''.join(''.join(sec) for sec in sections))
+
+
+def cuda_main(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA GPU is available to torch '
+                         'here (torch.cuda.is_available() is False)')
+    from mmdyn.ops import ddf_triton
+    if not ddf_triton.available('cuda'):
+        raise SystemExit('--device cuda: the Triton DDF kernels need the '
+                         'triton package, which could not be imported')
+    torch.manual_seed(0)
+    CLOCK['fn'] = _cuda_clock
+    rows, notes = cuda_rows(args.rounds, args.quick)
+    table = format_table(rows)
+    header = (f'torch {torch.__version__}, {torch.cuda.get_device_name()}, '
+              f'wall time with synchronisation, {args.rounds} interleaved '
+              'rounds')
+    print(header)
+    print(table)
+    notes = ' '.join(notes + [
+        '`ddf triton` is the Triton kernel (the default on CUDA), `ddf '
+        'taps` the pure-PyTorch tap loop; half-precision inputs are summed '
+        'in float32. Upsampling: DDF-Up\'s four sub-pixel DDFs (k 3) by '
+        'the Triton kernels against mmcv\'s CARAFE op and nearest '
+        'interpolation. Peak memory above what was allocated before the '
+        'call, in units of the output size. Reproduce: `python '
+        'benchmarks/ddf.py --device cuda`.'
+    ])
+    write_section(args.out, 'DDF on CUDA', header + '\n\n' + table +
+                  '\n\n' + notes)
+    print(f'written to {args.out}')
+
+
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -185,7 +354,7 @@ def format_table(rows) -> str:
     return '\n'.join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--quick', action='store_true')
@@ -195,9 +364,18 @@ def main():
         default=1,
         help='torch threads; 1 (default) is timed by thread CPU time')
     parser.add_argument(
+        '--device',
+        choices=('cpu', 'cuda'),
+        default='cpu',
+        help='cuda: the Triton kernels against the tap loop, a depthwise '
+        'conv and CARAFE on the GPU')
+    parser.add_argument(
         '--out',
         default=osp.join(osp.dirname(osp.abspath(__file__)), 'ddf.md'))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device == 'cuda':
+        cuda_main(args)
+        return
     from mmdyn.engine.malloc import tune_malloc
     malloc = 'tuned' if tune_malloc() else 'default'
     torch.manual_seed(0)
@@ -218,7 +396,8 @@ def main():
     notes = (
         '`ddf fused` is the default CPU path (C loops built on first use, '
         'explicit backward); `ddf taps` the pure-PyTorch tap loop with a '
-        'tap-by-tap backward (used on CUDA, or with no C compiler); `ddf '
+        'tap-by-tap backward (used with no C compiler, and on CUDA where '
+        'Triton is missing); `ddf '
         'unfold` the explicit unfold-and-sum reference. Ratios are medians '
         'of per-round ratios to the first row of each group. Peak extra '
         'memory: largest live total of the bytes the call allocates '
@@ -228,9 +407,8 @@ def main():
         '(`DDFConv2d`) and nearest interpolation (`DDFUpsample`, x2; '
         'mmcv CARAFE has no CPU kernel). Reproduce: '
         '`python benchmarks/ddf.py`.')
-    with open(args.out, 'w') as f:
-        f.write('## DDF on CPU\n\n' + header + '\n\n' + table + '\n\n' +
-                notes + '\n')
+    write_section(args.out, 'DDF on CPU',
+                  header + '\n\n' + table + '\n\n' + notes)
     print(f'written to {args.out}')
 
 

@@ -282,6 +282,15 @@ def measure_peak_memory(step: Callable[[], None],
     return peak
 
 
+def check_device(device: str) -> None:
+    """Raise ``RuntimeError`` for a CUDA ``device`` where torch has none."""
+    if str(device).startswith('cuda') and not torch.cuda.is_available():
+        raise RuntimeError(
+            f'device {device!r}: no CUDA GPU is available to torch here '
+            '(torch.cuda.is_available() is False); run on a GPU machine or '
+            'use --device cpu')
+
+
 def benchmark_configs(configs: Sequence[str],
                       mode: str = 'infer',
                       batch_size: int = 8,
@@ -321,6 +330,7 @@ def benchmark_configs(configs: Sequence[str],
                          make_batch, task_of)
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    check_device(device)
     steps, names, param_bytes = [], [], []
     for config in configs:
         cfg = load_config(config, cfg_options)

@@ -10,6 +10,16 @@ iterations alternate, and the table gives each one's time ratio to CONFIG
 (the median of the per-round ratios). Peak memory: CUDA
 ``max_memory_allocated``; CPU the resident-set growth during one iteration
 (see :mod:`mmdyn.analysis.benchmark`).
+
+On a GPU, a training step of Faster R-CNN R-50 with the DDF-Up FPN against
+the stock FPN (DDF-Up runs its Triton kernels on CUDA)::
+
+    python tools/analysis_tools/benchmark.py \
+        configs/ddf/faster-rcnn_r50_fpn-ddfup_1x_coco.py \
+        --compare mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py \
+        --mode train --device cuda --batch-size 2 [--amp]
+
+``--device cuda`` where torch sees no GPU stops with a one-line error.
 """
 import argparse
 
@@ -60,7 +70,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from mmdyn.analysis.benchmark import benchmark_configs, format_results
+    from mmdyn.analysis.benchmark import (benchmark_configs, check_device,
+                                          format_results)
+    try:
+        check_device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f'--device: {e}')
     from mmdyn.engine.malloc import MALLOC_TUNING_ENV, tune_malloc
     malloc_tuned = tune_malloc()
     if args.threads:
