@@ -25,7 +25,6 @@ import glob
 import os
 import os.path as osp
 import re
-import tempfile
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -344,28 +343,20 @@ def verify_state(config: str, state: Dict[str, torch.Tensor],
 
 def save_checkpoint(state: Dict[str, torch.Tensor], path: str,
                     source: str, config: str) -> None:
-    """Save as an mmengine checkpoint (``state_dict`` + ``meta``), through a
-    temporary file in the same folder renamed into place: an interrupted or
-    failed save leaves no partial ``path``."""
+    """Save as an mmengine checkpoint (``state_dict`` + ``meta``) with
+    mmdyn's checkpoint writer: through a temporary file in the same folder
+    renamed into place (an interrupted or failed save leaves no partial
+    ``path``), with the content hash that mmdyn's loader verifies."""
+    from mmdyn.engine.checkpoint_io import \
+        save_checkpoint as save_verified_checkpoint
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(
-        prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(handle, 'wb') as f:
-            torch.save(
-                dict(
-                    state_dict=state,
-                    meta=dict(
-                        converted_from=osp.basename(source),
-                        config=osp.basename(config))), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_verified_checkpoint(
+        dict(
+            state_dict=state,
+            meta=dict(
+                converted_from=osp.basename(source),
+                config=osp.basename(config))), path)
 
 
 def convert_file(family: str,

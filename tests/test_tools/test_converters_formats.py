@@ -241,3 +241,19 @@ def test_verify_prints_logits_of_the_documented_input(tmp_path, od_r18,
     assert f'top-5 logits (class: logit): {top5}' in printed
     assert f'checksum: sum {float(logits.sum()):.6f}' in printed
     assert float(values[0]) != 0
+
+
+def test_converted_checkpoint_carries_a_verified_content_hash(tmp_path,
+                                                              od_r18):
+    from mmdyn.engine.checkpoint_io import HASH_KEY, verify_content_hash
+    src, dst = str(tmp_path / 'od.pth'), str(tmp_path / 'out.pth')
+    torch.save(od_r18, src)
+    convert_file('odconv', src, dst, OD_R18, log=None)
+    checkpoint = torch.load(dst, weights_only=True)
+    assert len(checkpoint['meta'][HASH_KEY]) == 64
+    assert verify_content_hash(checkpoint, dst)
+    # one changed weight no longer matches the recorded hash
+    name = next(iter(checkpoint['state_dict']))
+    checkpoint['state_dict'][name].view(-1)[0] += 1
+    with pytest.raises(ValueError, match='out.pth'):
+        verify_content_hash(checkpoint, dst)
