@@ -103,6 +103,31 @@ def _isolate_default_scope():
     DefaultScope._instance_dict.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _forget_visualizers():
+    """Drop the visualizers a test's Runners made.
+
+    mmdet's and mmpretrain's runtime configs name their visualizer
+    ``'visualizer'``, and mmengine hands an existing instance of that name
+    to the next Runner: with the previous run's (maybe deleted) folder.
+    """
+    try:
+        from mmengine.visualization import Visualizer
+    except ImportError:  # pragma: no cover - mmengine is installed in CI
+        yield
+        return
+    def classes(cls=Visualizer):
+        yield cls
+        for sub in cls.__subclasses__():
+            yield from classes(sub)
+
+    before = {cls: set(cls._instance_dict) for cls in classes()}
+    yield
+    for cls in classes():
+        for name in set(cls._instance_dict) - before.get(cls, set()):
+            del cls._instance_dict[name]
+
+
 @pytest.fixture
 def small_winograd(monkeypatch):
     """Winograd thresholds of the public dispatch table lowered so that
