@@ -10,6 +10,12 @@ _base_ = [
     './_base_/demo_det_schedule.py',
 ]
 
+# A checkpoint every epoch (the last one kept), so that
+# `tools/train.py CONFIG --resume` continues an interrupted run.
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(interval=1, max_keep_ckpts=1))
+
 neck_channels = 64
 model = dict(
     backbone=dict(

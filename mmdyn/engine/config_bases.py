@@ -18,10 +18,11 @@ mmengine's config inheritance, both tested in
    top-level key ("Duplicate key is not allowed among bases"), so a data
    or schedule base cannot be put beside a complete config such as
    ``mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py``, which defines its
-   own. A base file that sets ``_overlay_ = True`` is applied *on top of*
-   the bases listed before it, as a child config would be (dicts merged key
-   by key, other values replaced, ``_delete_=True`` honoured), and before
-   the body of the config that lists it::
+   own. A base file that sets ``__overlay__ = True`` is applied *on top of*
+   the bases listed before it: each top-level variable it defines replaces
+   the one of those bases as a whole (its dataloaders, evaluators, schedule
+   and optimizer wrapper, not merged key by key into the stock ones), and
+   the body of the config that lists it is merged last, as usual::
 
        _base_ = [
            'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
@@ -30,9 +31,13 @@ mmengine's config inheritance, both tested in
        ]
        model = dict(bbox_head=dict(num_classes=3))
 
-   Overlays come after all ordinary bases of a list; an overlay's own
-   ``_base_`` may list other overlays only. Without ``_overlay_`` nothing
-   changes: configs that loaded before load to the same result.
+   Overlays come after all ordinary bases of a list. An overlay is read as
+   an ordinary config first (its own ``_base_`` is resolved as usual).
+   ``__overlay__`` starts with two underscores, so mmengine does not keep it
+   as a config key: where overlays define disjoint keys and nothing is
+   below them to replace (the demo configs: model base + runtime + overlays),
+   a config loads to the same result with plain mmengine. Without
+   ``__overlay__`` nothing changes.
 """
 import ast
 import os
@@ -48,7 +53,7 @@ __all__ = [
 ]
 
 SCOPE = 'mmdyn'
-OVERLAY_KEY = '_overlay_'
+OVERLAY_KEY = '__overlay__'
 DELETE_KEY = '_delete_'
 
 _ORIGINAL = {}
@@ -131,7 +136,7 @@ def _read_tree(path):
 
 
 def is_overlay(path):
-    """Whether the config file at ``path`` sets ``_overlay_ = True``.
+    """Whether the config file at ``path`` sets ``__overlay__ = True``.
 
     Args:
         path (str): a ``.py`` config file.
@@ -166,29 +171,8 @@ def _split_bases(path):
     return ordinary, overlays
 
 
-def _expand_overlays(overlays, seen=()):
-    """Overlays in application order, each preceded by the overlays its
-    own ``_base_`` lists."""
-    order = []
-    for overlay in overlays:
-        if overlay in seen:
-            raise ValueError(f'overlay base {overlay} includes itself')
-        ordinary, inner = _split_bases(overlay)
-        if ordinary:
-            raise ValueError(
-                f'overlay base {overlay} lists ordinary bases {ordinary}: an '
-                'overlay may only build on other overlays; move those bases '
-                'into the config that uses the overlay')
-        for path in _expand_overlays(inner, seen + (overlay, )):
-            if path not in order:
-                order.append(path)
-        if overlay not in order:
-            order.append(overlay)
-    return order
-
-
 def _chain_link_body(path, use_predefined_variables):
-    """The text of a config with its ``_base_`` and ``_overlay_``
+    """The text of a config with its ``_base_`` and ``__overlay__``
     assignments removed (a link of the chain is an ordinary config) and its
     predefined variables ({{ fileDirname }}, ...) substituted for its own
     location."""
@@ -209,16 +193,25 @@ def _chain_link_body(path, use_predefined_variables):
     return ''.join(lines)
 
 
-def _strip_unused_delete(cfg):
-    """Drop ``_delete_`` keys left where an overlay had nothing to
-    replace (mmengine keeps them in that case)."""
-    if isinstance(cfg, dict):
-        cfg.pop(DELETE_KEY, None)
-        for value in cfg.values():
-            _strip_unused_delete(value)
-    elif isinstance(cfg, (list, tuple)):
-        for value in cfg:
-            _strip_unused_delete(value)
+def _plain(value):
+    """ConfigDicts, lists and tuples as plain Python literals."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def _replacing_body(cfg_dict):
+    """Config text that, as the child of the bases before an overlay,
+    replaces each top-level variable of the overlay as a whole."""
+    lines = []
+    for key, value in cfg_dict.items():
+        value = _plain(value)
+        if isinstance(value, dict):
+            value = {DELETE_KEY: True, **value}
+        lines.append(f'{key} = {value!r}\n')
+    return ''.join(lines)
 
 
 def _file2dict(filename, use_predefined_variables=True,
@@ -226,8 +219,9 @@ def _file2dict(filename, use_predefined_variables=True,
     """``Config._file2dict`` with overlay bases applied as a chain.
 
     A config whose ``_base_`` is ``[B1, ..., O1, O2]`` (``O`` overlays) is
-    read as the chain ``B1, ...`` <- ``O1`` <- ``O2`` <- its own body, each
-    link a temporary config whose single base is the previous link.
+    read as the chain ``B1, ...`` <- ``O1`` <- ``O2`` <- its own body: each
+    link a temporary config whose single base is the previous link; an
+    overlay's link replaces the top-level variables the overlay defines.
     """
     original = _ORIGINAL['file2dict']
     path = osp.abspath(osp.expanduser(filename))
@@ -237,24 +231,29 @@ def _file2dict(filename, use_predefined_variables=True,
                         use_environment_variables, lazy_import)
     ordinary, overlays = _split_bases(path)
     if not overlays:
-        cfg_dict, text, env = original(filename, use_predefined_variables,
-                                       use_environment_variables, lazy_import)
-        cfg_dict.pop(OVERLAY_KEY, None)
-        return cfg_dict, text, env
-    chain = _expand_overlays(overlays) + [path]
+        return original(filename, use_predefined_variables,
+                        use_environment_variables, lazy_import)
     with tempfile.TemporaryDirectory(prefix='mmdyn_overlay_') as tmp:
         bases = ordinary
-        for index, link in enumerate(chain):
-            link_file = osp.join(tmp, f'{index}_{osp.basename(link)}')
-            with open(link_file, 'w', encoding='utf-8') as f:
+        for index, overlay in enumerate(overlays):
+            overlay_dict = Config._file2dict(overlay, use_predefined_variables,
+                                             use_environment_variables)[0]
+            link = osp.join(tmp, f'{index}_{osp.basename(overlay)}')
+            with open(link, 'w', encoding='utf-8') as f:
                 if bases:
                     f.write(f'_base_ = {bases!r}\n')
-                f.write(_chain_link_body(link, use_predefined_variables))
-            bases = [link_file]
-        cfg_dict, text, env = original(link_file, use_predefined_variables,
+                f.write(_replacing_body(overlay_dict))
+            bases = [link]
+        body = osp.join(tmp, f'body_{osp.basename(path)}')
+        with open(body, 'w', encoding='utf-8') as f:
+            f.write(f'_base_ = {bases!r}\n')
+            f.write(_chain_link_body(path, use_predefined_variables))
+        cfg_dict, text, env = original(body, use_predefined_variables,
                                        use_environment_variables, lazy_import)
-    cfg_dict.pop(OVERLAY_KEY, None)
-    _strip_unused_delete(cfg_dict)
+    # An overlay's variable that replaced nothing keeps its `_delete_`.
+    for value in cfg_dict.values():
+        if isinstance(value, dict):
+            value.pop(DELETE_KEY, None)
     return cfg_dict, text, env
 
 

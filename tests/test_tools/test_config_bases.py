@@ -42,8 +42,8 @@ def test_mmdyn_scope_resolves(tmp_path):
     assert cfg.train_dataloader.dataset.ann_file == \
         'annotations/instances_train.json'
     # an overlay with nothing to replace leaves no `_delete_` behind
-    assert '_delete_' not in cfg.train_dataloader.dataset
-    assert '_overlay_' not in cfg
+    assert '_delete_' not in cfg.train_dataloader
+    assert '__overlay__' not in cfg
     assert osp.samefile(mmdyn_config_root(), osp.join(REPO, 'configs'))
 
 
@@ -133,12 +133,34 @@ def test_overlay_must_follow_ordinary_bases(tmp_path):
 
 
 def test_plain_duplicate_bases_still_refused(tmp_path):
-    """Without `_overlay_`, mmengine's rule is unchanged."""
+    """Without `__overlay__`, mmengine's rule is unchanged."""
     write_config(tmp_path, "data_root = 'a'\n", 'a.py')
     write_config(tmp_path, "data_root = 'b'\n", 'b.py')
     path = write_config(tmp_path, "_base_ = ['./a.py', './b.py']\n")
     with pytest.raises(KeyError, match='Duplicate key'):
         Config.fromfile(path)
+
+
+@pytest.mark.parametrize('config', [
+    'faster-rcnn_r18_fpn_demo.py', 'faster-rcnn_r18-odconv1x_fpn_demo.py',
+    'mask-rcnn_r18_fpn_demo.py'
+])
+def test_demo_configs_load_the_same_without_overlay_support(
+        config, monkeypatch):
+    """The demo configs' overlays have disjoint keys and nothing below them
+    to replace, so plain mmengine (mmdyn.engine not imported before the
+    config is read, e.g. mmdet's inferencers in a fresh script) reads them
+    to the same config."""
+    from mmdyn.engine import config_bases
+    path = osp.join(REPO, 'configs', 'demo', config)
+    with_overlays = Config.fromfile(path, import_custom_modules=False)
+    monkeypatch.setattr(Config, '_file2dict', staticmethod(
+        config_bases._ORIGINAL['file2dict']))
+    monkeypatch.setattr(Config, '_get_cfg_path', staticmethod(
+        config_bases._ORIGINAL['get_cfg_path']))
+    plain = Config.fromfile(path, import_custom_modules=False)
+    assert plain.to_dict() == with_overlays.to_dict()
+    assert plain.default_hooks.checkpoint.interval == 1
 
 
 def test_body_overrides_overlay_and_reads_its_variables(tmp_path):

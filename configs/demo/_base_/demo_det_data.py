@@ -3,14 +3,15 @@
 # COCO format, 3 classes, 300 train / 100 val images of 128-192 px, resized
 # to 128 px.
 #
-# An overlay base (mmdyn.engine.config_bases): it goes after the other
-# bases of a config and replaces their dataset settings, so it can follow a
-# complete stock detector config as well as a model-only base, e.g.
+# An overlay base (mmdyn.engine.config_bases): listed after the other bases
+# of a config, it replaces their dataset settings (each variable below as a
+# whole), so it can follow a complete stock detector config as well as a
+# model-only base, e.g.
 #   _base_ = ['mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
 #             'mmdyn::demo/_base_/demo_det_data.py',
 #             'mmdyn::demo/_base_/demo_det_schedule.py']
 #   model = dict(bbox_head=dict(num_classes=3))
-_overlay_ = True
+__overlay__ = True
 
 dataset_type = 'CocoDataset'
 data_root = 'data/demo_det/'
@@ -36,8 +37,6 @@ test_pipeline = [
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                    'scale_factor'))
 ]
-# `_delete_=True`: the stock config's dataset (which may be wrapped, e.g. in
-# a RepeatDataset) is replaced, not merged into.
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
@@ -45,7 +44,6 @@ train_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=True),
     batch_sampler=dict(type='AspectRatioBatchSampler'),
     dataset=dict(
-        _delete_=True,
         type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
@@ -61,7 +59,6 @@ val_dataloader = dict(
     drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
-        _delete_=True,
         type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
@@ -73,7 +70,6 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 
 val_evaluator = dict(
-    _delete_=True,
     type='CocoMetric',
     ann_file=data_root + 'annotations/instances_val.json',
     metric='bbox',

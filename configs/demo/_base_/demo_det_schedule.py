@@ -1,16 +1,15 @@
 # A short CPU schedule for the demo detectors (from scratch: AdamW, which
-# converges faster than SGD without pretrained weights), checkpointing every
-# epoch so that `tools/train.py CONFIG --resume` continues an interrupted
-# run.
+# converges faster than SGD without pretrained weights).
 #
 # An overlay base (mmdyn.engine.config_bases): it replaces the schedule of
-# the bases listed before it (a stock detector config, or
-# mmdet::_base_/default_runtime.py after a model-only base).
-_overlay_ = True
+# the bases listed before it (each variable below as a whole). The hooks
+# stay those of the runtime: mmdet's default_runtime.py saves a checkpoint
+# every epoch, so that `tools/train.py CONFIG --resume` continues an
+# interrupted run.
+__overlay__ = True
 
 max_epochs = 10
 train_cfg = dict(
-    _delete_=True,
     type='EpochBasedTrainLoop',
     max_epochs=max_epochs,
     val_interval=max_epochs)
@@ -23,13 +22,9 @@ param_scheduler = [
          milestones=[8], gamma=0.1)
 ]
 optim_wrapper = dict(
-    _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
     clip_grad=dict(max_norm=10, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=8)
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=1, max_keep_ckpts=1))
 # Keep CPU runs repeatable.
 randomness = dict(seed=0)

@@ -1,7 +1,8 @@
 # The demo set with instance masks (polygons) and the bbox + segm metrics.
-# An overlay base, like ./demo_det_data.py, which it extends.
+# An overlay base, like ./demo_det_data.py, which it extends (as an
+# ordinary child config).
 _base_ = './demo_det_data.py'
-_overlay_ = True
+__overlay__ = True
 
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
