@@ -40,7 +40,6 @@ mmengine's config inheritance, both tested in
    ``__overlay__`` nothing changes.
 """
 import ast
-import os
 import os.path as osp
 import tempfile
 
