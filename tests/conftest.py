@@ -46,6 +46,10 @@ SLOW_TESTS = (
     'step[resnet50-',
     'tests/test_tools/test_metafiles.py::test_every_named_config_builds',
     'tests/test_models/test_empty_batch.py::test_mask_rcnn_trains_through',
+    # torch.compile of whole backbones and necks, and of DDF-Up
+    'tests/test_ops/test_pt2_models.py::test_compile_fullgraph_model',
+    'tests/test_ops/test_pt2_compile.py::test_compile_fullgraph_train_and_'
+    'eval[ddf_up',
     # whole models: exports, converted official checkpoints, visualisations
     'tests/test_tools/test_onnx.py::test_tiny_models_dynamic_batch[ddf-',
     'tests/test_tools/test_converters.py::test_odconv_mobilenet_v2_whole_model',
