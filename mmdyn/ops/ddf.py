@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from . import ddf_cpu
 from .base import (DynamicConv2dBase, check_allocation, check_positive,
                    empty_batch_output, is_empty_batch)
-from .fast_paths import ddf_path, graph_capture
+from .fast_paths import ddf_path, fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
 IMPLS = ('auto', 'fused', 'taps', 'reference')
@@ -683,6 +683,9 @@ class DDFConv2d(DynamicConv2dBase):
         return cf, self.spatial_branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         self.check_input(x)
         if is_empty_batch(x):
             self.last_path = 'empty'
@@ -862,6 +865,9 @@ class DDFUpsample(nn.Module):
                 x: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Upsample x [B, C, H, W] to [B, C, s*H, s*W]."""
+        leaf = fx_leaf(self, x, guidance)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f'x must be [B, {self.channels}, H, W], got '
                              f'{tuple(x.shape)}')

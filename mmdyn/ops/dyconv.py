@@ -43,7 +43,7 @@ from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
                    init_attention_weights, is_empty_batch, linear_1x1)
 from .fast_paths import (MIXTURE_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         mixture_conv_then_mix, mixture_path)
+                         fx_leaf, mixture_conv_then_mix, mixture_path)
 from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
 from .winograd import winograd_per_sample_conv2d
 
@@ -206,6 +206,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         """:meth:`forward_reference`'s result by the path that
         :func:`~mmdyn.ops.fast_paths.mixture_path` chooses (recorded in
         :attr:`last_path`)."""
+        leaf = fx_leaf(self, x)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         self.check_input(x)
         if is_empty_batch(x):
             self.last_path = 'empty'

@@ -33,6 +33,11 @@ the path; ``impl=<path>`` forces one (``ValueError`` when it cannot run on
 that input), ``impl='reference'`` the paper's forward. After each forward a
 layer's ``last_path`` attribute names the path it took.
 
+Under graph capture (:func:`graph_capture`: ``torch.compile``,
+``torch.export``, ``torch.fx``, TorchScript, ONNX export) only paths made
+of PyTorch ops are taken; a forced path that is not one runs as the
+reference there.
+
 Every size threshold of these choices is in :data:`THRESHOLDS`, one small
 table per method, set from measurements on CPU (see ``benchmarks/``).
 Changing a value changes only speed, never results.
@@ -95,11 +100,51 @@ def check_impl(impl: str, paths: Tuple[str, ...]) -> str:
 
 
 def graph_capture() -> bool:
-    """Whether the forward is being traced, scripted or exported (the fast
-    paths' C loops and reused buffers have no place in a captured graph)."""
+    """Whether the forward is being captured into a graph: traced or
+    scripted by TorchScript, exported to ONNX, compiled or exported by
+    ``torch.compile``/``torch.export`` (TorchDynamo), or traced by
+    ``torch.fx.symbolic_trace``.
+
+    The one predicate of every dispatch in :mod:`mmdyn.ops`: under it the
+    layers take the paths made of plain PyTorch ops (or of the ``mmdyn::``
+    custom ops): the ctypes calls of the C loops, raw data pointers and
+    reused buffers have no place in a captured graph (under TorchDynamo a
+    pointer may outlive the tensor it was taken from: wrong results, not
+    an error).
+    """
     onnx = getattr(torch.onnx, 'is_in_onnx_export', None)
-    return bool((onnx is not None and onnx()) or torch.jit.is_tracing()
-                or torch.jit.is_scripting())
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or (onnx is not None and onnx())
+                or _fx_tracing())
+
+
+def _fx_tracing() -> bool:
+    """Whether ``torch.fx.symbolic_trace`` is running."""
+    trace = torch.fx._symbolic_trace
+    is_tracing = getattr(trace, 'is_fx_symbolic_tracing', None) or getattr(
+        trace, 'is_fx_tracing', None)
+    return bool(is_tracing is not None and is_tracing())
+
+
+def fx_leaf(module, *args):
+    """Under ``torch.fx.symbolic_trace``: the graph node that calls
+    ``module`` on ``args`` as a leaf (a ``call_module`` node, or a call of
+    its ``forward`` when ``module`` is the traced root); None when no
+    argument is an fx ``Proxy`` (no fx tracing: the caller runs its
+    forward).
+
+    The layers' forwards branch on shapes and check their inputs, which a
+    ``Proxy`` cannot answer, so the layers enter fx graphs whole, as
+    ``nn.Conv2d`` does; the graph runs them by their usual dispatch.
+    """
+    proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    if module is tracer.root:
+        return tracer.create_proxy('call_function', module.forward, args, {})
+    return tracer.create_proxy('call_module', tracer.path_of_module(module),
+                               args, {})
 
 
 def winograd_applies(x: torch.Tensor, conv) -> bool:
@@ -188,6 +233,11 @@ def _maps(layer, input_hw: Tuple[int, int]) -> int:
 
 
 def _forced(impl: str, name: str, applies: bool, why: str) -> str:
+    """A forced path: ``impl`` when it can run; under :func:`graph_capture`
+    the reference (a forced CPU loop cannot be captured, and a model built
+    with it must still compile and export); otherwise ``ValueError``."""
+    if not applies and graph_capture():
+        return 'reference'
     if not applies:
         raise ValueError(f'impl={impl!r} cannot run here: {name} needs '
                          f'{why}')

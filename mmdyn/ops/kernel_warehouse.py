@@ -53,7 +53,8 @@ from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
                    check_allocation, check_positive, empty_batch_output,
                    init_attention_weights, is_empty_batch)
 from .fast_paths import (KERNEL_WAREHOUSE_PATHS, PER_SAMPLE_IMPLS,
-                         check_impl, kernel_warehouse_path, kw_position_major)
+                         check_impl, fx_leaf, kernel_warehouse_path,
+                         kw_position_major)
 from .kernel_warehouse_cpu import MIXTURE_LAYOUTS
 from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
 from .warehouse_manager import LAYER_TYPES, WarehouseManager  # noqa: F401
@@ -470,6 +471,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         :func:`~mmdyn.ops.fast_paths.kernel_warehouse_path` chooses
         (recorded in :attr:`last_path`; the CPU paths are in
         :mod:`~mmdyn.ops.kernel_warehouse_cpu`)."""
+        leaf = fx_leaf(self, x)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         self.check_input(x)
         self._check_finalized()
         if is_empty_batch(x):
@@ -579,6 +583,9 @@ class KWLinear(_KWLayerMixin, nn.Module):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaf = fx_leaf(self, x)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or \
                 x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ValueError(

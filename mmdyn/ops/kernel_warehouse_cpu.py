@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .c_library import CLibrary, check_float32_cpu, num_threads, ptr
-from .fast_paths import uses_c_cell_product
+from .fast_paths import graph_capture, uses_c_cell_product
 from .per_sample_conv import kernel_workspace
 from .winograd import (KERNEL_TRANSFORM_C, chunked_winograd_conv2d,
                        winograd_block_conv2d)
@@ -489,7 +489,7 @@ class PackedCells:
         """The strips of warehouse ``index`` (``cells``); None when
         switched off or not in float32 CPU inference."""
         if os.environ.get(PACKED_CELLS_SWITCH, '1') == '0' or training or \
-                torch.is_grad_enabled() or cells.device.type != 'cpu' or \
+                torch.is_grad_enabled() or graph_capture() or cells.device.type != 'cpu' or \
                 cells.dtype != torch.float32:
             return None
         flat = cells.detach().reshape(-1)
@@ -580,7 +580,8 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
     c_loop = uses_c_cell_product(attention, cells)
     rows_shape = (*attention.shape[:-1], cells.shape[1])
     out = None
-    if reuse_buffer and not torch.is_grad_enabled() and (plain or c_loop):
+    if reuse_buffer and not torch.is_grad_enabled() and \
+            not graph_capture() and (plain or c_loop):
         out = kernel_workspace(math.prod(shape), attention.dtype,
                                attention.device, 'kw_mixtures').view(shape)
     if c_loop:

@@ -35,7 +35,8 @@ from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    init_attention_weights, is_empty_batch, linear_1x1)
 from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
 from .fast_paths import (ODCONV_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         odconv_folds, odconv_path, odconv_scaled_columns)
+                         fx_leaf, graph_capture, odconv_folds, odconv_path,
+                         odconv_scaled_columns)
 from .winograd import winograd_per_sample_conv2d
 
 
@@ -117,8 +118,8 @@ def _mix_kernels(kernel: torch.Tensor, bank: torch.Tensor,
     """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P]."""
     dtype = bank.dtype
     kernel, spatial = kernel.to(dtype), spatial.to(dtype)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        # Plain ops for graph capture (ONNX export / tracing).
+    if graph_capture():
+        # Plain ops for graph capture (tracing, export, compile).
         return ((kernel @ bank).view(kernel.shape[0], -1, spatial.shape[1]) *
                 spatial.unsqueeze(1)).flatten(1)
     with torch.autocast(bank.device.type, enabled=False):
@@ -398,6 +399,9 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         """:meth:`forward_reference`'s result by the path that
         :func:`~mmdyn.ops.fast_paths.odconv_path` chooses (recorded in
         :attr:`last_path`)."""
+        leaf = fx_leaf(self, x)
+        if leaf is not None:  # torch.fx tracing: the layer as a leaf
+            return leaf
         self.check_input(x)
         if is_empty_batch(x):
             self.last_path = 'empty'

@@ -201,7 +201,14 @@ def _conv_unfold(x, weight, bias, stride, padding, dilation, groups):
     # -1 for the batch so that a traced graph does not bake it in.
     cols = cols.reshape(-1, groups, c_in_g * kh * kw, h_out * w_out)
     kernel = weight.reshape(-1, groups, c_out // groups, c_in_g * kh * kw)
-    out = torch.matmul(kernel, cols)  # [B, g, C_out/g, L]
+    if c_out == groups:
+        # Depthwise: a weighted sum of the columns (the same work as the
+        # matrix-vector products). AOTAutograd traces matmul's backward
+        # with views of the output gradient that a channels-last gradient
+        # (ConvNeXt's LayerNorm2d after a depthwise conv) cannot take.
+        out = (kernel.transpose(2, 3) * cols).sum(2, keepdim=True)
+    else:
+        out = torch.matmul(kernel, cols)  # [B, g, C_out/g, L]
     out = out.reshape(-1, c_out, h_out, w_out)
     if bias is not None:
         b = bias if bias.dim() == 2 else bias.unsqueeze(0)
