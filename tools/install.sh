@@ -126,13 +126,13 @@ fi
 need=()
 [ "$(version mmdet)" = "$MMDET_VERSION" ] || need+=("mmdet==$MMDET_VERSION")
 [ "$(version mmpretrain)" = "$MMPRETRAIN_VERSION" ] || need+=("mmpretrain==$MMPRETRAIN_VERSION")
-for pkg in pytest onnx onnxruntime; do
+for pkg in pytest onnx onnxruntime onnxscript; do
     [ -n "$(version $pkg)" ] || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
     pip_install "${need[@]}" "mmcv==$MMCV_VERSION"
 else
-    log "mmdet $MMDET_VERSION, mmpretrain $MMPRETRAIN_VERSION, pytest, onnx, onnxruntime already installed"
+    log "mmdet $MMDET_VERSION, mmpretrain $MMPRETRAIN_VERSION, pytest, onnx, onnxruntime, onnxscript already installed"
 fi
 
 # 6. mmdyn itself, editable.

@@ -74,7 +74,8 @@ def export_onnx(module: nn.Module,
                 shape: Sequence[int],
                 dynamic_batch: bool = True,
                 opset_version: int = 17,
-                show_tracer_warnings: bool = False) -> List[str]:
+                show_tracer_warnings: bool = False,
+                dynamo: bool = False) -> List[str]:
     """Export ``module`` (``inputs [B, 3, H, W] -> tensor(s)``) to ONNX.
 
     Args:
@@ -87,6 +88,9 @@ def export_onnx(module: nn.Module,
         show_tracer_warnings (bool): Let torch's ``TracerWarning``s through
             (see the module docstring). Default: False: they are counted
             and logged in one line; other warnings pass as usual.
+        dynamo (bool): Export through ``torch.export`` (the exporter of
+            ``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``)
+            instead of the TorchScript tracer. Default: False.
 
     Returns:
         list[str]: output names.
@@ -114,7 +118,7 @@ def export_onnx(module: nn.Module,
             dynamic_axes=dynamic_axes,
             opset_version=opset_version,
             do_constant_folding=True,
-            dynamo=False)
+            dynamo=dynamo)
     tracer = [w for w in caught if issubclass(w.category,
                                               torch.jit.TracerWarning)]
     for w in caught:

@@ -110,3 +110,28 @@ def test_compile_fullgraph_model(name):
         expected = flat(reference(model, inputs))
         for a, b in zip(flat(compiled(*inputs)), expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+#: The ResNet-50 backbones of the issue, through torch.export.
+RESNET50 = {
+    'odconv1x_resnet50': lambda: DynamicResNet(50, dyconv_cfg=OD1),
+    'kw1x_resnet50': lambda: KWResNet(50),
+    'ddf_resnet50': lambda: DDFResNet(50),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(RESNET50))
+def test_export_resnet50(name):
+    """The exported program of the eval-mode backbone runs and matches the
+    eager reference forward."""
+    torch.manual_seed(0)
+    model = RESNET50[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = flat(reference(model, (x, )))
+    program = torch.export.export(model, (x, ))
+    with torch.no_grad():
+        out = flat(program.module()(x))
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
