@@ -96,9 +96,9 @@ def test_the_paper_configs_exist():
     assert expected <= set(DETECTION_CONFIGS)
 
 
-# Published parameter counts (spec.md section 5, official code at 1000
+# Parameter counts of the official classification models (their code at 1000
 # classes) minus the classifier our detection backbones do not carry, plus
-# the FPN + heads measured with mmdet 3.3 (spec.md section 1.4).
+# the FPN + heads measured with mmdet 3.3.
 FC_R50, FC_MBV2 = 2048 * 1000 + 1000, 1280 * 1000 + 1000
 HEADS = {
     ('faster', 'r50'): 18_245_024,

@@ -1,6 +1,6 @@
 """Parity of the ODConv / DyConv / DDF classification configs with the
 official models: building each config's ``model`` (1000 classes) must give
-the exact parameter count measured on the official code (spec.md section 5).
+the exact parameter count of the model the official code builds.
 Each config's model also runs a forward pass on a tiny input."""
 import glob
 import os.path as osp

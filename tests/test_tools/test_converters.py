@@ -1,8 +1,7 @@
 """Official-checkpoint converters.
 
 The official layouts are recreated here as plain dicts of random tensors,
-from the key names and shapes documented in spec.md (sections 1-3) and the
-official model definitions; nothing official is imported. Layer tests
+from the key names and shapes of the official model definitions; nothing official is imported. Layer tests
 compute the official forward from such a dict with plain torch ops and
 compare with our layer loaded through the converter's checks; model tests
 convert a whole official-layout dict, load it strictly and check every
@@ -35,7 +34,7 @@ def _bn(prefix, c, d):
 
 
 def od_layer(prefix, c_in, c_out, k, groups, kernel_num, d):
-    """Official ODConv2d keys (modules/odconv.py layout, spec 1.1)."""
+    """Official ODConv2d keys (modules/odconv.py layout)."""
     h = max(int(c_in * 0.0625), 16)
     d[prefix + 'weight'] = torch.randn(kernel_num, c_out, c_in // groups, k,
                                        k) * 0.2
@@ -57,7 +56,7 @@ def od_layer(prefix, c_in, c_out, k, groups, kernel_num, d):
 
 
 def official_odconv_forward(d, x, stride, padding, groups):
-    """spec 1.1 forward (eval-mode BN, T = 1) from an official dict."""
+    """The ODConv forward (eval-mode BN, T = 1) from an official dict."""
     bank = d['weight']
     kernel_num, c_out, _, k, _ = bank.shape
     a = 'attention.'
@@ -108,7 +107,7 @@ def test_odconv_layer_matches_official_forward(c_in, c_out, k, groups,
 
 
 def kw_layer_official(prefix, c_in, m, n, d, bias_fc1=False):
-    """Official KW attention keys (modules/kernel_warehouse.py, spec 2.4)."""
+    """Official KW attention keys (modules/kernel_warehouse.py)."""
     h = max(int(c_in * 0.0625), 16)
     a = prefix + 'attention.'
     d[a + 'fc1.weight'] = torch.randn(h, c_in) * 0.3
@@ -121,7 +120,8 @@ def kw_layer_official(prefix, c_in, m, n, d, bias_fc1=False):
 
 
 def official_kw_forward(d, cells, x, c_out, k, padding):
-    """spec 2.4 / 2.5 at tau = 0, from an official dict and warehouse."""
+    """KW attention and kernel assembly at tau = 0, from an official dict and
+    warehouse."""
     n, c_o, c_i = cells.shape[:3]
     c_in = x.shape[1]
     g_o, g_i = c_out // c_o, c_in // c_i
@@ -170,7 +170,7 @@ def test_kw_layer_matches_official_forward():
 
 
 def ddf_layer_official(prefix, c, d):
-    """Official DDFPack keys (ddf/ddf.py, spec 3)."""
+    """Official DDFPack keys (ddf/ddf.py)."""
     mid = int(c * 0.2)
     d[prefix + 'spatial_branch.0.weight'] = torch.randn(9, c, 1, 1) * 0.3
     d[prefix + 'spatial_branch.0.bias'] = torch.randn(9) * 0.1
@@ -184,7 +184,7 @@ def ddf_layer_official(prefix, c, d):
 
 
 def official_ddf_forward(d, x, stride, combine):
-    """spec 3: filters from the branches, then the explicit tap sum."""
+    """DDF: filters from the branches, then the explicit tap sum."""
     b, c, h, w = x.shape
     sf = F.conv2d(x, d['spatial_branch.0.weight'], d['spatial_branch.0.bias'],
                   stride)
@@ -397,7 +397,7 @@ def test_odconv_mobilenet_v2_whole_model():
 
 
 def test_kw_resnet18_whole_model():
-    # kw1x_resnet18 (spec 2.7): cells [64,64]/[128,128]/[256,256]/[512,512]
+    # kw1x_resnet18: cells [64,64]/[128,128]/[256,256]/[512,512]
     sizes = [56, 47, 47, 27]
     cell = [64, 128, 256, 512]
 

@@ -40,7 +40,9 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
-    persistent_workers=True,
+    # Workers that persist across epochs keep random streams no checkpoint
+    # holds: off, so that --resume continues bit for bit.
+    persistent_workers=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
     batch_sampler=dict(type='AspectRatioBatchSampler'),
     dataset=dict(
