@@ -31,7 +31,8 @@ from torch.autograd.function import once_differentiable
 from . import ddf_cpu
 from .base import (DynamicConv2dBase, check_allocation, check_positive,
                    empty_batch_output, is_empty_batch)
-from .fast_paths import ddf_path, fx_leaf, graph_capture
+from .custom_ops import ddf_op
+from .fast_paths import compiling, ddf_path, fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
 IMPLS = ('auto', 'fused', 'taps', 'reference')
@@ -286,12 +287,22 @@ class _DDFUpFusedCPU(torch.autograd.Function):
         return gx, gcf, gsf, None, None, None, None, None
 
 
+def _compiled_fused(impl: str, x: torch.Tensor) -> bool:
+    """Under ``torch.compile``: whether :func:`ddf_path`'s ``'fused'``
+    runs, as the ``mmdyn::ddf`` custom operator (the graph keeps the C
+    loops)."""
+    return compiling() and impl in ('auto', 'fused') and \
+        x.device.type == 'cpu' and ddf_path(impl, x) == 'fused'
+
+
 def _choose_impl(impl: str, x: torch.Tensor):
     """The fused-kernel library for :func:`ddf_path`'s ``'fused'``, or None
     for the tap loop."""
     _check_choice(impl, 'impl', IMPLS)
+    if graph_capture():  # plain ops, or mmdyn::ddf (_compiled_fused)
+        return None
     lib = ddf_cpu.load() if x.device.type == 'cpu' and impl in (
-        'auto', 'fused') and not graph_capture() else None
+        'auto', 'fused') else None
     if ddf_path(impl, x, lib is not None) != 'fused':
         return None
     return lib
@@ -357,14 +368,17 @@ def ddf(x: torch.Tensor,
     add = combine == 'add'
     out_dtype = torch.promote_types(
         torch.promote_types(x.dtype, cf.dtype), sf.dtype)
-    if lib is not None:
+    compiled_fused = lib is None and _compiled_fused(impl, x)
+    if lib is not None or compiled_fused:
         # The C loops handle float32/float64; half types run in float32
         # (as the official CUDA op does).
         work = torch.float64 if out_dtype == torch.float64 else torch.float32
-        out = _DDFFusedCPU.apply(
-            x.to(work).contiguous(),
-            cf.to(work).contiguous(),
-            sf.to(work).contiguous(), kernel_size, dilation, stride, add, lib)
+        x, cf, sf = (t.to(work).contiguous() for t in (x, cf, sf))
+        if compiled_fused:
+            out = ddf_op(x, cf, sf, kernel_size, dilation, stride, add, 1)
+        else:
+            out = _DDFFusedCPU.apply(x, cf, sf, kernel_size, dilation,
+                                     stride, add, lib)
         out = out.to(out_dtype)
     else:
         args = (x.to(out_dtype), cf.to(out_dtype), sf.to(out_dtype),
@@ -883,14 +897,20 @@ class DDFUpsample(nn.Module):
         lib = _choose_impl(self.impl, x) if self.head == 1 else None
         empty = is_empty_batch(x)
         self.last_path = 'empty' if empty else ddf_path(self.impl, x)
-        if lib is not None and not empty:
+        compiled_fused = lib is None and self.head == 1 and \
+            _compiled_fused(self.impl, x)
+        if (lib is not None or compiled_fused) and not empty:
             work = torch.float64 if x.dtype == torch.float64 else \
                 torch.float32
             cf = torch.stack(cfs).to(work).reshape(s * s, B, C, k * k)
             sf = torch.stack(sfs).to(work)
-            out = _DDFUpFusedCPU.apply(
-                x.to(work).contiguous(), cf, sf, k, self.dilation,
-                self.combine == 'add', s, lib)
+            if compiled_fused:  # the C loops as the mmdyn::ddf operator
+                out = ddf_op(x.to(work).contiguous(), cf, sf.contiguous(), k,
+                             self.dilation, 1, self.combine == 'add', s)
+            else:
+                out = _DDFUpFusedCPU.apply(
+                    x.to(work).contiguous(), cf, sf, k, self.dilation,
+                    self.combine == 'add', s, lib)
             return out.to(x.dtype)
         phases = [
             ddf(x, cf, sf, k, self.dilation, 1, self.combine, self.head,

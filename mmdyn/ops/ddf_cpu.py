@@ -424,6 +424,13 @@ def load() -> Optional[ctypes.CDLL]:
     return _LIBRARY.load()
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the C loops are built (building them on first use); a
+    constant to ``torch.compile``, which calls it once while tracing."""
+    return load() is not None
+
+
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernel can run on these tensors (CPU, same float32
     or float64 dtype)."""

@@ -118,6 +118,15 @@ def graph_capture() -> bool:
                 or _fx_tracing())
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (and not ``torch.export``):
+    graphs that run in this process, where the ``mmdyn::`` custom
+    operators of :mod:`~mmdyn.ops.custom_ops` may stand for the C loops."""
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    return torch.compiler.is_compiling() and not (exporting is not None
+                                                  and exporting())
+
+
 def _fx_tracing() -> bool:
     """Whether ``torch.fx.symbolic_trace`` is running."""
     trace = torch.fx._symbolic_trace
@@ -416,15 +425,16 @@ def ddf_path(impl: str, x: torch.Tensor,
              library_available: Optional[bool] = None) -> str:
     """The DDF operator's path: ``'auto'`` takes ``'fused'`` (C loops) for
     CPU tensors when the loops are built, else ``'taps'`` (also on other
-    devices and in graph capture, for ``'fused'`` too); ``'taps'`` and
-    ``'reference'`` as given."""
+    devices and in graph capture, for ``'fused'`` too, except under
+    ``torch.compile``, where the loops run as the ``mmdyn::ddf`` custom
+    operator); ``'taps'`` and ``'reference'`` as given."""
     if impl in ('taps', 'reference'):
         return impl
-    if x.device.type != 'cpu' or graph_capture():
+    if x.device.type != 'cpu' or (graph_capture() and not compiling()):
         return 'taps'
     if library_available is None:
         from . import ddf_cpu
-        library_available = ddf_cpu.load() is not None
+        library_available = ddf_cpu.available()
     if library_available:
         return 'fused'
     if impl == 'fused':

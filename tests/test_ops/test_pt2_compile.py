@@ -217,3 +217,23 @@ def test_inductor_eval():
         expected = reference(model, (x, ))
         out = torch.compile(model)(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['ddf_mul', 'ddf_up'])
+def test_compiled_ddf_keeps_the_c_loops(name):
+    """Under torch.compile DDF and DDF-Up run the fused C loops as the
+    mmdyn::ddf custom operator (in the graph, with its backward)."""
+    from mmdyn.ops import ddf_cpu
+    if ddf_cpu.load() is None:
+        pytest.skip('the C loops need a C compiler')
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    layer, inputs = build(name)
+    expected = reference(layer, inputs)
+    out = torch.compile(layer, fullgraph=True, backend=recording)(*inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert 'torch.ops.mmdyn.ddf' in graphs[0].code
