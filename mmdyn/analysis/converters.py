@@ -399,7 +399,8 @@ def convert_file(family: str,
     out, used = convert(ckpt.state_dict, family, config, build=build_once,
                         log=log, arch=ckpt.arch, src=src)
     if verify:
-        verify_state(used, out, log, model=built.get(used))
+        # The logits are the command's result: printed, not logged.
+        verify_state(used, out, print, model=built.get(used))
     save_checkpoint(out, dst, src, used)
     log(f'converted {len(ckpt.state_dict)} tensors of {src} for '
         f'{_relative(used)} -> {dst}')
@@ -440,8 +441,10 @@ def converter_cli(family: str, description: str,
         help='load pickled objects other than tensors and plain data; runs '
         'code named in the file: only for files you trust')
     args = parser.parse_args(argv)
+    from .progress import tool_logger
     try:
         convert_file(family, args.src, args.dst, args.config,
+                     log=tool_logger().info,
                      weights=args.weights, trust=args.trust_checkpoint,
                      verify=args.verify)
     except (ConversionError, CheckpointFormatError) as err:

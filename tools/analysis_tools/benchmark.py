@@ -72,6 +72,7 @@ def main(argv=None):
 
     from mmdyn.analysis.benchmark import (benchmark_configs, check_device,
                                           format_results)
+    from mmdyn.analysis.progress import tool_logger
     try:
         check_device(args.device)
     except RuntimeError as e:
@@ -96,7 +97,8 @@ def main(argv=None):
         warmup=args.warmup,
         cfg_options=args.cfg_options,
         measure_memory=not args.no_memory,
-        profile=args.profile)
+        profile=args.profile,
+        log=tool_logger().info)
     print(f'device {args.device}, torch threads {torch.get_num_threads()}, '
           f'amp {args.amp}, {args.repeat} timed rounds after {args.warmup} '
           'warm-up rounds, malloc ' +

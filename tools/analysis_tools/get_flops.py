@@ -76,8 +76,11 @@ def main(argv=None):
         shape = tuple(args.shape)
     else:
         raise ValueError(f'--shape takes 1 or 2 values, got {args.shape}')
+    from mmdyn.analysis.progress import tool_logger
+    logger = tool_logger()
     rows = []
-    for config in args.config:
+    for index, config in enumerate(args.config):
+        logger.info(f'[{index + 1}/{len(args.config)}] counting {config}')
         report = count_config_madds(config, shape, args.cfg_options)
         name = osp.splitext(osp.basename(config))[0]
         rows.append((name, report))

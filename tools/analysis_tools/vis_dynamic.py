@@ -70,10 +70,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.logging import MMLogger
-
+    from mmdyn.analysis.progress import tool_logger
     from mmdyn.analysis.vis_dynamic import visualize
-    MMLogger.get_instance('mmdyn', log_level='INFO')
+    tool_logger()
     checkpoint = None if args.checkpoint.lower() == 'none' else \
         args.checkpoint
     return visualize(
