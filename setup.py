@@ -51,7 +51,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('configs', 'tools', 'tests', 'benchmarks',
                                     'configs.*', 'tools.*', 'tests.*')),
-    package_data={'mmdyn': ['.mim/**/*']},
+    package_data={'mmdyn': ['.mim/**/*', 'ops/csrc/*.c', 'ops/csrc/*.h']},
     include_package_data=True,
     python_requires='>=3.8',
     # torch, torchvision and mmcv (compiled ops) are installed by

@@ -1,21 +1,31 @@
 """Small C kernels compiled on first use and called through ``ctypes``.
 
 Some CPU loops have no single PyTorch op (DDF's filter-tap sum, the
-Winograd transform of per-sample kernels). Their C sources include no
-PyTorch headers, so a build takes about a second with the system C compiler.
-A :class:`CLibrary` compiles its source once into
-``$MMDYN_CACHE_DIR`` (default ``~/.cache/mmdyn``), keyed by the source, the
-compiler flags and the CPU model, and loads it. Everything degrades
-gracefully: with no compiler, a failed build, or its environment switch set
-to ``0``, :meth:`CLibrary.load` returns None (once warned) and the caller
-takes its pure-PyTorch path.
+Winograd transform of per-sample kernels). Their C sources (``csrc/`` next
+to this file, shipped as package data) include no PyTorch headers, so a
+build takes about a second with the system C compiler. A :class:`CLibrary`
+compiles its source once into ``$MMDYN_CACHE_DIR`` (default
+``~/.cache/mmdyn``), keyed by the source, the compiler flags and the CPU,
+and loads it. Everything degrades gracefully: with no compiler, a failed
+build (the warning carries the compiler's messages), or its environment
+switch set to ``0``, :meth:`CLibrary.load` returns None (once warned) and
+the caller takes its pure-PyTorch path.
+
+The cache is guarded: a library is loaded only from a directory and a file
+owned by this user (or root) that no other user can write (a shared,
+world-writable cache could otherwise run someone else's code), and only
+when its SHA-256 matches the one recorded at build time next to it (a
+truncated or corrupt file, from a full disk or a killed copy, would crash
+the process on load); a mismatch is rebuilt once, then falls back.
 """
 import ctypes
 import hashlib
 import os
 import os.path as osp
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -24,26 +34,82 @@ from typing import Callable, Optional
 
 import torch
 
+#: Directory of the C sources (package data).
+CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+
+PORTABLE_FLAGS = ('-O3', '-fopenmp', '-shared', '-fPIC', '-std=c99')
 # -mprefer-vector-width=256: gcc's tuning for some AVX2 CPUs (e.g. AMD Zen 1)
 # vectorises with 128-bit registers; 256-bit ones make DDF's fused forward
-# markedly faster there (benchmarks/ddf.md).
-FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=256', '-fopenmp',
-         '-shared', '-fPIC', '-std=c99')
+# markedly faster there (benchmarks/ddf.md). x86 only.
+X86_FLAGS = ('-march=native', '-mprefer-vector-width=256')
 
 
-def cpu_model() -> str:
-    """CPU name and instruction-set flags: a build with -march=native must
-    not be reused on a CPU that lacks some of its instructions."""
-    found = {}
+def is_x86(machine: Optional[str] = None) -> bool:
+    machine = (machine or platform.machine()).lower()
+    return machine in ('x86_64', 'amd64', 'i386', 'i686', 'x86')
+
+
+def compiler_flags(machine: Optional[str] = None) -> tuple:
+    """The build flags: the x86 tuning flags only on x86, the portable ones
+    elsewhere."""
+    if is_x86(machine):
+        return PORTABLE_FLAGS[:1] + X86_FLAGS + PORTABLE_FLAGS[1:]
+    return PORTABLE_FLAGS
+
+
+FLAGS = compiler_flags()
+
+#: /proc/cpuinfo keys that identify the CPU model and its instruction sets
+#: (x86, ARM, RISC-V, POWER, s390).
+_CPU_KEYS = ('model name', 'flags', 'vendor_id', 'cpu family', 'model',
+             'stepping', 'Features', 'CPU implementer', 'CPU architecture',
+             'CPU variant', 'CPU part', 'CPU revision', 'isa', 'uarch',
+             'cpu', 'features', 'vendor_id', 'machine')
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def read_source(name: str) -> str:
+    """The text of the C file ``name`` of :data:`CSRC_DIR` with its local
+    ``#include "..."`` files written in (one self-contained translation
+    unit: the build needs no include path, and the cache key covers the
+    headers)."""
+    path = osp.join(CSRC_DIR, name)
     try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key = line.split(':', 1)[0].strip()
-                if key in ('model name', 'flags') and key not in found:
-                    found[key] = line
-    except OSError:
-        pass
-    return ''.join(found.values()) or platform.processor()
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise FileNotFoundError(
+            f'mmdyn: C source {path} missing ({e}); reinstall mmdyn (the '
+            'csrc/ files are package data)') from e
+    return _LOCAL_INCLUDE.sub(lambda m: read_source(m.group(1)), text)
+
+
+class CSourceFile(str):
+    """The name of a C file of :data:`CSRC_DIR` (a :class:`CLibrary`
+    source read when first needed)."""
+
+
+def cpu_model(cpuinfo: Optional[str] = None) -> str:
+    """What identifies this CPU for a build with ``-march=native``: the
+    identifying lines of ``/proc/cpuinfo`` (model, instruction-set flags or
+    features, on any architecture), the machine type and processor; a
+    library is never reused on a CPU that lacks some of its instructions.
+    """
+    if cpuinfo is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ''
+    found = {}
+    for line in cpuinfo.splitlines():
+        key = line.split(':', 1)[0].strip()
+        if key in _CPU_KEYS and key not in found:
+            found[key] = line.strip()
+    return '\n'.join([platform.machine(), platform.processor(),
+                      *sorted(found.values())])
 
 
 def cache_dir() -> str:
@@ -74,12 +140,42 @@ def num_threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // 4096 + 1))
 
 
+def _owner_ok(st: os.stat_result) -> bool:
+    return st.st_uid in (os.getuid(), 0)
+
+
+def unsafe_reason(path: str) -> Optional[str]:
+    """Why ``path`` (a cached library) or its directory must not be loaded:
+    owned by another user, or writable by other users (group or world);
+    None when safe (or on a system without POSIX ownership)."""
+    if not hasattr(os, 'getuid'):
+        return None
+    for target in (osp.dirname(path), path):
+        st = os.stat(target)
+        if not _owner_ok(st):
+            return f'{target} is owned by another user (uid {st.st_uid})'
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f'{target} is writable by other users (mode '
+                    f'{stat.S_IMODE(st.st_mode):o}); use a private '
+                    'MMDYN_CACHE_DIR or chmod go-w it')
+    return None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class CLibrary:
     """A C source built once per machine and loaded on first use.
 
     Args:
         name (str): File stem of the shared object.
-        source (str): The C source.
+        source (str | CSourceFile): The C source text, or a file of
+            :data:`CSRC_DIR` (read when first keyed or built).
         declare (callable): Sets ``argtypes``/``restype`` on the loaded
             ``ctypes.CDLL``.
         switch (str): Environment variable; ``0`` disables the library.
@@ -90,13 +186,20 @@ class CLibrary:
                  declare: Callable[[ctypes.CDLL], None], switch: str,
                  fallback: str):
         self.name = name
-        self.source = source
+        self._source = source
         self.declare = declare
         self.switch = switch
         self.fallback = fallback
         self._lock = threading.Lock()
         self._tried = False
         self._lib = None
+
+    @property
+    def source(self) -> str:
+        """The C source text."""
+        if isinstance(self._source, CSourceFile):
+            return read_source(self._source)
+        return self._source
 
     def path(self) -> str:
         key = hashlib.sha1((self.source + ' '.join(FLAGS) +
@@ -108,18 +211,59 @@ class CLibrary:
             'gcc') or shutil.which('cc')
         if compiler is None:
             raise RuntimeError('no C compiler found (set CC)')
-        os.makedirs(osp.dirname(path), exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=osp.dirname(path)) as tmp:
+        directory = osp.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
             src = osp.join(tmp, self.name + '.c')
             with open(src, 'w') as f:
                 f.write(self.source)
             out = osp.join(tmp, self.name + '.so')
-            subprocess.run([compiler, *FLAGS, src, '-o', out],
-                           check=True,
-                           capture_output=True,
-                           timeout=120)
-            # Atomic: parallel test workers may build the same file.
+            try:
+                subprocess.run([compiler, *FLAGS, src, '-o', out],
+                               check=True, capture_output=True, text=True,
+                               timeout=120)
+            except subprocess.CalledProcessError as e:
+                messages = (e.stderr or '').strip()[-2000:]
+                raise RuntimeError(f'{compiler} failed (exit {e.returncode})'
+                                   f': {messages}') from None
+            os.chmod(out, 0o644)
+            digest = _sha256(out)
+            with open(out + '.sha256', 'w') as f:
+                f.write(digest)
+            # Atomic: parallel test workers may build the same file. The
+            # digest first: a library is never seen without its digest.
+            os.replace(out + '.sha256', path + '.sha256')
             os.replace(out, path)
+
+    def _intact(self, path: str) -> bool:
+        """Whether the cached file is the one built (its recorded
+        SHA-256)."""
+        try:
+            with open(path + '.sha256') as f:
+                return f.read().strip() == _sha256(path)
+        except OSError:
+            return False
+
+    def _load_cached(self, path: str) -> ctypes.CDLL:
+        """Build when missing or not intact (once), check ownership and
+        permissions, load."""
+        if not osp.exists(path) or not self._intact(path):
+            self._build(path)
+            if not self._intact(path):
+                raise RuntimeError(f'{path} does not match its recorded '
+                                   'SHA-256 after a rebuild')
+        reason = unsafe_reason(path)
+        if reason is not None:
+            raise RuntimeError(f'not loading {path}: {reason}')
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            # A file that passed its digest but does not load (e.g. built
+            # by another compiler run): rebuild once.
+            self._build(path)
+            lib = ctypes.CDLL(path)
+        self.declare(lib)
+        return lib
 
     def enabled(self) -> bool:
         return os.environ.get(self.switch, '1') != '0'
@@ -136,20 +280,16 @@ class CLibrary:
 
     def load(self) -> Optional[ctypes.CDLL]:
         """The loaded library, built on first use; None when unavailable
-        (no compiler, a failed build, or the switch set to ``0``)."""
+        (no compiler, a failed build, an unsafe cache, or the switch set
+        to ``0``)."""
         if self._tried:
             return self._lib
         with self._lock:
             if self._tried:
                 return self._lib
             if self.enabled():
-                path = self.path()
                 try:
-                    if not osp.exists(path):
-                        self._build(path)
-                    lib = ctypes.CDLL(path)
-                    self.declare(lib)
-                    self._lib = lib
+                    self._lib = self._load_cached(self.path())
                 except Exception as e:  # noqa: BLE001 - any failure: fallback
                     warnings.warn(f'mmdyn: C kernels {self.name!r} '
                                   f'unavailable ({e}); {self.fallback}')
