@@ -35,7 +35,7 @@ from .custom_ops import ddf_op
 from .fast_paths import compiling, ddf_path, fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
-IMPLS = ('auto', 'fused', 'taps', 'reference')
+IMPLS = ('auto', 'fused', 'taps', 'reference', 'triton')
 
 
 # --------------------------------------------------------------------------
@@ -338,9 +338,11 @@ def ddf(x: torch.Tensor,
         head (int): Groups of channels that each have their own spatial
             filter. Default: 1 (the official operator supports only 1).
         impl (str): ``'auto'`` (fused C kernel for CPU float tensors when it
-            can be built, else the tap loop), ``'fused'``, ``'taps'`` (pure
-            PyTorch; also used on CUDA and while exporting to ONNX) or
-            ``'reference'`` (unfold, k*k memory). Default: ``'auto'``.
+            can be built, else the tap loop; the Triton kernels on CUDA),
+            ``'fused'``, ``'taps'`` (pure PyTorch; also used while exporting
+            to ONNX), ``'triton'`` (:mod:`mmdyn.ops.ddf_triton`: CUDA, or
+            CPU with ``TRITON_INTERPRET=1``) or ``'reference'`` (unfold,
+            k*k memory). Default: ``'auto'``.
 
     Returns:
         Tensor: [B, C, Ho, Wo], in the promoted dtype of the inputs.
@@ -357,6 +359,10 @@ def ddf(x: torch.Tensor,
     if impl == 'reference':
         return ddf_reference(x, channel_filter, spatial_filter, kernel_size,
                              dilation, stride, combine, head)
+    if ddf_path(impl, x) == 'triton':
+        from . import ddf_triton
+        return ddf_triton.ddf(x, cf, sf, kernel_size, dilation, stride,
+                              combine == 'add', head)
     lib = _choose_impl(impl, x)
     B, C, H, W = x.shape
     kk = kernel_size * kernel_size
@@ -911,6 +917,13 @@ class DDFUpsample(nn.Module):
                 out = _DDFUpFusedCPU.apply(
                     x.to(work).contiguous(), cf, sf, k, self.dilation,
                     self.combine == 'add', s, lib)
+            return out.to(x.dtype)
+        if self.last_path == 'triton':  # the sub-pixel Triton kernels
+            from . import ddf_triton
+            out = ddf_triton.ddf_up(
+                x, torch.stack(cfs).reshape(s * s, B, C, k * k),
+                torch.stack(sfs), k, self.dilation, self.combine == 'add',
+                self.head, s)
             return out.to(x.dtype)
         phases = [
             ddf(x, cf, sf, k, self.dilation, 1, self.combine, self.head,

@@ -304,7 +304,9 @@ def _register_operators() -> None:
     ops[2].register_autograd(_ddf_up_autograd, setup_context=_setup_context)
 
 
-if _import_triton() is not None:
+#: Whether triton could be imported (the operators are registered then).
+TRITON_IMPORTED = _import_triton() is not None
+if TRITON_IMPORTED:
     _register_operators()
 
 

@@ -315,3 +315,42 @@ def test_clear_errors_without_triton_or_gpu(monkeypatch):
     with pytest.raises(RuntimeError, match='needs the triton package'):
         ddf_triton.check_available(x)
     assert not ddf_triton.available('cuda')
+
+
+def test_public_api_selects_the_kernels(device):
+    from types import SimpleNamespace
+
+    from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
+    from mmdyn.ops.fast_paths import ddf_path
+    x, cf, sf = (t.float() for t in filters(2, 4, 7, 5, 3, 2, 2,
+                                            device=device))
+    torch.testing.assert_close(
+        ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='triton'),
+        ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='reference'))
+    assert ddf_path('auto', SimpleNamespace(device=torch.device('cuda'))) \
+        == 'triton'
+    torch.manual_seed(0)
+    conv = DDFConv2d(4, 4, 3, stride=2, head=2, impl='triton').to(device)
+    up = DDFUpsample(4, 2, guided=True, impl='triton').to(device)
+    guide = torch.randn(2, 4, 14, 10, device=device)
+    for layer, args in ((conv, (x, )), (up, (x, guide))):
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = layer(*leaves)
+        assert layer.last_path == 'triton'
+        out.square().sum().backward()
+        got = [out] + [a.grad for a in leaves]
+        layer.impl = 'reference'
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = layer(*leaves)
+        out.square().sum().backward()
+        for g, e in zip(got, [out] + [a.grad for a in leaves]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_impl_triton_without_a_gpu_says_so(monkeypatch):
+    from mmdyn.ops import ddf
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    x = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="impl='triton' runs on CUDA"):
+        ddf(x, torch.zeros(1, 2, 3, 3), torch.zeros(1, 9, 4, 4), 3,
+            impl='triton')
