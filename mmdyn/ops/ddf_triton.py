@@ -97,7 +97,8 @@ def check_available(x: Tensor) -> None:
 # --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    """The kernel module, run afresh for each interpreter setting."""
+    """The kernel module, run afresh for each interpreter setting; call
+    with ``interpreting()``."""
     del interpret  # the cache key; the module's decorators read it
     spec = importlib.util.find_spec('mmdyn.ops.ddf_triton_kernels')
     module = importlib.util.module_from_spec(spec)
