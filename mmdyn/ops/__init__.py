@@ -8,7 +8,9 @@ a layer takes, and every threshold of that choice, is in :mod:`.fast_paths`;
 the CPU paths and their C loops are in :mod:`.kernel_warehouse_cpu`,
 :mod:`.ddf_cpu`, :mod:`.winograd` (Winograd F(2x2, 3x3) inference of
 per-sample 3x3 kernels) and :mod:`.per_sample_conv`. Shared pieces live in
-:mod:`.base` and :mod:`.c_library` (building and loading the C loops).
+:mod:`.base` and :mod:`.c_library` (building and loading the C loops,
+whose sources are in ``csrc/``); :mod:`.custom_ops` makes each C loop a
+``torch.library`` operator of the ``mmdyn`` namespace.
 """
 from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm)
