@@ -3,7 +3,7 @@
 Every expected value is computed here, independently of mmdyn: an explicit
 unfold-and-sum for the operator, per-sample / per-position recomputations of
 the filter branches from the modules' own submodules, plain convs, and the
-closed-form parameter count of spec section 3.
+closed-form parameter count of the DDF paper's branches.
 """
 import math
 

@@ -150,7 +150,7 @@ def test_temperature():
 
 
 def test_structure_and_parameter_count():
-    # Unofficial DyConv (spec 4): h = int(C_in * 0.25) + 1, or K for RGB.
+    # Unofficial DyConv (kaijieshi7/Dynamic-convolution-Pytorch): h = int(C_in * 0.25) + 1, or K for RGB.
     layer = DyConv2d(64, 128, 3, bias=False)
     h = int(64 * 0.25) + 1
     assert layer.attention.fc1.out_channels == h

@@ -1,7 +1,7 @@
 """Tests of the KernelWarehouse operator against independent references.
 
-The references below are written from the method's definition (spec section
-2): attention recomputed from the layer's submodules, each mixture assembled
+The references below are written from the method's definition (the KernelWarehouse
+paper): attention recomputed from the layer's submodules, each mixture assembled
 cell by cell with Python loops, then ``F.conv2d`` per sample.
 """
 import copy

@@ -1,4 +1,4 @@
-"""ODConv2d against an independent reference written from spec.md 1.1:
+"""ODConv2d against an independent reference written from the ODConv paper:
 attentions recomputed from the layer's parameters with plain tensor ops, a
 per-sample kernel built by an explicit sum, one F.conv2d per sample."""
 import math
@@ -47,7 +47,7 @@ def randomise(layer):
 
 
 def reference_forward(layer, x):
-    """spec.md 1.1, computed independently of the layer's forward."""
+    """The paper's ODConv, computed independently of the layer's forward."""
     att = layer.attention
     temp = float(layer.temperature)
     c_in, c_out = layer.in_channels, layer.out_channels
@@ -230,7 +230,7 @@ def test_gradcheck_float64(impl, num):
 
 
 def closed_form_params(c_in, c_out, k, groups, num, r=1 / 16, min_ch=16):
-    """spec.md 1.1 closed form."""
+    """The closed form of the ODConv parameter count."""
     h = max(int(c_in * r), min_ch)
     numel_w = c_out * (c_in // groups) * k * k
     depthwise = c_in == groups == c_out
@@ -255,7 +255,7 @@ def test_parameter_count_matches_closed_form(c_in, c_out, k, groups, num):
 
 
 def _od_resnet_params(depth, num):
-    """torchvision ResNet with the ODConv placement of spec 1.2."""
+    """torchvision ResNet with the ODConv placement of the official code."""
     import torchvision
     with torch.device('meta'):
         model = getattr(torchvision.models, f'resnet{depth}')()
