@@ -20,6 +20,7 @@ only hold data; anything else stops with :class:`CheckpointFormatError`
 naming the global.
 """
 import argparse
+import contextlib
 import os.path as osp
 import pathlib
 import pickle
@@ -93,10 +94,31 @@ class OfficialCheckpoint:
     extra_keys: List[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _allowing(safe_globals):
+    """Allow ``safe_globals`` for weights-only loads inside the block.
+
+    Unlike ``torch.serialization.safe_globals``, whose exit removes every
+    entry it was given, only the entries that were not allowed before are
+    removed again: the process-wide allow-list (e.g. what mmengine
+    checkpoints need, set on ``import mmdyn.engine``) is left intact.
+    """
+    added = [g for g in safe_globals
+             if g not in torch.serialization.get_safe_globals()]
+    torch.serialization.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        kept = [g for g in torch.serialization.get_safe_globals()
+                if g not in added]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
+
+
 def _unknown_globals(path: str, error: Exception) -> List[str]:
     """Globals of ``path`` that are neither torch's nor ours."""
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with _allowing(SAFE_GLOBALS):
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         if found:
             return sorted(found)
@@ -128,7 +150,7 @@ def load_checkpoint_file(path: str, trust: bool = False):
     if trust:
         return torch.load(path, map_location='cpu', weights_only=False)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with _allowing(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         unknown = _unknown_globals(path, err)

@@ -257,3 +257,26 @@ def test_converted_checkpoint_carries_a_verified_content_hash(tmp_path,
     checkpoint['state_dict'][name].view(-1)[0] += 1
     with pytest.raises(ValueError, match='out.pth'):
         verify_content_hash(checkpoint, dst)
+
+
+def test_reading_leaves_the_process_allow_list_intact(tmp_path, od_r18):
+    """The official-format reader allows its globals only while it reads:
+    what was allowed before (mmengine checkpoints' numpy dtypes, set on
+    ``import mmdyn.engine``) stays allowed afterwards."""
+    import argparse
+
+    import numpy as np
+
+    import mmdyn.engine  # noqa: F401
+    before = set(map(str, torch.serialization.get_safe_globals()))
+    assert any('dtype' in g for g in before)
+    src = str(tmp_path / 'od.pth')
+    torch.save(dict(model=od_r18, args=argparse.Namespace(lr=0.1),
+                    epoch=np.int64(3)), src)
+    read_official_checkpoint(src)
+    assert set(map(str, torch.serialization.get_safe_globals())) == before
+    # an mmengine-style payload with a numpy dtype still loads weights-only
+    other = str(tmp_path / 'meta.pth')
+    torch.save(dict(meta=dict(dtype=np.dtype('float32'))), other)
+    assert torch.load(other, weights_only=True)['meta']['dtype'] == \
+        np.float32
