@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_paths import graph_capture
+from .fast_paths import fx_leaf, graph_capture
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -278,6 +278,26 @@ class DynamicConv2dBase(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # model.to(memory_format=torch.channels_last) with 5-D kernel banks.
         return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
+
+    def check_input_or_empty(self,
+                             x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Check ``x`` (:meth:`check_input`); for an empty batch return the
+        layer's output (:meth:`empty_output`), else None."""
+        self.check_input(x)
+        return self.empty_output(x) if is_empty_batch(x) else None
+
+    def forward_prologue(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """What every dispatching ``forward`` starts with: under
+        ``torch.fx`` tracing, the layer as a graph leaf; then
+        :meth:`check_input_or_empty` (``last_path`` ``'empty'``). Returns
+        the output when one of these ends the forward, else None."""
+        leaf = fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        out = self.check_input_or_empty(x)
+        if out is not None:
+            self.last_path = 'empty'
+        return out
 
     def empty_output(self, x: torch.Tensor,
                      *extra: torch.Tensor) -> torch.Tensor:

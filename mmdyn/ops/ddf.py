@@ -703,13 +703,9 @@ class DDFConv2d(DynamicConv2dBase):
         return cf, self.spatial_branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leaf = fx_leaf(self, x)
-        if leaf is not None:  # torch.fx tracing: the layer as a leaf
-            return leaf
-        self.check_input(x)
-        if is_empty_batch(x):
-            self.last_path = 'empty'
-            return self.empty_output(x)
+        out = self.forward_prologue(x)
+        if out is not None:  # traced by torch.fx, or an empty batch
+            return out
         self.last_path = ddf_path(self.impl, x)
         cf, sf = self.filters(x)
         out = ddf(x, cf, sf, self.kernel_size[0], self.dilation[0],

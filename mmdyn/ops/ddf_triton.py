@@ -39,7 +39,6 @@ how the tests run them without a GPU.
 """
 import functools
 import importlib.util
-import os
 from typing import List, Optional, Tuple
 
 import torch

@@ -41,9 +41,9 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
-                   init_attention_weights, is_empty_batch, linear_1x1)
+                   init_attention_weights, linear_1x1)
 from .fast_paths import (MIXTURE_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         fx_leaf, mixture_conv_then_mix, mixture_path)
+                         mixture_conv_then_mix, mixture_path)
 from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
 from .winograd import winograd_per_sample_conv2d
 
@@ -206,13 +206,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         """:meth:`forward_reference`'s result by the path that
         :func:`~mmdyn.ops.fast_paths.mixture_path` chooses (recorded in
         :attr:`last_path`)."""
-        leaf = fx_leaf(self, x)
-        if leaf is not None:  # torch.fx tracing: the layer as a leaf
-            return leaf
-        self.check_input(x)
-        if is_empty_batch(x):
-            self.last_path = 'empty'
-            return self.empty_output(x)
+        out = self.forward_prologue(x)
+        if out is not None:  # traced by torch.fx, or an empty batch
+            return out
         pi = self.routing_weights(x).to(self.weight.dtype)
         path = self.last_path = mixture_path(self, x)
         if path == 'reference':
@@ -236,9 +232,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         """The paper's forward: routing weights ``pi``, the per-sample
         kernel ``W_b = sum_i pi[b, i] W_i`` and bias, one conv per
         sample."""
-        self.check_input(x)
-        if is_empty_batch(x):
-            return self.empty_output(x)
+        out = self.check_input_or_empty(x)
+        if out is not None:
+            return out
         return self._forward_reference(
             x, self.routing_weights(x).to(self.weight.dtype))
 

@@ -51,7 +51,7 @@ from torch import nn
 from . import kernel_warehouse_cpu
 from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
                    check_allocation, check_positive, empty_batch_output,
-                   init_attention_weights, is_empty_batch)
+                   init_attention_weights)
 from .fast_paths import (KERNEL_WAREHOUSE_PATHS, PER_SAMPLE_IMPLS,
                          check_impl, fx_leaf, kernel_warehouse_path,
                          kw_position_major)
@@ -355,6 +355,17 @@ class _KWLayerMixin(TemperatureMixin):
             kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
         return kernel.reshape(-1, *self.weight_shape)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """:meth:`DynamicConv2dBase.check_input`, and the layer must belong
+        to a finalized warehouse manager."""
+        super().check_input(x)
+        self._check_finalized()
+
+    def empty_output(self, x: torch.Tensor,
+                     *extra: torch.Tensor) -> torch.Tensor:
+        # The warehouse is a parameter of the manager, not of this layer.
+        return super().empty_output(x, self._cells(), *extra)
+
     def _cells(self) -> torch.Tensor:
         """This layer's warehouse (a parameter of the manager)."""
         return self.warehouse_manager.weights[self.warehouse_id]
@@ -471,14 +482,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         :func:`~mmdyn.ops.fast_paths.kernel_warehouse_path` chooses
         (recorded in :attr:`last_path`; the CPU paths are in
         :mod:`~mmdyn.ops.kernel_warehouse_cpu`)."""
-        leaf = fx_leaf(self, x)
-        if leaf is not None:  # torch.fx tracing: the layer as a leaf
-            return leaf
-        self.check_input(x)
-        self._check_finalized()
-        if is_empty_batch(x):
-            self.last_path = 'empty'
-            return self.empty_output(x, self._cells())
+        out = self.forward_prologue(x)
+        if out is not None:  # traced by torch.fx, or an empty batch
+            return out
         attention = self._attention_weights(x.mean(dim=(2, 3)))
         path = self.last_path = kernel_warehouse_path(self, x, attention)
         if path == 'reference':
@@ -508,10 +514,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's forward: the attentions (CAF), the per-sample kernel
         assembled from the warehouse cells, one conv per sample."""
-        self.check_input(x)
-        self._check_finalized()
-        if is_empty_batch(x):
-            return self.empty_output(x, self._cells())
+        out = self.check_input_or_empty(x)
+        if out is not None:
+            return out
         return self._forward_reference(
             x, self._attention_weights(x.mean(dim=(2, 3))))
 

@@ -32,10 +32,10 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
-                   init_attention_weights, is_empty_batch, linear_1x1)
+                   init_attention_weights, linear_1x1)
 from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
 from .fast_paths import (ODCONV_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         fx_leaf, graph_capture, odconv_folds, odconv_path,
+                         graph_capture, odconv_folds, odconv_path,
                          odconv_scaled_columns)
 from .winograd import winograd_per_sample_conv2d
 
@@ -399,13 +399,9 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         """:meth:`forward_reference`'s result by the path that
         :func:`~mmdyn.ops.fast_paths.odconv_path` chooses (recorded in
         :attr:`last_path`)."""
-        leaf = fx_leaf(self, x)
-        if leaf is not None:  # torch.fx tracing: the layer as a leaf
-            return leaf
-        self.check_input(x)
-        if is_empty_batch(x):
-            self.last_path = 'empty'
-            return self.empty_output(x)
+        out = self.forward_prologue(x)
+        if out is not None:  # traced by torch.fx, or an empty batch
+            return out
         channel, filt, spatial, kernel = self.attentions(x)
         path = self.last_path = odconv_path(
             self, x, spatial is not None or kernel is not None)
@@ -428,9 +424,9 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         """The paper's forward: the four attentions, the per-sample kernel
         ``W_b = sum_i alpha_w[b, i] * (alpha_s[b] * W_i)``, then
         ``alpha_f[b] * conv(alpha_c[b] * x_b, W_b)`` (+ bias)."""
-        self.check_input(x)
-        if is_empty_batch(x):
-            return self.empty_output(x)
+        out = self.check_input_or_empty(x)
+        if out is not None:
+            return out
         return self._forward_reference(x, *self.attentions(x))
 
     def _forward_reference(self, x, channel, filt, spatial, kernel):
