@@ -1,5 +1,5 @@
 """Swap static convolutions for dynamic ones, initialise and freeze them."""
-from typing import Sequence
+from typing import Sequence, Tuple
 
 from mmcv.cnn import build_conv_layer
 from torch import nn
@@ -19,6 +19,15 @@ def check_dyconv_cfg(dyconv_cfg) -> dict:
     return dict(dyconv_cfg)
 
 
+def conv_geometry(conv: nn.Conv2d) -> Tuple[tuple, dict]:
+    """``(args, kwargs)`` that build a conv with the geometry of ``conv``:
+    channels, kernel, stride, padding, dilation, groups and bias."""
+    return ((conv.in_channels, conv.out_channels, conv.kernel_size),
+            dict(stride=conv.stride, padding=conv.padding,
+                 dilation=conv.dilation, groups=conv.groups,
+                 bias=conv.bias is not None))
+
+
 def dynamic_like(conv: nn.Conv2d, dyconv_cfg: dict) -> nn.Module:
     """Build a layer from ``dyconv_cfg`` with the geometry of ``conv``.
 
@@ -33,16 +42,8 @@ def dynamic_like(conv: nn.Conv2d, dyconv_cfg: dict) -> nn.Module:
     Returns:
         nn.Module: The new layer (on the device of ``conv``'s weight).
     """
-    layer = build_conv_layer(
-        dyconv_cfg,
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None)
+    args, kwargs = conv_geometry(conv)
+    layer = build_conv_layer(dyconv_cfg, *args, **kwargs)
     return layer.to(conv.weight.device)
 
 
@@ -60,16 +61,8 @@ def kw_like(manager: WarehouseManager, name: str,
     Returns:
         KWConv2d: The reserved layer, usable once ``manager`` is finalised.
     """
-    return manager.reserve(
-        name,
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None)
+    args, kwargs = conv_geometry(conv)
+    return manager.reserve(name, *args, **kwargs)
 
 
 def init_dynamic_layers(module: nn.Module) -> None:
