@@ -103,8 +103,72 @@ def fit_to_size(x: Tensor, size: Sequence[int]) -> Tensor:
     return x
 
 
+class TopDownUpsamplingMixin:
+    """The learnable top-down path and FPN's extra levels, shared by the
+    DDF-Up necks built on mmdet's :class:`FPN` (:class:`DDFUpFPN`,
+    ``DDFUpPAFPN``).
+
+    Uses the attributes FPN builds (``lateral_convs``, ``fpn_convs``,
+    ``start_level``, ``backbone_end_level``, ``num_outs``,
+    ``add_extra_convs``, ``relu_before_extra_convs``) and the neck's
+    ``upsamplers``, one per top-down step.
+    """
+
+    def _upsample_into(self, step: int, coarse: Tensor,
+                       lateral: Tensor) -> Tensor:
+        """Upsample ``coarse`` x2 to the size of the finer ``lateral``."""
+        upsampler = self.upsamplers[step]
+        if getattr(upsampler, 'guided', False):
+            coarse_h, coarse_w = coarse.shape[-2:]
+            guidance = fit_to_size(lateral, (2 * coarse_h, 2 * coarse_w))
+            up = upsampler(coarse, guidance)
+        else:
+            up = upsampler(coarse)
+        return fit_to_size(up, lateral.shape[-2:])
+
+    def _top_down(self, inputs: Sequence[Tensor]) -> List[Tensor]:
+        """The laterals after the top-down merges."""
+        laterals = [
+            lateral_conv(inputs[i + self.start_level])
+            for i, lateral_conv in enumerate(self.lateral_convs)
+        ]
+        # Top-down: laterals[i - 1] is still the pure lateral when it guides.
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + self._upsample_into(
+                i - 1, laterals[i], laterals[i - 1])
+        return laterals
+
+    def _with_extra_levels(self, outs: List[Tensor],
+                           inputs: Sequence[Tensor],
+                           laterals: List[Tensor]) -> tuple:
+        """``outs`` (one per used level) plus FPN's extra levels, unchanged
+        from :class:`FPN`: max-pooling, or convs on the input, the last
+        lateral or the last output."""
+        used_levels = len(laterals)
+        num_extra = self.num_outs - used_levels
+        if num_extra <= 0:
+            return tuple(outs)
+        if not self.add_extra_convs:
+            for _ in range(num_extra):
+                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            return tuple(outs)
+        sources = {
+            'on_input': lambda: inputs[self.backbone_end_level - 1],
+            'on_lateral': lambda: laterals[-1],
+            'on_output': lambda: outs[-1],
+        }
+        outs.append(self.fpn_convs[used_levels](
+            sources[self.add_extra_convs]()))
+        for i in range(used_levels + 1, self.num_outs):
+            previous = outs[-1]
+            if self.relu_before_extra_convs:
+                previous = F.relu(previous)
+            outs.append(self.fpn_convs[i](previous))
+        return tuple(outs)
+
+
 @MODELS.register_module()
-class DDFUpFPN(FPN):
+class DDFUpFPN(TopDownUpsamplingMixin, FPN):
     """FPN with a learnable upsampler in every top-down step.
 
     Same arguments, layers and outputs as mmdet's :class:`FPN`, except that
@@ -200,18 +264,6 @@ class DDFUpFPN(FPN):
                     f'in_channels[{level}] is {channels} but feature map '
                     f'{level} has shape {tuple(feat.shape)}')
 
-    def _upsample_into(self, step: int, coarse: Tensor,
-                       lateral: Tensor) -> Tensor:
-        """Upsample ``coarse`` x2 to the size of the finer ``lateral``."""
-        upsampler = self.upsamplers[step]
-        if getattr(upsampler, 'guided', False):
-            coarse_h, coarse_w = coarse.shape[-2:]
-            guidance = fit_to_size(lateral, (2 * coarse_h, 2 * coarse_w))
-            up = upsampler(coarse, guidance)
-        else:
-            up = upsampler(coarse)
-        return fit_to_size(up, lateral.shape[-2:])
-
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
         """Build the pyramid.
 
@@ -223,38 +275,8 @@ class DDFUpFPN(FPN):
             tuple[Tensor]: ``num_outs`` maps with ``out_channels`` channels.
         """
         self._check_inputs(inputs)
-        laterals = [
-            lateral_conv(inputs[i + self.start_level])
-            for i, lateral_conv in enumerate(self.lateral_convs)
+        laterals = self._top_down(inputs)
+        outs = [
+            conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals)
         ]
-        # Top-down: laterals[i - 1] is still the pure lateral when it guides.
-        for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + self._upsample_into(
-                i - 1, laterals[i], laterals[i - 1])
-        return self._pyramid_outputs(inputs, laterals)
-
-    def _pyramid_outputs(self, inputs: Sequence[Tensor],
-                         laterals: List[Tensor]) -> tuple:
-        """FPN's output convs and extra levels, unchanged from :class:`FPN`."""
-        used_levels = len(laterals)
-        outs = [self.fpn_convs[i](laterals[i]) for i in range(used_levels)]
-        num_extra = self.num_outs - used_levels
-        if num_extra <= 0:
-            return tuple(outs)
-        if not self.add_extra_convs:
-            for _ in range(num_extra):
-                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-            return tuple(outs)
-        sources = {
-            'on_input': lambda: inputs[self.backbone_end_level - 1],
-            'on_lateral': lambda: laterals[-1],
-            'on_output': lambda: outs[-1],
-        }
-        outs.append(self.fpn_convs[used_levels](
-            sources[self.add_extra_convs]()))
-        for i in range(used_levels + 1, self.num_outs):
-            previous = outs[-1]
-            if self.relu_before_extra_convs:
-                previous = F.relu(previous)
-            outs.append(self.fpn_convs[i](previous))
-        return tuple(outs)
+        return self._with_extra_levels(outs, inputs, laterals)

@@ -10,14 +10,13 @@ step with an upsampler built from ``upsample_cfg``, exactly as
 """
 from typing import List, Sequence, Tuple, Union
 
-import torch.nn.functional as F
 from mmengine.model import ModuleList
 from torch import Tensor
 
 from mmdet.models.necks import PAFPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
-from .ddf_up_fpn import build_upsampler, fit_to_size
+from .ddf_up_fpn import TopDownUpsamplingMixin, build_upsampler
 
 
 def check_upsampler_channels(neck: str, out_channels,
@@ -55,7 +54,7 @@ def check_upsampler_channels(neck: str, out_channels,
 
 
 @MODELS.register_module()
-class DDFUpPAFPN(PAFPN):
+class DDFUpPAFPN(TopDownUpsamplingMixin, PAFPN):
     """PAFPN with a learnable upsampler in every top-down step.
 
     Same arguments, layers and outputs as mmdet's :class:`PAFPN`, except
@@ -122,18 +121,6 @@ class DDFUpPAFPN(PAFPN):
             for _ in range(len(self.lateral_convs) - 1)
         ])
 
-    def _upsample_into(self, step: int, coarse: Tensor,
-                       lateral: Tensor) -> Tensor:
-        """Upsample ``coarse`` x2 to the size of the finer ``lateral``."""
-        upsampler = self.upsamplers[step]
-        if getattr(upsampler, 'guided', False):
-            height, width = coarse.shape[-2:]
-            up = upsampler(coarse, fit_to_size(lateral,
-                                               (2 * height, 2 * width)))
-        else:
-            up = upsampler(coarse)
-        return fit_to_size(up, lateral.shape[-2:])
-
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """Build the pyramid from the backbone features ``inputs``."""
         if len(inputs) != len(self.in_channels):
@@ -141,15 +128,7 @@ class DDFUpPAFPN(PAFPN):
                 f'DDFUpPAFPN: neck.in_channels has {len(self.in_channels)} '
                 f'entries but the backbone gave {len(inputs)} feature maps; '
                 'set neck.in_channels to the backbone\'s out channels')
-        laterals = [
-            lateral_conv(inputs[i + self.start_level])
-            for i, lateral_conv in enumerate(self.lateral_convs)
-        ]
-        # Top-down; laterals[i - 1] is still the pure lateral when it guides.
-        for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + self._upsample_into(
-                i - 1, laterals[i], laterals[i - 1])
-        return self._bottom_up_outputs(inputs, laterals)
+        return self._bottom_up_outputs(inputs, self._top_down(inputs))
 
     def _bottom_up_outputs(self, inputs: Sequence[Tensor],
                            laterals: List[Tensor]) -> Tuple[Tensor, ...]:
@@ -162,21 +141,4 @@ class DDFUpPAFPN(PAFPN):
         outs = [inter_outs[0]] + [
             self.pafpn_convs[i - 1](inter_outs[i]) for i in range(1, levels)
         ]
-        if self.num_outs <= len(outs):
-            return tuple(outs)
-        if not self.add_extra_convs:
-            for _ in range(self.num_outs - levels):
-                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-            return tuple(outs)
-        sources = {
-            'on_input': lambda: inputs[self.backbone_end_level - 1],
-            'on_lateral': lambda: laterals[-1],
-            'on_output': lambda: outs[-1],
-        }
-        outs.append(self.fpn_convs[levels](sources[self.add_extra_convs]()))
-        for i in range(levels + 1, self.num_outs):
-            previous = outs[-1]
-            if self.relu_before_extra_convs:
-                previous = F.relu(previous)
-            outs.append(self.fpn_convs[i](previous))
-        return tuple(outs)
+        return self._with_extra_levels(outs, inputs, laterals)
