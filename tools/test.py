@@ -15,9 +15,10 @@ import os
 import os.path as osp
 
 import mmdyn.engine  # noqa: F401  (compatibility fixes, hooks)
-from mmdyn.engine.launch import build_runner, load_config
+from mmdyn.engine.launch import (add_runtime_arguments,
+                                 apply_runtime_arguments, build_runner,
+                                 load_config)
 from mmengine.config import DictAction
-import torch
 
 
 def parse_args(argv=None):
@@ -34,16 +35,7 @@ def parse_args(argv=None):
         '--show-dir', help='save images with predictions drawn in this dir')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='seconds per shown image')
-    parser.add_argument(
-        '--allow-partial-load', action='store_true',
-        help='load a checkpoint that leaves more than half of a dynamic '
-        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
-        'warning (default: an error); same as allow_partial_load=True in '
-        'the config')
-    parser.add_argument(
-        '--threads', type=int, default=None,
-        help='torch CPU threads (default: torch\'s, one per core); 1 is '
-        'fastest on a busy machine (README, "Threads")')
+    add_runtime_arguments(parser)
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, e.g. '
@@ -104,12 +96,9 @@ def add_dump(cfg, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
-    if args.allow_partial_load:
-        cfg.allow_partial_load = True
+    apply_runtime_arguments(args, cfg)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     if args.show or args.show_dir:

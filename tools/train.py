@@ -14,10 +14,10 @@ import os
 # Applies the compatibility fixes (needed before reading 'mmdet::' bases)
 # and registers mmdyn's hooks.
 import mmdyn.engine  # noqa: F401
-from mmdyn.engine.launch import (build_runner, enable_amp, load_config,
-                                 set_resume)
+from mmdyn.engine.launch import (add_runtime_arguments,
+                                 apply_runtime_arguments, build_runner,
+                                 enable_amp, load_config, set_resume)
 from mmengine.config import DictAction
-import torch
 
 
 def parse_args(argv=None):
@@ -34,16 +34,7 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or from the latest checkpoint '
         'in the work dir when no path is given')
-    parser.add_argument(
-        '--allow-partial-load', action='store_true',
-        help='load a checkpoint that leaves more than half of a dynamic '
-        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
-        'warning (default: an error); same as allow_partial_load=True in '
-        'the config')
-    parser.add_argument(
-        '--threads', type=int, default=None,
-        help='torch CPU threads (default: torch\'s, one per core); 1 is '
-        'fastest on a busy machine (README, "Threads")')
+    add_runtime_arguments(parser)
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, e.g. '
@@ -62,12 +53,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
-    if args.allow_partial_load:
-        cfg.allow_partial_load = True
+    apply_runtime_arguments(args, cfg)
     if args.amp:
         enable_amp(cfg)
     if args.auto_scale_lr:

@@ -17,8 +17,9 @@ from .malloc import MALLOC_TUNING_ENV, tune_malloc
 from .sanity import check_annotation_files
 
 __all__ = [
-    'load_config', 'configure_cpu_distributed', 'infer_default_scope', 'enable_amp', 'set_resume',
-    'add_checkpoint_check', 'build_runner'
+    'load_config', 'configure_cpu_distributed', 'infer_default_scope',
+    'enable_amp', 'set_resume', 'add_checkpoint_check', 'build_runner',
+    'add_runtime_arguments', 'apply_runtime_arguments'
 ]
 
 _KNOWN_SCOPES = ('mmdet', 'mmpretrain')
@@ -118,6 +119,40 @@ def enable_amp(cfg):
     else:
         optim_wrapper.type = 'CPUAmpOptimWrapper'
         optim_wrapper.dtype = 'bfloat16'
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = 'positive int'  # argparse names it in its error
+
+
+def add_runtime_arguments(parser):
+    """Add the options that ``tools/train.py`` and ``tools/test.py`` share:
+    ``--allow-partial-load`` and ``--threads``."""
+    parser.add_argument(
+        '--allow-partial-load', action='store_true',
+        help='load a checkpoint that leaves more than half of a dynamic '
+        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
+        'warning (default: an error); same as allow_partial_load=True in '
+        'the config')
+    parser.add_argument(
+        '--threads', type=_positive_int, default=None,
+        help='torch CPU threads (default: torch\'s, one per core); 1 is '
+        'fastest on a busy machine (README, "Threads")')
+
+
+def apply_runtime_arguments(args, cfg):
+    """Apply :func:`add_runtime_arguments`' options to the process and
+    ``cfg``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.allow_partial_load:
+        cfg.allow_partial_load = True
 
 
 def set_resume(cfg, resume):

@@ -188,6 +188,11 @@ def test_resume_and_amp_flags(tmp_path):
     assert train.parse_args(['c.py']).threads is None
     assert load_tool('test').parse_args(
         ['c.py', 'x.pth', '--threads', '1']).threads == 1
+    # a thread count below 1 is refused by the parser, naming the option
+    for bad in ('0', '-2', 'two'):
+        with pytest.raises(SystemExit):
+            train.parse_args(['c.py', '--threads', bad])
+    assert train.parse_args(['c.py', '--allow-partial-load']).allow_partial_load
     from mmdyn.engine.launch import enable_amp, load_config, set_resume
     cfg = load_config(DET_CFG, launcher='pytorch',
                       work_dir=str(tmp_path))
