@@ -1,23 +1,16 @@
 """The tools log their progress through mmengine's MMLogger (as mmdet's
 tools do) and print their results."""
-import importlib.util
 import logging
 import os.path as osp
 
 import pytest
 import torch
 
+from test_flops import load_tool
+
 from mmdyn.analysis.progress import TOOL_LOGGER, tool_logger
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(
-        osp.splitext(osp.basename(path))[0], osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
