@@ -24,7 +24,7 @@ output size (inputs and parameters excluded).
 
 With ``--device cuda`` (a GPU and Triton needed; a clear error otherwise)
 it compares instead, in float32 and float16, forward and forward+backward:
-``ddf`` by the Triton kernels (:mod:`mmdyn.ops.ddf_triton`), the tap loop
+``ddf`` by the Triton kernels (:mod:`mmdyn.ops.accel.ddf_triton`), the tap loop
 and a depthwise 3x3 conv; and for x2 upsampling, DDF-Up's Triton sub-pixel
 kernels, mmcv's CARAFE op (``carafe``, k_up 5, when mmcv has its CUDA ops)
 and nearest interpolation. Times are wall clock with
@@ -236,7 +236,7 @@ def _carafe_or_reason():
 
 def cuda_rows(rounds, quick):
     """The ``--device cuda`` comparisons (see the module docstring)."""
-    from mmdyn.ops import ddf_triton
+    from mmdyn.ops.accel import ddf_triton
     rows, notes = [], []
     carafe, why = _carafe_or_reason()
     if carafe is None:
@@ -304,7 +304,7 @@ def cuda_main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit('--device cuda: no CUDA GPU is available to torch '
                          'here (torch.cuda.is_available() is False)')
-    from mmdyn.ops import ddf_triton
+    from mmdyn.ops.accel import ddf_triton
     if not ddf_triton.available('cuda'):
         raise SystemExit('--device cuda: the Triton DDF kernels need the '
                          'triton package, which could not be imported')

@@ -340,7 +340,7 @@ def ddf(x: torch.Tensor,
         impl (str): ``'auto'`` (fused C kernel for CPU float tensors when it
             can be built, else the tap loop; the Triton kernels on CUDA),
             ``'fused'``, ``'taps'`` (pure PyTorch; also used while exporting
-            to ONNX), ``'triton'`` (:mod:`mmdyn.ops.ddf_triton`: CUDA, or
+            to ONNX), ``'triton'`` (:mod:`mmdyn.ops.accel.ddf_triton`: CUDA, or
             CPU with ``TRITON_INTERPRET=1``) or ``'reference'`` (unfold,
             k*k memory). Default: ``'auto'``.
 
@@ -360,7 +360,7 @@ def ddf(x: torch.Tensor,
         return ddf_reference(x, channel_filter, spatial_filter, kernel_size,
                              dilation, stride, combine, head)
     if ddf_path(impl, x) == 'triton':
-        from . import ddf_triton
+        from .accel import ddf_triton
         return ddf_triton.ddf(x, cf, sf, kernel_size, dilation, stride,
                               combine == 'add', head)
     lib = _choose_impl(impl, x)
@@ -915,7 +915,7 @@ class DDFUpsample(nn.Module):
                     self.combine == 'add', s, lib)
             return out.to(x.dtype)
         if self.last_path == 'triton':  # the sub-pixel Triton kernels
-            from . import ddf_triton
+            from .accel import ddf_triton
             out = ddf_triton.ddf_up(
                 x, torch.stack(cfs).reshape(s * s, B, C, k * k),
                 torch.stack(sfs), k, self.dilation, self.combine == 'add',

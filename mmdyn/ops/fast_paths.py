@@ -428,14 +428,14 @@ def ddf_path(impl: str, x: torch.Tensor,
     devices and in graph capture, for ``'fused'`` too, except under
     ``torch.compile``, where the loops run as the ``mmdyn::ddf`` custom
     operator); ``'taps'`` and ``'reference'`` as given. ``'triton'``
-    (:mod:`~mmdyn.ops.ddf_triton`) as given, and for ``'auto'`` on CUDA
+    (:mod:`~mmdyn.ops.accel.ddf_triton`) as given, and for ``'auto'`` on CUDA
     when Triton is installed (under ``torch.compile`` too, not in other
     graph capture)."""
     if impl in ('taps', 'reference', 'triton'):
         return impl
     if impl == 'auto' and x.device.type == 'cuda' and (
             not graph_capture() or compiling()):
-        from . import ddf_triton
+        from .accel import ddf_triton
         if ddf_triton.TRITON_IMPORTED:
             return 'triton'
     if x.device.type != 'cpu' or (graph_capture() and not compiling()):

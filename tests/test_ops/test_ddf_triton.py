@@ -1,4 +1,4 @@
-"""Tests of the Triton DDF kernels (:mod:`mmdyn.ops.ddf_triton`).
+"""Tests of the Triton DDF kernels (:mod:`mmdyn.ops.accel.ddf_triton`).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the
 ``device`` fixture sets ``TRITON_INTERPRET=1`` for these tests only (the
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmdyn.ops import ddf_triton
+from mmdyn.ops.accel import ddf_triton
 from mmdyn.ops.ddf import ddf_reference
 
 pytestmark = pytest.mark.skipif(

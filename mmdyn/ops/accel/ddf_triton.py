@@ -99,7 +99,7 @@ def _kernels(interpret: bool):
     """The kernel module, run afresh for each interpreter setting; call
     with ``interpreting()``."""
     del interpret  # the cache key; the module's decorators read it
-    spec = importlib.util.find_spec('mmdyn.ops.ddf_triton_kernels')
+    spec = importlib.util.find_spec('mmdyn.ops.accel.ddf_triton_kernels')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`mmdyn.ops.ddf_triton` (imports triton).
+"""The Triton kernels of :mod:`mmdyn.ops.accel.ddf_triton` (imports triton).
 
 Loaded by :func:`mmdyn.ops.ddf_triton._kernels`, once per setting of
 ``TRITON_INTERPRET`` (``@triton.jit`` reads it when the module runs).
