@@ -3,9 +3,9 @@
 Builds KW-1x ResNet-50 (``configs/kernelwarehouse/``), records the shape of
 every ``attention @ cells`` product of one batch-8 forward, then times each
 distinct shape with ``torch.matmul`` (MKL) and with
-:func:`mmdyn.ops.kernel_warehouse_cpu.small_rows_matmul`, cutting the cells
+:func:`mmdyn.ops.accel.kw_cells.small_rows_matmul`, cutting the cells
 into column strips on every call or reading them pre-cut
-(:func:`~mmdyn.ops.kernel_warehouse_cpu.pack_columns`, what the inference
+(:func:`~mmdyn.ops.accel.kw_cells.pack_columns`, what the inference
 path does through ``WarehouseManager.packed_cells``), all writing into a
 reused output, interleaved, median of ``--repeat``. Prints one row per
 shape and the per-forward totals.
@@ -61,8 +61,8 @@ def main():
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     from mmdyn.engine.malloc import tune_malloc
-    from mmdyn.ops.kernel_warehouse_cpu import (load, pack_columns,
-                                                small_rows_matmul)
+    from mmdyn.ops.accel.kw_cells import (load, pack_columns,
+                                          small_rows_matmul)
     tune_malloc()
     if load() is None:
         sys.exit('the C loop is unavailable (no compiler, or '

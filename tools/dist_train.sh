@@ -4,7 +4,8 @@
 # Env: NNODES (1), NODE_RANK (0), PORT (29500), MASTER_ADDR (127.0.0.1).
 # PYTHON: the interpreter (default: python), e.g. a virtual environment's
 # bin/python when that environment is not on PATH.
-# On CPU-only machines mmengine uses the gloo backend.
+# On CPU-only machines tools/train.py starts the process group with gloo
+# (mmdyn.engine.launch.init_cpu_process_group; docs/compat.md).
 set -euo pipefail
 CONFIG=$1
 NPROC=$2

@@ -12,13 +12,17 @@
 #
 # Environment: PYTHON (default: python), PIP_FIND_LINKS (extra wheel folders,
 # e.g. a folder holding an mmcv wheel built against your torch),
-# MMDYN_FORCE_MMCV_BUILD=1 to ignore any prebuilt mmcv wheel.
+# MMDYN_FORCE_MMCV_BUILD=1 to ignore any prebuilt mmcv wheel. Without torch and
+# without an NVIDIA GPU (no nvidia-smi), torch's CPU build is tried first from
+# MMDYN_TORCH_CPU_INDEX (default https://download.pytorch.org/whl/cpu), then
+# PyPI; MMDYN_TORCH_CPU=0 goes to PyPI directly.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
+TORCH_CPU_INDEX=${MMDYN_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 MMENGINE_VERSION=0.10.7
 MMCV_VERSION=2.1.0
 MMDET_VERSION=3.3.0
@@ -48,6 +52,17 @@ if "$PYTHON" -c 'import torch' 2>/dev/null; then
     log "torch $(version torch) already installed: keeping it"
     if ! "$PYTHON" -c 'import torchvision' 2>/dev/null; then
         die "torch is installed but torchvision is missing or broken; install the torchvision release that matches torch $(version torch)"
+    fi
+elif [ "${MMDYN_TORCH_CPU:-auto}" != 0 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    # No NVIDIA GPU: the CPU build avoids the CUDA build's GBs of NVIDIA
+    # libraries. Where the PyTorch index is not reachable, PyPI's build.
+    log "no NVIDIA GPU found: trying the CPU build of torch from $TORCH_CPU_INDEX"
+    if "$PYTHON" -m pip install --no-cache-dir --timeout 20 --retries 1 \
+        --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"; then
+        log "installed the CPU build of torch $TORCH_VERSION"
+    else
+        log "the CPU build is not available from $TORCH_CPU_INDEX: installing torch from PyPI"
+        pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     fi
 else
     pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"

@@ -14,11 +14,10 @@ import argparse
 import os
 import os.path as osp
 
-import mmdyn.engine  # noqa: F401  (compatibility fixes, hooks)
-from mmdyn.engine.launch import (add_runtime_arguments,
-                                 apply_runtime_arguments, build_runner,
-                                 load_config)
 from mmengine.config import DictAction
+
+import mmdyn.compat
+from mmdyn.tool_args import add_runtime_arguments
 
 
 def parse_args(argv=None):
@@ -96,6 +95,11 @@ def add_dump(cfg, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    # imported after parsing: --help needs no torch (mmdyn/tool_args.py)
+    from mmdyn.engine.launch import (apply_runtime_arguments, build_runner,
+                                     load_config)
+
+    mmdyn.compat.apply()  # docs/compat.md
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
     apply_runtime_arguments(args, cfg)

@@ -11,13 +11,10 @@ Distributed: ``bash tools/dist_train.sh CONFIG NUM_PROCS`` (torchrun) or
 import argparse
 import os
 
-# Applies the compatibility fixes (needed before reading 'mmdet::' bases)
-# and registers mmdyn's hooks.
-import mmdyn.engine  # noqa: F401
-from mmdyn.engine.launch import (add_runtime_arguments,
-                                 apply_runtime_arguments, build_runner,
-                                 enable_amp, load_config, set_resume)
 from mmengine.config import DictAction
+
+import mmdyn.compat
+from mmdyn.tool_args import add_runtime_arguments
 
 
 def parse_args(argv=None):
@@ -53,6 +50,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # imported after parsing: --help needs no torch (mmdyn/tool_args.py)
+    from mmdyn.engine.launch import (apply_runtime_arguments, build_runner,
+                                     enable_amp, load_config, set_resume)
+
+    # The pinned libraries' fixes for today's torch/numpy/setuptools
+    # (docs/compat.md); importing mmdyn only registers its components.
+    mmdyn.compat.apply()
     cfg = load_config(args.config, args.cfg_options, args.launcher,
                       args.work_dir)
     apply_runtime_arguments(args, cfg)

@@ -9,11 +9,15 @@ _base_ = [
     './_base_/demo_det_schedule.py',
 ]
 
+# mmdyn's checkpoint hook and training loop (registered by mmdyn.engine).
+custom_imports = dict(imports=['mmdyn.engine'], allow_failed_imports=False)
+
 # A checkpoint every epoch (the last one kept), so that
 # `tools/train.py CONFIG --resume` continues an interrupted run.
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(interval=1, max_keep_ckpts=1))
+    checkpoint=dict(
+        type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
 
 neck_channels = 64
 model = dict(

@@ -4,6 +4,9 @@
 # replaced for a CPU run of a few minutes.
 _base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
 
+# mmdyn's checkpoint hook and training loop (registered by mmdyn.engine).
+custom_imports = dict(imports=['mmdyn.engine'], allow_failed_imports=False)
+
 data_root = 'data/demo_cls'
 num_classes = 4
 
@@ -46,11 +49,17 @@ optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-3, weight_decay=1e-4))
 param_scheduler = dict(
     _delete_=True, type='CosineAnnealingLR', by_epoch=True, T_max=max_epochs)
-train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=10)
+# mmdyn's loop continues an interrupted epoch exactly (ExactResumeHook).
+train_cfg = dict(
+    _delete_=True,
+    type='ExactResumeEpochBasedTrainLoop',
+    max_epochs=max_epochs,
+    val_interval=10)
 auto_scale_lr = dict(base_batch_size=32)
 # A checkpoint every epoch, so that `tools/train.py CONFIG --resume`
 # continues an interrupted run.
 default_hooks = dict(
     logger=dict(interval=5),
-    checkpoint=dict(interval=1, max_keep_ckpts=1))
+    checkpoint=dict(
+        type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
 randomness = dict(seed=0)

@@ -18,6 +18,11 @@ load too. Pickled Python objects other than tensors and containers are
 refused unless they are on :data:`SAFE_GLOBALS`, a short list of classes that
 only hold data; anything else stops with :class:`CheckpointFormatError`
 naming the global.
+
+Before loading, the file's zip records are checked against their CRC-32
+(:func:`mmdyn.engine.checkpoint.find_damaged_record`): a damaged download is
+refused instead of converted. A checkpoint saved by mmdyn is also checked
+against its content hash (:func:`mmdyn.engine.checkpoint.check_integrity`).
 """
 import argparse
 import contextlib
@@ -25,11 +30,15 @@ import os.path as osp
 import pathlib
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+
+from mmdyn.engine.checkpoint import (CheckpointLoadError, check_integrity,
+                                     find_damaged_record)
 
 # Classes the official scripts pickle beside the weights, harmless to
 # rebuild: they hold data and run no code of the file.
@@ -147,8 +156,36 @@ def load_checkpoint_file(path: str, trust: bool = False):
     """
     if not osp.isfile(path):
         raise CheckpointFormatError(f'checkpoint {path!r} does not exist')
+    records_intact = _check_records(path)
     if trust:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    else:
+        ckpt = _load_weights_only(path)
+    try:
+        check_integrity(ckpt, repr(path), records_intact)
+    except CheckpointLoadError as err:
+        raise CheckpointFormatError(str(err)) from None
+    return ckpt
+
+
+def _check_records(path: str) -> bool:
+    """Refuse a file whose zip records fail their CRC-32; return whether
+    it has records (torch's legacy format has none)."""
+    try:
+        damaged, has_records = find_damaged_record(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointFormatError(
+            f'cannot read {path!r} as a PyTorch checkpoint (truncated?): '
+            f'{_first_sentence(err)}') from None
+    if damaged is not None:
+        raise CheckpointFormatError(
+            f'{path!r} is damaged (on disk or in transfer): its record '
+            f'{damaged} fails the CRC-32 check of the zip container; '
+            'download it again')
+    return has_records
+
+
+def _load_weights_only(path: str):
     try:
         with _allowing(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)

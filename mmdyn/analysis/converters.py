@@ -32,9 +32,11 @@ import torch
 
 from .checkpoint_formats import (CheckpointFormatError, OfficialCheckpoint,
                                  read_official_checkpoint, unwrap_checkpoint)
+from .converter_args import converter_parser
 from .official_layouts import (CONFIG_FOLDERS, CONVERTER_SCRIPTS, FAMILIES,
                                LayoutError, architecture_of, config_pattern,
-                               mbv2_block_index, rename_keys, rules_for)
+                               mbv2_block_index, rename_keys, resnet_depth,
+                               rules_for)
 
 __all__ = [
     'ConversionError', 'FAMILIES', 'candidate_configs', 'convert',
@@ -191,6 +193,34 @@ def _relative(path: str) -> str:
         else path
 
 
+def supported_models(family: str,
+                     config_root: Optional[str] = None) -> List[str]:
+    """The models the converter of ``family`` has configs for: the names
+    of the family's ImageNet configs up to their schedule (e.g.
+    ``resnet18-odconv4x``)."""
+    root = config_root or osp.join(REPO_ROOT, 'configs')
+    configs = glob.glob(osp.join(root, CONFIG_FOLDERS[family], '*_in1k.py'))
+    return sorted({osp.basename(c).split('_')[0] for c in configs})
+
+
+def _no_config_for(family: str, state: Dict[str, torch.Tensor],
+                   config_root: Optional[str]) -> ConversionError:
+    """The error for weights whose architecture no config of the family
+    has (e.g. an ODConv ResNet-34)."""
+    arch = architecture_of(state)
+    model = f'ResNet-{resnet_depth(state)}' if arch == 'resnet' else {
+        'mobilenet_v2': 'MobileNetV2',
+        'convnext': 'ConvNeXt'
+    }.get(arch, arch)
+    supported = ', '.join(supported_models(family, config_root)) or 'none'
+    return ConversionError(
+        f'no {family} config has the architecture of the checkpoint '
+        f'({model}; looked for {CONFIG_FOLDERS[family]}/'
+        f'{config_pattern(arch, state)}). The {family} models with a config '
+        f'are: {supported}. Write a config for this model and pass it with '
+        '--config')
+
+
 def _several_fit(family: str, fits: Sequence[str], arch: Optional[str],
                  src: str) -> ConversionError:
     """The error for weights that fit several configs (DDF mul and add)."""
@@ -270,10 +300,11 @@ def convert(state: Dict[str, torch.Tensor],
                 fits.append(candidate)
             except ConversionError as err:
                 reasons.append(err)
+        if not candidates:
+            raise _no_config_for(family, state, config_root)
         if not fits:
             tried = ', '.join(osp.basename(c) for c in candidates)
-            closest = min(reasons, key=lambda e: e.problems) if reasons \
-                else ''
+            closest = min(reasons, key=lambda e: e.problems)
             raise ConversionError(
                 f'the checkpoint fits none of the {family} configs tried '
                 f'({tried or "none found"}); pass --config to compare with '
@@ -415,31 +446,8 @@ def converter_cli(family: str, description: str,
     [--trust-checkpoint]``; exits with a one-line refusal instead of a
     traceback.
     """
-    import argparse
     import sys
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('src', help='official checkpoint')
-    parser.add_argument('dst', help='output mmdyn checkpoint')
-    parser.add_argument(
-        '--config',
-        default=None,
-        help='target mmdyn config (default: the one config the weights fit)')
-    parser.add_argument(
-        '--weights',
-        choices=('auto', 'model', 'ema'),
-        default='auto',
-        help="which weights of a training checkpoint: the model's (auto, "
-        'model) or the EMA ones (ema)')
-    parser.add_argument(
-        '--verify',
-        action='store_true',
-        help='load the result strictly into the model and print the top-5 '
-        'logits and checksums of a fixed input (see the README)')
-    parser.add_argument(
-        '--trust-checkpoint',
-        action='store_true',
-        help='load pickled objects other than tensors and plain data; runs '
-        'code named in the file: only for files you trust')
+    parser = converter_parser(description)
     args = parser.parse_args(argv)
     from .progress import tool_logger
     try:

@@ -31,6 +31,10 @@ from torch import nn
 COLUMNS = ('conv', 'att', 'agg', 'scal')
 
 
+def _zeros(columns: Sequence[str]) -> Dict[str, int]:
+    return dict.fromkeys(columns, 0)
+
+
 @dataclass
 class LayerMAdds:
     """Multiply-adds of one module, summed over all its calls.
@@ -49,9 +53,7 @@ class LayerMAdds:
     input_shape: Tuple[int, ...] = ()
     calls: int = 0
     params: int = 0
-    madds: Dict[str, int] = field(
-        default_factory=lambda: {c: 0
-                                 for c in COLUMNS})
+    madds: Dict[str, int] = field(default_factory=lambda: _zeros(COLUMNS))
 
     @property
     def total(self) -> int:
@@ -68,11 +70,14 @@ class MAddsReport:
             totals divided by it.
         params (int): All parameters of the model (shared ones once).
         input_shape (tuple): The shape of the input fed to the model.
+        num_proposals (int, optional): Proposals per image the RoI heads of
+            a two-stage detector were counted on; None for other models.
     """
     layers: List[LayerMAdds]
     num_images: int
     params: int
     input_shape: Tuple[int, ...] = ()
+    num_proposals: Optional[int] = None
 
     def per_image(self) -> Dict[str, float]:
         """Per-image multiply-adds per column, plus ``'total'``."""
@@ -257,10 +262,13 @@ def format_report(report: MAddsReport,
     if report.input_shape:
         lines.append(f'input shape: {tuple(report.input_shape)} '
                      f'({report.num_images} image(s)); MAdds per image')
+    if report.num_proposals is not None:
+        lines.append(f'RoI heads on {report.num_proposals} proposals per '
+                     'image (mask heads on the first 100)')
     if per_layer:
         header = (f'{"layer":<48} {"type":<16} {"input":<20} {"calls":>5} '
-                  f'{"params":>10} ' +
-                  ' '.join(f'{c + " (M)":>10}' for c in COLUMNS))
+                  f'{"params":>10} ' + ' '.join(f'{c + " (M)":>10}'
+                                                for c in COLUMNS))
         lines.append(header)
         lines.append('-' * len(header))
         for layer in report.layers:
@@ -273,26 +281,97 @@ def format_report(report: MAddsReport,
         lines.append('')
         lines.append('per layer type (M):')
         for kind, row in report.by_type().items():
-            lines.append(f'  {kind:<24} ' + ' '.join(
-                f'{c}={row[c] / 1e6:.2f}' for c in COLUMNS if row[c]))
+            lines.append(f'  {kind:<24} ' +
+                         ' '.join(f'{c}={row[c] / 1e6:.2f}'
+                                  for c in COLUMNS if row[c]))
     totals = report.per_image()
-    lines.append('MAdds (M): ' + ', '.join(f'{c} {totals[c] / 1e6:.2f}'
-                                          for c in COLUMNS) +
-                 f', total {totals["total"] / 1e6:.1f} '
+    columns = ', '.join(f'{c} {totals[c] / 1e6:.2f}' for c in COLUMNS)
+    lines.append(f'MAdds (M): {columns}, total {totals["total"] / 1e6:.1f} '
                  f'({totals["total"] / 1e9:.3f} G)')
     lines.append(f'Params: {report.params:,} ({report.params / 1e6:.2f} M)')
     return '\n'.join(lines)
 
 
+# Detectors: the RoI heads are counted on a fixed number of proposals, not on
+# whatever a randomly initialised RPN keeps, so that two detectors that
+# differ only in their heads (Faster vs Mask R-CNN) differ by those heads.
+DEFAULT_PROPOSALS = 1000  # mmdet's two-stage test_cfg.rpn.max_per_img
+
+
+def is_two_stage(model: nn.Module) -> bool:
+    """Whether ``model`` is a detector with an RPN and a RoI head."""
+    return getattr(model, 'rpn_head', None) is not None and \
+        getattr(model, 'roi_head', None) is not None
+
+
+def detector_proposals(model: nn.Module) -> int:
+    """The proposals per image a two-stage detector's RoI head is counted
+    on: its ``test_cfg.rpn.max_per_img`` (1000 in mmdet's COCO configs,
+    the papers' convention), else :data:`DEFAULT_PROPOSALS`."""
+    test_cfg = getattr(model, 'test_cfg', None) or {}
+    rpn_cfg = test_cfg.get('rpn') if hasattr(test_cfg, 'get') else None
+    value = rpn_cfg.get('max_per_img') if rpn_cfg else None
+    return int(value) if value else DEFAULT_PROPOSALS
+
+
+def fixed_proposals(batch: dict, num_proposals: int, seed: int = 0) -> list:
+    """``num_proposals`` random boxes inside each image of ``batch``, as the
+    ``InstanceData`` list an RPN returns (the counts do not depend on where the
+    boxes are)."""
+    from mmengine.structures import InstanceData
+    gen = torch.Generator().manual_seed(seed)
+    device = batch['inputs'].device
+    proposals = []
+    for sample in batch['data_samples']:
+        h, w = sample.metainfo.get('img_shape',
+                                   tuple(batch['inputs'].shape[-2:]))
+        xy = torch.rand(
+            num_proposals, 2, generator=gen) * torch.tensor([w * 0.9, h * 0.9])
+        wh = 8 + torch.rand(
+            num_proposals, 2, generator=gen) * torch.tensor([w * 0.5, h * 0.5])
+        boxes = torch.cat([xy,
+                           torch.minimum(xy + wh, torch.tensor([w, h]))],
+                          dim=1)
+        result = InstanceData()
+        result.bboxes = boxes.to(device)
+        result.scores = torch.ones(num_proposals, device=device)
+        proposals.append(result)
+    return proposals
+
+
+def detector_forward(model: nn.Module,
+                     batch: dict,
+                     num_proposals: Optional[int] = None):
+    """A detector's network forward as counted.
+
+    Two-stage detectors with an RPN: backbone, neck, the RPN head's convs,
+    and ``roi_head.forward`` on ``num_proposals`` fixed boxes per image
+    (default :func:`detector_proposals`); mmdet's ``roi_head.forward`` runs
+    the box head on all of them and a mask head on the first 100 (the
+    ``test_cfg.rcnn.max_per_img`` detections it would see at test time).
+    Other detectors: ``model._forward`` (backbone, neck, dense head).
+    """
+    if not is_two_stage(model):
+        return model._forward(batch['inputs'], batch['data_samples'])
+    if num_proposals is None:
+        num_proposals = detector_proposals(model)
+    x = model.extract_feat(batch['inputs'])
+    model.rpn_head(x)
+    proposals = fixed_proposals(batch, num_proposals)
+    return model.roi_head.forward(x, proposals, batch['data_samples'])
+
+
 def count_config_madds(config,
                        shape: Optional[Sequence[int]] = None,
                        cfg_options: Optional[dict] = None,
-                       model: Optional[nn.Module] = None) -> MAddsReport:
+                       model: Optional[nn.Module] = None,
+                       num_proposals: Optional[int] = None) -> MAddsReport:
     """Build a config's model and count one image of size ``shape``.
 
     Classifiers run ``model(inputs, mode='tensor')``; detectors run
-    ``model._forward`` (backbone, neck, RPN and RoI head) on an image padded
-    by the model's data preprocessor (e.g. 800x1333 -> 800x1344).
+    :func:`detector_forward` (backbone, neck, RPN and the RoI head on a
+    fixed number of proposals) on an image padded by the model's data
+    preprocessor (e.g. 800x1333 -> 800x1344).
 
     Args:
         config (str | Config): Config path or object.
@@ -300,20 +379,35 @@ def count_config_madds(config,
             classifiers, 800x1333 for detectors.
         cfg_options (dict, optional): Config overrides.
         model (nn.Module, optional): An already built model of that config.
+        num_proposals (int, optional): Proposals per image of two-stage
+            detectors. Default: the config's ``test_cfg.rpn.max_per_img``
+            (1000 for mmdet's COCO configs).
 
     Returns:
         MAddsReport: counts for one image.
     """
-    from .models import build_model, default_shape, make_batch, \
-        tensor_forward, task_of
+    from .models import (build_model, default_shape, make_batch, task_of,
+                         tensor_forward)
     if model is None:
         model = build_model(config, cfg_options)
     model.eval()
+    task = task_of(model)
     if shape is None:
-        shape = default_shape(task_of(model))
+        shape = default_shape(task)
     batch = make_batch(model, 1, shape, training=False)
-    return count_madds(
-        model,
-        lambda: tensor_forward(model, batch),
-        num_images=1,
-        input_shape=tuple(batch['inputs'].shape))
+    two_stage = task == 'detection' and is_two_stage(model)
+    if task == 'detection':
+        if two_stage and num_proposals is None:
+            num_proposals = detector_proposals(model)
+
+        def run():
+            return detector_forward(model, batch, num_proposals)
+    else:
+
+        def run():
+            return tensor_forward(model, batch)
+
+    report = count_madds(
+        model, run, num_images=1, input_shape=tuple(batch['inputs'].shape))
+    report.num_proposals = num_proposals if two_stage else None
+    return report

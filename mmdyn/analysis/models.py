@@ -8,7 +8,6 @@ of models are supported: classifiers (mmpretrain ``ImageClassifier``-like,
 mmpretrain/mmdet are imported when a config asks for them.
 """
 import copy
-import os.path as osp
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -19,34 +18,11 @@ TASKS = ('classification', 'detection')
 
 
 def load_config(config, cfg_options: Optional[dict] = None) -> Config:
-    """Load ``config`` (a path or a Config), merging ``cfg_options``."""
-    # Resolving ``mmpretrain::``/``mmdet::`` bases needs mmdyn's compat fixes
-    # (no pkg_resources in recent setuptools).
-    import mmdyn.engine  # noqa: F401
-    if isinstance(config, Config):
-        cfg = config
-    else:
-        cfg = Config.fromfile(resolve_config_path(str(config)))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
-
-
-def resolve_config_path(path: str) -> str:
-    """Accept ``'mmpretrain::resnet/resnet50_8xb32_in1k.py'`` style names.
-
-    A file path is returned unchanged; ``package::relative`` names point into
-    the package's installed ``.mim/configs`` folder (``mmdyn::`` into
-    mmdyn's configs, see :func:`mmdyn.engine.config_bases.mmdyn_config_root`).
-    """
-    if '::' not in path or osp.exists(path):
-        return path
-    package, relative = path.split('::', 1)
-    if package == 'mmdyn':
-        from mmdyn.engine.config_bases import mmdyn_config_root
-        return osp.join(mmdyn_config_root(), relative)
-    from mmengine.utils import get_installed_path
-    return osp.join(get_installed_path(package), '.mim', 'configs', relative)
+    """Load ``config`` (a path, a ``package::`` name or a Config), merging
+    ``cfg_options``: :func:`mmdyn.engine.config_bases.load_config`, the
+    loader of every mmdyn tool."""
+    from mmdyn.engine.config_bases import load_config as read_config
+    return read_config(config, cfg_options)
 
 
 def build_model(config, cfg_options: Optional[dict] = None,

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmdyn.ops.families import family_of
+
 ATTENTION_KINDS = ('odconv', 'dyconv', 'kw')
 FILTER_KINDS = ('ddf', 'ddf_up')
 OD_ATTENTIONS = ('channel', 'filter', 'spatial', 'kernel')
@@ -52,18 +54,8 @@ OD_ATTENTIONS = ('channel', 'filter', 'spatial', 'kernel')
 def layer_kind(module: nn.Module) -> Optional[str]:
     """``'ddf'``, ``'ddf_up'``, ``'odconv'``, ``'dyconv'``, ``'kw'`` or None
     for a module that is not an mmdyn dynamic layer."""
-    from mmdyn import ops
-    if isinstance(module, ops.DDFUpsample):
-        return 'ddf_up'
-    if isinstance(module, ops.DDFConv2d):
-        return 'ddf'
-    if isinstance(module, ops.ODConv2d):
-        return 'odconv'
-    if isinstance(module, (ops.DyConv2d, ops.CondConv2d)):
-        return 'dyconv'
-    if isinstance(module, (ops.KWConv2d, ops.KWLinear)):
-        return 'kw'
-    return None
+    family = family_of(module)  # the table of layer families
+    return None if family is None else family.kind
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -136,6 +128,11 @@ class LayerRecord:
             sample.
         scale_factor (int): DDF-Up's s (1 for DDF).
         kernel_size (int): DDF's k.
+        num_kernels (int): Attention layers: the kernels (KernelWarehouse:
+            cells) the kernel attention spreads over; 1 for a layer without
+            kernel attention (ODConv 1x). 0 until recorded.
+        spatial_shape (tuple[int, int]): ODConv: the ``(kh, kw)`` of its
+            spatial attention.
     """
     name: str
     kind: str
@@ -149,6 +146,8 @@ class LayerRecord:
     channel_filters: List[torch.Tensor] = field(default_factory=list)
     scale_factor: int = 1
     kernel_size: int = 0
+    num_kernels: int = 0
+    spatial_shape: Tuple[int, ...] = ()
 
     def add_attention(self, name: str, value: Optional[torch.Tensor],
                       profile: Optional[torch.Tensor] = None):
@@ -224,6 +223,8 @@ class DynamicLayerRecorder:
 
     # -- attention layers --------------------------------------------------
     def _hook_odconv(self, record, layer):
+        record.num_kernels = layer.kernel_num
+        record.spatial_shape = tuple(layer.kernel_size)
 
         def hook(_, __, outputs):
             record.add_samples(outputs[0].shape[0], self.image)
@@ -243,6 +244,7 @@ class DynamicLayerRecorder:
                 weights = torch.softmax(logits, dim=1)
             else:
                 weights = torch.sigmoid(logits)
+            record.num_kernels = weights.shape[1]
             record.add_samples(weights.shape[0], self.image)
             record.add_attention('kernel', weights)
             record.entropies.extend(normalized_entropy(weights).tolist())
@@ -255,6 +257,7 @@ class DynamicLayerRecorder:
         def hook(_, __, logits):
             att = contrasting_attention(logits.detach(), layer.beta,
                                         layer.temperature)  # [B, m, n]
+            record.num_kernels = att.shape[-1]
             record.add_samples(att.shape[0], self.image)
             record.add_attention('kernel', att, profile=att.abs().mean(1))
             record.entropies.extend(
@@ -417,13 +420,34 @@ def _safe(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.-]', '_', name) or 'model'
 
 
-def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:
-    """Bar charts of kernel-attention entropy and of the attentions'
-    variance over images, one bar (group) per attention layer. Returns
-    False (and writes nothing) when there is no attention layer."""
+def _integer_ticks(ax) -> None:
+    """Ticks only at whole numbers (samples, kernels, kernel taps)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _widen_to_fit(fig, text, margin: float = 0.2) -> None:
+    """Widen ``fig`` until ``text`` (a centred title) fits in it with
+    ``margin`` inches each side: a long layer name would otherwise lose
+    its first and last letters at the figure's edges."""
+    renderer = fig.canvas.get_renderer()
+    needed = text.get_window_extent(renderer).width / fig.dpi + 2 * margin
+    if needed > fig.get_figwidth():
+        fig.set_figwidth(needed)
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+
+
+def summary_figure(records: Sequence[LayerRecord]):
+    """The figure of :func:`plot_summary` (None without attention
+    layers)."""
     layers = [r for r in records if r.kind in ATTENTION_KINDS and r.images]
     if not layers:
-        return False
+        return None
     plt = _pyplot()
     names = [r.name for r in layers]
     x = np.arange(len(layers))
@@ -432,6 +456,11 @@ def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:
     entropy = [np.mean(r.entropies) if r.entropies else np.nan
                for r in layers]
     axes[0].bar(x, entropy, color='tab:blue')
+    for i, record in enumerate(layers):
+        if record.num_kernels == 1:  # no bar: say why
+            axes[0].text(
+                i, 0.03, 'one kernel', rotation=90, ha='center',
+                va='bottom', fontsize=7, color='tab:gray')
     axes[0].set_ylim(0, 1.05)
     axes[0].set_ylabel('kernel attention\nnormalised entropy')
     axes[0].set_title('1 = uniform over kernels/cells, 0 = one kernel')
@@ -449,17 +478,31 @@ def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:
                     bar, label=name)
     axes[1].set_yscale('symlog', linthresh=1e-6)
     axes[1].set_ylabel('variance over images\n(mean over entries)')
-    axes[1].legend(fontsize=8)
+    # Outside the axes, right of the last bars, never over them.
+    axes[1].legend(
+        fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0)
     axes[1].set_xticks(x)
     axes[1].set_xticklabels(names, rotation=90, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
+
+
+def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:
+    """Bar charts of kernel-attention entropy and of the attentions'
+    variance over images, one bar (group) per attention layer; a layer
+    with one kernel (ODConv 1x: no kernel attention) is marked
+    ``one kernel`` instead of a bar. Returns False (and writes nothing)
+    when there is no attention layer."""
+    fig = summary_figure(records)
+    if fig is None:
+        return False
+    _save(fig, path)
     return True
 
 
-def plot_attentions(record: LayerRecord, path: str) -> None:
-    """Each attention of one layer as an images x entries heatmap."""
+def attention_figure(record: LayerRecord):
+    """The figure of :func:`plot_attentions`."""
     plt = _pyplot()
     names = [n for n in OD_ATTENTIONS if n in record.profiles]
     fig, axes = plt.subplots(
@@ -467,17 +510,36 @@ def plot_attentions(record: LayerRecord, path: str) -> None:
     labels = dict(kernel='cell (mean |att| over mixtures)'
                   if record.kind == 'kw' else 'kernel')
     for ax, name in zip(axes[0], names):
-        values = torch.stack(record.profiles[name]).numpy()
-        image = ax.imshow(values, aspect='auto', cmap='viridis',
-                          interpolation='nearest')
-        ax.set_title(f'{name} attention', fontsize=9)
-        ax.set_xlabel(labels.get(name, name), fontsize=8)
-        ax.set_ylabel('sample', fontsize=8)
+        values = torch.stack(record.profiles[name])
+        if name == 'spatial' and record.spatial_shape:
+            # One weight per kernel tap: drawn as the k x k kernel.
+            image = ax.imshow(
+                values.mean(0).reshape(record.spatial_shape).numpy(),
+                cmap='viridis', interpolation='nearest')
+            ax.set_title(f'spatial attention (mean of {len(values)} '
+                         'samples)', fontsize=9)
+            ax.set_xlabel('kernel column', fontsize=8)
+            ax.set_ylabel('kernel row', fontsize=8)
+        else:
+            image = ax.imshow(values.numpy(), aspect='auto', cmap='viridis',
+                              interpolation='nearest')
+            ax.set_title(f'{name} attention', fontsize=9)
+            ax.set_xlabel(labels.get(name, name), fontsize=8)
+            ax.set_ylabel('sample', fontsize=8)
+        _integer_ticks(ax)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f'{record.name} ({record.type})', fontsize=9)
+    title = f'{record.name or "model"} ({record.type})'
+    if record.num_kernels == 1:
+        title += ': one kernel, no kernel attention'
+    _widen_to_fit(fig, fig.suptitle(title, fontsize=9))
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
+
+
+def plot_attentions(record: LayerRecord, path: str) -> None:
+    """Each attention of one layer as a samples x entries heatmap; ODConv's
+    spatial attention as its k x k kernel (mean over the samples)."""
+    _save(attention_figure(record), path)
 
 
 def plot_ddf(record: LayerRecord, image: int, picture: np.ndarray,
@@ -600,18 +662,16 @@ def build_model(config, checkpoint: Optional[str] = None,
     Returns:
         tuple: ``(model, pipeline, cfg)``.
     """
-    from mmengine.config import Config
     from mmengine.dataset import Compose
     from mmengine.registry import MODELS, init_default_scope
-    from mmengine.runner import load_checkpoint
 
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    from mmdyn.engine.checkpoint import load_model_weights
+    from mmdyn.engine.config_bases import load_config
+    cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
     if checkpoint:
-        load_checkpoint(model, checkpoint, map_location='cpu')
+        load_model_weights(model, checkpoint)  # refuses a partial load
     model.to(device).eval()
     pipeline_cfg = cfg.test_dataloader.dataset.get('pipeline')
     if pipeline_cfg is None:

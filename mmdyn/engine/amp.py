@@ -8,75 +8,23 @@ bfloat16 has float32's exponent range, so no loss scaling is needed and the
 optimizer update stays in float32 on float32 parameters.
 
 mmcv's CPU kernels of ``nms`` and ``roi_align`` accept float32 only
-("expected scalar type Float but found BFloat16" under autocast); they are
-run in float32 (inputs cast up, floating outputs cast back to the input
-dtype so that mmdet's bookkeeping tensors keep matching) the first time this
-wrapper is built.
+("expected scalar type Float but found BFloat16" under autocast): detectors
+need the compat fix :mod:`mmdyn.compat.cpu_amp_ops`, applied by
+:func:`mmdyn.compat.apply` (the tools call it). Building this wrapper
+changes nothing in mmcv; it logs a warning when that fix is needed and not
+applied.
 """
-import functools
-import importlib
+import sys
 from contextlib import contextmanager
 
 import torch
+from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
+from mmdyn.compat import cpu_amp_ops
+
 __all__ = ['CPUAmpOptimWrapper']
-
-_FLOAT32_ONLY_OPS = (('mmcv.ops.nms', 'NMSop'),
-                     ('mmcv.ops.roi_align', 'RoIAlignFunction'))
-
-
-def _as_float32(value):
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.float()
-    return value
-
-
-def _float32_forward(forward):
-    """Run ``forward`` in float32; give floating outputs the input dtype."""
-
-    @functools.wraps(forward)
-    def wrapped(ctx, *args, **kwargs):
-        dtypes = [a.dtype for a in args
-                  if torch.is_tensor(a) and a.is_floating_point()]
-        if all(d == torch.float32 for d in dtypes):
-            return forward(ctx, *args, **kwargs)
-        with torch.autocast(device_type='cpu', enabled=False):
-            out = forward(ctx, *[_as_float32(a) for a in args],
-                          **{k: _as_float32(v) for k, v in kwargs.items()})
-        if torch.is_tensor(out) and out.is_floating_point():
-            out = out.to(dtypes[0])
-        return out
-
-    return wrapped
-
-
-def _float32_backward(backward):
-    """Run ``backward`` on float32 gradients (autograd casts the results
-    back to the inputs' dtypes)."""
-
-    @functools.wraps(backward)
-    def wrapped(ctx, *grads):
-        with torch.autocast(device_type='cpu', enabled=False):
-            return backward(ctx, *[_as_float32(g) for g in grads])
-
-    return wrapped
-
-
-def _run_mmcv_ops_in_float32():
-    """Wrap mmcv autograd functions whose CPU kernels need float32."""
-    for module_name, name in _FLOAT32_ONLY_OPS:
-        try:
-            func = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError):
-            continue
-        if getattr(func, '_mmdyn_cpu_autocast', False):
-            continue
-        func.forward = staticmethod(_float32_forward(func.forward))
-        if 'backward' in func.__dict__:
-            func.backward = staticmethod(_float32_backward(func.backward))
-        func._mmdyn_cpu_autocast = True
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -99,7 +47,13 @@ class CPUAmpOptimWrapper(OptimWrapper):
                 f'dtype must be one of {self.valid_dtypes}, got {dtype!r}')
         super().__init__(**kwargs)
         self.cast_dtype = getattr(torch, dtype)
-        _run_mmcv_ops_in_float32()
+        # mmcv's ops are loaded by models that use them (detectors).
+        if 'mmcv.ops' in sys.modules and cpu_amp_ops.is_needed():
+            print_log(
+                'CPUAmpOptimWrapper: mmcv\'s CPU nms/roi_align refuse '
+                f'{dtype} here; detectors need mmdyn.compat.apply() (the '
+                'tools call it) before training', logger='current',
+                level=30)
 
     @contextmanager
     def optim_context(self, model):

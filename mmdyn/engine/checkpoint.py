@@ -1,67 +1,202 @@
-"""Checkpoint loading that fails loudly.
+"""One checkpoint loader, with the checks, for every load path.
 
-Two gaps of mmengine 0.10's loader path, closed on ``import mmdyn.engine``:
+:func:`load_checkpoint_file` reads a local checkpoint and refuses, naming
+the file, what cannot be trusted:
 
-* A corrupt or truncated file raised torch's bare ``PytorchStreamReader
-  failed reading zip archive`` (no file name). :func:`load_from_local`
-  replaces mmengine's local-file loader (``CheckpointLoader`` scheme ``''``,
-  used by ``load_from``, ``resume`` and ``init_cfg=Pretrained``) and raises
-  :class:`CheckpointLoadError` naming the file. It loads with
-  ``weights_only=True`` (see :mod:`mmdyn.engine.compat` for the allow-list).
-* A checkpoint whose tensors do not fit the model (e.g. a dynamic conv built
-  with another ``kernel_num`` or warehouse size) was only *warned* about and
-  the rest loaded, leaving the model half-initialised.
-  :class:`CheckpointShapeCheckHook` (added by ``tools/train.py`` and
-  ``tools/test.py``) runs at ``after_load_checkpoint``, before any tensor is
-  copied, and raises listing the first mismatching keys. Deliberate head
-  swaps when fine-tuning are allowed with ``ignore_keys`` patterns.
-* A checkpoint of another method (e.g. KernelWarehouse weights given to an
-  ODConv config) loaded its few matching keys and left the dynamic convs
-  randomly initialised, with a warning in the log only. The same hook
-  raises when a checkpoint leaves more than half of one dynamic layer
-  family's tensors (ODConv, DyConv/CondConv, KernelWarehouse, DDF) without
-  a value, naming the first missing keys. ``allow_partial_load=True`` (the
-  config key of that name, or ``--allow-partial-load`` of the tools)
-  allows it, with a warning.
-* A checkpoint saved by mmdyn records a content hash
-  (:mod:`mmdyn.engine.checkpoint_io`); :func:`load_from_local` refuses a
-  file whose content no longer matches it.
-* An empty ``last_checkpoint`` (``resume=True`` without a file) made
-  mmengine look for a checkpoint named ``''``. :func:`find_resume_checkpoint`
-  names the file and what to do.
+* **Empty, truncated, not a checkpoint**: :class:`CheckpointLoadError`
+  instead of torch's bare ``PytorchStreamReader failed reading zip
+  archive``.
+* **Damaged** (on disk or in transfer): torch's format is a zip archive
+  whose records carry a CRC-32 of their bytes, which ``torch.load`` does not
+  check (flipped bytes inside a tensor load without complaint). Every record
+  is read and checked against its CRC-32 first; a mismatch is an error.
+* **Edited after saving**: records intact, but the content no longer
+  matches the SHA-256 that mmdyn recorded when it saved the file
+  (:mod:`mmdyn.engine.checkpoint_io`): someone loaded, changed and re-saved
+  it. That is a :class:`CheckpointEditedWarning` saying so, and the file
+  loads as it is now.
+* **Hash removed**: a file whose ``meta`` says it was written by mmdyn but
+  has no content hash (e.g. the key renamed) is an error.
+* Objects a weights-only unpickler refuses.
+
+Where the loader is used: it is registered with mmengine's public
+``CheckpointLoader.register_scheme`` under its own prefix :data:`SCHEME`
+(``'mmdyn://'``), so ``load_from='mmdyn:///path/epoch_1.pth'``,
+``init_cfg=dict(type='Pretrained', checkpoint='mmdyn://...')``, ``pretrained=``
+/ ``weights=`` of the inferencers and mmengine's ``load_checkpoint`` all
+reach it; mmengine's own loader for plain paths is left as it is.
+``tools/train.py``, ``tools/test.py`` (``--resume`` and ``load_from``, via
+:func:`checked_path`), ``vis_dynamic`` and the converters use it directly.
+
+A checkpoint must also *fit* the model: :func:`check_fits` refuses tensors
+of other shapes and a checkpoint that leaves more than half of one dynamic
+layer family's tensors (ODConv, DyConv/CondConv, KernelWarehouse, DDF)
+without a value (e.g. KernelWarehouse weights for an ODConv config), unless
+``allow_partial_load``. It runs
+
+* for ``load_from`` and ``resume`` in :class:`CheckpointShapeCheckHook`'s
+  ``after_load_checkpoint``, before any tensor is copied;
+* for ``init_cfg=dict(type='Pretrained')`` in the same hook's
+  ``before_train`` (:func:`check_pretrained_weights`: mmengine's
+  ``PretrainedInit`` gives no hook, so the check re-reads the pretrained
+  file once weights are initialised and raises before the first
+  iteration);
+* for a model loaded outside a runner (inferencers, ``vis_dynamic``) in
+  :func:`load_model_weights`, which replaces mmengine's ``load_checkpoint``
+  there.
+
+:func:`find_resume_checkpoint` resolves ``--resume`` without a path and
+says what is wrong with an empty or dangling ``last_checkpoint``.
 """
 import os
 import os.path as osp
 import re
+import warnings
 import zipfile
+import zlib
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
+from mmengine.logging import print_log
+from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.registry import HOOKS
+from mmengine.runner import load_state_dict
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .checkpoint_io import verify_content_hash
+from mmdyn.compat.weights_only_checkpoints import allowed_globals
+from mmdyn.ops.families import FAMILIES
+
+from .checkpoint_io import HASH_KEY, WRITER, WRITER_KEY, verify_content_hash
 
 __all__ = [
-    'CheckpointLoadError', 'load_from_local', 'find_shape_mismatches',
-    'find_unloaded_dynamic_layers', 'CheckpointShapeCheckHook',
-    'find_resume_checkpoint', 'patch_resume_lookup'
+    'SCHEME', 'CheckpointLoadError', 'CheckpointEditedWarning',
+    'checked_path', 'load_checkpoint_file', 'find_damaged_record',
+    'check_integrity', 'find_shape_mismatches',
+    'find_unloaded_dynamic_layers', 'check_fits', 'load_model_weights',
+    'check_pretrained_weights', 'CheckpointShapeCheckHook',
+    'find_resume_checkpoint'
 ]
 
+SCHEME = 'mmdyn://'
 # Above this fraction of a family's tensors missing, a load is refused.
 MAX_UNLOADED_FRACTION = 0.5
+_CHUNK = 1 << 24
 
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint file cannot be read or does not fit the model."""
 
 
-def load_from_local(filename, map_location=None):
-    """Load a local checkpoint with a weights-only unpickler.
+class CheckpointEditedWarning(UserWarning):
+    """A checkpoint's content changed after mmdyn saved it (its file is
+    intact)."""
+
+
+def checked_path(path):
+    """``path`` in the form that mmengine loads with
+    :func:`load_checkpoint_file` (``'mmdyn://' + path``).
 
     Args:
-        filename (str): path of the checkpoint.
+        path (str | None): a local path (or already in that form); remote
+            URIs (``s3://``, ``https://``, ...) and None are returned as
+            they are.
+    """
+    if not isinstance(path, str) or path.startswith(SCHEME):
+        return path
+    if '://' in path and not path.startswith('file://'):
+        return path
+    return SCHEME + path[len('file://'):] if path.startswith(
+        'file://') else SCHEME + path
+
+
+def _local_path(filename):
+    for prefix in (SCHEME, 'file://'):
+        if filename.startswith(prefix):
+            filename = filename[len(prefix):]
+    return osp.expanduser(filename)
+
+
+def find_damaged_record(filename):
+    """Check every record of a zip checkpoint against its CRC-32.
+
+    Args:
+        filename (str): a local checkpoint file.
+
+    Returns:
+        tuple[str | None, bool]: the first record whose bytes fail their
+        CRC-32 (None if all pass), and whether the file has zip records at
+        all (False for torch's legacy format, which has none).
+
+    Raises:
+        zipfile.BadZipFile: the zip directory itself is unreadable.
+    """
+    if not zipfile.is_zipfile(filename):
+        return None, False
+    with zipfile.ZipFile(filename) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size > 0:
+                continue  # written without a CRC (torch's crc32 option off)
+            try:
+                with archive.open(info) as record:
+                    while record.read(_CHUNK):
+                        pass
+            except (zipfile.BadZipFile, zlib.error, EOFError):
+                return info.filename, True
+    return None, True
+
+
+def check_integrity(checkpoint, filename, records_intact):
+    """Tell an intact, an edited and a damaged checkpoint apart.
+
+    Args:
+        checkpoint (dict): the loaded checkpoint.
+        filename (str): its file, named in messages.
+        records_intact (bool): whether the file's zip records passed their
+            CRC-32 check (False for a file without records).
+
+    Raises:
+        CheckpointLoadError: the file says it was written by mmdyn but has
+            no content hash, or (without zip records to tell) its content
+            differs from the recorded hash.
+
+    Warns:
+        CheckpointEditedWarning: records intact, content changed.
+    """
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict):
+        return
+    if HASH_KEY not in meta:
+        if meta.get(WRITER_KEY) == WRITER:
+            raise CheckpointLoadError(
+                f"checkpoint {filename} says it was saved by mmdyn "
+                f"(meta['{WRITER_KEY}']) but records no content hash "
+                f"(meta['{HASH_KEY}'] was removed or renamed), so its "
+                'content cannot be verified; if you trust it, re-save it '
+                'with mmdyn.engine.checkpoint_io.save_checkpoint')
+        return
+    try:
+        verify_content_hash(checkpoint, filename)
+    except ValueError as err:
+        if not records_intact:
+            raise CheckpointLoadError(
+                f'checkpoint {filename} is corrupt: {err} (damaged on disk '
+                'or in transfer, or edited: the file has no zip records to '
+                'tell which); use another copy or an earlier checkpoint'
+            ) from None
+        message = (
+            f'checkpoint {filename} was edited after it was saved: its zip '
+            'records are intact (not damaged) but its content differs from '
+            'the hash recorded when mmdyn saved it; loading it as it is now')
+        warnings.warn(message, CheckpointEditedWarning, stacklevel=3)
+        print_log(message, logger='current', level=30)
+
+
+def load_checkpoint_file(filename, map_location=None):
+    """Load a local checkpoint with the checks of this module.
+
+    Args:
+        filename (str): path of the checkpoint (``mmdyn://`` and ``file://``
+            prefixes are dropped).
         map_location (str | torch.device | callable, optional): as for
             :func:`torch.load`. Defaults to None.
 
@@ -70,17 +205,30 @@ def load_from_local(filename, map_location=None):
 
     Raises:
         FileNotFoundError: ``filename`` does not exist.
-        CheckpointLoadError: the file is empty, truncated, corrupt or holds
-            objects a weights-only load refuses. The message names the file.
+        CheckpointLoadError: the file is empty, truncated, damaged, holds
+            objects a weights-only load refuses, or has lost its content
+            hash. The message names the file.
     """
-    filename = osp.expanduser(filename)
+    filename = _local_path(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint {filename} can not be found.')
     if osp.getsize(filename) == 0:
         raise CheckpointLoadError(f'checkpoint {filename} is empty (0 bytes)')
     try:
-        checkpoint = torch.load(filename, map_location=map_location,
-                                weights_only=True)
+        damaged, has_records = find_damaged_record(filename)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise CheckpointLoadError(
+            f'checkpoint {filename} is corrupt or truncated: its zip '
+            f'directory cannot be read ({err})') from err
+    if damaged is not None:
+        raise CheckpointLoadError(
+            f'checkpoint {filename} is damaged (on disk or in transfer): its '
+            f'record {damaged} fails the CRC-32 check of the file\'s zip '
+            'container; use another copy or an earlier checkpoint')
+    try:
+        with allowed_globals():
+            checkpoint = torch.load(filename, map_location=map_location,
+                                    weights_only=True)
     except torch.serialization.pickle.UnpicklingError as err:
         raise CheckpointLoadError(
             f'checkpoint {filename} holds objects that a weights-only load '
@@ -90,11 +238,11 @@ def load_from_local(filename, map_location=None):
         raise CheckpointLoadError(
             f'checkpoint {filename} is corrupt or truncated '
             f'({type(err).__name__}: {str(err).splitlines()[0]})') from err
-    try:
-        verify_content_hash(checkpoint, filename)
-    except ValueError as err:
-        raise CheckpointLoadError(str(err)) from None
+    check_integrity(checkpoint, filename, records_intact=has_records)
     return checkpoint
+
+
+CheckpointLoader.register_scheme(prefixes=SCHEME, loader=load_checkpoint_file)
 
 
 def find_shape_mismatches(model, state_dict, ignore_keys=()):
@@ -125,12 +273,9 @@ def find_shape_mismatches(model, state_dict, ignore_keys=()):
 
 
 def _dynamic_families():
-    from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                           KWConv2d, KWLinear, ODConv2d, WarehouseManager)
-    return (('ODConv', (ODConv2d, )), ('DyConv/CondConv',
-                                       (DyConv2d, CondConv2d)),
-            ('KernelWarehouse', (KWConv2d, KWLinear, WarehouseManager)),
-            ('DDF', (DDFConv2d, DDFUpsample)))
+    """(name, classes holding its tensors) of every layer family of
+    :data:`mmdyn.ops.families.FAMILIES`."""
+    return tuple((family.name, family.tensor_owners) for family in FAMILIES)
 
 
 def find_unloaded_dynamic_layers(model, state_dict,
@@ -171,12 +316,151 @@ def find_unloaded_dynamic_layers(model, state_dict,
     return report
 
 
+def _listed(keys, max_listed, sep):
+    more = len(keys) - max_listed
+    return sep.join(keys[:max_listed]) + (
+        f'{sep}... and {more} more' if more > 0 else '')
+
+
+def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
+               max_listed=5, source='the checkpoint'):
+    """Refuse a state dict that does not fit ``model``.
+
+    Args:
+        model (torch.nn.Module): the model to load into.
+        state_dict (dict): tensors by model key (wrapper prefixes removed).
+        ignore_keys (Sequence[str]): patterns of keys whose shape mismatch
+            is expected. Defaults to ().
+        allow_partial_load (bool): warn instead of raising when a dynamic
+            layer family stays mostly without a value. Defaults to False.
+        max_listed (int): how many keys a message lists. Defaults to 5.
+        source (str): what the state dict is, for messages.
+
+    Raises:
+        CheckpointLoadError: shapes differ, or (without
+            ``allow_partial_load``) a dynamic layer family would stay mostly
+            at its random initialisation.
+    """
+    mismatches = find_shape_mismatches(model, state_dict, ignore_keys)
+    if mismatches:
+        lines = [f'  {key}: checkpoint {list(saved)} vs model {list(mine)}'
+                 for key, saved, mine in mismatches]
+        raise CheckpointLoadError(
+            f'{len(mismatches)} tensor(s) of {source} do not fit the model '
+            '(was it built with other layer settings, e.g. kernel_num or '
+            f'warehouse sizes?):\n{_listed(lines, max_listed, chr(10))}\n'
+            'To fine-tune with deliberately different layers, set '
+            'CheckpointShapeCheckHook(ignore_keys=[...]) in custom_hooks.')
+    for family, missing, total in find_unloaded_dynamic_layers(
+            model, state_dict):
+        message = (
+            f'{source} has no value for {len(missing)} of the {total} '
+            f'{family} tensors of the model (first: '
+            f'{_listed(missing, max_listed, ", ")}): it was saved from '
+            'another model or method, and these layers would stay randomly '
+            'initialised.')
+        if not allow_partial_load:
+            raise CheckpointLoadError(
+                message + ' Use the matching config, or set '
+                'allow_partial_load=True in the config '
+                '(--allow-partial-load) to load it anyway.')
+        print_log(message + ' Loading anyway (allow_partial_load=True).',
+                  logger='current', level=30)
+
+
+def _state_dict_of(checkpoint):
+    state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(
+        checkpoint, dict) else checkpoint
+    # mmengine strips DDP's 'module.' prefix when loading; so do we.
+    return {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
+
+
+def load_model_weights(model, filename, allow_partial_load=False,
+                       map_location='cpu'):
+    """Load a checkpoint file into ``model`` after all the checks.
+
+    Use it instead of mmengine's ``load_checkpoint`` where no runner runs
+    (``vis_dynamic``, a model of ``init_detector`` or of an inferencer built
+    without weights).
+
+    Args:
+        model (torch.nn.Module): the model.
+        filename (str): the checkpoint file.
+        allow_partial_load (bool): see :func:`check_fits`.
+        map_location (str | torch.device): as for :func:`torch.load`.
+
+    Returns:
+        dict: the checkpoint.
+    """
+    checkpoint = load_checkpoint_file(filename, map_location)
+    state_dict = _state_dict_of(checkpoint)
+    check_fits(model, state_dict, allow_partial_load=allow_partial_load,
+               source=f'checkpoint {_local_path(filename)}')
+    load_state_dict(model, state_dict, strict=False, logger='current')
+    return checkpoint
+
+
+def _pretrained_cfgs(module):
+    init_cfg = getattr(module, 'init_cfg', None)
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    for cfg in cfgs:
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and \
+                isinstance(cfg.get('checkpoint'), str):
+            yield cfg
+
+
+def check_pretrained_weights(model, allow_partial_load=False):
+    """Apply :func:`check_fits` to every ``init_cfg=dict(type='Pretrained')``
+    of ``model``'s modules, by re-reading each checkpoint (local files
+    through :func:`load_checkpoint_file`, others through mmengine's
+    ``CheckpointLoader``).
+
+    A pretrained checkpoint is often partial by design (a backbone for a
+    detector), and ``PretrainedInit`` skips tensors of another shape: here
+    those count as missing, so the check refuses only a checkpoint that
+    leaves more than half of a dynamic layer family without a value (e.g.
+    KernelWarehouse weights for ODConv layers, or static ImageNet weights
+    for layers plugged into a stock backbone: such a config says
+    ``allow_partial_load = True``).
+
+    Args:
+        model (torch.nn.Module): a model whose weights were initialised.
+        allow_partial_load (bool): see :func:`check_fits`.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseModule):
+            continue
+        for cfg in _pretrained_cfgs(module):
+            path = checked_path(cfg['checkpoint'])
+            checkpoint = CheckpointLoader.load_checkpoint(
+                path, map_location='cpu', logger='silent')
+            state_dict = _state_dict_of(checkpoint)
+            prefix = cfg.get('prefix')
+            if prefix:
+                prefix = prefix if prefix.endswith('.') else prefix + '.'
+                state_dict = {k[len(prefix):]: v for k, v in
+                              state_dict.items() if k.startswith(prefix)}
+            # mmengine's PretrainedInit skips tensors of another shape (and
+            # logs them): here they count as missing, like absent ones.
+            mismatched = {key for key, _, _ in find_shape_mismatches(
+                module, state_dict)}
+            state_dict = {k: v for k, v in state_dict.items()
+                          if k not in mismatched}
+            where = f" of {name or 'the model'}" if name else ''
+            check_fits(module, state_dict,
+                       allow_partial_load=allow_partial_load,
+                       source=f"init_cfg Pretrained{where} "
+                       f"({cfg['checkpoint']})")
+
+
 @HOOKS.register_module()
 class CheckpointShapeCheckHook(Hook):
-    """Refuse a checkpoint whose tensor shapes do not fit the model.
+    """Refuse a checkpoint that does not fit the model (:func:`check_fits`).
 
-    Runs in ``after_load_checkpoint``, i.e. for ``load_from`` and for
-    ``resume``, before mmengine copies any tensor.
+    Runs in ``after_load_checkpoint`` (``load_from`` and ``resume``),
+    before mmengine copies any tensor, and in ``before_train`` for the
+    model's ``init_cfg=dict(type='Pretrained')`` weights when no checkpoint
+    was loaded over them.
 
     Args:
         ignore_keys (Sequence[str]): regular expressions of model keys whose
@@ -202,56 +486,28 @@ class CheckpointShapeCheckHook(Hook):
         self.ignore_keys = tuple(ignore_keys)
         self.max_listed = int(max_listed)
         self.allow_partial_load = bool(allow_partial_load)
+        self._loaded_checkpoint = False
+
+    @staticmethod
+    def _model(runner):
+        return runner.model.module if is_model_wrapper(
+            runner.model) else runner.model
 
     def after_load_checkpoint(self, runner, checkpoint):
-        model = runner.model.module if is_model_wrapper(
-            runner.model) else runner.model
-        state_dict = checkpoint.get('state_dict', checkpoint)
-        # mmengine strips DDP's 'module.' prefix when loading; so do we.
-        state_dict = {re.sub(r'^module\.', '', k): v
-                      for k, v in state_dict.items()}
-        mismatches = find_shape_mismatches(model, state_dict,
-                                           self.ignore_keys)
-        if mismatches:
-            listed = '\n'.join(
-                f'  {key}: checkpoint {list(saved)} vs model {list(mine)}'
-                for key, saved, mine in mismatches[:self.max_listed])
-            more = len(mismatches) - self.max_listed
-            tail = f'\n  ... and {more} more' if more > 0 else ''
-            raise CheckpointLoadError(
-                f'{len(mismatches)} checkpoint tensor(s) do not fit the '
-                f'model (was it built with other layer settings, e.g. '
-                f'kernel_num or warehouse sizes?):\n{listed}{tail}\n'
-                'To fine-tune with deliberately different layers, set '
-                'CheckpointShapeCheckHook(ignore_keys=[...]) in '
-                'custom_hooks.')
-        self._check_unloaded(runner, model, state_dict)
+        self._loaded_checkpoint = True
+        check_fits(self._model(runner), _state_dict_of(checkpoint),
+                   self.ignore_keys, self.allow_partial_load,
+                   self.max_listed)
 
-    def _check_unloaded(self, runner, model, state_dict):
-        for family, missing, total in find_unloaded_dynamic_layers(
-                model, state_dict):
-            listed = ', '.join(missing[:self.max_listed])
-            more = len(missing) - self.max_listed
-            tail = f', ... and {more} more' if more > 0 else ''
-            message = (
-                f'the checkpoint has no value for {len(missing)} of the '
-                f'{total} {family} tensors of the model (first: '
-                f'{listed}{tail}): it was saved from another model or '
-                'method, and these layers would stay randomly initialised.')
-            if self.allow_partial_load:
-                runner.logger.warning(message + ' Loading anyway '
-                                      '(allow_partial_load=True).')
-            else:
-                raise CheckpointLoadError(
-                    message + ' Use the matching config, or set '
-                    'allow_partial_load=True in the config '
-                    '(--allow-partial-load) to load it anyway.')
+    def before_train(self, runner):
+        if not self._loaded_checkpoint:
+            check_pretrained_weights(self._model(runner),
+                                     self.allow_partial_load)
 
 
 def find_resume_checkpoint(work_dir):
-    """The checkpoint ``resume=True`` continues from: the path written in
-    ``WORK_DIR/last_checkpoint`` (mmengine's ``find_latest_checkpoint``),
-    checked.
+    """The checkpoint ``--resume`` without a path continues from: the one
+    named in ``WORK_DIR/last_checkpoint``, checked.
 
     Args:
         work_dir (str): the run's work dir.
@@ -266,7 +522,7 @@ def find_resume_checkpoint(work_dir):
     """
     save_file = osp.join(work_dir, 'last_checkpoint')
     if not osp.exists(save_file):
-        return _ORIGINAL['find_latest_checkpoint'](work_dir)
+        return None
     with open(save_file) as f:
         last = f.read().strip()
     candidates = sorted(
@@ -285,22 +541,3 @@ def find_resume_checkpoint(work_dir):
             f'a file with --resume PATH{hint}, or delete {save_file} to '
             'start from scratch')
     return last
-
-
-_ORIGINAL = {}
-
-
-def patch_resume_lookup():
-    """Make mmengine's ``Runner`` use :func:`find_resume_checkpoint`."""
-    import mmengine.runner
-    from mmengine.runner import _flexible_runner, checkpoint, runner
-    _ORIGINAL.setdefault('find_latest_checkpoint',
-                         checkpoint.find_latest_checkpoint)
-    for module in (runner, _flexible_runner, mmengine.runner):
-        module.find_latest_checkpoint = find_resume_checkpoint
-
-
-def register_local_loader():
-    """Make :func:`load_from_local` mmengine's loader for local paths."""
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local,
-                                     force=True)

@@ -1,50 +1,56 @@
-"""Checkpoint files that are complete or absent, and that prove it on load.
+"""Checkpoint files that are complete or absent, and that record their
+content.
 
-Two gaps of mmengine 0.10's ``save_checkpoint``, closed on
-``import mmdyn.engine`` (:func:`patch_checkpoint_saving`):
+Nothing here changes mmengine: the pieces are used where a config or a
+caller chooses them.
 
-* **Writes were not atomic.** mmengine serialised into memory, then wrote
-  the bytes straight to ``epoch_N.pth``: a process killed mid-write left a
-  truncated file under the final name. :func:`save_checkpoint` writes a
-  temporary file in the same folder, flushes and fsyncs it, then renames it
-  over the final name (an atomic step on POSIX and Windows), so the final
-  name only ever holds a complete checkpoint. The folder is fsynced too, so
-  the rename survives a power cut.
-* **Nothing proved a file intact.** Flipped bytes inside a tensor's storage
-  loaded without complaint. :func:`save_checkpoint` records a SHA-256 of the
+* **Atomic writes.** mmengine's ``save_checkpoint`` serialises into memory
+  and hands the bytes to a file backend's ``put``. Its local backend writes
+  them straight to ``epoch_N.pth``: a process killed mid-write leaves a
+  truncated file under the final name. :class:`AtomicLocalBackend`,
+  registered with mmengine's public :func:`~mmengine.fileio.register_backend`
+  under the name :data:`ATOMIC_BACKEND`, writes a temporary file in the same
+  folder, flushes and fsyncs it, then renames it over the final name (an
+  atomic step on POSIX and Windows) and fsyncs the folder.
+  :class:`~mmdyn.engine.hooks.AtomicCheckpointHook` passes it as the
+  ``backend_args`` of its saves.
+* **Content hash.** :func:`add_content_hash` records a SHA-256 of the
   checkpoint's content (every tensor's bytes, dtype and shape, and every
-  other value, under its key path) in ``meta['content_sha256']``;
-  :func:`verify_content_hash` recomputes it, and mmdyn's checkpoint loader
-  (:func:`mmdyn.engine.checkpoint.load_from_local`) refuses a file whose
-  content no longer matches, naming it. Checkpoints without the field (from
-  other tools) load as before.
+  other value, under its key path) in ``meta[HASH_KEY]`` and marks the file
+  as written by mmdyn (``meta[WRITER_KEY]``); the checkpoint loader
+  (:mod:`mmdyn.engine.checkpoint`) checks both.
+* **A full disk is named.** A write that fails with ``ENOSPC`` raises an
+  ``OSError`` whose message starts with ``No space left on device`` and
+  names the file.
 
-Remote backends (``s3://``, ``petrel://``, ...) keep mmengine's own writer;
-they get the content hash all the same.
+:func:`save_checkpoint` does all three for a checkpoint saved outside a
+runner (e.g. by the weight converters).
 """
+import errno
 import hashlib
 import io
 import os
 import os.path as osp
-import sys
 import tempfile
 
 import numpy as np
 import torch
+from mmengine.fileio import LocalBackend, register_backend
 
 __all__ = [
-    'HASH_KEY', 'atomic_write_bytes', 'atomic_write_text', 'content_hash',
-    'save_checkpoint', 'verify_content_hash', 'patch_checkpoint_saving'
+    'HASH_KEY', 'WRITER_KEY', 'WRITER', 'ATOMIC_BACKEND',
+    'AtomicLocalBackend', 'atomic_write_bytes', 'atomic_write_text',
+    'content_hash', 'add_content_hash', 'verify_content_hash',
+    'save_checkpoint'
 ]
 
 HASH_KEY = 'content_sha256'
-
-# Modules that bound mmengine's ``save_checkpoint`` by name at import time.
-_SAVE_CHECKPOINT_USERS = ('mmengine.runner.checkpoint', 'mmengine.runner',
-                          'mmengine.runner.runner',
-                          'mmengine._strategy.deepspeed',
-                          'mmengine._strategy.colossalai')
-_ORIGINAL = {}
+# ``meta[WRITER_KEY] == WRITER`` says the file was saved with a content
+# hash: a missing hash is then an error, not a checkpoint of another tool.
+WRITER_KEY = 'saved_by'
+WRITER = 'mmdyn'
+# The name configs give in ``backend_args=dict(backend=ATOMIC_BACKEND)``.
+ATOMIC_BACKEND = 'mmdyn_atomic_local'
 
 
 def _file_mode():
@@ -72,6 +78,15 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _disk_full_error(err, path, size):
+    """An ``OSError(ENOSPC)`` whose first line says so and names ``path``."""
+    return OSError(
+        errno.ENOSPC,
+        f'No space left on device while writing {path} ({size} bytes); '
+        'free space in that folder or save elsewhere (--work-dir). The '
+        'previous file of that name, if any, is unchanged')
+
+
 def atomic_write_bytes(data, path):
     """Write ``data`` to ``path`` so that ``path`` is never partial.
 
@@ -82,8 +97,13 @@ def atomic_write_bytes(data, path):
     Args:
         data (bytes | bytearray | memoryview): the file content.
         path (str): destination file.
+
+    Raises:
+        OSError: the write failed; with ``errno.ENOSPC`` (full disk) the
+            message starts with ``No space left on device`` and names
+            ``path``.
     """
-    path = osp.abspath(osp.expanduser(path))
+    path = osp.abspath(osp.expanduser(str(path)))
     folder = osp.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.',
@@ -95,16 +115,42 @@ def atomic_write_bytes(data, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.errno == errno.ENOSPC:
+            raise _disk_full_error(err, path, len(data)) from err
+        raise
     except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def atomic_write_text(text, path):
     """:func:`atomic_write_bytes` for a UTF-8 string."""
     atomic_write_bytes(text.encode('utf-8'), path)
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend whose ``put``/``put_text`` write
+    atomically (:func:`atomic_write_bytes`). Reading, listing and removing
+    are ``LocalBackend``'s."""
+
+    def put(self, obj, filepath):
+        atomic_write_bytes(obj, filepath)
+
+    def put_text(self, obj, filepath, encoding='utf-8'):
+        atomic_write_bytes(obj.encode(encoding), filepath)
+
+
+register_backend(ATOMIC_BACKEND, AtomicLocalBackend)
 
 
 def _tensor_bytes(tensor):
@@ -177,8 +223,29 @@ def content_hash(checkpoint):
     return digest.hexdigest()
 
 
+def add_content_hash(checkpoint):
+    """Mark ``checkpoint`` as written by mmdyn and record its content hash
+    in ``checkpoint['meta']`` (created if absent), in place.
+
+    Args:
+        checkpoint (dict): the checkpoint about to be saved.
+    """
+    meta = checkpoint.get('meta')
+    if meta is None:
+        meta = checkpoint['meta'] = {}
+    if not isinstance(meta, dict):
+        return
+    meta.pop(HASH_KEY, None)
+    meta[WRITER_KEY] = WRITER
+    meta[HASH_KEY] = content_hash(checkpoint)
+
+
 def verify_content_hash(checkpoint, filename):
     """Check ``meta[HASH_KEY]`` against the loaded content.
+
+    This compares content only; :func:`mmdyn.engine.checkpoint.
+    load_checkpoint_file` also reads the file's CRC-32 records to tell a
+    damaged file from an edited one.
 
     Args:
         checkpoint (dict): a loaded checkpoint.
@@ -197,58 +264,26 @@ def verify_content_hash(checkpoint, filename):
     actual = content_hash(checkpoint)
     if actual != expected:
         raise ValueError(
-            f'checkpoint {filename} is corrupt: its content hash '
-            f'{actual[:16]}... differs from the {expected[:16]}... recorded '
-            'when it was saved (damaged on disk or in transfer); use another '
-            'copy or an earlier checkpoint')
+            f'checkpoint {filename}: its content hash {actual[:16]}... '
+            f'differs from the {str(expected)[:16]}... recorded when it was '
+            'saved')
     return True
 
 
-def _is_local(filename):
-    return '://' not in filename or filename.startswith('file://')
-
-
-def save_checkpoint(checkpoint, filename, file_client_args=None,
-                    backend_args=None):
-    """mmengine's ``save_checkpoint``, atomic for local files, with a
-    content hash in ``checkpoint['meta']``.
+def save_checkpoint(checkpoint, filename):
+    """Save a checkpoint dict to a local file, atomically, with a content
+    hash (:func:`add_content_hash`).
 
     Args:
-        checkpoint (dict): the checkpoint; its ``meta`` dict gets
-            ``HASH_KEY`` (created if absent).
-        filename (str): destination path or URI.
-        file_client_args (dict, optional): as for mmengine (deprecated).
-        backend_args (dict, optional): as for mmengine.
+        checkpoint (dict): the checkpoint; its ``meta`` gets the hash.
+        filename (str): destination path.
     """
     if isinstance(checkpoint, dict):
-        meta = checkpoint.get('meta')
-        if meta is None:
-            meta = checkpoint['meta'] = {}
-        if isinstance(meta, dict):
-            meta.pop(HASH_KEY, None)
-            meta[HASH_KEY] = content_hash(checkpoint)
-    if not _is_local(filename) or file_client_args is not None or (
-            backend_args and backend_args.get('backend') not in (None,
-                                                                 'local')):
-        return _ORIGINAL['save_checkpoint'](
-            checkpoint, filename, file_client_args=file_client_args,
-            backend_args=backend_args)
-    if filename.startswith('file://'):
-        filename = filename[len('file://'):]
+        add_content_hash(checkpoint)
     with io.BytesIO() as buffer:
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(buffer.getbuffer(), filename)
-
-
-def patch_checkpoint_saving():
-    """Make :func:`save_checkpoint` the one mmengine calls (idempotent)."""
-    import mmengine.runner  # noqa: F401  (binds save_checkpoint by name)
-    from mmengine.runner import checkpoint as mm_checkpoint
-    if 'save_checkpoint' not in _ORIGINAL:
-        _ORIGINAL['save_checkpoint'] = mm_checkpoint.save_checkpoint
-    # Modules imported later bind the patched attribute of mmengine's module.
-    for name in _SAVE_CHECKPOINT_USERS:
-        module = sys.modules.get(name)
-        if getattr(module, 'save_checkpoint', None) is _ORIGINAL[
-                'save_checkpoint']:
-            module.save_checkpoint = save_checkpoint
+        view = buffer.getbuffer()
+        try:
+            atomic_write_bytes(view, filename)
+        finally:
+            view.release()  # else closing the buffer raises BufferError

@@ -1,271 +1,359 @@
-"""``mmdyn::`` config bases and overlay bases.
+"""Loading configs, and putting a complete config on other data.
 
-Applied by ``import mmdyn.engine`` (every mmdyn config imports it through
-``custom_imports``, and the tools import it first). Two additions to
-mmengine's config inheritance, both tested in
-``tests/test_tools/test_config_bases.py``:
+Only mmengine's public ``Config`` API is used (``Config.fromfile``,
+item assignment, ``Config.merge_from_dict``, ``Config.dump``); importing
+this module changes nothing in mmengine.
 
-1. **``mmdyn::`` bases**, as ``mmdet::`` and ``mmpretrain::`` are::
-
-       _base_ = ['mmdyn::demo/_base_/demo_det_data.py']
-
-   The path is relative to mmdyn's ``configs/`` folder: the checkout's
-   for an editable install (``pip install -e .``), else the copy that
-   ``pip install .`` ships as package data in ``mmdyn/.mim/configs``, as
-   OpenMMLab packages do.
-
-2. **Overlay bases.** mmengine refuses two bases that define the same
-   top-level key ("Duplicate key is not allowed among bases"), so a data
-   or schedule base cannot be put beside a complete config such as
-   ``mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py``, which defines its
-   own. A base file that sets ``__overlay__ = True`` is applied *on top of*
-   the bases listed before it: each top-level variable it defines replaces
-   the one of those bases as a whole (its dataloaders, evaluators, schedule
-   and optimizer wrapper, not merged key by key into the stock ones), and
-   the body of the config that lists it is merged last, as usual::
-
-       _base_ = [
-           'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
-           'mmdyn::demo/_base_/demo_det_data.py',       # overlay
-           'mmdyn::demo/_base_/demo_det_schedule.py',   # overlay
-       ]
-       model = dict(bbox_head=dict(num_classes=3))
-
-   Overlays come after all ordinary bases of a list. An overlay is read as
-   an ordinary config first (its own ``_base_`` is resolved as usual).
-   ``__overlay__`` starts with two underscores, so mmengine does not keep it
-   as a config key: where overlays define disjoint keys and nothing is
-   below them to replace (the demo configs: model base + runtime + overlays),
-   a config loads to the same result with plain mmengine. Without
-   ``__overlay__`` nothing changes.
+* :func:`load_config` is the one loader of mmdyn's tools and analysis
+  functions: a file path or a ``package::path`` name (``mmdyn::``,
+  ``mmdet::``, ``mmpretrain::``), plus ``--cfg-options``.
+* ``mmdyn::`` bases in a config (``_base_ = ['mmdyn::demo/_base_/...']``)
+  are resolved by mmengine itself, from ``mmdyn/.mim/configs``, once
+  :func:`mmdyn.compat.apply` has run (mmengine 0.10 only knows the
+  OpenMMLab packages of its own table; see ``docs/compat.md``).
+* :func:`overlay_config` replaces top-level variables of a complete config
+  (its dataloaders, evaluators, schedule) by those of other config files,
+  each variable as a whole. mmengine refuses two bases that define the same
+  key, so a data base cannot be listed beside a stock detector that defines
+  its own; the overlay is applied in Python instead, and
+  ``tools/misc/overlay_config.py`` writes the result as a plain config file
+  that any OpenMMLab tool reads.
 """
 import ast
 import os.path as osp
-import tempfile
+import warnings
 
 from mmengine.config import Config
-from mmengine.config import utils as config_utils
 
 __all__ = [
-    'OVERLAY_KEY', 'SCOPE', 'mmdyn_config_root', 'resolve_config_path',
-    'is_overlay', 'register_config_bases'
+    'SCOPE', 'DEMO_DET_DATA', 'DEMO_INS_DATA', 'DEMO_DET_SCHEDULE', 'DEMO_CLS',
+    'OverlayError', 'resolve_config_path', 'load_config', 'overlay_config',
+    'dropped_base_hooks',
+    'check_overlay_fits', 'set_num_classes', 'on_demo_data'
 ]
 
 SCOPE = 'mmdyn'
-OVERLAY_KEY = '__overlay__'
-DELETE_KEY = '_delete_'
+DEMO_DET_DATA = 'mmdyn::demo/_base_/demo_det_data.py'
+DEMO_INS_DATA = 'mmdyn::demo/_base_/demo_ins_data.py'
+DEMO_DET_SCHEDULE = 'mmdyn::demo/_base_/demo_det_schedule.py'
+# The classification demo: its data and schedule variables are put on a
+# classifier (its model is not).
+DEMO_CLS = 'mmdyn::demo/resnet18_demo_cls.py'
+DEMO_CLS_KEYS = ('data_root', 'train_pipeline', 'test_pipeline',
+                 'train_dataloader', 'val_dataloader', 'test_dataloader',
+                 'val_evaluator', 'test_evaluator', 'optim_wrapper',
+                 'param_scheduler', 'train_cfg', 'auto_scale_lr',
+                 'randomness')
+DEMO_NUM_CLASSES = dict(detection=3, classification=4)
 
-_ORIGINAL = {}
-
-
-def mmdyn_config_root():
-    """The folder ``mmdyn::`` config paths are relative to.
-
-    Returns:
-        str: the checkout's ``configs/`` for an editable install (a
-        ``setup.py`` and ``configs/`` beside the ``mmdyn`` package), else
-        the ``mmdyn/.mim/configs`` that ``pip install .`` ships.
-
-    Raises:
-        FileNotFoundError: neither exists.
-    """
-    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    checkout = osp.dirname(package)
-    candidates = (osp.join(checkout, 'configs'),
-                  osp.join(package, '.mim', 'configs'))
-    if osp.isfile(osp.join(checkout, 'setup.py')) and \
-            osp.isdir(candidates[0]):
-        return candidates[0]
-    if osp.isdir(candidates[1]):
-        return candidates[1]
-    raise FileNotFoundError(
-        'mmdyn:: config bases need the mmdyn configs, found in neither '
-        f'{candidates[0]} nor {candidates[1]}: reinstall mmdyn '
-        '(pip install . ships them) or give the path to the config file')
+# Stock hooks that rebuild or switch the training pipeline of the dataset
+# they were configured with: on other data they break (YOLOX) or silently
+# put the stock pipeline back (RTMDet).
+PIPELINE_HOOKS = ('YOLOXModeSwitchHook', 'PipelineSwitchHook')
+# Dataset wrappers whose pipeline the stock config builds around its data.
+MIXING_DATASETS = ('MultiImageMixDataset', )
 
 
-def resolve_config_path(path, including_file):
-    """Absolute path of a ``_base_`` entry, as mmengine resolves it.
+class OverlayError(ValueError):
+    """A config that an overlay cannot be put on, with the reason."""
+
+
+def _package_config_root(package):
+    # Looked up at call time: mmdyn.compat.apply() may have replaced it.
+    from mmengine import utils
+    return osp.join(utils.get_installed_path(package), '.mim', 'configs')
+
+
+def resolve_config_path(path):
+    """File path of a config named by a path or ``package::relative``.
 
     Args:
-        path (str): the entry, e.g. ``'./x.py'``, ``'mmdet::a/b.py'`` or
-            ``'mmdyn::demo/_base_/demo_det_data.py'``.
-        including_file (str): the config file that lists it.
+        path (str): e.g. ``'configs/demo/x.py'`` or
+            ``'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'``.
 
     Returns:
-        str: the absolute file path.
+        str: the file path (an existing path is returned unchanged).
+
+    Raises:
+        FileNotFoundError: no such file.
     """
-    return Config._get_cfg_path(path, including_file)[0]
+    path = str(path)
+    if '::' in path and not osp.exists(path):
+        package, relative = path.split('::', 1)
+        root = _package_config_root(package)
+        resolved = osp.join(root, relative)
+        if not osp.isfile(resolved):
+            hint = ''
+            if package == SCOPE and not osp.isdir(root):
+                hint = (': mmdyn/.mim/configs is missing; reinstall mmdyn '
+                        '(pip install -e . links it, pip install . copies '
+                        'it)')
+            raise FileNotFoundError(
+                f'config {path!r}: no file {relative} under {root}{hint}')
+        return resolved
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path} does not exist')
+    return path
 
 
-def _mmdyn_path(path):
-    relative = path.partition('::')[2]
-    resolved = osp.join(mmdyn_config_root(), relative)
-    if not osp.isfile(resolved):
-        raise FileNotFoundError(
-            f'config base {path!r}: no file {relative} under mmdyn\'s '
-            f'configs ({mmdyn_config_root()})')
-    return resolved
+def load_config(config, cfg_options=None):
+    """The config loader of every mmdyn tool.
 
+    Args:
+        config (str | Config): a config file, a ``package::relative`` name
+            or a loaded config (returned as is, with the options merged).
+        cfg_options (dict, optional): ``--cfg-options`` overrides.
 
-def _get_cfg_path(cfg_path, filename):
-    """``Config._get_cfg_path`` that also resolves ``mmdyn::`` paths.
-
-    Returns ``scope=None`` for them, as for a local file: mmdyn's configs
-    set their own ``default_scope`` (mmdet or mmpretrain) through their
-    bases.
+    Returns:
+        Config
     """
-    if cfg_path.startswith(SCOPE + '::'):
-        return _mmdyn_path(cfg_path), None
-    return _ORIGINAL['get_cfg_path'](cfg_path, filename)
+    if isinstance(config, Config):
+        cfg = config
+    else:
+        path = resolve_config_path(config)
+        cfg = Config.fromfile(path)
+        dropped = dropped_base_hooks(path, cfg)
+        if dropped:
+            warnings.warn(
+                f'{path}: its custom_hooks replace those of its bases, '
+                f'which had {dropped}; to keep them, append: custom_hooks = '
+                '_base_.custom_hooks + [...] (docs/plug_in.md)')
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
 
 
-def _assignments(tree, *names):
+def _base_entries(path):
+    """The ``_base_`` entries a ``.py`` config file assigns literally."""
+    if not path.endswith('.py'):
+        return []
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), filename=path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == '_base_'
+                for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return []
+            return [value] if isinstance(value, str) else list(value)
+    return []
+
+
+def _hook_types(cfg):
     return [
-        node for node in tree.body
-        if isinstance(node, ast.Assign) and len(node.targets) == 1
-        and isinstance(node.targets[0], ast.Name) and node.targets[0].id in
-        names
+        h.get('type') for h in cfg.get('custom_hooks', None) or []
+        if isinstance(h, dict)
     ]
 
 
-def _read_tree(path):
-    with open(path, encoding='utf-8') as f:
-        return ast.parse(f.read(), filename=path)
+def dropped_base_hooks(path, cfg):
+    """Custom hooks of the bases of ``path`` that ``cfg`` (the loaded
+    config) lost because the file sets ``custom_hooks`` to a list of its
+    own, where that list names one of mmdyn's hooks.
 
-
-def is_overlay(path):
-    """Whether the config file at ``path`` sets ``__overlay__ = True``.
-
-    Args:
-        path (str): a ``.py`` config file.
+    mmengine replaces a list as a whole: ``custom_hooks =
+    [dict(type='DynamicTemperatureHook')]`` on top of YOLOX drops its
+    ``EMAHook``, ``YOLOXModeSwitchHook`` and ``SyncNormHook``.
 
     Returns:
-        bool
+        list[str]: the dropped hook types (empty when nothing is dropped).
     """
-    if not path.endswith('.py'):
-        return False
-    for node in _assignments(_read_tree(path), OVERLAY_KEY):
-        return isinstance(node.value, ast.Constant) and \
-            node.value.value is True
+    from mmengine.registry import HOOKS
+    hooks = _hook_types(cfg)
+    ours = [
+        h for h in hooks if getattr(HOOKS.module_dict.get(h), '__module__',
+                                    '').startswith(__package__)
+    ]
+    if not ours:
+        return []
+    dropped = []
+    for entry in _base_entries(path):
+        base_path = resolve_config_path(entry) if '::' in entry else \
+            osp.join(osp.dirname(path), entry)
+        base = Config.fromfile(base_path, import_custom_modules=False)
+        dropped += [h for h in _hook_types(base) if h not in hooks]
+    return dropped
+
+
+def check_overlay_fits(cfg, overlay):
+    """Refuse an overlay that replaces the data of a config whose hooks or
+    dataset wrappers are built around that data.
+
+    Raises:
+        OverlayError: naming what would break and why.
+    """
+    if not any(key.endswith('_dataloader') for key in overlay.keys()):
+        return
+    problems = []
+    hooks = [h.get('type') for h in cfg.get('custom_hooks', None) or []
+             if isinstance(h, dict)]
+    for hook in hooks:
+        if hook in PIPELINE_HOOKS:
+            problems.append(
+                f'its custom hook {hook} switches the training pipeline of '
+                'the stock dataset mid-training (on the replaced data it '
+                'fails, or puts the stock pipeline back)')
+    train_dataset = cfg.get('train_dataloader', {}).get('dataset', {})
+    if train_dataset.get('type') in MIXING_DATASETS:
+        problems.append(
+            f"its training set is a {train_dataset['type']} (mosaic/mixup "
+            'around the stock data) that the overlay would replace by a '
+            'plain dataset')
+    if problems:
+        raise OverlayError(
+            'cannot put this config on other data: ' + '; '.join(problems) +
+            '. Write a config for it from its model instead (e.g. '
+            "_base_ = [<its model base>, 'mmdet::_base_/default_runtime.py', "
+            'the data and schedule bases]); see docs/plug_in.md')
+
+
+def overlay_config(cfg, overlays, cfg_options=None, keys=None):
+    """Replace top-level variables of ``cfg`` by those of ``overlays``.
+
+    Each variable an overlay file defines replaces the one of ``cfg`` as a
+    whole (not merged key by key); ``cfg_options`` are merged last.
+
+    Args:
+        cfg (str | Config): the config (loaded with :func:`load_config`).
+        overlays (Sequence[str]): config files or ``package::`` names,
+            applied in order.
+        cfg_options (dict, optional): merged after the overlays.
+        keys (Sequence[str], optional): take only these variables of the
+            overlays (default: all).
+
+    Returns:
+        Config: a new config.
+
+    Raises:
+        OverlayError: see :func:`check_overlay_fits`.
+    """
+    cfg = load_config(cfg)
+    merged = Config(cfg.to_dict(), filename=cfg.filename)
+    for overlay in overlays:
+        overlay_cfg = load_config(overlay)
+        if keys is not None:
+            overlay_cfg = Config({
+                key: value
+                for key, value in overlay_cfg.to_dict().items() if key in keys
+            })
+        check_overlay_fits(merged, overlay_cfg)
+        for key, value in overlay_cfg.to_dict().items():
+            merged[key] = value
+    _import_what_is_named(merged)
+    if cfg_options:
+        merged.merge_from_dict(cfg_options)
+    return merged
+
+
+def _types(node):
+    if isinstance(node, dict):
+        own = node.get('type')
+        found = [own] if isinstance(own, str) else []
+        return found + [t for v in node.values() for t in _types(v)]
+    if isinstance(node, (list, tuple)):
+        return [t for v in node for t in _types(v)]
+    return []
+
+
+def _import_what_is_named(cfg):
+    """Add ``mmdyn.engine`` to ``custom_imports`` where the config names a
+    hook, loop or optimizer wrapper that it registers (an overlay may bring
+    one to a stock config)."""
+    from mmengine.registry import HOOKS, LOOPS, OPTIM_WRAPPERS
+    ours = {
+        name
+        for registry in (HOOKS, LOOPS, OPTIM_WRAPPERS)
+        for name, obj in registry.module_dict.items()
+        if getattr(obj, '__module__', '').startswith(__package__)
+    }
+    if not ours & set(_types(cfg.to_dict())):
+        return
+    custom = dict(cfg.get('custom_imports') or {})
+    imports = list(custom.get('imports', []))
+    if __package__ not in imports:
+        custom['imports'] = imports + [__package__]
+        custom.setdefault('allow_failed_imports', False)
+        cfg['custom_imports'] = custom
+
+
+def set_num_classes(model_cfg, num_classes):
+    """Set every ``num_classes`` of a model config (heads given as lists,
+    such as Cascade R-CNN's or Sparse R-CNN's, included).
+
+    Returns:
+        int: how many were set.
+    """
+    count = 0
+    if isinstance(model_cfg, dict):
+        for key, value in model_cfg.items():
+            if key == 'num_classes' and isinstance(value, int):
+                model_cfg[key] = num_classes
+                count += 1
+            else:
+                count += set_num_classes(value, num_classes)
+    elif isinstance(model_cfg, (list, tuple)):
+        for item in model_cfg:
+            count += set_num_classes(item, num_classes)
+    return count
+
+
+def _has_masks(model_cfg):
+    if isinstance(model_cfg, dict):
+        return 'mask_head' in model_cfg or any(
+            _has_masks(v) for v in model_cfg.values())
+    if isinstance(model_cfg, (list, tuple)):
+        return any(_has_masks(v) for v in model_cfg)
     return False
 
 
-def _split_bases(path):
-    """The ``_base_`` entries of ``path``: (ordinary, overlays), resolved."""
-    ordinary, overlays = [], []
-    for entry in Config._get_base_files(path):
-        resolved = resolve_config_path(entry, path)
-        if is_overlay(resolved):
-            overlays.append(resolved)
-        elif overlays:
-            raise ValueError(
-                f'{path}: _base_ lists {entry!r} after the overlay '
-                f'{overlays[-1]}: put overlay bases (files with '
-                f'{OVERLAY_KEY} = True) after all other bases')
-        else:
-            # Scoped entries ('mmdet::...') stay as written so that
-            # mmengine keeps their scope.
-            ordinary.append(entry if '::' in entry else resolved)
-    return ordinary, overlays
+def _task(cfg):
+    scope = cfg.get('default_scope')
+    if scope == 'mmpretrain' or 'Classifier' in str(
+            cfg.get('model', {}).get('type')):
+        return 'classification'
+    return 'detection'
 
 
-def _chain_link_body(path, use_predefined_variables):
-    """The text of a config with its ``_base_`` and ``__overlay__``
-    assignments removed (a link of the chain is an ordinary config) and its
-    predefined variables ({{ fileDirname }}, ...) substituted for its own
-    location."""
-    if use_predefined_variables:
-        with tempfile.TemporaryDirectory() as tmp:
-            substituted = osp.join(tmp, osp.basename(path))
-            Config._substitute_predefined_vars(path, substituted)
-            with open(substituted, encoding='utf-8') as f:
-                text = f.read()
-    else:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
-    lines = text.splitlines(keepends=True)
-    nodes = _assignments(ast.parse(text, filename=path), '_base_',
-                         OVERLAY_KEY)
-    for node in sorted(nodes, key=lambda n: n.lineno, reverse=True):
-        del lines[node.lineno - 1:node.end_lineno]
-    return ''.join(lines)
+def on_demo_data(config, cfg_options=None, keep_pretrained=False):
+    """A detector or classifier config put on mmdyn's synthetic demo data.
 
+    Detectors get the demo detection set (3 classes; with masks where the
+    model has a mask head) and the demo schedule; classifiers the data and
+    schedule of ``configs/demo/resnet18_demo_cls.py`` (4 classes). Every
+    ``num_classes`` of the model (and of a classifier's data preprocessor)
+    is set to the demo's; the backbone's pretrained ``init_cfg`` is dropped
+    (the demo trains from scratch and offline) unless ``keep_pretrained``.
+    The config's own model and hooks are kept.
 
-def _plain(value):
-    """ConfigDicts, lists and tuples as plain Python literals."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item) for item in value)
-    return value
+    Args:
+        config (str | Config): an mmdet detector or mmpretrain classifier
+            config.
+        cfg_options (dict, optional): merged last.
+        keep_pretrained (bool): keep ``model.backbone.init_cfg``.
 
+    Returns:
+        Config
 
-def _replacing_body(cfg_dict):
-    """Config text that, as the child of the bases before an overlay,
-    replaces each top-level variable of the overlay as a whole."""
-    lines = []
-    for key, value in cfg_dict.items():
-        value = _plain(value)
-        if isinstance(value, dict):
-            value = {DELETE_KEY: True, **value}
-        lines.append(f'{key} = {value!r}\n')
-    return ''.join(lines)
-
-
-def _file2dict(filename, use_predefined_variables=True,
-               use_environment_variables=True, lazy_import=None):
-    """``Config._file2dict`` with overlay bases applied as a chain.
-
-    A config whose ``_base_`` is ``[B1, ..., O1, O2]`` (``O`` overlays) is
-    read as the chain ``B1, ...`` <- ``O1`` <- ``O2`` <- its own body: each
-    link a temporary config whose single base is the previous link; an
-    overlay's link replaces the top-level variables the overlay defines.
+    Raises:
+        OverlayError: see :func:`check_overlay_fits`.
     """
-    original = _ORIGINAL['file2dict']
-    path = osp.abspath(osp.expanduser(filename))
-    if not path.endswith('.py') or lazy_import or not osp.isfile(path) \
-            or Config._is_lazy_import(path):
-        return original(filename, use_predefined_variables,
-                        use_environment_variables, lazy_import)
-    ordinary, overlays = _split_bases(path)
-    if not overlays:
-        return original(filename, use_predefined_variables,
-                        use_environment_variables, lazy_import)
-    with tempfile.TemporaryDirectory(prefix='mmdyn_overlay_') as tmp:
-        bases = ordinary
-        for index, overlay in enumerate(overlays):
-            overlay_dict = Config._file2dict(overlay, use_predefined_variables,
-                                             use_environment_variables)[0]
-            link = osp.join(tmp, f'{index}_{osp.basename(overlay)}')
-            with open(link, 'w', encoding='utf-8') as f:
-                if bases:
-                    f.write(f'_base_ = {bases!r}\n')
-                f.write(_replacing_body(overlay_dict))
-            bases = [link]
-        body = osp.join(tmp, f'body_{osp.basename(path)}')
-        with open(body, 'w', encoding='utf-8') as f:
-            f.write(f'_base_ = {bases!r}\n')
-            f.write(_chain_link_body(path, use_predefined_variables))
-        cfg_dict, text, env = original(body, use_predefined_variables,
-                                       use_environment_variables, lazy_import)
-    # An overlay's variable that replaced nothing keeps its `_delete_`.
-    for value in cfg_dict.values():
-        if isinstance(value, dict):
-            value.pop(DELETE_KEY, None)
-    return cfg_dict, text, env
-
-
-def register_config_bases():
-    """Teach mmengine's ``Config`` ``mmdyn::`` paths and overlay bases
-    (idempotent)."""
-    if _ORIGINAL:
-        return
-    _ORIGINAL['get_cfg_path'] = Config._get_cfg_path
-    _ORIGINAL['file2dict'] = Config._file2dict
-    config_utils.MODULE2PACKAGE.setdefault(SCOPE, SCOPE)
-    Config._get_cfg_path = staticmethod(_get_cfg_path)
-    Config._file2dict = staticmethod(_file2dict)
-
-
-register_config_bases()
+    cfg = load_config(config)
+    task = _task(cfg)
+    if task == 'classification':
+        merged = overlay_config(cfg, [DEMO_CLS], keys=DEMO_CLS_KEYS)
+        if isinstance(merged.get('data_preprocessor'), dict):
+            merged.data_preprocessor['num_classes'] = \
+                DEMO_NUM_CLASSES[task]
+    else:
+        data = DEMO_INS_DATA if _has_masks(cfg.get('model')) else \
+            DEMO_DET_DATA
+        merged = overlay_config(cfg, [data, DEMO_DET_SCHEDULE])
+    set_num_classes(merged.model, DEMO_NUM_CLASSES[task])
+    backbone = merged.model.get('backbone')
+    if not keep_pretrained and isinstance(backbone, dict):
+        backbone['init_cfg'] = None
+    if cfg_options:
+        merged.merge_from_dict(cfg_options)
+    return merged

@@ -4,22 +4,26 @@ The tools stay task-agnostic: whether a config is an mmdet or an mmpretrain
 one is read from its ``default_scope`` (inferred from the model type when a
 config has none), and everything else is mmengine's ``Runner``.
 """
+import datetime
 import os.path as osp
 
 import torch
-from mmengine.config import Config
+import torch.distributed as torch_dist
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from mmdyn.datasets import ensure_demo_data
-
+from mmdyn.tool_args import add_runtime_arguments  # noqa: F401
+from .checkpoint import checked_path, find_resume_checkpoint
+from .config_bases import load_config as read_config
 from .malloc import MALLOC_TUNING_ENV, tune_malloc
 from .sanity import check_annotation_files
 
 __all__ = [
-    'load_config', 'configure_cpu_distributed', 'infer_default_scope',
-    'enable_amp', 'set_resume', 'add_checkpoint_check', 'build_runner',
-    'add_runtime_arguments', 'apply_runtime_arguments'
+    'load_config', 'configure_cpu_distributed', 'init_cpu_process_group',
+    'infer_default_scope', 'enable_amp', 'set_resume',
+    'add_checkpoint_check', 'build_runner', 'add_runtime_arguments',
+    'apply_runtime_arguments'
 ]
 
 _KNOWN_SCOPES = ('mmdet', 'mmpretrain')
@@ -29,7 +33,7 @@ def load_config(path, cfg_options=None, launcher='none', work_dir=None):
     """Read a config and apply the command-line settings common to tools.
 
     Args:
-        path (str): config file.
+        path (str): config file, or ``package::relative`` name.
         cfg_options (dict, optional): ``--cfg-options`` overrides.
         launcher (str): ``none``, ``pytorch``, ``slurm`` or ``mpi``.
             Defaults to ``'none'``.
@@ -39,11 +43,7 @@ def load_config(path, cfg_options=None, launcher='none', work_dir=None):
     Returns:
         mmengine.Config: the prepared config.
     """
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file {path} does not exist')
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(path, cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
         cfg.work_dir = work_dir
@@ -64,7 +64,8 @@ def configure_cpu_distributed(cfg):
 
     ``nccl`` (the configs' default) needs GPUs, and DDP refuses
     ``device_ids`` for a CPU module while mmengine passes
-    ``[LOCAL_RANK]`` unless the wrapper config says otherwise.
+    ``[LOCAL_RANK]`` unless the wrapper config says otherwise. The process
+    group itself is started by :func:`init_cpu_process_group`.
     """
     env_cfg = cfg.setdefault('env_cfg', {})
     dist_cfg = env_cfg.setdefault('dist_cfg', {})
@@ -75,6 +76,30 @@ def configure_cpu_distributed(cfg):
         find_unused_parameters=cfg.get('find_unused_parameters', False))
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
+
+
+def init_cpu_process_group(cfg):
+    """Start the process group of a ``pytorch``-launched run without CUDA.
+
+    mmengine 0.10's ``init_dist('pytorch')`` calls ``torch.cuda.set_device``
+    unconditionally ("Found no NVIDIA driver" on a CPU-only machine). The
+    Runner only calls it when no process group exists, so the tools start
+    the group here, with the config's ``env_cfg.dist_cfg`` (gloo, see
+    :func:`configure_cpu_distributed`), from torchrun's environment.
+
+    Returns:
+        bool: whether a process group was started.
+    """
+    if cfg.get('launcher', 'none') != 'pytorch' or \
+            torch.cuda.is_available() or not torch_dist.is_available() or \
+            torch_dist.is_initialized():
+        return False
+    kwargs = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = kwargs.pop('backend', 'gloo')
+    if kwargs.get('timeout') is not None:
+        kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
+    torch_dist.init_process_group(backend=backend, **kwargs)
+    return True
 
 
 def infer_default_scope(cfg):
@@ -121,31 +146,6 @@ def enable_amp(cfg):
         optim_wrapper.dtype = 'bfloat16'
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive_int.__name__ = 'positive int'  # argparse names it in its error
-
-
-def add_runtime_arguments(parser):
-    """Add the options that ``tools/train.py`` and ``tools/test.py`` share:
-    ``--allow-partial-load`` and ``--threads``."""
-    parser.add_argument(
-        '--allow-partial-load', action='store_true',
-        help='load a checkpoint that leaves more than half of a dynamic '
-        'layer family (ODConv, DyConv, KW, DDF) without weights, with a '
-        'warning (default: an error); same as allow_partial_load=True in '
-        'the config')
-    parser.add_argument(
-        '--threads', type=_positive_int, default=None,
-        help='torch CPU threads (default: torch\'s, one per core); 1 is '
-        'fastest on a busy machine (README, "Threads")')
-
-
 def apply_runtime_arguments(args, cfg):
     """Apply :func:`add_runtime_arguments`' options to the process and
     ``cfg``."""
@@ -183,6 +183,10 @@ def add_checkpoint_check(cfg):
             if hook.get('type') == 'CheckpointShapeCheckHook':
                 hook.setdefault('allow_partial_load', True)
     cfg.custom_hooks = hooks
+    # load_from and --resume go through mmdyn's checked loader.
+    if cfg.get('resume', False) and not cfg.get('load_from'):
+        cfg.load_from = find_resume_checkpoint(cfg.work_dir)
+    cfg.load_from = checked_path(cfg.get('load_from'))
 
 
 def build_runner(cfg):
@@ -192,6 +196,7 @@ def build_runner(cfg):
     ensure_demo_data(cfg)
     check_annotation_files(cfg)
     add_checkpoint_check(cfg)
+    init_cpu_process_group(cfg)
     if 'runner_type' in cfg:
         runner = RUNNERS.build(cfg)
     else:

@@ -23,12 +23,13 @@ allocator. ``tools/train.py``, ``tools/test.py`` and the benchmarks call it;
 ``MMDYN_MALLOC_TUNING=0`` turns it off.
 """
 import ctypes
-import os
 import sys
+
+from mmdyn.ops import switches
 
 __all__ = ['tune_malloc', 'MALLOC_TUNING_ENV']
 
-MALLOC_TUNING_ENV = 'MMDYN_MALLOC_TUNING'
+MALLOC_TUNING_ENV = switches.MALLOC_TUNING
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -53,9 +54,7 @@ def tune_malloc(enable=None) -> bool:
         bool: whether the settings are in effect (False when disabled, off
         Linux, or with a C library without glibc's ``mallopt``).
     """
-    if enable is None:
-        enable = os.environ.get(MALLOC_TUNING_ENV, '1').strip().lower() \
-            not in ('0', 'false', 'off', 'no')
+    enable = switches.malloc_tuning(enable)
     if not enable or not sys.platform.startswith('linux'):
         return False
     try:

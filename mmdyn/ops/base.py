@@ -18,14 +18,14 @@
 torch only: no OpenMMLab imports here.
 """
 import math
-import os
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_paths import fx_leaf, graph_capture
+from . import switches
+from .capture import fx_leaf, graph_capture
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -70,7 +70,7 @@ def check_positive(value, name: str, allow_float: bool = False):
 
 
 #: Environment variable that sets the allocation budget, in bytes.
-ALLOCATION_BUDGET_ENV = 'MMDYN_MAX_ALLOC_BYTES'
+ALLOCATION_BUDGET_ENV = switches.MAX_ALLOC_BYTES
 #: Default budget: the largest parameter tensor one layer (or one KW
 #: warehouse) may allocate, in bytes. The largest tensors of the shipped
 #: models are a few hundred MiB (a KW-4x warehouse).
@@ -80,17 +80,7 @@ DEFAULT_ALLOCATION_BUDGET = 4 * 2**30
 def allocation_budget() -> int:
     """The allocation budget in bytes: ``$MMDYN_MAX_ALLOC_BYTES`` when set,
     else :data:`DEFAULT_ALLOCATION_BUDGET`."""
-    value = os.environ.get(ALLOCATION_BUDGET_ENV)
-    if value is None or value == '':
-        return DEFAULT_ALLOCATION_BUDGET
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = -1
-    if budget <= 0:
-        raise ValueError(f'{ALLOCATION_BUDGET_ENV} must be a positive number '
-                         f'of bytes, got {value!r}')
-    return budget
+    return switches.max_alloc_bytes(DEFAULT_ALLOCATION_BUDGET)
 
 
 def check_allocation(numel: int,
@@ -175,6 +165,51 @@ def kernel_bank_safe(fn: Callable[[torch.Tensor],
     return apply
 
 
+#: Input dtypes autocast casts to the dtype of its region.
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def parameter_dtype(layer: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of ``layer``'s first floating point parameter (None when
+    it has none)."""
+    for param in layer.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def check_input_dtype(layer: nn.Module, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the layer class, the dtype of ``x`` and
+    the dtype expected (that of the layer's parameters) unless ``x`` is a
+    floating point tensor of that dtype.
+
+    Under ``torch.autocast`` for the device of ``x``, any float16, bfloat16
+    or float32 input is accepted: autocast casts the operands itself.
+    """
+    expected = parameter_dtype(layer)
+    if x.is_floating_point():
+        if expected is None or x.dtype == expected:
+            return
+        if (torch.is_autocast_enabled(x.device.type)
+                and x.dtype in AUTOCAST_DTYPES
+                and expected in AUTOCAST_DTYPES):
+            return
+    message = (f'{type(layer).__name__} got an input x of dtype {x.dtype}, '
+               f'expected {expected or "a floating point dtype"}')
+    if expected is not None:
+        message += f' (the dtype of its parameters): convert the input ' \
+            f'(x.to({expected}))'
+        if x.is_floating_point():
+            message += f' or the layer (layer.to({x.dtype}))'
+        if x.dtype in (torch.float16, torch.bfloat16) and \
+                expected == torch.float32:
+            message += (
+                f'; to run a float32 layer in {x.dtype}, keep it float32 '
+                f"and call it under torch.autocast('{x.device.type}', "
+                f'dtype={x.dtype})')
+    raise ValueError(message)
+
+
 class DynamicConv2dBase(nn.Module):
     """Base class giving a dynamic conv the ``nn.Conv2d`` interface.
 
@@ -253,16 +288,15 @@ class DynamicConv2dBase(nn.Module):
         self.with_bias = bool(bias)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` if ``x`` is not a float [B, C_in, H, W]."""
+        """Raise ``ValueError`` if ``x`` is not a [B, C_in, H, W] tensor of
+        the layer's dtype (:func:`check_input_dtype`)."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f'{type(self).__name__} expects a tensor input '
                              f'x, got {type(x).__name__}')
         if x.dim() != 4:
             raise ValueError(f'{type(self).__name__} expects input x of '
                              f'shape [B, C, H, W], got {tuple(x.shape)}')
-        if not x.is_floating_point():
-            raise ValueError(f'{type(self).__name__} expects a floating '
-                             f'point input x, got {x.dtype}')
+        check_input_dtype(self, x)
         if x.shape[1] != self.in_channels:
             raise ValueError(f'{type(self).__name__} expects input x with '
                              f'{self.in_channels} channels (in_channels), '

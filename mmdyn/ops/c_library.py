@@ -25,6 +25,7 @@ import os.path as osp
 import platform
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -33,6 +34,9 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+
+from . import switches
+from .accel.thresholds import THRESHOLDS
 
 #: Directory of the C sources (package data).
 CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
@@ -113,8 +117,9 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
 
 
 def cache_dir() -> str:
-    return os.environ.get('MMDYN_CACHE_DIR') or osp.join(
-        osp.expanduser('~'), '.cache', 'mmdyn')
+    """Where the libraries are built (``$MMDYN_CACHE_DIR``, see
+    :func:`mmdyn.ops.switches.cache_dir`)."""
+    return switches.cache_dir()
 
 
 def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
@@ -137,7 +142,8 @@ def check_float32_cpu(what: str,
 def num_threads(work: int) -> int:
     """OpenMP threads for ``work`` elements: tiny problems are faster on one
     thread than waking the pool."""
-    return max(1, min(torch.get_num_threads(), work // 4096 + 1))
+    per_thread = THRESHOLDS['c_loops']['work_per_thread']
+    return max(1, min(torch.get_num_threads(), work // per_thread + 1))
 
 
 def _owner_ok(st: os.stat_result) -> bool:
@@ -167,6 +173,39 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Seconds a compiler run may take before it is killed.
+COMPILE_TIMEOUT = 120
+
+
+def run_compiler(command: list, timeout: float) -> tuple:
+    """Run ``command``; return (exit status, its stderr).
+
+    The compiler starts in a process group of its own, and on timeout the
+    whole group is killed: a compiler driver's children (``cc1``, ``as``,
+    ``ld``, or whatever a ``CC`` wrapper spawns) do not outlive it.
+
+    Raises:
+        RuntimeError: when it runs longer than ``timeout`` seconds.
+    """
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group has already exited
+            pass
+        proc.communicate()
+        raise RuntimeError(f'{command[0]} did not finish within {timeout} s;'
+                           ' it was killed with its child processes') from None
+    return proc.returncode, stderr or ''
 
 
 class CLibrary:
@@ -218,14 +257,12 @@ class CLibrary:
             with open(src, 'w') as f:
                 f.write(self.source)
             out = osp.join(tmp, self.name + '.so')
-            try:
-                subprocess.run([compiler, *FLAGS, src, '-o', out],
-                               check=True, capture_output=True, text=True,
-                               timeout=120)
-            except subprocess.CalledProcessError as e:
-                messages = (e.stderr or '').strip()[-2000:]
-                raise RuntimeError(f'{compiler} failed (exit {e.returncode})'
-                                   f': {messages}') from None
+            returncode, messages = run_compiler(
+                [compiler, *FLAGS, src, '-o', out], COMPILE_TIMEOUT)
+            if returncode:
+                messages = messages.strip()[-2000:]
+                raise RuntimeError(f'{compiler} failed (exit {returncode})'
+                                   f': {messages}')
             os.chmod(out, 0o644)
             digest = _sha256(out)
             with open(out + '.sha256', 'w') as f:
@@ -266,7 +303,10 @@ class CLibrary:
         return lib
 
     def enabled(self) -> bool:
-        return os.environ.get(self.switch, '1') != '0'
+        """Whether its switch is on and ``MMDYN_DISABLE_ACCEL`` is not set
+        (read at every :meth:`load`)."""
+        return not switches.accel_disabled() and switches.switch_on(
+            self.switch)
 
     def require(self) -> ctypes.CDLL:
         """:meth:`load` for callers without a fallback: RuntimeError when
@@ -282,16 +322,16 @@ class CLibrary:
         """The loaded library, built on first use; None when unavailable
         (no compiler, a failed build, an unsafe cache, or the switch set
         to ``0``)."""
+        if not self.enabled():
+            return None
         if self._tried:
             return self._lib
         with self._lock:
-            if self._tried:
-                return self._lib
-            if self.enabled():
+            if not self._tried:
                 try:
                     self._lib = self._load_cached(self.path())
                 except Exception as e:  # noqa: BLE001 - any failure: fallback
                     warnings.warn(f'mmdyn: C kernels {self.name!r} '
                                   f'unavailable ({e}); {self.fallback}')
-            self._tried = True
+                self._tried = True
             return self._lib

@@ -16,23 +16,26 @@ operator is CUDA only).
   low-resolution input (one per sub-pixel phase) and a pixel shuffle,
   optionally guided by a second feature map.
 
-On CPU, :func:`ddf` runs fused C loops (:mod:`mmdyn.ops.ddf_cpu`) with an
-explicit backward: no k*k-times larger buffer is ever made, and the forward
-costs about as much as a depthwise 3x3 conv. Elsewhere (CUDA, ONNX export,
-no C compiler) it runs a pure-PyTorch loop over the k*k taps.
+This file holds the math: the reference operator :func:`ddf_reference`
+(an explicit unfold and sum), the filter branches and the layers, each
+with a ``forward_reference``. :func:`ddf` decides its path once per call
+(:func:`~mmdyn.ops.accel.paths.ddf_path`) and runs the accelerated ones
+from :mod:`mmdyn.ops.accel.ddf_paths`: on CPU fused C loops with an
+explicit backward (no k*k-times larger buffer, about the cost of a
+depthwise 3x3 conv), Triton kernels on CUDA, elsewhere (ONNX export, no C
+compiler) a pure-PyTorch loop over the k*k taps.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from . import ddf_cpu
-from .base import (DynamicConv2dBase, check_allocation, check_positive,
-                   empty_batch_output, is_empty_batch)
-from .custom_ops import ddf_op
-from .fast_paths import compiling, ddf_path, fx_leaf, graph_capture
+from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
+                   check_positive, empty_batch_output, is_empty_batch)
+from .accel import ddf_paths
+from .accel.paths import ddf_path
+from .capture import fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
 IMPLS = ('auto', 'fused', 'taps', 'reference', 'triton')
@@ -79,10 +82,14 @@ def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
     for name, t in (('x', x), ('channel_filter', channel_filter),
                     ('spatial_filter', spatial_filter)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f'{name} must be a floating point tensor')
+            raise ValueError(f'{name} must be a floating point tensor, got '
+                             f'{getattr(t, "dtype", type(t).__name__)}')
     if x.dim() != 4:
         raise ValueError(f'x must be [B, C, H, W], got {tuple(x.shape)}')
     B, C, H, W = x.shape
+    if H == 0 or W == 0:
+        raise ValueError('x must have a height and a width >= 1 (as the '
+                         f'input of a conv), got {tuple(x.shape)}')
     kk = kernel_size * kernel_size
     if C % head:
         raise ValueError(f'the channels of x ({C}) must be divisible by '
@@ -102,103 +109,15 @@ def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
     if (spatial_filter.dim() != 4 or spatial_filter.shape[0] != B
             or spatial_filter.shape[1] != head * kk or not ok_h or not ok_w
             or Ho == 0 or Wo == 0):
+        accepted = ({size // stride, (size - 1) // stride + 1} - {0}
+                    for size in (H, W))
+        sizes = [' or '.join(str(n) for n in sorted(a)) for a in accepted]
         raise ValueError(
-            f'spatial_filter must be [B, head*k*k, H//stride, W//stride] = '
-            f'{[B, head * kk, H // stride, W // stride]}, got '
+            f'spatial_filter must be [B, head*k*k, Ho, Wo] = [{B}, '
+            f'{head * kk}, {sizes[0]}, {sizes[1]}] (Ho = H//stride or '
+            f'ceil(H/stride), at least 1), got '
             f'{tuple(spatial_filter.shape)}')
     return channel_filter.reshape(B, C, kk), spatial_filter, (Ho, Wo)
-
-
-def _taps_view(xp: torch.Tensor, i: int, j: int, out_hw: Tuple[int, int],
-               dilation: int, stride: int) -> torch.Tensor:
-    """The input values tap (i, j) sees, as a strided view of padded ``xp``."""
-    Ho, Wo = out_hw
-    y0, x0 = i * dilation, j * dilation
-    return xp[:, :, y0:y0 + (Ho - 1) * stride + 1:stride,
-              x0:x0 + (Wo - 1) * stride + 1:stride]
-
-
-def _pad_for_taps(x: torch.Tensor, kernel_size: int, dilation: int,
-                  stride: int, out_hw: Tuple[int, int]) -> torch.Tensor:
-    r = (kernel_size - 1) // 2 * dilation
-    H, W = x.shape[-2:]
-    # Enough zeros on the far side for the last output row/column.
-    bottom = max(0, (out_hw[0] - 1) * stride + r - (H - 1))
-    right = max(0, (out_hw[1] - 1) * stride + r - (W - 1))
-    return F.pad(x, (r, right, r, bottom))
-
-
-def _ddf_taps(x, cf, sf, kernel_size, dilation, stride, add, out_hw):
-    """Pure-PyTorch DDF: one strided view and two multiply-adds per tap.
-
-    Differentiable by autograd and exportable to ONNX (slices, muls, adds).
-    ``cf`` is [B, C, k*k], ``sf`` [B, k*k, Ho, Wo] (one head).
-    """
-    xp = _pad_for_taps(x, kernel_size, dilation, stride, out_hw)
-    out = None
-    for i in range(kernel_size):
-        for j in range(kernel_size):
-            t = i * kernel_size + j
-            shifted = _taps_view(xp, i, j, out_hw, dilation, stride)
-            c_t = cf[:, :, t, None, None]
-            s_t = sf[:, t:t + 1]
-            term = shifted * (c_t + s_t) if add else (shifted * s_t) * c_t
-            out = term if out is None else out + term
-    return out
-
-
-class _DDFTaps(torch.autograd.Function):
-    """The tap loop with an explicit, tap-by-tap backward.
-
-    Autograd through :func:`_ddf_taps` saves every per-tap product (about
-    12x the output in a forward+backward); this keeps only the inputs and
-    makes a few output-sized temporaries per tap. Used off CPU (e.g. CUDA)
-    or when the fused kernel is unavailable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, cf, sf, kernel_size, dilation, stride, add, out_hw):
-        ctx.conf = (kernel_size, dilation, stride, add, out_hw)
-        ctx.save_for_backward(x, cf, sf)
-        return _ddf_taps(x, cf, sf, kernel_size, dilation, stride, add,
-                         out_hw)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        kernel_size, dilation, stride, add, out_hw = ctx.conf
-        x, cf, sf = ctx.saved_tensors
-        need_x, need_cf, need_sf = ctx.needs_input_grad[:3]
-        xp = _pad_for_taps(x, kernel_size, dilation, stride, out_hw)
-        gxp = torch.zeros_like(xp) if need_x else None
-        gcf = torch.empty_like(cf) if need_cf else None
-        gsf = torch.empty_like(sf) if need_sf else None
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                t = i * kernel_size + j
-                shifted = _taps_view(xp, i, j, out_hw, dilation, stride)
-                c_t = cf[:, :, t, None, None]
-                s_t = sf[:, t:t + 1]
-                if need_x:
-                    g_view = _taps_view(gxp, i, j, out_hw, dilation, stride)
-                    if add:
-                        g_view.addcmul_(grad_out, c_t + s_t)
-                    else:
-                        g_view.addcmul_(grad_out * s_t, c_t)
-                if not (need_cf or need_sf):
-                    continue
-                prod = grad_out * shifted
-                if need_cf:
-                    gcf[:, :, t] = (prod.sum((2, 3)) if add else torch.einsum(
-                        'bchw,bhw->bc', prod, s_t[:, 0]))
-                if need_sf:
-                    gsf[:, t] = (prod.sum(1) if add else torch.einsum(
-                        'bchw,bc->bhw', prod, c_t[:, :, 0, 0]))
-        gx = None
-        if need_x:
-            r = (kernel_size - 1) // 2 * dilation
-            gx = gxp[:, :, r:r + x.shape[2], r:r + x.shape[3]]
-        return gx, gcf, gsf, None, None, None, None, None
 
 
 def ddf_reference(x, channel_filter, spatial_filter, kernel_size, dilation=1,
@@ -212,7 +131,11 @@ def ddf_reference(x, channel_filter, spatial_filter, kernel_size, dilation=1,
                                        head)
     B, C, H, W = x.shape
     kk = kernel_size * kernel_size
-    xp = _pad_for_taps(x, kernel_size, dilation, stride, (Ho, Wo))
+    r = (kernel_size - 1) // 2 * dilation
+    # Enough zeros on the far side for the last output row/column.
+    bottom = max(0, (Ho - 1) * stride + r - (H - 1))
+    right = max(0, (Wo - 1) * stride + r - (W - 1))
+    xp = F.pad(x, (r, right, r, bottom))
     cols = F.unfold(xp, kernel_size, dilation=dilation, stride=stride)
     rows = (xp.shape[2] - dilation * (kernel_size - 1) - 1) // stride + 1
     cols = cols.view(B, C, kk, rows, -1)[:, :, :, :Ho, :Wo]
@@ -221,91 +144,6 @@ def ddf_reference(x, channel_filter, spatial_filter, kernel_size, dilation=1,
     sf = sf.expand(B, head, C // head, kk, Ho, Wo).reshape(B, C, kk, Ho, Wo)
     filters = cf + sf if combine == 'add' else cf * sf
     return (cols * filters).sum(2)
-
-
-class _DDFFusedCPU(torch.autograd.Function):
-    """DDF on CPU through the fused C loops, with an explicit backward.
-
-    Only ``x``, the channel filter and the spatial filter are saved (no
-    per-tap products), and the backward is one pass for (x, channel filter)
-    and one for the spatial filter.
-    """
-
-    @staticmethod
-    def forward(ctx, x, cf, sf, kernel_size, dilation, stride, add, lib):
-        ctx.conf = (kernel_size, dilation, stride, add, lib)
-        ctx.save_for_backward(x, cf, sf)
-        return ddf_cpu.forward(lib, x, cf, sf, sf.shape[-2:], kernel_size,
-                               dilation, stride, add)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        kernel_size, dilation, stride, add, lib = ctx.conf
-        x, cf, sf = ctx.saved_tensors
-        grads = ddf_cpu.backward(lib, grad_out.contiguous(), x, cf, sf,
-                                 kernel_size, dilation, stride, add,
-                                 ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None)
-
-
-class _DDFUpFusedCPU(torch.autograd.Function):
-    """DDF-Up's s*s stride-1 DDFs on CPU, each written straight into its
-    sub-pixel phase of the [B, C, s*H, s*W] output (no stack and pixel
-    shuffle copies). ``cf`` is [s*s, B, C, k*k], ``sf`` [s*s, B, k*k, H, W].
-    """
-
-    @staticmethod
-    def forward(ctx, x, cf, sf, kernel_size, dilation, add, scale, lib):
-        ctx.conf = (kernel_size, dilation, add, scale, lib)
-        ctx.save_for_backward(x, cf, sf)
-        return ddf_cpu.forward(lib, x, cf, sf, x.shape[-2:], kernel_size,
-                               dilation, 1, add, scale)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        kernel_size, dilation, add, scale, lib = ctx.conf
-        x, cf, sf = ctx.saved_tensors
-        B, C, H, W = x.shape
-        needs = ctx.needs_input_grad[:3]
-        grad6 = grad_out.reshape(B, C, H, scale, W, scale)
-        gx = torch.zeros_like(x) if needs[0] else None
-        gcf = torch.empty_like(cf) if needs[1] else None
-        gsf = torch.empty_like(sf) if needs[2] else None
-        for p in range(scale * scale):
-            go = grad6[:, :, :, p // scale, :, p % scale].contiguous()
-            gx_p, gcf_p, gsf_p = ddf_cpu.backward(lib, go, x, cf[p], sf[p],
-                                                  kernel_size, dilation, 1,
-                                                  add, needs)
-            if needs[0]:
-                gx += gx_p
-            if needs[1]:
-                gcf[p] = gcf_p
-            if needs[2]:
-                gsf[p] = gsf_p
-        return gx, gcf, gsf, None, None, None, None, None
-
-
-def _compiled_fused(impl: str, x: torch.Tensor) -> bool:
-    """Under ``torch.compile``: whether :func:`ddf_path`'s ``'fused'``
-    runs, as the ``mmdyn::ddf`` custom operator (the graph keeps the C
-    loops)."""
-    return compiling() and impl in ('auto', 'fused') and \
-        x.device.type == 'cpu' and ddf_path(impl, x) == 'fused'
-
-
-def _choose_impl(impl: str, x: torch.Tensor):
-    """The fused-kernel library for :func:`ddf_path`'s ``'fused'``, or None
-    for the tap loop."""
-    _check_choice(impl, 'impl', IMPLS)
-    if graph_capture():  # plain ops, or mmdyn::ddf (_compiled_fused)
-        return None
-    lib = ddf_cpu.load() if x.device.type == 'cpu' and impl in (
-        'auto', 'fused') else None
-    if ddf_path(impl, x, lib is not None) != 'fused':
-        return None
-    return lib
 
 
 def ddf(x: torch.Tensor,
@@ -347,53 +185,29 @@ def ddf(x: torch.Tensor,
     Returns:
         Tensor: [B, C, Ho, Wo], in the promoted dtype of the inputs.
     """
-    cf, sf, out_hw = _check_ddf_args(x, channel_filter, spatial_filter,
-                                     kernel_size, dilation, stride, combine,
-                                     head)
+    checked = _check_ddf_args(x, channel_filter, spatial_filter, kernel_size,
+                              dilation, stride, combine, head)
     _check_choice(impl, 'impl', IMPLS)
+    return _ddf_by_path(ddf_path(impl, x), x, channel_filter, spatial_filter,
+                        checked, kernel_size, dilation, stride, combine,
+                        head)
+
+
+def _ddf_by_path(path: str, x, channel_filter, spatial_filter, checked,
+                 kernel_size, dilation, stride, combine, head):
+    """:func:`ddf` by ``path`` (:func:`~mmdyn.ops.accel.paths.ddf_path`),
+    on arguments ``checked`` by :func:`_check_ddf_args`."""
+    cf, sf, out_hw = checked
     if not graph_capture() and x.numel() == 0:  # an empty batch
         out_dtype = torch.promote_types(
             torch.promote_types(x.dtype, cf.dtype), sf.dtype)
         return empty_batch_output((*x.shape[:2], *out_hw), x.to(out_dtype),
                                   (channel_filter, spatial_filter))
-    if impl == 'reference':
+    if path == 'reference':
         return ddf_reference(x, channel_filter, spatial_filter, kernel_size,
                              dilation, stride, combine, head)
-    if ddf_path(impl, x) == 'triton':
-        from .accel import ddf_triton
-        return ddf_triton.ddf(x, cf, sf, kernel_size, dilation, stride,
-                              combine == 'add', head)
-    lib = _choose_impl(impl, x)
-    B, C, H, W = x.shape
-    kk = kernel_size * kernel_size
-    if head > 1:
-        # Each head is an independent DDF over its channel group.
-        x = x.reshape(B * head, C // head, H, W)
-        cf = cf.reshape(B * head, C // head, kk)
-        sf = sf.reshape(B * head, kk, *out_hw)
-    add = combine == 'add'
-    out_dtype = torch.promote_types(
-        torch.promote_types(x.dtype, cf.dtype), sf.dtype)
-    compiled_fused = lib is None and _compiled_fused(impl, x)
-    if lib is not None or compiled_fused:
-        # The C loops handle float32/float64; half types run in float32
-        # (as the official CUDA op does).
-        work = torch.float64 if out_dtype == torch.float64 else torch.float32
-        x, cf, sf = (t.to(work).contiguous() for t in (x, cf, sf))
-        if compiled_fused:
-            out = ddf_op(x, cf, sf, kernel_size, dilation, stride, add, 1)
-        else:
-            out = _DDFFusedCPU.apply(x, cf, sf, kernel_size, dilation,
-                                     stride, add, lib)
-        out = out.to(out_dtype)
-    else:
-        args = (x.to(out_dtype), cf.to(out_dtype), sf.to(out_dtype),
-                kernel_size, dilation, stride, add, out_hw)
-        if graph_capture():
-            out = _ddf_taps(*args)  # plain ops, for the exporter to record
-        else:
-            out = _DDFTaps.apply(*args)
-    return out.reshape(B, C, *out_hw) if head > 1 else out
+    return ddf_paths.run(path, x, cf, sf, out_hw, kernel_size, dilation,
+                         stride, combine == 'add', head)
 
 
 # --------------------------------------------------------------------------
@@ -637,10 +451,17 @@ class DDFConv2d(DynamicConv2dBase):
                  nonlinearity: str = 'relu',
                  gen_kernel_size: int = 1,
                  impl: str = 'auto'):
+        check_positive(in_channels, 'in_channels')
+        check_positive(out_channels, 'out_channels')
         if in_channels != out_channels:
             raise ValueError(
-                'DDFConv2d needs in_channels == out_channels, got '
-                f'in_channels={in_channels}, out_channels={out_channels}')
+                'DDFConv2d is a depthwise-style layer (every channel is '
+                'filtered by its own dynamic filter, nothing mixes channels):'
+                ' it needs in_channels == out_channels, got DDFConv2d('
+                f'in_channels={in_channels}, out_channels={out_channels}, '
+                f'kernel_size={kernel_size!r}, stride={stride!r}). Keep a '
+                'static conv where the channel count changes (a stem, a '
+                'projection shortcut)')
         k = kernel_size if isinstance(kernel_size, int) else None
         if isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 \
                 and kernel_size[0] == kernel_size[1]:
@@ -675,8 +496,8 @@ class DDFConv2d(DynamicConv2dBase):
         self.se_ratio = se_ratio
         self.combine = combine
         self.impl = impl
-        #: The DDF path of the latest forward: 'fused', 'taps' or
-        #: 'reference' (see :mod:`mmdyn.ops.fast_paths`).
+        #: The DDF path of the latest forward: 'fused', 'taps',
+        #: 'reference' or 'triton' (see :mod:`mmdyn.ops.accel.paths`).
         self.last_path = None
         self.spatial_branch = build_spatial_branch(in_channels, k, head,
                                                    stride, nonlinearity,
@@ -703,16 +524,39 @@ class DDFConv2d(DynamicConv2dBase):
         return cf, self.spatial_branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reference`'s result by the path
+        :func:`~mmdyn.ops.accel.paths.ddf_path` decides, once per call
+        (recorded in :attr:`last_path`)."""
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
-        self.last_path = ddf_path(self.impl, x)
+        path = self.last_path = ddf_path(self.impl, x)
         cf, sf = self.filters(x)
-        out = ddf(x, cf, sf, self.kernel_size[0], self.dilation[0],
-                  self.stride[0], self.combine, self.head, self.impl)
+        out = self._ddf(path, x, cf, sf)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out.to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's forward: the two filters, then
+        :func:`ddf_reference` (an explicit unfold and sum)."""
+        out = self.check_input_or_empty(x)
+        if out is not None:
+            return out
+        cf, sf = self.filters(x)
+        out = self._ddf('reference', x, cf, sf)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out.to(x.dtype)
+
+    def _ddf(self, path: str, x: torch.Tensor, cf: torch.Tensor,
+             sf: torch.Tensor) -> torch.Tensor:
+        """:func:`ddf` with this layer's settings, by ``path``."""
+        k, d, s = self.kernel_size[0], self.dilation[0], self.stride[0]
+        checked = _check_ddf_args(x, cf, sf, k, d, s, self.combine,
+                                  self.head)
+        return _ddf_by_path(path, x, cf, sf, checked, k, d, s, self.combine,
+                            self.head)
 
     def madds_per_sample(self, input_hw) -> dict:
         """Multiply-adds for one sample of spatial size ``input_hw``
@@ -816,8 +660,8 @@ class DDFUpsample(nn.Module):
         self.guided = guided
         self.guide_channels = guide_channels
         self.impl = impl
-        #: The DDF path of the latest forward: 'fused', 'taps' or
-        #: 'reference' (see :mod:`mmdyn.ops.fast_paths`).
+        #: The DDF path of the latest forward: 'fused', 'taps',
+        #: 'reference' or 'triton' (see :mod:`mmdyn.ops.accel.paths`).
         self.last_path = None
         spatial_in = guide_channels if guided else channels
         self.spatial_branch = nn.ModuleList(
@@ -884,47 +728,62 @@ class DDFUpsample(nn.Module):
         leaf = fx_leaf(self, x, guidance)
         if leaf is not None:  # torch.fx tracing: the layer as a leaf
             return leaf
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f'x must be [B, {self.channels}, H, W], got '
-                             f'{tuple(x.shape)}')
+        cfs, sfs = self._filters(x, guidance)
+        empty = is_empty_batch(x)
+        path = ddf_path(self.impl, x)
+        self.last_path = 'empty' if empty else path
+        return self._upsample(path, x, cfs, sfs, empty)
+
+    def _filters(self, x: torch.Tensor, guidance: Optional[torch.Tensor]):
+        """Check the inputs; the s*s channel filters [B, C, k, k] and
+        spatial filters [B, head*k*k, H, W] of the phases."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or \
+                x.shape[1] != self.channels:
+            raise ValueError(
+                f'DDFUpsample expects x of shape [B, {self.channels}, H, W], '
+                f'got {getattr(x, "shape", type(x).__name__)}')
+        check_input_dtype(self, x)
         B, C, H, W = x.shape
+        if not graph_capture() and (H == 0 or W == 0):  # as nn.Upsample
+            raise ValueError('DDFUpsample needs an input x with a height and '
+                             f'a width >= 1, got {tuple(x.shape)}')
         k = self.kernel_size
-        s = self.scale_factor
         guides = self._phase_guidance(x, guidance)
         cfs = [b(x).view(B, C, k, k) for b in self.channel_branch]
         if len(self.spatial_branch[0]) == 2 and not self.guided:
             sfs = self._spatial_filters_batched(x)
         else:
             sfs = [b(g) for b, g in zip(self.spatial_branch, guides)]
-        lib = _choose_impl(self.impl, x) if self.head == 1 else None
-        empty = is_empty_batch(x)
-        self.last_path = 'empty' if empty else ddf_path(self.impl, x)
-        compiled_fused = lib is None and self.head == 1 and \
-            _compiled_fused(self.impl, x)
-        if (lib is not None or compiled_fused) and not empty:
-            work = torch.float64 if x.dtype == torch.float64 else \
-                torch.float32
-            cf = torch.stack(cfs).to(work).reshape(s * s, B, C, k * k)
-            sf = torch.stack(sfs).to(work)
-            if compiled_fused:  # the C loops as the mmdyn::ddf operator
-                out = ddf_op(x.to(work).contiguous(), cf, sf.contiguous(), k,
-                             self.dilation, 1, self.combine == 'add', s)
-            else:
-                out = _DDFUpFusedCPU.apply(
-                    x.to(work).contiguous(), cf, sf, k, self.dilation,
-                    self.combine == 'add', s, lib)
-            return out.to(x.dtype)
-        if self.last_path == 'triton':  # the sub-pixel Triton kernels
-            from .accel import ddf_triton
-            out = ddf_triton.ddf_up(
-                x, torch.stack(cfs).reshape(s * s, B, C, k * k),
-                torch.stack(sfs), k, self.dilation, self.combine == 'add',
-                self.head, s)
-            return out.to(x.dtype)
-        phases = [
-            ddf(x, cf, sf, k, self.dilation, 1, self.combine, self.head,
-                self.impl) for cf, sf in zip(cfs, sfs)
-        ]
+        return cfs, sfs
+
+    def forward_reference(self,
+                          x: torch.Tensor,
+                          guidance: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+        """The paper's forward: per phase the filters and
+        :func:`ddf_reference`, the phases interleaved."""
+        cfs, sfs = self._filters(x, guidance)
+        return self._upsample('reference', x, cfs, sfs, is_empty_batch(x))
+
+    def _upsample(self, path: str, x: torch.Tensor, cfs, sfs,
+                  empty: bool) -> torch.Tensor:
+        """The s*s phase DDFs by ``path``, interleaved."""
+        B, C, H, W = x.shape
+        k, s = self.kernel_size, self.scale_factor
+        add = self.combine == 'add'
+        if path == 'fused' and self.head == 1 and not empty:
+            return ddf_paths.ddf_up_fused(x, cfs, sfs, k, self.dilation, add,
+                                          s)
+        if path == 'triton' and not empty:  # the sub-pixel Triton kernels
+            return ddf_paths.ddf_up_triton(x, cfs, sfs, k, self.dilation, add,
+                                           self.head, s)
+        phases = []
+        for cf, sf in zip(cfs, sfs):
+            checked = _check_ddf_args(x, cf, sf, k, self.dilation, 1,
+                                      self.combine, self.head)
+            phases.append(
+                _ddf_by_path(path, x, cf, sf, checked, k, self.dilation, 1,
+                             self.combine, self.head))
         # Interleave the phases by strided copies into the output viewed as
         # [B, C, H, s, W, s] (stack + pixel_shuffle is ~3x slower on CPU).
         out = phases[0].new_empty((B, C, H, s, W, s))

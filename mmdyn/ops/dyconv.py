@@ -28,7 +28,7 @@ They differ only in the routing function:
 
 Each layer's ``forward_reference`` computes exactly these formulas;
 ``forward`` returns the same result by the path that
-:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+:mod:`mmdyn.ops.accel.paths` chooses for the input (``impl`` selects one,
 ``last_path`` names the one taken).
 
 torch only.
@@ -42,10 +42,9 @@ from torch import nn
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
                    init_attention_weights, linear_1x1)
-from .fast_paths import (MIXTURE_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         mixture_conv_then_mix, mixture_path)
-from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
-from .winograd import winograd_per_sample_conv2d
+from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
+                          mixture_conv_then_mix, path_names)
+from .per_sample_conv import per_sample_conv2d
 
 ROUTINGS = ('sigmoid', 'softmax')
 
@@ -118,9 +117,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         attention_norm (str): Norm in the routing MLP. Default: 'none'.
         impl (str): ``'auto'`` (the fastest path for the input),
             ``'reference'`` (the paper's forward), a path of
-            :data:`~mmdyn.ops.fast_paths.MIXTURE_PATHS`, or a per-sample
+            :data:`~mmdyn.ops.accel.paths.MIXTURE_PATHS`, or a per-sample
             conv (``'loop'``, ``'grouped'``, ``'unfold'``: the reference
-            forward with it). See :mod:`mmdyn.ops.fast_paths`.
+            forward with it). See :mod:`mmdyn.ops.accel.paths`.
             Default: ``'auto'``.
     """
 
@@ -151,8 +150,8 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             check_positive(hidden_channels, 'hidden_channels')
         self.kernel_num = kernel_num
         self.routing = routing
-        self.impl = check_impl(impl, MIXTURE_PATHS)
-        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.impl = check_impl(impl, path_names('mixture'))
+        #: The path of the latest forward (see :mod:`mmdyn.ops.accel.paths`).
         self.last_path = None
         self.init_temperature(1.0)
         kh, kw = self.kernel_size
@@ -197,36 +196,22 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
 
     def conv_then_mix(self, x: torch.Tensor) -> bool:
         """Whether ``impl='auto'`` convolves with all ``K`` kernels and
-        mixes the outputs (:meth:`_forward_conv_then_mix`): CPU with
+        mixes the outputs (path ``'conv_then_mix'``): CPU with
         autograd, ``(K - 1) * H_out * W_out`` at most the threshold of
-        :data:`~mmdyn.ops.fast_paths.THRESHOLDS` ``['mixture']``."""
+        :data:`~mmdyn.ops.accel.paths.THRESHOLDS` ``['mixture']``."""
         return self.impl == 'auto' and mixture_conv_then_mix(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_reference`'s result by the path that
-        :func:`~mmdyn.ops.fast_paths.mixture_path` chooses (recorded in
+        :func:`~mmdyn.ops.accel.paths.choose_path` chooses (recorded in
         :attr:`last_path`)."""
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
         pi = self.routing_weights(x).to(self.weight.dtype)
-        path = self.last_path = mixture_path(self, x)
-        if path == 'reference':
-            return self._forward_reference(x, pi)
-        bias = pi @ self.bias if self.bias is not None else None
-        if path == 'conv_then_mix':
-            out = self._forward_conv_then_mix(x, pi)
-            if bias is not None:
-                out = out + bias[:, :, None, None].to(out.dtype)
-            return out
-        if path == 'winograd':
-            out = winograd_per_sample_conv2d(x, self.weight, pi, None,
-                                             self.padding)
-        else:  # 'chunked'
-            out = self._forward_chunked(x, pi)
-        if bias is not None:
-            out += bias[:, :, None, None].to(out.dtype)
-        return out
+        path = choose_path('mixture', self, x, (pi, ))
+        self.last_path = path.name
+        return path.run(self, x, pi)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's forward: routing weights ``pi``, the per-sample
@@ -235,55 +220,19 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
-        return self._forward_reference(
+        return self.reference_from_routing(
             x, self.routing_weights(x).to(self.weight.dtype))
 
-    def _forward_reference(self, x: torch.Tensor,
-                           pi: torch.Tensor) -> torch.Tensor:
+    def reference_from_routing(self, x: torch.Tensor,
+                               pi: torch.Tensor) -> torch.Tensor:
+        """The reference forward from the routing weights ``pi`` of
+        ``x``."""
         bias = pi @ self.bias if self.bias is not None else None
         weight = (pi @ self.weight.flatten(1)).view(-1,
                                                      *self.weight.shape[1:])
         impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
                                  self.dilation, self.groups, impl)
-
-    # Fast paths: the reference's result, faster for some shapes on CPU
-    # (chosen by mmdyn.ops.fast_paths.mixture_path).
-
-    def _forward_conv_then_mix(self, x: torch.Tensor,
-                               pi: torch.Tensor) -> torch.Tensor:
-        """``sum_k pi_k conv(x, W_k)``, which equals ``conv(x, sum_k pi_k
-        W_k)``: ``K`` static convs of the batch, no per-sample kernel. On
-        CPU with autograd the per-sample kernels (and their gradients) of
-        layers on small maps cost far more than their convolutions. No
-        bias."""
-        groups, num = self.groups, self.kernel_num
-        c_out_g = self.out_channels // groups
-        # Group-major output channels (group, kernel, channel) so that each
-        # group of the stacked conv sees its own input channels.
-        bank = self.weight.reshape(num, groups, c_out_g,
-                                   *self.weight.shape[2:]).transpose(0, 1)
-        out = F.conv2d(x, bank.reshape(-1, *self.weight.shape[2:]), None,
-                       self.stride, self.padding, self.dilation, groups)
-        h_out, w_out = out.shape[-2:]
-        out = out.view(-1, groups, num, c_out_g, h_out * w_out)
-        out = torch.einsum('bgkcp,bk->bgcp', out, pi.to(out.dtype))
-        return out.reshape(-1, self.out_channels, h_out, w_out)
-
-    def _forward_chunked(self, x: torch.Tensor,
-                         pi: torch.Tensor) -> torch.Tensor:
-        """Kernels built a chunk of samples at a time into the reused
-        workspace, then batch-1 convs (inference). No bias."""
-        bank = self.weight.flatten(1)
-
-        def kernels(start, stop, out):
-            with torch.autocast(x.device.type, enabled=False):
-                return torch.matmul(pi[start:stop], bank, out=out)
-
-        return chunked_per_sample_conv2d(x, kernels, self.weight.shape[1:],
-                                         bank.dtype, self.stride,
-                                         self.padding, self.dilation,
-                                         self.groups)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
         """Multiply-adds per sample for an ``input_hw`` input (convention of
@@ -314,9 +263,11 @@ class CondConv2d(_MixtureOfKernelsConv2d):
     (:attr:`TEMPERATURE_SCHEDULE` is the constant 1); the temperature buffer
     exists only to share the interface.
 
+    ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``groups`` and ``bias`` are those of
+    ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
+
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-            groups, bias: as ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
         kernel_num (int): Number of experts ``K``. Default: 4.
         impl (str): Per-sample conv implementation. Default: ``'auto'``.
         **kwargs: ``padding_mode='zeros'``.
@@ -363,9 +314,11 @@ class DyConv2d(_MixtureOfKernelsConv2d):
     C_in/g, kh, kw] with each kernel kaiming-uniform (fan_in, ReLU gain);
     optional bias bank [K, C_out] initialised to 0.
 
+    ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``groups`` and ``bias`` are those of
+    ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
+
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-            groups, bias: as ``nn.Conv2d`` (``bias`` is a bank [K, C_out]).
         kernel_num (int): Number of kernels ``K``. Default: 4.
         ratio (float): Routing hidden width ratio. Default: 0.25.
         attention_norm (str): Norm after ``fc1``; ``'none'`` as the

@@ -37,7 +37,7 @@ anneals it from 1 to 0 at the start of training.
 
 Each layer's ``forward_reference`` computes exactly these formulas;
 ``forward`` returns the same result by the path that
-:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+:mod:`mmdyn.ops.accel.paths` chooses for the input (``impl`` selects one,
 ``last_path`` names the one taken).
 
 torch only.
@@ -48,18 +48,23 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import kernel_warehouse_cpu
 from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
-                   check_allocation, check_positive, empty_batch_output,
-                   init_attention_weights)
-from .fast_paths import (KERNEL_WAREHOUSE_PATHS, PER_SAMPLE_IMPLS,
-                         check_impl, fx_leaf, kernel_warehouse_path,
-                         kw_position_major)
-from .kernel_warehouse_cpu import MIXTURE_LAYOUTS
-from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
-from .warehouse_manager import LAYER_TYPES, WarehouseManager  # noqa: F401
+                   check_allocation, check_input_dtype, check_positive,
+                   empty_batch_output, init_attention_weights)
+from .accel import kw_cells, kw_paths
+from .accel.kw_cells import MIXTURE_LAYOUTS
+from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
+                          kw_position_major, path_names,
+                          uses_c_cell_product)
+from .capture import fx_leaf
+from .per_sample_conv import per_sample_conv2d
+from .warehouse_manager import (LAYER_TYPES, WarehouseManager,  # noqa: F401
+                                register_layer_class)
 
 CAF_EPS = 1e-3
+#: The official lower bound of the attention's hidden width and of the
+#: non-local basis size.
+MIN_HIDDEN_CHANNELS = 16
 _prod = math.prod
 
 
@@ -97,7 +102,11 @@ def one_to_one_beta(num_mixtures: int, num_cells: int, start: int,
     With ``cell_num_ratio`` r >= 1, mixture i selects cell
     ``start + i * floor(r)``; with r < 1 (p = floor(1/r)), mixtures with
     ``i % p == (i // p) % p`` select successive cells and the others the zero
-    cell.
+    cell (the official rule). That rule selects floor(m/p) cells for m
+    mixtures when p*p divides m, and up to one more otherwise (49 mixtures
+    at r = 1/2: 25 for a warehouse of int(49/2) = 24 cells, which the
+    official code refuses with an assertion); a selection past the
+    warehouse's last cell takes the zero cell instead.
 
     Returns:
         tuple[Tensor, int]: ``beta`` [m, n + 1] (float32) and the cursor after
@@ -114,9 +123,8 @@ def one_to_one_beta(num_mixtures: int, num_cells: int, start: int,
     else:
         period = int(1.0 / cell_num_ratio)
         for i in range(num_mixtures):
-            if i % period == (i // period) % period:
-                if cursor < num_cells:
-                    beta[i, cursor] = 1.0
+            if i % period == (i // period) % period and cursor < num_cells:
+                beta[i, cursor] = 1.0
                 cursor += 1
             else:
                 beta[i, num_cells] = 1.0
@@ -292,7 +300,7 @@ class _KWLayerMixin(TemperatureMixin):
         self._kw_layout = (groups_spatial, groups_out, groups_in, cell_out,
                            cell_in)
         in_channels = self._kw_in_channels()
-        hidden = max(int(in_channels * reduction), 16)
+        hidden = max(int(in_channels * reduction), MIN_HIDDEN_CHANNELS)
         check_allocation(
             max(hidden, num_mixtures) * num_mixtures * (num_cells + 1),
             f'the attention of KW layer {self.warehouse_name!r} '
@@ -309,7 +317,8 @@ class _KWLayerMixin(TemperatureMixin):
             num_nonlocal = num_cells - num_local
             basis = dict(
                 num_local_cells=num_local,
-                num_basis=max(int(num_nonlocal * nonlocal_basis_ratio), 16),
+                num_basis=max(int(num_nonlocal * nonlocal_basis_ratio),
+                              MIN_HIDDEN_CHANNELS),
                 start_cell=start)
         device = self.temperature.device
         with torch.device(device):
@@ -340,7 +349,8 @@ class _KWLayerMixin(TemperatureMixin):
         return contrasting_attention(logits, self.beta, self.temperature)
 
     def assemble_kernel(self, attention: torch.Tensor) -> torch.Tensor:
-        """Mix the warehouse cells into per-sample kernels.
+        """Mix the warehouse cells into per-sample kernels (the reference:
+        one ``torch.matmul``, then the kernel layout).
 
         Args:
             attention (Tensor): [B, m, n] CAF attentions.
@@ -349,11 +359,12 @@ class _KWLayerMixin(TemperatureMixin):
             Tensor: [B, *weight_shape]; mixture ``(s * G_o + o) * G_i + c``
             fills output block o, input block c, spatial position s.
         """
-        if self._kw_layout[0] == 1:  # one position: no transposition
-            kernel = self.mix_cells(attention, layout='position_major')
-        else:
-            kernel = self.mix_cells(attention).permute(0, 2, 4, 3, 5, 1)
-        return kernel.reshape(-1, *self.weight_shape)
+        cells = self._cell_rows()
+        if not torch.is_autocast_enabled(attention.device.type):
+            attention = attention.to(cells.dtype)
+        mixtures = torch.matmul(attention, cells).view(-1, *self._kw_layout)
+        return mixtures.permute(0, 2, 4, 3, 5, 1).reshape(
+            -1, *self.weight_shape)
 
     def check_input(self, x: torch.Tensor) -> None:
         """:meth:`DynamicConv2dBase.check_input`, and the layer must belong
@@ -377,7 +388,7 @@ class _KWLayerMixin(TemperatureMixin):
         return cells.reshape(cells.shape[0], -1)
 
     #: Layouts of :meth:`mix_cells` (see
-    #: :data:`~mmdyn.ops.kernel_warehouse_cpu.MIXTURE_LAYOUTS`).
+    #: :data:`~mmdyn.ops.accel.kw_cells.MIXTURE_LAYOUTS`).
     MIXTURE_LAYOUTS = MIXTURE_LAYOUTS
 
     def mix_cells(self,
@@ -398,7 +409,7 @@ class _KWLayerMixin(TemperatureMixin):
                 'position_major': [B, g_s, C_out, C_in];
                 'output_major': [B, C_out, g_s, C_in].
 
-        The product runs in :func:`~mmdyn.ops.kernel_warehouse_cpu.
+        The product runs in :func:`~mmdyn.ops.accel.kw_cells.
         mix_cells` (float32 CPU inference: the C loop on the manager's
         packed cells, writing the layout directly; otherwise
         ``torch.matmul``); :attr:`last_mixture_product` records which.
@@ -409,9 +420,10 @@ class _KWLayerMixin(TemperatureMixin):
         cells = self._cell_rows()
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
-        mixtures, self.last_mixture_product = kernel_warehouse_cpu.mix_cells(
+        mixtures, self.last_mixture_product = kw_cells.mix_cells(
             attention, cells, self._kw_layout, layout, reuse_buffer,
-            lambda: self.warehouse_manager.packed_cells(self.warehouse_id))
+            lambda: self.warehouse_manager.packed_cells(self.warehouse_id),
+            uses_c_cell_product(attention, cells))
         return mixtures
 
     def _agg_madds(self) -> int:
@@ -439,9 +451,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
             manager. Default: None.
         impl (str): ``'auto'`` (the fastest path for the input),
             ``'reference'`` (the paper's forward), a path of
-            :data:`~mmdyn.ops.fast_paths.KERNEL_WAREHOUSE_PATHS`, or a
+            :data:`~mmdyn.ops.accel.paths.KERNEL_WAREHOUSE_PATHS`, or a
             per-sample conv (``'loop'``, ``'grouped'``, ``'unfold'``: the
-            reference forward with it). See :mod:`mmdyn.ops.fast_paths`.
+            reference forward with it). See :mod:`mmdyn.ops.accel.paths`.
             Default: ``'auto'``.
         padding_mode (str): ``'zeros'`` only, as accepted by ``nn.Conv2d``.
             Default: ``'zeros'``.
@@ -467,8 +479,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
                  **manager_kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          padding, dilation, groups, bias, padding_mode)
-        self.impl = check_impl(impl, KERNEL_WAREHOUSE_PATHS)
-        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.impl = check_impl(impl, path_names('kernel_warehouse'))
+        #: The path of the latest forward (see :mod:`mmdyn.ops.accel.paths`).
         self.last_path = None
         self._setup_kw(
             (out_channels, in_channels // groups, *self.kernel_size), bias,
@@ -479,66 +491,44 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_reference`'s result by the path that
-        :func:`~mmdyn.ops.fast_paths.kernel_warehouse_path` chooses
-        (recorded in :attr:`last_path`; the CPU paths are in
-        :mod:`~mmdyn.ops.kernel_warehouse_cpu`)."""
+        :func:`~mmdyn.ops.accel.paths.choose_path` chooses (recorded in
+        :attr:`last_path`; the paths are in :mod:`~mmdyn.ops.accel.
+        kw_paths`)."""
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
         attention = self._attention_weights(x.mean(dim=(2, 3)))
-        path = self.last_path = kernel_warehouse_path(self, x, attention)
-        if path == 'reference':
-            return self._forward_reference(x, attention)
-        if path in ('winograd', 'winograd_fused'):
-            out = kernel_warehouse_cpu.winograd_conv(
-                self, x, attention, fused=path == 'winograd_fused')
-            if self.bias is not None:
-                out += self.bias.reshape(1, -1, 1, 1)
-            return out
-        if path == 'position_major':
-            return kernel_warehouse_cpu.position_major_conv(
-                self, x, attention)
-        if path == 'chunked':
-            out = chunked_per_sample_conv2d(
-                x, lambda start, stop, _: self.assemble_kernel(
-                    attention[start:stop]).flatten(1).to(x.dtype),
-                self.weight_shape, None, self.stride, self.padding,
-                self.dilation, self.groups)
-            if self.bias is not None:
-                out += self.bias.reshape(1, -1, 1, 1).to(out.dtype)
-            return out
-        # 'pointwise'
-        return kernel_warehouse_cpu.pointwise_conv(
-            self, x, self._kernel_like(attention, x))
+        path = choose_path('kernel_warehouse', self, x, (attention, ))
+        self.last_path = path.name
+        return path.run(self, x, attention)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's forward: the attentions (CAF), the per-sample kernel
-        assembled from the warehouse cells, one conv per sample."""
+        assembled from the warehouse cells (:meth:`assemble_kernel`), one
+        conv per sample."""
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
-        return self._forward_reference(
-            x, self._attention_weights(x.mean(dim=(2, 3))))
-
-    def _forward_reference(self, x: torch.Tensor,
-                           attention: torch.Tensor) -> torch.Tensor:
-        impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
-        return per_sample_conv2d(x, self._kernel_like(attention, x),
-                                 self.bias, self.stride, self.padding,
-                                 self.dilation, self.groups, impl=impl)
-
-    def _kernel_like(self, attention: torch.Tensor,
-                     x: torch.Tensor) -> torch.Tensor:
-        """The assembled kernels in the dtype of ``x`` (autocast aside)."""
+        attention = self._attention_weights(x.mean(dim=(2, 3)))
         kernel = self.assemble_kernel(attention)
         if not torch.is_autocast_enabled(x.device.type):
             kernel = kernel.to(x.dtype)
-        return kernel
+        return self.reference_from_attention(x, attention, kernel)
+
+    def reference_from_attention(self, x: torch.Tensor,
+                                 attention: torch.Tensor,
+                                 kernel: torch.Tensor) -> torch.Tensor:
+        """One conv per sample with the per-sample ``kernel`` (assembled
+        from ``attention``), plus the bias."""
+        impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
+        return per_sample_conv2d(x, kernel, self.bias, self.stride,
+                                 self.padding, self.dilation, self.groups,
+                                 impl=impl)
 
     def uses_position_major(self, x: torch.Tensor) -> bool:
         """Whether ``impl='auto'`` may convolve straight from the mixtures
         (path ``'position_major'``; see
-        :func:`~mmdyn.ops.fast_paths.kw_position_major`)."""
+        :func:`~mmdyn.ops.accel.paths.kw_position_major`)."""
         return self.impl == 'auto' and kw_position_major(self, x)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
@@ -588,15 +578,30 @@ class KWLinear(_KWLayerMixin, nn.Module):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reference`'s result, the kernels assembled by
+        the layer's ``mix_cells`` (the C cell product in float32 CPU
+        inference, see :func:`~mmdyn.ops.accel.kw_paths.assembled_kernel`).
+        """
         leaf = fx_leaf(self, x)
         if leaf is not None:  # torch.fx tracing: the layer as a leaf
             return leaf
+        return self._forward(x, kw_paths.assembled_kernel)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's forward: the attentions (CAF), the per-sample kernel
+        (:meth:`assemble_kernel`), one matmul per sample."""
+        return self._forward(x, type(self).assemble_kernel)
+
+    def _forward(self, x: torch.Tensor, assemble) -> torch.Tensor:
+        """Check ``x``; the layer with kernels from ``assemble(self,
+        attention)``."""
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or \
-                x.shape[-1] != self.in_features or not x.is_floating_point():
+                x.shape[-1] != self.in_features:
             raise ValueError(
-                f'KWLinear expects a float input x of shape [B, ..., '
+                f'KWLinear expects an input x of shape [B, ..., '
                 f'{self.in_features}] (in_features), got '
                 f'{getattr(x, "shape", type(x).__name__)}')
+        check_input_dtype(self, x)
         self._check_finalized()
         shape = x.shape
         if x.numel() == 0:  # as nn.Linear: an empty output
@@ -605,7 +610,7 @@ class KWLinear(_KWLayerMixin, nn.Module):
                 (*self.parameters(), self._cells()))
         tokens = x.reshape(shape[0], -1, shape[-1])  # [B, L, C_in]
         attention = self._attention_weights(tokens.mean(dim=1))
-        kernel = self.assemble_kernel(attention).squeeze(-1)  # [B, O, I]
+        kernel = assemble(self, attention).squeeze(-1)  # [B, O, I]
         if not torch.is_autocast_enabled(x.device.type):
             kernel = kernel.to(x.dtype)
         out = torch.matmul(tokens, kernel.transpose(1, 2))
@@ -630,3 +635,5 @@ class KWLinear(_KWLayerMixin, nn.Module):
 
 
 KW_LAYERS = (KWConv2d, KWLinear)
+register_layer_class('conv2d', KWConv2d)
+register_layer_class('linear', KWLinear)

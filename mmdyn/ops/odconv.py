@@ -18,13 +18,12 @@ The sub-module and parameter names (``weight``, ``attention.fc``,
 
 Each layer's ``forward_reference`` computes exactly these formulas;
 ``forward`` returns the same result by the path that
-:mod:`mmdyn.ops.fast_paths` chooses for the input (``impl`` selects one,
+:mod:`mmdyn.ops.accel.paths` chooses for the input (``impl`` selects one,
 ``last_path`` names the one taken).
 
 torch only.
 """
-import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,97 +32,28 @@ from torch import nn
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
                    init_attention_weights, linear_1x1)
-from .per_sample_conv import chunked_per_sample_conv2d, per_sample_conv2d
-from .fast_paths import (ODCONV_PATHS, PER_SAMPLE_IMPLS, check_impl,
-                         graph_capture, odconv_folds, odconv_path,
-                         odconv_scaled_columns)
-from .winograd import winograd_per_sample_conv2d
+from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
+                          odconv_folds, odconv_scaled_columns, path_names)
+from .capture import graph_capture
+from .per_sample_conv import per_sample_conv2d
 
 
-def _repeat_positions(rows: int) -> Tuple[int, int]:
-    """Layout for scaling a [B, rows*P] kernel by a [B, P] attention.
-
-    Broadcasting a [B, 1, P] factor over a [B, rows, P] view runs an inner
-    loop of only P (9) elements; repeating the factor R times gives rows of
-    9R contiguous elements, faster on CPU. Returns (R, rows / R).
-    """
-    repeat = math.gcd(rows, 64)
-    return repeat, rows // repeat
-
-
-def _mix_kernels_forward(kernel: Optional[torch.Tensor], bank: torch.Tensor,
-                         spatial: torch.Tensor,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P],
-    written into ``out`` when given; ``kernel`` None means one kernel with
-    attention 1. No autograd: the forward of :class:`_MixKernels` and the
-    chunked per-sample kernels."""
-    batch, positions = spatial.shape
-    repeat, rows = _repeat_positions(bank.shape[1] // positions)
-    scale = spatial.repeat(1, repeat).unsqueeze(1)
-    if out is None:
-        out = bank.new_empty(batch, bank.shape[1])
-    mixed = out.view(batch, rows, positions * repeat)
-    if kernel is None or kernel.shape[1] == 1:
-        # One kernel: a broadcast product, one pass over the output
-        # (a [B, 1] x [1, N] matmul is an outer product MKL runs slowly).
-        if kernel is not None:
-            scale = scale * kernel.view(-1, 1, 1)
-        torch.mul(bank.view(1, rows, positions * repeat), scale, out=mixed)
-    else:
-        torch.matmul(kernel, bank, out=out)
-        mixed.mul_(scale)
-    return out
-
-
-class _MixKernels(torch.autograd.Function):
-    """``(kernel @ bank) * spatial`` with a memory-lean backward.
-
-    ``bank`` [K, rows*P], ``kernel`` [B, K], ``spatial`` [B, P] -> [B,
-    rows*P]. Plain autograd would keep the mixed kernel, a [B, numel(W)]
-    tensor per layer, for the spatial gradient; here it is recomputed in the
-    backward by one cheap [B, K] x [K, numel(W)] matmul, and the output is
-    scaled in place.
-    """
-
-    @staticmethod
-    def forward(ctx, kernel, bank, spatial):
-        ctx.save_for_backward(kernel, bank, spatial)
-        return _mix_kernels_forward(kernel, bank, spatial)
-
-    @staticmethod
-    def backward(ctx, grad):
-        kernel, bank, spatial = ctx.saved_tensors
-        batch, positions = spatial.shape
-        grad = grad.to(bank.dtype).contiguous()
-        grad_kernel = grad_bank = grad_spatial = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            repeat, rows = _repeat_positions(bank.shape[1] // positions)
-            scaled = (grad.view(batch, rows, positions * repeat) *
-                      spatial.repeat(1, repeat).unsqueeze(1)).view(batch, -1)
-            if ctx.needs_input_grad[0]:
-                grad_kernel = scaled @ bank.t()
-            if ctx.needs_input_grad[1]:
-                grad_bank = kernel.t() @ scaled
-        if ctx.needs_input_grad[2]:
-            repeat, rows = _repeat_positions(bank.shape[1] // positions)
-            mixed = (kernel @ bank).view(batch, rows, positions * repeat)
-            grad_spatial = (grad.view_as(mixed) * mixed).sum(1).view(
-                batch, repeat, positions).sum(1)
-        return grad_kernel, grad_bank, grad_spatial
-
-
-def _mix_kernels(kernel: torch.Tensor, bank: torch.Tensor,
-                 spatial: torch.Tensor) -> torch.Tensor:
-    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P]."""
+def mix_kernels_reference(kernel: torch.Tensor, bank: torch.Tensor,
+                          spatial: torch.Tensor) -> torch.Tensor:
+    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P]
+    in the dtype of ``bank``, by plain autograd (autocast off, except under
+    graph capture)."""
     dtype = bank.dtype
     kernel, spatial = kernel.to(dtype), spatial.to(dtype)
+
+    def mix():
+        return ((kernel @ bank).view(kernel.shape[0], -1, spatial.shape[1])
+                * spatial.unsqueeze(1)).flatten(1)
+
     if graph_capture():
-        # Plain ops for graph capture (tracing, export, compile).
-        return ((kernel @ bank).view(kernel.shape[0], -1, spatial.shape[1]) *
-                spatial.unsqueeze(1)).flatten(1)
+        return mix()
     with torch.autocast(bank.device.type, enabled=False):
-        return _MixKernels.apply(kernel, bank, spatial)
+        return mix()
 
 
 class ODAttention(nn.Module):
@@ -237,10 +167,10 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             ``'bn'``, ``'ln'`` or ``'none'``. Default: ``'bn_batch1'``.
         impl (str): ``'auto'`` (the fastest path for the input),
             ``'reference'`` (the paper's forward), a path of
-            :data:`~mmdyn.ops.fast_paths.ODCONV_PATHS`, or a per-sample conv
+            :data:`~mmdyn.ops.accel.paths.ODCONV_PATHS`, or a per-sample conv
             of :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`
             (``'loop'``, ``'grouped'``, ``'unfold'``: the reference forward
-            with it). See :mod:`mmdyn.ops.fast_paths`. Default: ``'auto'``.
+            with it). See :mod:`mmdyn.ops.accel.paths`. Default: ``'auto'``.
         **kwargs: ``padding_mode='zeros'``, as ``nn.Conv2d``.
     """
 
@@ -268,8 +198,8 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         check_positive(min_channels, 'min_channels')
         self.kernel_num = kernel_num
         self.reduction = reduction
-        self.impl = check_impl(impl, ODCONV_PATHS)
-        #: The path of the latest forward (see :mod:`mmdyn.ops.fast_paths`).
+        self.impl = check_impl(impl, path_names('odconv'))
+        #: The path of the latest forward (see :mod:`mmdyn.ops.accel.paths`).
         self.last_path = None
         self.init_temperature(1.0)
         kh, kw = self.kernel_size
@@ -315,110 +245,54 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
     def aggregate_weight(self,
                          spatial: Optional[torch.Tensor],
                          kernel: Optional[torch.Tensor],
-                         channel: Optional[torch.Tensor] = None,
-                         filt: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         mix: Optional[Callable] = None) -> torch.Tensor:
         """Per-sample kernel ``sum_i kernel[b,i] * (spatial[b] * W_i)``.
 
-        ``channel`` [B, C_in] and ``filt`` [B, C_out], when given, are folded
-        into the kernel's input/output-channel dimensions (which equals
-        scaling the input and the output).
+        ``mix(kernel, bank, spatial)``: the product ``(kernel @ bank) *
+        spatial`` ([B, K], [K, numel(W)], [B, kh*kw]); default (and under
+        graph capture) :func:`mix_kernels_reference`.
 
         Returns:
             Tensor: [B, C_out, C_in/g, kh, kw], or [1, ...] when nothing
             depends on the sample.
         """
         bank = self.weight
-        c_out, c_in_g = bank.shape[1:3]
-        positions = bank.shape[3] * bank.shape[4]
-        if channel is None and filt is None and spatial is not None:
+        if spatial is not None:
             if kernel is None:  # K == 1: a one-kernel mixture
                 kernel = spatial.new_ones(spatial.shape[0], 1)
-            weight = _mix_kernels(kernel, bank.flatten(1), spatial)
+            if mix is None or graph_capture():
+                mix = mix_kernels_reference
+            weight = mix(kernel, bank.flatten(1), spatial)
             return weight.view(-1, *bank.shape[1:])
         if kernel is None:
-            weight = bank
-        else:
-            # [B, K] x [K, numel(W)]: mixing before the spatial product is
-            # the same sum with K times fewer multiplications.
-            weight = kernel.to(bank.dtype) @ bank.flatten(1)
-        if channel is not None or filt is not None:
-            fresh = kernel is not None and not torch.is_grad_enabled()
-            scale = self._channel_scale(channel, filt, c_out, c_in_g)
-            if spatial is not None:
-                scale = scale.unsqueeze(-1) * spatial.to(
-                    scale.dtype)[:, None, None, :]
-            else:
-                scale = scale.unsqueeze(-1).expand(-1, -1, -1, positions)
-            weight = weight.reshape(-1, c_out, c_in_g, positions)
-            weight = weight.mul_(scale) if fresh else weight * scale
+            return bank
+        # [B, K] x [K, numel(W)]
+        weight = kernel.to(bank.dtype) @ bank.flatten(1)
         return weight.view(-1, *bank.shape[1:])
-
-    def _mix_into(self, spatial, kernel, start: int, stop: int,
-                  out: torch.Tensor) -> torch.Tensor:
-        """Samples ``start:stop``'s kernels (spatial and kernel attentions
-        only) written into ``out`` [stop - start, numel(W)]: the products of
-        :func:`_mix_kernels` without autograd (see
-        :func:`~mmdyn.ops.per_sample_conv.chunked_per_sample_conv2d`)."""
-        dtype = self.weight.dtype
-        bank = self.weight.flatten(1)
-        kernel = None if kernel is None else kernel[start:stop].to(dtype)
-        with torch.autocast(bank.device.type, enabled=False):
-            if spatial is None:
-                return torch.matmul(kernel, bank, out=out)
-            return _mix_kernels_forward(kernel, bank,
-                                        spatial[start:stop].to(dtype), out)
-
-    def _channel_scale(self, channel, filt, c_out, c_in_g):
-        """[B, C_out, C_in/g] product of the channel and filter attentions
-        laid out as the kernel's (output, input-in-group) dimensions."""
-        scale = None
-        if channel is not None:
-            groups = self.groups
-            scale = channel.view(-1, groups, 1, c_in_g).expand(
-                -1, groups, c_out // groups, c_in_g).reshape(
-                    -1, c_out, c_in_g)
-        if filt is not None:
-            f = filt[:, :, None]
-            scale = f.expand(-1, c_out, c_in_g) if scale is None else (
-                scale * f)
-        return scale.to(self.weight.dtype)
 
     def fold_attentions(self, input_hw: Tuple[int, int]) -> bool:
         """Whether ``alpha_c``/``alpha_f`` are cheaper folded into the
         kernel than applied to the feature maps (path ``'folded'``; see
-        :func:`~mmdyn.ops.fast_paths.odconv_folds`)."""
+        :func:`~mmdyn.ops.accel.paths.odconv_folds`)."""
         return odconv_folds(self, input_hw)
 
     def use_scaled_columns(self, input_hw: Tuple[int, int]) -> bool:
         """Whether this one-kernel layer pays to run as the static kernel
         times scaled im2col columns (path ``'scaled_columns'``; see
-        :func:`~mmdyn.ops.fast_paths.odconv_scaled_columns`)."""
+        :func:`~mmdyn.ops.accel.paths.odconv_scaled_columns`)."""
         return odconv_scaled_columns(self, input_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_reference`'s result by the path that
-        :func:`~mmdyn.ops.fast_paths.odconv_path` chooses (recorded in
+        :func:`~mmdyn.ops.accel.paths.choose_path` chooses (recorded in
         :attr:`last_path`)."""
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
-        channel, filt, spatial, kernel = self.attentions(x)
-        path = self.last_path = odconv_path(
-            self, x, spatial is not None or kernel is not None)
-        if path == 'reference':
-            return self._forward_reference(x, channel, filt, spatial, kernel)
-        if path == 'folded':  # filter attention and bias in the kernel conv
-            return self._forward_folded(x, channel, filt, spatial, kernel)
-        if path == 'scaled_columns':
-            out = self._forward_scaled_columns(x, channel, spatial)
-            return self._filter_and_bias(out, filt)
-        x = x * channel[:, :, None, None]
-        if path == 'winograd':
-            out = winograd_per_sample_conv2d(x, self.weight, kernel, spatial,
-                                             self.padding)
-        else:  # 'chunked'
-            out = self._forward_chunked(x, spatial, kernel)
-        return self._filter_and_bias(out, filt)
+        attentions = self.attentions(x)
+        path = choose_path('odconv', self, x, attentions)
+        self.last_path = path.name
+        return path.run(self, x, *attentions)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's forward: the four attentions, the per-sample kernel
@@ -427,22 +301,32 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
-        return self._forward_reference(x, *self.attentions(x))
+        return self.reference_from_attentions(x, *self.attentions(x))
 
-    def _forward_reference(self, x, channel, filt, spatial, kernel):
-        weight = self.aggregate_weight(spatial, kernel)
+    def reference_from_attentions(self, x, channel, filt, spatial, kernel,
+                                  mix: Optional[Callable] = None):
+        """The reference forward from the attentions of ``x`` (``mix``: see
+        :meth:`aggregate_weight`)."""
+        weight = self.aggregate_weight(spatial, kernel, mix)
         x = x * channel[:, :, None, None]
         if weight.shape[0] == 1:  # nothing depends on the sample
             out = F.conv2d(x, weight[0], None, self.stride, self.padding,
                            self.dilation, self.groups)
         else:
-            out = per_sample_conv2d(x, weight, None, self.stride,
-                                    self.padding, self.dilation, self.groups,
-                                    self._per_sample_impl)
-        return self._filter_and_bias(out, filt)
+            out = self.per_sample_conv(x, weight)
+        return self.filter_and_bias(out, filt)
 
-    def _filter_and_bias(self, out: torch.Tensor,
-                         filt: Optional[torch.Tensor]) -> torch.Tensor:
+    def per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``conv(x[b], weight[b])`` with the layer's geometry (the
+        per-sample conv ``impl`` selects, see :func:`~mmdyn.ops.
+        per_sample_conv.per_sample_conv2d`)."""
+        impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
+        return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
+                                 self.dilation, self.groups, impl)
+
+    def filter_and_bias(self, out: torch.Tensor,
+                        filt: Optional[torch.Tensor]) -> torch.Tensor:
         """``alpha_f * out + bias``."""
         if filt is not None:
             scale = filt[:, :, None, None].to(out.dtype)
@@ -450,51 +334,6 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
-
-    @property
-    def _per_sample_impl(self) -> str:
-        return self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
-
-    # Fast paths: the reference's result, faster for some shapes on CPU
-    # (chosen by mmdyn.ops.fast_paths.odconv_path).
-
-    def _forward_folded(self, x, channel, filt, spatial, kernel):
-        """``alpha_c`` and ``alpha_f`` folded into the per-sample kernel
-        (the smaller tensor on high-resolution maps)."""
-        weight = self.aggregate_weight(spatial, kernel, channel, filt)
-        return per_sample_conv2d(x, weight, self.bias, self.stride,
-                                 self.padding, self.dilation, self.groups,
-                                 self._per_sample_impl)
-
-    def _forward_chunked(self, x, spatial, kernel):
-        """Kernels built a chunk of samples at a time into the reused
-        workspace, then batch-1 convs (inference)."""
-        return chunked_per_sample_conv2d(
-            x, lambda start, stop, buffer: self._mix_into(
-                spatial, kernel, start, stop, buffer),
-            self.weight.shape[1:], self.weight.dtype, self.stride,
-            self.padding, self.dilation, self.groups)
-
-    def _forward_scaled_columns(self, x, channel, spatial):
-        """One kernel: ``conv(alpha_c[b] * x_b, alpha_s[b] * W)`` scales
-        input channel ``c`` and kernel position ``p`` of sample ``b``, which
-        is scaling the im2col columns of (c, p): one GEMM of the static
-        kernel, no per-sample kernel (cheaper when the kernel is larger than
-        the columns)."""
-        h_out, w_out = self.output_hw(int(x.shape[2]), int(x.shape[3]))
-        positions = self.attention.num_positions
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding,
-                        self.stride)  # [B, C_in * P, L]
-        # -1 for the batch: no batch size baked into an exported graph.
-        cols = cols.view(-1, self.in_channels, positions, h_out * w_out)
-        scale = (channel[:, :, None] * spatial[:, None, :]).to(cols.dtype)
-        scale = scale.unsqueeze(-1)
-        cols = cols * scale if torch.is_grad_enabled() else cols.mul_(scale)
-        kernel = self.weight.view(self.out_channels, -1)
-        out = torch.matmul(
-            kernel.to(cols.dtype),
-            cols.view(-1, self.in_channels * positions, h_out * w_out))
-        return out.view(-1, self.out_channels, h_out, w_out)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
         """Multiply-adds per sample for an ``input_hw`` input, in the

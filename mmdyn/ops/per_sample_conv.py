@@ -11,22 +11,17 @@ This module holds the interchangeable implementations of that operation:
   batch size, so it is the path used for ONNX export.
 * ``'auto'``: picks one of the above for the device and shape.
 
-:func:`chunked_per_sample_conv2d` is the CPU inference path of deep
-layers, whose per-sample kernels are much larger than their feature maps: it
-builds the kernels into one workspace kept between calls, so that the ``[B,
-numel(W)]`` tensor of all kernels (tens of MB) is not a fresh allocation,
-page-faulted, on every call.
+The CPU inference path that builds deep layers' kernels into a reused
+workspace is an accelerator: :mod:`mmdyn.ops.accel.chunked`.
 
 torch only.
 """
-import math
-import threading
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .fast_paths import graph_capture, uses_chunked_kernels  # noqa: F401
+from .capture import compiling, graph_capture
 
 PER_SAMPLE_CONV_IMPLS = ('auto', 'loop', 'grouped', 'unfold')
 
@@ -66,8 +61,17 @@ def per_sample_conv2d(x: torch.Tensor,
 
 
 def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
-    """The implementation ``'auto'`` uses for these shapes and this device."""
-    if graph_capture():
+    """The implementation ``'auto'`` uses for these shapes and this device.
+
+    Graphs that must hold for any batch size (TorchScript, ONNX export,
+    ``torch.export``, ``torch.fx``) take ``'unfold'``, whose graph does not
+    depend on it. ``torch.compile`` takes what eager takes: the
+    batch-as-groups conv compiles with a symbolic batch too, and im2col
+    columns would be a tensor ``kh * kw`` times the input's, kept for the
+    backward in training (a ResNet-50 stage-1 3x3 layer at batch 64: about
+    460 MB per layer).
+    """
+    if graph_capture() and not compiling():
         return 'unfold'
     if x.shape[0] == 1:
         return 'loop'  # a single plain conv
@@ -82,85 +86,6 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
                                                       weight.requires_grad):
         return 'loop'
     return 'grouped'
-
-
-#: Size of the per-thread block that :func:`chunked_per_sample_conv2d`
-#: builds kernels into; a batch whose kernels do not fit is done in chunks.
-KERNEL_WORKSPACE_BYTES = 64 * 2**20
-
-_workspaces = threading.local()
-
-
-def kernel_workspace(numel: int, dtype: torch.dtype,
-                     device: torch.device,
-                     slot: str = 'kernels') -> torch.Tensor:
-    """A reused 1-D tensor of at least ``numel`` elements, one per thread,
-    dtype, device and ``slot``, grown on demand and kept between calls (see
-    :func:`release_kernel_workspaces`). Two buffers that must be alive at
-    the same time (KernelWarehouse's mixtures and the Winograd kernels
-    made from them) use different slots.
-
-    Why: a fresh tensor of a batch of deep-layer kernels (tens of MB) is,
-    with glibc's default thresholds, a new mmap paid in page faults on
-    every call. Kept, its pages stay mapped. Building the whole batch's
-    kernels at once, then convolving, also beats building one sample's
-    kernel per conv (benchmarks/README.md).
-    """
-    cache = getattr(_workspaces, 'blocks', None)
-    if cache is None:
-        cache = _workspaces.blocks = {}
-    key = (dtype, device, slot)
-    block = cache.get(key)
-    if block is None or block.numel() < numel:
-        block = cache[key] = torch.empty(numel, dtype=dtype, device=device)
-    return block[:numel]
-
-
-def release_kernel_workspaces() -> None:
-    """Free this thread's kernel workspaces."""
-    _workspaces.blocks = {}
-
-
-def chunked_per_sample_conv2d(
-        x: torch.Tensor,
-        kernels_fn: Callable[[int, int, torch.Tensor], torch.Tensor],
-        kernel_shape: Tuple[int, ...],
-        dtype: Optional[torch.dtype],
-        stride: Tuple[int, int] = (1, 1),
-        padding: Tuple[int, int] = (0, 0),
-        dilation: Tuple[int, int] = (1, 1),
-        groups: int = 1) -> torch.Tensor:
-    """``conv(x[b], kernel_b)`` for each sample, the kernels built a chunk
-    of samples at a time into one reused workspace.
-
-    ``kernels_fn(start, stop, out)`` returns the kernels of samples
-    ``start:stop`` as a [stop - start, numel] tensor; ``out`` is a
-    workspace slice of that shape and ``dtype`` that it may write them into
-    (``out=``) and return, or None when ``dtype`` is None (a ``kernels_fn``
-    that allocates its own). The chunk is the whole batch when its kernels
-    fit in :data:`KERNEL_WORKSPACE_BYTES`. Each sample is then one batch-1
-    ``F.conv2d`` (on CPU faster than the batch-as-groups conv of the same
-    kernels, benchmarks/README.md). No bias: callers add theirs. Inference
-    only (the workspace is overwritten by the next call): callers use it
-    under :func:`~mmdyn.ops.fast_paths.uses_chunked_kernels`.
-    """
-    batch = x.shape[0]
-    numel = math.prod(int(size) for size in kernel_shape)
-    item = (dtype or x.dtype).itemsize
-    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (numel * item)))
-    workspace = None if dtype is None else kernel_workspace(
-        chunk * numel, dtype, x.device).view(chunk, numel)
-    outs = []
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        out = None if workspace is None else workspace[:stop - start]
-        kernels = kernels_fn(start, stop, out)
-        for xb, kernel in zip(x[start:stop].split(1, dim=0),
-                              kernels.unbind(0)):
-            outs.append(
-                F.conv2d(xb, kernel.view(kernel_shape), None, stride,
-                         padding, dilation, groups))
-    return torch.cat(outs, dim=0)
 
 
 def _conv_loop(x, weight, bias, stride, padding, dilation, groups):

@@ -13,11 +13,24 @@ from torch import nn
 
 from .base import (ATTENTION_NORMS, check_allocation, check_positive,
                    kernel_bank_safe)
-from .kernel_warehouse_cpu import PackedCells
+from .accel.kw_cells import PackedCells
 
 Ratio = Union[float, Sequence[float]]
 
 LAYER_TYPES = ('conv2d', 'linear')
+#: The KW layer class of each layer type, filled in by
+#: :mod:`mmdyn.ops.kernel_warehouse` (which imports this module) through
+#: :func:`register_layer_class`.
+LAYER_CLASSES: Dict[str, type] = {}
+
+
+def register_layer_class(layer_type: str, cls: type) -> None:
+    """Make ``cls`` the layer :meth:`WarehouseManager.reserve` builds for
+    ``layer_type`` (and one :meth:`WarehouseManager.finalize` allocates)."""
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(f'layer_type must be one of {LAYER_TYPES}, got '
+                         f'{layer_type!r}')
+    LAYER_CLASSES[layer_type] = cls
 
 
 def _prod(values) -> int:
@@ -187,14 +200,15 @@ class WarehouseManager(nn.Module):
         if layer_type not in LAYER_TYPES:
             raise ValueError(f'layer_type must be one of {LAYER_TYPES}, got '
                              f'{layer_type!r}')
-        from .kernel_warehouse import KWConv2d, KWLinear
         if layer_type == 'linear':
-            return KWLinear(in_channels, out_channels, bias=bias,
-                            warehouse_manager=self, warehouse_name=name)
-        return KWConv2d(in_channels, out_channels, kernel_size, stride,
-                        padding, dilation, groups, bias,
-                        warehouse_manager=self, warehouse_name=name,
-                        **layer_kwargs)
+            return LAYER_CLASSES['linear'](in_channels, out_channels,
+                                           bias=bias, warehouse_manager=self,
+                                           warehouse_name=name)
+        return LAYER_CLASSES['conv2d'](in_channels, out_channels,
+                                       kernel_size, stride, padding,
+                                       dilation, groups, bias,
+                                       warehouse_manager=self,
+                                       warehouse_name=name, **layer_kwargs)
 
     def finalize(self, network: nn.Module) -> None:
         """Store the warehouses and allocate them to the layers.
@@ -210,10 +224,10 @@ class WarehouseManager(nn.Module):
                              f'{type(network).__name__}')
         if not self._layers:
             raise ValueError('finalize called before any layer was reserved')
-        from .kernel_warehouse import KW_LAYERS
+        layer_classes = tuple(LAYER_CLASSES.values())
         found = [
             m for m in network.modules()
-            if isinstance(m, KW_LAYERS) and m.warehouse_manager is self
+            if isinstance(m, layer_classes) and m.warehouse_manager is self
         ]
         missing = [
             layer.warehouse_name for layer in self._layers
@@ -302,7 +316,7 @@ class WarehouseManager(nn.Module):
     def packed_cells(self, index: int) -> Optional[torch.Tensor]:
         """Warehouse ``index`` cut into the column strips of the CPU
         cell product, kept until the cells change (see
-        :class:`~mmdyn.ops.kernel_warehouse_cpu.PackedCells`).
+        :class:`~mmdyn.ops.accel.kw_cells.PackedCells`).
 
         Returns:
             Tensor | None: The strips; None when switched off

@@ -2,13 +2,15 @@
 
 With ``max_keep_ckpts=1`` mmengine's ``CheckpointHook`` removed the old
 checkpoint before writing the new one, in place: a kill during the write
-left no complete checkpoint. mmdyn's ``CheckpointHook`` (the
-:class:`~mmdyn.engine.hooks.AtomicCheckpointHook` that ``import mmdyn.engine``
-puts under that name) writes to a temporary file, renames it into place,
-then removes the old one.
+left no complete checkpoint. :class:`~mmdyn.engine.hooks.AtomicCheckpointHook`
+(chosen in the config: ``default_hooks.checkpoint.type``) writes to a
+temporary file, renames it into place, then removes the old one. A full
+disk says so in the first line of the error, naming the file.
 """
+import errno
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -176,3 +178,69 @@ def test_failed_best_save_keeps_previous_best(tmp_path, monkeypatch):
     assert _files(str(tmp_path)) == ['best_acc_iter_2.pth', 'iter_4.pth',
                                      'last_checkpoint']
     load_checkpoint(ToyNet(), str(tmp_path / 'best_acc_iter_2.pth'))
+
+
+class _FullDiskFile:
+    """A file whose checkpoint-sized writes fail, from the ``fail_at``-th
+    on, as on a full disk (``writes`` counts them across files)."""
+
+    def __init__(self, f, writes, fail_at):
+        self._f, self._writes, self._fail_at = f, writes, fail_at
+
+    def write(self, data):
+        if len(data) > 4096:  # a checkpoint, not a log line
+            self._writes.append(len(data))
+            if len(self._writes) >= self._fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+def _fill_disk_at(monkeypatch, save_number):
+    real_fdopen = os.fdopen
+    writes = []
+
+    def fdopen(fd, mode='r', *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        return _FullDiskFile(f, writes, save_number) if 'w' in mode else f
+
+    monkeypatch.setattr(os, 'fdopen', fdopen)
+
+
+def test_full_disk_says_so_in_the_first_line(tmp_path, monkeypatch):
+    work_dir = str(tmp_path)
+    # The first save (iter_2.pth) works; the second (iter_4.pth) finds the
+    # disk full.
+    _fill_disk_at(monkeypatch, 2)
+    runner = make_runner(work_dir, 'full_disk', max_iters=4, ckpt_interval=2,
+                         max_keep_ckpts=1)
+    with pytest.raises(OSError) as info:
+        runner.train()
+    monkeypatch.undo()
+    first_line = str(info.value).splitlines()[0]
+    assert info.value.errno == errno.ENOSPC
+    assert first_line.startswith('[Errno 28] No space left on device while '
+                                 f'writing {osp.join(work_dir, "iter_4.pth")}')
+    assert _files(work_dir) == ['iter_2.pth', 'last_checkpoint']
+    _assert_resumable_from(work_dir, 'iter_2.pth')
+
+
+def test_full_disk_in_save_checkpoint_names_the_file(tmp_path,
+                                                     monkeypatch):
+    from mmdyn.engine.checkpoint_io import save_checkpoint
+    path = str(tmp_path / 'model.pth')
+    _fill_disk_at(monkeypatch, 1)
+    with pytest.raises(OSError,
+                       match=r'^\[Errno 28\] No space left on device while '
+                       f'writing {re.escape(path)}'):
+        save_checkpoint(dict(state_dict=ToyNet().state_dict()), path)
+    monkeypatch.undo()
+    assert os.listdir(str(tmp_path)) == []

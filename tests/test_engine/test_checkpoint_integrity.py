@@ -1,10 +1,14 @@
 """Checkpoints prove their content on load, and a checkpoint of another
 model may not leave the dynamic layers silently at their random init.
 
-* mmdyn's saves record a SHA-256 of the content in ``meta``; a file with a
-  few flipped bytes inside a tensor (which torch loads without complaint)
-  is refused, naming the file, by ``load_checkpoint``, ``load_from``,
-  ``resume`` and ``tools/test.py``.
+* A file with a few flipped bytes inside a tensor (which torch loads
+  without complaint) fails the CRC-32 of its zip record: it is refused as
+  damaged, naming the file, by mmengine's ``load_checkpoint`` with an
+  ``mmdyn://`` path, ``load_from``, ``resume`` and ``tools/test.py``.
+* mmdyn's saves record a SHA-256 of the content in ``meta``: a file whose
+  records are intact but whose content differs (loaded, edited, re-saved)
+  loads with a warning that says it was edited; a file that says it was
+  saved by mmdyn but lost its hash (the key renamed) is refused.
 * A checkpoint that has no value for more than half of a dynamic layer
   family's tensors (a KernelWarehouse checkpoint for the ODConv config) is
   refused, naming the first missing keys, unless ``allow_partial_load``.
@@ -19,7 +23,10 @@ from mmengine.runner import load_checkpoint
 
 from mmdyn.datasets import make_demo_classification
 from mmdyn.engine import CheckpointLoadError
-from mmdyn.engine.checkpoint_io import HASH_KEY, content_hash, save_checkpoint
+from mmdyn.engine.checkpoint import (CheckpointEditedWarning, checked_path,
+                                     load_checkpoint_file)
+from mmdyn.engine.checkpoint_io import (HASH_KEY, WRITER_KEY, content_hash,
+                                        save_checkpoint)
 from mmdyn.engine.launch import load_config
 from toy_runner import ToyNet, make_runner
 
@@ -95,8 +102,9 @@ def test_flipped_bytes_are_refused(toy_checkpoint, tmp_path):
     model = ToyNet(dynamic=True)
     before = model.conv.weight.detach().clone()
     with pytest.raises(CheckpointLoadError,
-                       match=r'flipped\.pth is corrupt: its content hash'):
-        load_checkpoint(model, path)
+                       match=r'flipped\.pth is damaged .*record '
+                       r'\S+/data/\d+ fails the CRC-32 check'):
+        load_checkpoint(model, checked_path(path))
     assert torch.equal(model.conv.weight, before)
     for resume in (False, True):
         runner = make_runner(str(tmp_path / f'wd{resume}'), f'flip{resume}',
@@ -106,13 +114,13 @@ def test_flipped_bytes_are_refused(toy_checkpoint, tmp_path):
             runner.train()
 
 
-def test_checkpoint_without_hash_still_loads(toy_checkpoint, tmp_path):
+def test_checkpoint_of_another_tool_loads(toy_checkpoint, tmp_path):
     checkpoint = torch.load(toy_checkpoint, weights_only=True)
-    del checkpoint['meta'][HASH_KEY]
+    del checkpoint['meta'][HASH_KEY], checkpoint['meta'][WRITER_KEY]
     path = str(tmp_path / 'foreign.pth')
     torch.save(checkpoint, path)
     model = ToyNet(dynamic=True)
-    load_checkpoint(model, path)
+    load_checkpoint(model, checked_path(path))
     assert torch.equal(model.conv.weight,
                        checkpoint['state_dict']['conv.weight'])
 
@@ -124,7 +132,7 @@ def test_tools_test_refuses_flipped_checkpoint(tmp_path, monkeypatch):
     _flip_bytes_inside('model.pth',
                        model.state_dict()['backbone.layer4.1.conv2.weight'])
     with pytest.raises(CheckpointLoadError,
-                       match=r'model\.pth is corrupt: its content hash'):
+                       match=r'model\.pth is damaged .*CRC-32'):
         _tools_test().main([CLS_CFG, 'model.pth', '--work-dir', 'wd',
                             '--cfg-options'] + TINY_TEST)
 
@@ -146,3 +154,61 @@ def test_other_method_checkpoint_is_refused(tmp_path, monkeypatch):
                                '--allow-partial-load', '--cfg-options'] +
                               TINY_TEST)
     assert 'accuracy/top1' in metrics
+
+
+def _copy(src, dst):
+    with open(src, 'rb') as f, open(dst, 'wb') as g:
+        g.write(f.read())
+    return dst
+
+
+def test_edited_checkpoint_loads_with_a_warning_saying_so(toy_checkpoint,
+                                                          tmp_path):
+    # Loaded, one weight changed, re-saved with torch.save: the zip records
+    # are intact, the recorded hash is stale. Edited, not damaged.
+    checkpoint = torch.load(toy_checkpoint, weights_only=True)
+    checkpoint['state_dict']['fc.bias'] = torch.tensor([0.25, -0.5])
+    path = str(tmp_path / 'edited.pth')
+    torch.save(checkpoint, path)
+    with pytest.warns(CheckpointEditedWarning,
+                      match=r'edited\.pth was edited after it was saved: '
+                      r'its zip records are intact \(not damaged\)'):
+        loaded = load_checkpoint_file(path)
+    assert loaded['state_dict']['fc.bias'].tolist() == [0.25, -0.5]
+    model = ToyNet(dynamic=True)
+    with pytest.warns(CheckpointEditedWarning):
+        load_checkpoint(model, checked_path(path))
+    assert model.fc.bias.tolist() == [0.25, -0.5]
+
+
+def test_renamed_hash_key_is_refused(toy_checkpoint, tmp_path):
+    checkpoint = torch.load(toy_checkpoint, weights_only=True)
+    checkpoint['meta']['content_sha256_old'] = checkpoint['meta'].pop(
+        HASH_KEY)
+    checkpoint['state_dict']['fc.bias'] += 1
+    path = str(tmp_path / 'renamed.pth')
+    torch.save(checkpoint, path)
+    model = ToyNet(dynamic=True)
+    before = model.fc.bias.detach().clone()
+    with pytest.raises(CheckpointLoadError,
+                       match=r"renamed\.pth says it was saved by mmdyn .*"
+                       r"records no content hash"):
+        load_checkpoint(model, checked_path(path))
+    assert torch.equal(model.fc.bias, before)
+
+
+def test_damaged_pickle_record_is_refused(toy_checkpoint, tmp_path):
+    # A byte of data.pkl flipped in place (same length): the CRC-32 of that
+    # record no longer matches, whatever torch makes of the content.
+    path = _copy(toy_checkpoint, str(tmp_path / 'pickle.pth'))
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    at = data.find(b'fc.bias')
+    assert at > 0
+    data[at + 3] ^= 0x01  # 'fc.bias' -> 'fc/bias'
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    with pytest.raises(CheckpointLoadError,
+                       match=r'pickle\.pth is damaged .*data\.pkl fails the '
+                       'CRC-32 check'):
+        load_checkpoint_file(path)

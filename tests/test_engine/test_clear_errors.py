@@ -6,6 +6,10 @@
 * a COCO file with ``images: []``, or whose annotations' category ids are
   all outside ``metainfo.classes`` ("need at least one array to
   concatenate": the dataset failed before any empty-dataset check ran).
+
+The annotation files are checked by ``check_annotation_files``, which the
+tools call before building anything (mmdyn does not wrap mmengine's or
+pycocotools' classes).
 """
 import importlib.util
 import json
@@ -15,6 +19,7 @@ import pytest
 
 from mmdyn.datasets import make_demo_detection
 from mmdyn.engine import CheckpointLoadError
+from mmdyn.engine.sanity import check_annotation_files
 from toy_runner import make_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -26,29 +31,32 @@ def test_empty_last_checkpoint_is_named(tmp_path):
     make_runner(work_dir, 'src', max_iters=2, ckpt_interval=2).train()
     save_file = osp.join(work_dir, 'last_checkpoint')
     open(save_file, 'w').close()
-    runner = make_runner(work_dir, 'empty_last', max_iters=4, resume=True)
+    # make_runner resolves resume=True as tools/train.py --resume does.
     with pytest.raises(CheckpointLoadError) as info:
-        runner.train()
+        make_runner(work_dir, 'empty_last', max_iters=4, resume=True)
     message = str(info.value)
     assert f'{save_file} is empty' in message
     assert '--resume PATH' in message and 'iter_2.pth' in message
 
     with open(save_file, 'w') as f:
         f.write(osp.join(work_dir, 'gone.pth'))
-    runner = make_runner(work_dir, 'missing_last', max_iters=4, resume=True)
     with pytest.raises(FileNotFoundError,
                        match=r'last_checkpoint names .*gone\.pth, which '
                        'does not exist'):
-        runner.train()
+        make_runner(work_dir, 'missing_last', max_iters=4, resume=True)
 
 
 def _build_coco(ann_file, filter_empty_gt=True):
+    """What the tools do with a config of this dataset: check its files,
+    then build it."""
     import mmdet.datasets  # noqa: F401
     from mmdet.registry import DATASETS
-    return DATASETS.build(dict(
+    dataset = dict(
         type='CocoDataset', ann_file=ann_file, data_prefix=dict(img=''),
         metainfo=dict(classes=('circle', 'square', 'triangle')),
-        filter_cfg=dict(filter_empty_gt=filter_empty_gt), pipeline=[]))
+        filter_cfg=dict(filter_empty_gt=filter_empty_gt), pipeline=[])
+    check_annotation_files(dict(train_dataloader=dict(dataset=dataset)))
+    return DATASETS.build(dataset)
 
 
 def _coco(images, annotations):
@@ -85,9 +93,20 @@ def test_dataset_without_samples_is_named(tmp_path, coco):
     with pytest.raises(ValueError) as info:
         _build_coco(path)
     message = str(info.value)
-    assert f"ann_file='{path}'" in message and 'has no samples' in message
-    assert "classes ('circle', 'square', 'triangle')" in message
-    assert 'filter_empty_gt' in message
+    assert message.startswith('train_dataloader.dataset.ann_file: '
+                              f'annotation file {path} has no samples')
+    if coco['images']:
+        assert "classes ('circle', 'square', 'triangle')" in message
+        assert 'filter_empty_gt' in message
+    else:
+        assert '"images" list is empty' in message
+
+
+def test_coco_file_with_samples_passes_the_check(tmp_path):
+    path = str(tmp_path / 'instances.json')
+    with open(path, 'w') as f:
+        json.dump(_coco([IMAGE], [dict(BOX, category_id=2)]), f)
+    assert len(_build_coco(path)) == 1
 
 
 def test_tools_name_the_empty_annotation_key(tmp_path, monkeypatch):

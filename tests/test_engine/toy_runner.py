@@ -2,6 +2,10 @@
 
 Not a test module (no ``test_`` prefix). The model optionally uses an
 ``ODConv2d`` layer so that resume tests cover a temperature buffer.
+Like ``tools/train.py``, it applies :func:`mmdyn.compat.apply` and builds
+runners with mmdyn's config-chosen components: ``AtomicCheckpointHook``,
+the ``ExactResume*TrainLoop`` loops and the checked checkpoint loader for
+``load_from``/``resume``.
 """
 import torch
 import torch.nn as nn
@@ -12,7 +16,11 @@ from mmengine.registry import METRICS
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-import mmdyn.engine  # noqa: F401  (compat fixes, hooks, checkpoint loader)
+import mmdyn.compat
+import mmdyn.engine  # noqa: F401  (hooks, loops, checkpoint loader)
+from mmdyn.engine.checkpoint import checked_path, find_resume_checkpoint
+
+mmdyn.compat.apply()
 
 
 class ToyDataset(Dataset):
@@ -86,7 +94,9 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
 
     With ``max_epochs`` it is epoch-based instead (``DefaultSampler``),
     still checkpointing every ``ckpt_interval`` iterations. Has mmdyn's
-    safety hooks, as ``tools/train.py`` adds them. ``val_interval`` adds
+    safety hooks, as ``tools/train.py`` adds them. ``resume=True`` without
+    ``load_from`` resumes from ``last_checkpoint`` (checked when the runner
+    is made, as ``tools/train.py`` does). ``val_interval`` adds
     validation (:class:`ToyAccuracy`) and ``save_best`` passes through to
     the ``CheckpointHook``.
     """
@@ -107,10 +117,16 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
         model = ToyNet(dynamic=dynamic, dropout=dropout)
     if max_epochs is None:
         sampler = dict(type='InfiniteSampler', shuffle=True)
-        train_cfg = dict(by_epoch=False, max_iters=max_iters)
+        train_cfg = dict(type='ExactResumeIterBasedTrainLoop',
+                         max_iters=max_iters)
     else:
         sampler = dict(type='DefaultSampler', shuffle=True)
-        train_cfg = dict(by_epoch=True, max_epochs=max_epochs)
+        train_cfg = dict(type='ExactResumeEpochBasedTrainLoop',
+                         max_epochs=max_epochs)
+    # What tools/train.py does for --resume and load_from.
+    if resume and load_from is None:
+        load_from = find_resume_checkpoint(work_dir)
+    load_from = checked_path(load_from)
     val = {}
     if val_interval is not None:
         train_cfg['val_interval'] = val_interval
@@ -135,7 +151,7 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
                              milestones=[max_iters // 2 + 1], gamma=0.5),
         train_cfg=train_cfg,
         default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', by_epoch=False,
+            checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False,
                             interval=ckpt_interval,
                             max_keep_ckpts=max_keep_ckpts,
                             save_best=save_best, rule='greater'),

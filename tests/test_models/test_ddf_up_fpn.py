@@ -199,3 +199,93 @@ def test_errors_name_the_key():
         build_neck(upsample_cfg=dict(type='nearest', scale_factor=4))
     with pytest.raises(ValueError, match='upsample_cfg'):
         build_neck(upsample_cfg='ddf_up')
+
+
+NECKS = ('DDFUpFPN', 'DDFUpPAFPN', 'DDFUpNASFPN')
+# (arguments over the 4-level IN_CHANNELS, the key named, a phrase of the
+# allowed range)
+BAD_LEVEL_ARGUMENTS = [
+    (dict(num_outs=0), 'num_outs', 'an int >= 4'),
+    (dict(num_outs=-1), 'num_outs', 'an int >= 4'),
+    (dict(end_level=7), 'end_level', 'from start_level (0) to 3'),
+    (dict(start_level=5), 'start_level', 'from 0 to 3'),
+    (dict(start_level=-1), 'start_level', 'from 0 to 3'),
+    (dict(in_channels=[]), 'in_channels', 'non-empty list'),
+    (dict(num_outs=3, start_level=1, end_level=2), 'num_outs', 'must be 2'),
+]
+
+
+@pytest.mark.parametrize('neck,arguments,key,allowed', [
+    (neck, *case) for neck in NECKS for case in BAD_LEVEL_ARGUMENTS
+    # NAS-FPN takes num_outs=5 only, checked before the levels
+    if not (neck == 'DDFUpNASFPN' and case[1] == 'num_outs')
+])
+def test_bad_level_arguments_are_refused_at_construction(
+        neck, arguments, key, allowed):
+    cfg = dict(
+        type=neck, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS,
+        num_outs=5)
+    if neck == 'DDFUpNASFPN':
+        cfg.update(stack_times=1, upsample_cfg=dict(type='nearest'))
+    cfg.update(arguments)
+    with pytest.raises(ValueError) as info:
+        MODELS.build(cfg)
+    message = str(info.value)
+    assert message.startswith(f'{neck}: neck.{key} must be'), message
+    assert allowed in message, message
+
+
+def test_level_checks_accept_what_stock_fpn_builds_and_runs():
+    """Over a grid of level arguments, every value the check accepts builds
+    a stock mmdet FPN that returns num_outs maps (the independent
+    reference), and every grid point the stock FPN's own asserts refuse is
+    refused too."""
+    feats = pyramid(16, 16, batch=1)
+    accepted = 0
+    for start in range(-1, 6):
+        for end in range(-2, 6):
+            for num_outs in range(-1, 8):
+                args = dict(in_channels=IN_CHANNELS, out_channels=4,
+                            num_outs=num_outs, start_level=start,
+                            end_level=end)
+                try:
+                    stock = FPN(**args)
+                except (AssertionError, IndexError):
+                    stock = None
+                try:
+                    ours = DDFUpFPN(**args, upsample_cfg=dict(type='nearest'))
+                except ValueError:
+                    ours = None
+                if ours is None:
+                    continue
+                accepted += 1
+                assert stock is not None, args
+                assert len(stock(feats)) == num_outs, args
+                assert len(ours(feats)) == num_outs, args
+    # end_level -1 or 3: start 0..3, num_outs >= 4 - start; end 0..2:
+    # start <= end, num_outs == end - start + 1
+    expected = 2 * sum(8 - (4 - s) for s in range(4)) + 6
+    assert accepted == expected
+
+
+def test_nas_fpn_refuses_a_level_past_the_backbone():
+    with pytest.raises(ValueError, match=r'DDFUpNASFPN: neck\.start_level'):
+        MODELS.build(
+            dict(type='DDFUpNASFPN', in_channels=IN_CHANNELS,
+                 out_channels=OUT_CHANNELS, num_outs=5, stack_times=1,
+                 start_level=5))
+
+
+@pytest.mark.parametrize('neck', ('DDFUpFPN', 'DDFUpPAFPN'))
+def test_empty_feature_map_is_named(neck):
+    """A level with no rows: the stock FPN's lateral conv refuses it; the
+    message names the neck and the level."""
+    feats = pyramid(16, 16)
+    feats[1] = torch.randn(2, IN_CHANNELS[1], 0, 8)
+    with pytest.raises(RuntimeError):
+        FPN(IN_CHANNELS, OUT_CHANNELS, 5)(feats)
+    with pytest.raises(ValueError) as info:
+        build_neck(type=neck)(feats)
+    message = str(info.value)
+    assert message.startswith(f'{neck}: feature map 1 has shape '
+                              '(2, 8, 0, 8)'), message

@@ -1,16 +1,20 @@
 """CUDA checks of the conv layers: the same results as on CPU (fp32,
-forward and gradients) and finite, close results under fp16/bf16 autocast.
+forward and gradients) and finite, close results under fp16/bf16 autocast;
+the Triton DDF kernels compiled into ``torch.compile`` graphs, at sizes past
+a grid dimension's limit, on a device that is not the current one, and
+float64 kept off them.
 
 These are the only tests that depend on the machine: they run where
-``torch.cuda.is_available()``.
+``torch.cuda.is_available()`` (``tools/gpu_check.sh`` runs them).
 """
 import copy
 
 import pytest
 import torch
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DyConv2d, KWConv2d, ODConv2d,
-                       per_sample_conv2d)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
+                       KWConv2d, ODConv2d, ddf, per_sample_conv2d)
+from mmdyn.ops.accel import ddf_triton
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -94,3 +98,100 @@ def test_cuda_per_sample_impls_agree():
     for impl in ('loop', 'grouped', 'unfold', 'auto'):
         out = per_sample_conv2d(x, weight, bias, impl=impl, **kw)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+needs_triton = pytest.mark.skipif(not ddf_triton.TRITON_IMPORTED,
+                                  reason='triton is not installed')
+
+DDF_LAYERS = {
+    'DDFConv2d': lambda: DDFConv2d(16, 16, 3, stride=2, head=2,
+                                   impl='triton'),
+    'DDFConv2d-add-k5': lambda: DDFConv2d(16, 16, 5, dilation=2,
+                                          combine='add', impl='triton'),
+    'DDFUpsample-guided': lambda: DDFUpsample(16, 2, guided=True, head=2,
+                                              impl='triton'),
+}
+
+
+def _step(layer, inputs):
+    """Output and the gradients of every input and parameter."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = layer(*leaves)
+    out.square().sum().backward()
+    grads = [t.grad for t in leaves] + [p.grad for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@needs_triton
+@pytest.mark.parametrize('name', list(DDF_LAYERS))
+def test_compiled_triton_ddf_matches_eager(name):
+    """``torch.compile(fullgraph=True)`` decomposes the Triton operators
+    into their kernel launches (on CPU the interpreter keeps them whole):
+    forward and every gradient equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = _randomise(DDF_LAYERS[name]()).cuda().train()
+    x = torch.randn(2, 16, 20, 18, device='cuda')
+    inputs = [x]
+    if 'guided' in name:
+        inputs.append(torch.randn(2, 16, 40, 36, device='cuda'))
+    eager_out, eager_grads = _step(layer, inputs)
+    compiled = torch.compile(layer, fullgraph=True)
+    (out, grads), code = run_and_get_code(_step, compiled, inputs)
+    code = '\n'.join(code)
+    # The graphs run the kernels themselves, not the operators whole.
+    assert 'forward_kernel' in code and 'grad_input_kernel' in code
+    assert 'grad_spatial_filter_kernel' in code
+    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-4)
+    assert len(grads) == len(eager_grads)
+    for i, (g, e) in enumerate(zip(grads, eager_grads)):
+        assert g is not None and e is not None, i
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=str(i))
+
+
+@needs_triton
+def test_triton_ddf_past_a_grid_dimension_limit():
+    """2048x1024 at k=7: 65536 blocks of 32 pixels per plane, one more than
+    grid dimension 1 holds."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 2048, 1024, device='cuda')
+    cf = torch.randn(1, 2, 7, 7, device='cuda')
+    sf = torch.randn(1, 49, 2048, 1024, device='cuda')
+    leaves = [t.clone().requires_grad_() for t in (x, cf, sf)]
+    out = ddf(*leaves, 7, impl='triton')
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, leaves, grad)]
+    leaves = [t.clone().requires_grad_() for t in (x, cf, sf)]
+    out = ddf(*leaves, 7, impl='taps')
+    expected = [out, *torch.autograd.grad(out, leaves, grad)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=2e-3)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_triton_ddf_runs_on_the_tensor_device():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 7, device='cuda:1')
+    cf = torch.randn(2, 4, 3, 3, device='cuda:1')
+    sf = torch.randn(2, 9, 9, 7, device='cuda:1')
+    with torch.cuda.device(0):
+        got = ddf(x, cf, sf, 3, impl='triton')
+    torch.testing.assert_close(got, ddf(x, cf, sf, 3, impl='taps'))
+
+
+def test_float64_on_cuda_is_exact():
+    """impl='auto' keeps float64 off the float32 Triton kernels."""
+    torch.manual_seed(0)
+    args = [
+        torch.randn(1, 2, 6, 5, dtype=torch.float64, device='cuda',
+                    requires_grad=True),
+        torch.randn(1, 2, 3, 3, dtype=torch.float64, device='cuda',
+                    requires_grad=True),
+        torch.randn(1, 9, 6, 5, dtype=torch.float64, device='cuda',
+                    requires_grad=True)
+    ]
+    assert torch.autograd.gradcheck(lambda *a: ddf(*a, 3, impl='auto'),
+                                    args)

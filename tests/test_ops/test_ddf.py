@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
-from mmdyn.ops import ddf_cpu
+from mmdyn.ops.accel import ddf_cpu
 
 
 def unfold_sum(x, cf, sf, k, d=1, s=1, combine='mul', head=1):

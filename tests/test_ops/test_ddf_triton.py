@@ -228,12 +228,25 @@ class NewStorages(TorchDispatchMode):
         return out
 
 
-def test_no_k_by_k_buffer(device):
+def test_no_k_by_k_buffer(device, monkeypatch):
+    # One stage for the filter gradients (no partial sums), as on CPU.
+    monkeypatch.setattr(ddf_triton, 'TARGET_PROGRAMS', 1)
     k, head = 7, 1
     x, cf, sf = (t.float() for t in filters(1, 8, 9, 9, k, 1, head,
                                             device=device))
     cf = cf.reshape(1, 8, k * k)
     out_numel = x.numel()
+    up_cf, up_sf = cf.expand(4, -1, -1, -1), sf.expand(4, -1, -1, -1, -1)
+    if device == 'cuda':
+        # Once before counting: the first launch of a size autotunes
+        # (timing buffers are no allocations of the operator).
+        out = ddf_triton._ddf_forward(x, cf, sf, k, 1, 1, False, head)
+        ddf_triton._ddf_backward(out, x, cf, sf, k, 1, 1, False, head,
+                                 [True, True, True])
+        ddf_triton._ddf_up_backward(
+            ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head,
+                                       2), x, up_cf, up_sf, k, 1, False,
+            head, 2, [True, False, False])
     with NewStorages() as fwd:
         out = ddf_triton._ddf_forward(x, cf, sf, k, 1, 1, False, head)
     with NewStorages() as bwd:
@@ -242,7 +255,6 @@ def test_no_k_by_k_buffer(device):
     # The output, then the three gradients: each the size of its input.
     assert fwd.sizes == [out_numel]
     assert sorted(bwd.sizes) == sorted([x.numel(), cf.numel(), sf.numel()])
-    up_cf, up_sf = cf.expand(4, -1, -1, -1), sf.expand(4, -1, -1, -1, -1)
     with NewStorages() as up:
         out = ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head,
                                          2)
@@ -318,17 +330,12 @@ def test_clear_errors_without_triton_or_gpu(monkeypatch):
 
 
 def test_public_api_selects_the_kernels(device):
-    from types import SimpleNamespace
-
     from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
-    from mmdyn.ops.fast_paths import ddf_path
     x, cf, sf = (t.float() for t in filters(2, 4, 7, 5, 3, 2, 2,
                                             device=device))
     torch.testing.assert_close(
         ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='triton'),
         ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='reference'))
-    assert ddf_path('auto', SimpleNamespace(device=torch.device('cuda'))) \
-        == 'triton'
     torch.manual_seed(0)
     conv = DDFConv2d(4, 4, 3, stride=2, head=2, impl='triton').to(device)
     up = DDFUpsample(4, 2, guided=True, impl='triton').to(device)
@@ -369,8 +376,9 @@ def test_kernels_compile_for_a_gpu(name, monkeypatch, tmp_path):
     monkeypatch.setenv('TRITON_CACHE_DIR', str(tmp_path))
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     kernel = getattr(ddf_triton._kernels(ddf_triton.interpreting()), name)
-    kkp, block = ddf_triton._tiles(5)
-    constants = dict(K=5, STRIDE=2, DIL=2, ADD=False, KKP=kkp, BLOCK=block)
+    kkp, base = ddf_triton._tiles(5)
+    constants = dict(K=5, STRIDE=2, DIL=2, ADD=False, KKP=kkp, BASE=base,
+                     MULT=2)
     if name == 'grad_input_kernel':
         constants['ACCUMULATE'] = True
     signature = {
@@ -383,3 +391,271 @@ def test_kernels_compile_for_a_gpu(name, monkeypatch, tmp_path):
         ASTSource(kernel, signature, constants),
         target=GPUTarget('cuda', 90, 32))
     assert compiled.asm['cubin']
+
+
+# --------------------------------------------------------------------------
+# Launch grid, device guard, dtypes, compile errors, parallel backward,
+# specialisation and autotuning
+# --------------------------------------------------------------------------
+def test_launch_grids_stay_within_cuda_limits():
+    limits = (2**31 - 1, 65535, 65535)
+    assert ddf_triton.MAX_GRID == limits
+    # 2048x1024 at k=7: 65536 pixel blocks of 32, one more than a grid's
+    # dimension 1 holds (where the blocks used to go).
+    kkp, base = ddf_triton._tiles(7)
+    assert -(-2048 * 1024 // base) > limits[1]
+    for B, C, head in ((1, 1, 1), (2, 64, 4), (64, 512, 1)):
+        for mult in (1, 2):
+            for target in (1, 528):
+                grids = ddf_triton.launch_grids(B, C, 2048, 1024, 2048,
+                                                1024, 7, head, target, mult)
+                assert set(grids) == {'forward', 'grad_input',
+                                      'grad_channel_filter',
+                                      'grad_spatial_filter'}
+                for name, grid in grids.items():
+                    assert len(grid) == 3, name
+                    assert all(1 <= g <= m for g, m in zip(grid, limits)), \
+                        (name, grid)
+    # Beyond dimension 0, the tiles fold into dimension 1, all covered.
+    for tiles in (1, 65536, limits[0], limits[0] + 1, 3 * limits[0] + 5):
+        g0, g1, g2 = ddf_triton.launch_grid(tiles)
+        assert g0 <= limits[0] and g1 <= limits[1] and g2 == 1
+        assert g0 * g1 >= tiles > g0 * (g1 - 1)
+
+
+def ddf_case(B=2, C=6, H=13, W=12, k=3, d=1, s=1, head=2, combine='mul',
+             device='cpu'):
+    x, cf, sf = filters(B, C, H, W, k, s, head, device=device)
+    grad = torch.randn(B, C, *sf.shape[-2:], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(7)).to(device)
+    expected = reference_and_grads(x, cf, sf, k, d, s, combine, head, grad)
+    got = run_triton(x.float(), cf.float(), sf.float(), k, d, s, combine,
+                     head, grad.float())
+    return expected, got
+
+
+def assert_all_close(expected, got):
+    (out_e, grads_e), (out_g, grads_g) = expected, got
+    torch.testing.assert_close(out_g.double(), out_e, rtol=1e-5, atol=1e-5)
+    for name, g, e in zip(('x', 'cf', 'sf'), grads_g, grads_e):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+def test_folded_grid_computes_every_tile(device, monkeypatch):
+    # A grid dimension 0 of 7 programs: the tiles of every kernel fold into
+    # dimension 1 (the last row partly past the tiles).
+    monkeypatch.setattr(ddf_triton, 'MAX_GRID', (7, 65535, 65535))
+    assert ddf_triton.launch_grid(30) == (6, 5, 1)
+    for s, combine in ((1, 'mul'), (2, 'add')):
+        assert_all_close(*ddf_case(s=s, combine=combine, device=device))
+
+
+@pytest.mark.parametrize('combine', ['mul', 'add'])
+def test_split_reductions_match_reference(device, monkeypatch, combine):
+    # Enough programs wanted that the channel-filter gradient sums its
+    # pixels in chunks and the spatial-filter gradient its channels in
+    # splits (5 channels a head: 3 splits of 2, 2 and 1).
+    monkeypatch.setattr(ddf_triton, 'TARGET_PROGRAMS', 10**6)
+    B, C, H, W, k, head = 2, 10, 9, 8, 7, 2
+    plan = ddf_triton.reduction_plan(B, C, H, W, k, head, 10**6)
+    assert plan.chunks > 1 and plan.splits == 5
+    assert_all_close(*ddf_case(B, C, H, W, k, head=head, combine=combine,
+                               device=device))
+    monkeypatch.setattr(ddf_triton, 'MAX_SPLITS', 3)
+    assert ddf_triton.reduction_plan(B, C, H, W, k, head, 10**6).splits == 3
+    assert_all_close(*ddf_case(B, C, H, W, k, head=head, combine=combine,
+                               device=device))
+
+
+def test_split_reductions_are_deterministic(device, monkeypatch):
+    monkeypatch.setattr(ddf_triton, 'TARGET_PROGRAMS', 10**6)
+    results = [ddf_case(device=device)[1] for _ in range(2)]
+    for a, b in zip((results[0][0], *results[0][1]),
+                    (results[1][0], *results[1][1])):
+        assert torch.equal(a, b)
+
+
+def test_reduction_plan_fills_a_gpu():
+    # B=32, head=1, a 7x7 output: 32 programs before the split.
+    plan = ddf_triton.reduction_plan(32, 64, 7, 7, 3, 1, 4 * 132)
+    assert plan.splits == ddf_triton.MAX_SPLITS
+    plan = ddf_triton.reduction_plan(1, 4, 112, 112, 3, 1, 4 * 132)
+    assert plan.chunks > 1 and plan.chunks * plan.chunk >= 112 * 112
+    # Planes enough already: one stage.
+    assert ddf_triton.reduction_plan(64, 256, 56, 56, 3, 1, 528) == \
+        (ddf_triton.reduction_plan(64, 256, 56, 56, 3, 1, 528).chunk, 1, 1)
+
+
+def test_launches_run_under_a_device_guard(device, monkeypatch):
+    from contextlib import contextmanager
+    entered = []
+
+    @contextmanager
+    def record(t):
+        entered.append(t.device)
+        yield
+
+    monkeypatch.setattr(ddf_triton, '_on_device', record)
+    x, cf, sf = (t.float() for t in filters(1, 2, 5, 4, 3, 1, 1,
+                                            device=device))
+    out = ddf_triton._ddf_forward(x, cf.reshape(1, 2, 9), sf, 3, 1, 1,
+                                  False, 1)
+    ddf_triton._ddf_backward(out, x, cf.reshape(1, 2, 9), sf, 3, 1, 1,
+                             False, 1, [True, True, True])
+    assert entered == [x.device, x.device]
+
+
+def test_device_guard_makes_the_tensor_device_current(monkeypatch):
+    from types import SimpleNamespace
+    made = []
+
+    class FakeGuard:
+
+        def __init__(self, device):
+            made.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, 'device', FakeGuard)
+    cuda1 = SimpleNamespace(device=torch.device('cuda', 1))
+    with ddf_triton._on_device(cuda1):
+        pass
+    assert made == [torch.device('cuda', 1)]
+    with ddf_triton._on_device(torch.zeros(1)):
+        pass
+    assert made == [torch.device('cuda', 1)]
+
+
+def test_supports_only_cuda_half_and_single(monkeypatch):
+    from types import SimpleNamespace
+
+    def tensor(device, dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert ddf_triton.supports(tensor('cuda', dtype))
+        assert not ddf_triton.supports(tensor('cpu', dtype))
+    assert not ddf_triton.supports(tensor('cuda', torch.float64))
+    assert not ddf_triton.supports(tensor('cuda', torch.float32),
+                                   tensor('cuda', torch.float64))
+    monkeypatch.setattr(ddf_triton, 'TRITON_IMPORTED', False)
+    assert not ddf_triton.supports(tensor('cuda', torch.float32))
+
+
+def test_float64_is_refused_not_rounded(device):
+    from mmdyn.ops import ddf
+    x, cf, sf = filters(1, 2, 5, 4, 3, 1, 1, device=device)
+    with pytest.raises(TypeError, match='float64'):
+        ddf_triton.ddf(x, cf.reshape(1, 2, 9), sf, 3, 1, 1, False, 1)
+    with pytest.raises(TypeError, match='float64'):
+        ddf_triton.ddf(x.float(), cf.reshape(1, 2, 9).float(), sf, 3, 1, 1,
+                       False, 1)
+    with pytest.raises(TypeError, match='float64'):
+        ddf(x, cf, sf, 3, impl='triton')
+    with pytest.raises(TypeError, match='float64'):
+        ddf_triton.ddf_up(x, cf.reshape(1, 1, 2, 9).expand(4, 1, 2, 9),
+                          sf.expand(4, 1, 9, 5, 4), 3, 1, False, 1, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks a CPU error')
+def test_compiled_impl_triton_without_a_gpu_says_so(monkeypatch):
+    from mmdyn.ops import ddf
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def fn(x, cf, sf):
+        return ddf(x, cf, sf, 3, impl='triton')
+
+    with pytest.raises(Exception, match="impl='triton' runs on CUDA"):
+        fn(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 3),
+           torch.zeros(1, 9, 4, 4))
+    torch._dynamo.reset()
+
+
+def test_sizes_and_outer_strides_are_not_specialised(monkeypatch):
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    kernels = ddf_triton._kernels(ddf_triton.interpreting())
+    for name in ('forward', 'grad_input', 'grad_channel_filter',
+                 'grad_spatial_filter'):
+        kernel = getattr(kernels, name + '_kernel')
+        free = {p.name for p in kernel.params if p.do_not_specialize}
+        assert {'H', 'W', 'Ho', 'Wo', 'CG', 'PLANES'} <= free, name
+        assert {'C', 'HEAD'} & free, name
+        assert {'sgh', 'sxh'} & free or {'sxh', 'soh'} <= free, name
+        # The innermost strides stay specialised (1 for contiguous rows).
+        assert not {'sxw', 'sgw', 'sow', 'ssw'} & free, name
+
+
+def test_autotuned_over_a_small_set_and_cached_by_size(monkeypatch):
+    import triton
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    kernels = ddf_triton._kernels(ddf_triton.interpreting())
+    for name in ('forward', 'grad_input', 'grad_channel_filter',
+                 'grad_spatial_filter'):
+        tuned = getattr(kernels, name + '_tuned')
+        assert isinstance(tuned, triton.runtime.Autotuner), name
+        assert 2 <= len(tuned.configs) <= 8
+        assert {c.num_warps for c in tuned.configs} == {4, 8}
+        assert {c.kwargs['MULT'] for c in tuned.configs} == {1, 2}
+        assert list(tuned.keys) == ['K', 'STRIDE', 'SIZE_CLASS']
+    # The interpreter gets one configuration (nothing to benchmark).
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    interp = ddf_triton._kernels(ddf_triton.interpreting())
+    assert len(interp.forward_tuned.configs) == 1
+    assert ddf_triton._size_class(4000) == ddf_triton._size_class(4090)
+    assert ddf_triton._size_class(4000) != ddf_triton._size_class(8200)
+
+
+def launches_of_an_up_backward(device, monkeypatch):
+    """(kernel, tuned) of each launch of a DDF-Up backward; its gradients
+    against the reference's."""
+    launched = []
+    kernel = ddf_triton._kernel
+
+    def record(name, tuned=True):
+        launched.append((name, tuned))
+        return kernel(name, tuned)
+
+    monkeypatch.setattr(ddf_triton, '_kernel', record)
+    x, cf, sf = (t.float() for t in filters(1, 2, 5, 4, 3, 1, 1,
+                                            device=device))
+    up_cf = cf.reshape(1, 2, 9).expand(4, -1, -1, -1)
+    up_sf = sf.expand(4, -1, -1, -1, -1)
+    grads = ddf_triton._ddf_up_backward(
+        torch.ones(1, 2, 10, 8, device=device), x, up_cf, up_sf, 3, 1, False,
+        1, 2, [True, True, True])
+    leaves = [t.double().requires_grad_() for t in (x, cf, sf)]
+    out = torch.zeros(1, 2, 10, 8, dtype=torch.float64, device=device)
+    for p in range(4):
+        out[:, :, p // 2::2, p % 2::2] = ddf_reference(*leaves, 3)
+    expected = torch.autograd.grad(out.sum(), leaves)
+    torch.testing.assert_close(grads[0].double(), expected[0], rtol=1e-5,
+                               atol=1e-5)
+    # Each phase's filter gradients (the phases share their filters here).
+    for got, e in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(got.double().sum(0).view_as(e), e,
+                                   rtol=1e-5, atol=1e-5)
+    return launched
+
+
+def test_accumulating_launch_is_not_autotuned(device, monkeypatch):
+    # The autotuner runs a kernel several times: one that adds into its
+    # output (DDF-Up's input gradient) must be launched untuned.
+    monkeypatch.setenv('MMDYN_TRITON_AUTOTUNE', '1')
+    launched = launches_of_an_up_backward(device, monkeypatch)
+    assert ('grad_input', False) in launched
+    assert ('grad_input', True) not in launched
+    assert ('grad_spatial_filter', True) in launched
+    assert ('grad_channel_filter', True) in launched
+
+
+def test_autotuning_switched_off(device, monkeypatch):
+    monkeypatch.setenv('MMDYN_TRITON_AUTOTUNE', '0')
+    launched = launches_of_an_up_backward(device, monkeypatch)
+    assert launched and not [t for _, t in launched if t]

@@ -255,7 +255,7 @@ def test_invalid_dyconv_ratio():
 def test_chunked_inference_path_matches_reference(cls, bias):
     """Deep-layer CPU inference builds the kernels into the reused
     workspace, then one batch-1 conv per sample."""
-    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
+    from mmdyn.ops.accel.paths import uses_chunked_kernels
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 4, 5)
     with torch.no_grad():
@@ -326,7 +326,7 @@ def test_winograd_inference_path_matches_reference(small_winograd, cls,
 def test_winograd_at_resnet_stage3_size():
     """The default thresholds send a ResNet-50 stage-3 layer (256 -> 256,
     14x14) to the Winograd path; it matches the per-sample reference."""
-    from mmdyn.ops.winograd import uses_winograd
+    from mmdyn.ops.accel.paths import uses_winograd
     layer = randomise(DyConv2d(256, 256, 3, padding=1, bias=False))
     x = torch.randn(2, 256, 14, 14)
     with torch.no_grad():

@@ -9,9 +9,9 @@ import torch
 
 from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
                        KWConv2d, ODConv2d)
-from mmdyn.ops.fast_paths import (KERNEL_WAREHOUSE_PATHS, MIXTURE_PATHS,
-                                  ODCONV_PATHS, PER_SAMPLE_IMPLS,
-                                  THRESHOLDS)
+from mmdyn.ops.accel.paths import (KERNEL_WAREHOUSE_PATHS, MIXTURE_PATHS,
+                                   ODCONV_PATHS, PER_SAMPLE_IMPLS,
+                                   THRESHOLDS)
 
 # (layer factory, input shape, paths that run with autograd, paths that
 # run only in float32 CPU inference)

@@ -30,7 +30,7 @@ def _one_thread():
 def c_loop_always(monkeypatch):
     """The C cell product for every width (its threshold in the public
     dispatch table lowered), so that small layers take it."""
-    from mmdyn.ops.fast_paths import THRESHOLDS
+    from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1)
 
@@ -611,7 +611,7 @@ def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane,
     """mix_cells' 'position_major' and 'output_major' layouts, written
     directly by the C loop (Scatter) or rearranged from torch.matmul,
     against the naive kernel permuted by torch."""
-    from mmdyn.ops.fast_paths import THRESHOLDS
+    from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1 if c_path else 1 << 30)
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size), {})],

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from mmdyn.ops import kernel_warehouse_cpu
-from mmdyn.ops.kernel_warehouse_cpu import (STRIP, Scatter, pack_columns,
-                                            small_rows_matmul,
-                                            uses_small_rows_matmul)
+from mmdyn.ops.accel import kw_cells
+from mmdyn.ops.accel.kw_cells import (STRIP, Scatter, pack_columns,
+                                      small_rows_matmul)
+from mmdyn.ops.accel.paths import uses_c_cell_product
 
 
 @pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
@@ -58,14 +58,14 @@ def test_bad_inputs_are_value_errors():
 def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
     a, b = torch.randn(8, 10), torch.randn(10, 8192)
     with torch.no_grad():
-        assert uses_small_rows_matmul(a, b)
-        assert not uses_small_rows_matmul(a.double(), b.double())
-        assert not uses_small_rows_matmul(a, b[:, :100])  # too narrow
+        assert uses_c_cell_product(a, b)
+        assert not uses_c_cell_product(a.double(), b.double())
+        assert not uses_c_cell_product(a, b[:, :100])  # too narrow
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not uses_small_rows_matmul(a, b)
-        monkeypatch.setattr(kernel_warehouse_cpu, 'load', lambda: None)
-        assert not uses_small_rows_matmul(a, b)
-    assert not uses_small_rows_matmul(a, b)  # autograd on
+            assert not uses_c_cell_product(a, b)
+        monkeypatch.setattr(kw_cells, 'load', lambda: None)
+        assert not uses_c_cell_product(a, b)
+    assert not uses_c_cell_product(a, b)  # autograd on
 
 
 @pytest.mark.parametrize('rows,inner,cols', [(72, 47, 4096), (9, 5, 100),

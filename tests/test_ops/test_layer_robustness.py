@@ -156,7 +156,7 @@ def test_channels_last_model_and_input_equal_contiguous(name, train):
 @pytest.mark.parametrize('name', ['odconv_k4', 'dyconv', 'kwconv'])
 def test_channels_last_on_the_fast_inference_paths(name, small_winograd,
                                                    monkeypatch):
-    from mmdyn.ops.fast_paths import THRESHOLDS
+    from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1)
     make, shape, _ = LAYERS[name]

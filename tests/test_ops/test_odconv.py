@@ -385,7 +385,7 @@ def test_traced_graph_does_not_bake_the_batch_size(name):
 def test_chunked_pointwise_inference_matches_reference(bias):
     """A 1x1 ODConv with K kernels (no spatial attention) takes the chunked
     path too, its kernels a plain mixture written into the workspace."""
-    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
+    from mmdyn.ops.accel.paths import uses_chunked_kernels
     layer = randomise(ODConv2d(16, 24, 1, bias=bias, kernel_num=4))
     x = torch.randn(4, 16, 1, 2)
     with torch.no_grad():
@@ -400,7 +400,7 @@ def test_chunked_pointwise_inference_matches_reference(bias):
 def test_chunked_inference_path_matches_reference(num, bias):
     """Deep-layer CPU inference builds the kernels into the reused
     workspace, then one batch-1 conv per sample."""
-    from mmdyn.ops.per_sample_conv import uses_chunked_kernels
+    from mmdyn.ops.accel.paths import uses_chunked_kernels
     # impl: a one-kernel layer this deep would take the scaled columns.
     layer = randomise(ODConv2d(16, 24, 3, stride=2, padding=1, bias=bias,
                                kernel_num=num, impl='chunked'))
@@ -457,7 +457,7 @@ def test_winograd_forced_by_impl(num):
 def test_winograd_at_resnet_stage3_size(num):
     """The default thresholds send a ResNet-50 stage-3 layer (256 -> 256,
     14x14) to the Winograd path; it matches the per-sample reference."""
-    from mmdyn.ops.winograd import uses_winograd
+    from mmdyn.ops.accel.paths import uses_winograd
     layer = randomise(ODConv2d(256, 256, 3, padding=1, bias=False,
                                kernel_num=num))
     x = torch.randn(2, 256, 14, 14)

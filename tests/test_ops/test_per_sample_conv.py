@@ -148,12 +148,13 @@ def test_chunked_conv_matches_direct_sum(case, workspace_samples,
     """Kernels built chunk by chunk into the workspace (chunks of 1, of 2
     with a shorter last chunk, and the whole batch) against the direct
     convolution."""
-    from mmdyn.ops import per_sample_conv
+    from mmdyn.ops.accel import chunked
+    from mmdyn.ops.accel.thresholds import THRESHOLDS
     x, weight, _, kw = make_case(case, bias_kind=None)
     numel = weight[0].numel()
-    monkeypatch.setattr(per_sample_conv, 'KERNEL_WORKSPACE_BYTES',
+    monkeypatch.setitem(THRESHOLDS['workspace'], 'kernel_bytes',
                         workspace_samples * numel * 4)
-    per_sample_conv.release_kernel_workspaces()
+    chunked.release_kernel_workspaces()
     chunks = []
 
     def kernels(start, stop, out):
@@ -161,7 +162,7 @@ def test_chunked_conv_matches_direct_sum(case, workspace_samples,
         assert out.shape == (stop - start, numel)
         return torch.mul(weight[start:stop].flatten(1), 1.0, out=out)
 
-    out = per_sample_conv.chunked_per_sample_conv2d(
+    out = chunked.chunked_per_sample_conv2d(
         x, kernels, weight.shape[1:], torch.float32, **kw)
     torch.testing.assert_close(
         out, direct_per_sample_conv(x, weight, None, **kw), rtol=1e-4,
@@ -174,8 +175,8 @@ def test_chunked_conv_matches_direct_sum(case, workspace_samples,
 def test_kernel_workspace_is_reused_per_thread_and_released():
     import threading
 
-    from mmdyn.ops.per_sample_conv import (kernel_workspace,
-                                           release_kernel_workspaces)
+    from mmdyn.ops.accel.chunked import (kernel_workspace,
+                                         release_kernel_workspaces)
     release_kernel_workspaces()
     first = kernel_workspace(100, torch.float32, torch.device('cpu'))
     # Smaller requests share the block; a larger one grows it.

@@ -10,7 +10,7 @@ from torch import nn
 
 from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
                        KWConv2d, KWLinear, ODConv2d, WarehouseManager)
-from mmdyn.ops.fast_paths import graph_capture
+from mmdyn.ops.capture import graph_capture
 
 
 class SharedKW(nn.Module):
@@ -223,7 +223,7 @@ def test_inductor_eval():
 def test_compiled_ddf_keeps_the_c_loops(name):
     """Under torch.compile DDF and DDF-Up run the fused C loops as the
     mmdyn::ddf custom operator (in the graph, with its backward)."""
-    from mmdyn.ops import ddf_cpu
+    from mmdyn.ops.accel import ddf_cpu
     if ddf_cpu.load() is None:
         pytest.skip('the C loops need a C compiler')
     graphs = []

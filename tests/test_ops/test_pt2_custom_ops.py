@@ -4,13 +4,13 @@ tensor, autograd registration, AOT dispatch)."""
 import pytest
 import torch
 
-from mmdyn.ops import ddf_cpu
-from mmdyn.ops.custom_ops import (ddf_backward_op, ddf_op, pack_columns_op,
+from mmdyn.ops.accel import ddf_cpu
+from mmdyn.ops.accel.custom_ops import (ddf_backward_op, ddf_op, pack_columns_op,
                                   small_rows_matmul_op, winograd_blocks_op,
                                   winograd_input_op, winograd_kernels_op,
                                   winograd_output_op)
 from mmdyn.ops.ddf import ddf_reference
-from mmdyn.ops.winograd import winograd_kernels_reference
+from mmdyn.ops.accel.winograd import winograd_kernels_reference
 
 pytestmark = pytest.mark.skipif(ddf_cpu.load() is None,
                                 reason='the C loops need a C compiler')

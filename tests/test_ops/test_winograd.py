@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdyn.ops import winograd
-from mmdyn.ops.winograd import (uses_winograd, winograd_kernels,
-                                winograd_kernels_reference,
-                                winograd_per_sample_conv2d)
+from mmdyn.ops.accel import winograd
+from mmdyn.ops.accel.paths import THRESHOLDS, uses_winograd
+from mmdyn.ops.accel.winograd import (winograd_kernels,
+                                      winograd_kernels_reference,
+                                      winograd_per_sample_conv2d)
 
 @pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
 def c_threads(request):
@@ -123,7 +124,7 @@ def test_per_sample_conv_in_workspace_chunks(monkeypatch, samples_per_chunk):
     """Kernels that do not fit the workspace are built a chunk at a time
     (chunks of 1, of 2 with a short last chunk, and the whole batch)."""
     batch, c_in, c_out = 5, 4, 6
-    monkeypatch.setattr(winograd, 'KERNEL_WORKSPACE_BYTES',
+    monkeypatch.setitem(THRESHOLDS['workspace'], 'kernel_bytes',
                         samples_per_chunk * 16 * c_in * c_out * 4)
     calls = []
     real = winograd.winograd_kernels

@@ -1,12 +1,14 @@
 """Official-checkpoint converters.
 
 The official layouts are recreated here as plain dicts of random tensors,
-from the key names and shapes of the official model definitions; nothing official is imported. Layer tests
-compute the official forward from such a dict with plain torch ops and
-compare with our layer loaded through the converter's checks; model tests
-convert a whole official-layout dict, load it strictly and check every
-tensor against an independent key mapping written in the test.
+from the key names and shapes of the official model definitions; nothing
+official is imported. Layer tests compute the official forward from such a
+dict with plain torch ops and compare with our layer loaded through the
+converter's checks; model tests convert a whole official-layout dict, load
+it strictly and check every tensor against an independent key mapping
+written in the test.
 """
+import glob
 import math
 import os.path as osp
 import runpy
@@ -63,8 +65,8 @@ def official_odconv_forward(d, x, stride, padding, groups):
     pooled = x.mean((2, 3))
     s = pooled @ d[a + 'fc.weight'].flatten(1).t()
     s = (s - d[a + 'bn.running_mean']) / torch.sqrt(
-        d[a + 'bn.running_var'] + 1e-5) * d[a + 'bn.weight'] + d[a +
-                                                                'bn.bias']
+        d[a + 'bn.running_var'] + 1e-5) * d[a + 'bn.weight'] + \
+        d[a + 'bn.bias']
     s = s.clamp(min=0)
 
     def head(name):
@@ -487,6 +489,30 @@ def test_refusals():
                        match='not part of the layout.*avgpool.extra'):
         convert({'layer1.0.conv1.weight': torch.zeros(1),
                  'avgpool.extra': torch.zeros(1)}, 'kw')
+
+
+@pytest.mark.parametrize('family,folder', [('odconv', 'odconv'),
+                                           ('kw', 'kernelwarehouse'),
+                                           ('ddf', 'ddf'),
+                                           ('dyconv', 'dyconv')])
+def test_architecture_without_config_lists_the_supported_models(
+        family, folder):
+    """An official ResNet-34 (e.g. ODConv's od_resnet34): no config of the
+    family has it; the refusal names it and lists the models that have
+    one, instead of an empty 'closest:'."""
+    state = {'layer1.0.conv1.weight': torch.zeros(1)}
+    state.update({f'layer3.{i}.conv1.weight': torch.zeros(1)
+                  for i in range(6)})  # 6 basic blocks in layer3: depth 34
+    with pytest.raises(ConversionError) as info:
+        convert(state, family)
+    message = str(info.value)
+    assert not message.rstrip().endswith(':'), message
+    assert 'ResNet-34' in message
+    shipped = {
+        osp.basename(path).split('_')[0]
+        for path in glob.glob(osp.join(ROOT, 'configs', folder, '*_in1k.py'))
+    }
+    assert shipped and all(name in message for name in shipped), message
 
 
 def test_cli_roundtrip(tmp_path, monkeypatch):

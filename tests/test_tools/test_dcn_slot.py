@@ -1,29 +1,39 @@
-"""The limits of stock ResNets' ``dcn=`` slot raise mmdyn's clear error
-(mmdyn/engine/dcn_slot.py; docs/dcn_slot.md), and the slot still works
-where it exists."""
+"""The limits of stock ResNets' ``dcn=`` slot are what docs/dcn_slot.md
+says (errors raised by mmdet and mmpretrain themselves: mmdyn does not
+patch them), and the slot works where it exists."""
+import os.path as osp
+
 import pytest
 import torch
 
-import mmdyn.engine  # noqa: F401  (applies the checks)
 import mmdyn.models  # noqa: F401  (registers the dynamic convs)
-from mmdyn.engine.dcn_slot import DcnSlotError
+
+DOC = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+               'docs', 'dcn_slot.md')
+
+
+def doc_text():
+    with open(DOC, encoding='utf-8') as f:
+        return f.read()
 
 
 @pytest.mark.parametrize('depth', [18, 34])
-def test_mmdet_basic_block_resnet_names_the_alternatives(depth):
+def test_mmdet_basic_block_resnet_refuses_dcn_as_documented(depth):
     from mmdet.models.backbones import ResNet
-    with pytest.raises(DcnSlotError, match='mmpretrain.DynamicResNet') as e:
+    with pytest.raises(AssertionError, match='Not implemented yet.'):
         ResNet(depth=depth, dcn=dict(type='ODConv2d', kernel_num=1),
                stage_with_dcn=(False, True, True, True))
-    assert 'ODConv2d' in str(e.value) and 'depth=50' in str(e.value)
     # without dcn= the BasicBlock ResNets build as before
     assert ResNet(depth=depth).depth == depth
+    assert 'Not implemented yet.' in doc_text()
+    assert "type='mmpretrain.DynamicResNet', depth=18" in doc_text()
 
 
-def test_mmpretrain_resnet_has_no_dcn_argument():
+def test_mmpretrain_resnet_has_no_dcn_argument_as_documented():
     from mmpretrain.models.backbones import ResNet
-    with pytest.raises(DcnSlotError, match="type='mmdet.ResNet'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dcn'"):
         ResNet(depth=50, dcn=dict(type='ODConv2d'))
+    assert "unexpected keyword argument 'dcn'" in doc_text()
 
 
 def test_dcn_slot_of_bottleneck_resnet_builds_the_dynamic_conv():

@@ -21,13 +21,15 @@ def load_tool(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
 CONFIGS = osp.join(ROOT, 'configs')
 
 
 def madds_of(model, x, num_images=None):
     model.eval()
-    return count_madds(model, lambda: model(x),
-                       num_images=num_images or x.shape[0])
+    return count_madds(
+        model, lambda: model(x), num_images=num_images or x.shape[0])
 
 
 def test_static_conv_formula_hand_computed():
@@ -94,8 +96,8 @@ def test_dynamic_layer_children_not_counted_twice():
 
 
 def _odconv_reference(c_in, c_out, k, groups, kernel_num, h, w, stride=1):
-    """ODConv's cost by the rules of docs/flops.md, written out
-    independently of the layer."""
+    """ODConv's cost by the rules of docs/flops.md, written out independently
+    of the layer."""
     hidden = max(int(c_in / 16), 16)
     pad = k // 2
     h_out = (h + 2 * pad - k) // stride + 1
@@ -114,21 +116,36 @@ def _odconv_reference(c_in, c_out, k, groups, kernel_num, h, w, stride=1):
     return dict(att=att, agg=agg, scal=scal)
 
 
-@pytest.mark.parametrize('c_in,c_out,k,groups,kernel_num,stride', [
-    (16, 32, 3, 1, 1, 1),
-    (16, 32, 3, 1, 4, 2),
-    (32, 64, 1, 1, 1, 1),
-    (32, 64, 1, 1, 4, 1),
-    (24, 24, 3, 24, 1, 1),  # depthwise: no filter attention
-    (24, 48, 3, 2, 2, 1),
-])
+@pytest.mark.parametrize(
+    'c_in,c_out,k,groups,kernel_num,stride',
+    [
+        (16, 32, 3, 1, 1, 1),
+        (16, 32, 3, 1, 4, 2),
+        (32, 64, 1, 1, 1, 1),
+        (32, 64, 1, 1, 4, 1),
+        (24, 24, 3, 24, 1, 1),  # depthwise: no filter attention
+        (24, 48, 3, 2, 2, 1),
+    ])
 def test_odconv_layer_counts(c_in, c_out, k, groups, kernel_num, stride):
     from mmdyn.ops import ODConv2d
     h, w = 9, 7
-    layer = ODConv2d(c_in, c_out, k, stride=stride, padding=k // 2,
-                     groups=groups, bias=False, kernel_num=kernel_num)
-    static = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2,
-                       groups=groups, bias=False)
+    layer = ODConv2d(
+        c_in,
+        c_out,
+        k,
+        stride=stride,
+        padding=k // 2,
+        groups=groups,
+        bias=False,
+        kernel_num=kernel_num)
+    static = nn.Conv2d(
+        c_in,
+        c_out,
+        k,
+        stride=stride,
+        padding=k // 2,
+        groups=groups,
+        bias=False)
     x = torch.randn(2, c_in, h, w)
     dyn = madds_of(layer, x).per_image()
     # the conv part is one ordinary conv of the same shape
@@ -263,3 +280,59 @@ def test_get_flops_cli_markdown(tmp_path, capsys):
     expected_g = ((1814.07e6 - fc) * 16 / 49 + fc) / 1e9
     assert abs(float(row.split('|')[-2]) - expected_g) < 0.001
     assert '11.69' in row
+
+
+# Two-stage detectors: the RoI heads are counted on a fixed number of
+# proposals (the config's test_cfg.rpn.max_per_img: 300 for the demo
+# configs), whatever a randomly initialised RPN keeps. On a 32x32 image the
+# RPN has only (8^2 + 4^2 + 2^2 + 1 + 1) * 3 = 258 anchors, so counting the
+# proposals it keeps would see fewer than 300.
+DEMO_FASTER = osp.join(CONFIGS, 'demo', 'faster-rcnn_r18_fpn_demo.py')
+DEMO_MASK = osp.join(CONFIGS, 'demo', 'mask-rcnn_r18_fpn_demo.py')
+TINY = (32, 32)
+
+
+def _head_madds(report, prefix):
+    return sum(
+        layer.total for layer in report.layers
+        if layer.name.startswith(prefix)) / report.num_images
+
+
+def _box_head_per_roi(channels=64, roi=7, fc=256, classes=3):
+    # Shared2FCBBoxHead: fc1 (C*7*7 -> fc), fc2 (fc -> fc), fc_cls
+    # (fc -> classes + 1), fc_reg (fc -> 4 * classes, class-specific)
+    return (channels * roi * roi * fc + fc * fc + fc * (classes + 1) +
+            fc * 4 * classes)
+
+
+def _mask_head_per_roi(channels=64, classes=3):
+    # FCNMaskHead: four 3x3 convs C -> C on 14x14, a 2x2 stride-2 deconv
+    # C -> C (14x14 in), a 1x1 conv C -> classes on 28x28
+    return (4 * 14 * 14 * channels * channels * 9 +
+            14 * 14 * channels * channels * 4 + 28 * 28 * channels * classes)
+
+
+def test_two_stage_heads_counted_on_a_fixed_number_of_proposals():
+    faster = count_config_madds(DEMO_FASTER, shape=TINY)
+    mask = count_config_madds(DEMO_MASK, shape=TINY)
+    box = 300 * _box_head_per_roi()
+    assert _head_madds(faster, 'roi_head.bbox_head.') == box
+    assert _head_madds(mask, 'roi_head.bbox_head.') == box
+    # the mask head sees the first 100 proposals (the detections kept at
+    # test time, test_cfg.rcnn.max_per_img = 100)
+    per_mask = _mask_head_per_roi()
+    assert _head_madds(mask, 'roi_head.mask_head.') == 100 * per_mask
+    # Faster and Mask R-CNN differ by exactly the mask head
+    assert mask.per_image()['total'] - faster.per_image()['total'] == \
+        100 * per_mask
+    # an explicit proposal number
+    fifty = count_config_madds(DEMO_FASTER, shape=TINY, num_proposals=50)
+    assert _head_madds(fifty, 'roi_head.bbox_head.') == \
+        50 * _box_head_per_roi()
+
+
+def test_get_flops_cli_proposals(capsys):
+    tool = load_tool('tools/analysis_tools/get_flops.py')
+    tool.main([DEMO_FASTER, '--shape', '32', '--proposals', '10'])
+    out = capsys.readouterr().out
+    assert 'RoI heads on 10 proposals per image' in out

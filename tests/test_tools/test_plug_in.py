@@ -147,10 +147,11 @@ def _count(model, name):
     return sum(type(m).__name__ == name for m in model.modules())
 
 
-def _train_one_step(cfg_name, dataset, expected):
-    """Build the recipe, check its dynamic layers, run one training step on
-    two demo images; return the model."""
-    cfg = Config.fromfile(osp.join(PLUG_IN, cfg_name))
+def _train_one_step(cfg_name, dataset, expected, cfg=None):
+    """Build the recipe (or ``cfg``, a form of it), check its dynamic
+    layers, run one training step on two demo images; return the model."""
+    if cfg is None:
+        cfg = Config.fromfile(osp.join(PLUG_IN, cfg_name))
     cfg.merge_from_dict(TEST_OPTIONS.get(cfg_name, {}))
     _smaller_roi_heads(cfg.model)
     scope = cfg.get('default_scope', 'mmdet')
@@ -287,3 +288,74 @@ def test_ddf_conv_in_a_channel_changing_slot_is_refused():
     import mmdyn.models  # noqa: F401
     with pytest.raises(ValueError, match='in_channels == out_channels'):
         ResNet(50, conv_cfg=dict(type='DDFConv2d'))
+
+
+def _num_classes(node):
+    if isinstance(node, dict):
+        own = [node['num_classes']] if 'num_classes' in node else []
+        return own + [n for v in node.values() for n in _num_classes(v)]
+    if isinstance(node, (list, tuple)):
+        return [n for v in node for n in _num_classes(v)]
+    return []
+
+
+@pytest.mark.parametrize('cfg_name', sorted(DET_RECIPES))
+def test_detection_recipe_demo_form(cfg_name):
+    """The demo form of docs/plug_in.md (tools/misc/overlay_config.py
+    --demo): the demo data and schedule, 3 classes in every head (lists of
+    heads included), no pretrained download; the recipe's model otherwise
+    unchanged."""
+    from mmdyn.engine.config_bases import on_demo_data
+    recipe = Config.fromfile(osp.join(PLUG_IN, cfg_name))
+    cfg = on_demo_data(recipe)
+    assert _num_classes(cfg.model) and \
+        set(_num_classes(cfg.model)) == {3}, cfg_name
+    assert cfg.train_dataloader.dataset.data_root == 'data/demo_det/'
+    assert cfg.train_dataloader.dataset.metainfo.classes == DET_CLASSES
+    assert cfg.model.backbone.init_cfg is None
+    masks = 'mask_head' in str(recipe.model)
+    assert cfg.train_dataloader.dataset.pipeline[1].get('with_mask',
+                                                        False) == masks
+    assert cfg.model.neck == recipe.model.neck
+    assert cfg.custom_imports == recipe.custom_imports
+    doc = open(osp.join(REPO, 'docs', 'plug_in.md')).read()
+    assert 'tools/misc/overlay_config.py' in doc and '--demo' in doc
+
+
+@pytest.mark.parametrize('cfg_name', sorted(CLS_RECIPES))
+def test_classification_recipe_demo_form(cfg_name, demo_datasets):
+    """The classifiers' demo form: the data and schedule of
+    configs/demo/resnet18_demo_cls.py, 4 classes; it trains one step on
+    the demo images with the recipe's dynamic layers."""
+    from mmdyn.engine.config_bases import on_demo_data
+    recipe = Config.fromfile(osp.join(PLUG_IN, cfg_name))
+    cfg = on_demo_data(recipe)
+    assert set(_num_classes(cfg.model)) == {len(CLS_CLASSES)}
+    assert cfg.data_preprocessor.num_classes == len(CLS_CLASSES)
+    assert cfg.train_dataloader.dataset.data_root == 'data/demo_cls'
+    assert cfg.model.backbone == dict(recipe.model.backbone, init_cfg=None)
+    # the demo's training loop is mmdyn's: the config imports it
+    assert cfg.train_cfg.type == 'ExactResumeEpochBasedTrainLoop'
+    assert 'mmdyn.engine' in cfg.custom_imports.imports
+    torch.manual_seed(0)
+    _train_one_step(cfg_name, demo_datasets[1], CLS_RECIPES[cfg_name], cfg)
+
+
+def test_demo_form_with_lists_of_heads_trains_one_step(demo_datasets):
+    """Cascade Mask R-CNN (three bbox and three mask heads) in its demo
+    form, written by the tool and read back by plain mmengine."""
+    import importlib.util
+    import tempfile
+    spec = importlib.util.spec_from_file_location(
+        'overlay_tool', osp.join(REPO, 'tools', 'misc', 'overlay_config.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    name = 'cascade-mask-rcnn_r50_fpn-ddfup_1x_coco.py'
+    with tempfile.TemporaryDirectory() as tmp:
+        out = osp.join(tmp, 'demo.py')
+        tool.main([osp.join(PLUG_IN, name), '--demo', '--out', out])
+        cfg = Config.fromfile(out)
+    assert [h.num_classes for h in cfg.model.roi_head.bbox_head] == [3] * 3
+    torch.manual_seed(0)
+    model = _train_one_step(name, demo_datasets[0], DET_RECIPES[name], cfg)
+    assert model.roi_head.bbox_head[0].fc_cls.out_features == 3 + 1

@@ -9,6 +9,7 @@ interrupted detection run is shared by the tests of this module
 import glob
 import importlib.util
 import math
+import os
 import os.path as osp
 import pickle
 import re
@@ -19,7 +20,7 @@ import pytest
 import torch
 from mmengine.runner.loops import EpochBasedTrainLoop
 
-import mmdyn.engine  # noqa: F401
+import mmdyn.engine  # noqa: F401  (registers mmdyn's hooks)
 from mmdyn.datasets import make_demo_classification, make_demo_detection
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -192,7 +193,8 @@ def test_resume_and_amp_flags(tmp_path):
     for bad in ('0', '-2', 'two'):
         with pytest.raises(SystemExit):
             train.parse_args(['c.py', '--threads', bad])
-    assert train.parse_args(['c.py', '--allow-partial-load']).allow_partial_load
+    assert train.parse_args(['c.py',
+                             '--allow-partial-load']).allow_partial_load
     from mmdyn.engine.launch import enable_amp, load_config, set_resume
     cfg = load_config(DET_CFG, launcher='pytorch',
                       work_dir=str(tmp_path))
@@ -224,3 +226,176 @@ def test_demo_config_schedule(config):
     for pattern in (r'of the (\d+) demo epochs', r'over all (\d+) epochs'):
         for count in re.findall(pattern, header):
             assert int(count) == cfg.train_cfg.max_epochs, (pattern, count)
+
+
+README_INFERENCE = """
+import json, sys
+{compat}
+from mmdet.apis import DetInferencer, inference_detector, init_detector
+try:
+    model = init_detector({config!r}, {checkpoint!r}, device='cpu')
+except Exception as e:
+    print(json.dumps(type(e).__name__ + ': ' + str(e)))
+    sys.exit()
+sample = inference_detector(model, {image!r})
+inferencer = DetInferencer(model={config!r}, weights={checkpoint!r},
+                           device='cpu')
+result = inferencer({image!r}, return_vis=False)
+print(json.dumps([len(sample.pred_instances),
+                  len(result['predictions'][0]['labels'])]))
+"""
+
+
+def test_readme_inference_snippet_on_the_demo_model(tmp_path):
+    """The README's inference snippet, in a fresh script, on the quick
+    start's first model and a checkpoint as mmengine's Runner writes it
+    (with the message hub's HistoryBuffers): it needs the one documented
+    line, mmdyn.compat.apply(), and nothing else (the config's
+    custom_imports only register mmdyn's components)."""
+    import json
+    import subprocess
+    import sys
+
+    from mmengine.config import Config
+    from mmengine.logging import MessageHub
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import save_checkpoint
+    from PIL import Image
+
+    from mmdyn.datasets.demo_data import DET_CLASSES
+    cfg = Config.fromfile(DET_CFG)
+    init_default_scope('mmdet')
+    model = MODELS.build(cfg.model)
+    hub = MessageHub.get_instance('readme_inference')
+    hub.update_scalar('train/loss', 1.5)
+    checkpoint = str(tmp_path / 'epoch_1.pth')
+    save_checkpoint(
+        dict(meta=dict(dataset_meta=dict(classes=DET_CLASSES)),
+             state_dict=model.state_dict(), message_hub=hub.state_dict()),
+        checkpoint)
+    image = str(tmp_path / 'demo.jpg')
+    Image.fromarray(
+        (torch.rand(96, 128, 3) * 255).byte().numpy()).save(image)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+
+    def run(compat):
+        code = README_INFERENCE.format(compat=compat, config=DET_CFG,
+                                       checkpoint=checkpoint, image=image)
+        result = subprocess.run([sys.executable, '-c', code], env=env,
+                                capture_output=True, text=True,
+                                cwd=str(tmp_path), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    without = run('')
+    assert 'UnpicklingError' in without and 'HistoryBuffer' in without
+    counts = run('import mmdyn.compat\nmmdyn.compat.apply()')
+    assert counts[0] == counts[1] >= 0
+
+
+def test_every_tool_loads_configs_with_one_loader():
+    """tools/ and mmdyn/ read config files only through
+    mmdyn.engine.config_bases.load_config (vis_dynamic used to call
+    Config.fromfile itself and refused `mmdyn::` bases)."""
+    callers = []
+    for folder in ('tools', 'mmdyn'):
+        for path in glob.glob(osp.join(REPO, folder, '**', '*.py'),
+                              recursive=True):
+            if '.mim' in path or path.endswith(
+                    osp.join('engine', 'config_bases.py')):
+                continue
+            with open(path) as f:
+                if 'Config.fromfile(' in f.read():
+                    callers.append(osp.relpath(path, REPO))
+    assert callers == []
+
+
+ALL_CONFIGS = sorted(
+    p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                         recursive=True) if '_base_' not in p)
+
+
+@pytest.mark.parametrize(
+    'config', ALL_CONFIGS,
+    ids=lambda p: osp.relpath(p, osp.join(REPO, 'configs')))
+def test_config_loads_by_name_and_path_alike(config):
+    """Every config in configs/ loads through the tools' loader by path and
+    by its `mmdyn::` name (mmengine's lookup, mmdyn/.mim/configs), to the
+    same config."""
+    from mmdyn.engine.config_bases import load_config
+    name = 'mmdyn::' + osp.relpath(config, osp.join(REPO, 'configs'))
+    by_path = load_config(config)
+    by_name = load_config(name)
+    assert by_name.to_dict() == by_path.to_dict()
+    assert by_path.get('model') is not None
+    # a config that names an mmdyn component imports the package that
+    # registers it (as the stock components need nothing)
+    imports = by_path.get('custom_imports', {}).get('imports', [])
+    needed = {MMDYN_TYPES[t] for t in _types(by_path.to_dict())
+              if t in MMDYN_TYPES}
+    assert needed <= set(imports), (needed, imports)
+
+
+def _mmdyn_types():
+    """{type name: mmdyn package that registers it}, for names that only
+    mmdyn registers."""
+    import mmdet.registry
+    import mmpretrain.registry
+    from mmengine import registry
+
+    import mmdyn.models  # noqa: F401
+    owners, stock = {}, set()
+    for reg in (registry.HOOKS, registry.LOOPS, registry.OPTIM_WRAPPERS,
+                registry.MODELS, mmdet.registry.MODELS,
+                mmpretrain.registry.MODELS, mmdet.registry.HOOKS,
+                mmpretrain.registry.HOOKS):
+        reg.import_from_location()
+        for name, obj in reg.module_dict.items():
+            module = getattr(obj, '__module__', '')
+            if module.startswith('mmdyn.engine'):
+                owners[name] = 'mmdyn.engine'
+            elif module.startswith('mmdyn.'):
+                owners[name] = 'mmdyn.models'
+            else:
+                stock.add(name)
+    return {name: pkg for name, pkg in owners.items() if name not in stock}
+
+
+MMDYN_TYPES = _mmdyn_types()
+
+
+def _types(node):
+    if isinstance(node, dict):
+        own = node.get('type')
+        found = [own.split('.')[-1]] if isinstance(own, str) else []
+        return found + [t for v in node.values() for t in _types(v)]
+    if isinstance(node, (list, tuple)):
+        return [t for v in node for t in _types(v)]
+    return []
+
+
+def test_vis_dynamic_reads_a_config_with_mmdyn_bases(tmp_path):
+    from mmdyn.analysis.vis_dynamic import build_model
+    path = tmp_path / 'cls.py'
+    path.write_text("_base_ = ['mmdyn::demo/resnet18-odconv1x_demo_cls.py']\n")
+    model, pipeline, cfg = build_model(str(path))
+    assert any(type(m).__name__ == 'ODConv2d' for m in model.modules())
+
+
+# Tools that read no config and load no checkpoint.
+TOOLS_WITHOUT_CONFIGS = ('add_headers.py', 'gpu_check.py',
+                         'make_demo_data.py')
+
+
+def test_every_tool_applies_the_compat_fixes():
+    """Each tool that reads configs or checkpoints makes the one documented
+    call (importing mmdyn applies nothing: docs/compat.md)."""
+    missing = []
+    for path in sorted(glob.glob(osp.join(REPO, 'tools', '**', '*.py'),
+                                 recursive=True)):
+        if osp.basename(path) in TOOLS_WITHOUT_CONFIGS:
+            continue
+        with open(path) as f:
+            if 'mmdyn.compat.apply()' not in f.read():
+                missing.append(osp.relpath(path, REPO))
+    assert missing == []

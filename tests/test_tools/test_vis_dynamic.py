@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmdyn.analysis.vis_dynamic import (DynamicLayerRecorder,
+from mmdyn.analysis.vis_dynamic import (OD_ATTENTIONS, DynamicLayerRecorder,
+                                        LayerRecord, Moments,
                                         normalized_entropy, pixel_filters,
                                         render)
 from mmdyn.ops import DDFConv2d, DDFUpsample, DyConv2d, KWConv2d, ODConv2d
@@ -166,6 +167,173 @@ def test_normalized_entropy():
     torch.testing.assert_close(
         normalized_entropy(probs),
         torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+
+
+# -- the pictures, checked on the figure objects ---------------------------
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved while the test runs, drawn; its
+    renderer (``fig.saved_renderer``, kept as closing the figure drops its
+    canvas) gives the extents of its texts and patches."""
+    from matplotlib.figure import Figure
+    figures = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        save(fig, *args, **kwargs)
+        fig.canvas.draw()
+        fig.saved_renderer = fig.canvas.get_renderer()
+        figures.append(fig)
+
+    monkeypatch.setattr(Figure, 'savefig', record)
+    return figures
+
+
+def _image_axes(fig):
+    """The panels of a figure that show an image (not the colorbars)."""
+    return [ax for ax in fig.axes if ax.images and ax.get_label() !=
+            '<colorbar>']
+
+
+def _visible_ticks(ticks, limits):
+    low, high = sorted(limits)
+    return [t for t in ticks if low - 1e-9 <= t <= high + 1e-9]
+
+
+def _nested_model(**layers):
+    """A module holding each layer under its dotted name."""
+    model = nn.Module()
+    for name, layer in layers.items():
+        parent = model
+        *path, last = name.split('.')
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(last, layer)
+    return model
+
+
+def _record_layers(model, images):
+    recorder = DynamicLayerRecorder(model, filter_images=len(images))
+    layers = [(n, m) for n, m in model.named_modules()
+              if n in recorder.records]
+    with recorder, torch.no_grad():
+        for x in images:
+            recorder.next_image()
+            for _, layer in layers:
+                layer(x)
+    return list(recorder.records.values())
+
+
+def test_one_kernel_layer_says_so_instead_of_an_empty_bar(
+        tmp_path, saved_figures):
+    torch.manual_seed(0)
+    model = _nested_model(**{
+        'a': ODConv2d(8, 8, 3, padding=1, kernel_num=1),
+        'b': ODConv2d(8, 8, 3, padding=1, kernel_num=4)
+    }).eval()
+    records = _record_layers(model, [torch.randn(1, 8, 6, 6)] * 2)
+    render(records, str(tmp_path), [], (6, 6))
+    summary = saved_figures[0]
+    entropy_panel = summary.axes[0]
+    notes = [(t.get_text(), t.get_position()[0])
+             for t in entropy_panel.texts]
+    assert notes == [('one kernel', 0)]  # at layer 'a', the first bar
+    one_kernel = saved_figures[1]
+    assert 'one kernel' in one_kernel._suptitle.get_text()
+    assert 'one kernel' not in saved_figures[2]._suptitle.get_text()
+
+
+def test_sample_and_entry_ticks_are_whole_numbers(tmp_path, saved_figures):
+    torch.manual_seed(0)
+    model = _nested_model(od=ODConv2d(8, 8, 3, padding=1)).eval()
+    records = _record_layers(model, [torch.randn(1, 8, 6, 6)] * 2)
+    render(records, str(tmp_path), [], (6, 6))
+    panels = _image_axes(saved_figures[1])
+    assert len(panels) == 4
+    for ax in panels:
+        for ticks, limits in ((ax.get_xticks(), ax.get_xlim()),
+                              (ax.get_yticks(), ax.get_ylim())):
+            shown = _visible_ticks(ticks, limits)
+            assert shown and all(float(t).is_integer() for t in shown), (
+                ax.get_title(), shown)
+
+
+def test_odconv_spatial_attention_is_drawn_k_by_k(tmp_path, saved_figures):
+    """The panel is the kernel's k x k grid: the mean over the samples of
+    the spatial attention the layer's attention branch gives."""
+    torch.manual_seed(0)
+    layer = ODConv2d(8, 8, 5, padding=2).eval()
+    images = [torch.randn(1, 8, 6, 6) for _ in range(3)]
+    records = _record_layers(_nested_model(od=layer), images)
+    render(records, str(tmp_path), [], (6, 6))
+    spatial = [ax for ax in _image_axes(saved_figures[1])
+               if ax.get_title().startswith('spatial')]
+    assert len(spatial) == 1
+    drawn = np.asarray(spatial[0].images[0].get_array())
+    assert drawn.shape == (5, 5)
+    with torch.no_grad():
+        expected = torch.stack([
+            layer.attention(x.mean((2, 3)), layer.temperature)[2].reshape(
+                5, 5) for x in images
+        ]).mean(0)
+    np.testing.assert_allclose(drawn, expected.numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _fits(fig) -> bool:
+    """Whether everything drawn in ``fig`` (texts included) lies inside
+    the figure, to half a pixel."""
+    drawn = fig.get_tightbbox(fig.saved_renderer)  # inches
+    slack = 0.5 / fig.dpi
+    return (drawn.x0 >= -slack and drawn.y0 >= -slack
+            and drawn.x1 <= fig.get_figwidth() + slack
+            and drawn.y1 <= fig.get_figheight() + slack)
+
+
+def test_long_layer_names_keep_every_letter(tmp_path, saved_figures):
+    """Module names of a detector's RoI head and a ConvNeXt stage: the
+    one-panel attention picture and the summary show them whole."""
+    torch.manual_seed(0)
+    model = _nested_model(**{
+        'roi_head.bbox_head.shared_convs.0.conv': DyConv2d(8, 8, 3,
+                                                           padding=1),
+        'backbone.stages.3.2.pointwise_conv1': DyConv2d(8, 8, 1),
+    }).eval()
+    records = _record_layers(model, [torch.randn(1, 8, 6, 6)] * 2)
+    render(records, str(tmp_path), [], (6, 6))
+    assert len(saved_figures) == 3
+    for fig in saved_figures:
+        assert _fits(fig), fig._suptitle
+    titles = [fig._suptitle.get_text() for fig in saved_figures[1:]]
+    assert titles == ['roi_head.bbox_head.shared_convs.0.conv (DyConv2d)',
+                      'backbone.stages.3.2.pointwise_conv1 (DyConv2d)']
+
+
+def test_legend_is_not_drawn_over_the_bars(tmp_path, saved_figures):
+    """Layers whose attentions all vary the same over the images: bars of
+    one height everywhere, so no place inside the panel is free."""
+    records = []
+    for n in range(6):
+        record = LayerRecord(name=f'layer{n}', kind='odconv',
+                             type='ODConv2d', images=[0, 1],
+                             entropies=[0.9, 0.9], num_kernels=4)
+        for name in OD_ATTENTIONS:
+            moments = Moments()
+            moments.add(torch.tensor([[0.0], [0.2]]))  # variance 0.01
+            record.moments[name] = moments
+        records.append(record)
+    from mmdyn.analysis.vis_dynamic import plot_summary
+    assert plot_summary(records, str(tmp_path / 'summary.png'))
+    fig = saved_figures[0]
+    panel = fig.axes[1]
+    renderer = fig.saved_renderer
+    legend = panel.get_legend().get_window_extent(renderer)
+    bars = [patch.get_window_extent(renderer) for patch in panel.patches]
+    assert len(bars) == 6 * 4
+    assert not any(bar.overlaps(legend) for bar in bars)
+    assert _fits(fig)
 
 
 @pytest.fixture(scope='module')

@@ -25,6 +25,8 @@ import argparse
 
 from mmengine.config import DictAction
 
+import mmdyn.compat
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -68,6 +70,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    mmdyn.compat.apply()  # see docs/compat.md
     import torch
 
     from mmdyn.analysis.benchmark import (benchmark_configs, check_device,

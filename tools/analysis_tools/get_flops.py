@@ -10,8 +10,10 @@ prod(k); a dynamic conv counts as one conv with its per-sample kernel),
 per-sample kernel, ``scal`` = ODConv's input/output scalings. Norms,
 activations, pooling and softmax are not counted. Classifiers are counted at
 224x224 by default (``model(x, mode='tensor')``), detectors at 800x1333
-(``model._forward``: backbone, neck, RPN, RoI head on 1000 proposals, the
-image padded by the data preprocessor).
+(backbone, neck, RPN convs; the RoI heads of two-stage detectors on a
+fixed number of proposals, ``--proposals``, by default the config's
+``test_cfg.rpn.max_per_img`` (1000 in mmdet's COCO configs), mask heads on
+the first 100 of them; the image padded by the data preprocessor).
 
 With several configs, or ``--markdown``, a markdown table (one row per
 config) is printed.
@@ -20,6 +22,8 @@ import argparse
 import os.path as osp
 
 from mmengine.config import DictAction
+
+import mmdyn.compat
 
 
 def parse_args(argv=None):
@@ -35,9 +39,14 @@ def parse_args(argv=None):
         help='input size: H W, or one value for a square (default: 224 224 '
         'for classifiers, 800 1333 for detectors)')
     parser.add_argument(
-        '--per-layer',
-        action='store_true',
-        help='print every counted layer')
+        '--proposals',
+        type=int,
+        default=None,
+        help='proposals per image the RoI heads of two-stage detectors are '
+        'counted on (default: the config\'s test_cfg.rpn.max_per_img, 1000 '
+        'for mmdet\'s COCO configs)')
+    parser.add_argument(
+        '--per-layer', action='store_true', help='print every counted layer')
     parser.add_argument(
         '--markdown',
         action='store_true',
@@ -58,8 +67,10 @@ def markdown_table(rows) -> str:
     ]
     for name, report in rows:
         t = report.per_image()
-        cells = [f'{t[c] / 1e6:.1f}' if t[c] else '' for c in
-                 ('conv', 'att', 'agg', 'scal')]
+        cells = [
+            f'{t[c] / 1e6:.1f}' if t[c] else ''
+            for c in ('conv', 'att', 'agg', 'scal')
+        ]
         lines.append(f'| {name} | {report.params / 1e6:.2f} | ' +
                      ' | '.join(cells) + f' | {t["total"] / 1e9:.3f} |')
     return '\n'.join(lines)
@@ -67,6 +78,7 @@ def markdown_table(rows) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    mmdyn.compat.apply()  # see docs/compat.md
     from mmdyn.analysis.flops import count_config_madds, format_report
     if args.shape is None:
         shape = None
@@ -81,12 +93,14 @@ def main(argv=None):
     rows = []
     for index, config in enumerate(args.config):
         logger.info(f'[{index + 1}/{len(args.config)}] counting {config}')
-        report = count_config_madds(config, shape, args.cfg_options)
+        report = count_config_madds(
+            config, shape, args.cfg_options, num_proposals=args.proposals)
         name = osp.splitext(osp.basename(config))[0]
         rows.append((name, report))
         if not args.markdown:
-            print(format_report(report, per_layer=args.per_layer,
-                                title=f'== {config}'))
+            print(
+                format_report(
+                    report, per_layer=args.per_layer, title=f'== {config}'))
             print()
     if args.markdown or len(rows) > 1:
         print(markdown_table(rows))

@@ -23,6 +23,8 @@ import argparse
 
 from mmengine.config import DictAction
 
+import mmdyn.compat
+
 
 def parse_pixel(text: str):
     try:
@@ -70,6 +72,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    mmdyn.compat.apply()  # see docs/compat.md
     from mmdyn.analysis.progress import tool_logger
     from mmdyn.analysis.vis_dynamic import visualize
     tool_logger()

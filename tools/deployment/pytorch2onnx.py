@@ -18,6 +18,8 @@ import sys
 
 from mmengine.config import DictAction
 
+import mmdyn.compat
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Export a config to ONNX')
@@ -49,6 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    mmdyn.compat.apply()  # see docs/compat.md
     from mmdyn.analysis.models import build_model
     from mmdyn.analysis.onnx_export import (compare_with_onnxruntime,
                                             export_onnx, exportable)

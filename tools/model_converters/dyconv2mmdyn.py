@@ -11,7 +11,12 @@ inside a training checkpoint) converts to the configs in configs/dyconv.
 Its temperature is a plain attribute, not saved: the converted model uses
 the inference value T = 1 (the value the code reaches after training).
 """
-from mmdyn.analysis.converters import converter_cli
+from mmdyn.analysis.converter_args import converter_parser
 
 if __name__ == '__main__':
+    # --help and usage errors answer before torch and mmengine are imported
+    converter_parser(__doc__.splitlines()[0]).parse_args()
+    import mmdyn.compat
+    from mmdyn.analysis.converters import converter_cli
+    mmdyn.compat.apply()  # see docs/compat.md
     converter_cli('dyconv', __doc__.splitlines()[0])

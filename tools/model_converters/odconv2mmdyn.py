@@ -15,7 +15,12 @@ prints the top-5 logits and checksums of a fixed input (README.md, "Model
 zoo"). OUT is an mmengine checkpoint (``load_from`` or
 ``init_cfg=dict(type='Pretrained')``).
 """
-from mmdyn.analysis.converters import converter_cli
+from mmdyn.analysis.converter_args import converter_parser
 
 if __name__ == '__main__':
+    # --help and usage errors answer before torch and mmengine are imported
+    converter_parser(__doc__.splitlines()[0]).parse_args()
+    import mmdyn.compat
+    from mmdyn.analysis.converters import converter_cli
+    mmdyn.compat.apply()  # see docs/compat.md
     converter_cli('odconv', __doc__.splitlines()[0])

@@ -3,15 +3,13 @@
 # COCO format, 3 classes, 300 train / 100 val images of 128-192 px, resized
 # to 128 px.
 #
-# An overlay base (mmdyn.engine.config_bases): listed after the other bases
-# of a config, it replaces their dataset settings (each variable below as a
-# whole), so it can follow a complete stock detector config as well as a
-# model-only base, e.g.
-#   _base_ = ['mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
-#             'mmdyn::demo/_base_/demo_det_data.py',
-#             'mmdyn::demo/_base_/demo_det_schedule.py']
-#   model = dict(bbox_head=dict(num_classes=3))
-__overlay__ = True
+# A data base: list it beside a model-only base and a runtime (as the demo
+# configs do). To put a complete stock detector, which defines its own data,
+# on this set, replace its variables with these (mmengine refuses two bases
+# that define the same key):
+#   python tools/misc/overlay_config.py \
+#       mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py --demo \
+#       --out work_dirs/fcos_demo.py
 
 dataset_type = 'CocoDataset'
 data_root = 'data/demo_det/'

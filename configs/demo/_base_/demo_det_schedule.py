@@ -1,16 +1,15 @@
 # A short CPU schedule for the demo detectors (from scratch: AdamW, which
 # converges faster than SGD without pretrained weights).
 #
-# An overlay base (mmdyn.engine.config_bases): it replaces the schedule of
-# the bases listed before it (each variable below as a whole). The hooks
-# stay those of the runtime: mmdet's default_runtime.py saves a checkpoint
-# every epoch, so that `tools/train.py CONFIG --resume` continues an
-# interrupted run.
-__overlay__ = True
+# A schedule base: it defines no hooks, so the runtime's stay: mmdet's
+# default_runtime.py saves a checkpoint every epoch, so that
+# `tools/train.py CONFIG --resume` continues an interrupted run.
+# tools/misc/overlay_config.py --demo puts it in place of a stock
+# detector's schedule.
 
 max_epochs = 10
 train_cfg = dict(
-    type='EpochBasedTrainLoop',
+    type='ExactResumeEpochBasedTrainLoop',
     max_epochs=max_epochs,
     val_interval=max_epochs)
 val_cfg = dict(type='ValLoop')

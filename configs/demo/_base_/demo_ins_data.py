@@ -1,8 +1,6 @@
-# The demo set with instance masks (polygons) and the bbox + segm metrics.
-# An overlay base, like ./demo_det_data.py, which it extends (as an
-# ordinary child config).
+# The demo set with instance masks (polygons) and the bbox + segm metrics:
+# ./demo_det_data.py, extended.
 _base_ = './demo_det_data.py'
-__overlay__ = True
 
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),

@@ -1,9 +1,5 @@
-from .atomic_checkpoint_hook import (AtomicCheckpointHook,
-                                     register_as_default_checkpoint_hook)
+from .atomic_checkpoint_hook import AtomicCheckpointHook
 from .exact_resume_hook import ExactResumeHook
 from .temperature_hook import DynamicTemperatureHook
 
-__all__ = [
-    'AtomicCheckpointHook', 'DynamicTemperatureHook', 'ExactResumeHook',
-    'register_as_default_checkpoint_hook'
-]
+__all__ = ['AtomicCheckpointHook', 'DynamicTemperatureHook', 'ExactResumeHook']

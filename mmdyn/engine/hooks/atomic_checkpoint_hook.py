@@ -1,20 +1,34 @@
-"""mmengine's ``CheckpointHook``, never without a complete checkpoint.
+"""A checkpoint hook that never leaves the run without a complete
+checkpoint.
 
-With ``max_keep_ckpts=N`` mmengine deletes the oldest checkpoint *before*
-writing the new one, and writes ``last_checkpoint`` in place: a process
-killed during the save kept no complete checkpoint at all (with ``N=1``),
-and could leave ``last_checkpoint`` empty. :class:`AtomicCheckpointHook`
-saves first (atomically, see :mod:`mmdyn.engine.checkpoint_io`), then
-rewrites ``last_checkpoint`` atomically, and only then removes the
-checkpoints that fell out of the ``max_keep_ckpts`` window (the previous
-best checkpoint too, for ``save_best``). A save that fails removes nothing.
-Temporary files left in the checkpoint folder by a killed save are removed
-when training starts again.
+mmengine's ``CheckpointHook`` writes ``epoch_N.pth`` in place, and with
+``max_keep_ckpts=N`` deletes the oldest checkpoint *before* writing the new
+one: a process killed (or a disk filling up) during the save kept no
+complete checkpoint at all with ``N=1``. :class:`AtomicCheckpointHook`, a
+``CheckpointHook`` under its own name that configs choose with
+``default_hooks.checkpoint.type='AtomicCheckpointHook'``:
 
-``import mmdyn.engine`` registers it under its own name and as
-``CheckpointHook`` in mmengine's root ``HOOKS`` registry, so every config's
-``default_hooks.checkpoint=dict(type='CheckpointHook', ...)`` (mmdet's and
-mmpretrain's included) builds it.
+* writes every file through :class:`~mmdyn.engine.checkpoint_io.
+  AtomicLocalBackend` (its default ``backend_args``): a temporary file
+  renamed into place, so a final name only ever holds a complete file;
+* records the content hash (:func:`~mmdyn.engine.checkpoint_io.
+  add_content_hash`) in ``before_save_checkpoint``; with
+  ``CheckpointHook``'s priority (``VERY_LOW``) the hash covers what hooks
+  of higher priority add (e.g. :class:`ExactResumeHook`'s random state);
+* holds back the removals of checkpoints that fell out of the
+  ``max_keep_ckpts`` window (and of the previous best checkpoint for
+  ``save_best``) until the new checkpoint is complete: a save that fails
+  removes nothing;
+* removes, when training starts again, the temporary files a killed save
+  left in the checkpoint folder.
+
+Only public parts of ``CheckpointHook`` are overridden (its hook methods
+and ``file_backend``). Not covered: mmengine writes ``last_checkpoint``
+with a plain ``open``; a kill inside that write (a few bytes) leaves it
+empty, which ``tools/train.py --resume`` reports with the newest checkpoint
+to resume from (:func:`mmdyn.engine.checkpoint.find_resume_checkpoint`).
+A remote ``backend_args`` (``s3``, ``petrel``, ...) keeps that backend's
+writes; the hash is recorded all the same.
 """
 import contextlib
 import os
@@ -24,16 +38,16 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
-from ..checkpoint_io import atomic_write_text
+from ..checkpoint_io import ATOMIC_BACKEND, add_content_hash
 
-__all__ = ['AtomicCheckpointHook', 'register_as_default_checkpoint_hook']
+__all__ = ['AtomicCheckpointHook']
 
 
 class _DeferredRemovals:
     """A file backend whose ``remove``/``rmtree`` wait for :meth:`flush`."""
 
     def __init__(self, backend):
-        self._backend = backend
+        self.backend = backend
         self.pending = []
 
     def remove(self, path):
@@ -43,23 +57,35 @@ class _DeferredRemovals:
         self.pending.append(('rmtree', path))
 
     def __getattr__(self, name):
-        return getattr(self._backend, name)
+        return getattr(self.backend, name)
 
     def flush(self, keep=()):
         for action, path in self.pending:
             if path in keep:
                 continue
-            if action == 'remove' and self._backend.isfile(path):
-                self._backend.remove(path)
-            elif action == 'rmtree' and self._backend.isdir(path):
-                self._backend.rmtree(path)
+            if action == 'remove' and self.backend.isfile(path):
+                self.backend.remove(path)
+            elif action == 'rmtree' and self.backend.isdir(path):
+                self.backend.rmtree(path)
         self.pending = []
 
 
 @HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
-    """``CheckpointHook`` that removes old checkpoints only after the new
-    one is complete. Same arguments as mmengine's ``CheckpointHook``."""
+    """``CheckpointHook`` with atomic, hashed saves that removes old
+    checkpoints only after the new one is complete.
+
+    Same arguments as mmengine's ``CheckpointHook``; ``backend_args``
+    defaults to ``dict(backend='mmdyn_atomic_local')`` (local files written
+    atomically).
+    """
+
+    def __init__(self, *args, backend_args=None, file_client_args=None,
+                 **kwargs):
+        if backend_args is None and file_client_args is None:
+            backend_args = dict(backend=ATOMIC_BACKEND)
+        super().__init__(*args, backend_args=backend_args,
+                         file_client_args=file_client_args, **kwargs)
 
     def before_train(self, runner):
         super().before_train(runner)
@@ -76,71 +102,32 @@ class AtomicCheckpointHook(CheckpointHook):
                     f'removed {name}, left in {self.out_dir} by an '
                     'interrupted checkpoint save')
 
+    def before_save_checkpoint(self, runner, checkpoint):
+        add_content_hash(checkpoint)
+
     @contextlib.contextmanager
     def _removals_after_save(self):
-        if isinstance(self.file_backend, _DeferredRemovals):
-            yield  # nested (save_best -> save): the outer call removes
-            return
         deferred = _DeferredRemovals(self.file_backend)
         self.file_backend = deferred
         try:
             yield
         finally:
-            self.file_backend = deferred._backend
+            self.file_backend = deferred.backend
         # Reached only when the save succeeded; never remove what is now
         # the latest or a best checkpoint (a name may have been rewritten).
         current = {self.last_ckpt, getattr(self, 'best_ckpt_path', None)}
         current.update(getattr(self, 'best_ckpt_path_dict', {}).values())
         deferred.flush(keep=current)
 
-    def _save_checkpoint_with_step(self, runner, step, meta):
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
         with self._removals_after_save():
-            self._save_and_point_to(runner, step, meta)
+            super().after_train_iter(runner, batch_idx, data_batch, outputs)
 
-    def _save_best_checkpoint(self, runner, metrics):
+    def after_train_epoch(self, runner):
         with self._removals_after_save():
-            super()._save_best_checkpoint(runner, metrics)
+            super().after_train_epoch(runner)
 
-    def _save_and_point_to(self, runner, step, meta):
-        """mmengine's ``_save_checkpoint_with_step``, with removals deferred
-        by the caller and ``last_checkpoint`` written atomically."""
-        if self.max_keep_ckpts > 0 and not (
-                self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
-            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
-                stale = self.keep_ckpt_ids.popleft()
-                if is_main_process():
-                    path = self.file_backend.join_path(
-                        self.out_dir, self.filename_tmpl.format(stale))
-                    if self.file_backend.isfile(path):
-                        self.file_backend.remove(path)
-                    elif self.file_backend.isdir(path):
-                        # checkpoints saved by deepspeed are folders
-                        self.file_backend.rmtree(path)
-            self.keep_ckpt_ids.append(step)
-            runner.message_hub.update_info('keep_ckpt_ids',
-                                           list(self.keep_ckpt_ids))
-
-        ckpt_filename = self.filename_tmpl.format(step)
-        self.last_ckpt = self.file_backend.join_path(self.out_dir,
-                                                     ckpt_filename)
-        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
-        runner.save_checkpoint(
-            self.out_dir,
-            ckpt_filename,
-            self.file_client_args,
-            save_optimizer=self.save_optimizer,
-            save_param_scheduler=self.save_param_scheduler,
-            meta=meta,
-            by_epoch=self.by_epoch,
-            backend_args=self.backend_args,
-            **self.args)
-        if not is_main_process():
-            return
-        atomic_write_text(self.last_ckpt,
-                          osp.join(runner.work_dir, 'last_checkpoint'))
-
-
-def register_as_default_checkpoint_hook():
-    """Make ``type='CheckpointHook'`` build :class:`AtomicCheckpointHook`."""
-    HOOKS.register_module(name='CheckpointHook', module=AtomicCheckpointHook,
-                          force=True)
+    def after_val_epoch(self, runner, metrics):
+        with self._removals_after_save():
+            super().after_val_epoch(runner, metrics)

@@ -5,7 +5,10 @@ mmengine restores weights, optimizer, schedulers and counters on
 masks, augmentations and RPN samples than the uninterrupted one (the
 ODConv classification demo: 278 of 330 state tensors differed after one
 resumed epoch). :class:`ExactResumeHook` (added by ``tools/train.py``)
-makes the two equal on CPU with deterministic settings:
+with one of the training loops of :mod:`mmdyn.engine.exact_resume_loops`
+(``train_cfg.type='ExactResumeEpochBasedTrainLoop'`` or
+``'ExactResumeIterBasedTrainLoop'``) makes the two equal on CPU with
+deterministic settings:
 
 * **Random state.** Every checkpoint gets ``resume_state``: the Python,
   NumPy and torch CPU generators (and CUDA's, where available) as they were
@@ -17,7 +20,9 @@ makes the two equal on CPU with deterministic settings:
   many batches of the epoch were used; the resumed epoch reads and drops
   them, as mmengine's iteration-based loop does, instead of training on
   them again. (At epoch boundaries the epoch number is the position:
-  mmengine's samplers shuffle by ``seed + epoch``.)
+  mmengine's samplers shuffle by ``seed + epoch``.) With mmengine's own
+  loops the hook restores the random state at epoch boundaries only, and
+  says in the log that a mid-epoch or iteration-based resume is not exact.
 * **Validation leaves training randomness alone.** The random state is
   saved before validation and restored after it, so a resumed run, which
   does not repeat the validation done before the interruption, continues
@@ -31,84 +36,16 @@ live in the worker processes and continue across epochs; use
 states under ``randomness.diff_rank_seed=True`` in distributed training
 (rank 0's states are saved).
 """
-import random
-
-import numpy as np
-import torch
 from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
+from ..exact_resume_loops import get_random_state, set_random_state
+
 __all__ = ['ExactResumeHook', 'get_random_state', 'set_random_state']
 
 STATE_KEY = 'resume_state'
-
-
-def get_random_state():
-    """The global random generators' states, in a weights-only form.
-
-    Returns:
-        dict: ``python``, ``numpy``, ``torch`` and, with CUDA, ``cuda``.
-    """
-    numpy_state = np.random.get_state(legacy=False)
-    state = dict(
-        python=random.getstate(),
-        numpy=dict(
-            bit_generator=numpy_state['bit_generator'],
-            key=torch.from_numpy(
-                numpy_state['state']['key'].astype(np.int64)),
-            pos=int(numpy_state['state']['pos']),
-            has_gauss=int(numpy_state['has_gauss']),
-            gauss=float(numpy_state['gauss'])),
-        torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_random_state(state):
-    """Restore what :func:`get_random_state` returned."""
-    python = state['python']
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    numpy = state['numpy']
-    np.random.set_state(dict(
-        bit_generator=numpy['bit_generator'],
-        state=dict(key=numpy['key'].numpy().astype(np.uint32),
-                   pos=numpy['pos']),
-        has_gauss=numpy['has_gauss'], gauss=numpy['gauss']))
-    torch.set_rng_state(state['torch'])
-    cuda = state.get('cuda')
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            torch.cuda.set_rng_state(cuda[0])
-
-
-class _RestoreAfterSkip:
-    """Iterator proxy: passes ``skip`` items through, then restores the
-    random state before reading the next one."""
-
-    def __init__(self, iterator, skip, state):
-        self._iterator = iterator
-        self._skip = skip
-        self._state = state
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._skip > 0:
-            self._skip -= 1
-            return next(self._iterator)
-        if self._state is not None:
-            set_random_state(self._state)
-            self._state = None
-        return next(self._iterator)
-
-    def __getattr__(self, name):
-        return getattr(self._iterator, name)
 
 
 @HOOKS.register_module()
@@ -171,12 +108,19 @@ class ExactResumeHook(Hook):
         state = loaded['random']
         skip = loaded.get('batch_in_epoch') or 0
         if isinstance(loop, IterBasedTrainLoop):
-            # mmengine reads and drops runner.iter batches before training.
-            loop.dataloader_iterator = _RestoreAfterSkip(
-                loop.dataloader_iterator, runner.iter, state)
-        elif isinstance(loop, EpochBasedTrainLoop) and skip > 0:
-            self._resumed_skip = skip
-            self._resume_mid_epoch(loop, skip, state)
+            skip = runner.iter  # the loop reads and drops these first
+        if isinstance(loop, IterBasedTrainLoop) or skip > 0:
+            if not hasattr(loop, 'resume_at_batch'):
+                runner.logger.warning(
+                    f'{type(loop).__name__} cannot continue with the random '
+                    'state at a batch inside an epoch: the resumed run will '
+                    'not repeat an uninterrupted one exactly; set '
+                    "train_cfg.type='ExactResumeEpochBasedTrainLoop' (or "
+                    "'ExactResumeIterBasedTrainLoop')")
+                return
+            loop.resume_at_batch(skip, state)
+            if isinstance(loop, EpochBasedTrainLoop):
+                self._resumed_skip = skip
         elif isinstance(loop, EpochBasedTrainLoop):
             self._pending = state
         else:
@@ -201,27 +145,6 @@ class ExactResumeHook(Hook):
         # Runs before CheckpointHook's save: an epoch-end checkpoint
         # resumes at the start of the next epoch.
         self._epoch_in_progress = None
-
-    @staticmethod
-    def _resume_mid_epoch(loop, skip, state):
-        """Run the first resumed epoch from batch ``skip`` on: mmengine's
-        ``EpochBasedTrainLoop.run_epoch``, reading and dropping the
-        batches already used (as its iteration-based loop does)."""
-        runner = loop.runner
-
-        def run_epoch():
-            del loop.run_epoch  # back to the class's method afterwards
-            runner.call_hook('before_train_epoch')
-            runner.model.train()
-            batches = _RestoreAfterSkip(iter(loop.dataloader), skip, state)
-            for _ in range(skip):
-                next(batches, None)
-            for idx, data_batch in enumerate(batches, start=skip):
-                loop.run_iter(idx, data_batch)
-            runner.call_hook('after_train_epoch')
-            loop._epoch += 1
-
-        loop.run_epoch = run_epoch
 
     @staticmethod
     def _warn_unrestorable(runner):

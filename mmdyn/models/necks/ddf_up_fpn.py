@@ -17,14 +17,16 @@ from torch import Tensor, nn
 from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
+from .pyramid_args import check_feature_maps, check_pyramid_levels
 
 # Upsamplers that mmcv registers with a constructor other than
 # ``(channels, scale_factor, ...)``; each gets its own argument mapping.
 _INTERPOLATION_UPSAMPLERS = ('nearest', 'bilinear')
 
 
-def build_upsampler(upsample_cfg: dict, channels: int,
-                        scale_factor: int = 2) -> nn.Module:
+def build_upsampler(upsample_cfg: dict,
+                    channels: int,
+                    scale_factor: int = 2) -> nn.Module:
     """Build a channel-preserving upsampler from an mmcv upsample config.
 
     Upsamplers with the CARAFE calling convention (``carafe``, ``ddf_up``
@@ -220,11 +222,8 @@ class DDFUpFPN(TopDownUpsamplingMixin, FPN):
                  init_cfg: MultiConfig = dict(
                      type='Xavier', layer='Conv2d',
                      distribution='uniform')) -> None:
-        if (isinstance(in_channels, (str, bytes))
-                or not isinstance(in_channels, Sequence) or not all(
-                    isinstance(c, int) and c > 0 for c in in_channels)):
-            raise ValueError('in_channels must be a list of positive ints, '
-                             f'got {in_channels!r}')
+        check_pyramid_levels('DDFUpFPN', in_channels, num_outs, start_level,
+                             end_level, add_extra_convs)
         if not isinstance(upsample_cfg, dict) or 'type' not in upsample_cfg:
             raise ValueError('upsample_cfg must be a dict with a "type" key '
                              f'(an mmcv upsample layer), got {upsample_cfg!r}')
@@ -252,18 +251,6 @@ class DDFUpFPN(TopDownUpsamplingMixin, FPN):
             for _ in range(num_steps)
         ])
 
-    def _check_inputs(self, inputs: Sequence[Tensor]) -> None:
-        if len(inputs) != len(self.in_channels):
-            raise ValueError(
-                f'in_channels has {len(self.in_channels)} entries but the '
-                f'neck got {len(inputs)} feature maps')
-        for level, (feat, channels) in enumerate(zip(inputs,
-                                                     self.in_channels)):
-            if feat.dim() != 4 or feat.shape[1] != channels:
-                raise ValueError(
-                    f'in_channels[{level}] is {channels} but feature map '
-                    f'{level} has shape {tuple(feat.shape)}')
-
     def forward(self, inputs: Tuple[Tensor]) -> tuple:
         """Build the pyramid.
 
@@ -274,7 +261,7 @@ class DDFUpFPN(TopDownUpsamplingMixin, FPN):
         Returns:
             tuple[Tensor]: ``num_outs`` maps with ``out_channels`` channels.
         """
-        self._check_inputs(inputs)
+        check_feature_maps('DDFUpFPN', inputs, self.in_channels)
         laterals = self._top_down(inputs)
         outs = [
             conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals)

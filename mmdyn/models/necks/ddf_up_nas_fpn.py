@@ -20,6 +20,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
 from .ddf_up_fpn import build_upsampler, fit_to_size
 from .ddf_up_pafpn import check_upsampler_channels
+from .pyramid_args import check_feature_maps, check_pyramid_levels
 
 # The merge cells of a NAS-FPN stage that upsample their first input, and
 # by how much.
@@ -71,6 +72,8 @@ class DDFUpNASFPN(NASFPN):
         if num_outs != 5:
             raise ValueError('DDFUpNASFPN: neck.num_outs must be 5 (NAS-FPN '
                              f'builds P3-P7), got {num_outs!r}')
+        check_pyramid_levels('DDFUpNASFPN', in_channels, num_outs,
+                             start_level, end_level)
         super().__init__(
             in_channels=list(in_channels),
             out_channels=out_channels,
@@ -94,11 +97,7 @@ class DDFUpNASFPN(NASFPN):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """Build P3-P7 from the backbone features ``inputs``."""
-        if len(inputs) != len(self.in_channels):
-            raise ValueError(
-                f'DDFUpNASFPN: neck.in_channels has {len(self.in_channels)} '
-                f'entries but the backbone gave {len(inputs)} feature maps; '
-                'set neck.in_channels to the backbone\'s out channels')
+        check_feature_maps('DDFUpNASFPN', inputs, self.in_channels)
         feats = [
             lateral_conv(inputs[i + self.start_level])
             for i, lateral_conv in enumerate(self.lateral_convs)

@@ -17,6 +17,7 @@ from mmdet.models.necks import PAFPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
 from .ddf_up_fpn import TopDownUpsamplingMixin, build_upsampler
+from .pyramid_args import check_feature_maps, check_pyramid_levels
 
 
 def check_upsampler_channels(neck: str, out_channels,
@@ -102,6 +103,8 @@ class DDFUpPAFPN(TopDownUpsamplingMixin, PAFPN):
                      type='Xavier', layer='Conv2d',
                      distribution='uniform')) -> None:
         check_upsampler_channels('DDFUpPAFPN', out_channels, upsample_cfg)
+        check_pyramid_levels('DDFUpPAFPN', in_channels, num_outs,
+                             start_level, end_level, add_extra_convs)
         super().__init__(
             in_channels=list(in_channels),
             out_channels=out_channels,
@@ -123,11 +126,7 @@ class DDFUpPAFPN(TopDownUpsamplingMixin, PAFPN):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """Build the pyramid from the backbone features ``inputs``."""
-        if len(inputs) != len(self.in_channels):
-            raise ValueError(
-                f'DDFUpPAFPN: neck.in_channels has {len(self.in_channels)} '
-                f'entries but the backbone gave {len(inputs)} feature maps; '
-                'set neck.in_channels to the backbone\'s out channels')
+        check_feature_maps('DDFUpPAFPN', inputs, self.in_channels)
         return self._bottom_up_outputs(inputs, self._top_down(inputs))
 
     def _bottom_up_outputs(self, inputs: Sequence[Tensor],

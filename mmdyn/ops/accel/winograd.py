@@ -31,7 +31,7 @@ The speed of this path against batch-1 convs and ``nn.Conv2d`` is measured
 in benchmarks/README.md. KernelWarehouse's cell product writes its
 transformed kernels directly, or they are built from its mixtures
 (:func:`winograd_block_conv2d`). Which layers take the path:
-:func:`~mmdyn.ops.fast_paths.uses_winograd`.
+:func:`~mmdyn.ops.accel.paths.uses_winograd`.
 
 Results differ from the direct conv by float32 rounding of the transforms
 (relative error ~1e-6). ``MMDYN_WINOGRAD=0`` turns the path off;
@@ -46,16 +46,17 @@ from typing import Optional, Tuple
 
 import torch
 
-from .c_library import (CLibrary, CSourceFile, check_float32_cpu,
-                        num_threads, ptr)
-from .fast_paths import uses_winograd
-from .per_sample_conv import KERNEL_WORKSPACE_BYTES, kernel_workspace
+from .. import switches
+from ..c_library import (CLibrary, CSourceFile, check_float32_cpu,
+                         num_threads, ptr)
+from .chunked import kernel_workspace, workspace_bytes
 
 #: Environment variable; ``0`` disables the Winograd path.
-WINOGRAD_SWITCH = 'MMDYN_WINOGRAD'
+WINOGRAD_SWITCH = switches.WINOGRAD
 
 # F(2x2, 3x3) (Lavin & Gray, 2016).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, n = ctypes.c_void_p, ctypes.c_long
@@ -259,7 +260,7 @@ def chunked_winograd_conv2d(x: torch.Tensor, c_out: int,
     workspace."""
     batch = x.shape[0]
     per_sample = 16 * c_out * x.shape[1]
-    chunk = max(1, min(batch, KERNEL_WORKSPACE_BYTES // (per_sample * 4)))
+    chunk = max(1, min(batch, workspace_bytes() // (per_sample * 4)))
     workspace = kernel_workspace(chunk * per_sample, torch.float32, x.device)
     outs = []
     for start in range(0, batch, chunk):
@@ -280,9 +281,9 @@ def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
 
     The transformed kernels are built a chunk of samples at a time into the
     per-thread workspace of
-    :func:`~mmdyn.ops.per_sample_conv.kernel_workspace` (the whole batch
-    when they fit in ``KERNEL_WORKSPACE_BYTES``). Inference only: callers
-    check :func:`uses_winograd`. No bias.
+    :func:`~mmdyn.ops.accel.chunked.kernel_workspace` (the whole batch
+    when they fit in its ``THRESHOLDS['workspace']``). Inference only:
+    callers check :func:`~mmdyn.ops.accel.paths.uses_winograd`. No bias.
 
     Args:
         x (Tensor): [B, C_in, H, W], float32 on CPU.
@@ -320,7 +321,7 @@ def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
 
 __all__ = [
     'WINOGRAD_SWITCH', 'load',
-    'num_tiles', 'uses_winograd', 'winograd_kernels',
+    'num_tiles', 'winograd_kernels',
     'winograd_kernels_reference', 'winograd_kernels_from_blocks',
     'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d',
     'chunked_winograd_conv2d'

@@ -16,29 +16,28 @@ tile where AVX2/FMA is missing). A :class:`Scatter` writes the result in
 another layout than row-major, e.g. each ``[c_o, c_i]`` mixture into its
 block of a ``[C_out, C_in]`` kernel, which saves a transposition copy.
 Its speed at ResNet-50's shapes is in benchmarks/README.md. Only float32
-inference uses it (:func:`uses_small_rows_matmul`); ``torch.matmul`` stays
-the reference and the path of autograd, other dtypes and devices.
+inference uses it (:func:`~mmdyn.ops.accel.paths.uses_c_cell_product`);
+``torch.matmul`` stays the reference and the path of autograd, other
+dtypes and devices.
 ``MMDYN_KW_CPU_KERNEL=0`` turns it off.
 
 The rest of the module: :class:`PackedCells` (each warehouse cut into
-strips once for inference), the mixture layouts (:func:`mix_cells`) and the
-fast paths of :class:`~mmdyn.ops.KWConv2d` (:func:`winograd_conv`,
-:func:`position_major_conv`, :func:`pointwise_conv`), chosen by
-:func:`~mmdyn.ops.fast_paths.kernel_warehouse_path`.
+strips once for inference) and the mixture layouts (:func:`mix_cells`);
+the paths of :class:`~mmdyn.ops.KWConv2d` that use them are in
+:mod:`mmdyn.ops.accel.kw_paths`.
 """
 import ctypes
 import math
-import os
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .c_library import (CLibrary, CSourceFile, check_float32_cpu,
-                        num_threads, ptr)
-from .fast_paths import graph_capture, uses_c_cell_product
-from .per_sample_conv import kernel_workspace
-from .winograd import chunked_winograd_conv2d, winograd_block_conv2d
+from ..c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
+                         ptr)
+from ..capture import graph_capture
+from .. import switches
+from ..switches import accel_enabled
+from .chunked import kernel_workspace
 
 #: Columns per packed strip (the width of the C tile).
 STRIP = 24
@@ -57,16 +56,14 @@ class Scatter(NamedTuple):
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i,
-                                          i]
+    lib.small_rows_matmul_f32.argtypes = [p, p, p, p, n, n, n, p, n, n, i, i]
     lib.small_rows_matmul_f32.restype = ctypes.c_int
     lib.pack_columns_f32.argtypes = [p, p, n, n, i]
     lib.pack_columns_f32.restype = None
 
 
-_LIBRARY = CLibrary('kernel_warehouse_cpu',
-                    CSourceFile('kernel_warehouse.c'), _declare,
-                    'MMDYN_KW_CPU_KERNEL',
+_LIBRARY = CLibrary('kernel_warehouse_cpu', CSourceFile('kernel_warehouse.c'),
+                    _declare, switches.KW_CPU_KERNEL,
                     'KernelWarehouse assembles kernels with torch.matmul')
 
 
@@ -74,13 +71,6 @@ def load() -> Optional[ctypes.CDLL]:
     """The compiled loop; None when unavailable (no compiler, a failed
     build, or ``MMDYN_KW_CPU_KERNEL=0``)."""
     return _LIBRARY.load()
-
-
-def uses_small_rows_matmul(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether :func:`small_rows_matmul` serves ``a @ b`` (see
-    :func:`~mmdyn.ops.fast_paths.uses_c_cell_product`, whose column
-    threshold is in :data:`~mmdyn.ops.fast_paths.THRESHOLDS`)."""
-    return uses_c_cell_product(a, b)
 
 
 def _largest_offset(n: int, segment: int, stride: int) -> int:
@@ -106,8 +96,8 @@ def pack_columns(b: torch.Tensor) -> torch.Tensor:
     b = b.detach().contiguous()
     k, n = b.shape
     packed = b.new_empty(((n + STRIP - 1) // STRIP, k, STRIP))
-    lib.pack_columns_f32(ptr(b), ptr(packed), k, n,
-                         num_threads(packed.numel()))
+    lib.pack_columns_f32(
+        ptr(b), ptr(packed), k, n, num_threads(packed.numel()))
     return packed
 
 
@@ -119,7 +109,8 @@ def small_rows_matmul(a: torch.Tensor,
                       scatter: Optional[Scatter] = None,
                       winograd: bool = False) -> torch.Tensor:
     """``a @ b`` for float32 CPU tensors, ``a`` [..., K] with few rows and
-    ``b`` [K, N] with many columns (see :func:`uses_small_rows_matmul`).
+    ``b`` [K, N] with many columns (see
+    :func:`~mmdyn.ops.accel.paths.uses_c_cell_product`).
 
     Args:
         a (Tensor): [..., K].
@@ -132,8 +123,9 @@ def small_rows_matmul(a: torch.Tensor,
         winograd (bool): The rows are 3x3 kernels, nine rows (positions)
             per sample, each column one kernel: write their Winograd
             F(2x2, 3x3) transforms ``G w G^T`` instead, ``out`` [rows / 9,
-            16, N] (:func:`~mmdyn.ops.winograd.winograd_kernels_reference`
-            of the product, without writing the product).
+            16, N] (:func:`~mmdyn.ops.accel.winograd.
+            winograd_kernels_reference` of the product, without writing
+            the product).
 
     Returns:
         Tensor: ``out`` (a new tensor when not given).
@@ -186,15 +178,14 @@ def small_rows_matmul(a: torch.Tensor,
             raise ValueError('scatter segments of a row overlap '
                              f'(segment {segment}, stride {segment_stride})')
         last = _largest_offset(n, segment, segment_stride)
-        if m and (int(starts.min()) < 0 or
-                  int(starts.max()) + last >= out.numel()):
+        if m and (int(starts.min()) < 0
+                  or int(starts.max()) + last >= out.numel()):
             raise ValueError('scatter writes outside out')
     check_float32_cpu('small_rows_matmul', out)
-    if lib.small_rows_matmul_f32(ptr(rows), ptr(None if packed_b is not None
-                                                else b), ptr(packed_b),
-                                 ptr(out), m, k, n, ptr(starts), segment,
-                                 segment_stride, int(winograd),
-                                 num_threads(m * n)):
+    if lib.small_rows_matmul_f32(
+            ptr(rows), ptr(None if packed_b is not None else b), ptr(packed_b),
+            ptr(out), m, k, n, ptr(starts), segment, segment_stride,
+            int(winograd), num_threads(m * n)):
         raise MemoryError('small_rows_matmul: out of memory for its '
                           'packing buffers')
     return out
@@ -204,7 +195,7 @@ def small_rows_matmul(a: torch.Tensor,
 # Packed cells: each warehouse cut into column strips once for inference
 # --------------------------------------------------------------------------
 #: Environment switch: ``0`` turns the packed copies off.
-PACKED_CELLS_SWITCH = 'MMDYN_KW_PACKED_CELLS'
+PACKED_CELLS_SWITCH = switches.KW_PACKED_CELLS
 
 
 class PackedCells:
@@ -228,8 +219,7 @@ class PackedCells:
     def __init__(self):
         # warehouse index -> ((data_ptr, version, shape), sampled values,
         # packed cells)
-        self._cache: Dict[int, Tuple[tuple, torch.Tensor,
-                                     torch.Tensor]] = {}
+        self._cache: Dict[int, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         #: How many times a warehouse was cut into strips (a record for
         #: tests and profiling).
         self.builds = 0
@@ -238,7 +228,7 @@ class PackedCells:
             training: bool) -> Optional[torch.Tensor]:
         """The strips of warehouse ``index`` (``cells``); None when
         switched off or not in float32 CPU inference."""
-        if os.environ.get(PACKED_CELLS_SWITCH, '1') == '0' or training or \
+        if not accel_enabled(PACKED_CELLS_SWITCH) or training or \
                 torch.is_grad_enabled() or graph_capture() or \
                 cells.device.type != 'cpu' or cells.dtype != torch.float32:
             return None
@@ -304,15 +294,18 @@ def mixture_scatter(batch: int, kw_layout: Tuple[int, ...],
     return Scatter(starts.flatten(), c_i, g_s * c_in)
 
 
-def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
-              kw_layout: Tuple[int, ...], layout: str, reuse_buffer: bool,
-              packed: Callable[[], Optional[torch.Tensor]]
-              ) -> Tuple[torch.Tensor, str]:
+def mix_cells(
+        attention: torch.Tensor, cells: torch.Tensor,
+        kw_layout: Tuple[int, ...], layout: str, reuse_buffer: bool,
+        packed: Callable[[], Optional[torch.Tensor]],
+        c_loop: bool) -> Tuple[torch.Tensor, str]:
     """The mixtures ``attention`` [B, m, n] @ ``cells`` [n, c_o * c_i] in
     ``layout`` (see :meth:`~mmdyn.ops.KWConv2d.mix_cells`).
 
-    Float32 CPU inference runs the product as :func:`small_rows_matmul` on
-    the packed cells (``packed()``), writing the layout directly; otherwise
+    With ``c_loop`` (float32 CPU inference, see
+    :func:`~mmdyn.ops.accel.paths.uses_c_cell_product`) the product runs as
+    :func:`small_rows_matmul` on the packed cells (``packed()``), writing
+    the layout directly; otherwise
     ``torch.matmul``, then a rearranging copy. With ``reuse_buffer`` (in
     inference) the result is written into this thread's reused
     ``'kw_mixtures'`` workspace.
@@ -325,15 +318,15 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
     g_s, g_o, g_i = kw_layout[:3]
     shape = mixture_shape(batch, kw_layout, layout)
     # Whether the layout is the cell product's own, row after row.
-    plain = layout == 'cells' or (g_i == 1 and (
-        layout == 'position_major' or g_s == 1))
-    c_loop = uses_c_cell_product(attention, cells)
+    plain = layout == 'cells' or (g_i == 1 and
+                                  (layout == 'position_major' or g_s == 1))
     rows_shape = (*attention.shape[:-1], cells.shape[1])
     out = None
     if reuse_buffer and not torch.is_grad_enabled() and \
             not graph_capture() and (plain or c_loop):
-        out = kernel_workspace(math.prod(shape), attention.dtype,
-                               attention.device, 'kw_mixtures').view(shape)
+        out = kernel_workspace(
+            math.prod(shape), attention.dtype, attention.device,
+            'kw_mixtures').view(shape)
     if c_loop:
         if out is None:
             out = attention.new_empty(shape)
@@ -342,128 +335,16 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
             target = out.view(rows_shape)
         else:
             scatter = mixture_scatter(batch, kw_layout, layout)
-        small_rows_matmul(attention, cells, target, packed_b=packed(),
-                          scatter=scatter)
+        small_rows_matmul(
+            attention, cells, target, packed_b=packed(), scatter=scatter)
         return out, 'c_loop'
     if plain:
         return torch.matmul(
-            attention, cells,
-            out=None if out is None else out.view(rows_shape)).view(
-                shape), 'matmul'
+            attention,
+            cells,
+            out=None
+            if out is None else out.view(rows_shape)).view(shape), 'matmul'
     mixtures = torch.matmul(attention, cells).view(-1, *kw_layout)
     order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
         (0, 2, 4, 1, 3, 5)
     return mixtures.permute(order).reshape(shape), 'matmul'
-
-
-# --------------------------------------------------------------------------
-# The fast paths of KWConv2d (chosen by fast_paths.kernel_warehouse_path)
-# --------------------------------------------------------------------------
-def winograd_conv(layer, x: torch.Tensor, attention: torch.Tensor,
-                  fused: bool) -> torch.Tensor:
-    """Deep 3x3 stride-1 layers in CPU inference: Winograd F(2x2, 3x3), no
-    bias.
-
-    ``fused`` (every mixture a whole [C_out, C_in] kernel position and the
-    C loop running the cell product): the product writes the transformed
-    kernels ``G W_b G^T`` directly, each strip transformed while in the L1
-    cache, so the per-sample kernels are never stored. Otherwise they are
-    built from the mixtures.
-    """
-    if fused:
-        cells = layer._cell_rows()
-        packed = layer.warehouse_manager.packed_cells(layer.warehouse_id)
-        return chunked_winograd_conv2d(
-            x, layer.out_channels, layer.padding,
-            lambda start, stop, out: small_rows_matmul(
-                attention[start:stop], cells, out, packed_b=packed,
-                winograd=True).view(stop - start, 16, layer.out_channels,
-                                    layer.in_channels))
-    return winograd_block_conv2d(
-        x, layer.mix_cells(attention, reuse_buffer=True), layer.padding)
-
-
-def position_major_conv(layer, x: torch.Tensor,
-                        attention: torch.Tensor) -> torch.Tensor:
-    """The conv from the mixtures without the [C_out, C_in, kh, kw] kernel
-    layout (with the layer's bias).
-
-    Permuting the mixtures into that layout is a stride-``kh*kw``
-    transposition of the largest tensor of the layer (and again in the
-    backward). 1x1 layers: one batched matmul with the (strided) input. In
-    training the conv is ``sum_p mixtures[:, p] @ columns[:, :, p]``:
-    position-major mixtures [B, kh*kw, C_out, C_in] against the im2col
-    columns, kernel position by kernel position. In inference the cell
-    product writes the mixtures output-major, [B, C_out, kh*kw * C_in], and
-    the conv is one batched matmul with position-major columns (inner size
-    kh*kw * C_in; less time than nine accumulated ones at ResNet-50's stage
-    3-4 shapes, benchmarks/README.md).
-    """
-    g_s = layer._kw_layout[0]
-    h_out, w_out = layer.output_hw(*x.shape[-2:])
-    cast = (lambda t: t) if torch.is_autocast_enabled(x.device.type) \
-        else (lambda t: t.to(x.dtype))
-    if g_s == 1:  # 1x1: strided input, one batched matmul
-        if layer.padding != (0, 0):
-            x = F.pad(x, (layer.padding[1], ) * 2 + (layer.padding[0], ) * 2)
-        if layer.stride != (1, 1):
-            x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
-        mixtures = layer.mix_cells(attention, True, 'position_major')
-        out = torch.bmm(
-            cast(mixtures.view(-1, layer.out_channels, layer.in_channels)),
-            x.reshape(x.shape[0], layer.in_channels, -1))
-    elif not torch.is_grad_enabled():
-        kernels = layer.mix_cells(attention, True, 'output_major')
-        out = torch.bmm(
-            cast(kernels.reshape(x.shape[0], layer.out_channels, -1)),
-            position_major_columns(x, layer, h_out, w_out))
-    else:
-        mixtures = layer.mix_cells(attention, True, 'position_major')
-        # unbind, not indexing: its backward is one stack, where nine
-        # selects would each scatter into a zero tensor of full size.
-        columns = F.unfold(x, layer.kernel_size, layer.dilation,
-                           layer.padding, layer.stride).view(
-                               x.shape[0], layer.in_channels, g_s,
-                               -1).unbind(2)
-        parts = cast(mixtures).unbind(1)
-        out = torch.bmm(parts[0], columns[0])
-        for part, column in zip(parts[1:], columns[1:]):
-            out = torch.baddbmm(out, part, column)
-    out = out.view(-1, layer.out_channels, h_out, w_out)
-    if layer.bias is not None:
-        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
-    return out
-
-
-def position_major_columns(x: torch.Tensor, conv, h_out: int,
-                           w_out: int) -> torch.Tensor:
-    """im2col with the kernel positions outermost: [B, kh*kw * C_in,
-    H' W'] (``F.unfold`` puts the channels outermost); ``conv`` gives the
-    kernel size, padding, stride and dilation."""
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    (sh, sw), (dh, dw) = conv.stride, conv.dilation
-    x = F.pad(x, (pw, pw, ph, ph))
-    views = [
-        x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh,
-          j * dw:j * dw + sw * (w_out - 1) + 1:sw] for i in range(kh)
-        for j in range(kw)
-    ]
-    return torch.stack(views, 1).view(x.shape[0], -1, h_out * w_out)
-
-
-def pointwise_conv(layer, x: torch.Tensor,
-                   kernel: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv with per-sample kernels [B, C_out, C_in, 1, 1] as one
-    batched matmul (with the layer's bias): faster than the grouped conv
-    for ResNet-50's 1x1 shapes on CPU, and its graph has no batch size
-    baked in (so it also serves export)."""
-    if layer.stride != (1, 1):
-        x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
-    batch, channels, height, width = x.shape
-    out = torch.bmm(
-        kernel.reshape(batch, layer.out_channels, channels),
-        x.reshape(batch, channels, height * width))
-    out = out.reshape(batch, layer.out_channels, height, width)
-    if layer.bias is not None:
-        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
-    return out

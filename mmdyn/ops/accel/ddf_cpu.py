@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from .c_library import CLibrary, CSourceFile, num_threads, ptr
+from .. import switches
+from ..c_library import CLibrary, CSourceFile, num_threads, ptr
 
 _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
 
@@ -47,7 +48,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 _LIBRARY = CLibrary('ddf_cpu', CSourceFile('ddf.c'), _declare,
-                    'MMDYN_DDF_CPU_KERNEL',
+                    switches.DDF_CPU_KERNEL,
                     'using the slower PyTorch tap loop')
 
 

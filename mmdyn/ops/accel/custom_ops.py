@@ -23,7 +23,7 @@ operator                   C loop
 
 Under ``torch.compile`` (not export) DDF's ``'fused'`` path runs as
 ``mmdyn::ddf``, so compiled graphs keep the C loops for DDF and DDF-Up
-(:func:`~mmdyn.ops.fast_paths.ddf_path`). The inference paths of the other
+(:func:`~mmdyn.ops.accel.paths.ddf_path`). The inference paths of the other
 methods (Winograd, KernelWarehouse's C product) reuse workspaces between
 calls and stay out of captured graphs; their operators serve direct use.
 Every operator needs the C loops (see :mod:`~mmdyn.ops.c_library`) and
@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ddf_cpu, kernel_warehouse_cpu, winograd
+from . import ddf_cpu, kw_cells, winograd
 
 
 def _ddf_out_hw(h: int, w: int, kernel_size: int, dilation: int,
@@ -130,7 +130,7 @@ ddf_op.register_autograd(_ddf_backward, setup_context=_ddf_setup_context)
 def small_rows_matmul_op(a: Tensor, b: Tensor) -> Tensor:
     """``a`` [..., K] @ ``b`` [K, N] by KernelWarehouse's C cell product
     (float32 CPU, inference)."""
-    return kernel_warehouse_cpu.small_rows_matmul(a, b)
+    return kw_cells.small_rows_matmul(a, b)
 
 
 @small_rows_matmul_op.register_fake
@@ -142,12 +142,12 @@ def _(a, b):
 def pack_columns_op(b: Tensor) -> Tensor:
     """``b`` [K, N] cut into the zero-padded strips the cell product
     reads, [ceil(N / 24), K, 24]."""
-    return kernel_warehouse_cpu.pack_columns(b)
+    return kw_cells.pack_columns(b)
 
 
 @pack_columns_op.register_fake
 def _(b):
-    strip = kernel_warehouse_cpu.STRIP
+    strip = kw_cells.STRIP
     return b.new_empty(((b.shape[1] + strip - 1) // strip, b.shape[0],
                         strip))
 
@@ -157,7 +157,7 @@ def winograd_kernels_op(bank: Tensor, mix: Optional[Tensor],
                         spatial: Optional[Tensor]) -> Tensor:
     """``G W_b G^T`` with ``W_b = spatial[b] * sum_k mix[b, k] bank[k]``:
     [B, 16, C_out, C_in] (see
-    :func:`~mmdyn.ops.winograd.winograd_kernels_reference`)."""
+    :func:`~mmdyn.ops.accel.winograd.winograd_kernels_reference`)."""
     return winograd.winograd_kernels(bank, mix, spatial)
 
 

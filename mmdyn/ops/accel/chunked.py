@@ -1,0 +1,100 @@
+"""Per-sample kernels built a chunk of samples at a time into a reused
+workspace, then batch-1 convs: the CPU inference path of deep layers.
+
+There, per-sample kernels are much larger than their feature maps: building
+them into one workspace kept between calls means that the ``[B, numel(W)]``
+tensor of all kernels (tens of MB) is not a fresh allocation, page-faulted,
+on every call. Inference only: the workspace is overwritten by the next
+call (the path registry, :mod:`mmdyn.ops.accel.paths`, sends only
+inference here).
+
+torch only.
+"""
+import math
+import threading
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .thresholds import THRESHOLDS
+
+_workspaces = threading.local()
+
+
+def workspace_bytes() -> int:
+    """Size of the per-thread block kernels are built into
+    (:data:`~mmdyn.ops.accel.thresholds.THRESHOLDS` ``['workspace']``)."""
+    return THRESHOLDS['workspace']['kernel_bytes']
+
+
+def kernel_workspace(numel: int,
+                     dtype: torch.dtype,
+                     device: torch.device,
+                     slot: str = 'kernels') -> torch.Tensor:
+    """A reused 1-D tensor of at least ``numel`` elements, one per thread,
+    dtype, device and ``slot``, grown on demand and kept between calls (see
+    :func:`release_kernel_workspaces`). Two buffers that must be alive at
+    the same time (KernelWarehouse's mixtures and the Winograd kernels
+    made from them) use different slots.
+
+    Why: a fresh tensor of a batch of deep-layer kernels (tens of MB) is,
+    with glibc's default thresholds, a new mmap paid in page faults on
+    every call. Kept, its pages stay mapped. Building the whole batch's
+    kernels at once, then convolving, also beats building one sample's
+    kernel per conv (benchmarks/README.md).
+    """
+    cache = getattr(_workspaces, 'blocks', None)
+    if cache is None:
+        cache = _workspaces.blocks = {}
+    key = (dtype, device, slot)
+    block = cache.get(key)
+    if block is None or block.numel() < numel:
+        block = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return block[:numel]
+
+
+def release_kernel_workspaces() -> None:
+    """Free this thread's kernel workspaces."""
+    _workspaces.blocks = {}
+
+
+def chunked_per_sample_conv2d(x: torch.Tensor,
+                              kernels_fn: Callable[[int, int, torch.Tensor],
+                                                   torch.Tensor],
+                              kernel_shape: Tuple[int, ...],
+                              dtype: Optional[torch.dtype],
+                              stride: Tuple[int, int] = (1, 1),
+                              padding: Tuple[int, int] = (0, 0),
+                              dilation: Tuple[int, int] = (1, 1),
+                              groups: int = 1) -> torch.Tensor:
+    """``conv(x[b], kernel_b)`` for each sample, the kernels built a chunk
+    of samples at a time into one reused workspace.
+
+    ``kernels_fn(start, stop, out)`` returns the kernels of samples
+    ``start:stop`` as a [stop - start, numel] tensor; ``out`` is a
+    workspace slice of that shape and ``dtype`` that it may write them into
+    (``out=``) and return, or None when ``dtype`` is None (a ``kernels_fn``
+    that allocates its own). The chunk is the whole batch when its kernels
+    fit in :func:`workspace_bytes`. Each sample is then one batch-1
+    ``F.conv2d`` (on CPU faster than the batch-as-groups conv of the same
+    kernels, benchmarks/README.md). No bias: callers add theirs. Inference
+    only (the workspace is overwritten by the next call).
+    """
+    batch = x.shape[0]
+    numel = math.prod(int(size) for size in kernel_shape)
+    item = (dtype or x.dtype).itemsize
+    chunk = max(1, min(batch, workspace_bytes() // (numel * item)))
+    workspace = None if dtype is None else kernel_workspace(
+        chunk * numel, dtype, x.device).view(chunk, numel)
+    outs = []
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        out = None if workspace is None else workspace[:stop - start]
+        kernels = kernels_fn(start, stop, out)
+        for xb, kernel in zip(x[start:stop].split(1, dim=0),
+                              kernels.unbind(0)):
+            outs.append(
+                F.conv2d(xb, kernel.view(kernel_shape), None, stride, padding,
+                         dilation, groups))
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,452 @@
+"""Which execution path a dynamic layer takes: one registry of paths per
+layer family.
+
+Every layer of :mod:`mmdyn.ops` has a *reference* forward that follows its
+paper (attentions, kernel aggregation, one convolution per sample) and runs
+anywhere: on any device, with autograd, under tracing or export. The other
+paths compute the same result faster for some shapes on CPU:
+
+============== ============================================================
+path           what it does
+============== ============================================================
+reference      the paper's formulas, per-sample kernels and per-sample conv,
+               as ``forward_reference``; inside ``forward`` the kernels
+               may come from the accelerated products (KernelWarehouse's
+               C cell product in float32 CPU inference, ODConv's mixture
+               with a memory-lean backward), ``forward_reference`` itself
+               is plain PyTorch autograd
+winograd       3x3 stride-1 per-sample convs by Winograd F(2x2, 3x3), the
+               transformed kernels built by a C loop (inference)
+winograd_fused KernelWarehouse: the C cell product writes the transformed
+               kernels directly (inference, whole-position cells)
+chunked        per-sample kernels built a chunk of samples at a time into a
+               reused workspace, then batch-1 convs (inference)
+folded         ODConv: ``alpha_c``/``alpha_f`` folded into the per-sample
+               kernel rather than applied to the feature maps
+scaled_columns ODConv with one kernel: the static kernel times im2col
+               columns scaled by ``alpha_s``/``alpha_c``
+conv_then_mix  CondConv/DyConv: K static convs of the batch, outputs mixed
+               by the routing weights
+position_major KernelWarehouse: the conv straight from the mixtures,
+               kernel position by kernel position (no kernel layout)
+pointwise      KernelWarehouse 1x1: one batched matmul per batch
+fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop
+triton         DDF on CUDA: the Triton kernels
+============== ============================================================
+
+Each family's paths are one table of :data:`PATHS` (:class:`Path`: its
+name, whether it can run on an input, whether it pays there, what it needs,
+the function that runs it); adding a path is adding one entry. With
+``impl='auto'`` (the default) :func:`choose_path` takes the first entry of
+the table that pays and can run (the reference is last);
+``impl=<path>`` forces one (``ValueError`` when it cannot run on that
+input), ``impl='reference'`` the paper's forward. After each forward a
+layer's ``last_path`` attribute names the path that ran. DDF's operator
+has one chooser, :func:`ddf_path`, called once per call.
+
+Under graph capture (:func:`graph_capture`: ``torch.compile``,
+``torch.export``, ``torch.fx``, TorchScript, ONNX export) only paths made
+of PyTorch ops are taken; a forced path that is not one runs as the
+reference there.
+
+Every size threshold of these choices is in :data:`THRESHOLDS`
+(:mod:`~mmdyn.ops.accel.thresholds`), one small table per method, set from
+measurements on CPU (see ``benchmarks/``). Changing a value changes only
+speed, never results.
+
+The path functions live next to the code they run
+(:mod:`~mmdyn.ops.accel.odconv_paths`,
+:mod:`~mmdyn.ops.accel.mixture_paths`, :mod:`~mmdyn.ops.accel.kw_paths`)
+and receive the layer object; nothing here imports a layer module.
+"""
+import math
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..capture import compiling, graph_capture
+from ..switches import accel_disabled
+from . import (ddf_cpu, ddf_triton, kw_cells, kw_paths, mixture_paths,
+               odconv_paths, winograd)
+from . import recompute  # noqa: F401 - its training paths join PATHS
+from .thresholds import THRESHOLDS
+
+__all__ = [
+    'THRESHOLDS', 'Path', 'PATHS', 'choose_path', 'find_path', 'path_names',
+    'ddf_path', 'DDF_PATHS', 'ODCONV_PATHS', 'MIXTURE_PATHS',
+    'KERNEL_WAREHOUSE_PATHS', 'PER_SAMPLE_IMPLS', 'layer_impls', 'check_impl',
+    'winograd_applies', 'uses_winograd', 'chunked_applies',
+    'uses_chunked_kernels', 'uses_c_cell_product', 'odconv_folds',
+    'odconv_scaled_columns', 'mixture_conv_then_mix', 'kw_position_major'
+]
+
+#: Per-sample conv implementations (:func:`~mmdyn.ops.per_sample_conv.
+#: per_sample_conv2d`); as a layer's ``impl`` they select the reference
+#: forward with that implementation.
+PER_SAMPLE_IMPLS = ('loop', 'grouped', 'unfold')
+
+
+def layer_impls(paths: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Every ``impl`` value a layer with these paths accepts."""
+    return ('auto', *paths, *PER_SAMPLE_IMPLS)
+
+
+def check_impl(impl: str, paths: Tuple[str, ...]) -> str:
+    """Raise ``ValueError`` naming ``impl`` unless it is one of
+    :func:`layer_impls`."""
+    choices = layer_impls(paths)
+    if impl not in choices:
+        raise ValueError(f'impl must be one of {choices}, got {impl!r}')
+    return impl
+
+
+# --------------------------------------------------------------------------
+# Applicability and cost of each path
+# --------------------------------------------------------------------------
+def winograd_applies(x: torch.Tensor, conv) -> bool:
+    """Whether the Winograd path can run ``conv`` on ``x``: CPU float32
+    inference (no autograd, autocast or graph capture) of a 3x3, stride 1,
+    dilation 1, ``groups=1`` layer, with the C loop available."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or \
+            torch.is_grad_enabled() or graph_capture() or \
+            torch.is_autocast_enabled('cpu'):
+        return False
+    if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or \
+            tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        return False
+    return winograd.load() is not None
+
+
+def uses_winograd(x: torch.Tensor, conv) -> bool:
+    """Whether ``impl='auto'`` sends ``x`` through the Winograd path:
+    :func:`winograd_applies` and, per :data:`THRESHOLDS` ``['winograd']``,
+    a batch of ``min_batch`` or more, ``min_channels`` input and output
+    channels and ``min_tiles`` 2x2 output tiles per sample.
+
+    ``conv`` has ``nn.Conv2d``'s attributes and ``impl``."""
+    limits = THRESHOLDS['winograd']
+    if conv.impl != 'auto' or graph_capture() or \
+            x.shape[0] < limits['min_batch']:
+        return False
+    if min(x.shape[1], conv.out_channels) < limits['min_channels']:
+        return False
+    h_out = x.shape[2] + 2 * conv.padding[0] - 2
+    w_out = x.shape[3] + 2 * conv.padding[1] - 2
+    tiles = ((h_out + 1) // 2) * ((w_out + 1) // 2)
+    if tiles < limits['min_tiles']:
+        return False
+    return winograd_applies(x, conv)
+
+
+def chunked_applies(x: torch.Tensor) -> bool:
+    """Whether the chunked path can run: inference (its workspace is
+    overwritten by the next call), no graph capture."""
+    return not torch.is_grad_enabled() and not graph_capture()
+
+
+def uses_chunked_kernels(x: torch.Tensor,
+                         kernel_numel: int,
+                         out_channels: int,
+                         out_hw: Tuple[int, int],
+                         impl: str = 'auto') -> bool:
+    """Whether ``impl='auto'`` builds the per-sample kernels in chunks
+    (:func:`~mmdyn.ops.accel.chunked.chunked_per_sample_conv2d`): CPU
+    inference of ``min_batch`` samples or more whose kernels have more than
+    ``kernel_to_maps`` times the elements of one sample's input and output
+    maps (:data:`THRESHOLDS` ``['chunked']``)."""
+    limits = THRESHOLDS['chunked']
+    if impl != 'auto' or x.device.type != 'cpu' or \
+            not chunked_applies(x) or x.shape[0] < limits['min_batch']:
+        return False
+    c_in, h, w = x.shape[1:]
+    features = c_in * h * w + out_channels * out_hw[0] * out_hw[1]
+    return kernel_numel > limits['kernel_to_maps'] * features
+
+
+def uses_c_cell_product(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether KernelWarehouse's C cell product
+    (:func:`~mmdyn.ops.accel.kw_cells.small_rows_matmul`) serves ``a @ b``:
+    float32 CPU inference (no autograd, autocast or graph capture), a 2-D
+    ``b`` of at least ``c_loop_min_columns`` columns (:data:`THRESHOLDS`
+    ``['kernel_warehouse']``), the loop available."""
+    if a.device.type != 'cpu' or b.device.type != 'cpu' or \
+            a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() or graph_capture() or \
+            torch.is_autocast_enabled('cpu'):
+        return False
+    if b.dim() != 2 or a.shape[-1] != b.shape[0] or \
+            b.shape[1] < THRESHOLDS['kernel_warehouse']['c_loop_min_columns']:
+        return False
+    return kw_cells.load() is not None
+
+
+def _maps(layer, input_hw: Tuple[int, int]) -> int:
+    """Elements of one sample's input and output maps."""
+    h, w = int(input_hw[0]), int(input_hw[1])
+    h_out, w_out = layer.output_hw(h, w)
+    return layer.in_channels * h * w + layer.out_channels * h_out * w_out
+
+
+def odconv_folds(layer, input_hw: Tuple[int, int]) -> bool:
+    """ODConv: whether ``alpha_c``/``alpha_f`` are cheaper folded into the
+    per-sample kernel than applied to the feature maps (the kernel is the
+    smaller tensor: early, high-resolution layers and depthwise convs)."""
+    return THRESHOLDS['odconv']['fold_maps_to_kernel'] * \
+        layer.weight[0].numel() < _maps(layer, input_hw)
+
+
+def _one_kernel(layer) -> bool:
+    return layer.kernel_num == 1 and layer.groups == 1 and \
+        layer.attention.num_positions > 1
+
+
+def odconv_scaled_columns(layer, input_hw: Tuple[int, int]) -> bool:
+    """ODConv with one kernel (``groups=1``, larger than 1x1): whether the
+    scaled-columns GEMM pays, ``C_out >= scaled_columns_out_per_pixel *
+    H_out * W_out`` (deep layers)."""
+    if not _one_kernel(layer):
+        return False
+    h_out, w_out = layer.output_hw(*input_hw)
+    return layer.out_channels >= THRESHOLDS['odconv'][
+        'scaled_columns_out_per_pixel'] * h_out * w_out
+
+
+def mixture_conv_then_mix(layer, x: torch.Tensor) -> bool:
+    """CondConv/DyConv: whether ``K`` static convs beat the per-sample
+    kernels: CPU with autograd, ``(K - 1) * H_out * W_out <=
+    conv_then_mix_max_work``."""
+    if x.device.type != 'cpu' or not torch.is_grad_enabled():
+        return False
+    h_out, w_out = layer.output_hw(*x.shape[-2:])
+    return (layer.kernel_num - 1) * h_out * w_out <= \
+        THRESHOLDS['mixture']['conv_then_mix_max_work']
+
+
+def _kw_position_major_applies(layer, x: torch.Tensor) -> bool:
+    return layer.groups == 1 and x.device.type == 'cpu' and \
+        not graph_capture()
+
+
+def kw_position_major(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse: whether the position-major conv pays: CPU,
+    ``groups=1``, every 1x1 layer, and larger kernels when one sample's
+    kernel has more than ``position_major_kernel_to_maps`` times the
+    elements of its maps (deep layers), where im2col costs less than
+    building the kernel."""
+    if not _kw_position_major_applies(layer, x):
+        return False
+    if layer._kw_layout[0] == 1:
+        return True
+    return math.prod(layer.weight_shape) > THRESHOLDS['kernel_warehouse'][
+        'position_major_kernel_to_maps'] * _maps(layer, x.shape[-2:])
+
+
+def _kw_fused(layer, attention: torch.Tensor) -> bool:
+    """KernelWarehouse: whole-position cells and the C cell product (the
+    product can write Winograd-transformed kernels)."""
+    return tuple(layer._kw_layout[1:3]) == (1, 1) and uses_c_cell_product(
+        attention, layer._cell_rows())
+
+
+def _kw_pointwise(layer) -> bool:
+    return layer.kernel_size == (1, 1) and layer.padding == (0, 0) and \
+        layer.groups == 1
+
+
+def _sample_dependent(attentions) -> bool:
+    """ODConv: whether the kernel depends on the sample (a spatial or a
+    kernel attention)."""
+    return attentions[2] is not None or attentions[3] is not None
+
+
+# --------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------
+class Path(NamedTuple):
+    """One execution path of a layer family.
+
+    Every callable takes ``(layer, x, context)``, ``context`` the tuple of
+    the layer's attentions for ``x`` (what ``run`` receives after ``x``).
+
+    Attributes:
+        name (str): The ``impl`` value that forces it, and ``last_path``.
+        can_run (callable): Whether it can run here (device, dtype,
+            autograd, shape, library); a forced path that cannot raises
+            ``ValueError`` with :attr:`needs` (under graph capture the
+            reference runs instead).
+        pays (callable | None): Whether ``impl='auto'`` takes it here (the
+            cost rule, from :data:`THRESHOLDS`); None: only when forced.
+        needs (str): What :attr:`can_run` requires, for the error message.
+        run (callable): ``run(layer, x, *context)`` -> the output.
+    """
+    name: str
+    can_run: Callable
+    pays: Optional[Callable]
+    needs: str
+    run: Callable
+
+
+def _always(layer, x, context) -> bool:
+    return True
+
+
+_WINOGRAD_NEEDS = 'CPU float32 inference of a 3x3 stride-1 layer'
+
+
+def _reference(run: Callable) -> Path:
+    return Path('reference', _always, _always, '', run)
+
+
+#: The paths of each layer family, in the order ``impl='auto'`` tries them
+#: (the reference last).
+PATHS = {
+    'odconv': (
+        Path('scaled_columns', lambda layer, x, a: _one_kernel(layer),
+             lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
+             'kernel_num=1, groups=1 and a kernel larger than 1x1',
+             odconv_paths.scaled_columns),
+        Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
+             lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
+             odconv_paths.winograd),
+        Path(
+            'folded', _always,
+            lambda layer, x, a: not layer.is_pointwise_1x and odconv_folds(
+                layer, x.shape[-2:]), '', odconv_paths.folded),
+        Path(
+            'chunked',
+            lambda layer, x, a: _sample_dependent(a) and chunked_applies(x),
+            lambda layer, x, a: uses_chunked_kernels(
+                x, layer.weight[0].numel(), layer.out_channels,
+                layer.output_hw(*x.shape[-2:])),
+            'inference and a sample-dependent kernel', odconv_paths.chunked),
+        _reference(odconv_paths.reference),
+    ),
+    'mixture': (
+        Path('conv_then_mix', _always,
+             lambda layer, x, a: mixture_conv_then_mix(layer, x), '',
+             mixture_paths.conv_then_mix),
+        Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
+             lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
+             mixture_paths.winograd),
+        Path(
+            'chunked', lambda layer, x, a: chunked_applies(x),
+            lambda layer, x, a: uses_chunked_kernels(
+                x, layer.weight[0].numel(), layer.out_channels,
+                layer.output_hw(*x.shape[-2:])), 'inference',
+            mixture_paths.chunked),
+        _reference(mixture_paths.reference),
+    ),
+    'kernel_warehouse': (
+        Path(
+            'winograd_fused', lambda layer, x, a: _kw_fused(layer, a[
+                0]) and winograd_applies(x, layer),
+            lambda layer, x, a: uses_winograd(x, layer) and _kw_fused(
+                layer, a[0]), _WINOGRAD_NEEDS + ' with whole-position cells '
+            '(cell_inplane_ratio and cell_outplane_ratio 1) and the C cell '
+            'product', kw_paths.winograd_fused),
+        Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
+             lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
+             kw_paths.winograd),
+        Path('position_major',
+             lambda layer, x, a: _kw_position_major_applies(layer, x),
+             lambda layer, x, a: kw_position_major(layer, x),
+             'groups=1 on CPU, no graph capture', kw_paths.position_major),
+        Path(
+            'chunked', lambda layer, x, a: chunked_applies(x),
+            lambda layer, x, a: uses_chunked_kernels(
+                x, math.prod(layer.weight_shape), layer.out_channels,
+                layer.output_hw(*x.shape[-2:])), 'inference',
+            kw_paths.chunked),
+        Path('pointwise', lambda layer, x, a: _kw_pointwise(layer),
+             lambda layer, x, a: _kw_pointwise(layer),
+             'a 1x1 kernel, no padding and groups=1', kw_paths.pointwise),
+        _reference(kw_paths.reference),
+    ),
+}
+
+
+def path_names(family: str) -> Tuple[str, ...]:
+    """The path names of ``family``, the reference first."""
+    return ('reference',
+            *(path.name for path in PATHS[family] if path.name != 'reference'))
+
+
+ODCONV_PATHS = path_names('odconv')
+MIXTURE_PATHS = path_names('mixture')
+KERNEL_WAREHOUSE_PATHS = path_names('kernel_warehouse')
+
+
+def find_path(family: str, name: str) -> Path:
+    """The entry ``name`` of ``family``'s table."""
+    for path in PATHS[family]:
+        if path.name == name:
+            return path
+    raise ValueError(f'{family} has no path {name!r}; one of '
+                     f'{path_names(family)}')
+
+
+def choose_path(family: str, layer, x: torch.Tensor, context: tuple) -> Path:
+    """The path ``layer`` (``impl`` set) of ``family`` runs on ``x``.
+
+    ``'auto'``: the first entry of :data:`PATHS` ``[family]`` that pays
+    and can run. A forced path: itself when it can run; under
+    :func:`~mmdyn.ops.capture.graph_capture` the reference (a forced CPU
+    loop cannot be captured, and a model built with it must still compile
+    and export); otherwise ``ValueError``. ``'reference'`` and the
+    per-sample conv names: the reference.
+    """
+    impl = layer.impl
+    table = PATHS[family]
+    if impl == 'auto':
+        for path in table:
+            if path.pays is not None and path.pays(layer, x, context) and \
+                    path.can_run(layer, x, context):
+                return path
+        return table[-1]
+    if impl == 'reference' or impl in PER_SAMPLE_IMPLS:
+        return table[-1]
+    path = find_path(family, impl)
+    if path.can_run(layer, x, context):
+        return path
+    if graph_capture():
+        return table[-1]
+    raise ValueError(f'impl={impl!r} cannot run here: {type(layer).__name__}'
+                     f' needs {path.needs}')
+
+
+# --------------------------------------------------------------------------
+# DDF: the operator's paths
+# --------------------------------------------------------------------------
+#: The paths of the DDF operator (:func:`~mmdyn.ops.ddf.ddf`).
+DDF_PATHS = ('reference', 'fused', 'taps', 'triton')
+
+
+def _triton_supports(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``x`` (:func:`~mmdyn.ops.accel.
+    ddf_triton.supports`; never with ``MMDYN_DISABLE_ACCEL``)."""
+    return not accel_disabled() and ddf_triton.supports(x)
+
+
+def ddf_path(impl: str, x: torch.Tensor) -> str:
+    """The DDF operator's path, decided once per call: ``'auto'`` takes
+    ``'triton'`` (:mod:`~mmdyn.ops.accel.ddf_triton`) on CUDA when it
+    supports ``x`` (under ``torch.compile`` too, not in other graph
+    capture), ``'fused'`` (C loops) for CPU tensors when the loops are
+    built, else ``'taps'`` (also on other devices and in graph capture, for
+    ``'fused'`` too, except under ``torch.compile``, where the loops run as
+    the ``mmdyn::ddf`` custom operator); ``'taps'``, ``'reference'`` and
+    ``'triton'`` as given."""
+    if impl in ('taps', 'reference', 'triton'):
+        return impl
+    if impl == 'auto' and x.device.type == 'cuda' and (
+            not graph_capture() or compiling()) and _triton_supports(x):
+        return 'triton'
+    if x.device.type != 'cpu' or (graph_capture() and not compiling()):
+        return 'taps'
+    if ddf_cpu.available():
+        return 'fused'
+    if impl == 'fused':
+        raise RuntimeError('impl="fused" needs the compiled DDF CPU kernel, '
+                           'which could not be built')
+    return 'taps'

@@ -1,0 +1,116 @@
+"""Every ``MMDYN_*`` environment switch of mmdyn, parsed in one place.
+
+========================= ==============================================
+variable                  effect
+========================= ==============================================
+``MMDYN_DISABLE_ACCEL``   ``1``: no C loop, ``mmdyn::`` custom operator
+                          or Triton kernel runs; every layer takes its
+                          pure-PyTorch paths (the accelerated paths of
+                          :mod:`mmdyn.ops.accel` report themselves
+                          unavailable)
+``MMDYN_WINOGRAD``        ``0``: the Winograd C loops off
+``MMDYN_KW_CPU_KERNEL``   ``0``: KernelWarehouse's C cell product off
+``MMDYN_DDF_CPU_KERNEL``  ``0``: DDF's fused C loops off
+``MMDYN_KW_PACKED_CELLS`` ``0``: no packed copy of the warehouses
+``MMDYN_TRITON_AUTOTUNE`` ``0``: DDF's Triton kernels use one fixed
+                          configuration instead of autotuning
+``MMDYN_CACHE_DIR``       where the C loops are built (default
+                          ``~/.cache/mmdyn``)
+``MMDYN_MAX_ALLOC_BYTES`` the largest parameter tensor a layer may
+                          allocate, in bytes (default 4 GiB)
+``MMDYN_MALLOC_TUNING``   ``0``: leave glibc's malloc settings alone
+                          (:mod:`mmdyn.engine.malloc`)
+========================= ==============================================
+
+An on/off switch is off when its value is ``0``, ``false``, ``off`` or
+``no`` (any case), on otherwise and when unset. Values are read at every
+call: setting a variable in a running process takes effect at the next
+check (a C library already loaded stays loaded).
+
+No torch, no OpenMMLab import: engine code reads its switches here too.
+"""
+import os
+import os.path as osp
+from typing import Optional
+
+#: The switch that turns every accelerator off.
+DISABLE_ACCEL = 'MMDYN_DISABLE_ACCEL'
+#: On/off switches of the accelerators, each naming what it turns off.
+WINOGRAD = 'MMDYN_WINOGRAD'
+KW_CPU_KERNEL = 'MMDYN_KW_CPU_KERNEL'
+DDF_CPU_KERNEL = 'MMDYN_DDF_CPU_KERNEL'
+KW_PACKED_CELLS = 'MMDYN_KW_PACKED_CELLS'
+TRITON_AUTOTUNE = 'MMDYN_TRITON_AUTOTUNE'
+ACCEL_SWITCHES = {
+    WINOGRAD: 'the Winograd C loops',
+    KW_CPU_KERNEL: "KernelWarehouse's C cell product",
+    DDF_CPU_KERNEL: "DDF's fused C loops",
+    KW_PACKED_CELLS: 'the packed copies of the warehouses',
+    TRITON_AUTOTUNE: "the autotuning of DDF's Triton kernels",
+}
+CACHE_DIR = 'MMDYN_CACHE_DIR'
+MAX_ALLOC_BYTES = 'MMDYN_MAX_ALLOC_BYTES'
+MALLOC_TUNING = 'MMDYN_MALLOC_TUNING'
+#: Every switch (for documentation and tests).
+SWITCHES = (DISABLE_ACCEL, *ACCEL_SWITCHES, CACHE_DIR, MAX_ALLOC_BYTES,
+            MALLOC_TUNING)
+
+_OFF = ('0', 'false', 'off', 'no')
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == '':
+        return default
+    return value.strip().lower() not in _OFF
+
+
+def switch_on(name: str) -> bool:
+    """Whether the on/off switch ``name`` is on (unset: on)."""
+    return _flag(name, True)
+
+
+def accel_disabled() -> bool:
+    """Whether ``MMDYN_DISABLE_ACCEL`` turns every accelerator off."""
+    return _flag(DISABLE_ACCEL, False)
+
+
+def accel_enabled(name: str) -> bool:
+    """Whether the accelerator switch ``name`` (a key of
+    :data:`ACCEL_SWITCHES`) is on: not set off, and not every accelerator
+    turned off by ``MMDYN_DISABLE_ACCEL``."""
+    if name not in ACCEL_SWITCHES:
+        raise ValueError(f'unknown accelerator switch {name!r}; one of '
+                         f'{tuple(ACCEL_SWITCHES)}')
+    return not accel_disabled() and switch_on(name)
+
+
+def cache_dir() -> str:
+    """Where the C loops are built: ``$MMDYN_CACHE_DIR`` or
+    ``~/.cache/mmdyn``."""
+    return os.environ.get(CACHE_DIR) or osp.join(
+        osp.expanduser('~'), '.cache', 'mmdyn')
+
+
+def max_alloc_bytes(default: int) -> int:
+    """``$MMDYN_MAX_ALLOC_BYTES`` as a positive int, ``default`` when
+    unset; ``ValueError`` naming the variable for anything else."""
+    value = os.environ.get(MAX_ALLOC_BYTES)
+    if value is None or value == '':
+        return default
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = -1
+    if budget <= 0:
+        raise ValueError(f'{MAX_ALLOC_BYTES} must be a positive number '
+                         f'of bytes, got {value!r}')
+    return budget
+
+
+def malloc_tuning(enable: Optional[bool] = None) -> bool:
+    """Whether to tune glibc's malloc: ``enable`` when given, else
+    ``MMDYN_MALLOC_TUNING`` (on unless switched off)."""
+    if enable is not None:
+        return bool(enable)
+    return switch_on(MALLOC_TUNING)
