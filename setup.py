@@ -80,6 +80,7 @@ setup(
         'lint': read_requirements('lint'),
         'docs': read_requirements('docs'),
         'dev': read_requirements('dev'),
+        'deploy': read_requirements('deploy'),
     },
     author='mmdyn contributors',
     license='Apache-2.0',  # an SPDX expression

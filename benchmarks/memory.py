@@ -14,11 +14,11 @@ For ODConv-1x, KW-1x and DyConv-4x ResNet-50 and the static ResNet-50
   policies interleaved step by step in one process (a loaded machine slows
   them alike).
 
-Three policies, set through ``THRESHOLDS['recompute']
-['cpu_max_rebuild_per_pixel']``:
+Three policies, set through ``THRESHOLDS['recompute']`` (one CPU
+threshold per family):
 
 * ``old``: 0, the path never taken on CPU (the paths before it);
-* ``default``: the CPU default of :mod:`mmdyn.ops.accel.thresholds`;
+* ``default``: the CPU defaults of :mod:`mmdyn.ops.accel.thresholds`;
 * ``always``: infinity, every dynamic layer in training (what
   ``impl='auto'`` does on accelerators).
 
@@ -85,12 +85,14 @@ MODELS = {
 POLICIES = ('old', 'default', 'always')
 
 
-def set_policy(policy: str, default: float) -> None:
-    THRESHOLDS['recompute']['cpu_max_rebuild_per_pixel'] = {
-        'old': 0.0,
-        'default': default,
-        'always': math.inf
-    }[policy]
+def set_policy(policy: str, default: dict) -> None:
+    """Set ``THRESHOLDS['recompute']`` (``default``: its CPU defaults)."""
+    for family, value in default.items():
+        THRESHOLDS['recompute'][family] = {
+            'old': 0.0,
+            'default': value,
+            'always': math.inf
+        }[policy]
 
 
 def step(model, x) -> None:
@@ -197,7 +199,7 @@ def main(argv=None):
         capture_table(args.batch, args.backend, args.time, args.repeat)
     if not args.models:
         return
-    default = THRESHOLDS['recompute']['cpu_max_rebuild_per_pixel']
+    default = dict(THRESHOLDS['recompute'])
     x = torch.randn(args.batch, 3, args.size, args.size)
     rows, base = [], None
     try:
@@ -232,8 +234,8 @@ def main(argv=None):
         set_policy('default', default)
 
     print(f'\n{datetime.date.today()}, {machine()}; batch {args.batch}, '
-          f'{args.size}x{args.size}, cpu_max_rebuild_per_pixel default '
-          f'{default}\n')
+          f'{args.size}x{args.size}, CPU defaults of THRESHOLDS'
+          f"['recompute'] {default}\n")
     header = ['model'] + [f'saved MiB {p} (x R-50)' for p in POLICIES]
     if args.time:
         header += [f'step s {p}' for p in POLICIES]

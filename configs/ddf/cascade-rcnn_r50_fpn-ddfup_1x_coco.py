@@ -7,3 +7,7 @@ custom_imports = dict(
 model = dict(
     neck=dict(
         type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -75,5 +75,9 @@ param_scheduler = [
         begin=5,
         end=120),
 ]
-train_cfg = dict(max_epochs=130)
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
+# mmengine refuses the base's by_epoch=True beside a loop type).
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
+                 max_epochs=130, val_interval=1)
 auto_scale_lr = dict(base_batch_size=1024)

@@ -72,3 +72,7 @@ optim_wrapper = dict(
 # Fine-tuning keeps the inference temperature tau=0 (the official detection
 # backbones set it at init): no annealing.
 custom_hooks = [dict(type='DynamicTemperatureHook', start=0.0, end=0.0)]
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

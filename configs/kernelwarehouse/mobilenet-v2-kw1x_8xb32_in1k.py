@@ -42,6 +42,10 @@ param_scheduler = [
         convert_to_iter_based=True)
 ]
 
-train_cfg = dict(by_epoch=True, max_epochs=150, val_interval=1)
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
+# mmengine refuses the base's by_epoch=True beside a loop type).
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
+                 max_epochs=150, val_interval=1)
 
 custom_hooks = [dict(type='DynamicTemperatureHook', epochs=15)]

@@ -26,3 +26,7 @@ model = dict(
 # Fine-tuning keeps the inference temperature (T=1, as the official
 # detection backbone's init_weights sets it): no annealing.
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -21,3 +21,7 @@ model = dict(
             type='Pretrained', checkpoint=pretrained, prefix='backbone.')))
 
 custom_hooks = [dict(type='DynamicTemperatureHook', start=1.0, end=1.0)]
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -13,3 +13,7 @@ model = dict(
         mask_head=dict(
             type='DDFUpFCNMaskHead',
             upsample_cfg=dict(type='ddf_up', scale_factor=2))))
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

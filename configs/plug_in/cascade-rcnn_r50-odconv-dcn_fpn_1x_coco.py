@@ -11,3 +11,10 @@ model = dict(
     backbone=dict(
         dcn=dict(type='ODConv2d', kernel_num=1, fallback_on_stride=False),
         stage_with_dcn=(False, True, True, True)))
+
+# Stock ImageNet weights: the new ODConv layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -14,3 +14,10 @@ model = dict(
             stages=(False, False, False, True),
             position='after_conv2')
     ]))
+
+# Stock ImageNet weights: the new DDF layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -13,3 +13,10 @@ model = dict(
         stage_with_dcn=(False, True, True, True)))
 # KernelWarehouse's temperature: 1 -> 0 over the first 20 epochs.
 custom_hooks = [dict(type='DynamicTemperatureHook')]
+
+# Stock ImageNet weights: the new KernelWarehouse layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

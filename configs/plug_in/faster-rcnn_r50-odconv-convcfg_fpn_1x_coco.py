@@ -8,3 +8,10 @@ custom_imports = dict(
     imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
 
 model = dict(backbone=dict(conv_cfg=dict(type='ODConv2d', kernel_num=1)))
+
+# Stock ImageNet weights: the new ODConv layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

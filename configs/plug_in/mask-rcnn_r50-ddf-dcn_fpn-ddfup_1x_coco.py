@@ -12,3 +12,10 @@ model = dict(
         stage_with_dcn=(False, False, True, True)),
     neck=dict(
         type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))
+
+# Stock ImageNet weights: the new DDF layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

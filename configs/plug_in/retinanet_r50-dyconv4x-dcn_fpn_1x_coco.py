@@ -11,3 +11,10 @@ model = dict(
         stage_with_dcn=(False, True, True, True)))
 # DyConv's temperature: 30 -> 1 over the first 10 epochs.
 custom_hooks = [dict(type='DynamicTemperatureHook')]
+
+# Stock ImageNet weights: the new DyConv layers start from their init.
+allow_partial_load = 'static_weights'
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

@@ -7,3 +7,7 @@ custom_imports = dict(
     imports=['mmdyn.models', 'mmdyn.engine'], allow_failed_imports=False)
 
 model = dict(neck=dict(type='DDFUpNASFPN', upsample_cfg=dict(type='ddf_up')))
+
+# mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
+train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')

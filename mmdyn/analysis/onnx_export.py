@@ -1,14 +1,19 @@
 """ONNX export of classifiers and detection backbones, with a dynamic batch.
 
-Dynamic layers compute one kernel per sample; their per-sample conv switches
-to the im2col + batched-matmul path while exporting
-(:func:`mmdyn.ops.per_sample_conv.per_sample_conv2d`), whose graph does not
-depend on the batch size. The model is traced with the TorchScript-based
-exporter (``torch.onnx.export(..., dynamo=False)``: torch 2.14's default
-dynamo exporter needs onnxscript and handles the data-dependent parts of
-detectors poorly) and with a batch of 2 example inputs, so that no
-batch-size-1 special case (e.g. "one kernel for the whole batch") is baked
-into the graph.
+Dynamic layers compute one kernel per sample; while exporting they take
+their export forms (:mod:`mmdyn.ops.accel.export_forms`: im2col as one
+``Conv``, per-sample products as batched ``MatMul``), whose graphs do not
+depend on the batch size and run in the runtimes' conv and GEMM kernels.
+The exported file is then simplified (:func:`simplify_onnx`: constants
+folded, identities and no-op casts dropped, a norm that follows a ``MatMul``
+folded into it) when ``onnxscript`` is installed.
+
+The model is traced with the TorchScript-based exporter
+(``torch.onnx.export(..., dynamo=False)``: torch 2.14's default dynamo
+exporter needs onnxscript and handles the data-dependent parts of detectors
+poorly) and with a batch of 2 example inputs, so that no batch-size-1
+special case (e.g. "one kernel for the whole batch") is baked into the
+graph.
 
 **TracerWarnings.** Tracing an mmdyn model makes torch print a dozen
 ``TracerWarning: Converting a tensor to a Python boolean/integer``: the
@@ -21,6 +26,7 @@ takes the batch-independent path for every batch, which
 :func:`export_onnx` records them and logs one line with their count instead;
 ``show_tracer_warnings=True`` (``--show-tracer-warnings``) shows them.
 """
+import time
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -54,13 +60,34 @@ class BackboneFeatures(nn.Module):
         return tuple(out) if isinstance(out, (tuple, list)) else (out, )
 
 
-def exportable(model: nn.Module, backbone_only: bool = False) -> nn.Module:
-    """The module to export: classifier logits or backbone features."""
+class NeckFeatures(nn.Module):
+    """``inputs -> tuple of the neck's feature maps`` (a detector's backbone
+    and neck, e.g. an FPN)."""
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+
+    def forward(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        out = self.neck(self.backbone(inputs))
+        return tuple(out) if isinstance(out, (tuple, list)) else (out, )
+
+
+def exportable(model: nn.Module,
+               backbone_only: bool = False,
+               with_neck: bool = False) -> nn.Module:
+    """The module to export: classifier logits, backbone features, or
+    (``backbone_only`` and ``with_neck``) the features after the neck."""
     from .models import task_of
     if backbone_only:
         if not hasattr(model, 'backbone'):
             raise ValueError('backbone_only=True needs a model with a '
                              '.backbone')
+        if with_neck:
+            if getattr(model, 'neck', None) is None:
+                raise ValueError('with_neck=True needs a model with a .neck')
+            return NeckFeatures(model.backbone, model.neck).eval()
         return BackboneFeatures(model.backbone).eval()
     if task_of(model) == 'detection':
         raise ValueError('whole detectors are not exported (their proposal '
@@ -75,7 +102,8 @@ def export_onnx(module: nn.Module,
                 dynamic_batch: bool = True,
                 opset_version: int = 17,
                 show_tracer_warnings: bool = False,
-                dynamo: bool = False) -> List[str]:
+                dynamo: bool = False,
+                simplify: bool = True) -> List[str]:
     """Export ``module`` (``inputs [B, 3, H, W] -> tensor(s)``) to ONNX.
 
     Args:
@@ -91,6 +119,8 @@ def export_onnx(module: nn.Module,
         dynamo (bool): Export through ``torch.export`` (the exporter of
             ``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``)
             instead of the TorchScript tracer. Default: False.
+        simplify (bool): Rewrite the file by :func:`simplify_onnx` (when
+            ``onnxscript`` is installed). Default: True.
 
     Returns:
         list[str]: output names.
@@ -133,15 +163,112 @@ def export_onnx(module: nn.Module,
             'mmdyn/analysis/onnx_export.py) not shown: '
             'show_tracer_warnings=True / --show-tracer-warnings shows them',
             logger='current')
+    if simplify:
+        simplify_onnx(output_file)
     return output_names
+
+
+#: onnxscript rewrite rules :func:`simplify_onnx` applies (names in
+#: ``onnxscript.rewriter.rules.common``).
+SIMPLIFY_RULES = ('fuse_batchnorm_into_gemm_rule',
+                  'fuse_batchnorm_into_conv_rule', 'unsqueeze_unsqueeze_rule',
+                  'reshape_reshape_rule', 'no_op_cast_rule', 'div_by_1_rule',
+                  'mul_by_1_rule', 'flatten_to_reshape_rule',
+                  'no_op_transpose_rule')
+
+
+def simplify_onnx(onnx_file: str) -> bool:
+    """Simplify an exported file in place with onnxscript's optimizer
+    (constant folding, dead and identity nodes) and the rewrite rules
+    :data:`SIMPLIFY_RULES`; the values computed are unchanged. Returns
+    False (file untouched) when ``onnxscript`` is not installed."""
+    try:
+        import onnx
+        from onnxscript import optimizer, rewriter
+        from onnxscript.rewriter.rules import common
+    except ImportError:
+        return False
+    model = optimizer.optimize(onnx.load(onnx_file))
+    rules = [getattr(common, name) for name in SIMPLIFY_RULES
+             if hasattr(common, name)]
+    model = optimizer.optimize(
+        rewriter.rewrite(model, pattern_rewrite_rules=rules))
+    fold_norms_into_matmuls(model)
+    onnx.save(model, onnx_file)
+    return True
+
+
+def fold_norms_into_matmuls(model) -> int:
+    """Fold each ``BatchNormalization`` of a [B, C] ``MatMul(A, W)``
+    (``W`` a constant used once; the attention MLPs of the dynamic layers)
+    into one ``Gemm(A, W * s, beta - mean * s)``, ``s = gamma / sqrt(var +
+    eps)``, in place. Returns the number folded."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in list(inferred.value_info) + list(inferred.output)
+        if v.type.tensor_type.HasField('shape')
+    }
+    inits = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    uses = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = []
+    for node in graph.node:
+        matmul = producer.get(node.input[0]) if node.input else None
+        if node.op_type != 'BatchNormalization' or matmul is None or \
+                matmul.op_type != 'MatMul' or ranks.get(node.input[0]) != 2 \
+                or uses.get(node.input[0]) != 1 or \
+                matmul.input[1] not in inits or \
+                uses.get(matmul.input[1]) != 1 or \
+                not all(n in inits for n in node.input[1:5]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n])
+                                  for n in node.input[1:5])
+        eps = next((a.f for a in node.attribute if a.name == 'epsilon'),
+                   1e-5)
+        weight = numpy_helper.to_array(inits[matmul.input[1]])
+        scale = gamma / np.sqrt(var + eps)
+        inits[matmul.input[1]].CopyFrom(
+            numpy_helper.from_array((weight * scale).astype(weight.dtype),
+                                    matmul.input[1]))
+        bias_name = node.output[0] + '_folded_bias'
+        graph.initializer.append(
+            numpy_helper.from_array((beta - mean * scale).astype(
+                weight.dtype), bias_name))
+        folded.append((matmul, node, helper.make_node(
+            'Gemm', [matmul.input[0], matmul.input[1], bias_name],
+            list(node.output), name=node.name + '_folded')))
+    for matmul, norm, gemm in folded:
+        index = list(graph.node).index(matmul)
+        graph.node.remove(matmul)
+        graph.node.remove(norm)
+        graph.node.insert(index, gemm)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(folded)
 
 
 def compare_with_onnxruntime(module: nn.Module,
                              onnx_file: str,
                              shape: Sequence[int],
                              batch_sizes: Sequence[int] = (1, 4),
-                             seed: int = 0) -> List[Tuple[int, float]]:
+                             seed: int = 0,
+                             timings: Optional[list] = None
+                             ) -> List[Tuple[int, float]]:
     """Run the exported file with onnxruntime and PyTorch on random inputs.
+
+    Args:
+        timings (list, optional): Appended per batch size: (batch size,
+            onnxruntime seconds, PyTorch seconds) of one run each, after
+            the run compared.
 
     Returns:
         list[tuple[int, float]]: (batch size, max abs difference over all
@@ -166,6 +293,14 @@ def compare_with_onnxruntime(module: nn.Module,
             float((torch.from_numpy(g) - r).abs().max())
             for g, r in zip(got, ref))
         results.append((batch, diff))
+        if timings is not None:
+            start = time.perf_counter()
+            session.run(None, {'input': x.numpy()})
+            middle = time.perf_counter()
+            with torch.no_grad():
+                module(x)
+            timings.append((batch, middle - start,
+                            time.perf_counter() - middle))
     return results
 
 
@@ -175,7 +310,8 @@ def export_config(config: str,
                   shape: Sequence[int] = (224, 224),
                   backbone_only: bool = False,
                   dynamic_batch: bool = True,
-                  cfg_options: Optional[dict] = None) -> nn.Module:
+                  cfg_options: Optional[dict] = None,
+                  with_neck: bool = False) -> nn.Module:
     """Build a config's model (optionally load a checkpoint) and export it.
 
     Returns:
@@ -184,8 +320,8 @@ def export_config(config: str,
     from .models import build_model
     model = build_model(config, cfg_options)
     if checkpoint:
-        from mmengine.runner import load_checkpoint
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
-    module = exportable(model, backbone_only)
+        from mmdyn.engine.checkpoint import load_model_weights
+        load_model_weights(model, checkpoint)
+    module = exportable(model, backbone_only, with_neck)
     export_onnx(module, output_file, shape, dynamic_batch)
     return module

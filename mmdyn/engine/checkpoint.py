@@ -32,7 +32,11 @@ A checkpoint must also *fit* the model: :func:`check_fits` refuses tensors
 of other shapes and a checkpoint that leaves more than half of one dynamic
 layer family's tensors (ODConv, DyConv/CondConv, KernelWarehouse, DDF)
 without a value (e.g. KernelWarehouse weights for an ODConv config), unless
-``allow_partial_load``. It runs
+``allow_partial_load``: ``True`` loads any such checkpoint with a warning;
+:data:`STATIC_WEIGHTS` (``'static_weights'``, for layers plugged into a
+stock backbone with stock ImageNet weights) only a checkpoint that holds
+nothing but a static convolution's ``weight``/``bias`` where the model has
+dynamic layers, and still refuses one of another layer type. It runs
 
 * for ``load_from`` and ``resume`` in :class:`CheckpointShapeCheckHook`'s
   ``after_load_checkpoint``, before any tensor is copied;
@@ -74,12 +78,18 @@ __all__ = [
     'check_integrity', 'find_shape_mismatches',
     'find_unloaded_dynamic_layers', 'check_fits', 'load_model_weights',
     'check_pretrained_weights', 'CheckpointShapeCheckHook',
-    'find_resume_checkpoint'
+    'find_resume_checkpoint', 'STATIC_WEIGHTS', 'find_foreign_dynamic_keys'
 ]
 
 SCHEME = 'mmdyn://'
 # Above this fraction of a family's tensors missing, a load is refused.
 MAX_UNLOADED_FRACTION = 0.5
+# allow_partial_load value: dynamic layers may start from their own
+# initialisation where the checkpoint is of a static network.
+STATIC_WEIGHTS = 'static_weights'
+# What a static convolution holds; where the model has a dynamic layer, a
+# checkpoint of a static network has these keys and no others.
+STATIC_CONV_KEYS = ('weight', 'bias')
 _CHUNK = 1 << 24
 
 
@@ -278,6 +288,41 @@ def _dynamic_families():
     return tuple((family.name, family.tensor_owners) for family in FAMILIES)
 
 
+def _dynamic_layer_prefixes(model):
+    """``(key prefix, family)`` of every dynamic layer of ``model``,
+    longest prefix first (a key belongs to its innermost dynamic layer)."""
+    prefixes = []
+    for name, module in model.named_modules():
+        for family, types in _dynamic_families():
+            if isinstance(module, types):
+                prefixes.append((name + '.' if name else '', family))
+    prefixes.sort(key=lambda item: len(item[0]), reverse=True)
+    return prefixes
+
+
+def find_foreign_dynamic_keys(model, state_dict):
+    """Checkpoint keys inside the model's dynamic layers that the model does
+    not have, other than a static convolution's ``weight``/``bias``: tensors
+    of another layer type (e.g. KernelWarehouse attention where the model
+    has an ODConv layer).
+
+    Returns:
+        list[str]: the keys, in checkpoint order.
+    """
+    prefixes = _dynamic_layer_prefixes(model)
+    model_keys = set(model.state_dict())
+    foreign = []
+    for key in state_dict:
+        if key in model_keys:
+            continue
+        for prefix, _ in prefixes:
+            if key.startswith(prefix):
+                if key[len(prefix):] not in STATIC_CONV_KEYS:
+                    foreign.append(key)
+                break
+    return foreign
+
+
 def find_unloaded_dynamic_layers(model, state_dict,
                                  max_fraction=MAX_UNLOADED_FRACTION):
     """Dynamic layer families that a checkpoint leaves mostly unset.
@@ -293,15 +338,9 @@ def find_unloaded_dynamic_layers(model, state_dict,
         list[tuple[str, list[str], int]]: ``(family, missing keys in model
         order, number of the family's tensors)``.
     """
-    prefixes = []
-    for name, module in model.named_modules():
-        for family, types in _dynamic_families():
-            if isinstance(module, types):
-                prefixes.append((name + '.' if name else '', family))
+    prefixes = _dynamic_layer_prefixes(model)
     if not prefixes:
         return []
-    # Longest prefix first: a key belongs to its innermost dynamic layer.
-    prefixes.sort(key=lambda item: len(item[0]), reverse=True)
     owned = {}
     for key in model.state_dict():
         for prefix, family in prefixes:
@@ -331,8 +370,11 @@ def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
         state_dict (dict): tensors by model key (wrapper prefixes removed).
         ignore_keys (Sequence[str]): patterns of keys whose shape mismatch
             is expected. Defaults to ().
-        allow_partial_load (bool): warn instead of raising when a dynamic
-            layer family stays mostly without a value. Defaults to False.
+        allow_partial_load (bool | str): warn instead of raising when a
+            dynamic layer family stays mostly without a value: ``True``
+            always; :data:`STATIC_WEIGHTS` only when the state dict holds
+            no tensors of another layer type inside the dynamic layers
+            (:func:`find_foreign_dynamic_keys`). Defaults to False.
         max_listed (int): how many keys a message lists. Defaults to 5.
         source (str): what the state dict is, for messages.
 
@@ -351,21 +393,30 @@ def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
             f'warehouse sizes?):\n{_listed(lines, max_listed, chr(10))}\n'
             'To fine-tune with deliberately different layers, set '
             'CheckpointShapeCheckHook(ignore_keys=[...]) in custom_hooks.')
-    for family, missing, total in find_unloaded_dynamic_layers(
-            model, state_dict):
+    unloaded = find_unloaded_dynamic_layers(model, state_dict)
+    foreign = find_foreign_dynamic_keys(model, state_dict) if (
+        unloaded and allow_partial_load == STATIC_WEIGHTS) else []
+    for family, missing, total in unloaded:
         message = (
             f'{source} has no value for {len(missing)} of the {total} '
             f'{family} tensors of the model (first: '
             f'{_listed(missing, max_listed, ", ")}): it was saved from '
             'another model or method, and these layers would stay randomly '
             'initialised.')
+        if foreign:
+            raise CheckpointLoadError(
+                message + ' It holds tensors of another layer type there '
+                f'(first: {_listed(foreign, max_listed, ", ")}), which '
+                f"allow_partial_load='{STATIC_WEIGHTS}' does not accept. "
+                'Use the matching config, or set allow_partial_load=True '
+                '(--allow-partial-load) to load it anyway.')
         if not allow_partial_load:
             raise CheckpointLoadError(
                 message + ' Use the matching config, or set '
                 'allow_partial_load=True in the config '
                 '(--allow-partial-load) to load it anyway.')
-        print_log(message + ' Loading anyway (allow_partial_load=True).',
-                  logger='current', level=30)
+        print_log(message + ' Loading anyway (allow_partial_load='
+                  f'{allow_partial_load!r}).', logger='current', level=30)
 
 
 def _state_dict_of(checkpoint):
@@ -468,10 +519,12 @@ class CheckpointShapeCheckHook(Hook):
             fine-tuning on other classes). Defaults to ().
         max_listed (int): how many mismatching keys the error lists.
             Defaults to 5.
-        allow_partial_load (bool): load a checkpoint that leaves more than
-            half of a dynamic layer family's tensors without a value (e.g.
-            a backbone-only checkpoint for a model with a DDF-Up neck),
-            with a warning instead of an error. Defaults to False.
+        allow_partial_load (bool | str): load a checkpoint that leaves
+            more than half of a dynamic layer family's tensors without a
+            value (e.g. a backbone-only checkpoint for a model with a DDF-Up
+            neck), with a warning instead of an error; ``'static_weights'``
+            only a checkpoint of a static network (see :func:`check_fits`).
+            Defaults to False.
     """
 
     priority = 'VERY_HIGH'
@@ -485,7 +538,8 @@ class CheckpointShapeCheckHook(Hook):
             raise ValueError(f'max_listed must be >= 1, got {max_listed}')
         self.ignore_keys = tuple(ignore_keys)
         self.max_listed = int(max_listed)
-        self.allow_partial_load = bool(allow_partial_load)
+        self.allow_partial_load = allow_partial_load if \
+            allow_partial_load == STATIC_WEIGHTS else bool(allow_partial_load)
         self._loaded_checkpoint = False
 
     @staticmethod

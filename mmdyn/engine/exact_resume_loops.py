@@ -7,6 +7,20 @@ Configs choose them with
 :class:`~mmdyn.engine.hooks.ExactResumeHook` tells them where to continue
 (:meth:`resume_at_batch`). Without a resume point they run exactly as
 mmengine's loops.
+
+Over a stock base:
+
+* mmdet's schedules name a loop type, so
+  ``train_cfg = dict(type='ExactResumeEpochBasedTrainLoop')`` keeps the
+  base's ``max_epochs`` and ``val_interval``;
+* mmpretrain's say ``by_epoch=True`` instead, and mmengine's
+  ``Runner.build_train_loop`` refuses a ``train_cfg`` with both ``type`` and
+  ``by_epoch``: such a config replaces the base's ``train_cfg``,
+  ``dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
+  max_epochs=..., val_interval=...)``.
+
+Built directly (``LOOPS.build``), the loops take ``by_epoch`` of their own
+kind and refuse the other.
 """
 import random
 
@@ -62,12 +76,25 @@ def set_random_state(state):
             torch.cuda.set_rng_state(cuda[0])
 
 
+def _check_by_epoch(loop, by_epoch, expected, other):
+    """Refuse a ``by_epoch`` of the other loop kind, naming that loop."""
+    if by_epoch is None or bool(by_epoch) == expected:
+        return
+    unit = 'iterations' if expected else 'epochs'
+    raise ValueError(
+        f'{loop} got by_epoch={by_epoch!r}; for a training length in {unit} '
+        f"use train_cfg.type='{other}'")
+
+
 @LOOPS.register_module()
 class ExactResumeEpochBasedTrainLoop(EpochBasedTrainLoop):
     """``EpochBasedTrainLoop`` whose first epoch after a resume can start
-    at a batch inside the epoch. Same arguments."""
+    at a batch inside the epoch. Same arguments, plus ``by_epoch`` (only
+    ``True``, as stock schedules write it)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, by_epoch=None, **kwargs):
+        _check_by_epoch('ExactResumeEpochBasedTrainLoop', by_epoch, True,
+                        'ExactResumeIterBasedTrainLoop')
         super().__init__(*args, **kwargs)
         self._resume_point = None
 
@@ -125,9 +152,11 @@ class _RestoreAfterSkip:
 class ExactResumeIterBasedTrainLoop(IterBasedTrainLoop):
     """``IterBasedTrainLoop`` that restores the interrupted run's random
     state right after skipping the batches already trained on. Same
-    arguments."""
+    arguments, plus ``by_epoch`` (only ``False``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, by_epoch=None, **kwargs):
+        _check_by_epoch('ExactResumeIterBasedTrainLoop', by_epoch, False,
+                        'ExactResumeEpochBasedTrainLoop')
         super().__init__(*args, **kwargs)
         self.dataloader_iterator = _RestoreAfterSkip(self.dataloader_iterator)
 

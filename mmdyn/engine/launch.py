@@ -170,8 +170,9 @@ def add_checkpoint_check(cfg):
     :class:`EmptyDatasetCheckHook`, :class:`ExactResumeHook`) unless the
     config has them.
 
-    The config key ``allow_partial_load=True`` (``--allow-partial-load``)
-    becomes the shape check's ``allow_partial_load``.
+    The config key ``allow_partial_load`` (``True`` with
+    ``--allow-partial-load``) becomes the shape check's
+    ``allow_partial_load``.
     """
     hooks = list(cfg.get('custom_hooks', None) or [])
     for name in ('CheckpointShapeCheckHook', 'EmptyDatasetCheckHook',
@@ -181,7 +182,7 @@ def add_checkpoint_check(cfg):
     if cfg.get('allow_partial_load', False):
         for hook in hooks:
             if hook.get('type') == 'CheckpointShapeCheckHook':
-                hook.setdefault('allow_partial_load', True)
+                hook.setdefault('allow_partial_load', cfg.allow_partial_load)
     cfg.custom_hooks = hooks
     # load_from and --resume go through mmdyn's checked loader.
     if cfg.get('resume', False) and not cfg.get('load_from'):

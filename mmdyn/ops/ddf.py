@@ -33,7 +33,7 @@ from torch import nn
 
 from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
                    check_positive, empty_batch_output, is_empty_batch)
-from .accel import ddf_paths
+from .accel import ddf_paths, export_forms
 from .accel.paths import ddf_path
 from .capture import fx_leaf, graph_capture
 
@@ -784,6 +784,8 @@ class DDFUpsample(nn.Module):
             phases.append(
                 _ddf_by_path(path, x, cf, sf, checked, k, self.dilation, 1,
                              self.combine, self.head))
+        if export_forms.exporting():  # a Transpose, not index assignments
+            return export_forms.interleave_phases(phases, s).to(x.dtype)
         # Interleave the phases by strided copies into the output viewed as
         # [B, C, H, s, W, s] (stack + pixel_shuffle is ~3x slower on CPU).
         out = phases[0].new_empty((B, C, H, s, W, s))

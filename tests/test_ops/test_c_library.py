@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mmdyn.ops.c_library import CLibrary
+from mmdyn.ops.accel.c_library import CLibrary
 
 
 def _declare(lib):
@@ -52,8 +52,8 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from mmdyn.ops import c_library  # noqa: E402
-from mmdyn.ops.c_library import (CSRC_DIR, CSourceFile, compiler_flags,  # noqa
+from mmdyn.ops.accel import c_library  # noqa: E402
+from mmdyn.ops.accel.c_library import (CSRC_DIR, CSourceFile, compiler_flags,  # noqa
                                  cpu_model, read_source)
 
 C_FILES = ('ddf.c', 'winograd.c', 'kernel_warehouse.c')
@@ -132,7 +132,7 @@ def test_unsafe_cache_is_not_loaded(tmp_path, monkeypatch):
 
 TRUNCATED = r'''
 import os, sys
-from mmdyn.ops.c_library import CLibrary
+from mmdyn.ops.accel.c_library import CLibrary
 lib = CLibrary('answer', {source!r}, lambda l: None, 'MMDYN_TEST_C_LIB', 'x')
 path = lib.path()
 with open(path, 'r+b') as f:

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from mmdyn.ops import c_library
-from mmdyn.ops.c_library import CLibrary
+from mmdyn.ops.accel import c_library
+from mmdyn.ops.accel.c_library import CLibrary
 
 # A compiler driver that starts a child (as gcc starts cc1) and hangs.
 FAKE_COMPILER = '''#!/bin/sh

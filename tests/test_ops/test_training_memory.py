@@ -142,6 +142,21 @@ def test_gradcheck_odconv_kernel(groups):
         dilation=2)
 
 
+def test_gradcheck_scaled_maps_conv():
+    """ODConv with one 1x1 kernel: the static conv of the scaled input."""
+    torch.manual_seed(0)
+
+    def fn(x, channel, filt, weight):
+        return recompute._ScaledMapsConv2d.apply(x, channel, filt, weight,
+                                                 ((2, 2), (0, 0), (1, 1), 1))
+
+    assert torch.autograd.gradcheck(
+        fn,
+        (_rand(2, 4, 5, 5), _rand(2, 4), _rand(2, 6) + 0.5, _rand(6, 4, 1, 1)),
+        eps=1e-6,
+        atol=1e-5)
+
+
 def test_gradcheck_mixture_kernel():
     torch.manual_seed(0)
     _gradcheck(recompute.mixture_kernel, _rand(2, 3, 5, 5),
@@ -175,6 +190,8 @@ LAYERS = {
     lambda: ODConv2d(6, 10, 3, padding=2, dilation=2, groups=2),
     'odconv_depthwise':
     lambda: ODConv2d(6, 6, 3, padding=1, groups=6),
+    'odconv_pointwise_1x_depthwise':
+    lambda: ODConv2d(6, 6, 1, groups=6, kernel_num=1),
     'odconv_pointwise_1x':
     lambda: ODConv2d(6, 10, 1, kernel_num=1),
     'dyconv':
@@ -187,6 +204,9 @@ LAYERS = {
     lambda: _kw(8, 12, 1, bias=False),
     'kwconv_groups':
     lambda: _kw(8, 8, 3, padding=1, groups=2),
+    'kwconv_split_cells':
+    lambda: _kw(
+        8, 12, 3, padding=1, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
 }
 
 
@@ -221,6 +241,23 @@ def test_layer_recompute_matches_reference(name, batch):
 
 
 @pytest.mark.parametrize('name', ['odconv_k4', 'dyconv', 'kwconv'])
+def test_layer_recompute_channels_last(name):
+    torch.manual_seed(0)
+    layer = LAYERS[name]()
+    layer.train()
+    x = torch.randn(3, layer.in_channels, 9, 8)
+    expected, want = _gradients(layer, x, layer.forward_reference)
+    layer.impl = 'recompute'
+    out, got = _gradients(layer, x.to(memory_format=torch.channels_last),
+                          layer)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    'name', ['odconv_k4', 'odconv_pointwise_1x', 'dyconv', 'kwconv'])
 def test_layer_recompute_under_autocast(name):
     torch.manual_seed(0)
     layer = LAYERS[name]()
@@ -264,9 +301,15 @@ def test_empty_batch(name):
     assert x.grad.shape == x.shape
 
 
+def _recompute_everywhere(monkeypatch):
+    """The accelerators' policy on CPU: every family's threshold
+    infinite."""
+    for family in list(THRESHOLDS['recompute']):
+        monkeypatch.setitem(THRESHOLDS['recompute'], family, math.inf)
+
+
 def test_auto_takes_recompute_in_training_only(monkeypatch):
-    monkeypatch.setitem(THRESHOLDS['recompute'], 'cpu_max_rebuild_per_pixel',
-                        math.inf)
+    _recompute_everywhere(monkeypatch)
     torch.manual_seed(0)
     for layer in (ODConv2d(8, 8, 3, padding=1), DyConv2d(8, 8, 3, padding=1),
                   _kw(8, 8, 3, padding=1)):
@@ -280,17 +323,24 @@ def test_auto_takes_recompute_in_training_only(monkeypatch):
 
 
 def test_cpu_default_rebuilds_only_where_cheap():
-    """On CPU the rebuild must be small next to the conv: DyConv (K=4) on a
-    4x4 map keeps its K static convs, on 32x32 it recomputes."""
+    """On CPU the rebuild must be small next to the conv: a one-kernel
+    ODConv (three products per kernel element) recomputes on maps of
+    ``3 / THRESHOLDS['recompute']['odconv']`` pixels and more only; DyConv
+    on a 4x4 map keeps its K static convs and recomputes on 8x8."""
     torch.manual_seed(0)
-    layer = DyConv2d(8, 8, 3, padding=1)
-    layer.train()
-    layer(torch.randn(2, 8, 4, 4))
-    assert layer.last_path == 'conv_then_mix'
-    limit = THRESHOLDS['recompute']['cpu_max_rebuild_per_pixel']
-    side = math.ceil(math.sqrt(layer.kernel_num / limit))
-    layer(torch.randn(2, 8, side, side))
-    assert layer.last_path == 'recompute'
+    odconv = ODConv2d(8, 8, 3, padding=1, kernel_num=1)
+    odconv.train()
+    odconv(torch.randn(2, 8, 2, 2))
+    assert odconv.last_path != 'recompute'
+    side = math.ceil(math.sqrt(3 / THRESHOLDS['recompute']['odconv']))
+    odconv(torch.randn(2, 8, side, side))
+    assert odconv.last_path == 'recompute'
+    dyconv = DyConv2d(8, 8, 3, padding=1)
+    dyconv.train()
+    dyconv(torch.randn(2, 8, 4, 4))
+    assert dyconv.last_path == 'conv_then_mix'
+    dyconv(torch.randn(2, 8, 8, 8))
+    assert dyconv.last_path == 'recompute'
 
 
 # Activation memory of a training step: ResNet-50s at batch 8.
@@ -342,8 +392,7 @@ def test_resnet50_training_step_saves_like_static(kind,
     ResNet-50's saved activations. The old paths keep the per-sample
     kernels or scaled maps: 2.5x (ODConv-1x), 15x (KW-1x), 2.4x
     (DyConv-4x)."""
-    monkeypatch.setitem(THRESHOLDS['recompute'], 'cpu_max_rebuild_per_pixel',
-                        math.inf)
+    _recompute_everywhere(monkeypatch)
     monkeypatch.setitem(THRESHOLDS['odconv'], 'scaled_columns_out_per_pixel',
                         math.inf)
     monkeypatch.setitem(THRESHOLDS['mixture'], 'conv_then_mix_max_work', -1)
@@ -368,3 +417,21 @@ def test_saved_tensor_counter_counts_unique_storages():
     assert saved.count == 2  # x, y
     assert saved.total == 4 * (x.numel() + y.numel())
     assert z.shape == y.shape
+
+
+def test_forced_recompute_compiles_as_the_reference():
+    """Under graph capture the path gives way to the reference (its
+    backward calls torch.autograd.grad): a compiled training step of a
+    layer built with impl='recompute' runs and equals eager."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    layer = DyConv2d(4, 6, 3, padding=1, impl='recompute')
+    x = torch.randn(2, 4, 6, 6)
+    expected, want = _gradients(layer, x, layer)
+    assert layer.last_path == 'recompute'
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend='aot_eager')
+    out, got = _gradients(layer, x, compiled)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

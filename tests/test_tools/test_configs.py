@@ -1,4 +1,6 @@
-"""Every config in configs/ loads (with its custom_imports)."""
+"""Every config in configs/ loads (with its custom_imports) and chooses
+mmdyn's atomic checkpoints and exact-resume training loop."""
+import functools
 import glob
 import os.path as osp
 
@@ -14,6 +16,15 @@ CONFIGS = sorted(
     if '_base_' not in p.split(osp.sep))
 
 
+EXACT_RESUME_LOOPS = ('ExactResumeEpochBasedTrainLoop',
+                      'ExactResumeIterBasedTrainLoop')
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    return Config.fromfile(path)
+
+
 def test_configs_found():
     names = [osp.basename(p) for p in CONFIGS]
     for name in ('faster-rcnn_r18_fpn_demo.py', 'mask-rcnn_r18_fpn_demo.py',
@@ -24,11 +35,27 @@ def test_configs_found():
 @pytest.mark.parametrize('path', CONFIGS,
                          ids=[osp.relpath(p, REPO) for p in CONFIGS])
 def test_config_loads(path):
-    cfg = Config.fromfile(path)
+    cfg = _load(path)
     assert 'model' in cfg and 'type' in cfg.model
     imports = cfg.get('custom_imports', {}).get('imports', [])
     for module in imports:
         assert isinstance(module, str)
+
+
+@pytest.mark.parametrize('path', CONFIGS,
+                         ids=[osp.relpath(p, REPO) for p in CONFIGS])
+def test_config_chooses_atomic_checkpoints_and_exact_resume(path):
+    cfg = _load(path)
+    assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
+    # The base's checkpoint settings stay.
+    assert cfg.default_hooks.checkpoint.interval >= 1
+    assert cfg.train_cfg.type in EXACT_RESUME_LOOPS
+    # mmengine's Runner refuses a loop type beside by_epoch.
+    assert 'by_epoch' not in cfg.train_cfg
+    length = 'max_epochs' if cfg.train_cfg.type == EXACT_RESUME_LOOPS[0] \
+        else 'max_iters'
+    assert cfg.train_cfg[length] >= 1
+    assert 'mmdyn.engine' in cfg.custom_imports.imports
 
 
 def test_demo_configs_content():

@@ -10,7 +10,7 @@ the layer's ``forward_reference`` (pure PyTorch autograd) in the tests.
   :mod:`.kw_paths` and :mod:`.kw_cells` (KernelWarehouse's C cell product,
   packed cells, mixture layouts), :mod:`.ddf_paths`, :mod:`.chunked`
   (kernels built into a reused workspace), :mod:`.winograd`.
-* The C loops: :mod:`~mmdyn.ops.c_library` (building and loading them;
+* The C loops: :mod:`~mmdyn.ops.accel.c_library` (building and loading them;
   sources in ``csrc/``), :mod:`.ddf_cpu`; :mod:`.custom_ops` makes them
   ``torch.library`` operators of the ``mmdyn`` namespace; the Triton DDF
   kernels in :mod:`.ddf_triton`.

@@ -26,7 +26,7 @@ Under ``torch.compile`` (not export) DDF's ``'fused'`` path runs as
 (:func:`~mmdyn.ops.accel.paths.ddf_path`). The inference paths of the other
 methods (Winograd, KernelWarehouse's C product) reuse workspaces between
 calls and stay out of captured graphs; their operators serve direct use.
-Every operator needs the C loops (see :mod:`~mmdyn.ops.c_library`) and
+Every operator needs the C loops (see :mod:`~mmdyn.ops.accel.c_library`) and
 raises ``RuntimeError`` naming the environment switch when they are off.
 """
 from typing import List, Optional, Tuple

@@ -8,7 +8,7 @@ input and channel filter; backward for the spatial filter) do it in one pass
 each, without any k*k-times larger buffer.
 
 The C source (``csrc/ddf.c``, the loops in ``csrc/ddf_body.h`` once per
-dtype) is built and loaded by :class:`~mmdyn.ops.c_library.CLibrary`
+dtype) is built and loaded by :class:`~mmdyn.ops.accel.c_library.CLibrary`
 (cached under ``$MMDYN_CACHE_DIR``). Everything degrades gracefully: with no
 compiler, or with ``MMDYN_DDF_CPU_KERNEL=0``, :func:`load` returns None and
 :func:`mmdyn.ops.ddf.ddf` uses its pure-PyTorch tap loop.
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import switches
-from ..c_library import CLibrary, CSourceFile, num_threads, ptr
+from .c_library import CLibrary, CSourceFile, num_threads, ptr
 
 _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
 

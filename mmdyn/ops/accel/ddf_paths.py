@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..capture import compiling, graph_capture
-from . import ddf_cpu, ddf_triton
+from . import ddf_cpu, ddf_triton, export_forms
 from .custom_ops import ddf_op
 
 
@@ -216,8 +216,10 @@ def run(path: str, x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor,
     elif path == 'taps':
         args = (x.to(out_dtype), cf.to(out_dtype), sf.to(out_dtype),
                 kernel_size, dilation, stride, add, out_hw)
-        if graph_capture():
-            out = ddf_taps(*args)  # plain ops, for the exporter to record
+        if export_forms.exporting():  # a graph for ONNX runtimes
+            out = export_forms.ddf(*args)
+        elif graph_capture():
+            out = ddf_taps(*args)  # plain ops, for the tracer to record
         else:
             out = _DDFTaps.apply(*args)
     else:

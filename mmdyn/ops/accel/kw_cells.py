@@ -32,8 +32,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
-                         ptr)
+from .c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
+                        ptr)
 from ..capture import graph_capture
 from .. import switches
 from ..switches import accel_enabled

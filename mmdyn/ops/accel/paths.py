@@ -32,6 +32,9 @@ position_major KernelWarehouse: the conv straight from the mixtures,
 pointwise      KernelWarehouse 1x1: one batched matmul per batch
 fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop
 triton         DDF on CUDA: the Triton kernels
+export         under export (ONNX, ``torch.export``, TorchScript): forms
+               whose graphs runtimes run fast, any batch size
+               (:mod:`~mmdyn.ops.accel.export_forms`)
 ============== ============================================================
 
 Each family's paths are one table of :data:`PATHS` (:class:`Path`: its
@@ -68,6 +71,7 @@ from ..capture import compiling, graph_capture
 from ..switches import accel_disabled
 from . import (ddf_cpu, ddf_triton, kw_cells, kw_paths, mixture_paths,
                odconv_paths, winograd)
+from . import export_forms
 from . import recompute  # noqa: F401 - its training paths join PATHS
 from .thresholds import THRESHOLDS
 
@@ -294,6 +298,13 @@ def _always(layer, x, context) -> bool:
 _WINOGRAD_NEEDS = 'CPU float32 inference of a 3x3 stride-1 layer'
 
 
+def _export(run: Callable) -> Path:
+    # Plain PyTorch ops: runs anywhere when forced; 'auto' takes it under
+    # export only.
+    return Path('export', _always,
+                lambda layer, x, a: export_forms.exporting(), '', run)
+
+
 def _reference(run: Callable) -> Path:
     return Path('reference', _always, _always, '', run)
 
@@ -302,6 +313,7 @@ def _reference(run: Callable) -> Path:
 #: (the reference last).
 PATHS = {
     'odconv': (
+        _export(export_forms.odconv),
         Path('scaled_columns', lambda layer, x, a: _one_kernel(layer),
              lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
              'kernel_num=1, groups=1 and a kernel larger than 1x1',
@@ -323,6 +335,7 @@ PATHS = {
         _reference(odconv_paths.reference),
     ),
     'mixture': (
+        _export(export_forms.mixture),
         Path('conv_then_mix', _always,
              lambda layer, x, a: mixture_conv_then_mix(layer, x), '',
              mixture_paths.conv_then_mix),
@@ -338,6 +351,7 @@ PATHS = {
         _reference(mixture_paths.reference),
     ),
     'kernel_warehouse': (
+        _export(export_forms.kernel_warehouse),
         Path(
             'winograd_fused', lambda layer, x, a: _kw_fused(layer, a[
                 0]) and winograd_applies(x, layer),

@@ -51,6 +51,10 @@ from .thresholds import THRESHOLDS
 
 Pair = Tuple[int, int]
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+_NO_DOUBLE_BACKWARD = (
+    "the 'recompute' path of the dynamic convs (per-sample kernels rebuilt "
+    'in the backward) has no double backward (create_graph=True); build '
+    "the layer with impl='reference' for higher-order gradients")
 
 
 def conv2d_recomputed_kernel(x: torch.Tensor,
@@ -139,13 +143,18 @@ def per_sample_conv_backward(grad_out, x, kernel, stride, padding, dilation,
             groups * batch, mask)
         return (grad_x.view_as(x) if need_x else None,
                 grad_kernel.view_as(kernel) if need_kernel else None)
-    grads_x, grads_kernel = [], []
-    for gb, xb, kb in zip(grad_out.split(1), x.split(1), kernel.unbind(0)):
+    # Written sample by sample into the results: no list of B gradients
+    # alive beside them.
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_kernel = torch.empty_like(kernel) if need_kernel else None
+    for b, (gb, xb, kb) in enumerate(
+            zip(grad_out.split(1), x.split(1), kernel.unbind(0))):
         gx, gk, _ = backward(gb, xb, kb, None, *geometry, groups, mask)
-        grads_x.append(gx)
-        grads_kernel.append(gk)
-    return (torch.cat(grads_x) if need_x else None,
-            torch.stack(grads_kernel) if need_kernel else None)
+        if need_x:
+            grad_x[b:b + 1].copy_(gx)
+        if need_kernel:
+            grad_kernel[b].copy_(gk)
+    return grad_x, grad_kernel
 
 
 class _RecomputedKernelConv2d(torch.autograd.Function):
@@ -170,11 +179,7 @@ class _RecomputedKernelConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the 'recompute' path of the dynamic convs (per-sample "
-                'kernels rebuilt in the backward) has no double backward '
-                "(create_graph=True); build the layer with impl='reference' "
-                'for higher-order gradients')
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         x, *inputs = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         needs = ctx.needs_input_grad[3:]
@@ -245,13 +250,84 @@ def odconv_kernel(groups: int, bank: torch.Tensor, channel: torch.Tensor,
         return mixed.view(-1, c_out, c_in_g, kh, kw)
 
 
+class _ScaledMapsConv2d(torch.autograd.Function):
+    """``alpha_f * conv(alpha_c * x, W)`` with a static ``W`` (ODConv with
+    one kernel and no spatial attention: its 1x1 layers), keeping ``x``,
+    the attentions, ``W`` and the output (which the next layer keeps
+    anyway: the same storage), not ``alpha_c * x`` nor the unscaled conv
+    output. The backward rebuilds ``alpha_c * x`` (one product of the
+    input) and reads the unscaled output as ``out / alpha_f`` (``alpha_f``
+    is a sigmoid, never 0). Inputs: ``x, channel, filt, weight,
+    geometry``."""
+
+    @staticmethod
+    def forward(ctx, x, channel, filt, weight, geometry):
+        autocast, autocast_dtype, dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            scaled = (x * channel[:, :, None, None].to(x.dtype)).to(dtype)
+            out = F.conv2d(scaled, weight.to(dtype), None, *geometry)
+            del scaled
+            if filt is not None:
+                out.mul_(filt[:, :, None, None].to(out.dtype))
+        ctx.save_for_backward(x, channel, filt, weight, out)
+        ctx.geometry = geometry
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        x, channel, filt, weight, out = ctx.saved_tensors
+        need_x, need_c, need_f, need_w = ctx.needs_input_grad[:4]
+        dtype = ctx.dtype
+        grad_filt = None
+        grad = grad_out.to(dtype)
+        if filt is not None:
+            f = filt[:, :, None, None].to(dtype)
+            if need_f:
+                grad_filt = ((grad * out).sum(
+                    (2, 3), dtype=torch.float32) / filt.float()).to(filt.dtype)
+            grad = grad * f
+        c = channel[:, :, None, None].to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            grad_scaled, grad_weight, _ = \
+                torch.ops.aten.convolution_backward(
+                    grad, (x * c).to(dtype), weight.to(dtype), None,
+                    list(ctx.geometry[0]), list(ctx.geometry[1]),
+                    list(ctx.geometry[2]), False, [0, 0], ctx.geometry[3],
+                    [need_x or need_c, need_w, False])
+        grad_x = grad_channel = None
+        if need_x or need_c:
+            grad_scaled = grad_scaled.to(x.dtype)
+            if need_x:
+                grad_x = grad_scaled * c
+            if need_c:
+                grad_channel = (grad_scaled * x).sum(
+                    (2, 3), dtype=torch.float32).to(channel.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_channel, grad_filt, grad_weight, None
+
+
 def odconv_recompute(layer, x: torch.Tensor, channel: torch.Tensor,
                      filt: Optional[torch.Tensor],
                      spatial: Optional[torch.Tensor],
                      kernel: Optional[torch.Tensor]) -> torch.Tensor:
     """:class:`~mmdyn.ops.ODConv2d`'s output from its attentions (see
     ``ODAttention.forward``): ``alpha_f * conv(alpha_c * x, W) + bias`` as
-    one conv of ``x`` with the folded kernel of :func:`odconv_kernel`."""
+    one conv of ``x`` with the folded kernel of :func:`odconv_kernel`; for
+    a layer whose kernel does not depend on the sample (one kernel, 1x1)
+    the static conv of the scaled input, nothing of map size kept but
+    ``x`` and the output (:class:`_ScaledMapsConv2d`)."""
+    if spatial is None and kernel is None:
+        out = _ScaledMapsConv2d.apply(x, channel, filt, layer.weight[0],
+                                      (tuple(layer.stride), tuple(
+                                          layer.padding), tuple(
+                                              layer.dilation), layer.groups))
+        if layer.bias is not None:
+            out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
+        return out
     return conv2d_recomputed_kernel(
         x, functools.partial(odconv_kernel, layer.groups),
         (layer.weight, channel, filt, spatial, kernel), layer.bias,
@@ -317,11 +393,13 @@ def rebuild_is_cheap(layer, x: torch.Tensor, family: str,
     per kernel element of one assembly: ``K`` for a mixture of ``K``
     kernels, the cell count for KernelWarehouse) is at most
     ``THRESHOLDS['recompute'][family]`` times the output pixels ``H_out *
-    W_out`` (the conv's products per kernel element)."""
+    W_out`` (the conv's products per kernel element); a threshold of 0
+    keeps the path off on CPU."""
     if x.device.type != 'cpu':
         return True
+    limit = THRESHOLDS['recompute'][family]
     h_out, w_out = layer.output_hw(*x.shape[-2:])
-    return mix_terms <= THRESHOLDS['recompute'][family] * h_out * w_out
+    return limit > 0 and mix_terms <= limit * h_out * w_out
 
 
 def _training() -> bool:
@@ -330,9 +408,13 @@ def _training() -> bool:
 
 def odconv_pays(layer, x: torch.Tensor, context: tuple) -> bool:
     """ODConv in training: the mixture of ``K`` kernels and the two
-    attention products."""
-    return _training() and rebuild_is_cheap(layer, x, 'odconv',
-                                            layer.kernel_num + 2)
+    attention products; none for a kernel that depends on the sample only
+    through ``alpha_c``/``alpha_f`` (``context``, the attentions: spatial
+    and kernel ones None), which is never built
+    (:class:`_ScaledMapsConv2d`)."""
+    scales_only = context[2] is None and context[3] is None
+    return _training() and rebuild_is_cheap(
+        layer, x, 'odconv', 0 if scales_only else layer.kernel_num + 2)
 
 
 def mixture_pays(layer, x: torch.Tensor, context: tuple) -> bool:

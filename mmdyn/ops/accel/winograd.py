@@ -24,7 +24,7 @@ attention over the 9 kernel positions). Building ``U_b`` from it is a pass
 over ``16/9`` times the kernel's size; as PyTorch ops (einsum + matmul with
 an inner dimension of 9) it costs a large part of the whole static conv, so
 it is one fused C loop (``csrc/winograd.c``, built by
-:class:`~mmdyn.ops.c_library.CLibrary`) that reads the kernel bank in its
+:class:`~mmdyn.ops.accel.c_library.CLibrary`) that reads the kernel bank in its
 own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
 
 The speed of this path against batch-1 convs and ``nn.Conv2d`` is measured
@@ -47,8 +47,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import switches
-from ..c_library import (CLibrary, CSourceFile, check_float32_cpu,
-                         num_threads, ptr)
+from .c_library import (CLibrary, CSourceFile, check_float32_cpu,
+                        num_threads, ptr)
 from .chunked import kernel_workspace, workspace_bytes
 
 #: Environment variable; ``0`` disables the Winograd path.

@@ -1,5 +1,5 @@
 /* Winograd F(2x2, 3x3) for per-sample 3x3 kernels: the kernel, input and
-   output transforms (mmdyn/ops/winograd.py). */
+   output transforms (mmdyn/ops/accel/winograd.py). */
 #include <stdlib.h>
 #include <string.h>
 #define CHUNK 512

@@ -35,8 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import switches
-from .accel.thresholds import THRESHOLDS
+from .. import switches
+from .thresholds import THRESHOLDS
 
 #: Directory of the C sources (package data).
 CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')

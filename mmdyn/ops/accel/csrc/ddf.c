@@ -1,5 +1,5 @@
 /* DDF's fused forward and backward and DDF-Up's sub-pixel phases, in
-   float32 (_f32) and float64 (_f64) (mmdyn/ops/ddf_cpu.py). */
+   float32 (_f32) and float64 (_f64) (mmdyn/ops/accel/ddf_cpu.py). */
 #include <stdlib.h>
 #define DDF_T float
 #define DDF_SUF _f32

@@ -1,5 +1,5 @@
 /* KernelWarehouse's cell product: a register-blocked a @ b for few rows and
-   many columns (mmdyn/ops/kernel_warehouse_cpu.py). */
+   many columns (mmdyn/ops/accel/kw_cells.py). */
 #include "winograd_transform.h"
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,0 +1,96 @@
+"""Exported models timed in an inference runtime: ONNX Runtime (CPU) or
+OpenVINO (CPU, when installed), several files alternating in one process
+(:func:`mmdyn.analysis.benchmark.run_interleaved`), so that their time
+ratios hold on a shared machine.
+
+Used by ``tools/analysis_tools/benchmark_onnx.py`` and
+``benchmarks/deploy.py``.
+"""
+import importlib.util
+import os
+import os.path as osp
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .benchmark import BenchResult, run_interleaved
+
+RUNTIMES = ('onnxruntime', 'openvino')
+
+
+def runtime_available(runtime: str) -> bool:
+    """Whether ``runtime``'s Python package is installed."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f'runtime must be one of {RUNTIMES}, got '
+                         f'{runtime!r}')
+    return importlib.util.find_spec(runtime) is not None
+
+
+def open_session(onnx_file: str, runtime: str = 'onnxruntime',
+                 threads: Optional[int] = None) -> Callable:
+    """``run(inputs [B, 3, H, W] ndarray) -> list of output ndarrays`` of
+    ``onnx_file`` in ``runtime`` on the CPU, with ``threads`` intra-op
+    threads (None: the runtime's default)."""
+    if not runtime_available(runtime):
+        raise RuntimeError(f'{runtime} is not installed: pip install '
+                           f'{runtime} (or the "deploy" extra of mmdyn)')
+    if runtime == 'onnxruntime':
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_file, options,
+                                       providers=['CPUExecutionProvider'])
+        return lambda x: session.run(None, {'input': x})
+    import openvino as ov
+    core = ov.Core()
+    config = {'INFERENCE_NUM_THREADS': threads} if threads else {}
+    compiled = core.compile_model(core.read_model(onnx_file), 'CPU', config)
+
+    def run(x):
+        result = compiled(x)
+        return [result[out] for out in compiled.outputs]
+
+    return run
+
+
+def export_config_file(config: str, out_dir: str,
+                       shape: Sequence[int] = (224, 224),
+                       backbone_only: bool = False) -> str:
+    """Export ``config`` (random weights, dynamic batch) to
+    ``out_dir/<config name>.onnx``; returns the path."""
+    from .onnx_export import export_config
+    os.makedirs(out_dir, exist_ok=True)
+    name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
+    path = osp.join(out_dir, name + '.onnx')
+    export_config(config, path, shape=shape, backbone_only=backbone_only)
+    return path
+
+
+def count_nodes(onnx_file: str) -> int:
+    """Nodes of the file's main graph."""
+    import onnx
+    return len(onnx.load(onnx_file, load_external_data=False).graph.node)
+
+
+def benchmark_onnx_files(files: Sequence[str],
+                         names: Sequence[str],
+                         runtime: str = 'onnxruntime',
+                         batch_size: int = 8,
+                         shape: Sequence[int] = (224, 224),
+                         threads: Optional[int] = 2,
+                         repeat: int = 10,
+                         warmup: int = 2,
+                         log: Optional[Callable[[str], None]] = print
+                         ) -> List[BenchResult]:
+    """Time ``files`` (inputs ``[batch_size, 3, *shape]``) in ``runtime``,
+    alternately; see :func:`~mmdyn.analysis.benchmark.run_interleaved`.
+    Compare with :func:`~mmdyn.analysis.benchmark.paired_ratio`."""
+    x = np.random.default_rng(0).standard_normal(
+        (batch_size, 3, int(shape[0]), int(shape[1])), dtype=np.float32)
+    sessions = [open_session(f, runtime, threads) for f in files]
+    steps = [(lambda run=run: run(x)) for run in sessions]
+    return run_interleaved(steps, [f'{n} ({runtime})' for n in names],
+                           'infer', batch_size, repeat, warmup, 'cpu', log,
+                           measure_memory=False)

@@ -1,0 +1,231 @@
+"""The export forms (mmdyn/ops/accel/export_forms.py) against each layer's
+``forward_reference``: in PyTorch (the form forced with ``impl='export'``)
+and through ONNX Runtime (exported at batch 2 with a dynamic batch, run at
+batch 1 and 3), on shapes with channels that are not multiples of 8,
+stride 2, dilation 2, groups and odd sizes."""
+import collections
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
+                       KWConv2d, ODConv2d)
+from mmdyn.ops.accel import export_forms
+from mmdyn.ops.ddf import ddf_reference
+
+ATOL = 2e-5
+
+
+def _odconv(**kw):
+    return lambda: ODConv2d(**kw)
+
+
+# (name, builder, input [C, H, W]); each layer in eval mode.
+LAYERS = [
+    ('odconv_k1_s2', _odconv(in_channels=13, out_channels=22,
+                             kernel_size=3, stride=2, padding=1,
+                             kernel_num=1), (13, 11, 9)),
+    ('odconv_k1_d2_g', _odconv(in_channels=12, out_channels=18,
+                               kernel_size=3, padding=2, dilation=2,
+                               groups=3, kernel_num=1), (12, 9, 11)),
+    ('odconv_k1_5x5', _odconv(in_channels=7, out_channels=10, kernel_size=5,
+                              padding=2, kernel_num=1), (7, 8, 7)),
+    ('odconv_k4_s2_g', _odconv(in_channels=14, out_channels=10,
+                               kernel_size=3, stride=2, padding=1, groups=2,
+                               kernel_num=4), (14, 9, 10)),
+    ('odconv_k3_1x1', _odconv(in_channels=11, out_channels=17, kernel_size=1,
+                              stride=2, kernel_num=3), (11, 7, 9)),
+    ('odconv_k4_deep', _odconv(in_channels=24, out_channels=20,
+                               kernel_size=3, padding=1, kernel_num=4),
+     (24, 4, 5)),
+    ('odconv_k1_1x1_deep', _odconv(in_channels=40, out_channels=36,
+                                   kernel_size=1, kernel_num=1), (40, 3, 3)),
+    ('odconv_depthwise', _odconv(in_channels=10, out_channels=10,
+                                 kernel_size=3, padding=1, groups=10,
+                                 kernel_num=1), (10, 9, 9)),
+    ('dyconv_large_map', lambda: DyConv2d(13, 19, 3, stride=2, padding=2,
+                                          dilation=2, kernel_num=4),
+     (13, 21, 19)),
+    ('condconv_small_map_g', lambda: CondConv2d(
+        12, 15, 3, padding=1, groups=3, kernel_num=3), (12, 5, 7)),
+    ('condconv_1x1', lambda: CondConv2d(9, 11, 1, kernel_num=2), (9, 7, 5)),
+    ('kw_3x3_s2', lambda: KWConv2d(13, 22, 3, stride=2, padding=1),
+     (13, 11, 9)),
+    ('kw_3x3_d2', lambda: KWConv2d(12, 20, 3, padding=2, dilation=2),
+     (12, 9, 7)),
+    ('kw_1x1', lambda: KWConv2d(17, 11, 1, bias=True), (17, 7, 9)),
+    ('kw_1x1_blocks_s2', lambda: KWConv2d(
+        12, 20, 1, stride=2, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
+     (12, 9, 7)),
+    ('kw_3x3_in_blocks', lambda: KWConv2d(12, 20, 3, padding=1,
+                                          cell_inplane_ratio=0.5), (12, 7, 9)),
+    ('kw_3x3_out_blocks_g', lambda: KWConv2d(
+        12, 20, 3, stride=2, padding=1, groups=2, cell_outplane_ratio=0.5),
+     (12, 9, 9)),
+]
+
+
+def _build(builder):
+    torch.manual_seed(0)
+    layer = builder().eval()
+    # Non-trivial attention statistics (a fresh BN is the identity).
+    for module in layer.modules():
+        if isinstance(module, nn.BatchNorm2d) or \
+                isinstance(module, nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+@pytest.mark.parametrize('name,builder,chw', LAYERS,
+                         ids=[n for n, _, _ in LAYERS])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_form_equals_reference_in_pytorch(name, builder, chw, batch):
+    layer = _build(builder)
+    x = torch.randn(batch, *chw, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+        layer.impl = 'export'
+        got = layer(x)
+    assert layer.last_path == 'export'
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_odconv_takes_every_form():
+    """With several kernels, both the folded attentions and the scaled
+    maps are exercised above (one kernel: scaled columns, or one static
+    conv for 1x1)."""
+    shapes = {name: chw for name, _, chw in LAYERS}
+    folds = {
+        name: export_forms.odconv_folds(builder(),
+                                        torch.zeros(1, *shapes[name]))
+        for name, builder, _ in LAYERS if name.startswith('odconv_k')
+    }
+    assert folds['odconv_k4_s2_g'] and folds['odconv_k3_1x1']
+    assert not folds['odconv_k4_deep']
+
+
+def test_kernel_warehouse_layouts_covered():
+    """Whole-position cells, 1x1 blocks and the general assembly are all
+    exercised above."""
+    layouts = {name: builder()._kw_layout for name, builder, _ in LAYERS
+               if name.startswith('kw')}
+    assert layouts['kw_3x3_s2'][1:3] == (1, 1)
+    assert layouts['kw_1x1_blocks_s2'][:3] == (1, 2, 2)
+    assert layouts['kw_3x3_in_blocks'][:3] == (9, 1, 2)
+    assert layouts['kw_3x3_out_blocks_g'][:3] == (9, 2, 1)
+
+
+def test_mixture_takes_both_forms():
+    """The two CondConv/DyConv forms are both exercised above."""
+    small = CondConv2d(12, 15, 3, padding=1, groups=3, kernel_num=3)
+    large = DyConv2d(13, 19, 3, stride=2, padding=2, dilation=2,
+                     kernel_num=4)
+    assert export_forms.mixture_stacks_kernels(small, torch.zeros(1, 12, 5, 7))
+    assert not export_forms.mixture_stacks_kernels(
+        large, torch.zeros(1, 13, 21, 19))
+
+
+@pytest.mark.parametrize('combine', ['mul', 'add'])
+@pytest.mark.parametrize('k,dilation,stride,hw,out_hw', [
+    (3, 1, 1, (9, 11), (9, 11)),
+    (3, 2, 2, (11, 9), (6, 5)),  # ceil(H / s)
+    (5, 1, 2, (11, 9), (5, 4)),  # H // s, the official size
+])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_ddf_form_equals_reference(combine, k, dilation, stride, hw, out_hw,
+                                   batch):
+    gen = torch.Generator().manual_seed(2)
+    C = 13
+    x = torch.randn(batch, C, *hw, generator=gen)
+    cf = torch.randn(batch, C, k, k, generator=gen)
+    sf = torch.randn(batch, k * k, *out_hw, generator=gen)
+    expected = ddf_reference(x, cf, sf, k, dilation, stride, combine)
+    got = export_forms.ddf(x, cf.view(batch, C, k * k), sf, k, dilation,
+                           stride, combine == 'add', out_hw)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_im2col_matches_unfold():
+    x = torch.randn(2, 7, 10, 9)
+    cols = export_forms.im2col(x, (3, 2), (2, 1), (1, 2), (2, 1))
+    expected = torch.nn.functional.unfold(x, (3, 2), (2, 1), (1, 2), (2, 1))
+    assert torch.equal(cols.flatten(2), expected)
+
+
+# --------------------------------------------------------------------------
+# Through ONNX Runtime, dynamic batch
+# --------------------------------------------------------------------------
+DDF_LAYERS = [
+    ('ddf_mul_s2_d2', lambda: DDFConv2d(13, 13, 3, stride=2, dilation=2),
+     (13, 11, 9)),
+    ('ddf_add_head2', lambda: DDFConv2d(12, 12, 3, head=2, combine='add'),
+     (12, 9, 7)),
+    ('ddf_up', lambda: DDFUpsample(11), (11, 5, 7)),
+]
+
+
+def data_ops(graph) -> collections.Counter:
+    """The op types of ``graph``'s nodes that compute on tensor data, not
+    on shapes (nodes whose inputs all derive from ``Shape`` nodes and
+    constants are left out)."""
+    constant = {init.name for init in graph.initializer}
+    shape = set()
+    ops = collections.Counter()
+    for node in graph.node:  # topologically sorted
+        inputs = [name for name in node.input if name]
+        if node.op_type == 'Constant' or all(n in constant for n in inputs):
+            constant.update(node.output)
+        elif node.op_type == 'Shape' or all(n in constant or n in shape
+                                            for n in inputs):
+            shape.update(node.output)
+        else:
+            ops[node.op_type] += 1
+    return ops
+
+
+def export_and_run(layer, chw, batches=(1, 3)):
+    """Export ``layer`` at batch 2 with a dynamic batch (the TorchScript
+    exporter, as tools/deployment/pytorch2onnx.py); per batch, the
+    onnxruntime output and the layer's ``forward_reference``. Also the op
+    types of the graph."""
+    ort = pytest.importorskip('onnxruntime', reason='pip install onnxruntime')
+    onnx = pytest.importorskip('onnx', reason='pip install onnx')
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(layer, (torch.randn(2, *chw), ), buffer,
+                          input_names=['input'], output_names=['output'],
+                          dynamic_axes={'input': {0: 'batch'},
+                                        'output': {0: 'batch'}},
+                          opset_version=17, dynamo=False)
+    ops = data_ops(onnx.load_from_string(buffer.getvalue()).graph)
+    session = ort.InferenceSession(buffer.getvalue(),
+                                   providers=['CPUExecutionProvider'])
+    results = []
+    for batch in batches:
+        x = torch.randn(batch, *chw,
+                        generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = layer.forward_reference(x)
+        got = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+        results.append((got, expected))
+    return results, ops
+
+
+@pytest.mark.parametrize('name,builder,chw', LAYERS + DDF_LAYERS,
+                         ids=[n for n, _, _ in LAYERS + DDF_LAYERS])
+def test_onnxruntime_dynamic_batch(name, builder, chw):
+    layer = _build(builder)
+    results, ops = export_and_run(layer, chw)
+    for got, expected in results:
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    # No unfold subgraph (Gather/Slice chains on the feature maps): im2col
+    # is a Conv, the per-sample products MatMuls.
+    # Slices: a 1x1 stride (rows, columns), the KW attention's, DDF-Up's
+    # filter branches' chunks (one per phase).
+    assert ops['Gather'] == 0 and ops['ScatterND'] == 0, ops
+    assert ops['Slice'] <= (9 if name == 'ddf_up' else 3), ops

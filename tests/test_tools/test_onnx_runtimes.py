@@ -1,0 +1,239 @@
+"""Deployment: the exported files in OpenVINO (skipped where it is not
+installed) and ONNX Runtime, the graph simplification, the runtime
+benchmark tool, ``pytorch2onnx.py --verify``'s timings and its checkpoint
+loader, and the node counts of the exported ResNet-50s."""
+import collections
+import os.path as osp
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip('onnx', reason='pip install onnx onnxruntime')
+pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
+
+from mmdyn.analysis.models import build_model  # noqa: E402
+from mmdyn.analysis.onnx_export import (export_onnx, exportable,  # noqa: E402
+                                        fold_norms_into_matmuls)
+from mmdyn.analysis.runtime_benchmark import (open_session,  # noqa: E402
+                                              runtime_available)
+from mmdyn.ops import (DDFConv2d, DDFUpsample, KWConv2d,  # noqa: E402
+                       ODConv2d)
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def load_tool(path):
+    """A tool script as a module, to call its ``main(argv)`` in-process."""
+    import importlib.util
+    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class DynamicStack(nn.Module):
+    """[B, 3, H, W] -> every export form in a row (ODConv with one and
+    with four kernels, KernelWarehouse, DDF, DDF-Up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 13, 3, padding=1)
+        self.od1 = ODConv2d(13, 14, 3, stride=2, padding=1, kernel_num=1)
+        self.od4 = ODConv2d(14, 14, 3, padding=2, dilation=2, groups=2,
+                            kernel_num=4)
+        self.kw = KWConv2d(14, 12, 3, padding=1)
+        self.ddf = DDFConv2d(12, 12, 3, stride=2)
+        self.up = DDFUpsample(12)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in (self.od1, self.od4, self.kw, self.ddf, self.up):
+            x = torch.relu(layer(x))
+        return x
+
+    def forward_reference(self, x):
+        x = self.stem(x)
+        for layer in (self.od1, self.od4, self.kw, self.ddf, self.up):
+            x = torch.relu(layer.forward_reference(x))
+        return x
+
+
+def _perturb_norms(model):
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.1, generator=gen)
+            module.running_var.uniform_(0.5, 1.5, generator=gen)
+            module.weight.data.uniform_(0.5, 1.5, generator=gen)
+
+
+@pytest.fixture(scope='module')
+def exported_stack(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DynamicStack().eval()
+    _perturb_norms(model)
+    path = str(tmp_path_factory.mktemp('stack') / 'stack.onnx')
+    export_onnx(model, path, (21, 19), dynamic_batch=True)
+    return model, path
+
+
+@pytest.mark.parametrize('runtime', ['onnxruntime', 'openvino'])
+def test_runtime_equals_reference(exported_stack, runtime):
+    """The same file in both runtimes equals PyTorch's reference forward
+    at batch 1 and 3 (exported at batch 2)."""
+    if not runtime_available(runtime):
+        pytest.skip(f'{runtime} is not installed (pip install {runtime}, '
+                    'or the "deploy" extra)')
+    model, path = exported_stack
+    run = open_session(path, runtime, threads=1)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 21, 19,
+                        generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model.forward_reference(x)
+        got = torch.from_numpy(run(x.numpy())[0])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_norms_into_matmuls(tmp_path):
+    """A norm after a bias-free linear layer becomes one Gemm; the values
+    stay (onnxruntime against PyTorch)."""
+    import onnx
+    import onnxruntime as ort
+    model = nn.Sequential(nn.Linear(7, 5, bias=False), nn.BatchNorm1d(5),
+                          nn.ReLU()).eval()
+    _perturb_norms(model)
+    model[1].bias.data.uniform_(-1, 1)
+    path = str(tmp_path / 'mlp.onnx')
+    torch.onnx.export(model, (torch.randn(2, 7), ), path,
+                      input_names=['input'], output_names=['output'],
+                      dynamic_axes={'input': {0: 'b'}, 'output': {0: 'b'}},
+                      dynamo=False)
+    graph = onnx.load(path)
+    assert fold_norms_into_matmuls(graph) == 1
+    ops = [n.op_type for n in graph.graph.node]
+    assert 'BatchNormalization' not in ops and ops.count('Gemm') == 1
+    x = torch.randn(4, 7)
+    got = ort.InferenceSession(graph.SerializeToString()).run(
+        None, {'input': x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_simplify_keeps_values(tmp_path):
+    pytest.importorskip('onnxscript', reason='pip install onnxscript')
+    import onnx
+    torch.manual_seed(0)
+    model = DynamicStack().eval()
+    _perturb_norms(model)
+    raw, simple = str(tmp_path / 'raw.onnx'), str(tmp_path / 'simple.onnx')
+    export_onnx(model, raw, (21, 19), simplify=False)
+    export_onnx(model, simple, (21, 19), simplify=True)
+    assert len(onnx.load(simple).graph.node) < \
+        len(onnx.load(raw).graph.node)
+    x = torch.randn(2, 3, 21, 19).numpy()
+    a = open_session(raw)(x)[0]
+    b = open_session(simple)(x)[0]
+    assert abs(a - b).max() < 1e-5
+
+
+def test_benchmark_onnx_tool(exported_stack, capsys):
+    _, path = exported_stack
+    load_tool('tools/analysis_tools/benchmark_onnx.py').main([
+        path, '--compare', path, '--shape', '21', '19', '--batch-size', '2',
+        '--repeat', '1', '--warmup', '0', '--threads', '1'
+    ])
+    out = capsys.readouterr().out
+    assert out.count('| onnxruntime | 2 |') == 2
+
+
+def test_pytorch2onnx_verify_times_and_loads_checkpoints(tmp_path, capsys):
+    """--verify prints the runtime's time beside PyTorch's; the checkpoint
+    goes through the project's loader, which refuses one that leaves the
+    dynamic layers unloaded."""
+    config = osp.join(ROOT, 'configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
+    model = build_model(config)
+    good = tmp_path / 'good.pth'
+    torch.save({'state_dict': model.state_dict()}, good)
+    tool = load_tool('tools/deployment/pytorch2onnx.py')
+    tool.main([config, str(good), '--output-file',
+               str(tmp_path / 'od.onnx'), '--shape', '32', '--dynamic-batch',
+               '--verify'])
+    out = capsys.readouterr().out
+    assert 'batch 4: max abs difference' in out
+    assert 'ms, PyTorch' in out and 'onnxruntime ' in out
+    partial = tmp_path / 'partial.pth'
+    torch.save({'state_dict': {k: v for k, v in model.state_dict().items()
+                               if 'attention' not in k}}, partial)
+    with pytest.raises(Exception, match='attention'):
+        tool.main([config, str(partial), '--output-file',
+                   str(tmp_path / 'od2.onnx'), '--shape', '32'])
+
+
+#: Nodes of each exported ResNet-50 (64x64 input, dynamic batch,
+#: simplified), at most this many times the static ResNet-50's. The
+#: remaining nodes are the dynamic layers' attention MLPs (about a dozen
+#: per layer, 48-50 layers); the exports of the im2col/tap-loop forms had
+#: 3,191 (ODConv-1x), 5,042 (KW-1x) and 6,760 (DDF-mul) against 176.
+NODE_RATIOS = {
+    'configs/odconv/resnet50-odconv1x_8xb32_in1k.py': 7.5,
+    'configs/kernelwarehouse/resnet50-kw1x_8xb128-300e_in1k.py': 11,
+    'configs/ddf/resnet50-ddf-mul_8xb128-130e_in1k.py': 11,
+}
+
+
+def test_resnet50_node_counts(tmp_path):
+    import onnx
+
+    def nodes(config):
+        """Op type counts; 'Gather of data': Gathers not of a shape."""
+        path = str(tmp_path / (osp.basename(config) + '.onnx'))
+        export_onnx(exportable(build_model(config)), path, (64, 64))
+        graph = onnx.load(path).graph
+        producer = {out: n.op_type for n in graph.node for out in n.output}
+        ops = collections.Counter(n.op_type for n in graph.node)
+        ops['Gather of data'] = sum(
+            n.op_type == 'Gather' and producer.get(n.input[0]) != 'Shape'
+            for n in graph.node)
+        return ops
+
+    static = sum(nodes('mmpretrain::resnet/resnet50_8xb32_in1k.py').values())
+    for config, bound in NODE_RATIOS.items():
+        ops = nodes(osp.join(ROOT, config))
+        total = sum(ops.values()) - ops['Gather of data']
+        assert total <= bound * static, (config, total, static, ops)
+        # No unfold subgraphs (Gathers of feature maps), no tap loops (a
+        # Slice per tap: 9 per DDF layer).
+        assert ops['Gather of data'] == 0, (config, ops)
+        assert ops['Slice'] <= 60, (config, ops)
+
+
+def test_detector_backbone_and_neck(tmp_path, capsys):
+    """The detector fallback: an ODConv backbone with the DDF-Up FPN
+    (guided), backbone + neck exported with a dynamic batch, equal to
+    PyTorch in onnxruntime at batch 1 and 4."""
+    config = osp.join(ROOT,
+                      'configs/demo/mask-rcnn_r18-odconv1x_fpn-ddfup_demo.py')
+    onnx_file = tmp_path / 'neck.onnx'
+    load_tool('tools/deployment/pytorch2onnx.py').main([
+        config, '--output-file', str(onnx_file), '--shape', '64', '96',
+        '--dynamic-batch', '--backbone-only', '--with-neck', '--verify',
+        '--cfg-options', 'model.backbone.init_cfg=None'
+    ])
+    out = capsys.readouterr().out
+    assert 'batch 4: max abs difference' in out
+    import onnx
+    graph = onnx.load(str(onnx_file)).graph
+    assert len(graph.output) == 5  # the FPN levels
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops['ScatterND'] == 0, ops  # DDF-Up's phases by one Transpose
+
+
+def test_with_neck_needs_a_neck():
+    model = nn.Module()
+    model.backbone = nn.Identity()
+    with pytest.raises(ValueError, match='with_neck'):
+        exportable(model, backbone_only=True, with_neck=True)
