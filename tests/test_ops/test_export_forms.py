@@ -55,6 +55,8 @@ LAYERS = [
      (13, 11, 9)),
     ('kw_3x3_d2', lambda: KWConv2d(12, 20, 3, padding=2, dilation=2),
      (12, 9, 7)),
+    ('kw_3x3_deep_s2', lambda: KWConv2d(24, 28, 3, stride=2, padding=1,
+                                        bias=True), (24, 5, 6)),
     ('kw_1x1', lambda: KWConv2d(17, 11, 1, bias=True), (17, 7, 9)),
     ('kw_1x1_blocks_s2', lambda: KWConv2d(
         12, 20, 1, stride=2, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
@@ -65,6 +67,8 @@ LAYERS = [
         12, 20, 3, stride=2, padding=1, groups=2, cell_outplane_ratio=0.5),
      (12, 9, 9)),
 ]
+
+LAYERS_BY_NAME = {name: builder for name, builder, _ in LAYERS}
 
 
 def _build(builder):
@@ -114,6 +118,11 @@ def test_kernel_warehouse_layouts_covered():
     layouts = {name: builder()._kw_layout for name, builder, _ in LAYERS
                if name.startswith('kw')}
     assert layouts['kw_3x3_s2'][1:3] == (1, 1)
+    assert layouts['kw_3x3_deep_s2'][1:3] == (1, 1)
+    assert not export_forms.kw_position_major(LAYERS_BY_NAME['kw_3x3_s2'](),
+                                              torch.zeros(1, 13, 11, 9))
+    assert export_forms.kw_position_major(LAYERS_BY_NAME['kw_3x3_deep_s2'](),
+                                          torch.zeros(1, 24, 5, 6))
     assert layouts['kw_1x1_blocks_s2'][:3] == (1, 2, 2)
     assert layouts['kw_3x3_in_blocks'][:3] == (9, 1, 2)
     assert layouts['kw_3x3_out_blocks_g'][:3] == (9, 2, 1)

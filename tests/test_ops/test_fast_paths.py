@@ -156,6 +156,9 @@ def test_auto_follows_the_threshold_table(monkeypatch):
     assert layer.last_path == 'conv_then_mix'
     monkeypatch.setitem(THRESHOLDS['mixture'], 'conv_then_mix_max_work', 0)
     layer(x[:, :, :4, :4])
+    assert layer.last_path == 'recompute'
+    monkeypatch.setitem(THRESHOLDS['recompute'], 'mixture', 0)
+    layer(x[:, :, :4, :4])
     assert layer.last_path == 'reference'
 
 

@@ -32,6 +32,7 @@ as the other paths of :mod:`mmdyn.ops.accel` do.
 
 torch only.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -204,6 +205,36 @@ def mixture(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kw_position_major(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse, whole-position cells: whether the export form
+    convolves from the position-major mixtures (deep layers: one sample's
+    kernel larger than its im2col columns, which are transposed) rather
+    than building kernels in the conv layout."""
+    h_out, w_out = layer.output_hw(int(x.shape[2]), int(x.shape[3]))
+    columns = layer.in_channels * layer.kernel_size[0] * \
+        layer.kernel_size[1] * h_out * w_out
+    return math.prod(layer.weight_shape) > columns
+
+
+def _kw_position_major(layer, x, attention, cells) -> torch.Tensor:
+    """``sum_p mixtures[:, p] @ columns[:, p]``, mixtures [B, k*k, C_out,
+    C_in] (no kernel layout), with the layer's bias."""
+    positions = layer.kernel_size[0] * layer.kernel_size[1]
+    cols = im2col(x, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation)
+    h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
+    cols = cols.reshape(-1, layer.in_channels, positions,
+                        h_out * w_out).transpose(1, 2)
+    mixtures = torch.matmul(attention, cells).view(-1, positions,
+                                                   layer.out_channels,
+                                                   layer.in_channels)
+    out = torch.matmul(mixtures.to(cols.dtype), cols).sum(1)
+    out = out.reshape(-1, layer.out_channels, h_out, w_out)
+    if layer.bias is not None:
+        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
 def kernel_warehouse(layer, x: torch.Tensor,
                      attention: torch.Tensor) -> torch.Tensor:
     """KernelWarehouse (attentions [B, m, n], mixture ``m = (s, o, i)``:
@@ -211,9 +242,13 @@ def kernel_warehouse(layer, x: torch.Tensor,
     mixtures with no transposition of the per-sample kernels (a
     ``Transpose`` of every sample's kernel is most of the time otherwise).
 
-    * Whole-position cells (one output and one input block): the kernels
-      as ``cells^T @ attention^T``, [B, C_out * C_in/g, k*k], already in
-      the conv layout; then :func:`per_sample_conv`.
+    * Whole-position cells (one output and one input block), deep layers
+      (:func:`kw_position_major`): the mixtures [B, k*k, C_out, C_in] (one
+      GEMM of all the samples' attentions) times the position-major
+      im2col columns [B, k*k, C_in, H'W'], summed over the positions.
+    * Whole-position cells, early layers: the kernels as ``cells^T @
+      attention^T``, [B, C_out * C_in/g, k*k], already in the conv
+      layout; then :func:`per_sample_conv`.
     * 1x1 kernels: ``mixtures [B, o, i, c_o, c_i] @ x [B, 1, i, c_i, HW]``
       summed over the input blocks.
     * Other layouts: the reference's kernel assembly, then
@@ -233,6 +268,9 @@ def kernel_warehouse(layer, x: torch.Tensor,
         if layer.bias is not None:
             out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
         return out
+    if (g_o, g_i) == (1, 1) and layer.groups == 1 and \
+            kw_position_major(layer, x):
+        return _kw_position_major(layer, x, attention, cells)
     if (g_o, g_i) == (1, 1):
         kernel = torch.matmul(cells.t(), attention.transpose(1, 2))
         kernel = kernel.view(-1, *layer.weight_shape)

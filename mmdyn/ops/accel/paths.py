@@ -30,6 +30,8 @@ conv_then_mix  CondConv/DyConv: K static convs of the batch, outputs mixed
 position_major KernelWarehouse: the conv straight from the mixtures,
                kernel position by kernel position (no kernel layout)
 pointwise      KernelWarehouse 1x1: one batched matmul per batch
+recompute      training: the per-sample kernels rebuilt in the backward,
+               not kept (:mod:`~mmdyn.ops.accel.recompute`)
 fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop
 triton         DDF on CUDA: the Triton kernels
 export         under export (ONNX, ``torch.export``, TorchScript): forms
@@ -72,7 +74,7 @@ from ..switches import accel_disabled
 from . import (ddf_cpu, ddf_triton, kw_cells, kw_paths, mixture_paths,
                odconv_paths, winograd)
 from . import export_forms
-from . import recompute  # noqa: F401 - its training paths join PATHS
+from . import recompute
 from .thresholds import THRESHOLDS
 
 __all__ = [
@@ -318,6 +320,8 @@ PATHS = {
              lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
              'kernel_num=1, groups=1 and a kernel larger than 1x1',
              odconv_paths.scaled_columns),
+        Path('recompute', recompute.can_run, recompute.odconv_pays,
+             'no graph capture', recompute.odconv_recompute),
         Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
              lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
              odconv_paths.winograd),
@@ -339,6 +343,8 @@ PATHS = {
         Path('conv_then_mix', _always,
              lambda layer, x, a: mixture_conv_then_mix(layer, x), '',
              mixture_paths.conv_then_mix),
+        Path('recompute', recompute.can_run, recompute.mixture_pays,
+             'no graph capture', recompute.mixture_recompute),
         Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
              lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
              mixture_paths.winograd),
@@ -352,6 +358,8 @@ PATHS = {
     ),
     'kernel_warehouse': (
         _export(export_forms.kernel_warehouse),
+        Path('recompute', recompute.can_run, recompute.kernel_warehouse_pays,
+             'no graph capture', recompute.kernel_warehouse_recompute),
         Path(
             'winograd_fused', lambda layer, x, a: _kw_fused(layer, a[
                 0]) and winograd_applies(x, layer),

@@ -38,6 +38,13 @@ THRESHOLDS = {
     # `c_loop_min_columns` cell elements on.
     'kernel_warehouse': dict(position_major_kernel_to_maps=1,
                              c_loop_min_columns=4096),
+    # The 'recompute' training path (recompute.py), per family: on CPU
+    # only where one more kernel assembly (K, or the cell count, products
+    # per kernel element) is at most this many times the conv's H'W'
+    # products (0: never on CPU); always on accelerators. ODConv's
+    # assembly is elementwise products (slow per element on CPU), KW's a
+    # product over 47-138 cells; DyConv's K-term mixture is cheap.
+    'recompute': dict(odconv=0.1, mixture=1.0, kernel_warehouse=0.01),
     # The C loops (c_library.py): one OpenMP thread per
     # `work_per_thread` elements of work (tiny problems are faster on one
     # thread than waking the pool).
