@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 import os
 import os.path as osp
 import shutil

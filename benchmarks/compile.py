@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """First-compile and steady-state time of ``torch.compile`` against eager
 for the ResNet-50 backbones of mmdyn on CPU (eval, no_grad).
 

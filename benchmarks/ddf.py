@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """CPU speed and memory of the DDF operator, DDFConv2d and DDF-Up.
 
 Compares, on the CPU this runs on:

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Exported ResNet-50s in the runtimes against the exported static ResNet-50
 and PyTorch eager, written to benchmarks/deploy.md.
 

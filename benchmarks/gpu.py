@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """GPU benchmarks of issue 23's targets, one JSON line per result row.
 
 Run by ``tools/gpu_check.sh`` (which writes them into its Markdown report);

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KernelWarehouse kernel assembly: ``torch.matmul`` against the C loop.
 
 Builds KW-1x ResNet-50 (``configs/kernelwarehouse/``), records the shape of

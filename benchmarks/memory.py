@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Activation memory and CPU time of a training step of the dynamic
 ResNet-50s against ResNet-50, with and without the ``'recompute'`` path
 (per-sample kernels rebuilt in the backward, :mod:`mmdyn.ops.accel.

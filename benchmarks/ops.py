@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Speed and memory of each mmdyn conv layer against a static conv.
 
 For ResNet-50 stage shapes (stage 3: 256->256 at 14x14, stage 1: 64->64 at

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Sphinx configuration of the mmdyn docs (Sphinx + MyST, OpenMMLab's form).
 
     pip install -r requirements/docs.txt

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The model-zoo pages of the docs, generated from the model index.
 
 ``write_pages(root, out_dir)`` reads ``model-index.yml`` and the metafiles it

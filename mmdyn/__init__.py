@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmdyn: dynamic convolutions (CondConv/DyConv, ODConv, KernelWarehouse, DDF)
 as drop-in layers for the OpenMMLab ecosystem.
 

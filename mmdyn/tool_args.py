@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Command-line options shared by ``tools/train.py`` and ``tools/test.py``.
 
 argparse only: the tools build their parsers from this module so that

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The version of mmdyn.
 
 The package (setup.py reads this file), the docs (docs/conf.py) and the

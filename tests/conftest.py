@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 
 import os
 import warnings

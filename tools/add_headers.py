@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Check or add the copyright header of mmdyn's Python files.
 
     python tools/add_headers.py --check   # list files without it, exit 1

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """One-call GPU verification of mmdyn (run by ``tools/gpu_check.sh``).
 
 On a machine with a CUDA GPU, within a wall-clock budget (8 minutes by

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Train a model from an mmdet or mmpretrain config with mmengine's Runner.
 
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]]

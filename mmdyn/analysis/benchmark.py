@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Whole-model latency, throughput and peak memory of configs.
 
 One or more models are measured in one process, their iterations

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Read the checkpoints that the official training scripts write.
 
 The official codes save in three shapes, all read here without running code

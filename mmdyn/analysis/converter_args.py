@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The command line of ``tools/model_converters/<family>2mmdyn.py``.
 
 argparse only, so that ``--help`` and usage errors answer at once, before

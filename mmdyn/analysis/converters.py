@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convert official ODConv / KernelWarehouse / DDF / DyConv checkpoints.
 
 Pipeline (``tools/model_converters/<family>2mmdyn.py``):

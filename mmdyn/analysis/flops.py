@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Multiply-add (MAdds) and parameter counting that understands dynamic layers.
 
 Generic counters (fvcore, mmengine's ``get_model_complexity_info``, thop)

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Counting the memory a training step keeps, and the largest tensor a
 captured graph makes.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Build a model from an OpenMMLab config and make random inputs for it.
 
 Shared by the FLOPs counter, the benchmark and the ONNX exporter. Two kinds

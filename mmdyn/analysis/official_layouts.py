@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Key layouts of the official models and their names in mmdyn.
 
 The official models are plain torchvision/timm-style networks; mmdyn builds

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ONNX export of classifiers and detection backbones, with a dynamic batch.
 
 Dynamic layers compute one kernel per sample; while exporting they take

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The logger mmdyn's tools report progress through.
 
 The command-line tools (converters, ``get_flops.py``, ``benchmark.py``,

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Exported models timed in an inference runtime: ONNX Runtime (CPU) or
 OpenVINO (CPU, when installed), several files alternating in one process
 (:func:`mmdyn.analysis.benchmark.run_interleaved`), so that their time

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Pictures of what the dynamic layers of a model do on given images.
 
 Forward hooks on the layers' filter/attention submodules record, for every

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Explicit, versioned fixes that let the pinned OpenMMLab stack (mmengine
 0.10, mmcv 2.1, mmdet 3.3, mmpretrain 1.2) run on today's torch, numpy and
 setuptools.

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """``mmdyn::`` config bases.
 
 mmengine documents that any package laid out as OpenMMLab's (configs in

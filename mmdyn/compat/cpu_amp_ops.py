@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmcv's CPU ``nms`` and ``roi_align`` under bfloat16 autocast.
 
 ``--amp`` on CPU (:class:`mmdyn.engine.amp.CPUAmpOptimWrapper`) runs the

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """``np.in1d`` for mmpretrain's retrieval metrics.
 
 numpy 2.4 removed ``np.in1d`` (deprecated since 2.0 in favour of

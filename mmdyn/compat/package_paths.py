@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmengine's package lookup without ``pkg_resources``, and right for
 editable installs.
 

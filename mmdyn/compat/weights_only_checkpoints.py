@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Weights-only loading of mmengine checkpoints.
 
 torch 2.6 made ``torch.load`` default to ``weights_only=True``, and mmdyn's

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A small synthetic data set for demos and tests, generated on first use.
 
 Two layouts, both made of coloured circles, squares and triangles drawn on

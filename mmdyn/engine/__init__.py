@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmdyn's training components for mmengine's Runner.
 
 Importing this package registers mmdyn's hooks in mmengine's ``HOOKS`` and

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """One checkpoint loader, with the checks, for every load path.
 
 :func:`load_checkpoint_file` reads a local checkpoint and refuses, naming

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Checkpoint files that are complete or absent, and that record their
 content.
 

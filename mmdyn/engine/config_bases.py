@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Loading configs, and putting a complete config on other data.
 
 Only mmengine's public ``Config`` API is used (``Config.fromfile``,

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmengine's training loops, able to continue from a batch inside an
 epoch with the random state of the interrupted run.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Config preparation shared by ``tools/train.py`` and ``tools/test.py``.
 
 The tools stay task-agnostic: whether a config is an mmdet or an mmpretrain

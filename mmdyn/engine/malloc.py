@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """glibc ``malloc`` settings that let a CPU process reuse freed memory.
 
 By default glibc serves every allocation above its mmap threshold (128 KiB,

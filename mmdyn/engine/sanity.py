@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 r"""Stop early, with the file or config key named, when data are missing.
 
 * An empty training set (a wrong ``data_root``/``ann_file``, or every image

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Importing this package registers every mmdyn layer, backbone, neck and
 head into the OpenMMLab registries (layers: mmengine root ``MODELS``;
 backbones: ``mmpretrain.registry.MODELS``; necks and heads:

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Registers the :mod:`mmdyn.ops` layers in mmengine's root ``MODELS``.
 
 mmcv's ``build_conv_layer``/``build_upsample_layer`` look layer names up from

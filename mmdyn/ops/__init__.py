@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Dynamic convolution operators (torch only).
 
 The paper's math, one method per file: :mod:`.dyconv` (CondConv/DyConv),

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Pieces shared by every dynamic convolution in :mod:`mmdyn.ops`.
 
 * :class:`DynamicConv2dBase`: the ``nn.Conv2d`` contract (constructor

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Whether a forward is being captured into a graph, and the layers as
 ``torch.fx`` leaves.
 

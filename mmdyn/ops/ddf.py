@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Decoupled Dynamic Filter (DDF) operator, DDF module and DDF-Up upsampler.
 
 Paper: Zhou et al., "Decoupled Dynamic Filter Networks", CVPR 2021,

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Mixture-of-kernels dynamic convolutions: CondConv and DyConv.
 
 * CondConv: Yang, Bender, Le, Ngiam. "CondConv: Conditionally Parameterized

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The layer families of :mod:`mmdyn.ops`, in one table.
 
 Everything that treats the methods differently reads this table instead of

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KernelWarehouse (KW): dynamic convolution from shared kernel cells.
 
 Paper: "KernelWarehouse: Rethinking the Design of Dynamic Convolution"

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Omni-dimensional dynamic convolution (ODConv).
 
 Li, Zhou, Yao. "Omni-Dimensional Dynamic Convolution", ICLR 2022.

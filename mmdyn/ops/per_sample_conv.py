@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convolution of each sample with its own kernel.
 
 Every dynamic convolution (DyConv, ODConv, KernelWarehouse) ends with the

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every ``MMDYN_*`` environment switch of mmdyn, parsed in one place.
 
 ========================= ==============================================

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The KernelWarehouse manager: creates, stores and allocates the kernel
 warehouses of a network (see :mod:`mmdyn.ops.kernel_warehouse` for the
 layers and their life cycle).

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A save that is interrupted keeps the previous checkpoint and resume.
 
 With ``max_keep_ckpts=1`` mmengine's ``CheckpointHook`` removed the old

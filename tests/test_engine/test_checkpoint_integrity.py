@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Checkpoints prove their content on load, and a checkpoint of another
 model may not leave the dynamic layers silently at their random init.
 

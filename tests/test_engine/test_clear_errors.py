@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Errors that used to confuse now name the file or key and what to do.
 
 * an empty ``last_checkpoint`` ("checkpoint  can not be found.", with an

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmdyn.compat: each fix against the real library (what fails without it,
 in a fresh interpreter), and inert outside the versions it was written for.
 """

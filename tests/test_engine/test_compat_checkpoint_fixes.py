@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The compat fixes of checkpoints and CPU AMP, run against the real
 libraries: needed without them, working with them, undone by ``revert``
 and inert outside their version range.

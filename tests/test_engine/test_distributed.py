@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """tools/dist_train.sh: 2-process PyTorch DDP (gloo on CPU) on demo data.
 
 With ``find_unused_parameters=False`` DDP fails in the second iteration if a

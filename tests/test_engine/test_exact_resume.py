@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """An interrupted + resumed run equals the uninterrupted one, bit for bit.
 
 Random state (dropout, augmentation, RPN sampling) and the sampler position

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Importing mmdyn registers its components and changes nothing else.
 
 In a fresh interpreter, the modules of mmengine, mmcv, mmdet, mmpretrain,

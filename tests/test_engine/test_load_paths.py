@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every load path refuses a checkpoint of another method, and reaches the
 checked loader.
 

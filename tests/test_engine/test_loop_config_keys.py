@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The exact-resume loops over stock schedule bases.
 
 mmdet's schedules write ``train_cfg = dict(type='EpochBasedTrainLoop',

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmdyn.engine.malloc: multi-MB blocks stay in the heap for reuse."""
 import ctypes
 import subprocess

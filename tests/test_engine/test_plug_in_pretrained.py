@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Plug-in configs: dynamic layers put into a stock backbone that starts
 from stock ImageNet weights.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Failure modes must be loud and leave no partial state behind.
 
 * corrupt / truncated / empty checkpoints: an error naming the file, and

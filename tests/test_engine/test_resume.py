@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Resume exactness: N iterations straight == N/2, kill, resume, N/2.
 
 On CPU with deterministic settings the two runs must agree bitwise: model

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """How the attention-branch BatchNorms of dynamic convs interact with SyncBN
 conversion and ``norm_eval`` (documented in README, "Distributed training,
 SyncBN and norm_eval").

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DynamicTemperatureHook: the annealing formula, a real mmengine Runner
 (fresh run, resume from a checkpoint, iteration-based loop) and the no-op
 warning. Expected values are written out from the official formula

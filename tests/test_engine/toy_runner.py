@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A tiny classifier and Runner factory shared by the engine tests.
 
 Not a test module (no ``test_`` prefix). The model optionally uses an

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The backbones' state-dict layouts, and the behaviour of the KW backbones
 as subclasses of mmpretrain's MobileNetV2 / ConvNeXt.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DDFResNet: DDF replaces exactly the bottleneck 3x3 conv2 (stride
 included), the rest is mmpretrain's ResNet with zero-init of the last BN."""
 import pytest

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DDFUpFPN: same pyramid as mmdet's FPN, learnable top-down upsamplers."""
 import pytest
 import torch

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DDFUpFCNMaskHead: FCNMaskHead whose upsampler can be DDF-Up."""
 import copy
 import os.path as osp

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every detection config under configs/ builds; a representative subset runs
 a loss forward + backward; the paper configs have the published sizes; an
 ImageNet checkpoint of a dynamic backbone loads into a detector."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DynamicMobileNetV2: placement (expansion, depthwise, projection, final 1x1;
 static stem), geometry against mmpretrain's MobileNetV2, exact equivalence
 with a static layer, options and argument checks."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DynamicResNet: which convolutions become dynamic, their geometry against
 mmpretrain's plain ResNet, checkpoint compatibility of the static parts,
 freezing, init and argument checks."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The DDF-Up neck and mask head on empty batches, as their stock
 counterparts (mmdet's FPN and FCNMaskHead), and a DDF-Up Mask R-CNN
 training step on batches with an image without ground truth."""

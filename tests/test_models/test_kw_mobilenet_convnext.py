@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KW-MobileNetV2 (kw1d2x / kw1x / kw4x, x1.0 / x0.5) and KW-ConvNeXt-T.
 
 References: the exact parameter counts and warehouses of the models built

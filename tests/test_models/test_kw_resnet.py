@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KW ResNet: parity with the official parameter counts and warehouses."""
 import os.path as osp
 

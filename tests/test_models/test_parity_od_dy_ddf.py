@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Parity of the ODConv / DyConv / DDF classification configs with the
 official models: building each config's ``model`` (1000 classes) must give
 the exact parameter count of the model the official code builds.

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Building, caching and the fallbacks of the C loops (CLibrary)."""
 import ctypes
 import os

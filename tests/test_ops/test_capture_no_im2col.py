@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Compiled training keeps the per-sample conv a conv: no im2col columns.
 
 Under ``torch.compile`` a layer's per-sample conv must not become im2col +

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A C compiler that hangs is killed with the processes it started."""
 import os
 import signal

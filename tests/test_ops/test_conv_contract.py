@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The conv-layer contract of issue 3, for every mmdyn conv layer: built by
 mmcv's ``build_conv_layer`` from a registered name, usable as
 ``ConvModule(conv_cfg=...)`` and as ``dcn=`` of stock mmdet ``ResNet``,

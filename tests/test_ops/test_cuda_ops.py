@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """CUDA checks of the conv layers: the same results as on CPU (fp32,
 forward and gradients) and finite, close results under fp16/bf16 autocast;
 the Triton DDF kernels compiled into ``torch.compile`` graphs, at sizes past

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Tests of the DDF operator, DDFConv2d and DDFUpsample.
 
 Every expected value is computed here, independently of mmdyn: an explicit

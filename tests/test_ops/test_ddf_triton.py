@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Tests of the Triton DDF kernels (:mod:`mmdyn.ops.accel.ddf_triton`).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """CondConv2d / DyConv2d against an independent reference: routing weights
 recomputed from the layer's parameters, the mixed kernel and bias built by
 an explicit sum, one F.conv2d per sample."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The export forms (mmdyn/ops/accel/export_forms.py) against each layer's
 ``forward_reference``: in PyTorch (the form forced with ``impl='export'``)
 and through ONNX Runtime (exported at batch 2 with a dynamic batch, run at

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The table of layer families: every layer of :mod:`mmdyn.ops` is in it
 once, its state-dict keys are the layer's, and the registration in
 mmengine's ``MODELS`` comes from it (without replacing other names)."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every execution path of every layer, selected publicly by ``impl``,
 against the layer's paper forward (``forward_reference``), with the path
 taken read back from ``last_path``; the dispatcher's choices follow the

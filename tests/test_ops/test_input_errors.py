@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The errors a user gets for inputs and arguments a layer cannot take: one
 ``ValueError`` that names the layer, what it got and what it expects,
 instead of an error from deep inside torch. Where a static counterpart

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Tests of the KernelWarehouse operator against independent references.
 
 The references below are written from the method's definition (the KernelWarehouse

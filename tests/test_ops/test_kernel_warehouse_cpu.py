@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The C loop of KernelWarehouse's kernel assembly against torch.matmul."""
 import pytest
 import torch

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every layer of mmdyn.ops on the inputs and arguments a new user tries:
 empty batches, channels_last models and inputs, non-finite ratios,
 ``padding_mode``, sizes above the allocation budget, and ``ddf()``'s filter

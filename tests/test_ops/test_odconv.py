@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ODConv2d against an independent reference written from the ODConv paper:
 attentions recomputed from the layer's parameters with plain tensor ops, a
 per-sample kernel built by an explicit sum, one F.conv2d per sample."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The import structure of :mod:`mmdyn.ops`: no import cycle, and no
 ``import`` inside a function (the usual way to hide a cycle), except the
 lazy imports of genuinely optional dependencies listed below.

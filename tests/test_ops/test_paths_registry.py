@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The path registry and the switches: a path is one table entry,
 ``last_path`` is the path that ran, DDF decides its path once per call,
 and every ``MMDYN_*`` switch is read in one module."""

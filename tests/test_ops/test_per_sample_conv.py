@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """per_sample_conv2d: every implementation against an independent direct
 convolution (padding + strided slices + einsum, no F.conv2d), forward and
 backward, and gradcheck in float64."""

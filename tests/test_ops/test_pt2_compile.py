@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The layers under ``torch.compile`` and ``torch.export``: results equal
 to eager (the independent reference being each layer's
 ``forward_reference`` run eagerly, or the eager gradients).

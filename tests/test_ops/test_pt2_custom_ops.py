@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The ``mmdyn::`` custom operators of the C loops: each against its
 pure-PyTorch reference, and ``torch.library.opcheck`` (schema, fake
 tensor, autograd registration, AOT dispatch)."""

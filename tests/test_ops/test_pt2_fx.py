@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """``torch.fx.symbolic_trace`` of each layer built with its default
 arguments, alone and inside a model: the traced module runs and matches
 the eager reference forward."""

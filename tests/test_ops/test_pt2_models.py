@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Small models of each backbone family and the DDF-Up FPN neck under
 ``torch.compile(fullgraph=True, backend='aot_eager')`` (train: forward and
 gradients; eval: forward), and the ResNet-50 backbones through

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Each layer through both ONNX exporters (the TorchScript-based one and
 ``dynamo=True``), with a dynamic batch: onnxruntime equals PyTorch's
 eager reference forward at batch 1 and 3."""

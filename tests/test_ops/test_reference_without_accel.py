@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Each layer's reference forward is the paper's math in plain PyTorch.
 
 The reference forwards (``forward_reference``) run in two fresh

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The ``'recompute'`` training path: per-sample kernels rebuilt in the
 backward instead of kept (:mod:`mmdyn.ops.accel.recompute`).
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Winograd F(2x2, 3x3) per-sample convolution against independent
 references: a loop of F.conv2d over per-sample kernels built by an explicit
 sum, and the transformed kernel written out entry by entry from the

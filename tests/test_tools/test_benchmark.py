@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Whole-model benchmark on tiny configs (no timed assertions)."""
 import os.path as osp
 

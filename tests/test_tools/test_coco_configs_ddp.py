@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The COCO detection configs train under DDP with
 ``find_unused_parameters=False`` (mmengine's default, which the configs keep).
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """``mmdyn::`` config bases (mmengine's own lookup, with mmdyn.compat
 applied by conftest as by the tools) and overlays
 (mmdyn/engine/config_bases.py, tools/misc/overlay_config.py): stock mmdet

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every config in configs/ loads (with its custom_imports) and chooses
 mmdyn's atomic checkpoints and exact-resume training loop."""
 import functools

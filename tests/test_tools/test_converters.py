@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Official-checkpoint converters.
 
 The official layouts are recreated here as plain dicts of random tensors,

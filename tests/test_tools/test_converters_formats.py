@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Official checkpoints in the save formats of the official training
 scripts, the converters' command line (``--weights``, ``--verify``), their
 refusals, and that nothing is written when a conversion fails.

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KernelWarehouse converters: MobileNetV2 (1/2x with its KW classifier, 1x,
 4x), ConvNeXt-T, and ResNet-18/50 at every budget.
 

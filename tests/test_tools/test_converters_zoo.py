@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every ODConv, DDF and DyConv classification config takes its official
 checkpoint: official keys made from each config's shapes (models built on
 the meta device) are renamed back by the converter, and the config is found

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The CUDA modes of the DDF benchmark and of the model benchmark tool:
 without a GPU they stop with one clear line; the DDF benchmark rewrites
 only its own section of its output file."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The limits of stock ResNets' ``dcn=`` slot are what docs/dcn_slot.md
 says (errors raised by mmdet and mmpretrain themselves: mmdyn does not
 patch them), and the slot works where it exists."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The synthetic demo data: deterministic, valid COCO, race-safe."""
 import hashlib
 import json

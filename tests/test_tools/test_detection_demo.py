@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A shortened demo run of the ODConv + DDF-Up Mask R-CNN through
 tools/train.py and tools/test.py: one epoch on four tiny images, then COCO
 bbox and segm evaluation."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The commands the README and docs show parse with the tools' own argument
 parsers (a renamed or missing flag fails here), and a few statements of the
 README that readers act on match the code."""

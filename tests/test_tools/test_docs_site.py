@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The docs site (Sphinx + MyST under docs/): the model-zoo pages generated
 from the metafiles carry every model, its numbers and its convert command;
 the site builds with warnings as errors."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every tool answers ``--help`` without importing torch or the OpenMMLab
 model libraries (they are imported once the arguments are parsed), so that
 ``--help`` is immediate even on a loaded machine."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Multiply-add counting: formulas against hand-computed values and static
 convs of the same shape, whole models against reference counts of the
 official implementations (the convention of docs/flops.md)."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The one-call GPU check (``tools/gpu_check.sh`` -> ``tools/gpu_check.py``
 -> ``benchmarks/gpu.py``): it parses and imports, stops with one clear line
 without a GPU, parses pytest's JUnit results, and its dry run on CPU goes

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """mmdet's DetInferencer / init_detector + inference_detector and
 mmpretrain's ImageClassificationInferencer with mmdyn configs and
 checkpoints (saved from freshly built models) on demo images."""

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """tools/dist_train.sh, dist_test.sh and slurm_train.sh run the interpreter
 named by PYTHON (a virtual environment that is not on PATH), with the
 arguments they document. A stand-in interpreter records its command line."""

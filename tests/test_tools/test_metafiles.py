@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The model index (``model-index.yml`` and ``configs/*/metafile.yml``, mim's
 schema): it loads with the ``modelindex`` package, every config it names exists
 and builds (on the meta device: shapes and parameter counts, no memory or

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ONNX export with a dynamic batch: onnxruntime equals PyTorch at batch 1
 and 4 for ODConv, KernelWarehouse and DDF models (and a backbone)."""
 import os.path as osp

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Deployment: the exported files in OpenVINO (skipped where it is not
 installed) and ONNX Runtime, the graph simplification, the runtime
 benchmark tool, ``pytorch2onnx.py --verify``'s timings and its checkpoint

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The distribution: licence and headers, one version everywhere, and a
 wheel that works away from the checkout.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The plug-in recipes of docs/plug_in.md (configs/plug_in/): each builds from
 stock mmdet/mmpretrain bases + custom_imports, holds the dynamic layers it
 promises (counts worked out by hand from the networks' layouts) and trains

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The tools log their progress through mmengine's MMLogger (as mmdet's
 tools do) and print their results."""
 import logging

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """tools/train.py and tools/test.py end to end on the demo configs.
 
 Called in-process (their ``main(argv)``) on a few tiny images, shortened by

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """tools/analysis_tools/vis_dynamic.py and mmdyn.analysis.vis_dynamic: the
 recorded filters and attentions are the ones the layers applied (their
 outputs recomputed by hand from them), the statistics match a hand

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Whole-model inference / training-step latency, throughput and memory.
 
     python tools/analysis_tools/benchmark.py CONFIG [--compare CONFIG2 ...] \

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Exported models' inference time in ONNX Runtime or OpenVINO (CPU).
 
     python tools/analysis_tools/benchmark_onnx.py CONFIG_OR_ONNX \

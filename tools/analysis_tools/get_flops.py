@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Multiply-adds and parameters of configs, dynamic layers counted right.
 
     python tools/analysis_tools/get_flops.py CONFIG [CONFIG ...] \

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Pictures of what the dynamic layers of a model do on some images.
 
     python tools/analysis_tools/vis_dynamic.py CONFIG CHECKPOINT IMAGE \

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Export a classification config (or a detector's backbone) to ONNX.
 
     python tools/deployment/pytorch2onnx.py CONFIG [CHECKPOINT] \

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Generate the synthetic demo data sets (normally made on first use).
 
     python tools/misc/make_demo_data.py [--root data] [--seed 0]

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Write a config with some top-level variables replaced by other files'.
 
     python tools/misc/overlay_config.py CONFIG [OVERLAY ...] [--demo]

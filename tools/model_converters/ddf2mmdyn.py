@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convert an official theFoxofSky/ddfnet DDF-ResNet checkpoint to mmdyn.
 
 ddf_{mul,add}_resnet50/101, as timm's ``train.py`` saves them

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convert a DyConv checkpoint of kaijieshi7/Dynamic-convolution-Pytorch.
 
 The common unofficial DyConv code (``dy_resnet18/50``: every block conv and

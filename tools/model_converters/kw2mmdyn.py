@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convert an official OSVAI/KernelWarehouse checkpoint to mmdyn.
 
 kw_resnet18/50 (every budget), kw_mobilenetv2_050/100 (1x, 4x),

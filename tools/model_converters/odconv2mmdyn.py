@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Convert an official OSVAI/ODConv checkpoint to mmdyn.
 
 od_resnet18/50/101 and od_mobilenetv2_050/075/100, any kernel number, as

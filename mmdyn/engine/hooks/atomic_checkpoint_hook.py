@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """A checkpoint hook that never leaves the run without a complete
 checkpoint.
 

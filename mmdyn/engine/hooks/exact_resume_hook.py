@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Resume a training run where it stopped, bit for bit.
 
 mmengine restores weights, optimizer, schedulers and counters on

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Anneals the attention temperature of dynamic convolutions during training.
 
 Each temperature-carrying layer class declares its method's schedule as

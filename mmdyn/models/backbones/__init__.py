@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 from .ddf_resnet import DDFResNet
 from .dynamic_mobilenet_v2 import DynamicMobileNetV2
 from .dynamic_resnet import DynamicResNet

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """DDF-ResNet: ResNet whose bottleneck 3x3 convs are decoupled dynamic filters.
 
 Zhou et al., "Decoupled Dynamic Filter Networks", CVPR 2021

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """MobileNetV2 whose convolutions are swapped for a dynamic convolution.
 
 The official OD_MobileNetV2 (ODConv, ICLR 2022) makes every convolution of

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ResNet whose convolutions are swapped for a dynamic convolution.
 
 ODConv (Li et al., ICLR 2022, https://openreview.net/forum?id=DmpCfq6Mg39)

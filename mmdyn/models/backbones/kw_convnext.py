@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ConvNeXt with KernelWarehouse convolutions (KW-ConvNeXt).
 
 `KernelWarehouse: Rethinking the Design of Dynamic Convolution

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """MobileNetV2 with KernelWarehouse convolutions (KW-MobileNetV2).
 
 `KernelWarehouse: Rethinking the Design of Dynamic Convolution

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """ResNet with KernelWarehouse convolutions (KW ResNet-18/34/50/101/152).
 
 Paper: "KernelWarehouse: Rethinking the Design of Dynamic Convolution"

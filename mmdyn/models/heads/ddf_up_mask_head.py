@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Mask R-CNN FCN mask head whose upsampler can be any mmcv upsample layer.
 
 mmdet's :class:`FCNMaskHead` accepts only ``deconv``, ``nearest``,

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Linear classification head with dropout before the classifier.
 
 The ODConv/KernelWarehouse classification models end in

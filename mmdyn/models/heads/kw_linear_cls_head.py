@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Classification head whose fully connected layer is a KernelWarehouse
 linear layer (the classifier of the paper's 1/2x KW-MobileNetV2)."""
 from typing import Optional, Sequence, Tuple, Union

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """FPN whose top-down upsampling is a learnable upsampler (DDF-Up by default).
 
 DDF-Up comes from `Decoupled Dynamic Filter Networks

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """NAS-FPN whose upsampling merges use a learnable upsampler (DDF-Up by
 default).
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """PAFPN whose top-down upsampling is a learnable upsampler (DDF-Up by
 default).
 

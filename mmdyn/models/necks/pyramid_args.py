@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Argument and input checks shared by the DDF-Up necks.
 
 mmdet's ``FPN``, ``PAFPN`` and ``NASFPN`` check their level arguments with

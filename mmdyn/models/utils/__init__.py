@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Helpers shared by the mmdyn backbones.
 
 :mod:`.construction` holds the construction workarounds (building on the

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Construction workarounds for backbones built on stock OpenMMLab ones."""
 from contextlib import contextmanager
 from typing import Iterator

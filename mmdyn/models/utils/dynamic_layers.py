@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Swap static convolutions for dynamic ones, initialise and freeze them."""
 from typing import Sequence, Tuple
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Accelerated execution paths of the :mod:`mmdyn.ops` layers.
 
 Nothing here defines what a layer computes: every path is checked against

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Small C kernels compiled on first use and called through ``ctypes``.
 
 Some CPU loops have no single PyTorch op (DDF's filter-tap sum, the

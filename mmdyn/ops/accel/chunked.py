@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Per-sample kernels built a chunk of samples at a time into a reused
 workspace, then batch-1 convs: the CPU inference path of deep layers.
 

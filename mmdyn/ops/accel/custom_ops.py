@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The C loops of :mod:`mmdyn.ops` as ``torch.library`` custom operators.
 
 Each C entry point is an operator of the ``mmdyn`` namespace with a fake

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Fused CPU kernels for the DDF operator, built on first use.
 
 PyTorch has no single CPU op for ``sum_t a_t * b_t * shift_t(x)``: written

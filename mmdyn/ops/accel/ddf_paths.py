@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The accelerated paths of the DDF operator (:func:`~mmdyn.ops.ddf.ddf`)
 and of DDF-Up: each computes :func:`~mmdyn.ops.ddf.ddf_reference`'s result
 another way. Which one runs is decided once per call by

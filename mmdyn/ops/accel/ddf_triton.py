@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Triton kernels of the DDF operator and of DDF-Up's sub-pixel form.
 
 :func:`ddf` computes the same result as :func:`mmdyn.ops.ddf.ddf` (see its

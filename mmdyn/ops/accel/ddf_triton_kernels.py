@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The Triton kernels of :mod:`mmdyn.ops.accel.ddf_triton` (imports triton).
 
 Loaded by :func:`mmdyn.ops.accel.ddf_triton._kernels`, once per setting of

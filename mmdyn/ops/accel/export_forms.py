@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Export forms: the dynamic layers written for ONNX runtimes.
 
 Under export (:func:`exporting`: ``torch.onnx.export``, ``torch.export``,

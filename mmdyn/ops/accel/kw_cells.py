@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """KernelWarehouse's CPU path: the fused cell product (a C loop built on
 first use), the packed cells, the mixture layouts and the fast convs.
 

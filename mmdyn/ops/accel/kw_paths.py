@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The accelerated paths of :class:`~mmdyn.ops.KWConv2d`: each computes
 the layer's ``forward_reference`` result another way (chosen by
 :mod:`mmdyn.ops.accel.paths`). Each function receives the layer and the

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """The accelerated paths of :class:`~mmdyn.ops.CondConv2d` and
 :class:`~mmdyn.ops.DyConv2d` (mixtures of ``K`` kernels): each computes
 the layer's ``forward_reference`` result another way (chosen by

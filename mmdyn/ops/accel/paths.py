@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Which execution path a dynamic layer takes: one registry of paths per
 layer family.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Per-sample convolutions whose kernels autograd does not keep: the
 training path ``'recompute'`` of ODConv, CondConv/DyConv and KernelWarehouse.
 

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Every size threshold of the accelerated paths, in one table.
 
 Set from measurements on CPU (see ``benchmarks/``). Read at every call:

@@ -1,3 +1,4 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
 """Winograd F(2x2, 3x3) convolution of each sample with its own 3x3 kernel.
 
 The CPU inference path of the mixture-of-kernels layers (DyConv, CondConv,
