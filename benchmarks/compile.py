@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""First-compile and steady-state time of ``torch.compile`` against eager
-for the ResNet-50 backbones of mmdyn on CPU (eval, no_grad).
+"""First-compile and steady-state time of ``torch.compile`` against eager for
+the ResNet-50 backbones of mmdyn on CPU (eval, no_grad).
 
 For each model: the eager forward (median of ``--repeat`` calls after a
 warm-up), the first compiled call (compile time included) and the compiled
@@ -24,11 +24,13 @@ import torch
 from mmdyn.models.backbones import DDFResNet, DynamicResNet, KWResNet
 
 MODELS = {
-    'ODConv-1x ResNet-50': lambda: DynamicResNet(
-        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1,
-                            reduction=0.0625)),
-    'KW-1x ResNet-50': lambda: KWResNet(50),
-    'DDF-ResNet-50': lambda: DDFResNet(50),
+    'ODConv-1x ResNet-50':
+    lambda: DynamicResNet(
+        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625)),
+    'KW-1x ResNet-50':
+    lambda: KWResNet(50),
+    'DDF-ResNet-50':
+    lambda: DDFResNet(50),
 }
 
 
@@ -63,8 +65,8 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--backend', default='inductor')
     parser.add_argument('--repeat', type=int, default=3)
-    parser.add_argument('--models', nargs='+', default=list(MODELS),
-                        choices=list(MODELS))
+    parser.add_argument(
+        '--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args(argv)
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     machine = platform.processor() or platform.machine()
@@ -79,8 +81,10 @@ def main(argv=None):
     for name in args.models:
         eager, first, steady = measure(name, args.batch, args.size,
                                        args.backend, args.repeat)
-        print(f'| {name} | {eager:.3f} | {first:.1f} | {steady:.3f} | '
-              f'{steady / eager:.2f} |', flush=True)
+        print(
+            f'| {name} | {eager:.3f} | {first:.1f} | {steady:.3f} | '
+            f'{steady / eager:.2f} |',
+            flush=True)
 
 
 if __name__ == '__main__':

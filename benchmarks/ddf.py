@@ -59,8 +59,8 @@ from mmdyn.ops.ddf import ddf_reference
 
 def peak_bytes(fn) -> int:
     """Peak of live bytes allocated by ``fn`` (CPU allocator events)."""
-    with profile(activities=[ProfilerActivity.CPU],
-                 profile_memory=True) as prof:
+    with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [
         e for e in prof.profiler.kineto_results.events()
@@ -193,27 +193,29 @@ def cuda_peak_bytes(fn) -> int:
 
 
 def _cuda_inputs(shape, k, dtype, phases=0):
-    """x and DDF filters on CUDA (``phases`` > 0: stacked DDF-Up filters
+    """X and DDF filters on CUDA (``phases`` > 0: stacked DDF-Up filters
     [phases, B, C, k*k] and [phases, B, k*k, H, W])."""
     B, C, H, W = shape
     lead = (phases, ) if phases else ()
     make = dict(device='cuda', dtype=dtype, requires_grad=True)
-    return (torch.randn(B, C, H, W, **make),
-            torch.randn(*lead, B, C, k * k, **make),
+    return (torch.randn(B, C, H, W,
+                        **make), torch.randn(*lead, B, C, k * k, **make),
             torch.randn(*lead, B, k * k, H, W, **make))
 
 
 def _timed_rows(kind, shape, dtype, candidates, tensors, rounds):
-    """Forward and forward+backward rows of ``candidates`` (name -> a
-    function returning the output), the first one the baseline."""
+    """Forward and forward+backward rows of ``candidates`` (name -> a function
+    returning the output), the first one the baseline."""
     rows = []
     tag = f'{kind}, {str(dtype).replace("torch.", "")}'
     out_bytes = candidates[next(iter(candidates))]().numel() * \
         torch.finfo(dtype).bits // 8
     with torch.no_grad():
         res = time_interleaved(candidates, rounds, 10)
-        mem = {n: cuda_peak_bytes(f) / out_bytes
-               for n, f in candidates.items()}
+        mem = {
+            n: cuda_peak_bytes(f) / out_bytes
+            for n, f in candidates.items()
+        }
     rows += [(f'{tag} forward', shape, n, t, r, mem[n])
              for n, (t, r) in res.items()]
     both = {n: fwd_bwd(f, tensors) for n, f in candidates.items()}
@@ -225,7 +227,7 @@ def _timed_rows(kind, shape, dtype, candidates, tensors, rounds):
 
 
 def _carafe_or_reason():
-    """mmcv's ``carafe`` op, or the reason it cannot run on CUDA here."""
+    """Mmcv's ``carafe`` op, or the reason it cannot run on CUDA here."""
     try:
         from mmcv.ops import carafe
         x = torch.zeros(1, 1, 2, 2, device='cuda')
@@ -247,8 +249,9 @@ def cuda_rows(rounds, quick):
         for C, H in [(256, 14), (64, 56)]:
             for B in batches:
                 x, cf, sf = _cuda_inputs((B, C, H, H), 3, dtype)
-                dw = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
-                    'cuda', dtype)
+                dw = nn.Conv2d(
+                    C, C, 3, padding=1, groups=C,
+                    bias=False).to('cuda', dtype)
                 cf4 = cf.view(B, C, 3, 3)
                 rows += _timed_rows(
                     'ddf', f'{B}x{C}x{H}x{H}', dtype, {
@@ -262,8 +265,9 @@ def cuda_rows(rounds, quick):
         for C, H in [(256, 25), (256, 50)]:
             B = 2
             x, cf, sf = _cuda_inputs((B, C, H, H), 3, dtype, phases=4)
-            masks = torch.randn(B, 25, 2 * H, 2 * H, device='cuda',
-                                dtype=dtype).softmax(1).requires_grad_()
+            masks = torch.randn(
+                B, 25, 2 * H, 2 * H, device='cuda',
+                dtype=dtype).softmax(1).requires_grad_()
             ups = {
                 'nearest x2':
                 lambda: F.interpolate(x, scale_factor=2),
@@ -327,8 +331,8 @@ def cuda_main(args) -> None:
         'call, in units of the output size. Reproduce: `python '
         'benchmarks/ddf.py --device cuda`.'
     ])
-    write_section(args.out, 'DDF on CUDA', header + '\n\n' + table +
-                  '\n\n' + notes)
+    write_section(args.out, 'DDF on CUDA',
+                  header + '\n\n' + table + '\n\n' + notes)
     print(f'written to {args.out}')
 
 
@@ -385,8 +389,7 @@ def main(argv=None):
         CLOCK['fn'] = time.thread_time
     rows = op_rows(args.rounds, args.quick) + module_rows(args.rounds)
     table = format_table(rows)
-    clock = ('thread CPU time'
-             if args.threads == 1 else 'wall time')
+    clock = ('thread CPU time' if args.threads == 1 else 'wall time')
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
               f'thread(s), {clock}, {_cpu_name()} ({os.cpu_count()} CPUs, '

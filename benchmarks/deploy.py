@@ -88,11 +88,12 @@ DETECTORS = {
 def cpu_header(threads: int) -> list:
     with open('/proc/cpuinfo') as f:
         info = f.read()
-    model = next((line.split(':', 1)[1].strip()
-                  for line in info.splitlines()
-                  if line.startswith('model name')), platform.processor())
-    flags = next((line for line in info.splitlines()
-                  if line.startswith('flags')), '')
+    model = next(
+        (line.split(':', 1)[1].strip()
+         for line in info.splitlines() if line.startswith('model name')),
+        platform.processor())
+    flags = next(
+        (line for line in info.splitlines() if line.startswith('flags')), '')
     isa = 'avx512' if 'avx512f' in flags else (
         'avx2' if 'avx2' in flags else 'other')
     return [
@@ -114,7 +115,13 @@ def _version(package: str) -> str:
         return 'not installed'
 
 
-def runtime_rows(files, names, runtimes, batch, threads, repeat, warmup,
+def runtime_rows(files,
+                 names,
+                 runtimes,
+                 batch,
+                 threads,
+                 repeat,
+                 warmup,
                  shape=(224, 224)):
     from mmdyn.analysis.benchmark import paired_ratio
     from mmdyn.analysis.runtime_benchmark import (benchmark_onnx_files,
@@ -123,8 +130,16 @@ def runtime_rows(files, names, runtimes, batch, threads, repeat, warmup,
     for runtime in runtimes:
         if not runtime_available(runtime):
             continue
-        results = benchmark_onnx_files(files, names, runtime, batch, shape,
-                                       threads, repeat, warmup, log=None)
+        results = benchmark_onnx_files(
+            files,
+            names,
+            runtime,
+            batch,
+            shape,
+            threads,
+            repeat,
+            warmup,
+            log=None)
         for name, result in zip(names, results):
             ratios[(runtime, name)] = (result.median,
                                        paired_ratio(result, results[0]))
@@ -134,9 +149,15 @@ def runtime_rows(files, names, runtimes, batch, threads, repeat, warmup,
 def eager_rows(configs, names, batch, threads, repeat, warmup):
     from mmdyn.analysis.benchmark import benchmark_configs, paired_ratio
     torch.set_num_threads(threads)
-    results = benchmark_configs(configs, 'infer', batch, (224, 224), 'cpu',
-                                repeat=repeat, warmup=warmup, log=None,
-                                measure_memory=False)
+    results = benchmark_configs(
+        configs,
+        'infer',
+        batch, (224, 224),
+        'cpu',
+        repeat=repeat,
+        warmup=warmup,
+        log=None,
+        measure_memory=False)
     return {
         name: (r.median, paired_ratio(r, results[0]))
         for name, r in zip(names, results)
@@ -150,8 +171,8 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
     parser.add_argument('--skip-eager', action='store_true')
-    parser.add_argument('--out', default=osp.join(ROOT, 'benchmarks',
-                                                  'deploy.md'))
+    parser.add_argument(
+        '--out', default=osp.join(ROOT, 'benchmarks', 'deploy.md'))
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     mmdyn.compat.apply()
@@ -166,27 +187,33 @@ def main(argv=None):
     files = [export_config_file(MODELS[n], work) for n in names]
     nodes = {n: count_nodes(f) for n, f in zip(names, files)}
     runtimes = ('onnxruntime', 'openvino')
-    lines = ['# Deployed ResNet-50s: ONNX Runtime, OpenVINO, PyTorch eager',
-             '', 'Written by `python benchmarks/deploy.py` (models timed '
-             'alternately in one process; ratios are paired medians to the '
-             'static ResNet-50 of the same runtime).', '', *header, '']
+    lines = [
+        '# Deployed ResNet-50s: ONNX Runtime, OpenVINO, PyTorch eager', '',
+        'Written by `python benchmarks/deploy.py` (models timed '
+        'alternately in one process; ratios are paired medians to the '
+        'static ResNet-50 of the same runtime).', '', *header, ''
+    ]
     for batch in args.batch_sizes:
         rt = runtime_rows(files, names, runtimes, batch, args.threads,
                           args.repeat, args.warmup)
         eager = {} if args.skip_eager else eager_rows(
             [MODELS[n] for n in names], names, batch, args.threads,
             args.repeat, args.warmup)
-        lines += [f'## Batch {batch}', '',
-                  '| ResNet-50 family | ONNX nodes | ONNX Runtime ms | ORT / '
-                  'R-50 | target (batch 8) | OpenVINO ms | OpenVINO / R-50 | '
-                  'PyTorch eager ms | eager / R-50 |',
-                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+        lines += [
+            f'## Batch {batch}', '',
+            '| ResNet-50 family | ONNX nodes | ONNX Runtime ms | ORT / '
+            'R-50 | target (batch 8) | OpenVINO ms | OpenVINO / R-50 | '
+            'PyTorch eager ms | eager / R-50 |',
+            '|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+        ]
         for n in names:
             cells = []
             for key in (('onnxruntime', n), ('openvino', n)):
                 ms, ratio = rt.get(key, (None, None))
-                cells += ['-' if ms is None else f'{ms * 1e3:.1f}',
-                          '-' if ratio is None else f'{ratio:.2f}x']
+                cells += [
+                    '-' if ms is None else f'{ms * 1e3:.1f}',
+                    '-' if ratio is None else f'{ratio:.2f}x'
+                ]
             ms, ratio = eager.get(n, (None, None))
             target = f'<= {TARGETS[n]}x' if n in TARGETS else ''
             lines.append(
@@ -201,15 +228,17 @@ def main(argv=None):
         config, options = DETECTORS[name]
         model = build_model(config, options or None)
         module = exportable(model, backbone_only=True, with_neck=True)
-        path = osp.join(work, name.replace(' ', '_').replace('+', '') +
-                        '.onnx')
+        path = osp.join(work,
+                        name.replace(' ', '_').replace('+', '') + '.onnx')
         export_onnx(module, path, DET_SHAPE)
         det_files.append(path)
-    lines += ['## Faster R-CNN backbone + neck (800x1216, batch 1)', '',
-              '| model | ONNX nodes | ONNX Runtime ms | ratio |',
-              '|---|---:|---:|---:|']
-    rt = runtime_rows(det_files, det_names, ('onnxruntime', ), 1,
-                      args.threads, args.repeat, args.warmup, DET_SHAPE)
+    lines += [
+        '## Faster R-CNN backbone + neck (800x1216, batch 1)', '',
+        '| model | ONNX nodes | ONNX Runtime ms | ratio |',
+        '|---|---:|---:|---:|'
+    ]
+    rt = runtime_rows(det_files, det_names, ('onnxruntime', ), 1, args.threads,
+                      args.repeat, args.warmup, DET_SHAPE)
     for name, path in zip(det_names, det_files):
         ms, ratio = rt[('onnxruntime', name)]
         lines.append(f'| {name} | {count_nodes(path)} | {ms * 1e3:.1f} | '

@@ -45,7 +45,6 @@ from torch import nn
 from mmdyn.ops import (DDFConv2d, DDFUpsample, DyConv2d, ODConv2d,
                        WarehouseManager, ddf)
 
-
 PRECISIONS = {'fp32': None, 'amp-fp16': torch.float16}
 
 
@@ -135,8 +134,9 @@ def bench_ddf_op(bench: Bench) -> None:
         conv_x = x.clone().requires_grad_()
         conv_cl = x.clone().to(memory_format=torch.channels_last)
         conv_cl.requires_grad_()
-        conv_m_cl = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).to(
-            dev, dt, memory_format=torch.channels_last)
+        conv_m_cl = nn.Conv2d(
+            C, C, 3, padding=1, groups=C, bias=False).to(
+                dev, dt, memory_format=torch.channels_last)
 
         def fwd():
             with torch.no_grad():
@@ -160,18 +160,23 @@ def bench_ddf_op(bench: Bench) -> None:
         error = ((got - ref).abs().max() / ref.abs().max()).item()
         check = f'max |{impl} - taps| / max |taps| = {error:.1e}'
         for what, run, base_runs, target in (
-                ('forward', fwd, (conv_fwd, lambda: conv_fwd(
-                    conv_m_cl, conv_cl.detach())), 1.3),
-                ('forward+backward', fwd_bwd,
-                 (conv_fwd_bwd, lambda: conv_fwd_bwd(conv_m_cl, conv_cl)),
-                 2.0)):
+            ('forward', fwd,
+             (conv_fwd, lambda: conv_fwd(conv_m_cl, conv_cl.detach())), 1.3),
+            ('forward+backward', fwd_bwd,
+             (conv_fwd_bwd, lambda: conv_fwd_bwd(conv_m_cl, conv_cl)), 2.0)):
             base = min(bench.time_ms(r) for r in base_runs)
             ms = bench.time_ms(run)
-            bench.emit(group='ddf vs depthwise 3x3', name=f'ddf {what}',
-                       precision=prec, shape=shape, ms=round(ms, 3),
-                       baseline='depthwise 3x3 (best of NCHW, NHWC)',
-                       baseline_ms=round(base, 3), ratio=ratio(ms, base),
-                       target=target, note=check)
+            bench.emit(
+                group='ddf vs depthwise 3x3',
+                name=f'ddf {what}',
+                precision=prec,
+                shape=shape,
+                ms=round(ms, 3),
+                baseline='depthwise 3x3 (best of NCHW, NHWC)',
+                baseline_ms=round(base, 3),
+                ratio=ratio(ms, base),
+                target=target,
+                note=check)
 
 
 # --------------------------------------------------------------------------
@@ -199,8 +204,10 @@ def bench_ddf_up(bench: Bench) -> None:
     x = torch.randn(B, C, H, H, device=dev)
     shape = f'B={B} C={C} {H}x{H} -> {2 * H}x{2 * H}'
     for prec, dtype in bench.precisions.items():
-        candidates = {'DDFUpsample': up,
-                      'nearest': lambda t: F.interpolate(t, scale_factor=2)}
+        candidates = {
+            'DDFUpsample': up,
+            'nearest': lambda t: F.interpolate(t, scale_factor=2)
+        }
         if carafe is not None:
             candidates['CARAFE'] = carafe
         for what in ('forward', 'forward+backward'):
@@ -218,17 +225,23 @@ def bench_ddf_up(bench: Bench) -> None:
                 times[name] = bench.time_ms(run)
             for base in ('nearest', 'CARAFE'):
                 if base not in times:
-                    bench.emit(group='DDF-Up vs CARAFE vs nearest',
-                               name=f'DDFUpsample {what} vs {base}',
-                               precision=prec, shape=shape, note=why)
+                    bench.emit(
+                        group='DDF-Up vs CARAFE vs nearest',
+                        name=f'DDFUpsample {what} vs {base}',
+                        precision=prec,
+                        shape=shape,
+                        note=why)
                     continue
-                bench.emit(group='DDF-Up vs CARAFE vs nearest',
-                           name=f'DDFUpsample {what} vs {base}',
-                           precision=prec, shape=shape,
-                           ms=round(times['DDFUpsample'], 3), baseline=base,
-                           baseline_ms=round(times[base], 3),
-                           ratio=ratio(times['DDFUpsample'], times[base]),
-                           target=None)
+                bench.emit(
+                    group='DDF-Up vs CARAFE vs nearest',
+                    name=f'DDFUpsample {what} vs {base}',
+                    precision=prec,
+                    shape=shape,
+                    ms=round(times['DDFUpsample'], 3),
+                    baseline=base,
+                    baseline_ms=round(times[base], 3),
+                    ratio=ratio(times['DDFUpsample'], times[base]),
+                    target=None)
 
 
 # --------------------------------------------------------------------------
@@ -242,11 +255,14 @@ def _bottlenecks(model: nn.Module):
 
 
 def _like(conv: nn.Conv2d) -> dict:
-    return dict(in_channels=conv.in_channels,
-                out_channels=conv.out_channels,
-                kernel_size=conv.kernel_size[0], stride=conv.stride,
-                padding=conv.padding, groups=conv.groups,
-                bias=conv.bias is not None)
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size[0],
+        stride=conv.stride,
+        padding=conv.padding,
+        groups=conv.groups,
+        bias=conv.bias is not None)
 
 
 def build_resnet50(kind: str) -> nn.Module:
@@ -274,8 +290,11 @@ def build_resnet50(kind: str) -> nn.Module:
         if kind == 'kw1x' else None
     layer_index = 0
     for s, i, block in _bottlenecks(model):
-        convs = {'conv1': block.conv1, 'conv2': block.conv2,
-                 'conv3': block.conv3}
+        convs = {
+            'conv1': block.conv1,
+            'conv2': block.conv2,
+            'conv3': block.conv3
+        }
         if block.downsample is not None:
             convs['downsample'] = block.downsample[0]
         for name, conv in convs.items():
@@ -305,8 +324,8 @@ def _replacement(kind, name, conv, stage, index, layer_index, manager):
     if kind == 'ddf':
         if name != 'conv2':
             return None
-        return DDFConv2d(conv.in_channels, conv.out_channels, 3,
-                         stride=conv.stride[0])
+        return DDFConv2d(
+            conv.in_channels, conv.out_channels, 3, stride=conv.stride[0])
     if kind == 'kw1x':
         handed = index == 0 and name in ('conv1', 'downsample')
         if name == 'downsample' and conv.stride[0] == 1:
@@ -316,16 +335,20 @@ def _replacement(kind, name, conv, stage, index, layer_index, manager):
             return None
         j = {'conv1': 0, 'conv2': 1, 'conv3': 2, 'downsample': 0}[name]
         lay = layer_index + 1 if name == 'downsample' else layer_index
-        return manager.reserve(f'stage{s}_layer{lay}_conv{j}',
-                               conv.in_channels, conv.out_channels,
-                               conv.kernel_size[0], conv.stride[0],
-                               conv.padding[0], bias=False)
+        return manager.reserve(
+            f'stage{s}_layer{lay}_conv{j}',
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            conv.stride[0],
+            conv.padding[0],
+            bias=False)
     raise ValueError(kind)
 
 
 class PlainFPN(nn.Module):
-    """FPN on ResNet-50's C2-C5 (256 channels), whose top-down x2
-    upsampling is nearest or a DDFUpsample per level."""
+    """FPN on ResNet-50's C2-C5 (256 channels), whose top-down x2 upsampling is
+    nearest or a DDFUpsample per level."""
 
     def __init__(self, ddf_up: bool):
         super().__init__()
@@ -361,13 +384,16 @@ class BackboneFPN(nn.Module):
         return self.neck(feats)
 
 
-def _train_step(bench: Bench, model: nn.Module, x: torch.Tensor,
-                dtype: Optional[torch.dtype], step_model=None):
+def _train_step(bench: Bench,
+                model: nn.Module,
+                x: torch.Tensor,
+                dtype: Optional[torch.dtype],
+                step_model=None):
     """A step function: forward (under AMP if asked), a squared-output
     loss, backward, SGD."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    scaler = torch.amp.GradScaler('cuda', enabled=dtype is not None
-                                  and not bench.dry)
+    scaler = torch.amp.GradScaler(
+        'cuda', enabled=dtype is not None and not bench.dry)
     run_model = step_model or model
 
     def step():
@@ -391,16 +417,19 @@ def bench_fpn(bench: Bench) -> None:
             torch.manual_seed(0)
             model = BackboneFPN(ddf_up).to(bench.device).train()
             x = torch.randn(B, 3, *hw, device=bench.device)
-            times[ddf_up] = bench.time_ms(_train_step(bench, model, x,
-                                                      dtype))
+            times[ddf_up] = bench.time_ms(_train_step(bench, model, x, dtype))
             del model
-        bench.emit(group='R-50 FPN training step',
-                   name='R-50 + DDF-Up FPN vs R-50 + FPN', precision=prec,
-                   shape=f'B={B} {hw[0]}x{hw[1]}', ms=round(times[True], 3),
-                   baseline='R-50 + FPN (nearest)',
-                   baseline_ms=round(times[False], 3),
-                   ratio=ratio(times[True], times[False]), target=1.05,
-                   note='backbone + neck only (no detector heads)')
+        bench.emit(
+            group='R-50 FPN training step',
+            name='R-50 + DDF-Up FPN vs R-50 + FPN',
+            precision=prec,
+            shape=f'B={B} {hw[0]}x{hw[1]}',
+            ms=round(times[True], 3),
+            baseline='R-50 + FPN (nearest)',
+            baseline_ms=round(times[False], 3),
+            ratio=ratio(times[True], times[False]),
+            target=1.05,
+            note='backbone + neck only (no detector heads)')
 
 
 #: Step-time and memory targets over ResNet-50 (None: reported only).
@@ -418,9 +447,11 @@ def bench_resnets(bench: Bench) -> None:
         results = {}
         for kind in ('resnet50', *RESNET_TARGETS):
             if bench.left() < 20:
-                bench.emit(group='ResNet-50 training step',
-                           name=f'{kind} step', precision=prec,
-                           note='not run: time budget spent')
+                bench.emit(
+                    group='ResNet-50 training step',
+                    name=f'{kind} step',
+                    precision=prec,
+                    note='not run: time budget spent')
                 continue
             torch.manual_seed(0)
             model = build_resnet50(kind).to(bench.device).train()
@@ -439,19 +470,26 @@ def bench_resnets(bench: Bench) -> None:
                 continue
             ms, mb = results[kind]
             shape = f'B={B} {hw}x{hw}'
-            bench.emit(group='ResNet-50 training step',
-                       name=f'{kind} step time', precision=prec,
-                       shape=shape, ms=round(ms, 3), baseline='resnet50',
-                       baseline_ms=round(base_ms, 3),
-                       ratio=ratio(ms, base_ms), target=time_target)
-            bench.emit(group='ResNet-50 training step',
-                       name=f'{kind} peak memory', precision=prec,
-                       shape=shape, mb=None if mb is None else round(mb),
-                       baseline_mb=None if base_mb is None else round(
-                           base_mb),
-                       ratio=None if mb is None else round(mb / base_mb, 3),
-                       target=mem_target,
-                       note=None if mb is not None else 'no CUDA memory')
+            bench.emit(
+                group='ResNet-50 training step',
+                name=f'{kind} step time',
+                precision=prec,
+                shape=shape,
+                ms=round(ms, 3),
+                baseline='resnet50',
+                baseline_ms=round(base_ms, 3),
+                ratio=ratio(ms, base_ms),
+                target=time_target)
+            bench.emit(
+                group='ResNet-50 training step',
+                name=f'{kind} peak memory',
+                precision=prec,
+                shape=shape,
+                mb=None if mb is None else round(mb),
+                baseline_mb=None if base_mb is None else round(base_mb),
+                ratio=None if mb is None else round(mb / base_mb, 3),
+                target=mem_target,
+                note=None if mb is not None else 'no CUDA memory')
 
 
 # --------------------------------------------------------------------------
@@ -459,8 +497,10 @@ def bench_resnets(bench: Bench) -> None:
 # --------------------------------------------------------------------------
 def bench_compile(bench: Bench) -> None:
     if bench.dry:
-        bench.emit(group='eager vs torch.compile', name='compiled steps',
-                   note='not run: dry run')
+        bench.emit(
+            group='eager vs torch.compile',
+            name='compiled steps',
+            note='not run: dry run')
         return
     dev = bench.device
     B, C, H = 32, 256, 56
@@ -475,43 +515,58 @@ def bench_compile(bench: Bench) -> None:
     up = DDFUpsample(256, 2).to(dev)
     ux = torch.randn(8, 256, 64, 64, device=dev, requires_grad=True)
     cases: Dict[str, tuple] = {
-        'ddf op forward+backward': (ddf_loss, lambda f: f(*leaves).backward(),
-                                    f'B={B} C={C} {H}x{H}'),
-        'DDFUpsample forward+backward': (
-            up, lambda f: f(ux).square().mean().backward(),
-            'B=8 C=256 64x64'),
+        'ddf op forward+backward':
+        (ddf_loss, lambda f: f(*leaves).backward(), f'B={B} C={C} {H}x{H}'),
+        'DDFUpsample forward+backward':
+        (up, lambda f: f(ux).square().mean().backward(), 'B=8 C=256 64x64'),
     }
     for name, (fn, run, shape) in cases.items():
         if bench.left() < 60:
-            bench.emit(group='eager vs torch.compile', name=name,
-                       precision='fp32', note='not run: time budget spent')
+            bench.emit(
+                group='eager vs torch.compile',
+                name=name,
+                precision='fp32',
+                note='not run: time budget spent')
             continue
         eager = bench.time_ms(lambda: run(fn))
         compiled_fn = torch.compile(fn)
         compiled = bench.time_ms(lambda: run(compiled_fn))
-        bench.emit(group='eager vs torch.compile', name=f'{name} compiled',
-                   precision='fp32', shape=shape, ms=round(compiled, 3),
-                   baseline='eager', baseline_ms=round(eager, 3),
-                   ratio=ratio(compiled, eager), target=1.0)
+        bench.emit(
+            group='eager vs torch.compile',
+            name=f'{name} compiled',
+            precision='fp32',
+            shape=shape,
+            ms=round(compiled, 3),
+            baseline='eager',
+            baseline_ms=round(eager, 3),
+            ratio=ratio(compiled, eager),
+            target=1.0)
     for kind in ('resnet50', 'odconv1x'):
         name = f'{kind} training step compiled'
         if bench.left() < 150:
-            bench.emit(group='eager vs torch.compile', name=name,
-                       precision='amp-fp16',
-                       note='not run: time budget spent')
+            bench.emit(
+                group='eager vs torch.compile',
+                name=name,
+                precision='amp-fp16',
+                note='not run: time budget spent')
             continue
         torch.manual_seed(0)
         model = build_resnet50(kind).to(dev).train()
         xb = torch.randn(64, 3, 224, 224, device=dev)
         eager = bench.time_ms(_train_step(bench, model, xb, torch.float16))
-        step = _train_step(bench, model, xb, torch.float16,
-                           step_model=torch.compile(model))
+        step = _train_step(
+            bench, model, xb, torch.float16, step_model=torch.compile(model))
         compiled = bench.time_ms(step)
-        bench.emit(group='eager vs torch.compile', name=name,
-                   precision='amp-fp16', shape='B=64 224x224',
-                   ms=round(compiled, 3), baseline='eager',
-                   baseline_ms=round(eager, 3), ratio=ratio(compiled, eager),
-                   target=1.0)
+        bench.emit(
+            group='eager vs torch.compile',
+            name=name,
+            precision='amp-fp16',
+            shape='B=64 224x224',
+            ms=round(compiled, 3),
+            baseline='eager',
+            baseline_ms=round(eager, 3),
+            ratio=ratio(compiled, eager),
+            target=1.0)
         del model
 
 
@@ -523,30 +578,40 @@ def run(dry_run: bool, budget_s: float, out) -> None:
     bench = Bench(dry_run, budget_s, out)
     for fn in BENCHMARKS:
         if bench.left() <= 0:
-            bench.emit(group=fn.__name__, name=fn.__name__,
-                       note='not run: time budget spent')
+            bench.emit(
+                group=fn.__name__,
+                name=fn.__name__,
+                note='not run: time budget spent')
             continue
         try:
             fn(bench)
         except Exception as e:  # noqa: BLE001 (a row says what failed)
-            bench.emit(group=fn.__name__, name=fn.__name__,
-                       note=f'error: {type(e).__name__}: {e}'[:300])
+            bench.emit(
+                group=fn.__name__,
+                name=fn.__name__,
+                note=f'error: {type(e).__name__}: {e}'[:300])
         if bench.device.type == 'cuda':
             torch.cuda.empty_cache()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', required=True,
-                        help='JSON-lines file of the result rows')
-    parser.add_argument('--budget', type=float, default=240,
-                        help='seconds for all benchmarks (default 240)')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='tiny shapes on CPU (exercises the pipeline)')
+    parser.add_argument(
+        '--out', required=True, help='JSON-lines file of the result rows')
+    parser.add_argument(
+        '--budget',
+        type=float,
+        default=240,
+        help='seconds for all benchmarks (default 240)')
+    parser.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='tiny shapes on CPU (exercises the pipeline)')
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print('benchmarks/gpu.py: no CUDA GPU (use --dry-run on CPU)',
-              file=sys.stderr)
+        print(
+            'benchmarks/gpu.py: no CUDA GPU (use --dry-run on CPU)',
+            file=sys.stderr)
         return 2
     if not args.dry_run:
         torch.backends.cudnn.benchmark = True

@@ -24,8 +24,9 @@ import time
 import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIG = osp.join(ROOT, 'configs/kernelwarehouse/'
-                  'resnet50-kw1x_8xb128-300e_in1k.py')
+CONFIG = osp.join(
+    ROOT, 'configs/kernelwarehouse/'
+    'resnet50-kw1x_8xb128-300e_in1k.py')
 
 
 def assembly_shapes(batch_size: int) -> dict:
@@ -62,8 +63,7 @@ def main():
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     from mmdyn.engine.malloc import tune_malloc
-    from mmdyn.ops.accel.kw_cells import (load, pack_columns,
-                                          small_rows_matmul)
+    from mmdyn.ops.accel.kw_cells import load, pack_columns, small_rows_matmul
     tune_malloc()
     if load() is None:
         sys.exit('the C loop is unavailable (no compiler, or '
@@ -75,15 +75,15 @@ def main():
           'C loop, pre-cut ms | pre-cut GMAC/s | speed-up |')
     print('|---|---:|---:|---:|---:|---:|---:|')
     totals = [0.0, 0.0, 0.0]
-    for (rows, inner, cols), calls in sorted(shapes.items(),
-                                             key=lambda kv: -kv[0][2]):
+    for (rows, inner, cols), calls in sorted(
+            shapes.items(), key=lambda kv: -kv[0][2]):
         a, b = torch.randn(rows, inner), torch.randn(inner, cols)
         packed = pack_columns(b)
         out = torch.empty(rows, cols)
-        candidates = (lambda: torch.matmul(a, b, out=out),
-                      lambda: small_rows_matmul(a, b, out=out),
-                      lambda: small_rows_matmul(a, b, out=out,
-                                                packed_b=packed))
+        candidates = (
+            lambda: torch.matmul(a, b, out=out),
+            lambda: small_rows_matmul(a, b, out=out),
+            lambda: small_rows_matmul(a, b, out=out, packed_b=packed))
         times = [[] for _ in candidates]
         for i in range(args.repeat + 2):
             for j, step in enumerate(candidates):

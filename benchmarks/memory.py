@@ -1,8 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Activation memory and CPU time of a training step of the dynamic
-ResNet-50s against ResNet-50, with and without the ``'recompute'`` path
-(per-sample kernels rebuilt in the backward, :mod:`mmdyn.ops.accel.
-recompute`).
+"""Activation memory and CPU time of a training step of the dynamic ResNet-50s
+against ResNet-50, with and without the ``'recompute'`` path (per-sample
+kernels rebuilt in the backward, :mod:`mmdyn.ops.accel. recompute`).
 
 For ODConv-1x, KW-1x and DyConv-4x ResNet-50 and the static ResNet-50
 (backbones, ``train()`` mode, loss = mean of squares of the last stage):
@@ -123,7 +122,9 @@ CAPTURE_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 
 def capture_table(batch: int, backend: str, timed: bool, repeat: int) -> None:
     """The per-sample conv of a training step under ``torch.compile``:
-    ``'unfold'`` against ``'auto'`` (see the module docstring)."""
+
+    ``'unfold'`` against ``'auto'`` (see the module docstring).
+    """
     from mmdyn.ops.per_sample_conv import per_sample_conv2d
     print(f'\n{datetime.date.today()}, {machine()}; batch {batch}, '
           f'torch.compile backend {backend!r}\n')

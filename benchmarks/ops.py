@@ -41,26 +41,27 @@ SHAPES = {
 def layer_factories() -> Dict[str, Callable[[int], nn.Module]]:
     """Name -> constructor for every layer importable now.
 
-    A layer a helper has not finished yet (placeholder raising, import
-    error) is left out of the table instead of failing the benchmark.
+    A layer a helper has not finished yet (placeholder raising, import error)
+    is left out of the table instead of failing the benchmark.
     """
     from mmdyn import ops
     factories = {
-        'nn.Conv2d': lambda c: nn.Conv2d(c, c, 3, padding=1, bias=False),
-        'ODConv2d-1x': lambda c: ops.ODConv2d(
-            c, c, 3, padding=1, bias=False, kernel_num=1),
-        'ODConv2d-4x': lambda c: ops.ODConv2d(
-            c, c, 3, padding=1, bias=False, kernel_num=4),
-        'DyConv2d-K4': lambda c: ops.DyConv2d(
-            c, c, 3, padding=1, bias=False, kernel_num=4),
-        'CondConv2d-K4': lambda c: ops.CondConv2d(
-            c, c, 3, padding=1, bias=False, kernel_num=4),
-        'KWConv2d-1x': lambda c: ops.KWConv2d(
-            c, c, 3, padding=1, bias=False),
-        'depthwise nn.Conv2d': lambda c: nn.Conv2d(
-            c, c, 3, padding=1, groups=c, bias=False),
-        'DDFConv2d-mul': lambda c: ops.DDFConv2d(
-            c, c, 3, padding=1, bias=False),
+        'nn.Conv2d':
+        lambda c: nn.Conv2d(c, c, 3, padding=1, bias=False),
+        'ODConv2d-1x':
+        lambda c: ops.ODConv2d(c, c, 3, padding=1, bias=False, kernel_num=1),
+        'ODConv2d-4x':
+        lambda c: ops.ODConv2d(c, c, 3, padding=1, bias=False, kernel_num=4),
+        'DyConv2d-K4':
+        lambda c: ops.DyConv2d(c, c, 3, padding=1, bias=False, kernel_num=4),
+        'CondConv2d-K4':
+        lambda c: ops.CondConv2d(c, c, 3, padding=1, bias=False, kernel_num=4),
+        'KWConv2d-1x':
+        lambda c: ops.KWConv2d(c, c, 3, padding=1, bias=False),
+        'depthwise nn.Conv2d':
+        lambda c: nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+        'DDFConv2d-mul':
+        lambda c: ops.DDFConv2d(c, c, 3, padding=1, bias=False),
     }
     usable = {}
     for name, make in factories.items():
@@ -98,27 +99,31 @@ def make_step(layer: nn.Module, x: torch.Tensor, train: bool) -> Callable:
 
 def peak_tensor_bytes(step: Callable) -> int:
     """Peak of live tensor bytes allocated during ``step()``."""
-    with profile(activities=[ProfilerActivity.CPU],
-                 profile_memory=True) as prof:
+    with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     live = peak = 0
     for event in events:
-        live += (event.cpu_memory_usage if event.name == '[memory]' else
-                 event.self_cpu_memory_usage)
+        live += (
+            event.cpu_memory_usage
+            if event.name == '[memory]' else event.self_cpu_memory_usage)
         peak = max(peak, live)
     return peak
 
 
-def measure(names: List[str], factories, channels: int, size: int,
-            batch: int, train: bool, repeat: int, warmup: int,
+def measure(names: List[str],
+            factories,
+            channels: int,
+            size: int,
+            batch: int,
+            train: bool,
+            repeat: int,
+            warmup: int,
             clock: Callable[[], float] = time.perf_counter):
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size)
-    steps = {
-        n: make_step(factories[n](channels), x, train)
-        for n in names
-    }
+    steps = {n: make_step(factories[n](channels), x, train) for n in names}
     times = {n: [] for n in names}
     for _ in range(warmup):
         for step in steps.values():
@@ -137,9 +142,11 @@ def measure(names: List[str], factories, channels: int, size: int,
 def run(args) -> str:
     torch.set_num_threads(args.threads)
     factories = layer_factories()
-    names = [n for n in factories
-             if args.layers is None or n in args.layers or
-             n in ('nn.Conv2d', 'depthwise nn.Conv2d')]
+    names = [
+        n for n in factories
+        if args.layers is None or n in args.layers or n in (
+            'nn.Conv2d', 'depthwise nn.Conv2d')
+    ]
     lines = [
         '| shape | batch | layer | fwd ms | fwd ratio | fwd+bwd ms | '
         'fwd+bwd ratio | fwd peak MB | fwd+bwd peak MB |',
@@ -210,18 +217,25 @@ def write_readme(table: str, cond: str, path: str) -> None:
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--batch-sizes', type=int, nargs='+',
-                        default=[1, 8, 32])
+    parser.add_argument(
+        '--batch-sizes', type=int, nargs='+', default=[1, 8, 32])
     parser.add_argument('--repeat', type=int, default=7)
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--threads', type=int,
-                        default=torch.get_num_threads())
-    parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall',
-                        help="'process': CPU time, for a shared machine")
-    parser.add_argument('--layers', nargs='+', default=None,
-                        help='only these layers (plus their baselines)')
-    parser.add_argument('--write', action='store_true',
-                        help='update the table in benchmarks/README.md')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        '--clock',
+        choices=sorted(CLOCKS),
+        default='wall',
+        help="'process': CPU time, for a shared machine")
+    parser.add_argument(
+        '--layers',
+        nargs='+',
+        default=None,
+        help='only these layers (plus their baselines)')
+    parser.add_argument(
+        '--write',
+        action='store_true',
+        help='update the table in benchmarks/README.md')
     return parser.parse_args()
 
 

@@ -24,7 +24,9 @@ positive_int.__name__ = 'positive int'  # argparse names it in its error
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options that ``tools/train.py`` and ``tools/test.py`` share:
-    ``--allow-partial-load`` and ``--threads``."""
+
+    ``--allow-partial-load`` and ``--threads``.
+    """
     parser.add_argument(
         '--allow-partial-load',
         action='store_true',

@@ -59,9 +59,9 @@ SLOW_TESTS = (
     'tests/test_ops/test_pt2_models.py::test_compile_fullgraph_model',
     'tests/test_ops/test_pt2_compile.py::test_compile_fullgraph_train_and_'
     'eval[ddf_up',
-    # whole models: exports, converted official checkpoints, visualisations
+    # whole models: exports, converted official checkpoints, pictures
     'tests/test_tools/test_onnx.py::test_tiny_models_dynamic_batch[ddf-',
-    'tests/test_tools/test_converters.py::test_odconv_mobilenet_v2_whole_model',
+    'tests/test_tools/test_converters.py::test_odconv_mobilenet_v2_whole_model',  # noqa: E501
     'tests/test_tools/test_converters.py::test_dyconv_resnet18_whole_model',
     'tests/test_tools/test_converters_kw.py::test_kw_mobilenet_v2_matches_',
     'tests/test_tools/test_converters_kw.py::test_kw_convnext_tiny_matches_',
@@ -129,6 +129,7 @@ def _forget_visualizers():
     except ImportError:  # pragma: no cover - mmengine is installed in CI
         yield
         return
+
     def classes(cls=Visualizer):
         yield cls
         for sub in cls.__subclasses__():
@@ -143,8 +144,8 @@ def _forget_visualizers():
 
 @pytest.fixture
 def small_winograd(monkeypatch):
-    """Winograd thresholds of the public dispatch table lowered so that
-    small test layers take the path (mmdyn/ops/accel/thresholds.py)."""
+    """Winograd thresholds of the public dispatch table lowered so that small
+    test layers take the path (mmdyn/ops/accel/thresholds.py)."""
     from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['winograd'], 'min_channels', 1)
     monkeypatch.setitem(THRESHOLDS['winograd'], 'min_tiles', 1)

@@ -75,8 +75,8 @@ class Check:
         return osp.join(self.out_dir, name)
 
     def stage(self, name: str, status: str, seconds: float) -> None:
-        self.stages.append(dict(name=name, status=status,
-                                seconds=round(seconds, 1)))
+        self.stages.append(
+            dict(name=name, status=status, seconds=round(seconds, 1)))
         self.write()
 
     def ok(self) -> bool:
@@ -93,8 +93,8 @@ class Check:
 # --------------------------------------------------------------------------
 def _run_text(cmd: List[str], timeout: float = 60) -> str:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout)
         return (done.stdout + done.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         return f'({type(e).__name__})'
@@ -127,8 +127,9 @@ def describe_machine(check: Check) -> None:
                     f'{props.total_memory / 2**30:.1f} GiB '
                     f'(sm_{props.major}{props.minor}); '
                     f'{torch.cuda.device_count()} visible')
-        m['driver'] = _run_text(['nvidia-smi', '--query-gpu=driver_version',
-                                 '--format=csv,noheader'])
+        m['driver'] = _run_text([
+            'nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'
+        ])
     else:
         m['GPU'] = 'none (dry run on CPU)'
     m['torch'] = torch.__version__
@@ -157,8 +158,8 @@ def describe_machine(check: Check) -> None:
 # Tests
 # --------------------------------------------------------------------------
 def parse_junit(path: str) -> dict:
-    """Counts, failures (name, first line) and skip reasons of a pytest
-    JUnit XML file."""
+    """Counts, failures (name, first line) and skip reasons of a pytest JUnit
+    XML file."""
     root = ET.parse(path).getroot()
     cases = root.iter('testcase')
     counts = Counter()
@@ -177,12 +178,20 @@ def parse_junit(path: str) -> dict:
                 outcome = 'skipped'
                 skips[(child.get('message') or '').strip()[:160]] += 1
         counts[outcome] += 1
-    return dict(counts=dict(counts), failures=failures,
-                skips=sorted(skips.items(), key=lambda kv: -kv[1]))
+    return dict(
+        counts=dict(counts),
+        failures=failures,
+        skips=sorted(skips.items(), key=lambda kv: -kv[1]))
 
 
-_OUTCOMES = {'PASSED': 'passed', 'FAILED': 'failed', 'ERROR': 'errors',
-             'SKIPPED': 'skipped', 'XFAIL': 'skipped', 'XPASS': 'passed'}
+_OUTCOMES = {
+    'PASSED': 'passed',
+    'FAILED': 'failed',
+    'ERROR': 'errors',
+    'SKIPPED': 'skipped',
+    'XFAIL': 'skipped',
+    'XPASS': 'passed'
+}
 
 
 def parse_log(path: str) -> dict:
@@ -215,13 +224,20 @@ def run_tests(check: Check, name: str, test_file: str, limit_s: float,
     env.pop('TRITON_INTERPRET', None)  # the compiled kernels
     # --noconftest: the suite's conftest applies the OpenMMLab fixes,
     # which the GPU machine need not have.
-    cmd = [sys.executable, '-m', 'pytest', test_file, '-v', '-rfEs',
-           '-p', 'no:cacheprovider', '--noconftest', f'--junitxml={junit}']
+    cmd = [
+        sys.executable, '-m', 'pytest', test_file, '-v', '-rfEs', '-p',
+        'no:cacheprovider', '--noconftest', f'--junitxml={junit}'
+    ]
     t0 = time.time()
     with open(check.path(f'{name}.log'), 'w') as log:
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=limit)
+            done = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=limit)
             status = None
         except subprocess.TimeoutExpired:
             status = f'timed out after {limit:.0f} s'
@@ -253,8 +269,11 @@ def run_benchmarks(check: Check) -> None:
     rows_path = check.path('bench_rows.jsonl')
     if osp.exists(rows_path):
         os.remove(rows_path)
-    cmd = [sys.executable, osp.join(ROOT, 'benchmarks', 'gpu.py'), '--out',
-           rows_path, '--budget', str(int(budget - 15))]
+    cmd = [
+        sys.executable,
+        osp.join(ROOT, 'benchmarks', 'gpu.py'), '--out', rows_path, '--budget',
+        str(int(budget - 15))
+    ]
     if check.dry_run:
         cmd.append('--dry-run')
     env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -262,8 +281,13 @@ def run_benchmarks(check: Check) -> None:
     t0 = time.time()
     with open(check.path('bench.log'), 'w') as log:
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=budget)
+            done = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=budget)
             status = 'ok' if done.returncode == 0 else \
                 f'FAILED (exit {done.returncode}, see bench.log)'
         except subprocess.TimeoutExpired:
@@ -295,8 +319,10 @@ def _measure(row: dict, prefix: str = '') -> str:
 def render(check: Check) -> str:
     lines = ['# mmdyn GPU check', '']
     if check.dry_run:
-        lines += ['**Dry run on CPU**: the pipeline only; no number below '
-                  'says anything about a GPU.', '']
+        lines += [
+            '**Dry run on CPU**: the pipeline only; no number below '
+            'says anything about a GPU.', ''
+        ]
     totals = Counter()
     for suite in check.suites.values():
         totals.update(suite['counts'])
@@ -310,19 +336,25 @@ def render(check: Check) -> str:
         'a target or not run).', '', '## Machine', '', '| | |', '| --- | --- |'
     ]
     lines += [f'| {k} | {_cell(v)} |' for k, v in check.machine.items()]
-    lines += ['', '## Stages', '', '| stage | status | seconds |',
-              '| --- | --- | ---: |']
-    lines += [f"| {s['name']} | {_cell(s['status'])} | {s['seconds']} |"
-              for s in check.stages]
+    lines += [
+        '', '## Stages', '', '| stage | status | seconds |',
+        '| --- | --- | ---: |'
+    ]
+    lines += [
+        f"| {s['name']} | {_cell(s['status'])} | {s['seconds']} |"
+        for s in check.stages
+    ]
     lines += ['', '## Tests', '']
     if not check.suites:
         lines.append('No test results (see Stages).')
     for name, suite in check.suites.items():
         c = suite['counts']
-        lines += [f'### {name}', '',
-                  f"{c.get('passed', 0)} passed, {c.get('failed', 0)} "
-                  f"failed, {c.get('errors', 0)} errors, "
-                  f"{c.get('skipped', 0)} skipped.", '']
+        lines += [
+            f'### {name}', '',
+            f"{c.get('passed', 0)} passed, {c.get('failed', 0)} "
+            f"failed, {c.get('errors', 0)} errors, "
+            f"{c.get('skipped', 0)} skipped.", ''
+        ]
         for test, outcome, message in suite['failures']:
             lines.append(f'- {outcome.upper()} `{test}`: {_cell(message)}')
         for reason, n in suite['skips']:
@@ -335,25 +367,29 @@ def render(check: Check) -> str:
     for row in check.rows:
         groups.setdefault(row.get('group', ''), []).append(row)
     for group, rows in groups.items():
-        lines += [f'### {group}', '',
-                  '| row | precision | shape | this | baseline | ratio | '
-                  'target | verdict | note |',
-                  '| --- | --- | --- | ---: | ---: | ---: | ---: | --- | '
-                  '--- |']
+        lines += [
+            f'### {group}', '',
+            '| row | precision | shape | this | baseline | ratio | '
+            'target | verdict | note |',
+            '| --- | --- | --- | ---: | ---: | ---: | ---: | --- | '
+            '--- |'
+        ]
         for r in rows:
             base = _measure(r, 'baseline_')
             if r.get('baseline'):
                 base = f"{r['baseline']}: {base}"
             target = r.get('target')
             lines.append('| ' + ' | '.join(
-                _cell(v) for v in (
-                    r.get('name'), r.get('precision'), r.get('shape'),
-                    _measure(r), base, r.get('ratio'),
-                    None if target is None else f'<= {target}',
-                    r.get('verdict'), r.get('note'))) + ' |')
+                _cell(v)
+                for v in (r.get('name'), r.get('precision'), r.get('shape'),
+                          _measure(r), base, r.get('ratio'),
+                          None if target is None else f'<= {target}',
+                          r.get('verdict'), r.get('note'))) + ' |')
         lines.append('')
-    lines += ['## How the benchmarked networks are built', '',
-              _constructions(), '']
+    lines += [
+        '## How the benchmarked networks are built', '',
+        _constructions(), ''
+    ]
     return '\n'.join(lines)
 
 
@@ -386,10 +422,15 @@ def cuda_available() -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('out_dir', help='folder of the report and logs')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='run the pipeline on CPU with tiny shapes')
-    parser.add_argument('--budget', type=float, default=480,
-                        help='seconds for the whole check (default 480)')
+    parser.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='run the pipeline on CPU with tiny shapes')
+    parser.add_argument(
+        '--budget',
+        type=float,
+        default=480,
+        help='seconds for the whole check (default 480)')
     args = parser.parse_args(argv)
     if not args.dry_run and not cuda_available():
         print(NO_GPU, file=sys.stderr)
@@ -400,8 +441,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if osp.exists(check.path('install.log')):
         with open(check.path('install.log')) as f:
             tail = f.read().strip().splitlines()[-1:] or ['ok']
-        check.stages.append(dict(name='install', status=tail[0][:160],
-                                 seconds=0))
+        check.stages.append(
+            dict(name='install', status=tail[0][:160], seconds=0))
     describe_machine(check)
     check.write()
     for name, test_file, limit, extra_env in TEST_STAGES:

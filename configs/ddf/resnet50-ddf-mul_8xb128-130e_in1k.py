@@ -54,8 +54,7 @@ train_pipeline = [
         fill_std=bgr_std),
     dict(type='PackInputs'),
 ]
-train_dataloader = dict(
-    batch_size=128, dataset=dict(pipeline=train_pipeline))
+train_dataloader = dict(batch_size=128, dataset=dict(pipeline=train_pipeline))
 
 optim_wrapper = dict(
     optimizer=dict(lr=0.4, momentum=0.9, weight_decay=1e-4, nesterov=True),
@@ -78,6 +77,9 @@ param_scheduler = [
 # mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
 # mmengine refuses the base's by_epoch=True beside a loop type).
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
-train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
-                 max_epochs=130, val_interval=1)
+train_cfg = dict(
+    _delete_=True,
+    type='ExactResumeEpochBasedTrainLoop',
+    max_epochs=130,
+    val_interval=1)
 auto_scale_lr = dict(base_batch_size=1024)

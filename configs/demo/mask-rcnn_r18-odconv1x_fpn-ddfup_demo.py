@@ -17,8 +17,7 @@ model = dict(
         frozen_stages=-1,
         norm_eval=False,
         init_cfg=None),
-    neck=dict(
-        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)),
+    neck=dict(type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)),
     roi_head=dict(
         mask_head=dict(
             type='DDFUpFCNMaskHead',

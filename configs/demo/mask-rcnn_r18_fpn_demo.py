@@ -17,16 +17,11 @@ custom_imports = dict(imports=['mmdyn.engine'], allow_failed_imports=False)
 # `tools/train.py CONFIG --resume` continues an interrupted run.
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(
-        type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
+    checkpoint=dict(type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
 
 neck_channels = 64
 model = dict(
-    backbone=dict(
-        depth=18,
-        frozen_stages=-1,
-        norm_eval=False,
-        init_cfg=None),
+    backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=neck_channels),
     rpn_head=dict(
         in_channels=neck_channels,
@@ -46,5 +41,4 @@ model = dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=500),
         rcnn=dict(sampler=dict(num=128))),
     test_cfg=dict(
-        rpn=dict(nms_pre=500, max_per_img=300),
-        rcnn=dict(max_per_img=50)))
+        rpn=dict(nms_pre=500, max_per_img=300), rcnn=dict(max_per_img=50)))

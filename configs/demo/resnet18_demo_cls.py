@@ -60,6 +60,5 @@ auto_scale_lr = dict(base_batch_size=32)
 # continues an interrupted run.
 default_hooks = dict(
     logger=dict(interval=5),
-    checkpoint=dict(
-        type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
+    checkpoint=dict(type='AtomicCheckpointHook', interval=1, max_keep_ckpts=1))
 randomness = dict(seed=0)

@@ -24,11 +24,7 @@ model = dict(
 
 optim_wrapper = dict(
     optimizer=dict(
-        type='SGD',
-        lr=0.05,
-        momentum=0.9,
-        weight_decay=4e-5,
-        nesterov=True),
+        type='SGD', lr=0.05, momentum=0.9, weight_decay=4e-5, nesterov=True),
     paramwise_cfg=dict(
         norm_decay_mult=0., bias_decay_mult=0., flat_decay_mult=0.))
 
@@ -45,7 +41,10 @@ param_scheduler = [
 # mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
 # mmengine refuses the base's by_epoch=True beside a loop type).
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
-train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
-                 max_epochs=150, val_interval=1)
+train_cfg = dict(
+    _delete_=True,
+    type='ExactResumeEpochBasedTrainLoop',
+    max_epochs=150,
+    val_interval=1)
 
 custom_hooks = [dict(type='DynamicTemperatureHook', epochs=15)]

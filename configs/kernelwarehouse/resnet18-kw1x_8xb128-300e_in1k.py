@@ -66,8 +66,11 @@ param_scheduler = [
 # mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
 # mmengine refuses the base's by_epoch=True beside a loop type).
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
-train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
-                 max_epochs=300, val_interval=1)
+train_cfg = dict(
+    _delete_=True,
+    type='ExactResumeEpochBasedTrainLoop',
+    max_epochs=300,
+    val_interval=1)
 
 auto_scale_lr = dict(base_batch_size=4096)
 

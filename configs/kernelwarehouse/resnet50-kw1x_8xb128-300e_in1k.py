@@ -4,6 +4,4 @@
 # 28,052,310 parameters. Same recipe as ResNet-18 KW (drop path 0.1).
 _base_ = './resnet18-kw1x_8xb128-300e_in1k.py'
 
-model = dict(
-    backbone=dict(depth=50),
-    head=dict(in_channels=2048))
+model = dict(backbone=dict(depth=50), head=dict(in_channels=2048))

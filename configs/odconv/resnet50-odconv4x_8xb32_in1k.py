@@ -2,5 +2,4 @@
 _base_ = './resnet50-odconv1x_8xb32_in1k.py'
 
 model = dict(
-    backbone=dict(dyconv_cfg=dict(kernel_num=4)),
-    head=dict(dropout=0.2))
+    backbone=dict(dyconv_cfg=dict(kernel_num=4)), head=dict(dropout=0.2))

@@ -10,8 +10,7 @@ model = dict(
     backbone=dict(
         dcn=dict(type='DDFConv2d', fallback_on_stride=False),
         stage_with_dcn=(False, False, True, True)),
-    neck=dict(
-        type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))
+    neck=dict(type='DDFUpFPN', upsample_cfg=dict(type='ddf_up', guided=True)))
 
 # Stock ImageNet weights: the new DDF layers start from their init.
 allow_partial_load = 'static_weights'

@@ -10,5 +10,8 @@ model = dict(backbone=dict(type='DDFResNet', combine='mul'))
 # mmdyn.engine: atomic hashed checkpoints, exact mid-epoch resume (_delete_:
 # mmengine refuses the base's by_epoch=True beside a loop type).
 default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))
-train_cfg = dict(_delete_=True, type='ExactResumeEpochBasedTrainLoop',
-                 max_epochs=100, val_interval=1)
+train_cfg = dict(
+    _delete_=True,
+    type='ExactResumeEpochBasedTrainLoop',
+    max_epochs=100,
+    val_interval=1)

@@ -1,5 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Analysis and deployment helpers shared by ``tools/`` and the tests:
+
 multiply-add counting that understands dynamic layers (:mod:`.flops`),
 whole-model latency/memory benchmarks (:mod:`.benchmark`), official
 checkpoint converters (:mod:`.converters`) and ONNX export

@@ -154,8 +154,8 @@ class ModelStep:
         self.device = str(device)
         self.amp = amp
         self.device_type = 'cuda' if self.device.startswith('cuda') else 'cpu'
-        self.amp_dtype = (torch.float16
-                          if self.device_type == 'cuda' else torch.bfloat16)
+        self.amp_dtype = (
+            torch.float16 if self.device_type == 'cuda' else torch.bfloat16)
         self.optimizer = None
         self.scaler = None
         if mode == 'train':
@@ -187,8 +187,7 @@ class ModelStep:
 
 
 def build_optimizer(model: nn.Module,
-                    optim_cfg: Optional[dict] = None
-                    ) -> torch.optim.Optimizer:
+                    optim_cfg: Optional[dict] = None) -> torch.optim.Optimizer:
     """The optimiser of a config's ``optim_wrapper`` (SGD if that fails)."""
     if optim_cfg is not None:
         try:
@@ -202,8 +201,10 @@ def build_optimizer(model: nn.Module,
                 cfg.pop(key, None)
             return build_optim_wrapper(model, cfg).optimizer
         except Exception as err:  # noqa: BLE001
-            print(f'[benchmark] could not build the config optimiser '
-                  f'({err!r}); using SGD', flush=True)
+            print(
+                f'[benchmark] could not build the config optimiser '
+                f'({err!r}); using SGD',
+                flush=True)
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
 
@@ -256,8 +257,8 @@ def run_interleaved(steps: Sequence[Callable[[], None]],
             done = ', '.join(
                 f'{r.name}: {statistics.median(r.times) * 1e3:.1f} ms'
                 for r in results if r.times)
-            log(f'[benchmark] {phase} round {it + 1}/{total}'
-                + (f' (median so far: {done})' if done else ''))
+            log(f'[benchmark] {phase} round {it + 1}/{total}' +
+                (f' (median so far: {done})' if done else ''))
     if measure_memory:
         for step, result in zip(steps, results):
             result.peak_mem_bytes = measure_peak_memory(step, device)
@@ -327,8 +328,8 @@ def benchmark_configs(configs: Sequence[str],
     """
     import os.path as osp
 
-    from .models import (build_model, default_shape, load_config,
-                         make_batch, task_of)
+    from .models import (build_model, default_shape, load_config, make_batch,
+                         task_of)
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     check_device(device)
@@ -340,8 +341,7 @@ def benchmark_configs(configs: Sequence[str],
         model = build_model(cfg, device=device)
         size = shape if shape is not None else default_shape(task_of(model))
         batch = make_batch(
-            model, batch_size, size, training=(mode == 'train'),
-            device=device)
+            model, batch_size, size, training=(mode == 'train'), device=device)
         steps.append(
             ModelStep(model, batch, mode, device, amp,
                       cfg.get('optim_wrapper', None)))
@@ -370,13 +370,12 @@ def paired_ratio(result: BenchResult, base: BenchResult) -> float:
     same machine load; falls back to the ratio of medians.
     """
     if len(result.times) == len(base.times) and result.times:
-        return statistics.median(
-            a / b for a, b in zip(result.times, base.times))
+        return statistics.median(a / b
+                                 for a, b in zip(result.times, base.times))
     return result.median / base.median
 
 
-def format_results(results: Sequence[BenchResult], device: str = 'cpu'
-                   ) -> str:
+def format_results(results: Sequence[BenchResult], device: str = 'cpu') -> str:
     """A markdown table; with 2+ results, the ratios to the first."""
     mem_label = ('peak alloc (MiB)' if str(device).startswith('cuda') else
                  'peak RSS growth (MiB)')
@@ -394,7 +393,8 @@ def format_results(results: Sequence[BenchResult], device: str = 'cpu'
     return '\n'.join(lines)
 
 
-def profile_step(step: Callable[[], None], row_limit: int = 15,
+def profile_step(step: Callable[[], None],
+                 row_limit: int = 15,
                  device: str = 'cpu') -> str:
     """Top operators of one iteration by self time (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile

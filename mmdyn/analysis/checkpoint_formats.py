@@ -47,7 +47,7 @@ SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath]
 
 
 def _numpy_scalar_globals() -> list:
-    """numpy scalars (e.g. a ``metric`` or ``best_acc`` saved as
+    """Numpy scalars (e.g. a ``metric`` or ``best_acc`` saved as
     ``np.float64``): the scalar constructor and the dtype classes."""
     try:
         import numpy as np
@@ -63,10 +63,9 @@ def _numpy_scalar_globals() -> list:
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
         globals_ += [
-            getattr(dtypes, name) for name in ('Float64DType', 'Float32DType',
-                                               'Int64DType', 'Int32DType',
-                                               'BoolDType')
-            if hasattr(dtypes, name)
+            getattr(dtypes, name)
+            for name in ('Float64DType', 'Float32DType', 'Int64DType',
+                         'Int32DType', 'BoolDType') if hasattr(dtypes, name)
         ]
     return globals_
 
@@ -113,14 +112,17 @@ def _allowing(safe_globals):
     removed again: the process-wide allow-list (e.g. what mmengine
     checkpoints need, set on ``import mmdyn.engine``) is left intact.
     """
-    added = [g for g in safe_globals
-             if g not in torch.serialization.get_safe_globals()]
+    added = [
+        g for g in safe_globals
+        if g not in torch.serialization.get_safe_globals()
+    ]
     torch.serialization.add_safe_globals(added)
     try:
         yield
     finally:
-        kept = [g for g in torch.serialization.get_safe_globals()
-                if g not in added]
+        kept = [
+            g for g in torch.serialization.get_safe_globals() if g not in added
+        ]
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(kept)
 
@@ -170,8 +172,8 @@ def load_checkpoint_file(path: str, trust: bool = False):
 
 
 def _check_records(path: str) -> bool:
-    """Refuse a file whose zip records fail their CRC-32; return whether
-    it has records (torch's legacy format has none)."""
+    """Refuse a file whose zip records fail their CRC-32; return whether it has
+    records (torch's legacy format has none)."""
     try:
         damaged, has_records = find_damaged_record(path)
     except (zipfile.BadZipFile, OSError, EOFError) as err:
@@ -241,7 +243,7 @@ def _describe(ckpt: dict, weights_key: str) -> str:
         notes.append('optimizer')
     kind = 'training checkpoint' if notes else 'checkpoint'
     return f'{weights_key!r} of a {kind}' + (f' ({", ".join(notes)})'
-                                            if notes else '')
+                                             if notes else '')
 
 
 def _check_tensors(state: dict, where: str) -> None:
@@ -252,7 +254,8 @@ def _check_tensors(state: dict, where: str) -> None:
                 'tensor: this is not a state dict')
 
 
-def unwrap_checkpoint(ckpt, weights: str = 'auto',
+def unwrap_checkpoint(ckpt,
+                      weights: str = 'auto',
                       where: str = 'the checkpoint') -> OfficialCheckpoint:
     """Find the weights in a loaded checkpoint object.
 
@@ -301,7 +304,8 @@ def unwrap_checkpoint(ckpt, weights: str = 'auto',
         f'{sorted(map(str, ckpt))[:8]}')
 
 
-def read_official_checkpoint(path: str, weights: str = 'auto',
+def read_official_checkpoint(path: str,
+                             weights: str = 'auto',
                              trust: bool = False) -> OfficialCheckpoint:
     """:func:`load_checkpoint_file` then :func:`unwrap_checkpoint`."""
     return unwrap_checkpoint(

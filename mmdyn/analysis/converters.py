@@ -97,12 +97,13 @@ def check_fit(converted: Dict[str, torch.Tensor],
         old = origin.get(key)
         return f'{old} (-> {key})' if old and old != key else key
 
-    mismatched = [k for k in converted
-                  if k in target and _shape(converted[k]) != _shape(target[k])]
+    mismatched = [
+        k for k in converted
+        if k in target and _shape(converted[k]) != _shape(target[k])
+    ]
     unexpected = [k for k in converted if k not in target]
     missing = [
-        k for k in target
-        if k not in converted and not _filled_from_model(k)
+        k for k in target if k not in converted and not _filled_from_model(k)
     ]
     if not (mismatched or unexpected or missing):
         return
@@ -130,8 +131,8 @@ def match_target(converted: Dict[str, torch.Tensor],
                  config: Optional[str] = None
                  ) -> 'OrderedDict[str, torch.Tensor]':
     """Check ``converted`` against the target state dict (see
-    :func:`check_fit`) and return the dict to load: every target key, in
-    target order, the temperatures taken from ``target``."""
+    :func:`check_fit`) and return the dict to load: every target key, in target
+    order, the temperatures taken from ``target``."""
     check_fit(converted, target, origin, config)
     out = OrderedDict()
     for key, value in target.items():
@@ -139,25 +140,25 @@ def match_target(converted: Dict[str, torch.Tensor],
     return out
 
 
-def candidate_configs(family: str, state: Dict[str, torch.Tensor],
+def candidate_configs(family: str,
+                      state: Dict[str, torch.Tensor],
                       config_root: Optional[str] = None) -> List[str]:
-    """mmdyn configs that may fit an official checkpoint (architecture and
+    """Mmdyn configs that may fit an official checkpoint (architecture and
     depth from the keys; the exact variant is then found by shapes)."""
     root = config_root or osp.join(REPO_ROOT, 'configs')
     pattern = config_pattern(architecture_of(state), state)
-    return sorted(
-        glob.glob(osp.join(root, CONFIG_FOLDERS[family], pattern)))
+    return sorted(glob.glob(osp.join(root, CONFIG_FOLDERS[family], pattern)))
 
 
-INIT_FUNCTIONS = ('uniform_', 'normal_', 'trunc_normal_', 'constant_',
-                  'ones_', 'zeros_', 'xavier_uniform_', 'xavier_normal_',
+INIT_FUNCTIONS = ('uniform_', 'normal_', 'trunc_normal_', 'constant_', 'ones_',
+                  'zeros_', 'xavier_uniform_', 'xavier_normal_',
                   'kaiming_uniform_', 'kaiming_normal_', 'orthogonal_')
 
 
 @contextlib.contextmanager
 def _skipped_init():
-    """``torch.nn.init`` functions as no-ops: on meta tensors they only
-    cost time (their values are never read)."""
+    """``torch.nn.init`` functions as no-ops: on meta tensors they only cost
+    time (their values are never read)."""
     saved = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
     try:
         for name in INIT_FUNCTIONS:
@@ -171,9 +172,9 @@ def _skipped_init():
 @functools.lru_cache(maxsize=128)
 def meta_model_summary(config: str
                        ) -> Tuple['OrderedDict[str, Tuple[int, ...]]', int]:
-    """(key -> shape of the state dict, number of parameters) of the
-    config's model, built on the meta device without initialisation
-    (shapes without memory or time)."""
+    """(key -> shape of the state dict, number of parameters) of the config's
+    model, built on the meta device without initialisation (shapes without
+    memory or time)."""
     from .models import build_model
     with torch.device('meta'), _skipped_init():
         model = build_model(config, device='meta')
@@ -196,8 +197,8 @@ def _relative(path: str) -> str:
 
 def supported_models(family: str,
                      config_root: Optional[str] = None) -> List[str]:
-    """The models the converter of ``family`` has configs for: the names
-    of the family's ImageNet configs up to their schedule (e.g.
+    """The models the converter of ``family`` has configs for: the names of the
+    family's ImageNet configs up to their schedule (e.g.
     ``resnet18-odconv4x``)."""
     root = config_root or osp.join(REPO_ROOT, 'configs')
     configs = glob.glob(osp.join(root, CONFIG_FOLDERS[family], '*_in1k.py'))
@@ -206,8 +207,8 @@ def supported_models(family: str,
 
 def _no_config_for(family: str, state: Dict[str, torch.Tensor],
                    config_root: Optional[str]) -> ConversionError:
-    """The error for weights whose architecture no config of the family
-    has (e.g. an ODConv ResNet-34)."""
+    """The error for weights whose architecture no config of the family has
+    (e.g. an ODConv ResNet-34)."""
     arch = architecture_of(state)
     model = f'ResNet-{resnet_depth(state)}' if arch == 'resnet' else {
         'mobilenet_v2': 'MobileNetV2',
@@ -227,9 +228,11 @@ def _several_fit(family: str, fits: Sequence[str], arch: Optional[str],
     """The error for weights that fit several configs (DDF mul and add)."""
     hint = ''
     if arch:
-        named = [c for c in fits
-                 if all(part in osp.basename(c)
-                        for part in re.findall(r'mul|add', arch))]
+        named = [
+            c for c in fits if all(
+                part in osp.basename(c)
+                for part in re.findall(r'mul|add', arch))
+        ]
         if len(named) == 1:
             hint = (f'; the file records the model {arch!r}, which is '
                     f'{osp.basename(named[0])}')
@@ -296,8 +299,8 @@ def convert(state: Dict[str, torch.Tensor],
             if log is not None:
                 log(f'trying {_relative(candidate)}')
             try:
-                check_fit(converted, target_shapes(candidate),
-                          origin, candidate)
+                check_fit(converted, target_shapes(candidate), origin,
+                          candidate)
                 fits.append(candidate)
             except ConversionError as err:
                 reasons.append(err)
@@ -314,16 +317,15 @@ def convert(state: Dict[str, torch.Tensor],
             raise _several_fit(family, fits, arch, src)
         config = fits[0]
     else:
-        check_fit(converted, target_shapes(config), origin,
-                  config)
-    return match_target(converted, build(config).state_dict(), origin,
-                        config), config
+        check_fit(converted, target_shapes(config), origin, config)
+    return match_target(converted,
+                        build(config).state_dict(), origin, config), config
 
 
 def verify_input(shape: Sequence[int] = VERIFY_SHAPE) -> torch.Tensor:
     """The fixed input of ``--verify``: ``sin(0.7 * i)`` over the flat index
-    ``i``, computed in float64 and cast to float32 (no random generator,
-    so any PyTorch reproduces it)."""
+    ``i``, computed in float64 and cast to float32 (no random generator, so any
+    PyTorch reproduces it)."""
     count = 1
     for size in shape:
         count *= int(size)
@@ -356,11 +358,12 @@ def format_verification(logits: torch.Tensor) -> List[str]:
     ]
 
 
-def verify_state(config: str, state: Dict[str, torch.Tensor],
+def verify_state(config: str,
+                 state: Dict[str, torch.Tensor],
                  log: Callable[[str], None] = print,
                  model: Optional[torch.nn.Module] = None) -> torch.Tensor:
-    """Load ``state`` strictly into ``model`` (default: built from
-    ``config``), print the logits of the fixed input; returns them."""
+    """Load ``state`` strictly into ``model`` (default: built from ``config``),
+    print the logits of the fixed input; returns them."""
     if model is None:
         from .models import build_model
         model = build_model(config)
@@ -373,12 +376,12 @@ def verify_state(config: str, state: Dict[str, torch.Tensor],
     return logits
 
 
-def save_checkpoint(state: Dict[str, torch.Tensor], path: str,
-                    source: str, config: str) -> None:
-    """Save as an mmengine checkpoint (``state_dict`` + ``meta``) with
-    mmdyn's checkpoint writer: through a temporary file in the same folder
-    renamed into place (an interrupted or failed save leaves no partial
-    ``path``), with the content hash that mmdyn's loader verifies."""
+def save_checkpoint(state: Dict[str, torch.Tensor], path: str, source: str,
+                    config: str) -> None:
+    """Save as an mmengine checkpoint (``state_dict`` + ``meta``) with mmdyn's
+    checkpoint writer: through a temporary file in the same folder renamed into
+    place (an interrupted or failed save leaves no partial ``path``), with the
+    content hash that mmdyn's loader verifies."""
     from mmdyn.engine.checkpoint_io import \
         save_checkpoint as save_verified_checkpoint
     folder = osp.dirname(osp.abspath(path))
@@ -399,8 +402,8 @@ def convert_file(family: str,
                  weights: str = 'auto',
                  trust: bool = False,
                  verify: bool = False) -> str:
-    """Read, convert, check, optionally verify, and save; returns the
-    config used. Nothing is written when any step fails.
+    """Read, convert, check, optionally verify, and save; returns the config
+    used. Nothing is written when any step fails.
 
     Args:
         family (str): 'odconv', 'kw', 'ddf' or 'dyconv'.
@@ -417,8 +420,8 @@ def convert_file(family: str,
     """
     log = log or (lambda msg: None)
     ckpt: OfficialCheckpoint = read_official_checkpoint(src, weights, trust)
-    log(f'read {src}: {ckpt.source}, {len(ckpt.state_dict)} tensors'
-        + (f', model {ckpt.arch!r}' if ckpt.arch else ''))
+    log(f'read {src}: {ckpt.source}, {len(ckpt.state_dict)} tensors' +
+        (f', model {ckpt.arch!r}' if ckpt.arch else ''))
     if ckpt.ema_available and weights == 'auto':
         log('the file also holds EMA weights: --weights ema converts those')
     from .models import build_model
@@ -428,8 +431,14 @@ def convert_file(family: str,
         built[path] = build_model(path)
         return built[path]
 
-    out, used = convert(ckpt.state_dict, family, config, build=build_once,
-                        log=log, arch=ckpt.arch, src=src)
+    out, used = convert(
+        ckpt.state_dict,
+        family,
+        config,
+        build=build_once,
+        log=log,
+        arch=ckpt.arch,
+        src=src)
     if verify:
         # The logits are the command's result: printed, not logged.
         verify_state(used, out, print, model=built.get(used))
@@ -439,7 +448,8 @@ def convert_file(family: str,
     return used
 
 
-def converter_cli(family: str, description: str,
+def converter_cli(family: str,
+                  description: str,
                   argv: Optional[Sequence[str]] = None) -> None:
     """Command line of ``tools/model_converters/<family>2mmdyn.py``.
 
@@ -452,9 +462,14 @@ def converter_cli(family: str, description: str,
     args = parser.parse_args(argv)
     from .progress import tool_logger
     try:
-        convert_file(family, args.src, args.dst, args.config,
-                     log=tool_logger().info,
-                     weights=args.weights, trust=args.trust_checkpoint,
-                     verify=args.verify)
+        convert_file(
+            family,
+            args.src,
+            args.dst,
+            args.config,
+            log=tool_logger().info,
+            weights=args.weights,
+            trust=args.trust_checkpoint,
+            verify=args.verify)
     except (ConversionError, CheckpointFormatError) as err:
         sys.exit(f'conversion refused: {err}')

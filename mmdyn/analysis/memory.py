@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Counting the memory a training step keeps, and the largest tensor a
-captured graph makes.
+"""Counting the memory a training step keeps, and the largest tensor a captured
+graph makes.
 
 * :class:`SavedTensorBytes`: the tensors autograd keeps for the backward
   pass (``torch.autograd.graph.saved_tensors_hooks``), as the bytes of the
@@ -97,8 +97,10 @@ class SavedTensorBytes:
 
 def saved_bytes_of_step(model: torch.nn.Module, inputs: torch.Tensor) -> int:
     """Bytes saved for backward by ``model(inputs)`` and a scalar loss made
-    from its output(s), parameters and buffers excluded. The backward is
-    run too (so the step is complete and the graph freed)."""
+    from its output(s), parameters and buffers excluded.
+
+    The backward is run too (so the step is complete and the graph freed).
+    """
     exclude = [*model.parameters(), *model.buffers()]
     with SavedTensorBytes(exclude) as saved:
         out = model(inputs)
@@ -109,9 +111,9 @@ def saved_bytes_of_step(model: torch.nn.Module, inputs: torch.Tensor) -> int:
 
 
 class GraphTensorRecord:
-    """What :func:`largest_graph_tensors` saw: for each graph compiled
-    (forward graphs then backward graphs, in order), the largest tensor it
-    computes as ``(numel, node name, op)``."""
+    """What :func:`largest_graph_tensors` saw: for each graph compiled (forward
+    graphs then backward graphs, in order), the largest tensor it computes as
+    ``(numel, node name, op)``."""
 
     def __init__(self):
         self.forward: List[Tuple[int, str, str]] = []

@@ -26,7 +26,8 @@ def load_config(config, cfg_options: Optional[dict] = None) -> Config:
     return read_config(config, cfg_options)
 
 
-def build_model(config, cfg_options: Optional[dict] = None,
+def build_model(config,
+                cfg_options: Optional[dict] = None,
                 device: str = 'cpu') -> nn.Module:
     """Build ``cfg.model`` in the config's default scope (no weights).
 
@@ -103,8 +104,8 @@ def make_batch(model: nn.Module,
     h, w = int(shape[0]), int(shape[1])
     if task_of(model) == 'detection':
         from mmdet.testing import demo_mm_inputs
-        with_mask = bool(getattr(getattr(model, 'roi_head', None),
-                                 'with_mask', False))
+        with_mask = bool(
+            getattr(getattr(model, 'roi_head', None), 'with_mask', False))
         packed = demo_mm_inputs(
             batch_size=batch_size,
             image_shapes=(3, h, w),
@@ -117,8 +118,8 @@ def make_batch(model: nn.Module,
         gen = torch.Generator().manual_seed(seed)
         num_classes = _num_classes(model, default=1000)
         packed = dict(inputs=[
-            torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
-                          generator=gen).to(device)
+            torch.randint(0, 256, (
+                3, h, w), dtype=torch.uint8, generator=gen).to(device)
             for _ in range(batch_size)
         ])
         # Labels only for training: at inference they are not needed, and a

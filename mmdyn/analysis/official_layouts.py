@@ -45,8 +45,13 @@ ARCHITECTURES = dict(
 # mmpretrain MobileNetV2 stages: blocks per stage of the standard table.
 MBV2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
 # ResNet depth from (blocks in layer3, bottleneck).
-RESNET_DEPTHS = {(2, False): 18, (6, False): 34, (6, True): 50,
-                 (23, True): 101, (36, True): 152}
+RESNET_DEPTHS = {
+    (2, False): 18,
+    (6, False): 34,
+    (6, True): 50,
+    (23, True): 101,
+    (36, True): 152
+}
 
 WAREHOUSE = r'^warehouse_manager\.weights\.(\d+)$'
 
@@ -57,8 +62,10 @@ class LayoutError(ValueError):
 
 def _ints(state: Dict, pattern: str) -> List[int]:
     regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in state for m in [regex.match(k)]
-                   if m})
+    return sorted(
+        {int(m.group(1))
+         for k in state
+         for m in [regex.match(k)] if m})
 
 
 def architecture_of(state: Dict) -> str:
@@ -111,7 +118,7 @@ KW_WAREHOUSE_RULES: List[Rule] = [
 
 
 def mbv2_block_index() -> Dict[int, Tuple[int, int]]:
-    """official ``features.i`` (1..17) -> (mmpretrain stage, block)."""
+    """Official ``features.i`` (1..17) -> (mmpretrain stage, block)."""
     table, i = {}, 1
     for stage, count in enumerate(MBV2_BLOCKS, start=1):
         for block in range(count):
@@ -160,14 +167,14 @@ def mbv2_rules(state: Dict) -> List[Rule]:
             pairs = [('0.0', '0.conv'), ('0.1', '0.bn'), ('1', '1.conv'),
                      ('2', '1.bn')]
         for old, new in pairs:
-            rules.append((src + re.escape(old) + r'\.(.+)$',
-                          dst + new + r'.\1'))
+            rules.append(
+                (src + re.escape(old) + r'\.(.+)$', dst + new + r'.\1'))
     return rules
 
 
 def convnext_rules(state: Dict) -> List[Rule]:
-    """Rules for the official KW ConvNeXt (``downsample_layers``,
-    ``stages``, final ``norm`` on the pooled features, ``head``)."""
+    """Rules for the official KW ConvNeXt (``downsample_layers``, ``stages``,
+    final ``norm`` on the pooled features, ``head``)."""
     stages = _ints(state, r'^stages\.(\d+)\.')
     last = stages[-1] if stages else 3
     return [
@@ -184,16 +191,19 @@ FAMILY_NAMES = dict(
 
 def family_of(state: Dict) -> Optional[str]:
     """The method whose layers the keys show, or None when unsure:
+
     KW warehouses, ODConv's four attention heads, DDF's two branches,
-    DyConv's 1x1-conv attention (a 4-D ``attention.fc1.weight``)."""
+    DyConv's 1x1-conv attention (a 4-D ``attention.fc1.weight``).
+    """
     if any(k.startswith('warehouse_manager.weights.') for k in state):
         return 'kw'
     if any('.attention.channel_fc.' in k for k in state):
         return 'odconv'
     if any('.spatial_branch.' in k for k in state):
         return 'ddf'
-    if any(k.endswith('.attention.fc1.weight') and v.dim() == 4
-           for k, v in state.items()):
+    if any(
+            k.endswith('.attention.fc1.weight') and v.dim() == 4
+            for k, v in state.items()):
         return 'dyconv'
     return None
 
@@ -205,10 +215,9 @@ def rules_for(family: str, state: Dict) -> List[Rule]:
                          f'{family!r}')
     found = family_of(state)
     if found is not None and found != family:
-        raise LayoutError(
-            f'this is a {FAMILY_NAMES[found]} checkpoint, not '
-            f'{FAMILY_NAMES[family]}: convert it with python '
-            f'{CONVERTER_SCRIPTS[found]}')
+        raise LayoutError(f'this is a {FAMILY_NAMES[found]} checkpoint, not '
+                          f'{FAMILY_NAMES[family]}: convert it with python '
+                          f'{CONVERTER_SCRIPTS[found]}')
     arch = architecture_of(state)
     if arch not in ARCHITECTURES[family]:
         raise LayoutError(

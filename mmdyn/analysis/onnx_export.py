@@ -131,9 +131,8 @@ def export_onnx(module: nn.Module,
     with torch.no_grad():
         outputs = module(example)
     n_out = len(outputs) if isinstance(outputs, tuple) else 1
-    output_names = ['output'] if n_out == 1 else [
-        f'output{i}' for i in range(n_out)
-    ]
+    output_names = ['output'
+                    ] if n_out == 1 else [f'output{i}' for i in range(n_out)]
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {name: {0: 'batch'} for name in output_names}
@@ -141,8 +140,7 @@ def export_onnx(module: nn.Module,
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.onnx.export(
-            module,
-            (example, ),
+            module, (example, ),
             output_file,
             input_names=['input'],
             output_names=output_names,
@@ -150,12 +148,12 @@ def export_onnx(module: nn.Module,
             opset_version=opset_version,
             do_constant_folding=True,
             dynamo=dynamo)
-    tracer = [w for w in caught if issubclass(w.category,
-                                              torch.jit.TracerWarning)]
+    tracer = [
+        w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+    ]
     for w in caught:
         if show_tracer_warnings or w not in tracer:
-            warnings.warn_explicit(w.message, w.category, w.filename,
-                                   w.lineno)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if tracer and not show_tracer_warnings:
         from mmengine.logging import print_log
         print_log(
@@ -179,10 +177,13 @@ SIMPLIFY_RULES = ('fuse_batchnorm_into_gemm_rule',
 
 
 def simplify_onnx(onnx_file: str) -> bool:
-    """Simplify an exported file in place with onnxscript's optimizer
-    (constant folding, dead and identity nodes) and the rewrite rules
-    :data:`SIMPLIFY_RULES`; the values computed are unchanged. Returns
-    False (file untouched) when ``onnxscript`` is not installed."""
+    """Simplify an exported file in place with onnxscript's optimizer (constant
+    folding, dead and identity nodes) and the rewrite rules
+    :data:`SIMPLIFY_RULES`; the values computed are unchanged.
+
+    Returns
+    False (file untouched) when ``onnxscript`` is not installed.
+    """
     try:
         import onnx
         from onnxscript import optimizer, rewriter
@@ -190,8 +191,10 @@ def simplify_onnx(onnx_file: str) -> bool:
     except ImportError:
         return False
     model = optimizer.optimize(onnx.load(onnx_file))
-    rules = [getattr(common, name) for name in SIMPLIFY_RULES
-             if hasattr(common, name)]
+    rules = [
+        getattr(common, name) for name in SIMPLIFY_RULES
+        if hasattr(common, name)
+    ]
     model = optimizer.optimize(
         rewriter.rewrite(model, pattern_rewrite_rules=rules))
     fold_norms_into_matmuls(model)
@@ -201,9 +204,11 @@ def simplify_onnx(onnx_file: str) -> bool:
 
 def fold_norms_into_matmuls(model) -> int:
     """Fold each ``BatchNormalization`` of a [B, C] ``MatMul(A, W)``
+
     (``W`` a constant used once; the attention MLPs of the dynamic layers)
     into one ``Gemm(A, W * s, beta - mean * s)``, ``s = gamma / sqrt(var +
-    eps)``, in place. Returns the number folded."""
+    eps)``, in place. Returns the number folded.
+    """
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -230,10 +235,9 @@ def fold_norms_into_matmuls(model) -> int:
                 uses.get(matmul.input[1]) != 1 or \
                 not all(n in inits for n in node.input[1:5]):
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n])
-                                  for n in node.input[1:5])
-        eps = next((a.f for a in node.attribute if a.name == 'epsilon'),
-                   1e-5)
+        gamma, beta, mean, var = (
+            numpy_helper.to_array(inits[n]) for n in node.input[1:5])
+        eps = next((a.f for a in node.attribute if a.name == 'epsilon'), 1e-5)
         weight = numpy_helper.to_array(inits[matmul.input[1]])
         scale = gamma / np.sqrt(var + eps)
         inits[matmul.input[1]].CopyFrom(
@@ -241,11 +245,14 @@ def fold_norms_into_matmuls(model) -> int:
                                     matmul.input[1]))
         bias_name = node.output[0] + '_folded_bias'
         graph.initializer.append(
-            numpy_helper.from_array((beta - mean * scale).astype(
-                weight.dtype), bias_name))
-        folded.append((matmul, node, helper.make_node(
-            'Gemm', [matmul.input[0], matmul.input[1], bias_name],
-            list(node.output), name=node.name + '_folded')))
+            numpy_helper.from_array((beta - mean * scale).astype(weight.dtype),
+                                    bias_name))
+        folded.append((matmul, node,
+                       helper.make_node(
+                           'Gemm',
+                           [matmul.input[0], matmul.input[1], bias_name],
+                           list(node.output),
+                           name=node.name + '_folded')))
     for matmul, norm, gemm in folded:
         index = list(graph.node).index(matmul)
         graph.node.remove(matmul)
@@ -281,8 +288,7 @@ def compare_with_onnxruntime(module: nn.Module,
     gen = torch.Generator().manual_seed(seed)
     results = []
     for batch in batch_sizes:
-        x = torch.randn(batch, 3, int(shape[0]), int(shape[1]),
-                        generator=gen)
+        x = torch.randn(batch, 3, int(shape[0]), int(shape[1]), generator=gen)
         with torch.no_grad():
             ref = module(x)
         ref = ref if isinstance(ref, tuple) else (ref, )
@@ -300,8 +306,8 @@ def compare_with_onnxruntime(module: nn.Module,
             middle = time.perf_counter()
             with torch.no_grad():
                 module(x)
-            timings.append((batch, middle - start,
-                            time.perf_counter() - middle))
+            timings.append(
+                (batch, middle - start, time.perf_counter() - middle))
     return results
 
 

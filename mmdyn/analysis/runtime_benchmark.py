@@ -27,11 +27,12 @@ def runtime_available(runtime: str) -> bool:
     return importlib.util.find_spec(runtime) is not None
 
 
-def open_session(onnx_file: str, runtime: str = 'onnxruntime',
+def open_session(onnx_file: str,
+                 runtime: str = 'onnxruntime',
                  threads: Optional[int] = None) -> Callable:
     """``run(inputs [B, 3, H, W] ndarray) -> list of output ndarrays`` of
-    ``onnx_file`` in ``runtime`` on the CPU, with ``threads`` intra-op
-    threads (None: the runtime's default)."""
+    ``onnx_file`` in ``runtime`` on the CPU, with ``threads`` intra-op threads
+    (None: the runtime's default)."""
     if not runtime_available(runtime):
         raise RuntimeError(f'{runtime} is not installed: pip install '
                            f'{runtime} (or the "deploy" extra of mmdyn)')
@@ -41,8 +42,8 @@ def open_session(onnx_file: str, runtime: str = 'onnxruntime',
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        session = ort.InferenceSession(onnx_file, options,
-                                       providers=['CPUExecutionProvider'])
+        session = ort.InferenceSession(
+            onnx_file, options, providers=['CPUExecutionProvider'])
         return lambda x: session.run(None, {'input': x})
     import openvino as ov
     core = ov.Core()
@@ -56,11 +57,12 @@ def open_session(onnx_file: str, runtime: str = 'onnxruntime',
     return run
 
 
-def export_config_file(config: str, out_dir: str,
+def export_config_file(config: str,
+                       out_dir: str,
                        shape: Sequence[int] = (224, 224),
                        backbone_only: bool = False) -> str:
-    """Export ``config`` (random weights, dynamic batch) to
-    ``out_dir/<config name>.onnx``; returns the path."""
+    """Export ``config`` (random weights, dynamic batch) to ``out_dir/<config
+    name>.onnx``; returns the path."""
     from .onnx_export import export_config
     os.makedirs(out_dir, exist_ok=True)
     name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
@@ -87,11 +89,19 @@ def benchmark_onnx_files(files: Sequence[str],
                          ) -> List[BenchResult]:
     """Time ``files`` (inputs ``[batch_size, 3, *shape]``) in ``runtime``,
     alternately; see :func:`~mmdyn.analysis.benchmark.run_interleaved`.
-    Compare with :func:`~mmdyn.analysis.benchmark.paired_ratio`."""
+
+    Compare with :func:`~mmdyn.analysis.benchmark.paired_ratio`.
+    """
     x = np.random.default_rng(0).standard_normal(
         (batch_size, 3, int(shape[0]), int(shape[1])), dtype=np.float32)
     sessions = [open_session(f, runtime, threads) for f in files]
     steps = [(lambda run=run: run(x)) for run in sessions]
-    return run_interleaved(steps, [f'{n} ({runtime})' for n in names],
-                           'infer', batch_size, repeat, warmup, 'cpu', log,
-                           measure_memory=False)
+    return run_interleaved(
+        steps, [f'{n} ({runtime})' for n in names],
+        'infer',
+        batch_size,
+        repeat,
+        warmup,
+        'cpu',
+        log,
+        measure_memory=False)

@@ -60,8 +60,8 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of the distributions along the last dim, divided by
-    ``log(n)``: 1 for a uniform distribution, 0 for a one-hot one.
+    """Entropy of the distributions along the last dim, divided by ``log(n)``:
+    1 for a uniform distribution, 0 for a one-hot one.
 
     ``probs`` is normalised first (``|p| / sum |p|``), so sigmoid routing
     weights (CondConv) and signed cell attentions (KernelWarehouse) are
@@ -72,8 +72,8 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     if n < 2:
         return torch.zeros(p.shape[:-1], dtype=torch.float64)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-    plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(),
-                        torch.zeros_like(p))
+    plogp = torch.where(p > 0,
+                        p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
     return -plogp.sum(-1) / math.log(n)
 
 
@@ -150,7 +150,9 @@ class LayerRecord:
     num_kernels: int = 0
     spatial_shape: Tuple[int, ...] = ()
 
-    def add_attention(self, name: str, value: Optional[torch.Tensor],
+    def add_attention(self,
+                      name: str,
+                      value: Optional[torch.Tensor],
                       profile: Optional[torch.Tensor] = None):
         """Record attention ``name`` ``[B, ...]`` (None: constant 1);
         ``profile`` is what the pictures show (default: ``value``)."""
@@ -208,8 +210,9 @@ class DynamicLayerRecorder:
 
     def __enter__(self) -> 'DynamicLayerRecorder':
         for name, module in self._modules.items():
-            getattr(self, f'_hook_{self.records[name].kind}')(
-                self.records[name], module)
+            getattr(self,
+                    f'_hook_{self.records[name].kind}')(self.records[name],
+                                                        module)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -218,8 +221,9 @@ class DynamicLayerRecorder:
         self._handles = []
 
     def _hook(self, module, fn, pre=False):
-        register = (module.register_forward_pre_hook
-                    if pre else module.register_forward_hook)
+        register = (
+            module.register_forward_pre_hook
+            if pre else module.register_forward_hook)
         self._handles.append(register(fn))
 
     # -- attention layers --------------------------------------------------
@@ -261,8 +265,7 @@ class DynamicLayerRecorder:
             record.num_kernels = att.shape[-1]
             record.add_samples(att.shape[0], self.image)
             record.add_attention('kernel', att, profile=att.abs().mean(1))
-            record.entropies.extend(
-                normalized_entropy(att).mean(-1).tolist())
+            record.entropies.extend(normalized_entropy(att).mean(-1).tolist())
 
         self._hook(layer.attention, hook)
 
@@ -275,14 +278,13 @@ class DynamicLayerRecorder:
         k2 = record.kernel_size**2
 
         def channel_hook(_, __, cf):
-            record.channel_filters.extend(
-                cf.detach().float().reshape(cf.shape[0], 1, -1,
-                                            k2).cpu())
+            record.channel_filters.extend(cf.detach().float().reshape(
+                cf.shape[0], 1, -1, k2).cpu())
 
         def spatial_hook(_, __, sf):
             if self._keep_maps(record) and sf.shape[0] == 1:
-                record.spatial_filters[self.image] = sf.detach().float(
-                ).cpu()  # [1 (phase), head*k*k, Ho, Wo]
+                record.spatial_filters[self.image] = sf.detach().float().cpu(
+                )  # [1 (phase), head*k*k, Ho, Wo]
 
         self._hook(layer.channel_branch, channel_hook)
         self._hook(layer.spatial_branch, spatial_hook)
@@ -335,10 +337,8 @@ class DynamicLayerRecorder:
 
         self._hook(layer, pre_hook, pre=True)
         for index in range(phases):
-            self._hook(layer.channel_branch[index],
-                       branch_hook('cf', index))
-            self._hook(layer.spatial_branch[index],
-                       branch_hook('sf', index))
+            self._hook(layer.channel_branch[index], branch_hook('cf', index))
+            self._hook(layer.spatial_branch[index], branch_hook('sf', index))
         self._hook(layer, post_hook)
 
 
@@ -389,12 +389,13 @@ def pixel_filters(record: LayerRecord, image: int, input_hw: Tuple[int, int],
     return filters
 
 
-def spatial_filter_variation(record: LayerRecord,
-                             image: int) -> torch.Tensor:
-    """Per output pixel, the L2 distance of its spatial filter (head 0)
-    from the mean filter of the map (of its phase, for DDF-Up): where the
-    layer filters differently. Returns ``[s*H, s*W]`` (DDF-Up phases
-    interleaved as in the output)."""
+def spatial_filter_variation(record: LayerRecord, image: int) -> torch.Tensor:
+    """Per output pixel, the L2 distance of its spatial filter (head 0) from
+    the mean filter of the map (of its phase, for DDF-Up): where the layer
+    filters differently.
+
+    Returns ``[s*H, s*W]`` (DDF-Up phases interleaved as in the output).
+    """
     maps = record.spatial_filters[image]  # [P, head*k*k, H, W]
     k2 = record.kernel_size**2
     s = record.scale_factor
@@ -402,8 +403,8 @@ def spatial_filter_variation(record: LayerRecord,
     mean = filters.mean((2, 3), keepdim=True)
     dist = (filters - mean).norm(dim=1)  # [P, H, W]
     height, width = dist.shape[-2:]
-    return dist.view(s, s, height, width).permute(2, 0, 3, 1).reshape(
-        s * height, s * width)
+    return dist.view(s, s, height,
+                     width).permute(2, 0, 3, 1).reshape(s * height, s * width)
 
 
 # --------------------------------------------------------------------------
@@ -430,8 +431,8 @@ def _integer_ticks(ax) -> None:
 
 def _widen_to_fit(fig, text, margin: float = 0.2) -> None:
     """Widen ``fig`` until ``text`` (a centred title) fits in it with
-    ``margin`` inches each side: a long layer name would otherwise lose
-    its first and last letters at the figure's edges."""
+    ``margin`` inches each side: a long layer name would otherwise lose its
+    first and last letters at the figure's edges."""
     renderer = fig.canvas.get_renderer()
     needed = text.get_window_extent(renderer).width / fig.dpi + 2 * margin
     if needed > fig.get_figwidth():
@@ -444,8 +445,7 @@ def _save(fig, path: str) -> None:
 
 
 def summary_figure(records: Sequence[LayerRecord]):
-    """The figure of :func:`plot_summary` (None without attention
-    layers)."""
+    """The figure of :func:`plot_summary` (None without attention layers)."""
     layers = [r for r in records if r.kind in ATTENTION_KINDS and r.images]
     if not layers:
         return None
@@ -454,20 +454,24 @@ def summary_figure(records: Sequence[LayerRecord]):
     x = np.arange(len(layers))
     width = max(6.0, 0.35 * len(layers))
     fig, axes = plt.subplots(2, 1, figsize=(width, 7), sharex=True)
-    entropy = [np.mean(r.entropies) if r.entropies else np.nan
-               for r in layers]
+    entropy = [np.mean(r.entropies) if r.entropies else np.nan for r in layers]
     axes[0].bar(x, entropy, color='tab:blue')
     for i, record in enumerate(layers):
         if record.num_kernels == 1:  # no bar: say why
             axes[0].text(
-                i, 0.03, 'one kernel', rotation=90, ha='center',
-                va='bottom', fontsize=7, color='tab:gray')
+                i,
+                0.03,
+                'one kernel',
+                rotation=90,
+                ha='center',
+                va='bottom',
+                fontsize=7,
+                color='tab:gray')
     axes[0].set_ylim(0, 1.05)
     axes[0].set_ylabel('kernel attention\nnormalised entropy')
     axes[0].set_title('1 = uniform over kernels/cells, 0 = one kernel')
     attention_names = [
-        n for n in OD_ATTENTIONS
-        if any(n in r.moments for r in layers)
+        n for n in OD_ATTENTIONS if any(n in r.moments for r in layers)
     ]
     bar = 0.8 / max(1, len(attention_names))
     for i, name in enumerate(attention_names):
@@ -475,13 +479,18 @@ def summary_figure(records: Sequence[LayerRecord]):
             r.moments[name].mean_variance() if name in r.moments else np.nan
             for r in layers
         ]
-        axes[1].bar(x + (i - (len(attention_names) - 1) / 2) * bar, values,
-                    bar, label=name)
+        axes[1].bar(
+            x + (i - (len(attention_names) - 1) / 2) * bar,
+            values,
+            bar,
+            label=name)
     axes[1].set_yscale('symlog', linthresh=1e-6)
     axes[1].set_ylabel('variance over images\n(mean over entries)')
     # Outside the axes, right of the last bars, never over them.
     axes[1].legend(
-        fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        loc='upper left',
+        bbox_to_anchor=(1.01, 1.0),
         borderaxespad=0.0)
     axes[1].set_xticks(x)
     axes[1].set_xticklabels(names, rotation=90, fontsize=7)
@@ -490,11 +499,12 @@ def summary_figure(records: Sequence[LayerRecord]):
 
 
 def plot_summary(records: Sequence[LayerRecord], path: str) -> bool:
-    """Bar charts of kernel-attention entropy and of the attentions'
-    variance over images, one bar (group) per attention layer; a layer
-    with one kernel (ODConv 1x: no kernel attention) is marked
-    ``one kernel`` instead of a bar. Returns False (and writes nothing)
-    when there is no attention layer."""
+    """Bar charts of kernel-attention entropy and of the attentions' variance
+    over images, one bar (group) per attention layer; a layer with one kernel
+    (ODConv 1x: no kernel attention) is marked ``one kernel`` instead of a bar.
+
+    Returns False (and writes nothing) when there is no attention layer.
+    """
     fig = summary_figure(records)
     if fig is None:
         return False
@@ -508,22 +518,28 @@ def attention_figure(record: LayerRecord):
     names = [n for n in OD_ATTENTIONS if n in record.profiles]
     fig, axes = plt.subplots(
         1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-    labels = dict(kernel='cell (mean |att| over mixtures)'
-                  if record.kind == 'kw' else 'kernel')
+    labels = dict(kernel='cell (mean |att| over mixtures)' if record.kind ==
+                  'kw' else 'kernel')
     for ax, name in zip(axes[0], names):
         values = torch.stack(record.profiles[name])
         if name == 'spatial' and record.spatial_shape:
             # One weight per kernel tap: drawn as the k x k kernel.
             image = ax.imshow(
                 values.mean(0).reshape(record.spatial_shape).numpy(),
-                cmap='viridis', interpolation='nearest')
-            ax.set_title(f'spatial attention (mean of {len(values)} '
-                         'samples)', fontsize=9)
+                cmap='viridis',
+                interpolation='nearest')
+            ax.set_title(
+                f'spatial attention (mean of {len(values)} '
+                'samples)',
+                fontsize=9)
             ax.set_xlabel('kernel column', fontsize=8)
             ax.set_ylabel('kernel row', fontsize=8)
         else:
-            image = ax.imshow(values.numpy(), aspect='auto', cmap='viridis',
-                              interpolation='nearest')
+            image = ax.imshow(
+                values.numpy(),
+                aspect='auto',
+                cmap='viridis',
+                interpolation='nearest')
             ax.set_title(f'{name} attention', fontsize=9)
             ax.set_xlabel(labels.get(name, name), fontsize=8)
             ax.set_ylabel('sample', fontsize=8)
@@ -556,16 +572,20 @@ def plot_ddf(record: LayerRecord, image: int, picture: np.ndarray,
     ax.imshow(picture)
     for i, (x, y) in enumerate(pixels):
         ax.plot(x, y, 'o', ms=6, mfc='none', mec='yellow', mew=2)
-        ax.annotate(str(i), (x, y), color='yellow', fontsize=9,
-                    xytext=(4, -4), textcoords='offset points')
+        ax.annotate(
+            str(i), (x, y),
+            color='yellow',
+            fontsize=9,
+            xytext=(4, -4),
+            textcoords='offset points')
     ax.set_title('input (pixels)', fontsize=9)
     ax.axis('off')
     bound = max(float(max(f.abs().max() for f in filters)), 1e-12)
     for i in range(cols):
         ax = axes[0, i + 1]
         if i < len(filters):
-            im = ax.imshow(filters[i].numpy(), cmap='RdBu_r', vmin=-bound,
-                           vmax=bound)
+            im = ax.imshow(
+                filters[i].numpy(), cmap='RdBu_r', vmin=-bound, vmax=bound)
             ax.set_title(f'spatial filter @ {i}', fontsize=9)
         ax.axis('off')
     fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
@@ -584,16 +604,15 @@ def plot_ddf(record: LayerRecord, image: int, picture: np.ndarray,
     ax.hist(flat.flatten().numpy(), bins=40, color='tab:gray')
     ax.set_title('channel filter values', fontsize=9)
     ax = axes[1, 3]
-    im = ax.imshow(spatial_filter_variation(record, image).numpy(),
-                   cmap='magma')
-    ax.set_title('per pixel: spatial filter\ndistance from the mean',
-                 fontsize=9)
+    im = ax.imshow(
+        spatial_filter_variation(record, image).numpy(), cmap='magma')
+    ax.set_title(
+        'per pixel: spatial filter\ndistance from the mean', fontsize=9)
     ax.axis('off')
     fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in axes[1, 4:]:
         ax.axis('off')
-    fig.suptitle(f'{record.name} ({record.type}), image {image}',
-                 fontsize=9)
+    fig.suptitle(f'{record.name} ({record.type}), image {image}', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -605,8 +624,10 @@ def default_pixels(height: int, width: int) -> List[Tuple[int, int]]:
             (3 * width // 4, 3 * height // 4)]
 
 
-def render(records: Sequence[LayerRecord], out_dir: str,
-           pictures: Sequence[np.ndarray], input_hw: Tuple[int, int],
+def render(records: Sequence[LayerRecord],
+           out_dir: str,
+           pictures: Sequence[np.ndarray],
+           input_hw: Tuple[int, int],
            pixels: Optional[Sequence[Tuple[int, int]]] = None) -> List[str]:
     """Write the PNGs and ``summary.json`` of module docstring into
     ``out_dir``; return the paths written.
@@ -624,8 +645,7 @@ def render(records: Sequence[LayerRecord], out_dir: str,
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    summary = OrderedDict(
-        (r.name, layer_statistics(r)) for r in records)
+    summary = OrderedDict((r.name, layer_statistics(r)) for r in records)
     path = osp.join(out_dir, 'summary.json')
     with open(path, 'w') as f:
         json.dump(summary, f, indent=1)
@@ -646,8 +666,7 @@ def render(records: Sequence[LayerRecord], out_dir: str,
                 chosen = pixels or default_pixels(*picture.shape[:2])
                 folder = osp.join(out_dir, 'ddf')
                 os.makedirs(folder, exist_ok=True)
-                path = osp.join(folder,
-                                f'{_safe(record.name)}_img{image}.png')
+                path = osp.join(folder, f'{_safe(record.name)}_img{image}.png')
                 plot_ddf(record, image, picture, input_hw, chosen, path)
                 written.append(path)
     return written
@@ -656,8 +675,10 @@ def render(records: Sequence[LayerRecord], out_dir: str,
 # --------------------------------------------------------------------------
 # Running a config + checkpoint on images
 # --------------------------------------------------------------------------
-def build_model(config, checkpoint: Optional[str] = None,
-                device: str = 'cpu', cfg_options: Optional[dict] = None):
+def build_model(config,
+                checkpoint: Optional[str] = None,
+                device: str = 'cpu',
+                cfg_options: Optional[dict] = None):
     """Model (eval mode) and test pipeline of an mmdet/mmpretrain config.
 
     Returns:
@@ -679,9 +700,8 @@ def build_model(config, checkpoint: Optional[str] = None,
         raise ValueError('the config has no test_dataloader.dataset.pipeline '
                          'to prepare the images; add one')
     # Images come without annotations: drop the annotation loaders.
-    pipeline = Compose([
-        t for t in pipeline_cfg if 'LoadAnnotations' not in t['type']
-    ])
+    pipeline = Compose(
+        [t for t in pipeline_cfg if 'LoadAnnotations' not in t['type']])
     return model, pipeline, cfg
 
 
@@ -695,8 +715,11 @@ def _network_picture(packed: dict) -> np.ndarray:
     return np.ascontiguousarray(array).clip(0, 255).astype(np.uint8)
 
 
-def record_images(model: nn.Module, pipeline, images: Sequence[str],
-                  layers: Optional[str] = None, filter_images: int = 1,
+def record_images(model: nn.Module,
+                  pipeline,
+                  images: Sequence[str],
+                  layers: Optional[str] = None,
+                  filter_images: int = 1,
                   progress: bool = True):
     """Run ``images`` one by one through ``model`` with a
     :class:`DynamicLayerRecorder`.
@@ -710,9 +733,8 @@ def record_images(model: nn.Module, pipeline, images: Sequence[str],
 
     recorder = DynamicLayerRecorder(model, layers, filter_images)
     if not recorder.records:
-        raise ValueError('the model has no mmdyn dynamic layer' +
-                         (f' whose name matches --layers {layers!r}'
-                          if layers else ''))
+        raise ValueError('the model has no mmdyn dynamic layer' + (
+            f' whose name matches --layers {layers!r}' if layers else ''))
     pictures, input_hw = [], None
     bar = ProgressBar(len(images)) if progress else None
     with recorder, torch.no_grad():
@@ -731,13 +753,18 @@ def record_images(model: nn.Module, pipeline, images: Sequence[str],
     return list(recorder.records.values()), pictures, input_hw
 
 
-def visualize(config, checkpoint: Optional[str], images: Sequence[str],
-              out_dir: str, pixels=None, layers: Optional[str] = None,
-              filter_images: int = 1, device: str = 'cpu',
+def visualize(config,
+              checkpoint: Optional[str],
+              images: Sequence[str],
+              out_dir: str,
+              pixels=None,
+              layers: Optional[str] = None,
+              filter_images: int = 1,
+              device: str = 'cpu',
               cfg_options: Optional[dict] = None,
               progress: bool = True) -> List[str]:
-    """Everything of the module docstring for a config + checkpoint and
-    images; returns the files written."""
+    """Everything of the module docstring for a config + checkpoint and images;
+    returns the files written."""
     from mmengine.logging import MMLogger
     logger = MMLogger.get_current_instance()
     model, pipeline, _ = build_model(config, checkpoint, device, cfg_options)

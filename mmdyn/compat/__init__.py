@@ -105,8 +105,8 @@ def apply():
         if skip == OUT_OF_RANGE:
             logger.warning(
                 'mmdyn.compat: %s not applied: written for %s%s, installed '
-                '%s (check whether it is still needed: docs/compat.md)',
-                name, fix.PACKAGE, fix.VERSIONS, version)
+                '%s (check whether it is still needed: docs/compat.md)', name,
+                fix.PACKAGE, fix.VERSIONS, version)
         elif skip == NOT_INSTALLED:
             logger.info('mmdyn.compat: %s not applied: %s is not installed',
                         name, fix.PACKAGE)

@@ -1,5 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmcv's CPU ``nms`` and ``roi_align`` under bfloat16 autocast.
+"""Mmcv's CPU ``nms`` and ``roi_align`` under bfloat16 autocast.
 
 ``--amp`` on CPU (:class:`mmdyn.engine.amp.CPUAmpOptimWrapper`) runs the
 forward pass under ``torch.autocast('cpu', dtype=bfloat16)``. mmcv 2.x's
@@ -39,13 +39,17 @@ def _float32_forward(forward):
 
     @functools.wraps(forward)
     def wrapped(ctx, *args, **kwargs):
-        dtypes = [a.dtype for a in args
-                  if torch.is_tensor(a) and a.is_floating_point()]
+        dtypes = [
+            a.dtype for a in args
+            if torch.is_tensor(a) and a.is_floating_point()
+        ]
         if all(d == torch.float32 for d in dtypes):
             return forward(ctx, *args, **kwargs)
         with torch.autocast(device_type='cpu', enabled=False):
-            out = forward(ctx, *[_as_float32(a) for a in args],
-                          **{k: _as_float32(v) for k, v in kwargs.items()})
+            out = forward(ctx, *[_as_float32(a) for a in args], **{
+                k: _as_float32(v)
+                for k, v in kwargs.items()
+            })
         if torch.is_tensor(out) and out.is_floating_point():
             out = out.to(dtypes[0])
         return out
@@ -54,8 +58,8 @@ def _float32_forward(forward):
 
 
 def _float32_backward(backward):
-    """Run ``backward`` on float32 gradients (autograd casts the results
-    back to the inputs' dtypes)."""
+    """Run ``backward`` on float32 gradients (autograd casts the results back
+    to the inputs' dtypes)."""
 
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
@@ -68,15 +72,15 @@ def _float32_backward(backward):
 def _functions():
     for module_name, name in OPS:
         try:
-            yield (module_name, name), getattr(
-                importlib.import_module(module_name), name)
+            yield (module_name,
+                   name), getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError):
             continue
 
 
 def is_needed():
-    """Whether mmcv's CPU nms refuses bfloat16 boxes here (and the fix is
-    not applied)."""
+    """Whether mmcv's CPU nms refuses bfloat16 boxes here (and the fix is not
+    applied)."""
     if _ORIGINAL:
         return False
     try:

@@ -24,15 +24,15 @@ MODULE = 'mmpretrain.evaluation.metrics.retrieval'
 
 
 class NumpyWithIn1d:
-    """numpy's namespace plus the ``in1d`` that numpy 2.4 removed."""
+    """Numpy's namespace plus the ``in1d`` that numpy 2.4 removed."""
 
     def __getattr__(self, name):
         return getattr(np, name)
 
     @staticmethod
     def in1d(ar1, ar2, assume_unique=False, invert=False):
-        return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique,
-                       invert=invert)
+        return np.isin(
+            np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
 
 
 def is_needed():

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmengine's package lookup without ``pkg_resources``, and right for
-editable installs.
+"""Mmengine's package lookup without ``pkg_resources``, and right for editable
+installs.
 
 mmengine 0.10's ``is_installed`` and ``get_installed_path`` (which
 ``Config.fromfile`` calls for every ``mmdet::``/``mmpretrain::``/``mmdyn::``
@@ -67,8 +67,8 @@ def is_installed(package):
 
 
 def get_installed_path(package):
-    """The folder of the module that ``package`` installs, where Python
-    imports it from (for an editable install: the checkout).
+    """The folder of the module that ``package`` installs, where Python imports
+    it from (for an editable install: the checkout).
 
     Args:
         package (str): distribution or module name (e.g. ``'mmdet'``).
@@ -103,8 +103,8 @@ def is_needed():
 
 def apply():
     """Point mmengine's module-level names at this module's functions."""
-    ours = dict(is_installed=is_installed,
-                get_installed_path=get_installed_path)
+    ours = dict(
+        is_installed=is_installed, get_installed_path=get_installed_path)
     for module_name in MODULES:
         module = importlib.import_module(module_name)
         for name in NAMES:

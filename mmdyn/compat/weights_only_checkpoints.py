@@ -106,16 +106,17 @@ def _add(entries):
 
 
 def _remove(entries):
-    kept = [g for g in torch.serialization.get_safe_globals()
-            if g not in entries]
+    kept = [
+        g for g in torch.serialization.get_safe_globals() if g not in entries
+    ]
     torch.serialization.clear_safe_globals()
     torch.serialization.add_safe_globals(kept)
 
 
 @contextlib.contextmanager
 def allowed_globals(extra=()):
-    """Allow :func:`checkpoint_safe_globals` (and ``extra``) for the
-    weights-only loads inside the block.
+    """Allow :func:`checkpoint_safe_globals` (and ``extra``) for the weights-
+    only loads inside the block.
 
     Unlike ``torch.serialization.safe_globals``, whose exit removes every
     entry it was given, only the entries that were not allowed before are

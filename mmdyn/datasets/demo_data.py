@@ -106,7 +106,8 @@ def _fill(img, polygon, colour):
 
 def _polygon_area(polygon):
     x, y = polygon[:, 0], polygon[:, 1]
-    return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    return float(0.5 *
+                 abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
 def _det_image(rng, min_size, max_size):
@@ -124,13 +125,14 @@ def _det_image(rng, min_size, max_size):
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
             # 2 px of clearance so rasterised shapes never touch.
-            if all(x0 > bx1 + 2 or x1 < bx0 - 2 or y0 > by1 + 2
-                   or y1 < by0 - 2 for bx0, by0, bx1, by1 in boxes):
+            if all(x0 > bx1 + 2 or x1 < bx0 - 2 or y0 > by1 + 2 or y1 < by0 - 2
+                   for bx0, by0, bx1, by1 in boxes):
                 break
         else:
             continue
         local = img[int(y0):int(y1) + 1, int(x0):int(x1) + 1]
-        _fill(img, poly, _contrasting_colour(rng, local.reshape(-1, 3).mean(0)))
+        _fill(img, poly, _contrasting_colour(rng,
+                                             local.reshape(-1, 3).mean(0)))
         boxes.append((x0, y0, x1, y1))
         objects.append((label, poly))
     return img, objects
@@ -193,8 +195,12 @@ def _write_marker(folder, **info):
         json.dump(dict(version=GENERATOR_VERSION, **info), f)
 
 
-def make_demo_detection(root, seed=0, num_train=300, num_val=100,
-                        min_size=128, max_size=192):
+def make_demo_detection(root,
+                        seed=0,
+                        num_train=300,
+                        num_val=100,
+                        min_size=128,
+                        max_size=192):
     """Generate the COCO-format demo detection set under ``root``.
 
     Args:
@@ -221,32 +227,43 @@ def make_demo_detection(root, seed=0, num_train=300, num_val=100,
             os.makedirs(osp.join(folder, split))
             images, annotations = [], []
             for index in range(count):
-                img, objects = _det_image(_rng(seed, split, index), min_size,
-                                          max_size)
+                img, objects = _det_image(
+                    _rng(seed, split, index), min_size, max_size)
                 file_name = f'{index:05d}.png'
                 _write_png(osp.join(folder, split, file_name), img)
                 image_id = index + 1
-                images.append(dict(id=image_id, file_name=file_name,
-                                   height=img.shape[0], width=img.shape[1]))
+                images.append(
+                    dict(
+                        id=image_id,
+                        file_name=file_name,
+                        height=img.shape[0],
+                        width=img.shape[1]))
                 for label, poly in objects:
-                    annotations.append(_coco_annotation(
-                        len(annotations) + 1, image_id, label, poly))
+                    annotations.append(
+                        _coco_annotation(
+                            len(annotations) + 1, image_id, label, poly))
             coco = dict(
                 images=images,
                 annotations=annotations,
-                categories=[dict(id=i + 1, name=n, supercategory='shape')
-                            for i, n in enumerate(DET_CLASSES)])
-            with open(osp.join(folder, 'annotations',
-                               f'instances_{split}.json'), 'w') as f:
+                categories=[
+                    dict(id=i + 1, name=n, supercategory='shape')
+                    for i, n in enumerate(DET_CLASSES)
+                ])
+            with open(
+                    osp.join(folder, 'annotations', f'instances_{split}.json'),
+                    'w') as f:
                 json.dump(coco, f)
-        _write_marker(folder, kind='det', seed=seed, num_train=num_train,
-                      num_val=num_val)
+        _write_marker(
+            folder,
+            kind='det',
+            seed=seed,
+            num_train=num_train,
+            num_val=num_val)
 
     return _atomic_build(root, build)
 
 
-def make_demo_classification(root, seed=0, num_train=80, num_val=20,
-                             size=64):
+def make_demo_classification(root, seed=0, num_train=80, num_val=20, size=64):
     """Generate the image-folder demo classification set under ``root``.
 
     Args:
@@ -280,11 +297,16 @@ def make_demo_classification(root, seed=0, num_train=80, num_val=20,
                     else:
                         poly = _shape_polygon(rng, name, cx, cy, shape_size)
                     _fill(img, poly,
-                          _contrasting_colour(rng, img.reshape(-1, 3).mean(0)))
-                    _write_png(osp.join(folder, split, name,
-                                        f'{index:04d}.png'), img)
-        _write_marker(folder, kind='cls', seed=seed, num_train=num_train,
-                      num_val=num_val)
+                          _contrasting_colour(rng,
+                                              img.reshape(-1, 3).mean(0)))
+                    _write_png(
+                        osp.join(folder, split, name, f'{index:04d}.png'), img)
+        _write_marker(
+            folder,
+            kind='cls',
+            seed=seed,
+            num_train=num_train,
+            num_val=num_val)
 
     return _atomic_build(root, build)
 

@@ -1,5 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmdyn's training components for mmengine's Runner.
+"""Mmdyn's training components for mmengine's Runner.
 
 Importing this package registers mmdyn's hooks in mmengine's ``HOOKS`` and
 ``CPUAmpOptimWrapper`` in ``OPTIM_WRAPPERS``, and changes nothing else in

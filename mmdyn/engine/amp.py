@@ -1,5 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""bfloat16 autocast on CPU for ``--amp``.
+"""Bfloat16 autocast on CPU for ``--amp``.
 
 mmengine 0.10's ``AmpOptimWrapper`` asserts a CUDA/NPU/MLU/MUSA device, so
 ``--amp`` could not run on a CPU machine at all. :class:`CPUAmpOptimWrapper`
@@ -53,7 +53,8 @@ class CPUAmpOptimWrapper(OptimWrapper):
             print_log(
                 'CPUAmpOptimWrapper: mmcv\'s CPU nms/roi_align refuse '
                 f'{dtype} here; detectors need mmdyn.compat.apply() (the '
-                'tools call it) before training', logger='current',
+                'tools call it) before training',
+                logger='current',
                 level=30)
 
     @contextmanager

@@ -70,16 +70,15 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmdyn.compat.weights_only_checkpoints import allowed_globals
 from mmdyn.ops.families import FAMILIES
-
 from .checkpoint_io import HASH_KEY, WRITER, WRITER_KEY, verify_content_hash
 
 __all__ = [
-    'SCHEME', 'CheckpointLoadError', 'CheckpointEditedWarning',
-    'checked_path', 'load_checkpoint_file', 'find_damaged_record',
-    'check_integrity', 'find_shape_mismatches',
-    'find_unloaded_dynamic_layers', 'check_fits', 'load_model_weights',
-    'check_pretrained_weights', 'CheckpointShapeCheckHook',
-    'find_resume_checkpoint', 'STATIC_WEIGHTS', 'find_foreign_dynamic_keys'
+    'SCHEME', 'CheckpointLoadError', 'CheckpointEditedWarning', 'checked_path',
+    'load_checkpoint_file', 'find_damaged_record', 'check_integrity',
+    'find_shape_mismatches', 'find_unloaded_dynamic_layers', 'check_fits',
+    'load_model_weights', 'check_pretrained_weights',
+    'CheckpointShapeCheckHook', 'find_resume_checkpoint', 'STATIC_WEIGHTS',
+    'find_foreign_dynamic_keys'
 ]
 
 SCHEME = 'mmdyn://'
@@ -238,8 +237,8 @@ def load_checkpoint_file(filename, map_location=None):
             'container; use another copy or an earlier checkpoint')
     try:
         with allowed_globals():
-            checkpoint = torch.load(filename, map_location=map_location,
-                                    weights_only=True)
+            checkpoint = torch.load(
+                filename, map_location=map_location, weights_only=True)
     except torch.serialization.pickle.UnpicklingError as err:
         raise CheckpointLoadError(
             f'checkpoint {filename} holds objects that a weights-only load '
@@ -290,8 +289,8 @@ def _dynamic_families():
 
 
 def _dynamic_layer_prefixes(model):
-    """``(key prefix, family)`` of every dynamic layer of ``model``,
-    longest prefix first (a key belongs to its innermost dynamic layer)."""
+    """``(key prefix, family)`` of every dynamic layer of ``model``, longest
+    prefix first (a key belongs to its innermost dynamic layer)."""
     prefixes = []
     for name, module in model.named_modules():
         for family, types in _dynamic_families():
@@ -303,9 +302,9 @@ def _dynamic_layer_prefixes(model):
 
 def find_foreign_dynamic_keys(model, state_dict):
     """Checkpoint keys inside the model's dynamic layers that the model does
-    not have, other than a static convolution's ``weight``/``bias``: tensors
-    of another layer type (e.g. KernelWarehouse attention where the model
-    has an ODConv layer).
+    not have, other than a static convolution's ``weight``/``bias``: tensors of
+    another layer type (e.g. KernelWarehouse attention where the model has an
+    ODConv layer).
 
     Returns:
         list[str]: the keys, in checkpoint order.
@@ -324,7 +323,8 @@ def find_foreign_dynamic_keys(model, state_dict):
     return foreign
 
 
-def find_unloaded_dynamic_layers(model, state_dict,
+def find_unloaded_dynamic_layers(model,
+                                 state_dict,
                                  max_fraction=MAX_UNLOADED_FRACTION):
     """Dynamic layer families that a checkpoint leaves mostly unset.
 
@@ -358,12 +358,16 @@ def find_unloaded_dynamic_layers(model, state_dict,
 
 def _listed(keys, max_listed, sep):
     more = len(keys) - max_listed
-    return sep.join(keys[:max_listed]) + (
-        f'{sep}... and {more} more' if more > 0 else '')
+    return sep.join(
+        keys[:max_listed]) + (f'{sep}... and {more} more' if more > 0 else '')
 
 
-def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
-               max_listed=5, source='the checkpoint'):
+def check_fits(model,
+               state_dict,
+               ignore_keys=(),
+               allow_partial_load=False,
+               max_listed=5,
+               source='the checkpoint'):
     """Refuse a state dict that does not fit ``model``.
 
     Args:
@@ -386,8 +390,10 @@ def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
     """
     mismatches = find_shape_mismatches(model, state_dict, ignore_keys)
     if mismatches:
-        lines = [f'  {key}: checkpoint {list(saved)} vs model {list(mine)}'
-                 for key, saved, mine in mismatches]
+        lines = [
+            f'  {key}: checkpoint {list(saved)} vs model {list(mine)}'
+            for key, saved, mine in mismatches
+        ]
         raise CheckpointLoadError(
             f'{len(mismatches)} tensor(s) of {source} do not fit the model '
             '(was it built with other layer settings, e.g. kernel_num or '
@@ -416,8 +422,11 @@ def check_fits(model, state_dict, ignore_keys=(), allow_partial_load=False,
                 message + ' Use the matching config, or set '
                 'allow_partial_load=True in the config '
                 '(--allow-partial-load) to load it anyway.')
-        print_log(message + ' Loading anyway (allow_partial_load='
-                  f'{allow_partial_load!r}).', logger='current', level=30)
+        print_log(
+            message + ' Loading anyway (allow_partial_load='
+            f'{allow_partial_load!r}).',
+            logger='current',
+            level=30)
 
 
 def _state_dict_of(checkpoint):
@@ -427,7 +436,9 @@ def _state_dict_of(checkpoint):
     return {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
 
 
-def load_model_weights(model, filename, allow_partial_load=False,
+def load_model_weights(model,
+                       filename,
+                       allow_partial_load=False,
                        map_location='cpu'):
     """Load a checkpoint file into ``model`` after all the checks.
 
@@ -446,8 +457,11 @@ def load_model_weights(model, filename, allow_partial_load=False,
     """
     checkpoint = load_checkpoint_file(filename, map_location)
     state_dict = _state_dict_of(checkpoint)
-    check_fits(model, state_dict, allow_partial_load=allow_partial_load,
-               source=f'checkpoint {_local_path(filename)}')
+    check_fits(
+        model,
+        state_dict,
+        allow_partial_load=allow_partial_load,
+        source=f'checkpoint {_local_path(filename)}')
     load_state_dict(model, state_dict, strict=False, logger='current')
     return checkpoint
 
@@ -463,8 +477,8 @@ def _pretrained_cfgs(module):
 
 def check_pretrained_weights(model, allow_partial_load=False):
     """Apply :func:`check_fits` to every ``init_cfg=dict(type='Pretrained')``
-    of ``model``'s modules, by re-reading each checkpoint (local files
-    through :func:`load_checkpoint_file`, others through mmengine's
+    of ``model``'s modules, by re-reading each checkpoint (local files through
+    :func:`load_checkpoint_file`, others through mmengine's
     ``CheckpointLoader``).
 
     A pretrained checkpoint is often partial by design (a backbone for a
@@ -490,19 +504,27 @@ def check_pretrained_weights(model, allow_partial_load=False):
             prefix = cfg.get('prefix')
             if prefix:
                 prefix = prefix if prefix.endswith('.') else prefix + '.'
-                state_dict = {k[len(prefix):]: v for k, v in
-                              state_dict.items() if k.startswith(prefix)}
+                state_dict = {
+                    k[len(prefix):]: v
+                    for k, v in state_dict.items() if k.startswith(prefix)
+                }
             # mmengine's PretrainedInit skips tensors of another shape (and
             # logs them): here they count as missing, like absent ones.
-            mismatched = {key for key, _, _ in find_shape_mismatches(
-                module, state_dict)}
-            state_dict = {k: v for k, v in state_dict.items()
-                          if k not in mismatched}
+            mismatched = {
+                key
+                for key, _, _ in find_shape_mismatches(module, state_dict)
+            }
+            state_dict = {
+                k: v
+                for k, v in state_dict.items() if k not in mismatched
+            }
             where = f" of {name or 'the model'}" if name else ''
-            check_fits(module, state_dict,
-                       allow_partial_load=allow_partial_load,
-                       source=f"init_cfg Pretrained{where} "
-                       f"({cfg['checkpoint']})")
+            check_fits(
+                module,
+                state_dict,
+                allow_partial_load=allow_partial_load,
+                source=f"init_cfg Pretrained{where} "
+                f"({cfg['checkpoint']})")
 
 
 @HOOKS.register_module()
@@ -530,8 +552,7 @@ class CheckpointShapeCheckHook(Hook):
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, ignore_keys=(), max_listed=5,
-                 allow_partial_load=False):
+    def __init__(self, ignore_keys=(), max_listed=5, allow_partial_load=False):
         if isinstance(ignore_keys, str):
             raise ValueError('ignore_keys must be a sequence of patterns, '
                              f'got the string {ignore_keys!r}')
@@ -550,19 +571,19 @@ class CheckpointShapeCheckHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint):
         self._loaded_checkpoint = True
-        check_fits(self._model(runner), _state_dict_of(checkpoint),
-                   self.ignore_keys, self.allow_partial_load,
-                   self.max_listed)
+        check_fits(
+            self._model(runner), _state_dict_of(checkpoint), self.ignore_keys,
+            self.allow_partial_load, self.max_listed)
 
     def before_train(self, runner):
         if not self._loaded_checkpoint:
-            check_pretrained_weights(self._model(runner),
-                                     self.allow_partial_load)
+            check_pretrained_weights(
+                self._model(runner), self.allow_partial_load)
 
 
 def find_resume_checkpoint(work_dir):
-    """The checkpoint ``--resume`` without a path continues from: the one
-    named in ``WORK_DIR/last_checkpoint``, checked.
+    """The checkpoint ``--resume`` without a path continues from: the one named
+    in ``WORK_DIR/last_checkpoint``, checked.
 
     Args:
         work_dir (str): the run's work dir.
@@ -582,7 +603,8 @@ def find_resume_checkpoint(work_dir):
         last = f.read().strip()
     candidates = sorted(
         (p for p in (osp.join(work_dir, n) for n in os.listdir(work_dir))
-         if p.endswith('.pth') and osp.isfile(p)), key=osp.getmtime)
+         if p.endswith('.pth') and osp.isfile(p)),
+        key=osp.getmtime)
     hint = (f' (the newest checkpoint there is {candidates[-1]})'
             if candidates else '')
     if not last:

@@ -1,6 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Checkpoint files that are complete or absent, and that record their
-content.
+"""Checkpoint files that are complete or absent, and that record their content.
 
 Nothing here changes mmengine: the pieces are used where a config or a
 caller chooses them.
@@ -39,10 +38,9 @@ import torch
 from mmengine.fileio import LocalBackend, register_backend
 
 __all__ = [
-    'HASH_KEY', 'WRITER_KEY', 'WRITER', 'ATOMIC_BACKEND',
-    'AtomicLocalBackend', 'atomic_write_bytes', 'atomic_write_text',
-    'content_hash', 'add_content_hash', 'verify_content_hash',
-    'save_checkpoint'
+    'HASH_KEY', 'WRITER_KEY', 'WRITER', 'ATOMIC_BACKEND', 'AtomicLocalBackend',
+    'atomic_write_bytes', 'atomic_write_text', 'content_hash',
+    'add_content_hash', 'verify_content_hash', 'save_checkpoint'
 ]
 
 HASH_KEY = 'content_sha256'
@@ -107,8 +105,8 @@ def atomic_write_bytes(data, path):
     path = osp.abspath(osp.expanduser(str(path)))
     folder = osp.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.',
-                               suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
     try:
         os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, 'wb') as f:
@@ -140,9 +138,12 @@ def atomic_write_text(text, path):
 
 
 class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend whose ``put``/``put_text`` write
-    atomically (:func:`atomic_write_bytes`). Reading, listing and removing
-    are ``LocalBackend``'s."""
+    """Mmengine's local file backend whose ``put``/``put_text`` write
+    atomically (:func:`atomic_write_bytes`).
+
+    Reading, listing and removing
+    are ``LocalBackend``'s.
+    """
 
     def put(self, obj, filepath):
         atomic_write_bytes(obj, filepath)
@@ -188,9 +189,9 @@ def _feed(digest, obj):
         digest.update(f'S{len(data)}:'.encode() + data)
     elif isinstance(obj, (bytes, bytearray)):
         digest.update(f'B{len(obj)}:'.encode() + bytes(obj))
-    elif obj is None or isinstance(obj, (bool, int, float, complex,
-                                         np.generic, torch.dtype,
-                                         torch.device, torch.Size)):
+    elif obj is None or isinstance(obj,
+                                   (bool, int, float, complex, np.generic,
+                                    torch.dtype, torch.device, torch.Size)):
         digest.update(f'P{obj!r};'.encode())
     elif callable(obj):
         # Functions and classes (e.g. HistoryBuffer's statistics methods).
@@ -225,8 +226,8 @@ def content_hash(checkpoint):
 
 
 def add_content_hash(checkpoint):
-    """Mark ``checkpoint`` as written by mmdyn and record its content hash
-    in ``checkpoint['meta']`` (created if absent), in place.
+    """Mark ``checkpoint`` as written by mmdyn and record its content hash in
+    ``checkpoint['meta']`` (created if absent), in place.
 
     Args:
         checkpoint (dict): the checkpoint about to be saved.
@@ -272,8 +273,8 @@ def verify_content_hash(checkpoint, filename):
 
 
 def save_checkpoint(checkpoint, filename):
-    """Save a checkpoint dict to a local file, atomically, with a content
-    hash (:func:`add_content_hash`).
+    """Save a checkpoint dict to a local file, atomically, with a content hash
+    (:func:`add_content_hash`).
 
     Args:
         checkpoint (dict): the checkpoint; its ``meta`` gets the hash.

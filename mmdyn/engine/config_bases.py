@@ -29,8 +29,8 @@ from mmengine.config import Config
 __all__ = [
     'SCOPE', 'DEMO_DET_DATA', 'DEMO_INS_DATA', 'DEMO_DET_SCHEDULE', 'DEMO_CLS',
     'OverlayError', 'resolve_config_path', 'load_config', 'overlay_config',
-    'dropped_base_hooks',
-    'check_overlay_fits', 'set_num_classes', 'on_demo_data'
+    'dropped_base_hooks', 'check_overlay_fits', 'set_num_classes',
+    'on_demo_data'
 ]
 
 SCOPE = 'mmdyn'
@@ -43,8 +43,7 @@ DEMO_CLS = 'mmdyn::demo/resnet18_demo_cls.py'
 DEMO_CLS_KEYS = ('data_root', 'train_pipeline', 'test_pipeline',
                  'train_dataloader', 'val_dataloader', 'test_dataloader',
                  'val_evaluator', 'test_evaluator', 'optim_wrapper',
-                 'param_scheduler', 'train_cfg', 'auto_scale_lr',
-                 'randomness')
+                 'param_scheduler', 'train_cfg', 'auto_scale_lr', 'randomness')
 DEMO_NUM_CLASSES = dict(detection=3, classification=4)
 
 # Stock hooks that rebuild or switch the training pipeline of the dataset
@@ -150,9 +149,9 @@ def _hook_types(cfg):
 
 
 def dropped_base_hooks(path, cfg):
-    """Custom hooks of the bases of ``path`` that ``cfg`` (the loaded
-    config) lost because the file sets ``custom_hooks`` to a list of its
-    own, where that list names one of mmdyn's hooks.
+    """Custom hooks of the bases of ``path`` that ``cfg`` (the loaded config)
+    lost because the file sets ``custom_hooks`` to a list of its own, where
+    that list names one of mmdyn's hooks.
 
     mmengine replaces a list as a whole: ``custom_hooks =
     [dict(type='DynamicTemperatureHook')]`` on top of YOLOX drops its
@@ -164,8 +163,8 @@ def dropped_base_hooks(path, cfg):
     from mmengine.registry import HOOKS
     hooks = _hook_types(cfg)
     ours = [
-        h for h in hooks if getattr(HOOKS.module_dict.get(h), '__module__',
-                                    '').startswith(__package__)
+        h for h in hooks if getattr(
+            HOOKS.module_dict.get(h), '__module__', '').startswith(__package__)
     ]
     if not ours:
         return []
@@ -188,8 +187,10 @@ def check_overlay_fits(cfg, overlay):
     if not any(key.endswith('_dataloader') for key in overlay.keys()):
         return
     problems = []
-    hooks = [h.get('type') for h in cfg.get('custom_hooks', None) or []
-             if isinstance(h, dict)]
+    hooks = [
+        h.get('type') for h in cfg.get('custom_hooks', None) or []
+        if isinstance(h, dict)
+    ]
     for hook in hooks:
         if hook in PIPELINE_HOOKS:
             problems.append(
@@ -260,8 +261,8 @@ def _types(node):
 
 def _import_what_is_named(cfg):
     """Add ``mmdyn.engine`` to ``custom_imports`` where the config names a
-    hook, loop or optimizer wrapper that it registers (an overlay may bring
-    one to a stock config)."""
+    hook, loop or optimizer wrapper that it registers (an overlay may bring one
+    to a stock config)."""
     from mmengine.registry import HOOKS, LOOPS, OPTIM_WRAPPERS
     ours = {
         name
@@ -280,8 +281,8 @@ def _import_what_is_named(cfg):
 
 
 def set_num_classes(model_cfg, num_classes):
-    """Set every ``num_classes`` of a model config (heads given as lists,
-    such as Cascade R-CNN's or Sparse R-CNN's, included).
+    """Set every ``num_classes`` of a model config (heads given as lists, such
+    as Cascade R-CNN's or Sparse R-CNN's, included).
 
     Returns:
         int: how many were set.

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmengine's training loops, able to continue from a batch inside an
-epoch with the random state of the interrupted run.
+"""Mmengine's training loops, able to continue from a batch inside an epoch
+with the random state of the interrupted run.
 
 Configs choose them with
 ``train_cfg=dict(type='ExactResumeEpochBasedTrainLoop', max_epochs=...)`` (or
@@ -47,8 +47,7 @@ def get_random_state():
         python=random.getstate(),
         numpy=dict(
             bit_generator=numpy_state['bit_generator'],
-            key=torch.from_numpy(
-                numpy_state['state']['key'].astype(np.int64)),
+            key=torch.from_numpy(numpy_state['state']['key'].astype(np.int64)),
             pos=int(numpy_state['state']['pos']),
             has_gauss=int(numpy_state['has_gauss']),
             gauss=float(numpy_state['gauss'])),
@@ -63,11 +62,13 @@ def set_random_state(state):
     python = state['python']
     random.setstate((python[0], tuple(python[1]), python[2]))
     numpy = state['numpy']
-    np.random.set_state(dict(
-        bit_generator=numpy['bit_generator'],
-        state=dict(key=numpy['key'].numpy().astype(np.uint32),
-                   pos=numpy['pos']),
-        has_gauss=numpy['has_gauss'], gauss=numpy['gauss']))
+    np.random.set_state(
+        dict(
+            bit_generator=numpy['bit_generator'],
+            state=dict(
+                key=numpy['key'].numpy().astype(np.uint32), pos=numpy['pos']),
+            has_gauss=numpy['has_gauss'],
+            gauss=numpy['gauss']))
     torch.set_rng_state(state['torch'])
     cuda = state.get('cuda')
     if cuda is not None and torch.cuda.is_available():
@@ -89,9 +90,12 @@ def _check_by_epoch(loop, by_epoch, expected, other):
 
 @LOOPS.register_module()
 class ExactResumeEpochBasedTrainLoop(EpochBasedTrainLoop):
-    """``EpochBasedTrainLoop`` whose first epoch after a resume can start
-    at a batch inside the epoch. Same arguments, plus ``by_epoch`` (only
-    ``True``, as stock schedules write it)."""
+    """``EpochBasedTrainLoop`` whose first epoch after a resume can start at a
+    batch inside the epoch.
+
+    Same arguments, plus ``by_epoch`` (only
+    ``True``, as stock schedules write it).
+    """
 
     def __init__(self, *args, by_epoch=None, **kwargs):
         _check_by_epoch('ExactResumeEpochBasedTrainLoop', by_epoch, True,
@@ -151,9 +155,12 @@ class _RestoreAfterSkip:
 
 @LOOPS.register_module()
 class ExactResumeIterBasedTrainLoop(IterBasedTrainLoop):
-    """``IterBasedTrainLoop`` that restores the interrupted run's random
-    state right after skipping the batches already trained on. Same
-    arguments, plus ``by_epoch`` (only ``False``)."""
+    """``IterBasedTrainLoop`` that restores the interrupted run's random state
+    right after skipping the batches already trained on.
+
+    Same
+    arguments, plus ``by_epoch`` (only ``False``).
+    """
 
     def __init__(self, *args, by_epoch=None, **kwargs):
         _check_by_epoch('ExactResumeIterBasedTrainLoop', by_epoch, False,
@@ -162,6 +169,6 @@ class ExactResumeIterBasedTrainLoop(IterBasedTrainLoop):
         self.dataloader_iterator = _RestoreAfterSkip(self.dataloader_iterator)
 
     def resume_at_batch(self, skip, random_state):
-        """Restore ``random_state`` after ``skip`` batches were read (the
-        loop reads and drops ``runner.iter`` batches on resume)."""
+        """Restore ``random_state`` after ``skip`` batches were read (the loop
+        reads and drops ``runner.iter`` batches on resume)."""
         self.dataloader_iterator.restore_after(skip, random_state)

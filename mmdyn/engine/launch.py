@@ -22,9 +22,8 @@ from .sanity import check_annotation_files
 
 __all__ = [
     'load_config', 'configure_cpu_distributed', 'init_cpu_process_group',
-    'infer_default_scope', 'enable_amp', 'set_resume',
-    'add_checkpoint_check', 'build_runner', 'add_runtime_arguments',
-    'apply_runtime_arguments'
+    'infer_default_scope', 'enable_amp', 'set_resume', 'add_checkpoint_check',
+    'build_runner', 'add_runtime_arguments', 'apply_runtime_arguments'
 ]
 
 _KNOWN_SCOPES = ('mmdet', 'mmpretrain')
@@ -73,7 +72,8 @@ def configure_cpu_distributed(cfg):
     if dist_cfg.get('backend', 'nccl') == 'nccl':
         dist_cfg['backend'] = 'gloo'
     wrapper = cfg.get('model_wrapper_cfg') or dict(
-        type='MMDistributedDataParallel', broadcast_buffers=False,
+        type='MMDistributedDataParallel',
+        broadcast_buffers=False,
         find_unused_parameters=cfg.get('find_unused_parameters', False))
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
@@ -168,8 +168,8 @@ def set_resume(cfg, resume):
 
 def add_checkpoint_check(cfg):
     """Add mmdyn's safety hooks (:class:`CheckpointShapeCheckHook`,
-    :class:`EmptyDatasetCheckHook`, :class:`ExactResumeHook`) unless the
-    config has them.
+    :class:`EmptyDatasetCheckHook`, :class:`ExactResumeHook`) unless the config
+    has them.
 
     The config key ``allow_partial_load`` (``True`` with
     ``--allow-partial-load``) becomes the shape check's
@@ -192,8 +192,8 @@ def add_checkpoint_check(cfg):
 
 
 def build_runner(cfg):
-    """Tune ``malloc`` (see :mod:`mmdyn.engine.malloc`), generate missing
-    demo data, then build the config's runner."""
+    """Tune ``malloc`` (see :mod:`mmdyn.engine.malloc`), generate missing demo
+    data, then build the config's runner."""
     malloc_tuned = tune_malloc()
     ensure_demo_data(cfg)
     check_annotation_files(cfg)

@@ -1,5 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""glibc ``malloc`` settings that let a CPU process reuse freed memory.
+"""Glibc ``malloc`` settings that let a CPU process reuse freed memory.
 
 By default glibc serves every allocation above its mmap threshold (128 KiB,
 raised adaptively) with a fresh ``mmap`` and gives it back on ``free``, and

@@ -42,9 +42,11 @@ def _check(loader, key):
     if dataset is None:
         return
     if len(dataset) == 0:
-        where = {name: getattr(dataset, name) for name in
-                 ('data_root', 'ann_file', 'data_prefix')
-                 if getattr(dataset, name, None)}
+        where = {
+            name: getattr(dataset, name)
+            for name in ('data_root', 'ann_file', 'data_prefix')
+            if getattr(dataset, name, None)
+        }
         raise ValueError(f'{key}.dataset is empty ({where}); check its '
                          'data_root, ann_file, data_prefix and filter_cfg')
 
@@ -95,8 +97,9 @@ def _read_json(key, path):
     try:
         return json.loads(data)
     except json.JSONDecodeError as err:
-        raise _redo(key, path, f'is not valid JSON ({err.msg} at line '
-                    f'{err.lineno} column {err.colno}; truncated?)') from None
+        raise _redo(
+            key, path, f'is not valid JSON ({err.msg} at line '
+            f'{err.lineno} column {err.colno}; truncated?)') from None
     except UnicodeDecodeError as err:
         raise _redo(key, path, f'is not UTF-8 JSON ({err.reason})') from None
 
@@ -115,10 +118,14 @@ def _check_coco_samples(key, path, coco, dataset):
         return
     classes = (dataset.get('metainfo') or {}).get('classes')
     categories = coco.get('categories') or []
-    wanted = {c.get('id') for c in categories if isinstance(c, dict) and (
-        classes is None or c.get('name') in classes)}
-    if any(isinstance(a, dict) and a.get('category_id') in wanted
-           for a in coco.get('annotations') or []):
+    wanted = {
+        c.get('id')
+        for c in categories if isinstance(c, dict) and (
+            classes is None or c.get('name') in classes)
+    }
+    if any(
+            isinstance(a, dict) and a.get('category_id') in wanted
+            for a in coco.get('annotations') or []):
         return
     names = tuple(classes) if classes is not None else '(all)'
     raise ValueError(

@@ -22,15 +22,15 @@ from .base import (ATTENTION_NORMS, DynamicConv2dBase, TemperatureMixin,
                    build_attention_norm)
 from .ddf import DDFConv2d, DDFUpsample, ddf
 from .dyconv import CondConv2d, DyConv2d
+from .families import FAMILIES, LayerFamily, family_of
 from .kernel_warehouse import KWConv2d, KWLinear
-from .warehouse_manager import WarehouseManager
 from .odconv import ODConv2d
 from .per_sample_conv import per_sample_conv2d
-from .families import FAMILIES, LayerFamily, family_of
+from .warehouse_manager import WarehouseManager
 
 __all__ = [
     'ATTENTION_NORMS', 'DynamicConv2dBase', 'TemperatureMixin',
     'build_attention_norm', 'per_sample_conv2d', 'CondConv2d', 'DyConv2d',
-    'ODConv2d', 'KWConv2d', 'KWLinear', 'WarehouseManager', 'ddf',
-    'DDFConv2d', 'DDFUpsample', 'FAMILIES', 'LayerFamily', 'family_of'
+    'ODConv2d', 'KWConv2d', 'KWLinear', 'WarehouseManager', 'ddf', 'DDFConv2d',
+    'DDFUpsample', 'FAMILIES', 'LayerFamily', 'family_of'
 ]

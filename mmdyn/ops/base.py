@@ -88,8 +88,8 @@ def check_allocation(numel: int,
                      what: str,
                      arguments: str,
                      itemsize: int = 4) -> None:
-    """Raise ``ValueError`` before a tensor of ``numel`` elements larger
-    than :func:`allocation_budget` is allocated.
+    """Raise ``ValueError`` before a tensor of ``numel`` elements larger than
+    :func:`allocation_budget` is allocated.
 
     Args:
         numel (int): Elements of the tensor about to be allocated.
@@ -140,10 +140,9 @@ def empty_batch_output(shape: Sequence[int], x: torch.Tensor,
     return out + sum(t.sum() for t in linked).to(out.dtype) * 0
 
 
-def kernel_bank_safe(fn: Callable[[torch.Tensor],
-                                  torch.Tensor]) -> Callable:
-    """Wrap an ``nn.Module._apply`` function so that 5-D tensors (kernel
-    banks [K, C_out, C_in/g, kh, kw]) pass ``module.to(memory_format=
+def kernel_bank_safe(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """Wrap an ``nn.Module._apply`` function so that 5-D tensors (kernel banks
+    [K, C_out, C_in/g, kh, kw]) pass ``module.to(memory_format=
     torch.channels_last)``.
 
     torch refuses a 4-D memory format for a 5-D tensor. A bank is no
@@ -171,8 +170,8 @@ AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def parameter_dtype(layer: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of ``layer``'s first floating point parameter (None when
-    it has none)."""
+    """The dtype of ``layer``'s first floating point parameter (None when it
+    has none)."""
     for param in layer.parameters():
         if param.is_floating_point():
             return param.dtype
@@ -180,9 +179,9 @@ def parameter_dtype(layer: nn.Module) -> Optional[torch.dtype]:
 
 
 def check_input_dtype(layer: nn.Module, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the layer class, the dtype of ``x`` and
-    the dtype expected (that of the layer's parameters) unless ``x`` is a
-    floating point tensor of that dtype.
+    """Raise ``ValueError`` naming the layer class, the dtype of ``x`` and the
+    dtype expected (that of the layer's parameters) unless ``x`` is a floating
+    point tensor of that dtype.
 
     Under ``torch.autocast`` for the device of ``x``, any float16, bfloat16
     or float32 input is accepted: autocast casts the operands itself.
@@ -269,8 +268,10 @@ class DynamicConv2dBase(nn.Module):
                 if self.stride != (1, 1):
                     raise ValueError("padding='same' needs stride 1, got "
                                      f'stride={stride!r}')
-                total = [d * (k - 1) for d, k in zip(self.dilation,
-                                                     self.kernel_size)]
+                total = [
+                    d * (k - 1)
+                    for d, k in zip(self.dilation, self.kernel_size)
+                ]
                 if any(t % 2 for t in total):
                     raise ValueError(
                         "padding='same' needs an even dilation*(kernel-1); "
@@ -289,8 +290,8 @@ class DynamicConv2dBase(nn.Module):
         self.with_bias = bool(bias)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` if ``x`` is not a [B, C_in, H, W] tensor of
-        the layer's dtype (:func:`check_input_dtype`)."""
+        """Raise ``ValueError`` if ``x`` is not a [B, C_in, H, W] tensor of the
+        layer's dtype (:func:`check_input_dtype`)."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f'{type(self).__name__} expects a tensor input '
                              f'x, got {type(x).__name__}')
@@ -314,18 +315,19 @@ class DynamicConv2dBase(nn.Module):
         # model.to(memory_format=torch.channels_last) with 5-D kernel banks.
         return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
 
-    def check_input_or_empty(self,
-                             x: torch.Tensor) -> Optional[torch.Tensor]:
+    def check_input_or_empty(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Check ``x`` (:meth:`check_input`); for an empty batch return the
         layer's output (:meth:`empty_output`), else None."""
         self.check_input(x)
         return self.empty_output(x) if is_empty_batch(x) else None
 
     def forward_prologue(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """What every dispatching ``forward`` starts with: under
-        ``torch.fx`` tracing, the layer as a graph leaf; then
-        :meth:`check_input_or_empty` (``last_path`` ``'empty'``). Returns
-        the output when one of these ends the forward, else None."""
+        """What every dispatching ``forward`` starts with: under ``torch.fx``
+        tracing, the layer as a graph leaf; then :meth:`check_input_or_empty`
+        (``last_path`` ``'empty'``).
+
+        Returns the output when one of these ends the forward, else None.
+        """
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
@@ -334,11 +336,11 @@ class DynamicConv2dBase(nn.Module):
             self.last_path = 'empty'
         return out
 
-    def empty_output(self, x: torch.Tensor,
-                     *extra: torch.Tensor) -> torch.Tensor:
+    def empty_output(self, x: torch.Tensor, *extra:
+                     torch.Tensor) -> torch.Tensor:
         """The output for an empty batch ``x`` (see
-        :func:`empty_batch_output`); ``extra`` are parameters the layer
-        reads but does not own (a shared warehouse)."""
+        :func:`empty_batch_output`); ``extra`` are parameters the layer reads
+        but does not own (a shared warehouse)."""
         h_out, w_out = self.output_hw(*x.shape[-2:])
         return empty_batch_output((0, self.out_channels, h_out, w_out), x,
                                   (*self.parameters(), *extra))
@@ -406,9 +408,9 @@ class BatchNormBatch1(nn.BatchNorm1d):
 def linear_1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """Apply a 1x1 ``conv`` to pooled features [B, C] as a matmul.
 
-    The attention layers of the official codes are 1x1 convs (their
-    checkpoint layout); on a 1x1 map a matmul is the same and avoids the
-    conv call overhead.
+    The attention layers of the official codes are 1x1 convs (their checkpoint
+    layout); on a 1x1 map a matmul is the same and avoids the conv call
+    overhead.
     """
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 

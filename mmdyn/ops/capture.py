@@ -30,9 +30,11 @@ def graph_capture() -> bool:
 
 def compiling() -> bool:
     """Whether ``torch.compile`` is tracing (and not ``torch.export``):
+
     graphs that run in this process, where the ``mmdyn::`` custom
     operators (:mod:`mmdyn.ops.accel.custom_ops`) may stand for the C
-    loops."""
+    loops.
+    """
     exporting = getattr(torch.compiler, 'is_exporting', None)
     return torch.compiler.is_compiling() and not (exporting is not None
                                                   and exporting())
@@ -47,11 +49,10 @@ def _fx_tracing() -> bool:
 
 
 def fx_leaf(module, *args):
-    """Under ``torch.fx.symbolic_trace``: the graph node that calls
-    ``module`` on ``args`` as a leaf (a ``call_module`` node, or a call of
-    its ``forward`` when ``module`` is the traced root); None when no
-    argument is an fx ``Proxy`` (no fx tracing: the caller runs its
-    forward).
+    """Under ``torch.fx.symbolic_trace``: the graph node that calls ``module``
+    on ``args`` as a leaf (a ``call_module`` node, or a call of its ``forward``
+    when ``module`` is the traced root); None when no argument is an fx
+    ``Proxy`` (no fx tracing: the caller runs its forward).
 
     The layers' forwards branch on shapes and check their inputs, which a
     ``Proxy`` cannot answer, so the layers enter fx graphs whole, as

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
-                   check_positive, empty_batch_output, is_empty_batch)
 from .accel import ddf_paths, export_forms
 from .accel.paths import ddf_path
+from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
+                   check_positive, empty_batch_output, is_empty_batch)
 from .capture import fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
@@ -77,8 +77,8 @@ def check_ddf_config(kernel_size: int,
 
 def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
                     stride, combine, head):
-    """Validate the arguments of :func:`ddf`; return (cf [B, C, k*k], sf,
-    (Ho, Wo))."""
+    """Validate the arguments of :func:`ddf`; return (cf [B, C, k*k], sf, (Ho,
+    Wo))."""
     check_ddf_config(kernel_size, dilation, head, combine, stride)
     for name, t in (('x', x), ('channel_filter', channel_filter),
                     ('spatial_filter', spatial_filter)):
@@ -101,8 +101,7 @@ def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
             f'channel_filter must be [B, C, k, k] = {list(layouts[0])} or '
             f'[B, C*k*k, 1, 1] = {list(layouts[1])}, got '
             f'{tuple(channel_filter.shape)}')
-    Ho, Wo = spatial_filter.shape[-2:] if spatial_filter.dim() == 4 else (0,
-                                                                        0)
+    Ho, Wo = spatial_filter.shape[-2:] if spatial_filter.dim() == 4 else (0, 0)
     # Official size H // s; the conv size ceil(H / s) (where the official
     # operator refuses to run) is accepted too, so odd inputs work.
     ok_h = Ho in (H // stride, (H - 1) // stride + 1)
@@ -121,8 +120,14 @@ def _check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation,
     return channel_filter.reshape(B, C, kk), spatial_filter, (Ho, Wo)
 
 
-def ddf_reference(x, channel_filter, spatial_filter, kernel_size, dilation=1,
-                  stride=1, combine='mul', head=1):
+def ddf_reference(x,
+                  channel_filter,
+                  spatial_filter,
+                  kernel_size,
+                  dilation=1,
+                  stride=1,
+                  combine='mul',
+                  head=1):
     """Obviously-correct DDF by an explicit unfold and sum (k*k memory).
 
     Same arguments and result as :func:`ddf`; meant for tests and checks.
@@ -189,15 +194,15 @@ def ddf(x: torch.Tensor,
     checked = _check_ddf_args(x, channel_filter, spatial_filter, kernel_size,
                               dilation, stride, combine, head)
     _check_choice(impl, 'impl', IMPLS)
-    return _ddf_by_path(ddf_path(impl, x), x, channel_filter, spatial_filter,
-                        checked, kernel_size, dilation, stride, combine,
-                        head)
+    return _ddf_by_path(
+        ddf_path(impl, x), x, channel_filter, spatial_filter, checked,
+        kernel_size, dilation, stride, combine, head)
 
 
 def _ddf_by_path(path: str, x, channel_filter, spatial_filter, checked,
                  kernel_size, dilation, stride, combine, head):
-    """:func:`ddf` by ``path`` (:func:`~mmdyn.ops.accel.paths.ddf_path`),
-    on arguments ``checked`` by :func:`_check_ddf_args`."""
+    """:func:`ddf` by ``path`` (:func:`~mmdyn.ops.accel.paths.ddf_path`), on
+    arguments ``checked`` by :func:`_check_ddf_args`."""
     cf, sf, out_hw = checked
     if not graph_capture() and x.numel() == 0:  # an empty batch
         out_dtype = torch.promote_types(
@@ -214,8 +219,7 @@ def _ddf_by_path(path: str, x, channel_filter, spatial_filter, checked,
 # --------------------------------------------------------------------------
 # Filter normalisation and the two filter-generating branches
 # --------------------------------------------------------------------------
-def normalize_filters(x: torch.Tensor, groups: int,
-                      kk: int) -> torch.Tensor:
+def normalize_filters(x: torch.Tensor, groups: int, kk: int) -> torch.Tensor:
     """Centre and divide by the unbiased std (+1e-10) each of the ``groups``
     filters of k*k values along dim 1 of ``x`` [B, groups*kk, ...].
 
@@ -230,8 +234,8 @@ def normalize_filters(x: torch.Tensor, groups: int,
     # (the mean of huge equal values is not exact); centring ignores it.
     v = v - v.narrow(2, 0, 1)
     v = v - v.mean(2, keepdim=True)
-    scale = v.detach().abs().amax(2, keepdim=True).clamp_min(
-        torch.finfo(dtype).tiny)
+    scale = v.detach().abs().amax(
+        2, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     v = v / scale
     # Unbiased std written out (torch.std over a strided dim is slow on
     # CPU); the clamp only touches constant filters (v == 0), whose sqrt
@@ -329,8 +333,13 @@ def build_spatial_branch(in_channels: int,
     layers = []
     if gen_kernel_size > 1:
         layers.append(
-            nn.Conv2d(in_channels, in_channels, gen_kernel_size, stride,
-                      gen_kernel_size // 2, groups=in_channels))
+            nn.Conv2d(
+                in_channels,
+                in_channels,
+                gen_kernel_size,
+                stride,
+                gen_kernel_size // 2,
+                groups=in_channels))
         stride = 1
     layers += [
         nn.Conv2d(in_channels, head * kernel_size**2, 1, stride=stride),
@@ -355,16 +364,13 @@ def build_channel_branch(channels: int,
         nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1),
         nn.ReLU(inplace=True), nn.Conv2d(hidden, channels * kernel_size**2, 1),
         FilterNorm(
-            channels,
-            kernel_size,
-            'channel',
-            nonlinearity,
+            channels, kernel_size, 'channel', nonlinearity,
             learnable_std=True))
 
 
 def _init_branch(branch: nn.Sequential) -> None:
-    """timm's ResNet init as the official models get it: fan_out kaiming
-    conv weights, PyTorch's default (uniform) conv biases."""
+    """Timm's ResNet init as the official models get it: fan_out kaiming conv
+    weights, PyTorch's default (uniform) conv biases."""
     for m in branch.modules():
         if isinstance(m, nn.Conv2d):
             m.reset_parameters()
@@ -375,8 +381,8 @@ def _init_branch(branch: nn.Sequential) -> None:
 
 
 def _branch_madds(branch: nn.Sequential, hw: Tuple[int, int]) -> int:
-    """Multiply-adds of the convs of a filter branch run at ``hw`` (the
-    channel branch's convs run on the 1x1 pooled map)."""
+    """Multiply-adds of the convs of a filter branch run at ``hw`` (the channel
+    branch's convs run on the 1x1 pooled map)."""
     total = 0
     pooled = isinstance(branch[0], nn.AdaptiveAvgPool2d)
     for m in branch:
@@ -479,8 +485,7 @@ class DDFConv2d(DynamicConv2dBase):
         dilation = dilation[0] if isinstance(dilation,
                                              (tuple, list)) else dilation
         implied = dilation * (k - 1) // 2
-        if padding is not None and padding not in (implied,
-                                                   (implied, implied),
+        if padding is not None and padding not in (implied, (implied, implied),
                                                    [implied, implied]):
             raise ValueError(f'padding must be dilation*(kernel_size-1)/2 = '
                              f'{implied} for DDFConv2d (or None), got '
@@ -518,8 +523,8 @@ class DDFConv2d(DynamicConv2dBase):
             nn.init.zeros_(self.bias)
 
     def filters(self, x: torch.Tensor):
-        """The (channel filter [B, C, k, k], spatial filter [B, head*k*k,
-        Ho, Wo]) this layer applies to ``x``."""
+        """The (channel filter [B, C, k, k], spatial filter [B, head*k*k, Ho,
+        Wo]) this layer applies to ``x``."""
         k = self.kernel_size[0]
         cf = self.channel_branch(x).view(x.shape[0], self.in_channels, k, k)
         return cf, self.spatial_branch(x)
@@ -539,8 +544,8 @@ class DDFConv2d(DynamicConv2dBase):
         return out.to(x.dtype)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The paper's forward: the two filters, then
-        :func:`ddf_reference` (an explicit unfold and sum)."""
+        """The paper's forward: the two filters, then :func:`ddf_reference` (an
+        explicit unfold and sum)."""
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
@@ -554,8 +559,7 @@ class DDFConv2d(DynamicConv2dBase):
              sf: torch.Tensor) -> torch.Tensor:
         """:func:`ddf` with this layer's settings, by ``path``."""
         k, d, s = self.kernel_size[0], self.dilation[0], self.stride[0]
-        checked = _check_ddf_args(x, cf, sf, k, d, s, self.combine,
-                                  self.head)
+        checked = _check_ddf_args(x, cf, sf, k, d, s, self.combine, self.head)
         return _ddf_by_path(path, x, cf, sf, checked, k, d, s, self.combine,
                             self.head)
 
@@ -568,8 +572,10 @@ class DDFConv2d(DynamicConv2dBase):
         apply = self.in_channels * Ho * Wo * k2
         # Every spatial-branch conv runs at the output size (the first one
         # carries the stride).
-        att = (_branch_madds(self.spatial_branch, (Ho, Wo)) +
-               _branch_madds(self.channel_branch, (1, 1)))
+        att = (
+            _branch_madds(self.spatial_branch,
+                          (Ho, Wo)) + _branch_madds(self.channel_branch,
+                                                    (1, 1)))
         return dict(conv=int(apply), att=int(att), agg=int(apply), scal=0)
 
     def extra_repr(self) -> str:
@@ -670,8 +676,7 @@ class DDFUpsample(nn.Module):
                                  nonlinearity, gen_kernel_size)
             for _ in range(scale_factor**2))
         self.channel_branch = nn.ModuleList(
-            build_channel_branch(channels, kernel_size, se_ratio,
-                                 nonlinearity)
+            build_channel_branch(channels, kernel_size, se_ratio, nonlinearity)
             for _ in range(scale_factor**2))
         self.init_weights()
 
@@ -708,8 +713,9 @@ class DDFUpsample(nn.Module):
         if (Hg, Wg) != (s * H, s * W):
             guidance = F.pad(
                 guidance, (0, s * W - Wg, 0, s * H - Hg), mode='replicate')
-        return [guidance[:, :, py::s, px::s] for py in range(s)
-                for px in range(s)]
+        return [
+            guidance[:, :, py::s, px::s] for py in range(s) for px in range(s)
+        ]
 
     def _spatial_filters_batched(self, x: torch.Tensor):
         """The s*s spatial branches (1x1 conv + norm) on one input as one
@@ -736,8 +742,8 @@ class DDFUpsample(nn.Module):
         return self._upsample(path, x, cfs, sfs, empty)
 
     def _filters(self, x: torch.Tensor, guidance: Optional[torch.Tensor]):
-        """Check the inputs; the s*s channel filters [B, C, k, k] and
-        spatial filters [B, head*k*k, H, W] of the phases."""
+        """Check the inputs; the s*s channel filters [B, C, k, k] and spatial
+        filters [B, head*k*k, H, W] of the phases."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or \
                 x.shape[1] != self.channels:
             raise ValueError(
@@ -801,9 +807,8 @@ class DDFUpsample(nn.Module):
         k2 = self.kernel_size**2
         n = self.scale_factor**2
         apply = n * self.channels * H * W * k2
-        att = sum(
-            _branch_madds(b, (H, W)) for b in self.spatial_branch) + sum(
-                _branch_madds(b, (1, 1)) for b in self.channel_branch)
+        att = sum(_branch_madds(b, (H, W)) for b in self.spatial_branch) + sum(
+            _branch_madds(b, (1, 1)) for b in self.channel_branch)
         return dict(conv=int(apply), att=int(att), agg=int(apply), scal=0)
 
     def extra_repr(self) -> str:

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
+                          mixture_conv_then_mix, path_names)
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
                    init_attention_weights, linear_1x1)
-from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
-                          mixture_conv_then_mix, path_names)
 from .per_sample_conv import per_sample_conv2d
 
 ROUTINGS = ('sigmoid', 'softmax')
@@ -161,10 +161,9 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
             f'the {type(self).__name__} kernel bank',
             f'kernel_num ({kernel_num})')
         if hidden_channels is not None:
-            check_allocation(
-                hidden_channels * (in_channels + kernel_num),
-                f'the {type(self).__name__} routing layers',
-                f'ratio / hidden_channels ({hidden_channels})')
+            check_allocation(hidden_channels * (in_channels + kernel_num),
+                             f'the {type(self).__name__} routing layers',
+                             f'ratio / hidden_channels ({hidden_channels})')
         self.attention = RoutingAttention(in_channels, kernel_num,
                                           hidden_channels, attention_norm)
         self.weight = nn.Parameter(
@@ -196,10 +195,12 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         return torch.sigmoid(logits)
 
     def conv_then_mix(self, x: torch.Tensor) -> bool:
-        """Whether ``impl='auto'`` convolves with all ``K`` kernels and
+        """Whether ``impl='auto'`` convolves with all ``K`` kernels and.
+
         mixes the outputs (path ``'conv_then_mix'``): CPU with
         autograd, ``(K - 1) * H_out * W_out`` at most the threshold of
-        :data:`~mmdyn.ops.accel.paths.THRESHOLDS` ``['mixture']``."""
+        :data:`~mmdyn.ops.accel.paths.THRESHOLDS` ``['mixture']``.
+        """
         return self.impl == 'auto' and mixture_conv_then_mix(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,22 +216,20 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
         return path.run(self, x, pi)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The paper's forward: routing weights ``pi``, the per-sample
-        kernel ``W_b = sum_i pi[b, i] W_i`` and bias, one conv per
-        sample."""
+        """The paper's forward: routing weights ``pi``, the per-sample kernel
+        ``W_b = sum_i pi[b, i] W_i`` and bias, one conv per sample."""
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
         return self.reference_from_routing(
-            x, self.routing_weights(x).to(self.weight.dtype))
+            x,
+            self.routing_weights(x).to(self.weight.dtype))
 
     def reference_from_routing(self, x: torch.Tensor,
                                pi: torch.Tensor) -> torch.Tensor:
-        """The reference forward from the routing weights ``pi`` of
-        ``x``."""
+        """The reference forward from the routing weights ``pi`` of ``x``."""
         bias = pi @ self.bias if self.bias is not None else None
-        weight = (pi @ self.weight.flatten(1)).view(-1,
-                                                     *self.weight.shape[1:])
+        weight = (pi @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
         impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
                                  self.dilation, self.groups, impl)
@@ -238,8 +237,10 @@ class _MixtureOfKernelsConv2d(TemperatureMixin, DynamicConv2dBase):
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
         """Multiply-adds per sample for an ``input_hw`` input (convention of
         :mod:`mmdyn.analysis.flops`):
+
         ``conv`` one conv with the mixed kernel, ``att`` the routing layers,
-        ``agg`` ``K * numel(W)``, ``scal`` 0."""
+        ``agg`` ``K * numel(W)``, ``scal`` 0.
+        """
         h_out, w_out = self.output_hw(int(input_hw[0]), int(input_hw[1]))
         kh, kw = self.kernel_size
         c_in_g = self.in_channels // self.groups

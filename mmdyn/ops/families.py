@@ -88,8 +88,8 @@ FAMILIES = (
         tensor_owners=(KWConv2d, KWLinear, WarehouseManager),
         state_dict_keys=(r'bias', r'temperature',
                          r'attention\.(fc[123]|norm1)\..+',
-                         r'attention\.basis_bias',
-                         r'warehouse\.weights\.\d+', r'weights\.\d+'),
+                         r'attention\.basis_bias', r'warehouse\.weights\.\d+',
+                         r'weights\.\d+'),
         attention_modules=('attention', )),
     LayerFamily(
         name='DDF',
@@ -124,8 +124,8 @@ def family_of(module: nn.Module) -> Optional[LayerFamily]:
 
 
 def owning_family(module: nn.Module) -> Optional[LayerFamily]:
-    """The family whose tensors ``module`` holds (``tensor_owners``: a
-    layer, or a KernelWarehouse manager), or None."""
+    """The family whose tensors ``module`` holds (``tensor_owners``: a layer,
+    or a KernelWarehouse manager), or None."""
     for family in FAMILIES:
         if isinstance(module, family.tensor_owners):
             return family

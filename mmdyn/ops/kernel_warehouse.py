@@ -49,18 +49,17 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
-                   check_allocation, check_input_dtype, check_positive,
-                   empty_batch_output, init_attention_weights)
 from .accel import kw_cells, kw_paths
 from .accel.kw_cells import MIXTURE_LAYOUTS
 from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
-                          kw_position_major, path_names,
-                          uses_c_cell_product)
+                          kw_position_major, path_names, uses_c_cell_product)
+from .base import (DynamicConv2dBase, TemperatureMixin, build_attention_norm,
+                   check_allocation, check_input_dtype, check_positive,
+                   empty_batch_output, init_attention_weights)
 from .capture import fx_leaf
 from .per_sample_conv import per_sample_conv2d
-from .warehouse_manager import (LAYER_TYPES, WarehouseManager,  # noqa: F401
-                                register_layer_class)
+from .warehouse_manager import WarehouseManager  # noqa: F401
+from .warehouse_manager import register_layer_class
 
 CAF_EPS = 1e-3
 #: The official lower bound of the attention's hidden width and of the
@@ -209,7 +208,8 @@ class KWAttention(nn.Module):
         logits = torch.cat([
             nonlocal_[..., :self.start_cell], local,
             nonlocal_[..., self.start_cell:], zero
-        ], dim=-1)
+        ],
+                           dim=-1)
         return logits + self.basis_bias.reshape(self.num_mixtures, -1)
 
     def madds(self) -> int:
@@ -217,8 +217,9 @@ class KWAttention(nn.Module):
         total = self.fc1.in_features * self.fc1.out_features
         total += self.fc2.in_features * self.fc2.out_features
         if self.num_basis is not None:
-            total += (self.num_mixtures * self.fc3.in_features *
-                      self.fc3.out_features)
+            total += (
+                self.num_mixtures * self.fc3.in_features *
+                self.fc3.out_features)
         return total
 
 
@@ -268,8 +269,7 @@ class _KWLayerMixin(TemperatureMixin):
                                  'warehouse_manager is given')
             self._manager_ref = (warehouse_manager, )
             self.warehouse_name = warehouse_name
-            warehouse_manager._register_layer(self, warehouse_name,
-                                              layer_type)
+            warehouse_manager._register_layer(self, warehouse_name, layer_type)
 
     @property
     def warehouse_manager(self) -> 'WarehouseManager':
@@ -288,10 +288,10 @@ class _KWLayerMixin(TemperatureMixin):
                 'reserve all layers, register them and the manager in the '
                 'network, then call finalize')
 
-    def _allocate(self, cell_shape: Tuple[int, ...], num_cells: int,
-                  start: int, cell_num_ratio: float, reduction: float,
-                  attention_norm: str, fc1_bias: bool,
-                  nonlocal_basis_ratio: float) -> int:
+    def _allocate(self, cell_shape: Tuple[int,
+                                          ...], num_cells: int, start: int,
+                  cell_num_ratio: float, reduction: float, attention_norm: str,
+                  fc1_bias: bool, nonlocal_basis_ratio: float) -> int:
         """Build the attention branch and beta; return the new cursor."""
         c_out, c_in_g = self.weight_shape[:2]
         cell_out, cell_in = cell_shape[:2]
@@ -318,8 +318,9 @@ class _KWLayerMixin(TemperatureMixin):
             num_nonlocal = num_cells - num_local
             basis = dict(
                 num_local_cells=num_local,
-                num_basis=max(int(num_nonlocal * nonlocal_basis_ratio),
-                              MIN_HIDDEN_CHANNELS),
+                num_basis=max(
+                    int(num_nonlocal * nonlocal_basis_ratio),
+                    MIN_HIDDEN_CHANNELS),
                 start_cell=start)
         device = self.temperature.device
         with torch.device(device):
@@ -350,8 +351,8 @@ class _KWLayerMixin(TemperatureMixin):
         return contrasting_attention(logits, self.beta, self.temperature)
 
     def assemble_kernel(self, attention: torch.Tensor) -> torch.Tensor:
-        """Mix the warehouse cells into per-sample kernels (the reference:
-        one ``torch.matmul``, then the kernel layout).
+        """Mix the warehouse cells into per-sample kernels (the reference: one
+        ``torch.matmul``, then the kernel layout).
 
         Args:
             attention (Tensor): [B, m, n] CAF attentions.
@@ -364,17 +365,17 @@ class _KWLayerMixin(TemperatureMixin):
         if not torch.is_autocast_enabled(attention.device.type):
             attention = attention.to(cells.dtype)
         mixtures = torch.matmul(attention, cells).view(-1, *self._kw_layout)
-        return mixtures.permute(0, 2, 4, 3, 5, 1).reshape(
-            -1, *self.weight_shape)
+        return mixtures.permute(0, 2, 4, 3, 5,
+                                1).reshape(-1, *self.weight_shape)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """:meth:`DynamicConv2dBase.check_input`, and the layer must belong
-        to a finalized warehouse manager."""
+        """:meth:`DynamicConv2dBase.check_input`, and the layer must belong to
+        a finalized warehouse manager."""
         super().check_input(x)
         self._check_finalized()
 
-    def empty_output(self, x: torch.Tensor,
-                     *extra: torch.Tensor) -> torch.Tensor:
+    def empty_output(self, x: torch.Tensor, *extra:
+                     torch.Tensor) -> torch.Tensor:
         # The warehouse is a parameter of the manager, not of this layer.
         return super().empty_output(x, self._cells(), *extra)
 
@@ -383,8 +384,8 @@ class _KWLayerMixin(TemperatureMixin):
         return self.warehouse_manager.weights[self.warehouse_id]
 
     def _cell_rows(self) -> torch.Tensor:
-        """This layer's warehouse as [n, cell_size]: the right operand of
-        every mixture product."""
+        """This layer's warehouse as [n, cell_size]: the right operand of every
+        mixture product."""
         cells = self._cells()
         return cells.reshape(cells.shape[0], -1)
 
@@ -494,7 +495,9 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         """:meth:`forward_reference`'s result by the path that
         :func:`~mmdyn.ops.accel.paths.choose_path` chooses (recorded in
         :attr:`last_path`; the paths are in :mod:`~mmdyn.ops.accel.
-        kw_paths`)."""
+
+        kw_paths`).
+        """
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
@@ -505,8 +508,8 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's forward: the attentions (CAF), the per-sample kernel
-        assembled from the warehouse cells (:meth:`assemble_kernel`), one
-        conv per sample."""
+        assembled from the warehouse cells (:meth:`assemble_kernel`), one conv
+        per sample."""
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
@@ -519,12 +522,18 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
     def reference_from_attention(self, x: torch.Tensor,
                                  attention: torch.Tensor,
                                  kernel: torch.Tensor) -> torch.Tensor:
-        """One conv per sample with the per-sample ``kernel`` (assembled
-        from ``attention``), plus the bias."""
+        """One conv per sample with the per-sample ``kernel`` (assembled from
+        ``attention``), plus the bias."""
         impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
-        return per_sample_conv2d(x, kernel, self.bias, self.stride,
-                                 self.padding, self.dilation, self.groups,
-                                 impl=impl)
+        return per_sample_conv2d(
+            x,
+            kernel,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            impl=impl)
 
     def uses_position_major(self, x: torch.Tensor) -> bool:
         """Whether ``impl='auto'`` may convolve straight from the mixtures
@@ -533,13 +542,16 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
         return self.impl == 'auto' and kw_position_major(self, x)
 
     def madds_per_sample(self, input_hw: Tuple[int, int]) -> Dict[str, int]:
-        """Multiply-adds per sample for an ``input_hw`` input (convention
-        of :mod:`mmdyn.analysis.flops`)."""
+        """Multiply-adds per sample for an ``input_hw`` input (convention of
+        :mod:`mmdyn.analysis.flops`)."""
         self._check_finalized()
         h_out, w_out = self.output_hw(*input_hw)
         conv = h_out * w_out * _prod(self.weight_shape)
-        return dict(conv=conv, att=self.attention.madds(),
-                    agg=self._agg_madds(), scal=0)
+        return dict(
+            conv=conv,
+            att=self.attention.madds(),
+            agg=self._agg_madds(),
+            scal=0)
 
 
 class KWLinear(_KWLayerMixin, nn.Module):
@@ -571,18 +583,16 @@ class KWLinear(_KWLayerMixin, nn.Module):
         check_positive(out_features, 'out_features')
         self.in_features = in_features
         self.out_features = out_features
-        self._setup_kw((out_features, in_features, 1), bias,
-                       warehouse_manager, warehouse_name, manager_kwargs,
-                       'linear')
+        self._setup_kw((out_features, in_features, 1), bias, warehouse_manager,
+                       warehouse_name, manager_kwargs, 'linear')
 
     def _kw_in_channels(self) -> int:
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward_reference`'s result, the kernels assembled by
-        the layer's ``mix_cells`` (the C cell product in float32 CPU
-        inference, see :func:`~mmdyn.ops.accel.kw_paths.assembled_kernel`).
-        """
+        """:meth:`forward_reference`'s result, the kernels assembled by the
+        layer's ``mix_cells`` (the C cell product in float32 CPU inference, see
+        :func:`~mmdyn.ops.accel.kw_paths.assembled_kernel`)."""
         leaf = fx_leaf(self, x)
         if leaf is not None:  # torch.fx tracing: the layer as a leaf
             return leaf
@@ -598,17 +608,15 @@ class KWLinear(_KWLayerMixin, nn.Module):
         attention)``."""
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or \
                 x.shape[-1] != self.in_features:
-            raise ValueError(
-                f'KWLinear expects an input x of shape [B, ..., '
-                f'{self.in_features}] (in_features), got '
-                f'{getattr(x, "shape", type(x).__name__)}')
+            raise ValueError(f'KWLinear expects an input x of shape [B, ..., '
+                             f'{self.in_features}] (in_features), got '
+                             f'{getattr(x, "shape", type(x).__name__)}')
         check_input_dtype(self, x)
         self._check_finalized()
         shape = x.shape
         if x.numel() == 0:  # as nn.Linear: an empty output
-            return empty_batch_output(
-                (*shape[:-1], self.out_features), x,
-                (*self.parameters(), self._cells()))
+            return empty_batch_output((*shape[:-1], self.out_features), x,
+                                      (*self.parameters(), self._cells()))
         tokens = x.reshape(shape[0], -1, shape[-1])  # [B, L, C_in]
         attention = self._attention_weights(tokens.mean(dim=1))
         kernel = assemble(self, attention).squeeze(-1)  # [B, O, I]
@@ -620,14 +628,15 @@ class KWLinear(_KWLayerMixin, nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def madds_per_sample(self,
-                         input_hw: Tuple[int, int] = (1, 1)
-                         ) -> Dict[str, int]:
+                         input_hw: Tuple[int, int] = (1, 1)) -> Dict[str, int]:
         """Multiply-adds per sample; ``input_hw`` gives the token count."""
         self._check_finalized()
         tokens = input_hw[0] * input_hw[1]
-        return dict(conv=tokens * _prod(self.weight_shape),
-                    att=self.attention.madds(), agg=self._agg_madds(),
-                    scal=0)
+        return dict(
+            conv=tokens * _prod(self.weight_shape),
+            att=self.attention.madds(),
+            agg=self._agg_madds(),
+            scal=0)
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, '

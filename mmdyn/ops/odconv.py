@@ -30,26 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
+                          odconv_folds, odconv_scaled_columns, path_names)
 from .base import (DynamicConv2dBase, IntOrPair, TemperatureMixin,
                    build_attention_norm, check_allocation, check_positive,
                    init_attention_weights, linear_1x1)
-from .accel.paths import (PER_SAMPLE_IMPLS, check_impl, choose_path,
-                          odconv_folds, odconv_scaled_columns, path_names)
 from .capture import graph_capture
 from .per_sample_conv import per_sample_conv2d
 
 
 def mix_kernels_reference(kernel: torch.Tensor, bank: torch.Tensor,
                           spatial: torch.Tensor) -> torch.Tensor:
-    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P]
-    in the dtype of ``bank``, by plain autograd (autocast off, except under
-    graph capture)."""
+    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P] in the
+    dtype of ``bank``, by plain autograd (autocast off, except under graph
+    capture)."""
     dtype = bank.dtype
     kernel, spatial = kernel.to(dtype), spatial.to(dtype)
 
     def mix():
-        return ((kernel @ bank).view(kernel.shape[0], -1, spatial.shape[1])
-                * spatial.unsqueeze(1)).flatten(1)
+        return ((kernel @ bank).view(kernel.shape[0], -1, spatial.shape[1]) *
+                spatial.unsqueeze(1)).flatten(1)
 
     if graph_capture():
         return mix()
@@ -113,12 +113,10 @@ class ODAttention(nn.Module):
             an attention that is the constant 1 for this layer.
         """
         s = F.relu(self.bn(linear_1x1(pooled, self.fc)))
-        channel = torch.sigmoid(
-            linear_1x1(s, self.channel_fc) / temperature)
+        channel = torch.sigmoid(linear_1x1(s, self.channel_fc) / temperature)
         filt = spatial = kernel = None
         if not self.is_depthwise:
-            filt = torch.sigmoid(
-                linear_1x1(s, self.filter_fc) / temperature)
+            filt = torch.sigmoid(linear_1x1(s, self.filter_fc) / temperature)
         if self.num_positions > 1:
             spatial = torch.sigmoid(
                 linear_1x1(s, self.spatial_fc) / temperature)
@@ -239,8 +237,8 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         self.init_weights()
 
     def attentions(self, x: torch.Tensor):
-        """The attentions ``(channel, filter, spatial, kernel)`` for ``x``
-        (see :meth:`ODAttention.forward`)."""
+        """The attentions ``(channel, filter, spatial, kernel)`` for ``x`` (see
+        :meth:`ODAttention.forward`)."""
         return self.attention(x.mean((2, 3)), self.temperature)
 
     def aggregate_weight(self,
@@ -272,14 +270,14 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         return weight.view(-1, *bank.shape[1:])
 
     def fold_attentions(self, input_hw: Tuple[int, int]) -> bool:
-        """Whether ``alpha_c``/``alpha_f`` are cheaper folded into the
-        kernel than applied to the feature maps (path ``'folded'``; see
+        """Whether ``alpha_c``/``alpha_f`` are cheaper folded into the kernel
+        than applied to the feature maps (path ``'folded'``; see
         :func:`~mmdyn.ops.accel.paths.odconv_folds`)."""
         return odconv_folds(self, input_hw)
 
     def use_scaled_columns(self, input_hw: Tuple[int, int]) -> bool:
-        """Whether this one-kernel layer pays to run as the static kernel
-        times scaled im2col columns (path ``'scaled_columns'``; see
+        """Whether this one-kernel layer pays to run as the static kernel times
+        scaled im2col columns (path ``'scaled_columns'``; see
         :func:`~mmdyn.ops.accel.paths.odconv_scaled_columns`)."""
         return odconv_scaled_columns(self, input_hw)
 
@@ -296,15 +294,22 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         return path.run(self, x, *attentions)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The paper's forward: the four attentions, the per-sample kernel
+        """The paper's forward: the four attentions, the per-sample kernel.
+
         ``W_b = sum_i alpha_w[b, i] * (alpha_s[b] * W_i)``, then
-        ``alpha_f[b] * conv(alpha_c[b] * x_b, W_b)`` (+ bias)."""
+        ``alpha_f[b] * conv(alpha_c[b] * x_b, W_b)`` (+ bias).
+        """
         out = self.check_input_or_empty(x)
         if out is not None:
             return out
         return self.reference_from_attentions(x, *self.attentions(x))
 
-    def reference_from_attentions(self, x, channel, filt, spatial, kernel,
+    def reference_from_attentions(self,
+                                  x,
+                                  channel,
+                                  filt,
+                                  spatial,
+                                  kernel,
                                   mix: Optional[Callable] = None):
         """The reference forward from the attentions of ``x`` (``mix``: see
         :meth:`aggregate_weight`)."""
@@ -317,11 +322,15 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
             out = self.per_sample_conv(x, weight)
         return self.filter_and_bias(out, filt)
 
-    def per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor,
+    def per_sample_conv(self,
+                        x: torch.Tensor,
+                        weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``conv(x[b], weight[b])`` with the layer's geometry (the
-        per-sample conv ``impl`` selects, see :func:`~mmdyn.ops.
-        per_sample_conv.per_sample_conv2d`)."""
+        """``conv(x[b], weight[b])`` with the layer's geometry (the per-sample
+        conv ``impl`` selects, see :func:`~mmdyn.ops.
+
+        per_sample_conv.per_sample_conv2d`).
+        """
         impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding,
                                  self.dilation, self.groups, impl)
@@ -350,8 +359,8 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
         kh, kw = self.kernel_size
         numel_w = self.out_channels * (self.in_channels //
                                        self.groups) * kh * kw
-        conv = self.out_channels * h_out * w_out * (
-            self.in_channels // self.groups) * kh * kw
+        conv = self.out_channels * h_out * w_out * (self.in_channels //
+                                                    self.groups) * kh * kw
         att = self.attention
         hidden = att.hidden_channels
         att_madds = 2 * self.in_channels * hidden

@@ -83,8 +83,8 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
     # batch-as-groups conv with a per-sample weight is pathological on CPU
     # (most of a KW ResNet-18 training step), so a CPU graph that needs
     # gradients takes the loop.
-    if not x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or
-                                                      weight.requires_grad):
+    if not x.is_cuda and torch.is_grad_enabled() and (x.requires_grad
+                                                      or weight.requires_grad):
         return 'loop'
     return 'grouped'
 
@@ -92,8 +92,9 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, groups: int) -> str:
 def _conv_loop(x, weight, bias, stride, padding, dilation, groups):
     # unbind/split rather than weight[b]: the backward of B separate
     # selections would write B full-size zero gradients (O(B^2) traffic).
-    biases = (bias.unbind(0) if bias is not None and bias.dim() == 2 else
-              [bias] * x.shape[0])
+    biases = (
+        bias.unbind(0) if bias is not None and bias.dim() == 2 else [bias] *
+        x.shape[0])
     outs = [
         F.conv2d(xb, wb, bb, stride, padding, dilation, groups)
         for xb, wb, bb in zip(x.split(1, dim=0), weight.unbind(0), biases)
@@ -106,8 +107,8 @@ def _conv_grouped(x, weight, bias, stride, padding, dilation, groups):
     c_out = weight.shape[1]
     out = F.conv2d(
         x.reshape(1, batch * c_in, h, w),
-        weight.reshape(batch * c_out, *weight.shape[2:]),
-        None, stride, padding, dilation, groups * batch)
+        weight.reshape(batch * c_out, *weight.shape[2:]), None, stride,
+        padding, dilation, groups * batch)
     out = out.reshape(batch, c_out, out.shape[-2], out.shape[-1])
     if bias is not None:
         out = out + (bias if bias.dim() == 2 else bias.expand(
@@ -122,8 +123,9 @@ def _conv_unfold(x, weight, bias, stride, padding, dilation, groups):
     c_out, c_in_g, kh, kw = (int(v) for v in weight.shape[1:])
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding,
-                    stride=stride)  # [B, C_in*kh*kw, L]
+    cols = F.unfold(
+        x, (kh, kw), dilation=dilation, padding=padding,
+        stride=stride)  # [B, C_in*kh*kw, L]
     # -1 for the batch so that a traced graph does not bake it in.
     cols = cols.reshape(-1, groups, c_in_g * kh * kw, h_out * w_out)
     kernel = weight.reshape(-1, groups, c_out // groups, c_in_g * kh * kw)

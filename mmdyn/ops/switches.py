@@ -94,8 +94,8 @@ def cache_dir() -> str:
 
 
 def max_alloc_bytes(default: int) -> int:
-    """``$MMDYN_MAX_ALLOC_BYTES`` as a positive int, ``default`` when
-    unset; ``ValueError`` naming the variable for anything else."""
+    """``$MMDYN_MAX_ALLOC_BYTES`` as a positive int, ``default`` when unset;
+    ``ValueError`` naming the variable for anything else."""
     value = os.environ.get(MAX_ALLOC_BYTES)
     if value is None or value == '':
         return default

@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .accel.kw_cells import PackedCells
 from .base import (ATTENTION_NORMS, check_allocation, check_positive,
                    kernel_bank_safe)
-from .accel.kw_cells import PackedCells
 
 Ratio = Union[float, Sequence[float]]
 
@@ -70,19 +70,18 @@ class WarehouseManager(nn.Module):
                  cell_num_ratio: Ratio = 1,
                  cell_inplane_ratio: Ratio = 1,
                  cell_outplane_ratio: Ratio = 1,
-                 sharing_range: Union[str, Sequence[str]] = ('layer',
-                                                             'conv'),
+                 sharing_range: Union[str, Sequence[str]] = ('layer', 'conv'),
                  nonlocal_basis_ratio: float = 1,
                  attention_norm: str = 'bn_batch1',
                  fc1_bias: Optional[bool] = None):
         super().__init__()
-        for name, value in (('reduction', reduction),
-                            ('cell_num_ratio', cell_num_ratio),
+        for name, value in (('reduction', reduction), ('cell_num_ratio',
+                                                       cell_num_ratio),
                             ('cell_inplane_ratio', cell_inplane_ratio),
                             ('cell_outplane_ratio', cell_outplane_ratio)):
             self._check_ratio(value, name)
-        check_positive(nonlocal_basis_ratio, 'nonlocal_basis_ratio',
-                       allow_float=True)
+        check_positive(
+            nonlocal_basis_ratio, 'nonlocal_basis_ratio', allow_float=True)
         if attention_norm not in ATTENTION_NORMS and attention_norm is not \
                 None:
             raise ValueError(f'attention_norm must be one of '
@@ -90,8 +89,9 @@ class WarehouseManager(nn.Module):
         if isinstance(sharing_range, str):
             sharing_range = (sharing_range, )
         sharing_range = tuple(sharing_range)
-        if not all(isinstance(s, str) and s and '_' not in s
-                   for s in sharing_range):
+        if not all(
+                isinstance(s, str) and s and '_' not in s
+                for s in sharing_range):
             raise ValueError('sharing_range must be a tuple of non-empty '
                              "name tokens without '_', got "
                              f'{sharing_range!r}')
@@ -202,14 +202,24 @@ class WarehouseManager(nn.Module):
             raise ValueError(f'layer_type must be one of {LAYER_TYPES}, got '
                              f'{layer_type!r}')
         if layer_type == 'linear':
-            return LAYER_CLASSES['linear'](in_channels, out_channels,
-                                           bias=bias, warehouse_manager=self,
-                                           warehouse_name=name)
-        return LAYER_CLASSES['conv2d'](in_channels, out_channels,
-                                       kernel_size, stride, padding,
-                                       dilation, groups, bias,
-                                       warehouse_manager=self,
-                                       warehouse_name=name, **layer_kwargs)
+            return LAYER_CLASSES['linear'](
+                in_channels,
+                out_channels,
+                bias=bias,
+                warehouse_manager=self,
+                warehouse_name=name)
+        return LAYER_CLASSES['conv2d'](
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            warehouse_manager=self,
+            warehouse_name=name,
+            **layer_kwargs)
 
     def finalize(self, network: nn.Module) -> None:
         """Store the warehouses and allocate them to the layers.
@@ -270,9 +280,8 @@ class WarehouseManager(nn.Module):
                     f'cell_inplane_ratio {in_ratios[idx]} gives '
                     f'{cell_in}-channel cells that do not divide the input '
                     f'channels of warehouse {fused!r} (gcd {gcd_in})')
-            total = sum(
-                (s[0] // cell_out) * (s[1] // cell_in) * _prod(s[2:])
-                for s in shapes)
+            total = sum((s[0] // cell_out) * (s[1] // cell_in) * _prod(s[2:])
+                        for s in shapes)
             num_cells = max(int(total * self._num_ratios[idx]), 1)
             cell_shape = (cell_out, cell_in) + (1, ) * (len(shapes[0]) - 2)
             check_allocation(
@@ -293,9 +302,9 @@ class WarehouseManager(nn.Module):
             num_cells = self.weights[idx].shape[0]
             start = cursors[idx]
             end = layer._allocate(self.cell_shapes[idx], num_cells, start,
-                                  self._num_ratios[idx],
-                                  self._reductions[idx], self.attention_norm,
-                                  self.fc1_bias, self.nonlocal_basis_ratio)
+                                  self._num_ratios[idx], self._reductions[idx],
+                                  self.attention_norm, self.fc1_bias,
+                                  self.nonlocal_basis_ratio)
             if end > num_cells:
                 raise ValueError(
                     f'cell_num_ratio {self._num_ratios[idx]}: layer '
@@ -315,8 +324,8 @@ class WarehouseManager(nn.Module):
         self.init_weights()
 
     def packed_cells(self, index: int) -> Optional[torch.Tensor]:
-        """Warehouse ``index`` cut into the column strips of the CPU
-        cell product, kept until the cells change (see
+        """Warehouse ``index`` cut into the column strips of the CPU cell
+        product, kept until the cells change (see
         :class:`~mmdyn.ops.accel.kw_cells.PackedCells`).
 
         Returns:
@@ -352,6 +361,6 @@ class WarehouseManager(nn.Module):
     def extra_repr(self) -> str:
         if not self.finalized:
             return f'{len(self._layers)} reserved layers, not finalized'
-        return ', '.join(f'{name}: {w.shape[0]}x{list(w.shape[1:])}'
-                         for name, w in zip(self.warehouse_names,
-                                            self.weights))
+        return ', '.join(
+            f'{name}: {w.shape[0]}x{list(w.shape[1:])}'
+            for name, w in zip(self.warehouse_names, self.weights))

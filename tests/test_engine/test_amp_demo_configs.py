@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Every demo config trains under ``--amp`` (bf16 autocast on CPU) without
-NaN/inf: two iterations of the real config through the tools' runner path,
-on two images, checking the logged loss and every parameter afterwards."""
+NaN/inf: two iterations of the real config through the tools' runner path, on
+two images, checking the logged loss and every parameter afterwards."""
 import glob
 import math
 import os.path as osp

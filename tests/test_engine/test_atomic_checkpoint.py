@@ -20,26 +20,32 @@ import textwrap
 import pytest
 import torch
 from mmengine.runner import load_checkpoint
+from toy_runner import ToyNet, make_runner
 
 from mmdyn.engine.checkpoint_io import atomic_write_bytes
 from mmdyn.engine.hooks import AtomicCheckpointHook
-from toy_runner import ToyNet, make_runner
 
 HERE = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(osp.dirname(HERE))
 
 
 def _files(folder):
-    return sorted(n for n in os.listdir(folder)
-                  if n.endswith(('.pth', '.tmp')) or n == 'last_checkpoint')
+    return sorted(
+        n for n in os.listdir(folder)
+        if n.endswith(('.pth', '.tmp')) or n == 'last_checkpoint')
 
 
 def _assert_resumable_from(work_dir, name):
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
         assert f.read() == osp.join(work_dir, name)
     load_checkpoint(ToyNet(), osp.join(work_dir, name))  # complete, hashed
-    resumed = make_runner(work_dir, 'resumed', max_iters=4, ckpt_interval=2,
-                          max_keep_ckpts=1, resume=True)
+    resumed = make_runner(
+        work_dir,
+        'resumed',
+        max_iters=4,
+        ckpt_interval=2,
+        max_keep_ckpts=1,
+        resume=True)
     resumed.train()
     assert resumed.iter == 4
     assert _files(work_dir) == ['iter_4.pth', 'last_checkpoint']
@@ -47,8 +53,10 @@ def _assert_resumable_from(work_dir, name):
 
 def test_checkpoint_hook_is_atomic():
     runner = make_runner('/nonexistent', 'atomic_type', max_iters=1)
-    hooks = [h for h in runner.hooks if type(h).__name__.endswith(
-        'CheckpointHook') and 'Shape' not in type(h).__name__]
+    hooks = [
+        h for h in runner.hooks if type(h).__name__.endswith('CheckpointHook')
+        and 'Shape' not in type(h).__name__
+    ]
     assert len(hooks) == 1 and isinstance(hooks[0], AtomicCheckpointHook)
 
 
@@ -65,8 +73,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, 'save', save_failing_the_second_time)
-    runner = make_runner(work_dir, 'failing', max_iters=4, ckpt_interval=2,
-                         max_keep_ckpts=1)
+    runner = make_runner(
+        work_dir, 'failing', max_iters=4, ckpt_interval=2, max_keep_ckpts=1)
     with pytest.raises(OSError, match='simulated'):
         runner.train()
     monkeypatch.setattr(torch, 'save', real_save)
@@ -122,10 +130,15 @@ _KILLED_CHILD = textwrap.dedent('''
 @pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     work_dir = str(tmp_path / 'wd')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [HERE, REPO, os.environ.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1')
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [HERE, REPO, os.environ.get('PYTHONPATH', '')]),
+        OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-c', _KILLED_CHILD, work_dir],
-                          env=env, capture_output=True, text=True,
+                          env=env,
+                          capture_output=True,
+                          text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     # The half-written temporary file is there, the final name is not.
@@ -171,19 +184,26 @@ def test_failed_best_save_keeps_previous_best(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', save_failing_the_third_time)
     # Saves: best at iteration 2, iter_4.pth, then the new best at 4 fails.
-    runner = make_runner(str(tmp_path), 'best', max_iters=4, ckpt_interval=4,
-                         max_keep_ckpts=1, val_interval=2, save_best='acc')
+    runner = make_runner(
+        str(tmp_path),
+        'best',
+        max_iters=4,
+        ckpt_interval=4,
+        max_keep_ckpts=1,
+        val_interval=2,
+        save_best='acc')
     with pytest.raises(OSError, match='simulated'):
         runner.train()
     monkeypatch.setattr(torch, 'save', real_save)
-    assert _files(str(tmp_path)) == ['best_acc_iter_2.pth', 'iter_4.pth',
-                                     'last_checkpoint']
+    assert _files(str(tmp_path)) == [
+        'best_acc_iter_2.pth', 'iter_4.pth', 'last_checkpoint'
+    ]
     load_checkpoint(ToyNet(), str(tmp_path / 'best_acc_iter_2.pth'))
 
 
 class _FullDiskFile:
-    """A file whose checkpoint-sized writes fail, from the ``fail_at``-th
-    on, as on a full disk (``writes`` counts them across files)."""
+    """A file whose checkpoint-sized writes fail, from the ``fail_at``-th on,
+    as on a full disk (``writes`` counts them across files)."""
 
     def __init__(self, f, writes, fail_at):
         self._f, self._writes, self._fail_at = f, writes, fail_at
@@ -221,8 +241,8 @@ def test_full_disk_says_so_in_the_first_line(tmp_path, monkeypatch):
     # The first save (iter_2.pth) works; the second (iter_4.pth) finds the
     # disk full.
     _fill_disk_at(monkeypatch, 2)
-    runner = make_runner(work_dir, 'full_disk', max_iters=4, ckpt_interval=2,
-                         max_keep_ckpts=1)
+    runner = make_runner(
+        work_dir, 'full_disk', max_iters=4, ckpt_interval=2, max_keep_ckpts=1)
     with pytest.raises(OSError) as info:
         runner.train()
     monkeypatch.undo()
@@ -234,14 +254,14 @@ def test_full_disk_says_so_in_the_first_line(tmp_path, monkeypatch):
     _assert_resumable_from(work_dir, 'iter_2.pth')
 
 
-def test_full_disk_in_save_checkpoint_names_the_file(tmp_path,
-                                                     monkeypatch):
+def test_full_disk_in_save_checkpoint_names_the_file(tmp_path, monkeypatch):
     from mmdyn.engine.checkpoint_io import save_checkpoint
     path = str(tmp_path / 'model.pth')
     _fill_disk_at(monkeypatch, 1)
-    with pytest.raises(OSError,
-                       match=r'^\[Errno 28\] No space left on device while '
-                       f'writing {re.escape(path)}'):
+    with pytest.raises(
+            OSError,
+            match=r'^\[Errno 28\] No space left on device while '
+            f'writing {re.escape(path)}'):
         save_checkpoint(dict(state_dict=ToyNet().state_dict()), path)
     monkeypatch.undo()
     assert os.listdir(str(tmp_path)) == []

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Checkpoints prove their content on load, and a checkpoint of another
-model may not leave the dynamic layers silently at their random init.
+"""Checkpoints prove their content on load, and a checkpoint of another model
+may not leave the dynamic layers silently at their random init.
 
 * A file with a few flipped bytes inside a tensor (which torch loads
   without complaint) fails the CRC-32 of its zip record: it is refused as
@@ -21,6 +21,7 @@ import pytest
 import torch
 from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
+from toy_runner import ToyNet, make_runner
 
 from mmdyn.datasets import make_demo_classification
 from mmdyn.engine import CheckpointLoadError
@@ -29,14 +30,14 @@ from mmdyn.engine.checkpoint import (CheckpointEditedWarning, checked_path,
 from mmdyn.engine.checkpoint_io import (HASH_KEY, WRITER_KEY, content_hash,
                                         save_checkpoint)
 from mmdyn.engine.launch import load_config
-from toy_runner import ToyNet, make_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CLS_CFG = osp.join(REPO, 'configs/demo/resnet18_demo_cls.py')
 ODCONV_CFG = osp.join(REPO, 'configs/demo/resnet18-odconv1x_demo_cls.py')
 KW_CFG = osp.join(REPO, 'configs/demo/resnet18-kw1x_demo_cls.py')
-TINY_TEST = ['test_dataloader.dataset.indices=1',
-             'test_dataloader.num_workers=0']
+TINY_TEST = [
+    'test_dataloader.dataset.indices=1', 'test_dataloader.num_workers=0'
+]
 
 
 def _tools_test():
@@ -48,9 +49,10 @@ def _tools_test():
 
 
 def _save_model_of(config, path):
-    import mmdyn.models  # noqa: F401
     import mmpretrain.models  # noqa: F401
     from mmpretrain.registry import MODELS
+
+    import mmdyn.models  # noqa: F401
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         model = MODELS.build(load_config(config).model)
     save_checkpoint(dict(state_dict=model.state_dict(), meta={}), path)
@@ -58,8 +60,8 @@ def _save_model_of(config, path):
 
 
 def _flip_bytes_inside(path, tensor, count=16):
-    """XOR ``count`` bytes in the middle of ``tensor``'s storage in the
-    file (the zip archive stores storages uncompressed)."""
+    """XOR ``count`` bytes in the middle of ``tensor``'s storage in the file
+    (the zip archive stores storages uncompressed)."""
     raw = tensor.contiguous().numpy().tobytes()
     with open(path, 'rb') as f:
         data = bytearray(f.read())
@@ -75,8 +77,9 @@ def _flip_bytes_inside(path, tensor, count=16):
 @pytest.fixture(scope='module')
 def toy_checkpoint(tmp_path_factory):
     work_dir = str(tmp_path_factory.mktemp('integrity'))
-    make_runner(work_dir, 'integrity_src', max_iters=2, ckpt_interval=2,
-                dynamic=True).train()
+    make_runner(
+        work_dir, 'integrity_src', max_iters=2, ckpt_interval=2,
+        dynamic=True).train()
     return osp.join(work_dir, 'iter_2.pth')
 
 
@@ -102,15 +105,20 @@ def test_flipped_bytes_are_refused(toy_checkpoint, tmp_path):
 
     model = ToyNet(dynamic=True)
     before = model.conv.weight.detach().clone()
-    with pytest.raises(CheckpointLoadError,
-                       match=r'flipped\.pth is damaged .*record '
-                       r'\S+/data/\d+ fails the CRC-32 check'):
+    with pytest.raises(
+            CheckpointLoadError,
+            match=r'flipped\.pth is damaged .*record '
+            r'\S+/data/\d+ fails the CRC-32 check'):
         load_checkpoint(model, checked_path(path))
     assert torch.equal(model.conv.weight, before)
     for resume in (False, True):
-        runner = make_runner(str(tmp_path / f'wd{resume}'), f'flip{resume}',
-                             max_iters=4, dynamic=True, resume=resume,
-                             load_from=path)
+        runner = make_runner(
+            str(tmp_path / f'wd{resume}'),
+            f'flip{resume}',
+            max_iters=4,
+            dynamic=True,
+            resume=resume,
+            load_from=path)
         with pytest.raises(CheckpointLoadError, match='flipped.pth'):
             runner.train()
 
@@ -132,10 +140,11 @@ def test_tools_test_refuses_flipped_checkpoint(tmp_path, monkeypatch):
     model = _save_model_of(CLS_CFG, 'model.pth')
     _flip_bytes_inside('model.pth',
                        model.state_dict()['backbone.layer4.1.conv2.weight'])
-    with pytest.raises(CheckpointLoadError,
-                       match=r'model\.pth is damaged .*CRC-32'):
-        _tools_test().main([CLS_CFG, 'model.pth', '--work-dir', 'wd',
-                            '--cfg-options'] + TINY_TEST)
+    with pytest.raises(
+            CheckpointLoadError, match=r'model\.pth is damaged .*CRC-32'):
+        _tools_test().main(
+            [CLS_CFG, 'model.pth', '--work-dir', 'wd', '--cfg-options'] +
+            TINY_TEST)
 
 
 def test_other_method_checkpoint_is_refused(tmp_path, monkeypatch):
@@ -144,16 +153,18 @@ def test_other_method_checkpoint_is_refused(tmp_path, monkeypatch):
     _save_model_of(KW_CFG, 'kw.pth')
     tools_test = _tools_test()
     with pytest.raises(CheckpointLoadError) as info:
-        tools_test.main([ODCONV_CFG, 'kw.pth', '--work-dir', 'wd',
-                         '--cfg-options'] + TINY_TEST)
+        tools_test.main(
+            [ODCONV_CFG, 'kw.pth', '--work-dir', 'wd', '--cfg-options'] +
+            TINY_TEST)
     message = str(info.value)
     assert 'no value for 208 of the 224 ODConv tensors' in message
     assert 'backbone.layer1.0.conv1.weight' in message
     assert '--allow-partial-load' in message
     # Explicitly allowed: loads (with a warning) and evaluates.
-    metrics = tools_test.main([ODCONV_CFG, 'kw.pth', '--work-dir', 'wd',
-                               '--allow-partial-load', '--cfg-options'] +
-                              TINY_TEST)
+    metrics = tools_test.main([
+        ODCONV_CFG, 'kw.pth', '--work-dir', 'wd', '--allow-partial-load',
+        '--cfg-options'
+    ] + TINY_TEST)
     assert 'accuracy/top1' in metrics
 
 
@@ -163,17 +174,18 @@ def _copy(src, dst):
     return dst
 
 
-def test_edited_checkpoint_loads_with_a_warning_saying_so(toy_checkpoint,
-                                                          tmp_path):
+def test_edited_checkpoint_loads_with_a_warning_saying_so(
+        toy_checkpoint, tmp_path):
     # Loaded, one weight changed, re-saved with torch.save: the zip records
     # are intact, the recorded hash is stale. Edited, not damaged.
     checkpoint = torch.load(toy_checkpoint, weights_only=True)
     checkpoint['state_dict']['fc.bias'] = torch.tensor([0.25, -0.5])
     path = str(tmp_path / 'edited.pth')
     torch.save(checkpoint, path)
-    with pytest.warns(CheckpointEditedWarning,
-                      match=r'edited\.pth was edited after it was saved: '
-                      r'its zip records are intact \(not damaged\)'):
+    with pytest.warns(
+            CheckpointEditedWarning,
+            match=r'edited\.pth was edited after it was saved: '
+            r'its zip records are intact \(not damaged\)'):
         loaded = load_checkpoint_file(path)
     assert loaded['state_dict']['fc.bias'].tolist() == [0.25, -0.5]
     model = ToyNet(dynamic=True)
@@ -184,16 +196,16 @@ def test_edited_checkpoint_loads_with_a_warning_saying_so(toy_checkpoint,
 
 def test_renamed_hash_key_is_refused(toy_checkpoint, tmp_path):
     checkpoint = torch.load(toy_checkpoint, weights_only=True)
-    checkpoint['meta']['content_sha256_old'] = checkpoint['meta'].pop(
-        HASH_KEY)
+    checkpoint['meta']['content_sha256_old'] = checkpoint['meta'].pop(HASH_KEY)
     checkpoint['state_dict']['fc.bias'] += 1
     path = str(tmp_path / 'renamed.pth')
     torch.save(checkpoint, path)
     model = ToyNet(dynamic=True)
     before = model.fc.bias.detach().clone()
-    with pytest.raises(CheckpointLoadError,
-                       match=r"renamed\.pth says it was saved by mmdyn .*"
-                       r"records no content hash"):
+    with pytest.raises(
+            CheckpointLoadError,
+            match=r"renamed\.pth says it was saved by mmdyn .*"
+            r"records no content hash"):
         load_checkpoint(model, checked_path(path))
     assert torch.equal(model.fc.bias, before)
 
@@ -209,7 +221,8 @@ def test_damaged_pickle_record_is_refused(toy_checkpoint, tmp_path):
     data[at + 3] ^= 0x01  # 'fc.bias' -> 'fc/bias'
     with open(path, 'wb') as f:
         f.write(bytes(data))
-    with pytest.raises(CheckpointLoadError,
-                       match=r'pickle\.pth is damaged .*data\.pkl fails the '
-                       'CRC-32 check'):
+    with pytest.raises(
+            CheckpointLoadError,
+            match=r'pickle\.pth is damaged .*data\.pkl fails the '
+            'CRC-32 check'):
         load_checkpoint_file(path)

@@ -17,11 +17,11 @@ import json
 import os.path as osp
 
 import pytest
+from toy_runner import make_runner
 
 from mmdyn.datasets import make_demo_detection
 from mmdyn.engine import CheckpointLoadError
 from mmdyn.engine.sanity import check_annotation_files
-from toy_runner import make_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DET_CFG = osp.join(REPO, 'configs/demo/faster-rcnn_r18_fpn_demo.py')
@@ -41,9 +41,10 @@ def test_empty_last_checkpoint_is_named(tmp_path):
 
     with open(save_file, 'w') as f:
         f.write(osp.join(work_dir, 'gone.pth'))
-    with pytest.raises(FileNotFoundError,
-                       match=r'last_checkpoint names .*gone\.pth, which '
-                       'does not exist'):
+    with pytest.raises(
+            FileNotFoundError,
+            match=r'last_checkpoint names .*gone\.pth, which '
+            'does not exist'):
         make_runner(work_dir, 'missing_last', max_iters=4, resume=True)
 
 
@@ -53,27 +54,38 @@ def _build_coco(ann_file, filter_empty_gt=True):
     import mmdet.datasets  # noqa: F401
     from mmdet.registry import DATASETS
     dataset = dict(
-        type='CocoDataset', ann_file=ann_file, data_prefix=dict(img=''),
+        type='CocoDataset',
+        ann_file=ann_file,
+        data_prefix=dict(img=''),
         metainfo=dict(classes=('circle', 'square', 'triangle')),
-        filter_cfg=dict(filter_empty_gt=filter_empty_gt), pipeline=[])
+        filter_cfg=dict(filter_empty_gt=filter_empty_gt),
+        pipeline=[])
     check_annotation_files(dict(train_dataloader=dict(dataset=dataset)))
     return DATASETS.build(dataset)
 
 
 def _coco(images, annotations):
-    return dict(images=images, annotations=annotations, categories=[
-        dict(id=1, name='circle'), dict(id=2, name='square'),
-        dict(id=3, name='triangle'), dict(id=9, name='other')])
+    return dict(
+        images=images,
+        annotations=annotations,
+        categories=[
+            dict(id=1, name='circle'),
+            dict(id=2, name='square'),
+            dict(id=3, name='triangle'),
+            dict(id=9, name='other')
+        ])
 
 
 IMAGE = dict(id=1, file_name='a.png', height=32, width=32)
 BOX = dict(id=1, image_id=1, bbox=[2, 2, 10, 10], area=100, iscrowd=0)
 
 
-@pytest.mark.parametrize('content,match', [
-    ('', r'empty\.json is empty'),
-    ('{"images": [{"id": 1', r'trunc\.json is not valid JSON .*truncated'),
-], ids=['empty', 'truncated'])
+@pytest.mark.parametrize(
+    'content,match', [
+        ('', r'empty\.json is empty'),
+        ('{"images": [{"id": 1', r'trunc\.json is not valid JSON .*truncated'),
+    ],
+    ids=['empty', 'truncated'])
 def test_broken_annotation_file_is_named(tmp_path, content, match):
     name = 'empty.json' if not content else 'trunc.json'
     path = str(tmp_path / name)
@@ -83,10 +95,12 @@ def test_broken_annotation_file_is_named(tmp_path, content, match):
         _build_coco(path)
 
 
-@pytest.mark.parametrize('coco', [
-    _coco([], []),
-    _coco([IMAGE], [dict(BOX, category_id=9)]),
-], ids=['no_images', 'unknown_categories'])
+@pytest.mark.parametrize(
+    'coco', [
+        _coco([], []),
+        _coco([IMAGE], [dict(BOX, category_id=9)]),
+    ],
+    ids=['no_images', 'unknown_categories'])
 def test_dataset_without_samples_is_named(tmp_path, coco):
     path = str(tmp_path / 'instances.json')
     with open(path, 'w') as f:
@@ -118,7 +132,8 @@ def test_tools_name_the_empty_annotation_key(tmp_path, monkeypatch):
         'mmdyn_tools_train', osp.join(REPO, 'tools', 'train.py'))
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    with pytest.raises(ValueError,
-                       match=r'^train_dataloader\.dataset\.ann_file: '
-                       r'annotation file .*instances_train\.json is empty'):
+    with pytest.raises(
+            ValueError,
+            match=r'^train_dataloader\.dataset\.ann_file: '
+            r'annotation file .*instances_train\.json is empty'):
         train.main([DET_CFG, '--work-dir', 'wd'])

@@ -1,7 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmdyn.compat: each fix against the real library (what fails without it,
-in a fresh interpreter), and inert outside the versions it was written for.
-"""
+"""mmdyn.compat: each fix against the real library (what fails without it, in a
+fresh interpreter), and inert outside the versions it was written for."""
 import json
 import logging
 import os
@@ -20,18 +19,22 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def run_python(tmp_path, *parts):
-    """Run the code ``parts`` in a fresh interpreter; its last stdout line
-    as JSON."""
+    """Run the code ``parts`` in a fresh interpreter; its last stdout line as
+    JSON."""
     code = ''.join(textwrap.dedent(part) for part in parts)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    result = subprocess.run(
-        [sys.executable, '-c', code], capture_output=True,
-        text=True, env=env, cwd=str(tmp_path), timeout=600)
+    result = subprocess.run([sys.executable, '-c', code],
+                            capture_output=True,
+                            text=True,
+                            env=env,
+                            cwd=str(tmp_path),
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # --- the interface of every fix ---------------------------------------------
+
 
 def test_every_fix_states_its_versions_and_upstream():
     import importlib.metadata
@@ -60,8 +63,7 @@ def test_fixes_are_inert_outside_their_range(monkeypatch, caplog, version,
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == len(mmdyn.compat.FIXES)  # one line per fix
     if version is not None:
-        assert all('written for' in line and version in line
-                   for line in lines)
+        assert all('written for' in line and version in line for line in lines)
         assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -74,7 +76,8 @@ def test_a_fix_not_needed_is_not_applied(monkeypatch):
 
 
 def test_nothing_applied_on_import(tmp_path):
-    out = run_python(tmp_path, """
+    out = run_python(
+        tmp_path, """
         import json, sys
         import numpy as np
         import mmdyn, mmdyn.compat, mmdyn.engine, mmdyn.models
@@ -104,7 +107,8 @@ NO_PKG_RESOURCES = """
 
 
 def test_config_bases_without_pkg_resources(tmp_path):
-    before = run_python(tmp_path, NO_PKG_RESOURCES, """
+    before = run_python(
+        tmp_path, NO_PKG_RESOURCES, """
         import json
         try:
             Config.fromfile('cfg.py')
@@ -113,7 +117,8 @@ def test_config_bases_without_pkg_resources(tmp_path):
             print(json.dumps(str(e)))
         """)
     assert 'pkg_resources' in before
-    after = run_python(tmp_path, NO_PKG_RESOURCES, """
+    after = run_python(
+        tmp_path, NO_PKG_RESOURCES, """
         import json
         import mmdyn.compat
         assert mmdyn.compat.apply()['package_paths'] == 'applied'
@@ -150,7 +155,8 @@ MMDYN_BASE = """
 
 
 def test_mmdyn_bases_need_the_fix(tmp_path):
-    before = run_python(tmp_path, MMDYN_BASE, """
+    before = run_python(
+        tmp_path, MMDYN_BASE, """
         try:
             Config.fromfile('cfg.py')
             print(json.dumps('loaded'))
@@ -158,7 +164,8 @@ def test_mmdyn_bases_need_the_fix(tmp_path):
             print(json.dumps(str(e)))
         """)
     assert 'does not support to load mmdyn config' in before
-    after = run_python(tmp_path, MMDYN_BASE, """
+    after = run_python(
+        tmp_path, MMDYN_BASE, """
         import mmdyn.compat
         results = mmdyn.compat.apply()
         cfg = Config.fromfile('cfg.py')
@@ -184,7 +191,8 @@ def test_retrieval_metric_under_numpy2(tmp_path):
     import numpy as np
     if hasattr(np, 'in1d'):
         pytest.skip('this numpy still has in1d: the fix is not needed')
-    before = run_python(tmp_path, RETRIEVAL, """
+    before = run_python(
+        tmp_path, RETRIEVAL, """
         try:
             RetrievalRecall.calculate(pred, target, topk=(1, 2),
                                       target_indices=True)
@@ -193,7 +201,8 @@ def test_retrieval_metric_under_numpy2(tmp_path):
             print(json.dumps(str(e)))
         """)
     assert 'in1d' in before
-    after = run_python(tmp_path, RETRIEVAL, """
+    after = run_python(
+        tmp_path, RETRIEVAL, """
         import mmdyn.compat
         assert mmdyn.compat.apply()['numpy_in1d'] == 'applied'
         recall = RetrievalRecall.calculate(pred, target, topk=(1, 2),
@@ -210,8 +219,8 @@ def test_in1d_matches_numpys_definition():
     a = np.array([[0, 1], [5, 2]])
     b = [1, 2, 7]
     expected = np.array([False, True, False, True])  # in1d flattens
-    np.testing.assert_array_equal(numpy_in1d.NumpyWithIn1d.in1d(a, b),
-                                  expected)
+    np.testing.assert_array_equal(
+        numpy_in1d.NumpyWithIn1d.in1d(a, b), expected)
     np.testing.assert_array_equal(
         numpy_in1d.NumpyWithIn1d.in1d(a, b, invert=True), ~expected)
     assert numpy_in1d.NumpyWithIn1d().isin is np.isin
@@ -219,8 +228,10 @@ def test_in1d_matches_numpys_definition():
 
 # --- DDP on CPU: the tools start the process group, mmengine unpatched ------
 
+
 def test_cpu_process_group_started_by_the_tools(tmp_path):
-    out = run_python(tmp_path, f"""
+    out = run_python(
+        tmp_path, f"""
         import json, os, socket
         import torch
         import torch.distributed as dist

@@ -12,10 +12,10 @@ import pytest
 import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import load_checkpoint
+from toy_runner import ToyNet, make_runner
 
 import mmdyn.compat
 from mmdyn.compat import cpu_amp_ops, weights_only_checkpoints
-from toy_runner import ToyNet, make_runner
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ def runner_checkpoint(tmp_path_factory):
 def _out_of_range(monkeypatch, package, version):
     real = mmdyn.compat.installed_version
     monkeypatch.setattr(
-        mmdyn.compat, 'installed_version',
-        lambda name: version if name == package else real(name))
+        mmdyn.compat, 'installed_version', lambda name: version
+        if name == package else real(name))
 
 
 class _GetattrOf:
@@ -51,8 +51,7 @@ class _GetattrOf:
         return getattr, (HistoryBuffer, self.name)
 
 
-@pytest.mark.parametrize('reverted', [weights_only_checkpoints],
-                         indirect=True)
+@pytest.mark.parametrize('reverted', [weights_only_checkpoints], indirect=True)
 def test_weights_only_checkpoints(reverted, runner_checkpoint, tmp_path):
     before = list(torch.serialization.get_safe_globals())
     assert weights_only_checkpoints.is_needed()
@@ -71,8 +70,8 @@ def test_weights_only_checkpoints(reverted, runner_checkpoint, tmp_path):
     assert torch.equal(model.fc.weight, checkpoint['state_dict']['fc.weight'])
     # getattr stays refused for anything but HistoryBuffer's statistics.
     torch.save(_GetattrOf('mean'), str(tmp_path / 'mean.pth'))
-    assert torch.load(str(tmp_path / 'mean.pth'),
-                      weights_only=True) is HistoryBuffer.mean
+    assert torch.load(
+        str(tmp_path / 'mean.pth'), weights_only=True) is HistoryBuffer.mean
     torch.save(_GetattrOf('__init__'), str(tmp_path / 'init.pth'))
     with pytest.raises(pickle.UnpicklingError, match='refused getattr'):
         torch.load(str(tmp_path / 'init.pth'), weights_only=True)
@@ -82,13 +81,14 @@ def test_weights_only_checkpoints(reverted, runner_checkpoint, tmp_path):
     # have allowed entries of its own meanwhile).
     after = torch.serialization.get_safe_globals()
     assert all(g in after for g in before)
-    assert not [g for g in weights_only_checkpoints.checkpoint_safe_globals()
-                if g in after and g not in before]
+    assert not [
+        g for g in weights_only_checkpoints.checkpoint_safe_globals()
+        if g in after and g not in before
+    ]
     assert weights_only_checkpoints.is_needed()
 
 
-@pytest.mark.parametrize('reverted', [weights_only_checkpoints],
-                         indirect=True)
+@pytest.mark.parametrize('reverted', [weights_only_checkpoints], indirect=True)
 def test_weights_only_checkpoints_inert_out_of_range(reverted, monkeypatch):
     before = list(torch.serialization.get_safe_globals())
     _out_of_range(monkeypatch, 'mmengine', '0.11.0')

@@ -31,16 +31,22 @@ def _free_port():
 ])
 def test_dist_train_two_processes(tmp_path, config):
     cwd = str(tmp_path)
-    make_demo_classification(osp.join(cwd, 'data', 'demo_cls'), num_train=4,
-                             num_val=1)
+    make_demo_classification(
+        osp.join(cwd, 'data', 'demo_cls'), num_train=4, num_val=1)
     env = dict(os.environ, PORT=str(_free_port()), OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        ['bash', osp.join(REPO, 'tools/dist_train.sh'),
-         osp.join(REPO, 'configs/demo', config), '2',
-         '--work-dir', 'wd', '--cfg-options', 'train_cfg.max_epochs=1',
-         'train_dataloader.batch_size=4', 'val_dataloader.batch_size=4',
-         'default_hooks.logger.interval=1'],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([
+        'bash',
+        osp.join(REPO, 'tools/dist_train.sh'),
+        osp.join(REPO, 'configs/demo',
+                 config), '2', '--work-dir', 'wd', '--cfg-options',
+        'train_cfg.max_epochs=1', 'train_dataloader.batch_size=4',
+        'val_dataloader.batch_size=4', 'default_hooks.logger.interval=1'
+    ],
+                          cwd=cwd,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     # 16 images, 2 ranks x batch 4: 2 iterations per rank per epoch.

@@ -21,25 +21,25 @@ import sys
 import tempfile
 import warnings
 
-PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmpretrain', 'pycocotools',
-            'torch')
-LIBRARY_MODULES = (
-    'mmengine', 'mmengine.config', 'mmengine.runner', 'mmengine.registry',
-    'mmengine.dist', 'mmengine.hooks', 'mmengine.optim', 'mmengine.hub',
-    'mmcv', 'mmcv.ops', 'mmcv.cnn', 'mmdet', 'mmdet.models',
-    'mmdet.datasets', 'mmdet.apis', 'mmdet.evaluation', 'mmpretrain',
-    'mmpretrain.models', 'mmpretrain.apis', 'mmpretrain.evaluation',
-    'pycocotools.coco', 'torch', 'torch.serialization', 'torch.nn')
+PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmpretrain', 'pycocotools', 'torch')
+LIBRARY_MODULES = ('mmengine', 'mmengine.config', 'mmengine.runner',
+                   'mmengine.registry', 'mmengine.dist', 'mmengine.hooks',
+                   'mmengine.optim', 'mmengine.hub', 'mmcv', 'mmcv.ops',
+                   'mmcv.cnn', 'mmdet', 'mmdet.models', 'mmdet.datasets',
+                   'mmdet.apis', 'mmdet.evaluation', 'mmpretrain',
+                   'mmpretrain.models', 'mmpretrain.apis',
+                   'mmpretrain.evaluation', 'pycocotools.coco', 'torch',
+                   'torch.serialization', 'torch.nn')
 # Attributes that the interpreter itself updates.
 IGNORED_ATTRIBUTES = ('__warningregistry__', )
 # Registries kept as class attributes that their public ``register_*``
 # methods rebuild on each registration: compared by contents instead.
-REGISTRY_ATTRIBUTES = ('mmengine.runner.checkpoint.CheckpointLoader._schemes',
-                       )
+REGISTRY_ATTRIBUTES = (
+    'mmengine.runner.checkpoint.CheckpointLoader._schemes', )
 
 
 def _owned_by_mmdyn(value):
-    """mmdyn's own classes and functions."""
+    """Mmdyn's own classes and functions."""
     module = getattr(value, '__module__', None)
     if not isinstance(module, str):
         return False
@@ -55,6 +55,7 @@ def _names_mmdyn_op(value):
 
 def _container_state(value, module_name):
     """Shallow contents of a module-level dict, list or set, by identity."""
+
     def ours(item):
         return _owned_by_mmdyn(item) or (module_name.startswith('torch')
                                          and _names_mmdyn_op(item))
@@ -76,8 +77,8 @@ def _registry_state(registry):
 
 
 def snapshot():
-    """``{key: state}`` of the libraries' modules, registries, meta path
-    and safe globals."""
+    """``{key: state}`` of the libraries' modules, registries, meta path and
+    safe globals."""
     with warnings.catch_warnings():  # deprecated module attributes
         warnings.simplefilter('ignore')
         return _snapshot()
@@ -126,8 +127,11 @@ def _snapshot():
 
 
 def _modules(keys):
-    return {key for key in keys if not key.startswith(('registry ', 'sys.',
-                                                       'torch.serial'))}
+    return {
+        key
+        for key in keys
+        if not key.startswith(('registry ', 'sys.', 'torch.serial'))
+    }
 
 
 def compare(before, after):
@@ -196,8 +200,11 @@ def main():
 
 def test_importing_mmdyn_changes_no_library():
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)],
-                            capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable,
+                             os.path.abspath(__file__)],
+                            capture_output=True,
+                            text=True,
+                            env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     changes = json.loads(result.stdout)
@@ -231,8 +238,9 @@ def test_the_snapshot_sees_a_patch():
     assert 'changed: sys.meta_path' in changes
     assert any('CheckpointHook' in c and 'registry' in c for c in changes)
     schemes = "CheckpointLoader._schemes: ['']"
-    assert any(c.startswith('changed: mmengine.runner.checkpoint.' + schemes)
-               for c in changes)
+    assert any(
+        c.startswith('changed: mmengine.runner.checkpoint.' + schemes)
+        for c in changes)
     assert compare(before, snapshot()) == []
 
 

@@ -14,12 +14,12 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.registry import DefaultScope
+from toy_runner import ToyNet, make_runner
 
 from mmdyn.engine import CheckpointLoadError
 from mmdyn.engine.checkpoint import checked_path, load_model_weights
 from mmdyn.engine.checkpoint_io import save_checkpoint
 from mmdyn.engine.launch import load_config
-from toy_runner import ToyNet, make_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 ODCONV_CFG = osp.join(REPO, 'configs/demo/resnet18-odconv1x_demo_cls.py')
@@ -29,9 +29,10 @@ OTHER_METHOD = r'no value for \d+ of the \d+ ODConv tensors'
 
 @pytest.fixture(scope='module')
 def kw_checkpoint(tmp_path_factory):
-    import mmdyn.models  # noqa: F401
     import mmpretrain.models  # noqa: F401
     from mmpretrain.registry import MODELS
+
+    import mmdyn.models  # noqa: F401
     path = str(tmp_path_factory.mktemp('load_paths') / 'kw.pth')
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         model = MODELS.build(load_config(KW_CFG).model)
@@ -40,9 +41,10 @@ def kw_checkpoint(tmp_path_factory):
 
 
 def _odconv_model():
-    import mmdyn.models  # noqa: F401
     import mmpretrain.models  # noqa: F401
     from mmpretrain.registry import MODELS
+
+    import mmdyn.models  # noqa: F401
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         return MODELS.build(load_config(ODCONV_CFG).model)
 
@@ -53,23 +55,36 @@ def test_init_cfg_pretrained_of_another_method_is_refused(tmp_path):
     torch.manual_seed(0)
     source = ToyNet(dynamic=True)
     path = str(tmp_path / 'other.pth')
-    save_checkpoint(dict(state_dict={
-        k: v for k, v in source.state_dict().items()
-        if not k.startswith('conv.')}), path)
+    save_checkpoint(
+        dict(
+            state_dict={
+                k: v
+                for k, v in source.state_dict().items()
+                if not k.startswith('conv.')
+            }), path)
     model = ToyNet(dynamic=True)
     model.init_cfg = dict(type='Pretrained', checkpoint=path)
-    runner = make_runner(str(tmp_path / 'wd'), 'pretrained_other',
-                         max_iters=1, dynamic=True, model=model)
-    with pytest.raises(CheckpointLoadError,
-                       match=r'init_cfg Pretrained .*other\.pth.* has no '
-                       r'value for \d+ of the \d+ ODConv tensors'):
+    runner = make_runner(
+        str(tmp_path / 'wd'),
+        'pretrained_other',
+        max_iters=1,
+        dynamic=True,
+        model=model)
+    with pytest.raises(
+            CheckpointLoadError,
+            match=r'init_cfg Pretrained .*other\.pth.* has no '
+            r'value for \d+ of the \d+ ODConv tensors'):
         runner.train()
     assert runner.iter == 0
     # The same file through the checked loader's scheme: refused as well.
     model = ToyNet(dynamic=True)
     model.init_cfg = dict(type='Pretrained', checkpoint=checked_path(path))
-    runner = make_runner(str(tmp_path / 'wd2'), 'pretrained_other2',
-                         max_iters=1, dynamic=True, model=model)
+    runner = make_runner(
+        str(tmp_path / 'wd2'),
+        'pretrained_other2',
+        max_iters=1,
+        dynamic=True,
+        model=model)
     with pytest.raises(CheckpointLoadError, match='ODConv tensors'):
         runner.train()
 
@@ -81,9 +96,13 @@ def test_init_cfg_pretrained_that_fits_trains(tmp_path):
     save_checkpoint(dict(state_dict=source.state_dict()), path)
     model = ToyNet(dynamic=True)
     model.init_cfg = dict(type='Pretrained', checkpoint=path)
-    runner = make_runner(str(tmp_path / 'wd'), 'pretrained_same',
-                         max_iters=1, dynamic=True, model=model,
-                         ckpt_interval=100)
+    runner = make_runner(
+        str(tmp_path / 'wd'),
+        'pretrained_same',
+        max_iters=1,
+        dynamic=True,
+        model=model,
+        ckpt_interval=100)
     runner.train()
     assert runner.iter == 1
 
@@ -105,8 +124,8 @@ def test_model_of_an_inferencer_refuses_another_method(kw_checkpoint):
         assert torch.equal(value, before[key]), key
 
 
-def test_inferencer_pretrained_reaches_the_checked_loader(kw_checkpoint,
-                                                          tmp_path):
+def test_inferencer_pretrained_reaches_the_checked_loader(
+        kw_checkpoint, tmp_path):
     from mmpretrain.apis import ImageClassificationInferencer
     damaged = str(tmp_path / 'damaged.pth')
     with open(kw_checkpoint, 'rb') as f:
@@ -115,9 +134,8 @@ def test_inferencer_pretrained_reaches_the_checked_loader(kw_checkpoint,
     with open(damaged, 'wb') as f:
         f.write(bytes(data))
     with pytest.raises(CheckpointLoadError, match=r'damaged\.pth is damaged'):
-        ImageClassificationInferencer(model=KW_CFG,
-                                      pretrained=checked_path(damaged),
-                                      device='cpu')
+        ImageClassificationInferencer(
+            model=KW_CFG, pretrained=checked_path(damaged), device='cpu')
 
 
 def test_load_model_weights_loads_a_fitting_checkpoint(kw_checkpoint):
@@ -143,15 +161,23 @@ def test_init_cfg_static_weights_for_plugged_layers_need_partial_load(
         model = ToyNet(dynamic=True)
         model.init_cfg = dict(type='Pretrained', checkpoint=path)
         runner = make_runner(
-            str(tmp_path / f'wd{allow}'), f'static_{allow}', max_iters=1,
-            dynamic=True, model=model, ckpt_interval=100,
-            custom_hooks=[dict(type='CheckpointShapeCheckHook',
-                               allow_partial_load=allow)])
+            str(tmp_path / f'wd{allow}'),
+            f'static_{allow}',
+            max_iters=1,
+            dynamic=True,
+            model=model,
+            ckpt_interval=100,
+            custom_hooks=[
+                dict(
+                    type='CheckpointShapeCheckHook', allow_partial_load=allow)
+            ])
         if allow:
             # make_runner's default hook would still refuse: drop it.
-            runner._hooks = [h for h in runner._hooks if not (
-                type(h).__name__ == 'CheckpointShapeCheckHook'
-                and not h.allow_partial_load)]
+            runner._hooks = [
+                h for h in runner._hooks
+                if not (type(h).__name__ == 'CheckpointShapeCheckHook'
+                        and not h.allow_partial_load)
+            ]
             runner.train()
             assert runner.iter == 1
         else:

@@ -11,10 +11,10 @@ and refuse the other, naming the loop to use.
 import pytest
 from mmengine.config import Config
 from mmengine.registry import LOOPS
+from toy_runner import make_runner
 
 from mmdyn.engine.exact_resume_loops import (ExactResumeEpochBasedTrainLoop,
                                              ExactResumeIterBasedTrainLoop)
-from toy_runner import make_runner
 
 MMDET_BASE = ("train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=3, "
               'val_interval=2)\n')
@@ -38,9 +38,10 @@ def _config(tmp_path, base, body):
     return Config.fromfile(str(tmp_path / 'child.py'))
 
 
-@pytest.mark.parametrize('base,body', [(MMDET_BASE, MMDET_BODY),
-                                       (MMPRETRAIN_BASE, MMPRETRAIN_BODY)],
-                         ids=['mmdet', 'mmpretrain'])
+@pytest.mark.parametrize(
+    'base,body', [(MMDET_BASE, MMDET_BODY),
+                  (MMPRETRAIN_BASE, MMPRETRAIN_BODY)],
+    ids=['mmdet', 'mmpretrain'])
 def test_config_body_over_a_stock_base_builds_the_exact_loop(
         tmp_path, runner, base, body):
     cfg = _config(tmp_path, base, body)
@@ -59,8 +60,8 @@ def test_mmengine_refuses_a_type_beside_the_bases_by_epoch(tmp_path, runner):
 
 def _build(runner, **cfg):
     return LOOPS.build(
-        cfg, default_args=dict(runner=runner,
-                               dataloader=runner._train_dataloader))
+        cfg,
+        default_args=dict(runner=runner, dataloader=runner._train_dataloader))
 
 
 @pytest.mark.parametrize('loop,by_epoch,length', [

@@ -33,8 +33,11 @@ _MIB = 2**20
 
 
 def _probe(tuned: bool):
-    out = subprocess.run([sys.executable, '-c', _PROBE, str(int(tuned))],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, '-c', _PROBE,
+                          str(int(tuned))],
+                         check=True,
+                         capture_output=True,
+                         text=True)
     return [int(v) for v in out.stdout.split()[-2:]]
 
 

@@ -35,8 +35,9 @@ def _stock_based_configs():
     from the stock base's ImageNet weights (read from the file: loading
     every config here would slow down collecting the tests)."""
     found = []
-    for path in sorted(glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                                 recursive=True)):
+    for path in sorted(
+            glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                      recursive=True)):
         with open(path, encoding='utf-8') as f:
             text = f.read()
         base = re.search(r"^_base_ = '(mmdet::[^']*)'", text, re.M)
@@ -69,8 +70,8 @@ def _backbone(config, pretrained=None):
 
 
 def _save_weights_of(config, path):
-    save_checkpoint(dict(state_dict=_backbone(config).state_dict(), meta={}),
-                    path)
+    save_checkpoint(
+        dict(state_dict=_backbone(config).state_dict(), meta={}), path)
     return path
 
 
@@ -78,8 +79,9 @@ def _shape_check_of(config, **overrides):
     """The config's CheckpointShapeCheckHook, as tools/train.py adds it."""
     cfg = load_config(config, cfg_options=overrides)
     add_checkpoint_check(cfg)
-    [hook] = [h for h in cfg.custom_hooks
-              if h['type'] == 'CheckpointShapeCheckHook']
+    [hook] = [
+        h for h in cfg.custom_hooks if h['type'] == 'CheckpointShapeCheckHook'
+    ]
     return HOOKS.build(hook)
 
 
@@ -100,8 +102,9 @@ def test_plug_in_config_allows_static_weights_only():
 def test_stock_weights_are_refused_without_the_config_key(stock_weights):
     model = _backbone(ODCONV_PLUG_IN, stock_weights)
     hook = _shape_check_of(ODCONV_PLUG_IN, allow_partial_load=False)
-    with pytest.raises(CheckpointLoadError,
-                       match='no value for 182 of the 182 ODConv tensors'):
+    with pytest.raises(
+            CheckpointLoadError,
+            match='no value for 182 of the 182 ODConv tensors'):
         hook.before_train(_Runner(model))
 
 
@@ -127,8 +130,8 @@ def test_plug_in_config_refuses_weights_of_another_dynamic_layer(tmp_path):
     assert 'another layer type' in message
     assert 'layer2.0.conv2.warehouse.weights.0' in message
     # --allow-partial-load (True) still loads it, with a warning.
-    _shape_check_of(ODCONV_PLUG_IN,
-                    allow_partial_load=True).before_train(_Runner(model))
+    _shape_check_of(
+        ODCONV_PLUG_IN, allow_partial_load=True).before_train(_Runner(model))
 
 
 @pytest.fixture(scope='module')
@@ -146,7 +149,8 @@ def stock_weights_of(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    'path,base', _stock_based_configs(),
+    'path,base',
+    _stock_based_configs(),
     ids=lambda value: osp.relpath(value, REPO) if osp.isabs(value) else None)
 def test_every_stock_based_config_starts_from_stock_weights(
         path, base, stock_weights_of):
@@ -158,5 +162,5 @@ def test_every_stock_based_config_starts_from_stock_weights(
     _shape_check_of(path).before_train(_Runner(model))
     if load_config(path).get('allow_partial_load'):
         with pytest.raises(CheckpointLoadError, match='no value for'):
-            _shape_check_of(path, allow_partial_load=False).before_train(
-                _Runner(model))
+            _shape_check_of(
+                path, allow_partial_load=False).before_train(_Runner(model))

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.runner import Runner, load_checkpoint
+from toy_runner import ToyDataset, ToyNet, make_runner
 
 from mmdyn.engine import CheckpointLoadError
 from mmdyn.engine.checkpoint import checked_path
-from toy_runner import ToyDataset, ToyNet, make_runner
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -30,8 +30,9 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 @pytest.fixture(scope='module')
 def odconv_checkpoint(tmp_path_factory):
     work_dir = str(tmp_path_factory.mktemp('reliability'))
-    make_runner(work_dir, 'rel_src', max_iters=2, ckpt_interval=2,
-                dynamic=True).train()
+    make_runner(
+        work_dir, 'rel_src', max_iters=2, ckpt_interval=2,
+        dynamic=True).train()
     return osp.join(work_dir, 'iter_2.pth')
 
 
@@ -52,9 +53,11 @@ def _checkpoints_in(work_dir):
 def test_corrupt_checkpoint_names_the_file(odconv_checkpoint, tmp_path,
                                            damage):
     data = open(odconv_checkpoint, 'rb').read()
-    bad = {'truncated': data[:len(data) // 2],
-           'garbage': b'\x00not a checkpoint' * 100,
-           'empty': b''}[damage]
+    bad = {
+        'truncated': data[:len(data) // 2],
+        'garbage': b'\x00not a checkpoint' * 100,
+        'empty': b''
+    }[damage]
     path = str(tmp_path / f'{damage}.pth')
     with open(path, 'wb') as f:
         f.write(bad)
@@ -64,8 +67,12 @@ def test_corrupt_checkpoint_names_the_file(odconv_checkpoint, tmp_path,
         load_checkpoint(model, checked_path(path))
     _assert_unchanged(model, before)
     # The same through a Runner's load_from.
-    runner = make_runner(str(tmp_path / 'wd'), f'rel_corrupt_{damage}',
-                         max_iters=2, dynamic=True, load_from=path)
+    runner = make_runner(
+        str(tmp_path / 'wd'),
+        f'rel_corrupt_{damage}',
+        max_iters=2,
+        dynamic=True,
+        load_from=path)
     with pytest.raises(CheckpointLoadError, match=f'{damage}.pth'):
         runner.train()
     assert not _checkpoints_in(str(tmp_path / 'wd'))
@@ -73,17 +80,21 @@ def test_corrupt_checkpoint_names_the_file(odconv_checkpoint, tmp_path,
 
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
-        load_checkpoint(ToyNet(),
-                        checked_path(str(tmp_path / 'nowhere.pth')))
+        load_checkpoint(ToyNet(), checked_path(str(tmp_path / 'nowhere.pth')))
 
 
 @pytest.mark.parametrize('resume', [False, True], ids=['load_from', 'resume'])
 def test_shape_mismatch_lists_keys(odconv_checkpoint, tmp_path, resume):
     # Saved with kernel_num=4; this model has kernel_num=2.
     model = ToyNet(dynamic=True, kernel_num=2)
-    runner = make_runner(str(tmp_path), f'rel_shape_{resume}', max_iters=4,
-                         dynamic=True, model=model, resume=resume,
-                         load_from=odconv_checkpoint)
+    runner = make_runner(
+        str(tmp_path),
+        f'rel_shape_{resume}',
+        max_iters=4,
+        dynamic=True,
+        model=model,
+        resume=resume,
+        load_from=odconv_checkpoint)
     with pytest.raises(CheckpointLoadError) as info:
         runner.train()
     message = str(info.value)
@@ -97,23 +108,30 @@ def test_shape_mismatch_lists_keys(odconv_checkpoint, tmp_path, resume):
     assert not _checkpoints_in(str(tmp_path))
 
 
-def test_shape_mismatch_can_be_allowed_explicitly(odconv_checkpoint,
-                                                  tmp_path):
+def test_shape_mismatch_can_be_allowed_explicitly(odconv_checkpoint, tmp_path):
     model = ToyNet(dynamic=True, kernel_num=2)
     runner = make_runner(
-        str(tmp_path), 'rel_shape_ignored', max_iters=1, dynamic=True,
-        model=model, load_from=odconv_checkpoint,
-        custom_hooks=[dict(type='CheckpointShapeCheckHook',
-                           ignore_keys=[r'^conv\.'])])
+        str(tmp_path),
+        'rel_shape_ignored',
+        max_iters=1,
+        dynamic=True,
+        model=model,
+        load_from=odconv_checkpoint,
+        custom_hooks=[
+            dict(type='CheckpointShapeCheckHook', ignore_keys=[r'^conv\.'])
+        ])
     # make_runner's default hook would still refuse: drop it.
-    runner._hooks = [h for h in runner._hooks
-                     if not (type(h).__name__ == 'CheckpointShapeCheckHook'
-                             and not h.ignore_keys)]
+    runner._hooks = [
+        h for h in runner._hooks
+        if not (type(h).__name__ == 'CheckpointShapeCheckHook'
+                and not h.ignore_keys)
+    ]
     runner.train()
     assert runner.iter == 1
 
 
 class _BadDataset(ToyDataset):
+
     def __init__(self, kind):
         super().__init__()
         self.kind = kind
@@ -123,8 +141,8 @@ class _BadDataset(ToyDataset):
         if self.kind == 'channels':
             item['inputs'] = torch.cat([item['inputs'], item['inputs'][:1]])
         elif self.kind == 'integer':
-            item['inputs'] = (item['inputs'] * 50 + 128).clamp(0, 255).to(
-                torch.uint8)
+            item['inputs'] = (item['inputs'] * 50 +
+                              128).clamp(0, 255).to(torch.uint8)
         return item
 
 
@@ -133,8 +151,8 @@ class _BadDataset(ToyDataset):
     ('integer', 'ODConv2d got an input x of dtype torch.uint8'),
 ])
 def test_bad_training_input_is_named(tmp_path, kind, match):
-    runner = make_runner(str(tmp_path), f'rel_input_{kind}', max_iters=2,
-                         dynamic=True)
+    runner = make_runner(
+        str(tmp_path), f'rel_input_{kind}', max_iters=2, dynamic=True)
     runner._train_dataloader['dataset'] = _BadDataset(kind)
     with pytest.raises(ValueError, match=match):
         runner.train()
@@ -182,6 +200,8 @@ def test_unknown_layer_type_in_config_is_named(tmp_path):
     cfg.work_dir = str(tmp_path)
     with pytest.raises(KeyError):
         Runner.from_cfg(cfg)
-    written = [osp.relpath(osp.join(d, f), str(tmp_path))
-               for d, _, files in os.walk(str(tmp_path)) for f in files]
+    written = [
+        osp.relpath(osp.join(d, f), str(tmp_path))
+        for d, _, files in os.walk(str(tmp_path)) for f in files
+    ]
     assert all(name.endswith(('.log', '.py')) for name in written), written

@@ -10,7 +10,6 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.hooks import Hook
-
 from toy_runner import make_runner
 
 N = 8
@@ -29,7 +28,10 @@ class KillAfterIter(Hook):
     def __init__(self, at):
         self.at = at
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         if runner.iter + 1 == self.at:
             raise _Killed
@@ -42,22 +44,35 @@ def _optimizer_tensors(runner):
 
 @pytest.mark.parametrize('dynamic', [False, True], ids=['static', 'odconv'])
 def test_resume_is_bitwise_exact(tmp_path, dynamic):
-    straight = make_runner(str(tmp_path / 'a'), f'straight_{dynamic}',
-                           max_iters=N, ckpt_interval=N, dynamic=dynamic)
+    straight = make_runner(
+        str(tmp_path / 'a'),
+        f'straight_{dynamic}',
+        max_iters=N,
+        ckpt_interval=N,
+        dynamic=dynamic)
     straight.train()
 
-    killed = make_runner(str(tmp_path / 'b'), f'killed_{dynamic}',
-                         max_iters=N, ckpt_interval=N // 2, dynamic=dynamic,
-                         custom_hooks=[KillAfterIter(N // 2)])
+    killed = make_runner(
+        str(tmp_path / 'b'),
+        f'killed_{dynamic}',
+        max_iters=N,
+        ckpt_interval=N // 2,
+        dynamic=dynamic,
+        custom_hooks=[KillAfterIter(N // 2)])
     with pytest.raises(_Killed):
         killed.train()
     ckpt = osp.join(str(tmp_path / 'b'), f'iter_{N // 2}.pth')
     assert osp.isfile(ckpt)
     del killed
 
-    resumed = make_runner(str(tmp_path / 'b'), f'resumed_{dynamic}',
-                          max_iters=N, ckpt_interval=N // 2, dynamic=dynamic,
-                          resume=True, load_from=ckpt)
+    resumed = make_runner(
+        str(tmp_path / 'b'),
+        f'resumed_{dynamic}',
+        max_iters=N,
+        ckpt_interval=N // 2,
+        dynamic=dynamic,
+        resume=True,
+        load_from=ckpt)
     resumed.train()
     assert resumed.iter == straight.iter == N
 
@@ -75,7 +90,7 @@ def test_resume_is_bitwise_exact(tmp_path, dynamic):
     opt_a, opt_b = _optimizer_tensors(straight), _optimizer_tensors(resumed)
     assert opt_a.keys() == opt_b.keys() and opt_a
     for key in opt_a:
-        assert torch.equal(torch.as_tensor(opt_a[key]),
-                           torch.as_tensor(opt_b[key])), key
+        assert torch.equal(
+            torch.as_tensor(opt_a[key]), torch.as_tensor(opt_b[key])), key
     assert [g['lr'] for g in straight.optim_wrapper.param_groups] == \
         [g['lr'] for g in resumed.optim_wrapper.param_groups]

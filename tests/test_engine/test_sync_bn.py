@@ -68,7 +68,8 @@ def test_default_attention_norm_trains_at_batch_one_unlike_plain_bn(backbone):
 
 def test_norm_eval_freezes_attention_norms():
     backbone = DynamicResNet(
-        depth=18, dyconv_cfg=dict(type='ODConv2d', kernel_num=1),
+        depth=18,
+        dyconv_cfg=dict(type='ODConv2d', kernel_num=1),
         norm_eval=True)
     backbone.train()
     norms = _attention_norms(backbone)

@@ -69,15 +69,19 @@ class ToyModel(BaseModel):
 
     def forward(self, inputs, target=None, mode='tensor'):
         if mode == 'loss' and hasattr(self.od, 'temperature'):
-            self.seen.append((float(self.od.temperature),
-                              float(self.dy.temperature)))
+            self.seen.append(
+                (float(self.od.temperature), float(self.dy.temperature)))
         out = self.dy(self.od(inputs)).mean(dim=(1, 2, 3))
         if mode == 'loss':
             return dict(loss=((out - target)**2).mean())
         return out
 
 
-def make_runner(tmp_path, model, hook_cfg, train_cfg, resume=False,
+def make_runner(tmp_path,
+                model,
+                hook_cfg,
+                train_cfg,
+                resume=False,
                 load_from=None):
     return Runner(
         model=model,
@@ -102,9 +106,9 @@ def expected_od(its, n=6):
 def test_runner_anneals_and_resumes(tmp_path):
     # 3 iterations per epoch; epochs=2 -> N = 6 for both classes.
     model = ToyModel()
-    runner = make_runner(
-        tmp_path, model, dict(type='DynamicTemperatureHook', epochs=2),
-        dict(by_epoch=True, max_epochs=3))
+    runner = make_runner(tmp_path, model,
+                         dict(type='DynamicTemperatureHook', epochs=2),
+                         dict(by_epoch=True, max_epochs=3))
     runner.train()
     od_seen = [od for od, _ in model.seen]
     assert od_seen == pytest.approx(expected_od(range(1, 10)))
@@ -130,8 +134,8 @@ def test_runner_anneals_and_resumes(tmp_path):
         resume=True,
         load_from=str(tmp_path / 'epoch_1.pth'))
     runner2.train()
-    assert [od for od, _ in resumed.seen] == pytest.approx(
-        expected_od(range(4, 10)))
+    assert [od for od, _ in resumed.seen
+            ] == pytest.approx(expected_od(range(4, 10)))
 
 
 def test_before_train_sets_start_or_resumed_value():
@@ -178,8 +182,7 @@ def test_iteration_based_loop(tmp_path):
 
 def test_no_dynamic_layers_warns(tmp_path):
     model = ToyModel(dynamic=False)
-    runner = make_runner(tmp_path, model,
-                         dict(type='DynamicTemperatureHook'),
+    runner = make_runner(tmp_path, model, dict(type='DynamicTemperatureHook'),
                          dict(by_epoch=True, max_epochs=1))
     with pytest.warns(UserWarning, match='no layer'):
         runner.train()

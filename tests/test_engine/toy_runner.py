@@ -41,16 +41,18 @@ class ToyDataset(Dataset):
 
 
 class ToyNet(BaseModel):
-    """conv (static or ODConv) -> BN -> ReLU -> pool -> (dropout) ->
-    linear."""
+    """Conv (static or ODConv) -> BN -> ReLU -> pool -> (dropout) -> linear."""
 
-    def __init__(self, dynamic=False, in_channels=3, kernel_num=4,
+    def __init__(self,
+                 dynamic=False,
+                 in_channels=3,
+                 kernel_num=4,
                  dropout=0.0):
         super().__init__()
         if dynamic:
             from mmdyn.ops import ODConv2d
-            self.conv = ODConv2d(in_channels, 8, 3, padding=1,
-                                 kernel_num=kernel_num)
+            self.conv = ODConv2d(
+                in_channels, 8, 3, padding=1, kernel_num=kernel_num)
         else:
             self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
@@ -78,19 +80,32 @@ class ToyAccuracy(BaseMetric):
         if isinstance(labels, (list, tuple)):
             labels = torch.stack(labels)
         logits = torch.stack(list(data_samples))  # one row per sample
-        self.results.append(
-            (int((logits.argmax(1) == labels).sum()), len(labels)))
+        self.results.append((int(
+            (logits.argmax(1) == labels).sum()), len(labels)))
 
     def compute_metrics(self, results):
-        return dict(acc=sum(r[0] for r in results) /
-                    sum(r[1] for r in results))
+        return dict(
+            acc=sum(r[0] for r in results) / sum(r[1] for r in results))
 
 
-def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
-                resume=False, load_from=None, custom_hooks=(), model=None,
-                batch_size=4, amp=False, dropout=0.0, max_epochs=None,
-                max_keep_ckpts=-1, dataset_length=32, exact_resume=True,
-                val_interval=None, save_best=None):
+def make_runner(work_dir,
+                name,
+                max_iters=8,
+                ckpt_interval=4,
+                dynamic=False,
+                resume=False,
+                load_from=None,
+                custom_hooks=(),
+                model=None,
+                batch_size=4,
+                amp=False,
+                dropout=0.0,
+                max_epochs=None,
+                max_keep_ckpts=-1,
+                dataset_length=32,
+                exact_resume=True,
+                val_interval=None,
+                save_best=None):
     """An iteration-based Runner on :class:`ToyDataset` (CPU, seeded).
 
     With ``max_epochs`` it is epoch-based instead (``DefaultSampler``),
@@ -118,12 +133,12 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
         model = ToyNet(dynamic=dynamic, dropout=dropout)
     if max_epochs is None:
         sampler = dict(type='InfiniteSampler', shuffle=True)
-        train_cfg = dict(type='ExactResumeIterBasedTrainLoop',
-                         max_iters=max_iters)
+        train_cfg = dict(
+            type='ExactResumeIterBasedTrainLoop', max_iters=max_iters)
     else:
         sampler = dict(type='DefaultSampler', shuffle=True)
-        train_cfg = dict(type='ExactResumeEpochBasedTrainLoop',
-                         max_epochs=max_epochs)
+        train_cfg = dict(
+            type='ExactResumeEpochBasedTrainLoop', max_epochs=max_epochs)
     # What tools/train.py does for --resume and load_from.
     if resume and load_from is None:
         load_from = find_resume_checkpoint(work_dir)
@@ -133,10 +148,13 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
         train_cfg['val_interval'] = val_interval
         val = dict(
             val_dataloader=dict(
-                dataset=ToyDataset(8), batch_size=4, num_workers=0,
+                dataset=ToyDataset(8),
+                batch_size=4,
+                num_workers=0,
                 sampler=dict(type='DefaultSampler', shuffle=False),
                 collate_fn=dict(type='default_collate')),
-            val_cfg=dict(), val_evaluator=dict(type='ToyAccuracy'))
+            val_cfg=dict(),
+            val_evaluator=dict(type='ToyAccuracy'))
     return Runner(
         model=model,
         work_dir=work_dir,
@@ -148,14 +166,20 @@ def make_runner(work_dir, name, max_iters=8, ckpt_interval=4, dynamic=False,
             num_workers=0,
             collate_fn=dict(type='default_collate')),
         optim_wrapper=optim_wrapper,
-        param_scheduler=dict(type='MultiStepLR', by_epoch=False,
-                             milestones=[max_iters // 2 + 1], gamma=0.5),
+        param_scheduler=dict(
+            type='MultiStepLR',
+            by_epoch=False,
+            milestones=[max_iters // 2 + 1],
+            gamma=0.5),
         train_cfg=train_cfg,
         default_hooks=dict(
-            checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False,
-                            interval=ckpt_interval,
-                            max_keep_ckpts=max_keep_ckpts,
-                            save_best=save_best, rule='greater'),
+            checkpoint=dict(
+                type='AtomicCheckpointHook',
+                by_epoch=False,
+                interval=ckpt_interval,
+                max_keep_ckpts=max_keep_ckpts,
+                save_best=save_best,
+                rule='greater'),
             logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=hooks,
         randomness=dict(seed=0, deterministic=True),

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The backbones' state-dict layouts, and the behaviour of the KW backbones
-as subclasses of mmpretrain's MobileNetV2 / ConvNeXt.
+"""The backbones' state-dict layouts, and the behaviour of the KW backbones as
+subclasses of mmpretrain's MobileNetV2 / ConvNeXt.
 
 Checkpoints and the official-weight converters depend on the state-dict
 keys, their shapes and their order (the order of ``parameters()`` is the
@@ -37,14 +37,14 @@ CONFIG_DIR = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 # is unchanged, with the slow tests (each parses a chain of config bases and
 # builds a full-size backbone).
 LAYOUTS = {
-    'kernelwarehouse/convnext-tiny-kw1x_32xb128_in1k.py':
-    ('f18459b9c2f6286c', 540),
+    'kernelwarehouse/convnext-tiny-kw1x_32xb128_in1k.py': ('f18459b9c2f6286c',
+                                                           540),
     'kernelwarehouse/mask-rcnn_mobilenet-v2-kw1x_fpn_1x_coco.py':
     ('d84982b4fe71987d', 741),
     'kernelwarehouse/mask-rcnn_mobilenet-v2-kw4x_fpn_1x_coco.py':
     ('ff2b7c658e4f7ba3', 747),
-    'kernelwarehouse/mobilenet-v2-kw1d2x_8xb32_in1k.py':
-    ('aa059c85dc4bfca9', 521),
+    'kernelwarehouse/mobilenet-v2-kw1d2x_8xb32_in1k.py': ('aa059c85dc4bfca9',
+                                                          521),
     'kernelwarehouse/mobilenet-v2-w0.5-kw1d2x_8xb32_in1k.py':
     ('5e9996a5b910420d', 521),
     'kernelwarehouse/mobilenet-v2-w0.5-kw1x_8xb32_in1k.py':
@@ -62,34 +62,34 @@ SLOW_LAYOUTS = {
     ('7026eac348ad1ef4', 526),
     'kernelwarehouse/mask-rcnn_r50-kw1x_fpn_1x_coco.py':
     ('1fa9fe6db5e7bd45', 722),
-    'kernelwarehouse/mask-rcnn_r50-kw4x_fpn_1x_coco.py':
-    ('6385ef3d3405a03f', 722),
-    'kernelwarehouse/resnet18-kw1d2x_8xb128-300e_in1k.py':
-    ('7f21830ece969eaa', 276),
-    'kernelwarehouse/resnet18-kw1d4x_8xb128-300e_in1k.py':
-    ('aabaa97d3f9edc87', 276),
-    'kernelwarehouse/resnet18-kw2x_8xb128-300e_in1k.py':
-    ('d0652a87bc9517fc', 276),
-    'kernelwarehouse/resnet18-kw4x_8xb128-300e_in1k.py':
-    ('0cb58aea0f4b11cb', 276),
-    'kernelwarehouse/resnet50-kw1d2x_8xb128-300e_in1k.py':
-    ('33c61db661fb9325', 772),
+    'kernelwarehouse/mask-rcnn_r50-kw4x_fpn_1x_coco.py': ('6385ef3d3405a03f',
+                                                          722),
+    'kernelwarehouse/resnet18-kw1d2x_8xb128-300e_in1k.py': ('7f21830ece969eaa',
+                                                            276),
+    'kernelwarehouse/resnet18-kw1d4x_8xb128-300e_in1k.py': ('aabaa97d3f9edc87',
+                                                            276),
+    'kernelwarehouse/resnet18-kw2x_8xb128-300e_in1k.py': ('d0652a87bc9517fc',
+                                                          276),
+    'kernelwarehouse/resnet18-kw4x_8xb128-300e_in1k.py': ('0cb58aea0f4b11cb',
+                                                          276),
+    'kernelwarehouse/resnet50-kw1d2x_8xb128-300e_in1k.py': ('33c61db661fb9325',
+                                                            772),
     'odconv/faster-rcnn_mobilenet-v2-odconv1x_fpn_1x_coco.py':
     ('cc276f446e5566bb', 873),
     'odconv/faster-rcnn_mobilenet-v2-odconv4x_fpn_1x_coco.py':
     ('37f58d6d6d61e688', 975),
-    'odconv/faster-rcnn_r50-odconv1x_fpn_1x_coco.py':
-    ('1a467538c1c685ea', 878),
-    'odconv/faster-rcnn_r50-odconv4x_fpn_1x_coco.py':
-    ('677bab15fc10ac37', 974),
-    'odconv/mobilenet-v2-w0.5-odconv1x_8xb32_in1k.py':
-    ('d24df3f97389c9e9', 873),
-    'odconv/mobilenet-v2-w0.5-odconv4x_8xb32_in1k.py':
-    ('dfd7ebc6f2aec0be', 975),
-    'odconv/mobilenet-v2-w0.75-odconv1x_8xb32_in1k.py':
-    ('65ab26592a9dda1f', 873),
-    'odconv/mobilenet-v2-w0.75-odconv4x_8xb32_in1k.py':
-    ('77b829b15c97e577', 975),
+    'odconv/faster-rcnn_r50-odconv1x_fpn_1x_coco.py': ('1a467538c1c685ea',
+                                                       878),
+    'odconv/faster-rcnn_r50-odconv4x_fpn_1x_coco.py': ('677bab15fc10ac37',
+                                                       974),
+    'odconv/mobilenet-v2-w0.5-odconv1x_8xb32_in1k.py': ('d24df3f97389c9e9',
+                                                        873),
+    'odconv/mobilenet-v2-w0.5-odconv4x_8xb32_in1k.py': ('dfd7ebc6f2aec0be',
+                                                        975),
+    'odconv/mobilenet-v2-w0.75-odconv1x_8xb32_in1k.py': ('65ab26592a9dda1f',
+                                                         873),
+    'odconv/mobilenet-v2-w0.75-odconv4x_8xb32_in1k.py': ('77b829b15c97e577',
+                                                         975),
     'odconv/resnet101-odconv1x_8xb32_in1k.py': ('271df977dafbbbc8', 1779),
     'odconv/resnet101-odconv2x_8xb32_in1k.py': ('09dd1a07a63767a6', 1977),
     'odconv/resnet18-odconv4x_8xb32_in1k.py': ('e7f6a186ede7e785', 360),
@@ -116,8 +116,7 @@ def _one_thread():
     sorted(LAYOUTS) +
     [pytest.param(c, marks=pytest.mark.slow) for c in sorted(SLOW_LAYOUTS)])
 def test_config_backbone_state_dict_layout_is_unchanged(config):
-    backbone_cfg = Config.fromfile(osp.join(CONFIG_DIR,
-                                            config)).model.backbone
+    backbone_cfg = Config.fromfile(osp.join(CONFIG_DIR, config)).model.backbone
     with DefaultScope.overwrite_default_scope('mmpretrain'), \
             torch.device('meta'):
         backbone = MODELS.build(backbone_cfg)

@@ -20,7 +20,8 @@ def test_placement_stride_and_static_parts():
     blocks = (3, 4, 6, 3)
     assert names == {
         f'layer{s + 1}.{b}.conv2'
-        for s in range(4) for b in range(blocks[s])
+        for s in range(4)
+        for b in range(blocks[s])
     }
     for name in names:
         layer = dict(net.named_modules())[name]
@@ -37,11 +38,11 @@ def test_zero_init_and_forward():
     net = DDFResNet(50, out_indices=(0, 3), **SMALL)
     net.init_weights()
     assert all(
-        torch.all(b.norm3.weight == 0) for layer in
-        (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer)
+        torch.all(b.norm3.weight == 0)
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4)
+        for b in layer)
     outs = net.eval()(torch.rand(1, 3, 64, 64))
-    assert [tuple(o.shape) for o in outs] == [(1, 64, 16, 16),
-                                              (1, 512, 2, 2)]
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 16, 16), (1, 512, 2, 2)]
 
 
 def test_argument_checks():

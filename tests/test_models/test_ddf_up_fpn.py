@@ -69,9 +69,7 @@ def test_odd_sizes_crop_like_nearest():
     feats = pyramid(125, 130)
     with torch.no_grad():
         outs = neck(feats)
-        laterals = [
-            conv(f) for conv, f in zip(neck.lateral_convs, feats)
-        ]
+        laterals = [conv(f) for conv, f in zip(neck.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + nearest_x2_then_crop(
                 laterals[i], laterals[i - 1].shape[-2:])
@@ -85,8 +83,7 @@ def test_odd_sizes_crop_like_nearest():
 
 def test_coarse_level_too_small_is_padded():
     """A finer level more than twice the next gets a replicate pad."""
-    neck = build_neck(
-        upsample_cfg=dict(type='nearest'), num_outs=4).eval()
+    neck = build_neck(upsample_cfg=dict(type='nearest'), num_outs=4).eval()
     feats = [
         torch.randn(1, 4, 20, 20),
         torch.randn(1, 8, 9, 9),  # 2 * 9 = 18 < 20
@@ -98,8 +95,9 @@ def test_coarse_level_too_small_is_padded():
         lat = [conv(f) for conv, f in zip(neck.lateral_convs, feats)]
         merged1 = lat[1] + nearest_x2_then_crop(
             lat[2] + nearest_x2_then_crop(lat[3], (5, 5)), (9, 9))
-        up = F.pad(nearest_x2_then_crop(merged1, (18, 18)), (0, 2, 0, 2),
-                   mode='replicate')
+        up = F.pad(
+            nearest_x2_then_crop(merged1, (18, 18)), (0, 2, 0, 2),
+            mode='replicate')
         expected0 = neck.fpn_convs[0](lat[0] + up)
     assert [tuple(o.shape[-2:]) for o in outs] == [(20, 20), (9, 9), (5, 5),
                                                    (3, 3)]
@@ -216,15 +214,19 @@ BAD_LEVEL_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize('neck,arguments,key,allowed', [
-    (neck, *case) for neck in NECKS for case in BAD_LEVEL_ARGUMENTS
-    # NAS-FPN takes num_outs=5 only, checked before the levels
-    if not (neck == 'DDFUpNASFPN' and case[1] == 'num_outs')
-])
+@pytest.mark.parametrize(
+    'neck,arguments,key,allowed',
+    [
+        (neck, *case) for neck in NECKS for case in BAD_LEVEL_ARGUMENTS
+        # NAS-FPN takes num_outs=5 only, checked before the levels
+        if not (neck == 'DDFUpNASFPN' and case[1] == 'num_outs')
+    ])
 def test_bad_level_arguments_are_refused_at_construction(
         neck, arguments, key, allowed):
     cfg = dict(
-        type=neck, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS,
+        type=neck,
+        in_channels=IN_CHANNELS,
+        out_channels=OUT_CHANNELS,
         num_outs=5)
     if neck == 'DDFUpNASFPN':
         cfg.update(stack_times=1, upsample_cfg=dict(type='nearest'))
@@ -237,18 +239,20 @@ def test_bad_level_arguments_are_refused_at_construction(
 
 
 def test_level_checks_accept_what_stock_fpn_builds_and_runs():
-    """Over a grid of level arguments, every value the check accepts builds
-    a stock mmdet FPN that returns num_outs maps (the independent
-    reference), and every grid point the stock FPN's own asserts refuse is
-    refused too."""
+    """Over a grid of level arguments, every value the check accepts builds a
+    stock mmdet FPN that returns num_outs maps (the independent reference), and
+    every grid point the stock FPN's own asserts refuse is refused too."""
     feats = pyramid(16, 16, batch=1)
     accepted = 0
     for start in range(-1, 6):
         for end in range(-2, 6):
             for num_outs in range(-1, 8):
-                args = dict(in_channels=IN_CHANNELS, out_channels=4,
-                            num_outs=num_outs, start_level=start,
-                            end_level=end)
+                args = dict(
+                    in_channels=IN_CHANNELS,
+                    out_channels=4,
+                    num_outs=num_outs,
+                    start_level=start,
+                    end_level=end)
                 try:
                     stock = FPN(**args)
                 except (AssertionError, IndexError):
@@ -272,9 +276,13 @@ def test_level_checks_accept_what_stock_fpn_builds_and_runs():
 def test_nas_fpn_refuses_a_level_past_the_backbone():
     with pytest.raises(ValueError, match=r'DDFUpNASFPN: neck\.start_level'):
         MODELS.build(
-            dict(type='DDFUpNASFPN', in_channels=IN_CHANNELS,
-                 out_channels=OUT_CHANNELS, num_outs=5, stack_times=1,
-                 start_level=5))
+            dict(
+                type='DDFUpNASFPN',
+                in_channels=IN_CHANNELS,
+                out_channels=OUT_CHANNELS,
+                num_outs=5,
+                stack_times=1,
+                start_level=5))
 
 
 @pytest.mark.parametrize('neck', ('DDFUpFPN', 'DDFUpPAFPN'))

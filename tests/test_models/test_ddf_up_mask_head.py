@@ -108,8 +108,8 @@ def test_errors():
 
 
 def test_roi_head_loss_forward_backward():
-    """Mask R-CNN's StandardRoIHead with our mask head: mask loss and
-    gradients into the DDF-Up upsampler."""
+    """Mask R-CNN's StandardRoIHead with our mask head: mask loss and gradients
+    into the DDF-Up upsampler."""
     cfg = Config.fromfile(
         osp.join(
             osp.dirname(mmdet.__file__), '.mim', 'configs', 'mask_rcnn',
@@ -152,8 +152,11 @@ def test_roi_head_loss_forward_backward():
 
     head.eval()
     with torch.no_grad():
-        results = head.predict(feats, demo_mm_proposals([shape, shape], 20),
-                               samples, rescale=False)
+        results = head.predict(
+            feats,
+            demo_mm_proposals([shape, shape], 20),
+            samples,
+            rescale=False)
     assert len(results) == 2
     masks = results[0].masks
     assert masks.dim() == 3 and masks.shape[0] == len(results[0].bboxes)

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Every detection config under configs/ builds; a representative subset runs
-a loss forward + backward; the paper configs have the published sizes; an
+"""Every detection config under configs/ builds; a representative subset runs a
+loss forward + backward; the paper configs have the published sizes; an
 ImageNet checkpoint of a dynamic backbone loads into a detector."""
 import copy
 import functools
@@ -55,9 +55,12 @@ def build_detector(model_cfg):
 
 @pytest.fixture
 def meta_build(monkeypatch):
-    """Build on the meta device (no memory, no init). mmpretrain's ResNet
+    """Build on the meta device (no memory, no init).
+
+    mmpretrain's ResNet
     calls ``.item()`` on a ``torch.linspace`` (drop-path rates), which must
-    then be a real tensor."""
+    then be a real tensor.
+    """
     linspace = torch.linspace
 
     def cpu_linspace(*args, **kwargs):
@@ -109,34 +112,34 @@ HEADS = {
 }
 # config -> (classifier parameters, detector, backbone)
 EXPECTED_SIZES = {
-    'odconv/faster-rcnn_r50-odconv1x_fpn_1x_coco.py':
-    (28_635_112, 'faster', 'r50'),
-    'odconv/faster-rcnn_r50-odconv4x_fpn_1x_coco.py':
-    (90_670_888, 'faster', 'r50'),
-    'odconv/mask-rcnn_r50-odconv1x_fpn_1x_coco.py':
-    (28_635_112, 'mask', 'r50'),
-    'odconv/mask-rcnn_r50-odconv4x_fpn_1x_coco.py':
-    (90_670_888, 'mask', 'r50'),
+    'odconv/faster-rcnn_r50-odconv1x_fpn_1x_coco.py': (28_635_112, 'faster',
+                                                       'r50'),
+    'odconv/faster-rcnn_r50-odconv4x_fpn_1x_coco.py': (90_670_888, 'faster',
+                                                       'r50'),
+    'odconv/mask-rcnn_r50-odconv1x_fpn_1x_coco.py': (28_635_112, 'mask',
+                                                     'r50'),
+    'odconv/mask-rcnn_r50-odconv4x_fpn_1x_coco.py': (90_670_888, 'mask',
+                                                     'r50'),
     'odconv/faster-rcnn_mobilenet-v2-odconv1x_fpn_1x_coco.py':
     (4_940_185, 'faster', 'mbv2'),
     'odconv/faster-rcnn_mobilenet-v2-odconv4x_fpn_1x_coco.py':
     (11_512_149, 'faster', 'mbv2'),
-    'odconv/mask-rcnn_mobilenet-v2-odconv1x_fpn_1x_coco.py':
-    (4_940_185, 'mask', 'mbv2'),
-    'odconv/mask-rcnn_mobilenet-v2-odconv4x_fpn_1x_coco.py':
-    (11_512_149, 'mask', 'mbv2'),
-    'kernelwarehouse/mask-rcnn_r50-kw1x_fpn_1x_coco.py':
-    (28_052_310, 'mask', 'r50'),
-    'kernelwarehouse/mask-rcnn_r50-kw4x_fpn_1x_coco.py':
-    (102_015_144, 'mask', 'r50'),
+    'odconv/mask-rcnn_mobilenet-v2-odconv1x_fpn_1x_coco.py': (4_940_185,
+                                                              'mask', 'mbv2'),
+    'odconv/mask-rcnn_mobilenet-v2-odconv4x_fpn_1x_coco.py': (11_512_149,
+                                                              'mask', 'mbv2'),
+    'kernelwarehouse/mask-rcnn_r50-kw1x_fpn_1x_coco.py': (28_052_310, 'mask',
+                                                          'r50'),
+    'kernelwarehouse/mask-rcnn_r50-kw4x_fpn_1x_coco.py': (102_015_144, 'mask',
+                                                          'r50'),
     'kernelwarehouse/mask-rcnn_mobilenet-v2-kw1x_fpn_1x_coco.py':
     (5_168_146, 'mask', 'mbv2'),
     'kernelwarehouse/mask-rcnn_mobilenet-v2-kw4x_fpn_1x_coco.py':
     (11_379_382, 'mask', 'mbv2'),
-    'dyconv/faster-rcnn_r50-dyconv4x_fpn_1x_coco.py':
-    (100_895_176, 'faster', 'r50'),
-    'dyconv/mask-rcnn_r50-dyconv4x_fpn_1x_coco.py':
-    (100_895_176, 'mask', 'r50'),
+    'dyconv/faster-rcnn_r50-dyconv4x_fpn_1x_coco.py': (100_895_176, 'faster',
+                                                       'r50'),
+    'dyconv/mask-rcnn_r50-dyconv4x_fpn_1x_coco.py': (100_895_176, 'mask',
+                                                     'r50'),
 }
 
 
@@ -144,16 +147,16 @@ EXPECTED_SIZES = {
 def test_config_builds(path, meta_build):
     cfg = load(path)
     if any(key in path for key in ('odconv', 'kw', 'dyconv', 'ddfup')):
-        assert {'mmdyn.models', 'mmdyn.engine'} <= set(
-            cfg.custom_imports['imports'])
+        assert {'mmdyn.models',
+                'mmdyn.engine'} <= set(cfg.custom_imports['imports'])
     model = meta_build(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     key = path[len('configs/'):]
     if key in EXPECTED_SIZES:
         classifier_params, detector, backbone = EXPECTED_SIZES[key]
         fc = FC_R50 if backbone == 'r50' else FC_MBV2
-        assert num_params == (classifier_params - fc +
-                              HEADS[(detector, backbone)])
+        assert num_params == (
+            classifier_params - fc + HEADS[(detector, backbone)])
     if 'ddfup' in path:
         assert type(model.neck).__name__ == 'DDFUpFPN'
         assert type(model.neck.upsamplers[0]).__name__ == 'DDFUpsample'
@@ -231,7 +234,7 @@ def test_loss_forward_backward(path):
 
 
 def test_stock_resnet_with_odconv_as_dcn():
-    """mmdet's ResNet builds its 3x3 through the ``dcn`` hook: the ODConv
+    """Mmdet's ResNet builds its 3x3 through the ``dcn`` hook: the ODConv
     layers replace exactly the c3-c5 Bottleneck conv2 and train."""
     cfg = load('configs/odconv/faster-rcnn_r50-odconv1x-c3-c5_fpn_1x_coco.py')
     backbone_cfg = dict(cfg.model.backbone, init_cfg=None)
@@ -251,8 +254,8 @@ def test_stock_resnet_with_odconv_as_dcn():
 
 
 def test_imagenet_checkpoint_loads_into_detector(tmp_path):
-    """init_cfg=Pretrained(prefix='backbone.') copies every backbone tensor
-    of an mmpretrain classifier checkpoint into the detector backbone."""
+    """init_cfg=Pretrained(prefix='backbone.') copies every backbone tensor of
+    an mmpretrain classifier checkpoint into the detector backbone."""
     from mmpretrain.registry import MODELS as CLS_MODELS
     cls_cfg = load('configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
     init_default_scope('mmpretrain')

@@ -31,8 +31,9 @@ def test_default_placement_and_geometry():
     for name in names:
         layer, static = dict(net.named_modules())[name], ref[name]
         assert isinstance(static, nn.Conv2d)
-        assert (layer.in_channels, layer.out_channels, layer.groups) == (
-            static.in_channels, static.out_channels, static.groups)
+        assert (layer.in_channels, layer.out_channels,
+                layer.groups) == (static.in_channels, static.out_channels,
+                                  static.groups)
         assert tuple(layer.kernel_size) == tuple(static.kernel_size)
         assert tuple(layer.stride) == tuple(static.stride)
         assert tuple(layer.padding) == tuple(static.padding)

@@ -17,8 +17,7 @@ SMALL = dict(stem_channels=16, base_channels=16)
 
 
 def as_pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,
-                                                                  value)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def named_types(model, cls):
@@ -29,7 +28,9 @@ def test_odconv_default_placement_resnet18_and_50():
     r18 = DynamicResNet(18, dyconv_cfg=OD1, **SMALL)
     expected = {
         f'layer{s}.{b}.conv{c}'
-        for s in range(1, 5) for b in range(2) for c in (1, 2)
+        for s in range(1, 5)
+        for b in range(2)
+        for c in (1, 2)
     }
     assert named_types(r18, ODConv2d) == expected
     # Static: stem and shortcuts.
@@ -41,7 +42,9 @@ def test_odconv_default_placement_resnet18_and_50():
     blocks = (3, 4, 6, 3)
     expected = {
         f'layer{s + 1}.{b}.conv{c}'
-        for s in range(4) for b in range(blocks[s]) for c in (1, 2, 3)
+        for s in range(4)
+        for b in range(blocks[s])
+        for c in (1, 2, 3)
     }
     assert named_types(r50, ODConv2d) == expected
     assert all(
@@ -69,8 +72,10 @@ def test_geometry_matches_plain_resnet():
         layer = dict(dyn.named_modules())[name]
         for attr in ('in_channels', 'out_channels', 'kernel_size', 'stride',
                      'padding', 'dilation', 'groups'):
-            assert as_pair(getattr(layer, attr)) == as_pair(
-                getattr(ref, attr)), (name, attr)
+            assert as_pair(getattr(layer,
+                                   attr)) == as_pair(getattr(ref,
+                                                             attr)), (name,
+                                                                      attr)
 
 
 def test_static_replacement_is_the_plain_resnet():
@@ -104,8 +109,7 @@ def test_static_parts_load_from_resnet_checkpoint():
     missing, unexpected = dyn.load_state_dict(static, strict=False)
     assert not unexpected
     # Only the dynamic layers' own tensors are missing.
-    assert all(k.startswith(tuple(r + '.' for r in replaced))
-               for k in missing)
+    assert all(k.startswith(tuple(r + '.' for r in replaced)) for k in missing)
     torch.testing.assert_close(dyn.conv1.weight, ref.conv1.weight)
     torch.testing.assert_close(dyn.layer2[0].downsample[0].weight,
                                ref.layer2[0].downsample[0].weight)
@@ -122,11 +126,11 @@ def test_selection_options():
         **SMALL)
     assert named_types(r50, ODConv2d) == {
         f'layer{s}.{b}.conv2'
-        for s, n in ((2, 4), (4, 3)) for b in range(n)
+        for s, n in ((2, 4), (4, 3))
+        for b in range(n)
     }
     dy18 = DynamicResNet(
-        18, dyconv_cfg=dict(type='DyConv2d'), dyconv_downsample=True,
-        **SMALL)
+        18, dyconv_cfg=dict(type='DyConv2d'), dyconv_downsample=True, **SMALL)
     assert named_types(dy18, DyConv2d) >= {
         'layer2.0.downsample.0', 'layer3.0.downsample.0',
         'layer4.0.downsample.0'
@@ -135,8 +139,12 @@ def test_selection_options():
     stem = DynamicResNet(18, dyconv_cfg=OD1, dyconv_stem=True, **SMALL)
     assert isinstance(stem.conv1, ODConv2d)
     deep = DynamicResNet(
-        18, dyconv_cfg=OD1, dyconv_stem=True, deep_stem=True,
-        stage_with_dyconv=(False, ) * 4, **SMALL)
+        18,
+        dyconv_cfg=OD1,
+        dyconv_stem=True,
+        deep_stem=True,
+        stage_with_dyconv=(False, ) * 4,
+        **SMALL)
     assert all(isinstance(m.conv, ODConv2d) for m in deep.stem)
 
 
@@ -165,8 +173,7 @@ def test_init_and_frozen_stages():
     assert torch.all(net.conv1.weight.std() > 0)
     assert not any(p.requires_grad for p in net.layer1.parameters())
     assert all(p.requires_grad for p in net.layer2.parameters())
-    zero = DynamicResNet(
-        18, dyconv_cfg=OD1, zero_init_residual=True, **SMALL)
+    zero = DynamicResNet(18, dyconv_cfg=OD1, zero_init_residual=True, **SMALL)
     zero.init_weights()
     assert torch.all(zero.layer1[0].norm2.weight == 0)
 
@@ -203,5 +210,6 @@ def test_builds_on_meta_device():
     with torch.device('meta'):
         meta = DynamicResNet(18, dyconv_cfg=OD1, **SMALL)
     assert {p.device.type for p in meta.parameters()} == {'meta'}
-    assert sum(p.numel() for p in meta.parameters()) == sum(
-        p.numel() for p in cpu.parameters())
+    assert sum(p.numel()
+               for p in meta.parameters()) == sum(p.numel()
+                                                  for p in cpu.parameters())

@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The DDF-Up neck and mask head on empty batches, as their stock
-counterparts (mmdet's FPN and FCNMaskHead), and a DDF-Up Mask R-CNN
-training step on batches with an image without ground truth."""
+"""The DDF-Up neck and mask head on empty batches, as their stock counterparts
+(mmdet's FPN and FCNMaskHead), and a DDF-Up Mask R-CNN training step on batches
+with an image without ground truth."""
 import copy
 import os.path as osp
 
@@ -33,10 +33,12 @@ def _features(batch, size=32):
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
-@pytest.mark.parametrize('upsample_cfg', [
-    dict(type='ddf_up'),
-    dict(type='ddf_up', guided=True),
-], ids=['ddf_up', 'guided'])
+@pytest.mark.parametrize(
+    'upsample_cfg', [
+        dict(type='ddf_up'),
+        dict(type='ddf_up', guided=True),
+    ],
+    ids=['ddf_up', 'guided'])
 def test_ddf_up_fpn_empty_batch_as_fpn(upsample_cfg, train):
     kwargs = dict(in_channels=IN_CHANNELS, out_channels=8, num_outs=4)
     neck = DDFUpFPN(upsample_cfg=upsample_cfg, **kwargs).train(train)
@@ -84,11 +86,12 @@ def _batch(num_items, size=64):
         with_mask=True)
 
 
-@pytest.mark.parametrize('num_items', [[2, 0], [0]],
-                         ids=['one_image_without_gt', 'no_gt_at_all'])
-@pytest.mark.parametrize('config', [
-    'mask-rcnn_r18_fpn_demo.py', 'mask-rcnn_r18-odconv1x_fpn-ddfup_demo.py'
-], ids=['stock', 'ddfup'])
+@pytest.mark.parametrize(
+    'num_items', [[2, 0], [0]], ids=['one_image_without_gt', 'no_gt_at_all'])
+@pytest.mark.parametrize(
+    'config',
+    ['mask-rcnn_r18_fpn_demo.py', 'mask-rcnn_r18-odconv1x_fpn-ddfup_demo.py'],
+    ids=['stock', 'ddfup'])
 def test_mask_rcnn_trains_through_images_without_ground_truth(
         config, num_items):
     torch.manual_seed(0)

@@ -23,8 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmdyn.engine  # noqa: F401
 import mmdyn.models  # noqa: F401
-from mmdyn.models.backbones import (KW1d2xMobileNetV2, KWConvNeXt,
-                                    KWMobileNetV2)
+from mmdyn.models.backbones import KW1d2xMobileNetV2, KWConvNeXt, KWMobileNetV2
 from mmdyn.models.heads import KWLinearClsHead
 from mmdyn.ops import KWConv2d, KWLinear
 
@@ -81,8 +80,8 @@ def warehouse_table(manager):
 def one_to_one_kernel(layer):
     """The static kernel a KW layer computes at temperature 1 (cell_num_ratio
     1): mixture i = (s * G_o + o) * G_i + c is its own cell t0 + i, placed at
-    output block o, input block c, spatial position s, as the official
-    kernel assembly orders them."""
+    output block o, input block c, spatial position s, as the official kernel
+    assembly orders them."""
     cells = layer.warehouse_manager.weights[layer.warehouse_id].detach()
     c_o, c_i = cells.shape[1:3]
     out_channels, in_per_group, kh, kw = layer.weight_shape
@@ -100,8 +99,8 @@ def one_to_one_kernel(layer):
 
 
 def randomize_norms_and_biases(module):
-    """Non-trivial norm statistics/affines and biases, so that copying them
-    (or not) shows in the outputs."""
+    """Non-trivial norm statistics/affines and biases, so that copying them (or
+    not) shows in the outputs."""
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -126,11 +125,12 @@ def test_config_parameter_count_matches_official(name):
 def test_kw1x_mobilenet_v2_warehouses_match_official_table():
     manager = KWMobileNetV2(widen_factor=1.0).warehouse_manager
     # stem; S1 dw, pw; S2 pw, dw; S3..S6 pw, dw (the official model's)
-    assert warehouse_table(manager) == [
-        (9, 32, 3), (36, 32, 1), (34, 8, 16), (78, 8, 24), (18, 144, 1),
-        (42, 32, 32), (27, 192, 1), (102, 32, 64), (36, 384, 1),
-        (120, 32, 96), (27, 576, 1), (58, 160, 160), (27, 960, 1)
-    ]
+    assert warehouse_table(manager) == [(9, 32, 3), (36, 32, 1), (34, 8, 16),
+                                        (78, 8, 24), (18, 144, 1),
+                                        (42, 32, 32), (27, 192, 1),
+                                        (102, 32, 64), (36, 384, 1),
+                                        (120, 32, 96), (27, 576, 1),
+                                        (58, 160, 160), (27, 960, 1)]
 
 
 def test_kw4x_mobilenet_v2_warehouses_match_official_examples():
@@ -164,11 +164,18 @@ def test_kw1d2x_mobilenet_v2_warehouses_match_official_table():
 def test_kw_convnext_tiny_warehouses_match_official_table():
     backbone = KWConvNeXt(arch='tiny')
     # stem, 3 downsample convs, then per stage (dw, pw) in reservation order
-    assert warehouse_table(backbone.warehouse_manager) == [
-        (16, 96, 3), (4, 192, 96), (4, 384, 192), (4, 768, 384),
-        (147, 96, 1), (24, 96, 96), (147, 192, 1), (24, 192, 192),
-        (441, 384, 1), (72, 384, 384), (147, 768, 1), (24, 768, 768)
-    ]
+    assert warehouse_table(backbone.warehouse_manager) == [(16, 96, 3),
+                                                           (4, 192, 96),
+                                                           (4, 384, 192),
+                                                           (4, 768, 384),
+                                                           (147, 96, 1),
+                                                           (24, 96, 96),
+                                                           (147, 192, 1),
+                                                           (24, 192, 192),
+                                                           (441, 384, 1),
+                                                           (72, 384, 384),
+                                                           (147, 768, 1),
+                                                           (24, 768, 768)]
     layers = kw_layers(backbone)
     assert len(layers) == 1 + 3 + 3 * 18
     assert all(m.bias is not None for m in layers)
@@ -233,8 +240,7 @@ def test_kw_convnext_at_temperature_1_equals_static_convnext():
         for i in range(4):
             stem_or_ds = kw.downsample_layers[i]
             conv_idx, norm_idx = (0, 1) if i == 0 else (1, 0)
-            copy_conv(ref.downsample_layers[i][conv_idx],
-                      stem_or_ds[conv_idx])
+            copy_conv(ref.downsample_layers[i][conv_idx], stem_or_ds[conv_idx])
             ref.downsample_layers[i][norm_idx].load_state_dict(
                 stem_or_ds[norm_idx].state_dict())
             for block, ref_block in zip(kw.stages[i], ref.stages[i]):
@@ -278,8 +284,7 @@ def train_one_step(model, size):
 def test_kw_mobilenet_v2_trains_at_batch_size_1():
     _, model = build_from_config('mobilenet-v2-w0.5-kw1d2x_8xb32_in1k.py')
     model = train_one_step(model, 64)
-    assert 'head.warehouse_manager.weights.0' in dict(
-        model.named_parameters())
+    assert 'head.warehouse_manager.weights.0' in dict(model.named_parameters())
 
 
 def test_kw_convnext_trains_at_batch_size_1():
@@ -291,8 +296,8 @@ def test_kw_convnext_trains_at_batch_size_1():
             arch=dict(depths=[1, 1, 3, 1], channels=[32, 64, 96, 128]),
             drop_path_rate=0.),
         head=dict(in_channels=128))
-    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py',
-                                 overrides=overrides)
+    _, model = build_from_config(
+        'convnext-tiny-kw1x_32xb128_in1k.py', overrides=overrides)
     with torch.no_grad():
         # Layer scale 1 (the paper's detection setting) instead of 1e-6, so
         # that every block's update is large enough to show.
@@ -306,15 +311,15 @@ def test_kw_convnext_trains_at_batch_size_1():
 
 
 def test_kw_convnext_init_weights_keeps_kaiming_attention():
-    """mmpretrain's ConvNeXt classifier init draws every Linear from
-    N(0, 0.02); the KW attention linears must keep the paper's fan-out
-    Kaiming init (std sqrt(2 / out_features))."""
+    """Mmpretrain's ConvNeXt classifier init draws every Linear from N(0,
+    0.02); the KW attention linears must keep the paper's fan-out Kaiming init
+    (std sqrt(2 / out_features))."""
     overrides = dict(
         backbone=dict(
             arch=dict(depths=[1, 1, 1, 3], channels=[32, 64, 96, 128])),
         head=dict(in_channels=128))
-    _, model = build_from_config('convnext-tiny-kw1x_32xb128_in1k.py',
-                                 overrides=overrides)
+    _, model = build_from_config(
+        'convnext-tiny-kw1x_32xb128_in1k.py', overrides=overrides)
     model.init_weights()
     fc2 = model.backbone.stages[3][2].pwconv2.attention.fc2
     expected = (2 / fc2.out_features)**0.5
@@ -337,8 +342,9 @@ def test_configs_follow_the_paper_recipes():
     for name in smoothing_off:
         cfg = Config.fromfile(osp.join(CONFIG_DIR, name))
         assert cfg.model.head.loss.type == 'CrossEntropyLoss', name
-    cfg = Config.fromfile(osp.join(CONFIG_DIR, 'mobilenet-v2-w0.5-kw4x_'
-                                   '8xb32_in1k.py'))
+    cfg = Config.fromfile(
+        osp.join(CONFIG_DIR, 'mobilenet-v2-w0.5-kw4x_'
+                 '8xb32_in1k.py'))
     assert cfg.model.head.loss.label_smooth_val == 0.1
     cfg = Config.fromfile(
         osp.join(CONFIG_DIR, 'convnext-tiny-kw1x_32xb128_in1k.py'))
@@ -383,7 +389,7 @@ def test_invalid_arguments_raise_value_error():
     with pytest.raises(ValueError, match='arch'):
         KWConvNeXt(arch='tiniest')
     with pytest.raises(ValueError, match='out_indices'):
-        KWConvNeXt(arch=dict(depths=[1, 1], channels=[16, 32]),
-                   out_indices=(2, ))
+        KWConvNeXt(
+            arch=dict(depths=[1, 1], channels=[16, 32]), out_indices=(2, ))
     with pytest.raises(ValueError, match='dropout_ratio'):
         KWLinearClsHead(10, 32, dropout_ratio=1.5)

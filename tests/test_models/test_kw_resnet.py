@@ -22,8 +22,7 @@ PARITY = {
     'resnet18-kw1d4x': (4_031_768, [(56, 32), (47, 64), (47, 128), (27, 256)]),
     'resnet18-kw1d2x': (7_431_044, [(112, 32), (94, 64), (94, 128),
                                     (54, 256)]),
-    'resnet18-kw1x': (11_932_148, [(56, 64), (47, 128), (47, 256),
-                                   (27, 512)]),
+    'resnet18-kw1x': (11_932_148, [(56, 64), (47, 128), (47, 256), (27, 512)]),
     'resnet18-kw2x': (23_242_127, [(112, 64), (94, 128), (94, 256),
                                    (54, 512)]),
     'resnet18-kw4x': (45_862_085, [(224, 64), (188, 128), (188, 256),
@@ -69,9 +68,7 @@ def test_config_parity(prefix):
     kw_layers = [m for m in model.modules() if isinstance(m, KWConv2d)]
     assert len(kw_layers) == (19 if prefix.startswith('resnet18') else 50)
     assert all(m.bias is None for m in kw_layers)
-    assert cfg.custom_hooks == [
-        dict(type='DynamicTemperatureHook', epochs=20)
-    ]
+    assert cfg.custom_hooks == [dict(type='DynamicTemperatureHook', epochs=20)]
     assert model.head.fc.out_features == 1000
 
 
@@ -110,8 +107,10 @@ def test_static_state_dict_names_and_drop_path():
     }
     assert replaced and replaced <= plain_keys
     assert plain_keys - replaced <= kw_keys
-    blocks = [b for layer in (model.layer1, model.layer2, model.layer3,
-                              model.layer4) for b in layer]
+    blocks = [
+        b for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+        for b in layer
+    ]
     assert all(
         isinstance(b.drop_path, DropPath) and b.drop_path.drop_prob == 0.1
         for b in blocks)
@@ -176,19 +175,22 @@ def test_invalid_arguments():
         KWResNet(18, kw_cfg=dict(cell_num_ratio=1.5))
 
 
-@pytest.mark.parametrize('frozen_stages, trainable', [
-    (-1, [True, True, True, True]),
-    (1, [True, True, True, True]),
-    # stage 0's warehouse also holds layer2's first conv1 and shortcut (the
-    # hand-over rule): it freezes only with layer2; stage 1's holds layer3's.
-    (2, [False, True, True, True]),
-    (3, [False, False, True, True]),
-])
+@pytest.mark.parametrize(
+    'frozen_stages, trainable',
+    [
+        (-1, [True, True, True, True]),
+        (1, [True, True, True, True]),
+        # stage 0's warehouse also holds layer2's first conv1 and shortcut
+        # (the hand-over rule): it freezes only with layer2; stage 1's holds
+        # layer3's.
+        (2, [False, True, True, True]),
+        (3, [False, False, True, True]),
+    ])
 def test_frozen_stages_freeze_their_warehouses(frozen_stages, trainable):
     model = KWResNet(depth=18, frozen_stages=frozen_stages)
     for _ in range(2):  # after construction and after train()
-        assert [w.requires_grad for w in
-                model.warehouse_manager.weights] == trainable
+        assert [w.requires_grad
+                for w in model.warehouse_manager.weights] == trainable
         model.train()
     # A training step leaves the frozen warehouses unchanged.
     before = [w.detach().clone() for w in model.warehouse_manager.weights]

@@ -38,7 +38,6 @@ PARITY = dict([
     ('dyconv/resnet50-dyconv4x', 100_895_176),
 ])
 
-
 CLS_CONFIGS = sorted(
     p for folder in ('odconv', 'dyconv', 'ddf')
     for p in glob.glob(osp.join(CONFIG_ROOT, folder, '*_in1k.py')))
@@ -46,9 +45,12 @@ CLS_CONFIGS = sorted(
 
 @pytest.fixture
 def skip_init(monkeypatch):
-    """Turn ``torch.nn.init``'s in-place initialisers into no-ops: building
-    the big models then costs an allocation, not minutes of random-number
-    generation. Parameters are filled explicitly where values matter."""
+    """Turn ``torch.nn.init``'s in-place initialisers into no-ops: building the
+    big models then costs an allocation, not minutes of random-number
+    generation.
+
+    Parameters are filled explicitly where values matter.
+    """
     for name in dir(torch.nn.init):
         if name.endswith('_') and not name.startswith('_'):
             monkeypatch.setattr(torch.nn.init, name,
@@ -56,10 +58,7 @@ def skip_init(monkeypatch):
 
 
 def test_every_parity_row_has_a_config_and_every_config_a_row():
-    configs = {
-        osp.relpath(p, CONFIG_ROOT).split('_')[0]
-        for p in CLS_CONFIGS
-    }
+    configs = {osp.relpath(p, CONFIG_ROOT).split('_')[0] for p in CLS_CONFIGS}
     assert configs == set(PARITY)
 
 

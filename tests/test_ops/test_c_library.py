@@ -54,8 +54,9 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from mmdyn.ops.accel import c_library  # noqa: E402
-from mmdyn.ops.accel.c_library import (CSRC_DIR, CSourceFile, compiler_flags,  # noqa
-                                 cpu_model, read_source)
+from mmdyn.ops.accel.c_library import CSourceFile  # noqa
+from mmdyn.ops.accel.c_library import (CSRC_DIR, compiler_flags, cpu_model,
+                                       read_source)
 
 C_FILES = ('ddf.c', 'winograd.c', 'kernel_warehouse.c')
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -68,10 +69,15 @@ def test_sources_build_warning_free(name, tmp_path):
         shutil.which('cc')
     if compiler is None:
         pytest.skip('no C compiler')
-    subprocess.run([compiler, *c_library.FLAGS, '-Wall', '-Wextra',
-                    '-Werror', '-I', CSRC_DIR, osp.join(CSRC_DIR, name),
-                    '-o', str(tmp_path / 'lib.so')], check=True,
-                   capture_output=True, text=True)
+    subprocess.run([
+        compiler, *c_library.FLAGS, '-Wall', '-Wextra', '-Werror', '-I',
+        CSRC_DIR,
+        osp.join(CSRC_DIR, name), '-o',
+        str(tmp_path / 'lib.so')
+    ],
+                   check=True,
+                   capture_output=True,
+                   text=True)
 
 
 def test_sources_are_package_data():
@@ -80,8 +86,8 @@ def test_sources_are_package_data():
     with open(osp.join(ROOT, 'setup.py')) as f:
         setup_py = f.read()
     # The csrc/ folder sits below mmdyn/ops/ (in its accel/ package).
-    assert osp.relpath(CSRC_DIR, osp.join(ROOT, 'mmdyn', 'ops')).endswith(
-        'csrc')
+    assert osp.relpath(CSRC_DIR, osp.join(ROOT, 'mmdyn',
+                                          'ops')).endswith('csrc')
     assert "'ops/**/csrc/*'" in setup_py
     with open(osp.join(ROOT, 'MANIFEST.in')) as f:
         assert 'recursive-include mmdyn/ops *.c *.h' in f.read()
@@ -102,8 +108,8 @@ def test_cache_key_distinguishes_cpus_without_model_name():
     a = 'processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n'
     b = 'processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n'
     assert cpu_model(a) != cpu_model(b)
-    assert cpu_model(a) == cpu_model(a.replace('processor\t: 0',
-                                               'processor\t: 7'))
+    assert cpu_model(a) == cpu_model(
+        a.replace('processor\t: 0', 'processor\t: 7'))
 
 
 def test_compiler_messages_in_the_warning(tmp_path, monkeypatch):
@@ -145,8 +151,8 @@ print('LOADED', loaded is not None, os.path.getsize(path) != 4096)
 
 
 def test_truncated_library_is_rebuilt(tmp_path, monkeypatch):
-    """A cached library cut to 4 KiB (a full disk, a killed copy) used to
-    crash the next process with SIGBUS; now it is rebuilt."""
+    """A cached library cut to 4 KiB (a full disk, a killed copy) used to crash
+    the next process with SIGBUS; now it is rebuilt."""
     env = dict(os.environ, MMDYN_CACHE_DIR=str(tmp_path))
     source = 'int answer(void) { return 42; }\n' + \
         'static const char pad[65536] = {1};\n' + \
@@ -156,8 +162,12 @@ def test_truncated_library_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv('MMDYN_CACHE_DIR', str(tmp_path))
     lib._build(lib.path())
     result = subprocess.run(
-        [sys.executable, '-c', TRUNCATED.format(source=source)], env=env,
-        capture_output=True, text=True, timeout=120)
+        [sys.executable, '-c',
+         TRUNCATED.format(source=source)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'LOADED True True' in result.stdout
 

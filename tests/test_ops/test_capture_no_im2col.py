@@ -26,8 +26,8 @@ IM2COL = BATCH * CHANNELS * 9 * SIZE * SIZE
 
 
 class PerSampleConv(torch.nn.Module):
-    """``per_sample_conv2d`` (``impl='auto'``) with a learnt kernel bank
-    mixed per sample."""
+    """``per_sample_conv2d`` (``impl='auto'``) with a learnt kernel bank mixed
+    per sample."""
 
     def __init__(self):
         super().__init__()
@@ -115,8 +115,8 @@ def test_recording_backend_sees_im2col():
 def test_grouped_form_compiles_with_a_symbolic_batch():
     """The form ``'auto'`` takes under ``torch.compile`` on CUDA, the batch
     folded into the groups, compiles with a dynamic batch (``groups`` a
-    symbolic multiple of it) and matches a loop of plain convs at two
-    batch sizes, gradients included, without im2col columns."""
+    symbolic multiple of it) and matches a loop of plain convs at two batch
+    sizes, gradients included, without im2col columns."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     backend, record = largest_graph_tensors()

@@ -20,8 +20,8 @@ sleep 60
 
 
 def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting for its parent
-    to reap it counts as gone)."""
+    """Whether ``pid`` is a live process (a zombie waiting for its parent to
+    reap it counts as gone)."""
     try:
         with open(f'/proc/{pid}/stat') as f:
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
@@ -30,8 +30,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='needs /proc')
-def test_hanging_compiler_is_killed_with_its_children(tmp_path,
-                                                      monkeypatch):
+def test_hanging_compiler_is_killed_with_its_children(tmp_path, monkeypatch):
     pid_file = tmp_path / 'child.pid'
     compiler = tmp_path / 'fake-cc'
     compiler.write_text(FAKE_COMPILER.format(pid_file=pid_file))

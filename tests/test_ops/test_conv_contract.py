@@ -2,16 +2,15 @@
 """The conv-layer contract of issue 3, for every mmdyn conv layer: built by
 mmcv's ``build_conv_layer`` from a registered name, usable as
 ``ConvModule(conv_cfg=...)`` and as ``dcn=`` of stock mmdet ``ResNet``,
-``nn.Conv2d``-compatible attributes and output shapes, trainable at batch
-size 1, non-contiguous inputs."""
+``nn.Conv2d``-compatible attributes and output shapes, trainable at batch size
+1, non-contiguous inputs."""
 import pytest
 import torch
 from mmcv.cnn import ConvModule, build_conv_layer
 from torch import nn
 
 import mmdyn.models  # noqa: F401  (registers the layers)
-from mmdyn.ops import (CondConv2d, DDFConv2d, DyConv2d, KWConv2d,
-                       ODConv2d)
+from mmdyn.ops import CondConv2d, DDFConv2d, DyConv2d, KWConv2d, ODConv2d
 
 # Every conv layer class of mmdyn.ops that is constructible on its own.
 # DDFConv2d is channel-preserving with padding implied by the dilation, so
@@ -73,8 +72,8 @@ def test_conv_module_batch_one_training(cls):
     out.square().mean().backward()
     assert torch.isfinite(x.grad).all()
     grads = [p.grad for p in module.conv.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all()
-                         for g in grads)
+    assert grads and all(
+        g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize('cls', LAYERS, ids=IDS)
@@ -129,8 +128,8 @@ def test_mmdet_resnet_dcn_slot(cls):
     assert [o.shape[-1] for o in outs] == [16, 8, 4]
     sum(o.mean() for o in outs).backward()
     grads = [p.grad for p in model.layer3[0].conv2.parameters()]
-    assert grads and all(g is not None and torch.isfinite(g).all()
-                         for g in grads)
+    assert grads and all(
+        g is not None and torch.isfinite(g).all() for g in grads)
     model.eval()
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 33, 47))

@@ -13,22 +13,28 @@ import copy
 import pytest
 import torch
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, ODConv2d, ddf, per_sample_conv2d)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       ODConv2d, ddf, per_sample_conv2d)
 from mmdyn.ops.accel import ddf_triton
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason='needs a CUDA device')
 
 LAYERS = {
-    'ODConv2d-4x': lambda: ODConv2d(16, 24, 3, padding=1, kernel_num=4),
-    'ODConv2d-1x-pointwise': lambda: ODConv2d(16, 24, 1, kernel_num=1),
-    'ODConv2d-depthwise': lambda: ODConv2d(
-        16, 16, 3, stride=2, padding=1, groups=16),
-    'DyConv2d': lambda: DyConv2d(16, 24, 3, padding=1, groups=2),
-    'CondConv2d': lambda: CondConv2d(16, 24, 3, stride=2, padding=1),
-    'KWConv2d': lambda: KWConv2d(16, 24, 3, padding=1, bias=False),
-    'DDFConv2d': lambda: DDFConv2d(16, 16, 3, padding=1),
+    'ODConv2d-4x':
+    lambda: ODConv2d(16, 24, 3, padding=1, kernel_num=4),
+    'ODConv2d-1x-pointwise':
+    lambda: ODConv2d(16, 24, 1, kernel_num=1),
+    'ODConv2d-depthwise':
+    lambda: ODConv2d(16, 16, 3, stride=2, padding=1, groups=16),
+    'DyConv2d':
+    lambda: DyConv2d(16, 24, 3, padding=1, groups=2),
+    'CondConv2d':
+    lambda: CondConv2d(16, 24, 3, stride=2, padding=1),
+    'KWConv2d':
+    lambda: KWConv2d(16, 24, 3, padding=1, bias=False),
+    'DDFConv2d':
+    lambda: DDFConv2d(16, 16, 3, padding=1),
 }
 
 
@@ -94,23 +100,23 @@ def test_cuda_per_sample_impls_agree():
     weight = torch.randn(3, 12, 4, 3, 3, device='cuda')
     bias = torch.randn(3, 12, device='cuda')
     kw = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
-    ref = per_sample_conv2d(x.cpu(), weight.cpu(), bias.cpu(), impl='loop',
-                            **kw)
+    ref = per_sample_conv2d(
+        x.cpu(), weight.cpu(), bias.cpu(), impl='loop', **kw)
     for impl in ('loop', 'grouped', 'unfold', 'auto'):
         out = per_sample_conv2d(x, weight, bias, impl=impl, **kw)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
 
 
-needs_triton = pytest.mark.skipif(not ddf_triton.TRITON_IMPORTED,
-                                  reason='triton is not installed')
+needs_triton = pytest.mark.skipif(
+    not ddf_triton.TRITON_IMPORTED, reason='triton is not installed')
 
 DDF_LAYERS = {
-    'DDFConv2d': lambda: DDFConv2d(16, 16, 3, stride=2, head=2,
-                                   impl='triton'),
-    'DDFConv2d-add-k5': lambda: DDFConv2d(16, 16, 5, dilation=2,
-                                          combine='add', impl='triton'),
-    'DDFUpsample-guided': lambda: DDFUpsample(16, 2, guided=True, head=2,
-                                              impl='triton'),
+    'DDFConv2d':
+    lambda: DDFConv2d(16, 16, 3, stride=2, head=2, impl='triton'),
+    'DDFConv2d-add-k5':
+    lambda: DDFConv2d(16, 16, 5, dilation=2, combine='add', impl='triton'),
+    'DDFUpsample-guided':
+    lambda: DDFUpsample(16, 2, guided=True, head=2, impl='triton'),
 }
 
 
@@ -127,9 +133,11 @@ def _step(layer, inputs):
 @needs_triton
 @pytest.mark.parametrize('name', list(DDF_LAYERS))
 def test_compiled_triton_ddf_matches_eager(name):
-    """``torch.compile(fullgraph=True)`` decomposes the Triton operators
-    into their kernel launches (on CPU the interpreter keeps them whole):
-    forward and every gradient equal eager's."""
+    """``torch.compile(fullgraph=True)`` decomposes the Triton operators into
+    their kernel launches (on CPU the interpreter keeps them whole):
+
+    forward and every gradient equal eager's.
+    """
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -184,15 +192,16 @@ def test_triton_ddf_runs_on_the_tensor_device():
 
 
 def test_float64_on_cuda_is_exact():
-    """impl='auto' keeps float64 off the float32 Triton kernels."""
+    """Impl='auto' keeps float64 off the float32 Triton kernels."""
     torch.manual_seed(0)
     args = [
-        torch.randn(1, 2, 6, 5, dtype=torch.float64, device='cuda',
-                    requires_grad=True),
-        torch.randn(1, 2, 3, 3, dtype=torch.float64, device='cuda',
-                    requires_grad=True),
-        torch.randn(1, 9, 6, 5, dtype=torch.float64, device='cuda',
-                    requires_grad=True)
+        torch.randn(
+            1, 2, 6, 5, dtype=torch.float64, device='cuda',
+            requires_grad=True),
+        torch.randn(
+            1, 2, 3, 3, dtype=torch.float64, device='cuda',
+            requires_grad=True),
+        torch.randn(
+            1, 9, 6, 5, dtype=torch.float64, device='cuda', requires_grad=True)
     ]
-    assert torch.autograd.gradcheck(lambda *a: ddf(*a, 3, impl='auto'),
-                                    args)
+    assert torch.autograd.gradcheck(lambda *a: ddf(*a, 3, impl='auto'), args)

@@ -17,8 +17,8 @@ from mmdyn.ops.accel import ddf_cpu
 
 
 def unfold_sum(x, cf, sf, k, d=1, s=1, combine='mul', head=1):
-    """out[b,c,y,x] = sum_t in[b, c, y*s + (i-r)*d, x*s + (j-r)*d] * F_t,
-    by zero-padding generously, unfolding and summing."""
+    """Out[b,c,y,x] = sum_t in[b, c, y*s + (i-r)*d, x*s + (j-r)*d] * F_t, by
+    zero-padding generously, unfolding and summing."""
     B, C, H, W = x.shape
     Ho, Wo = sf.shape[-2:]
     r = (k - 1) // 2 * d
@@ -27,17 +27,16 @@ def unfold_sum(x, cf, sf, k, d=1, s=1, combine='mul', head=1):
     cols = F.unfold(xp, k, dilation=d, stride=s)
     n_rows = (xp.shape[2] - d * (k - 1) - 1) // s + 1
     cols = cols.view(B, C, k * k, n_rows, -1)[..., :Ho, :Wo]
-    sf_c = sf.view(B, head, 1, k * k, Ho, Wo).expand(
-        B, head, C // head, k * k, Ho, Wo).reshape(B, C, k * k, Ho, Wo)
+    sf_c = sf.view(B, head, 1, k * k, Ho,
+                   Wo).expand(B, head, C // head, k * k, Ho,
+                              Wo).reshape(B, C, k * k, Ho, Wo)
     cf_c = cf.reshape(B, C, k * k, 1, 1)
     filt = cf_c * sf_c if combine == 'mul' else cf_c + sf_c
     return (cols * filt).sum(2)
 
 
-def random_inputs(B, C, H, W, k, s, dtype=torch.float64, head=1,
-                  ceil=False):
-    Ho, Wo = ((H - 1) // s + 1, (W - 1) // s + 1) if ceil else (H // s,
-                                                                   W // s)
+def random_inputs(B, C, H, W, k, s, dtype=torch.float64, head=1, ceil=False):
+    Ho, Wo = ((H - 1) // s + 1, (W - 1) // s + 1) if ceil else (H // s, W // s)
     x = torch.randn(B, C, H, W, dtype=dtype)
     cf = torch.randn(B, C, k, k, dtype=dtype)
     sf = torch.randn(B, head * k * k, Ho, Wo, dtype=dtype)
@@ -65,7 +64,7 @@ def test_ddf_matches_unfold_sum_forward_backward(impl, k, d, s, combine):
 
 
 @pytest.mark.parametrize('B,s,combine', [(1, 1, 'mul'), (3, 1, 'add'),
-                                          (4, 2, 'mul')])
+                                         (4, 2, 'mul')])
 def test_ddf_fused_multithreaded(B, s, combine, monkeypatch):
     # Big enough (> 4096 outputs) for the fused kernel to split the work
     # over two threads; B=1 also splits the spatial-filter gradient of one
@@ -91,8 +90,7 @@ def test_ddf_non_contiguous_float32_and_ceil_size(impl):
     x = torch.randn(2, 6, 11, 7).transpose(2, 3)  # [2, 6, 7, 11]
     cf = torch.randn(2, 3, 3, 6).permute(0, 3, 1, 2)
     sf = torch.randn(2, 18, 4, 6)[:, ::2]
-    assert not (x.is_contiguous() or cf.is_contiguous()
-                or sf.is_contiguous())
+    assert not (x.is_contiguous() or cf.is_contiguous() or sf.is_contiguous())
     x, cf, sf = (t.requires_grad_() for t in (x, cf, sf))
     out = ddf(x, cf, sf, 3, 1, 2, 'mul', impl=impl)
     refs = [t.detach().clone().requires_grad_() for t in (x, cf, sf)]
@@ -108,8 +106,7 @@ def test_ddf_non_contiguous_float32_and_ceil_size(impl):
 def test_ddf_heads(impl):
     x, cf, sf = random_inputs(2, 6, 5, 6, 3, 1, head=3)
     torch.testing.assert_close(
-        ddf(x, cf, sf, 3, head=3, impl=impl),
-        unfold_sum(x, cf, sf, 3, head=3))
+        ddf(x, cf, sf, 3, head=3, impl=impl), unfold_sum(x, cf, sf, 3, head=3))
 
 
 @pytest.mark.parametrize('combine', ['mul', 'add'])
@@ -120,8 +117,8 @@ def test_ddf_gradcheck(combine):
         lambda a, b, c: ddf(a, b, c, 3, 2, 2, combine, impl='fused'), inputs)
     assert torch.autograd.gradcheck(
         lambda a, b, c: ddf(a, b, c, 3, 1, 1, combine, impl='taps'),
-        tuple(t.detach()[..., :5, :6].requires_grad_() for t in
-              random_inputs(1, 2, 5, 6, 3, 1)))
+        tuple(t.detach()[..., :5, :6].requires_grad_()
+              for t in random_inputs(1, 2, 5, 6, 3, 1)))
 
 
 @pytest.mark.parametrize('s', [1, 2])
@@ -149,8 +146,10 @@ def test_ddf_bfloat16_inputs():
     out = ddf(x, cf, sf, 3)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(
-        out.float(), unfold_sum(x.float(), cf.float(), sf.float(), 3),
-        rtol=2e-2, atol=5e-2)
+        out.float(),
+        unfold_sum(x.float(), cf.float(), sf.float(), 3),
+        rtol=2e-2,
+        atol=5e-2)
 
 
 def test_ddf_argument_errors():
@@ -189,11 +188,13 @@ def test_ddf_onnx_export_dynamic_batch(tmp_path):
         dynamo=False)
     x, cf, sf = random_inputs(3, 4, 8, 9, 3, 2, dtype=torch.float32)
     session = ort.InferenceSession(path)
-    (got, ) = session.run(None, dict(x=x.numpy(), cf=cf.numpy(),
-                                     sf=sf.numpy()))
+    (got, ) = session.run(None,
+                          dict(x=x.numpy(), cf=cf.numpy(), sf=sf.numpy()))
     torch.testing.assert_close(
-        torch.from_numpy(got), unfold_sum(x, cf, sf, 3, 1, 2),
-        rtol=1e-5, atol=1e-5)
+        torch.from_numpy(got),
+        unfold_sum(x, cf, sf, 3, 1, 2),
+        rtol=1e-5,
+        atol=1e-5)
 
 
 def test_ddfconv_onnx_export_dynamic_batch(tmp_path):
@@ -230,8 +231,7 @@ def test_ddfconv_parameter_count(C):
         layer = DDFConv2d(C, C, 3)
         with_bias = DDFConv2d(C, C, 3, bias=True)
     assert sum(p.numel() for p in layer.parameters()) == spec_params(C)
-    assert sum(p.numel()
-               for p in with_bias.parameters()) == spec_params(C) + C
+    assert sum(p.numel() for p in with_bias.parameters()) == spec_params(C) + C
 
 
 def filter_norm(v, dim, eps=1e-10):
@@ -258,16 +258,15 @@ def ddfconv_per_sample(layer, x):
         raw_sf = torch.einsum('oc,chw->ohw', conv_s.weight.flatten(1),
                               xb[0, :, ::s, ::s]) + conv_s.bias.view(-1, 1, 1)
         sf = filter_norm(raw_sf, 0) * math.sqrt(2) / k
-        outs.append(
-            unfold_sum(xb, cf[None], sf[None], k, d, s, layer.combine))
+        outs.append(unfold_sum(xb, cf[None], sf[None], k, d, s, layer.combine))
     return torch.cat(outs)
 
 
 @pytest.mark.parametrize('combine', ['mul', 'add'])
 @pytest.mark.parametrize('s,d', [(1, 1), (2, 1), (1, 2)])
 def test_ddfconv_matches_per_sample_reference(combine, s, d):
-    layer = DDFConv2d(8, 8, 3, stride=s, padding=d, dilation=d,
-                      combine=combine).double()
+    layer = DDFConv2d(
+        8, 8, 3, stride=s, padding=d, dilation=d, combine=combine).double()
     x = torch.randn(3, 8, 9, 7, dtype=torch.float64)
     out = layer(x)
     # Odd input, stride 2: the output size is nn.Conv2d's.
@@ -280,8 +279,7 @@ def test_ddfconv_contract_and_errors():
     layer = DDFConv2d(8, 8, 3, 2, 1, bias=False)
     assert (layer.in_channels, layer.out_channels, layer.kernel_size,
             layer.stride, layer.padding, layer.dilation,
-            layer.transposed) == (8, 8, (3, 3), (2, 2), (1, 1), (1, 1),
-                                  False)
+            layer.transposed) == (8, 8, (3, 3), (2, 2), (1, 1), (1, 1), False)
     with pytest.raises(ValueError, match='out_channels'):
         DDFConv2d(8, 16, 3)
     with pytest.raises(ValueError, match='kernel_size'):
@@ -356,8 +354,8 @@ def ddf_up_per_position(up, x, guidance=None):
     out = torch.zeros(B, C, s * H, s * W, dtype=x.dtype)
     if guidance is not None:
         Hg, Wg = guidance.shape[-2:]
-        guidance = F.pad(guidance, (0, s * W - Wg, 0, s * H - Hg),
-                         mode='replicate')
+        guidance = F.pad(
+            guidance, (0, s * W - Wg, 0, s * H - Hg), mode='replicate')
     for b in range(B):
         for p in range(s * s):
             py, px = divmod(p, s)
@@ -391,8 +389,9 @@ def ddf_up_per_position(up, x, guidance=None):
                             iy, ix = y + (i - r) * d, xx + (j - r) * d
                             if 0 <= iy < H and 0 <= ix < W:
                                 t = i * k + j
-                                filt = (cf[:, t] * sf[t] if up.combine == 'mul'
-                                        else cf[:, t] + sf[t])
+                                filt = (
+                                    cf[:, t] * sf[t] if up.combine == 'mul'
+                                    else cf[:, t] + sf[t])
                                 acc = acc + x[b, :, iy, ix] * filt
                     out[b, :, y * s + py, xx * s + px] = acc
     return out

@@ -34,21 +34,23 @@ def device():
 
 
 def filters(B, C, H, W, k, s, head, ceil=True, device='cpu'):
-    """float64 (x, cf [B, C, k, k], sf) for a DDF of stride s."""
-    Ho, Wo = ((H - 1) // s + 1, (W - 1) // s + 1) if ceil else (H // s,
-                                                                   W // s)
+    """Float64 (x, cf [B, C, k, k], sf) for a DDF of stride s."""
+    Ho, Wo = ((H - 1) // s + 1, (W - 1) // s + 1) if ceil else (H // s, W // s)
     g = torch.Generator().manual_seed(B * 1000 + C * 100 + H * 10 + k)
     x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
     cf = torch.randn(B, C, k, k, dtype=torch.float64, generator=g)
-    sf = torch.randn(B, head * k * k, Ho, Wo, dtype=torch.float64,
-                     generator=g)
+    sf = torch.randn(B, head * k * k, Ho, Wo, dtype=torch.float64, generator=g)
     return [t.to(device) for t in (x, cf, sf)]
 
 
 def non_contiguous(t):
     """The same values as ``t`` in a tensor with permuted, gapped strides."""
-    big = torch.zeros(*t.shape[:-2], t.shape[-1], 2 * t.shape[-2],
-                      dtype=t.dtype, device=t.device)
+    big = torch.zeros(
+        *t.shape[:-2],
+        t.shape[-1],
+        2 * t.shape[-2],
+        dtype=t.dtype,
+        device=t.device)
     view = big[..., ::2].transpose(-1, -2)
     view.copy_(t)
     assert not view.is_contiguous() and torch.equal(view, t)
@@ -65,8 +67,8 @@ def reference_and_grads(x, cf, sf, k, d, s, combine, head, grad):
 def run_triton(x, cf, sf, k, d, s, combine, head, grad):
     leaves = [t.detach().requires_grad_() for t in (x, cf, sf)]
     B, C = x.shape[:2]
-    out = ddf_triton.ddf(leaves[0], leaves[1].reshape(B, C, k * k),
-                         leaves[2], k, d, s, combine == 'add', head)
+    out = ddf_triton.ddf(leaves[0], leaves[1].reshape(B, C, k * k), leaves[2],
+                         k, d, s, combine == 'add', head)
     grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
     return out, grads
 
@@ -90,10 +92,11 @@ def test_matches_an_explicit_loop(device):
                             sv = sf[0, h * k * k + i * k + j, y, xo].item()
                             f = cv * sv if combine == 'mul' else cv + sv
                             expected[0, c, y, xo] += x[0, c, iy, ix].item() * f
-        out = ddf_triton.ddf(x.float(), cf.float().reshape(1, 4, k * k),
-                             sf.float(), k, d, s, combine == 'add', head)
-        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5,
-                                   atol=1e-5)
+        out = ddf_triton.ddf(x.float(),
+                             cf.float().reshape(1, 4, k * k), sf.float(), k, d,
+                             s, combine == 'add', head)
+        torch.testing.assert_close(
+            out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('k,d,s,combine,head,hw', [
@@ -109,10 +112,10 @@ def test_matches_an_explicit_loop(device):
 def test_output_and_three_gradients_match_reference(device, k, d, s, combine,
                                                     head, hw):
     x, cf, sf = filters(2, 4, *hw, k, s, head, device=device)
-    grad = torch.randn(2, 4, *sf.shape[-2:], dtype=torch.float64,
-                       device=device)
-    expected, expected_grads = reference_and_grads(x, cf, sf, k, d, s,
-                                                   combine, head, grad)
+    grad = torch.randn(
+        2, 4, *sf.shape[-2:], dtype=torch.float64, device=device)
+    expected, expected_grads = reference_and_grads(x, cf, sf, k, d, s, combine,
+                                                   head, grad)
     inputs = [non_contiguous(t.float()) for t in (x, cf, sf)]
     out, grads = run_triton(*inputs, k, d, s, combine, head,
                             non_contiguous(grad.float()))
@@ -132,8 +135,8 @@ def test_official_output_size_and_contiguous_inputs(device):
     grad = torch.randn(1, 2, 4, 3, dtype=torch.float64, device=device)
     expected, expected_grads = reference_and_grads(x, cf, sf, 3, 1, 2, 'mul',
                                                    1, grad)
-    out, grads = run_triton(x.float(), cf.float(), sf.float(), 3, 1, 2,
-                            'mul', 1, grad.float())
+    out, grads = run_triton(x.float(), cf.float(), sf.float(), 3, 1, 2, 'mul',
+                            1, grad.float())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
@@ -148,8 +151,8 @@ def test_half_inputs_accumulate_in_float32(device, dtype, combine):
     # The reference sees the same rounded values, in float64: what is left
     # is the rounding of each result (one half-precision ulp, relative to
     # the largest value) and of the float32 sums.
-    expected, expected_grads = reference_and_grads(x, cf, sf, 3, 1, 1,
-                                                   combine, 2, grad)
+    expected, expected_grads = reference_and_grads(x, cf, sf, 3, 1, 1, combine,
+                                                   2, grad)
     out, grads = run_triton(x, cf, sf, 3, 1, 1, combine, 2, grad)
     eps = torch.finfo(dtype).eps
     assert out.dtype == dtype
@@ -162,8 +165,9 @@ def test_half_inputs_accumulate_in_float32(device, dtype, combine):
 
 def test_mixed_dtypes_promote(device):
     x, cf, sf = filters(1, 2, 5, 5, 3, 1, 1, device=device)
-    out = ddf_triton.ddf(x.half(), cf.float().reshape(1, 2, 9), sf.float(),
-                         3, 1, 1, False, 1)
+    out = ddf_triton.ddf(x.half(),
+                         cf.float().reshape(1, 2, 9), sf.float(), 3, 1, 1,
+                         False, 1)
     assert out.dtype == torch.float32
     expected = ddf_reference(x.half().double(), cf, sf, 3)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -178,17 +182,19 @@ def test_ddf_up_sub_pixel_form(device, scale, d, head, combine):
     g = torch.Generator().manual_seed(scale)
     x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
     cf = torch.randn(n, B, C, k * k, dtype=torch.float64, generator=g)
-    sf = torch.randn(n, B, head * k * k, H, W, dtype=torch.float64,
-                     generator=g)
+    sf = torch.randn(
+        n, B, head * k * k, H, W, dtype=torch.float64, generator=g)
     x, cf, sf = (t.to(device) for t in (x, cf, sf))
     leaves = [t.clone().requires_grad_() for t in (x, cf, sf)]
-    expected = torch.zeros(B, C, scale * H, scale * W, dtype=torch.float64,
-                           device=device)
+    expected = torch.zeros(
+        B, C, scale * H, scale * W, dtype=torch.float64, device=device)
     for p in range(n):
         py, px = divmod(p, scale)
-        expected[:, :, py::scale, px::scale] = ddf_reference(
-            leaves[0], leaves[1][p].view(B, C, k, k), leaves[2][p], k, d, 1,
-            combine, head)
+        expected[:, :, py::scale,
+                 px::scale] = ddf_reference(leaves[0],
+                                            leaves[1][p].view(B, C, k,
+                                                              k), leaves[2][p],
+                                            k, d, 1, combine, head)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, leaves, grad)
     floats = [t.float().requires_grad_() for t in (x, cf, sf)]
@@ -233,8 +239,8 @@ def test_no_k_by_k_buffer(device, monkeypatch):
     # One stage for the filter gradients (no partial sums), as on CPU.
     monkeypatch.setattr(ddf_triton, 'TARGET_PROGRAMS', 1)
     k, head = 7, 1
-    x, cf, sf = (t.float() for t in filters(1, 8, 9, 9, k, 1, head,
-                                            device=device))
+    x, cf, sf = (
+        t.float() for t in filters(1, 8, 9, 9, k, 1, head, device=device))
     cf = cf.reshape(1, 8, k * k)
     out_numel = x.numel()
     up_cf, up_sf = cf.expand(4, -1, -1, -1), sf.expand(4, -1, -1, -1, -1)
@@ -245,9 +251,8 @@ def test_no_k_by_k_buffer(device, monkeypatch):
         ddf_triton._ddf_backward(out, x, cf, sf, k, 1, 1, False, head,
                                  [True, True, True])
         ddf_triton._ddf_up_backward(
-            ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head,
-                                       2), x, up_cf, up_sf, k, 1, False,
-            head, 2, [True, False, False])
+            ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head, 2),
+            x, up_cf, up_sf, k, 1, False, head, 2, [True, False, False])
     with NewStorages() as fwd:
         out = ddf_triton._ddf_forward(x, cf, sf, k, 1, 1, False, head)
     with NewStorages() as bwd:
@@ -257,10 +262,9 @@ def test_no_k_by_k_buffer(device, monkeypatch):
     assert fwd.sizes == [out_numel]
     assert sorted(bwd.sizes) == sorted([x.numel(), cf.numel(), sf.numel()])
     with NewStorages() as up:
-        out = ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head,
-                                         2)
-        ddf_triton._ddf_up_backward(out, x, up_cf, up_sf, k, 1, False, head,
-                                    2, [True, False, False])
+        out = ddf_triton._ddf_up_forward(x, up_cf, up_sf, k, 1, False, head, 2)
+        ddf_triton._ddf_up_backward(out, x, up_cf, up_sf, k, 1, False, head, 2,
+                                    [True, False, False])
     # Output, float32 input-gradient sum (cast in place for float32 x).
     assert max(up.sizes) == 4 * out_numel and sum(up.sizes) <= 5 * out_numel
     # The counter sees a k*k buffer where there is one.
@@ -279,8 +283,8 @@ def test_compiled_graph_keeps_the_operator(device):
     def fn(x, cf, sf):
         return ddf_triton.ddf(x, cf, sf, 3, 1, 2, True, 1).tanh()
 
-    x, cf, sf = (t.float() for t in filters(1, 2, 6, 5, 3, 2, 1,
-                                            device=device))
+    x, cf, sf = (
+        t.float() for t in filters(1, 2, 6, 5, 3, 2, 1, device=device))
     cf = cf.reshape(1, 2, 9)
     results = []
     for f in (fn, torch.compile(fn, fullgraph=True, backend=backend)):
@@ -294,29 +298,29 @@ def test_compiled_graph_keeps_the_operator(device):
 
 
 def test_opcheck(device):
-    x, cf, sf = (t.float() for t in filters(1, 2, 5, 4, 3, 1, 1,
-                                            device=device))
+    x, cf, sf = (
+        t.float() for t in filters(1, 2, 5, 4, 3, 1, 1, device=device))
     cf = cf.reshape(1, 2, 9)
     up_cf, up_sf = cf.expand(4, -1, -1, -1), sf.expand(4, -1, -1, -1, -1)
     ops = torch.ops.mmdyn
     cases = [
         (ops.ddf_triton_forward, (x, cf, sf, 3, 1, 1, False, 1)),
-        (ops.ddf_triton_backward,
-         (torch.randn_like(x), x, cf, sf, 3, 1, 1, False, 1,
-          [True, True, True])),
+        (ops.ddf_triton_backward, (torch.randn_like(x), x, cf, sf, 3, 1, 1,
+                                   False, 1, [True, True, True])),
         (ops.ddf_up_triton_forward, (x, up_cf, up_sf, 3, 1, True, 1, 2)),
         (ops.ddf_up_triton_backward,
-         (torch.randn(1, 2, 10, 8, device=device), x, up_cf, up_sf, 3, 1,
-          True, 1, 2, [True, True, True])),
+         (torch.randn(1, 2, 10, 8, device=device), x, up_cf, up_sf, 3, 1, True,
+          1, 2, [True, True, True])),
     ]
     for op, args in cases:
-        args = tuple(
-            a.clone().requires_grad_(op in (ops.ddf_triton_forward,
-                                            ops.ddf_up_triton_forward))
-            if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op.default, args,
-                              test_utils=('test_schema', 'test_faketensor',
-                                          'test_autograd_registration'))
+        args = tuple(a.clone().requires_grad_(
+            op in (ops.ddf_triton_forward, ops.ddf_up_triton_forward
+                   )) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(
+            op.default,
+            args,
+            test_utils=('test_schema', 'test_faketensor',
+                        'test_autograd_registration'))
 
 
 def test_clear_errors_without_triton_or_gpu(monkeypatch):
@@ -332,8 +336,8 @@ def test_clear_errors_without_triton_or_gpu(monkeypatch):
 
 def test_public_api_selects_the_kernels(device):
     from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
-    x, cf, sf = (t.float() for t in filters(2, 4, 7, 5, 3, 2, 2,
-                                            device=device))
+    x, cf, sf = (
+        t.float() for t in filters(2, 4, 7, 5, 3, 2, 2, device=device))
     torch.testing.assert_close(
         ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='triton'),
         ddf(x, cf, sf, 3, 1, 2, 'add', 2, impl='reference'))
@@ -360,7 +364,10 @@ def test_impl_triton_without_a_gpu_says_so(monkeypatch):
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     x = torch.zeros(1, 2, 4, 4)
     with pytest.raises(RuntimeError, match="impl='triton' runs on CUDA"):
-        ddf(x, torch.zeros(1, 2, 3, 3), torch.zeros(1, 9, 4, 4), 3,
+        ddf(x,
+            torch.zeros(1, 2, 3, 3),
+            torch.zeros(1, 9, 4, 4),
+            3,
             impl='triton')
 
 
@@ -378,12 +385,13 @@ def test_kernels_compile_for_a_gpu(name, monkeypatch, tmp_path):
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     kernel = getattr(ddf_triton._kernels(ddf_triton.interpreting()), name)
     kkp, base = ddf_triton._tiles(5)
-    constants = dict(K=5, STRIDE=2, DIL=2, ADD=False, KKP=kkp, BASE=base,
-                     MULT=2)
+    constants = dict(
+        K=5, STRIDE=2, DIL=2, ADD=False, KKP=kkp, BASE=base, MULT=2)
     if name == 'grad_input_kernel':
         constants['ACCUMULATE'] = True
     signature = {
-        arg: 'constexpr' if arg in constants else
+        arg:
+        'constexpr' if arg in constants else
         ('*bf16' if arg == 'x_ptr' else '*fp32')
         if arg.endswith('_ptr') else 'i32'
         for arg in kernel.arg_names
@@ -408,11 +416,12 @@ def test_launch_grids_stay_within_cuda_limits():
     for B, C, head in ((1, 1, 1), (2, 64, 4), (64, 512, 1)):
         for mult in (1, 2):
             for target in (1, 528):
-                grids = ddf_triton.launch_grids(B, C, 2048, 1024, 2048,
-                                                1024, 7, head, target, mult)
-                assert set(grids) == {'forward', 'grad_input',
-                                      'grad_channel_filter',
-                                      'grad_spatial_filter'}
+                grids = ddf_triton.launch_grids(B, C, 2048, 1024, 2048, 1024,
+                                                7, head, target, mult)
+                assert set(grids) == {
+                    'forward', 'grad_input', 'grad_channel_filter',
+                    'grad_spatial_filter'
+                }
                 for name, grid in grids.items():
                     assert len(grid) == 3, name
                     assert all(1 <= g <= m for g, m in zip(grid, limits)), \
@@ -424,14 +433,26 @@ def test_launch_grids_stay_within_cuda_limits():
         assert g0 * g1 >= tiles > g0 * (g1 - 1)
 
 
-def ddf_case(B=2, C=6, H=13, W=12, k=3, d=1, s=1, head=2, combine='mul',
+def ddf_case(B=2,
+             C=6,
+             H=13,
+             W=12,
+             k=3,
+             d=1,
+             s=1,
+             head=2,
+             combine='mul',
              device='cpu'):
     x, cf, sf = filters(B, C, H, W, k, s, head, device=device)
-    grad = torch.randn(B, C, *sf.shape[-2:], dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(7)).to(device)
+    grad = torch.randn(
+        B,
+        C,
+        *sf.shape[-2:],
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(7)).to(device)
     expected = reference_and_grads(x, cf, sf, k, d, s, combine, head, grad)
-    got = run_triton(x.float(), cf.float(), sf.float(), k, d, s, combine,
-                     head, grad.float())
+    got = run_triton(x.float(), cf.float(), sf.float(), k, d, s, combine, head,
+                     grad.float())
     return expected, got
 
 
@@ -439,8 +460,8 @@ def assert_all_close(expected, got):
     (out_e, grads_e), (out_g, grads_g) = expected, got
     torch.testing.assert_close(out_g.double(), out_e, rtol=1e-5, atol=1e-5)
     for name, g, e in zip(('x', 'cf', 'sf'), grads_g, grads_e):
-        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(
+            g.double(), e, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_folded_grid_computes_every_tile(device, monkeypatch):
@@ -461,12 +482,12 @@ def test_split_reductions_match_reference(device, monkeypatch, combine):
     B, C, H, W, k, head = 2, 10, 9, 8, 7, 2
     plan = ddf_triton.reduction_plan(B, C, H, W, k, head, 10**6)
     assert plan.chunks > 1 and plan.splits == 5
-    assert_all_close(*ddf_case(B, C, H, W, k, head=head, combine=combine,
-                               device=device))
+    assert_all_close(
+        *ddf_case(B, C, H, W, k, head=head, combine=combine, device=device))
     monkeypatch.setattr(ddf_triton, 'MAX_SPLITS', 3)
     assert ddf_triton.reduction_plan(B, C, H, W, k, head, 10**6).splits == 3
-    assert_all_close(*ddf_case(B, C, H, W, k, head=head, combine=combine,
-                               device=device))
+    assert_all_close(
+        *ddf_case(B, C, H, W, k, head=head, combine=combine, device=device))
 
 
 def test_split_reductions_are_deterministic(device, monkeypatch):
@@ -498,12 +519,12 @@ def test_launches_run_under_a_device_guard(device, monkeypatch):
         yield
 
     monkeypatch.setattr(ddf_triton, '_on_device', record)
-    x, cf, sf = (t.float() for t in filters(1, 2, 5, 4, 3, 1, 1,
-                                            device=device))
-    out = ddf_triton._ddf_forward(x, cf.reshape(1, 2, 9), sf, 3, 1, 1,
-                                  False, 1)
-    ddf_triton._ddf_backward(out, x, cf.reshape(1, 2, 9), sf, 3, 1, 1,
-                             False, 1, [True, True, True])
+    x, cf, sf = (
+        t.float() for t in filters(1, 2, 5, 4, 3, 1, 1, device=device))
+    out = ddf_triton._ddf_forward(x, cf.reshape(1, 2, 9), sf, 3, 1, 1, False,
+                                  1)
+    ddf_triton._ddf_backward(out, x, cf.reshape(1, 2, 9), sf, 3, 1, 1, False,
+                             1, [True, True, True])
     assert entered == [x.device, x.device]
 
 
@@ -542,8 +563,8 @@ def test_supports_only_cuda_half_and_single(monkeypatch):
         assert ddf_triton.supports(tensor('cuda', dtype))
         assert not ddf_triton.supports(tensor('cpu', dtype))
     assert not ddf_triton.supports(tensor('cuda', torch.float64))
-    assert not ddf_triton.supports(tensor('cuda', torch.float32),
-                                   tensor('cuda', torch.float64))
+    assert not ddf_triton.supports(
+        tensor('cuda', torch.float32), tensor('cuda', torch.float64))
     monkeypatch.setattr(ddf_triton, 'TRITON_IMPORTED', False)
     assert not ddf_triton.supports(tensor('cuda', torch.float32))
 
@@ -554,12 +575,13 @@ def test_float64_is_refused_not_rounded(device):
     with pytest.raises(TypeError, match='float64'):
         ddf_triton.ddf(x, cf.reshape(1, 2, 9), sf, 3, 1, 1, False, 1)
     with pytest.raises(TypeError, match='float64'):
-        ddf_triton.ddf(x.float(), cf.reshape(1, 2, 9).float(), sf, 3, 1, 1,
-                       False, 1)
+        ddf_triton.ddf(x.float(),
+                       cf.reshape(1, 2, 9).float(), sf, 3, 1, 1, False, 1)
     with pytest.raises(TypeError, match='float64'):
         ddf(x, cf, sf, 3, impl='triton')
     with pytest.raises(TypeError, match='float64'):
-        ddf_triton.ddf_up(x, cf.reshape(1, 1, 2, 9).expand(4, 1, 2, 9),
+        ddf_triton.ddf_up(x,
+                          cf.reshape(1, 1, 2, 9).expand(4, 1, 2, 9),
                           sf.expand(4, 1, 9, 5, 4), 3, 1, False, 1, 2)
 
 
@@ -574,8 +596,9 @@ def test_compiled_impl_triton_without_a_gpu_says_so(monkeypatch):
         return ddf(x, cf, sf, 3, impl='triton')
 
     with pytest.raises(Exception, match="impl='triton' runs on CUDA"):
-        fn(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 3),
-           torch.zeros(1, 9, 4, 4))
+        fn(
+            torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 3),
+            torch.zeros(1, 9, 4, 4))
     torch._dynamo.reset()
 
 
@@ -624,8 +647,8 @@ def launches_of_an_up_backward(device, monkeypatch):
         return kernel(name, tuned)
 
     monkeypatch.setattr(ddf_triton, '_kernel', record)
-    x, cf, sf = (t.float() for t in filters(1, 2, 5, 4, 3, 1, 1,
-                                            device=device))
+    x, cf, sf = (
+        t.float() for t in filters(1, 2, 5, 4, 3, 1, 1, device=device))
     up_cf = cf.reshape(1, 2, 9).expand(4, -1, -1, -1)
     up_sf = sf.expand(4, -1, -1, -1, -1)
     grads = ddf_triton._ddf_up_backward(
@@ -636,12 +659,12 @@ def launches_of_an_up_backward(device, monkeypatch):
     for p in range(4):
         out[:, :, p // 2::2, p % 2::2] = ddf_reference(*leaves, 3)
     expected = torch.autograd.grad(out.sum(), leaves)
-    torch.testing.assert_close(grads[0].double(), expected[0], rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        grads[0].double(), expected[0], rtol=1e-5, atol=1e-5)
     # Each phase's filter gradients (the phases share their filters here).
     for got, e in zip(grads[1:], expected[1:]):
-        torch.testing.assert_close(got.double().sum(0).view_as(e), e,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            got.double().sum(0).view_as(e), e, rtol=1e-5, atol=1e-5)
     return launched
 
 

@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """CondConv2d / DyConv2d against an independent reference: routing weights
-recomputed from the layer's parameters, the mixed kernel and bias built by
-an explicit sum, one F.conv2d per sample."""
+recomputed from the layer's parameters, the mixed kernel and bias built by an
+explicit sum, one F.conv2d per sample."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,17 @@ CASES = {
 
 def build(cls, case, **kwargs):
     c_in, c_out, k, s, p, d, g, num, bias = case
-    return cls(c_in, c_out, k, stride=s, padding=p, dilation=d, groups=g,
-               bias=bias, kernel_num=num, **kwargs)
+    return cls(
+        c_in,
+        c_out,
+        k,
+        stride=s,
+        padding=p,
+        dilation=d,
+        groups=g,
+        bias=bias,
+        kernel_num=num,
+        **kwargs)
 
 
 def randomise(layer):
@@ -49,8 +58,8 @@ def reference_routing(layer, x):
 
     if isinstance(layer, CondConv2d):
         return torch.sigmoid(fc(att.fc, pooled) / temp)
-    return torch.softmax(fc(att.fc2, torch.relu(fc(att.fc1, pooled))) / temp,
-                         dim=1)
+    return torch.softmax(
+        fc(att.fc2, torch.relu(fc(att.fc1, pooled))) / temp, dim=1)
 
 
 def reference_forward(layer, x):
@@ -114,8 +123,11 @@ def test_gradcheck_float64(cls):
 
 @pytest.mark.parametrize('name', ['regular', 'groups_stride_dilation'])
 def test_single_kernel_equals_static_conv(name):
-    """K=1: softmax routing is exactly 1 (DyConv); sigmoid saturated by a
-    large bias (CondConv). Both are then nn.Conv2d."""
+    """K=1: softmax routing is exactly 1 (DyConv); sigmoid saturated by a large
+    bias (CondConv).
+
+    Both are then nn.Conv2d.
+    """
     c_in, c_out, k, s, p, d, g, _, bias = CASES[name]
     case = (c_in, c_out, k, s, p, d, g, 1, bias)
     conv = nn.Conv2d(c_in, c_out, k, s, p, d, g, bias=bias)
@@ -146,33 +158,34 @@ def test_temperature():
         x = torch.randn(2, 8, 6, 6)
         with torch.no_grad():
             torch.testing.assert_close(
-                layer(x), reference_forward(layer, x), rtol=1e-4,
-                atol=1e-5)
+                layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
 
 
 def test_structure_and_parameter_count():
-    # Unofficial DyConv (kaijieshi7/Dynamic-convolution-Pytorch): h = int(C_in * 0.25) + 1, or K for RGB.
+    # Unofficial DyConv (kaijieshi7/Dynamic-convolution-Pytorch):
+    # h = int(C_in * 0.25) + 1, or K for RGB.
     layer = DyConv2d(64, 128, 3, bias=False)
     h = int(64 * 0.25) + 1
     assert layer.attention.fc1.out_channels == h
     assert layer.attention.fc1.bias is None
     assert layer.weight.shape == (4, 128, 64, 3, 3)
-    assert sum(p.numel() for p in layer.parameters()) == (
-        4 * 128 * 64 * 9 + 64 * h + h * 4 + 4)
+    assert sum(p.numel() for p in layer.parameters()) == (4 * 128 * 64 * 9 +
+                                                          64 * h + h * 4 + 4)
     assert DyConv2d(3, 8, 3, kernel_num=5).attention.fc1.out_channels == 5
     assert DyConv2d(64, 8, 1, bias=True).bias.shape == (4, 8)
     cond = CondConv2d(64, 128, 3, kernel_num=8)
-    assert sum(p.numel() for p in cond.parameters()) == (
-        8 * 128 * 64 * 9 + 8 * 128 + 64 * 8 + 8)
+    assert sum(p.numel() for p in cond.parameters()) == (8 * 128 * 64 * 9 +
+                                                         8 * 128 + 64 * 8 + 8)
 
 
 def _dy_resnet_params(depth):
-    """torchvision ResNet, every block conv and downsample conv DyConv."""
+    """Torchvision ResNet, every block conv and downsample conv DyConv."""
     import torchvision
     with torch.device('meta'):
         model = getattr(torchvision.models, f'resnet{depth}')()
-        for block in [b for s in range(1, 5)
-                      for b in getattr(model, f'layer{s}')]:
+        for block in [
+                b for s in range(1, 5) for b in getattr(model, f'layer{s}')
+        ]:
             for name in ('conv1', 'conv2', 'conv3'):
                 conv = getattr(block, name, None)
                 if conv is not None:
@@ -183,8 +196,14 @@ def _dy_resnet_params(depth):
 
 
 def _to_dyconv(conv):
-    return DyConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                    conv.stride, conv.padding, bias=False, kernel_num=4)
+    return DyConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        bias=False,
+        kernel_num=4)
 
 
 @pytest.mark.parametrize('depth,expected', [(18, 45_475_008),
@@ -254,8 +273,8 @@ def test_invalid_dyconv_ratio():
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
 def test_chunked_inference_path_matches_reference(cls, bias):
-    """Deep-layer CPU inference builds the kernels into the reused
-    workspace, then one batch-1 conv per sample."""
+    """Deep-layer CPU inference builds the kernels into the reused workspace,
+    then one batch-1 conv per sample."""
     from mmdyn.ops.accel.paths import uses_chunked_kernels
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 4, 5)
@@ -267,8 +286,8 @@ def test_chunked_inference_path_matches_reference(cls, bias):
 
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
-@pytest.mark.parametrize('name', ['regular', 'groups_stride_dilation',
-                                  'depthwise', 'pointwise'])
+@pytest.mark.parametrize(
+    'name', ['regular', 'groups_stride_dilation', 'depthwise', 'pointwise'])
 def test_conv_then_mix_training_path_matches_reference(cls, name):
     """CPU training on small maps: K static convs, outputs mixed per
     sample; forward and backward against the per-sample reference."""
@@ -298,15 +317,14 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
     # Forced by impl on a map where 'auto' would not take it.
     layer.impl = 'conv_then_mix'
     big = torch.randn(2, layer.in_channels, 12, 12)
-    torch.testing.assert_close(layer(big), reference_forward(layer, big),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        layer(big), reference_forward(layer, big), rtol=1e-4, atol=1e-5)
     assert layer.last_path == 'conv_then_mix'
 
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(small_winograd, cls,
-                                                    bias):
+def test_winograd_inference_path_matches_reference(small_winograd, cls, bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the
     routing weights (thresholds lowered so that a small layer takes it;
     odd output size: cropped tiles)."""

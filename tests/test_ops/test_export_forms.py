@@ -1,9 +1,9 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """The export forms (mmdyn/ops/accel/export_forms.py) against each layer's
-``forward_reference``: in PyTorch (the form forced with ``impl='export'``)
-and through ONNX Runtime (exported at batch 2 with a dynamic batch, run at
-batch 1 and 3), on shapes with channels that are not multiples of 8,
-stride 2, dilation 2, groups and odd sizes."""
+``forward_reference``: in PyTorch (the form forced with ``impl='export'``) and
+through ONNX Runtime (exported at batch 2 with a dynamic batch, run at batch 1
+and 3), on shapes with channels that are not multiples of 8, stride 2, dilation
+2, groups and odd sizes."""
 import collections
 import io
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, ODConv2d)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       ODConv2d)
 from mmdyn.ops.accel import export_forms
 from mmdyn.ops.ddf import ddf_reference
 
@@ -25,45 +25,84 @@ def _odconv(**kw):
 
 # (name, builder, input [C, H, W]); each layer in eval mode.
 LAYERS = [
-    ('odconv_k1_s2', _odconv(in_channels=13, out_channels=22,
-                             kernel_size=3, stride=2, padding=1,
-                             kernel_num=1), (13, 11, 9)),
-    ('odconv_k1_d2_g', _odconv(in_channels=12, out_channels=18,
-                               kernel_size=3, padding=2, dilation=2,
-                               groups=3, kernel_num=1), (12, 9, 11)),
-    ('odconv_k1_5x5', _odconv(in_channels=7, out_channels=10, kernel_size=5,
-                              padding=2, kernel_num=1), (7, 8, 7)),
-    ('odconv_k4_s2_g', _odconv(in_channels=14, out_channels=10,
-                               kernel_size=3, stride=2, padding=1, groups=2,
-                               kernel_num=4), (14, 9, 10)),
-    ('odconv_k3_1x1', _odconv(in_channels=11, out_channels=17, kernel_size=1,
-                              stride=2, kernel_num=3), (11, 7, 9)),
-    ('odconv_k4_deep', _odconv(in_channels=24, out_channels=20,
-                               kernel_size=3, padding=1, kernel_num=4),
-     (24, 4, 5)),
-    ('odconv_k1_1x1_deep', _odconv(in_channels=40, out_channels=36,
-                                   kernel_size=1, kernel_num=1), (40, 3, 3)),
-    ('odconv_depthwise', _odconv(in_channels=10, out_channels=10,
-                                 kernel_size=3, padding=1, groups=10,
-                                 kernel_num=1), (10, 9, 9)),
-    ('dyconv_large_map', lambda: DyConv2d(13, 19, 3, stride=2, padding=2,
-                                          dilation=2, kernel_num=4),
-     (13, 21, 19)),
-    ('condconv_small_map_g', lambda: CondConv2d(
-        12, 15, 3, padding=1, groups=3, kernel_num=3), (12, 5, 7)),
+    ('odconv_k1_s2',
+     _odconv(
+         in_channels=13,
+         out_channels=22,
+         kernel_size=3,
+         stride=2,
+         padding=1,
+         kernel_num=1), (13, 11, 9)),
+    ('odconv_k1_d2_g',
+     _odconv(
+         in_channels=12,
+         out_channels=18,
+         kernel_size=3,
+         padding=2,
+         dilation=2,
+         groups=3,
+         kernel_num=1), (12, 9, 11)),
+    ('odconv_k1_5x5',
+     _odconv(
+         in_channels=7,
+         out_channels=10,
+         kernel_size=5,
+         padding=2,
+         kernel_num=1), (7, 8, 7)),
+    ('odconv_k4_s2_g',
+     _odconv(
+         in_channels=14,
+         out_channels=10,
+         kernel_size=3,
+         stride=2,
+         padding=1,
+         groups=2,
+         kernel_num=4), (14, 9, 10)),
+    ('odconv_k3_1x1',
+     _odconv(
+         in_channels=11,
+         out_channels=17,
+         kernel_size=1,
+         stride=2,
+         kernel_num=3), (11, 7, 9)),
+    ('odconv_k4_deep',
+     _odconv(
+         in_channels=24,
+         out_channels=20,
+         kernel_size=3,
+         padding=1,
+         kernel_num=4), (24, 4, 5)),
+    ('odconv_k1_1x1_deep',
+     _odconv(in_channels=40, out_channels=36, kernel_size=1,
+             kernel_num=1), (40, 3, 3)),
+    ('odconv_depthwise',
+     _odconv(
+         in_channels=10,
+         out_channels=10,
+         kernel_size=3,
+         padding=1,
+         groups=10,
+         kernel_num=1), (10, 9, 9)),
+    ('dyconv_large_map', lambda: DyConv2d(
+        13, 19, 3, stride=2, padding=2, dilation=2, kernel_num=4), (13, 21,
+                                                                    19)),
+    ('condconv_small_map_g',
+     lambda: CondConv2d(12, 15, 3, padding=1, groups=3, kernel_num=3), (12, 5,
+                                                                        7)),
     ('condconv_1x1', lambda: CondConv2d(9, 11, 1, kernel_num=2), (9, 7, 5)),
-    ('kw_3x3_s2', lambda: KWConv2d(13, 22, 3, stride=2, padding=1),
-     (13, 11, 9)),
-    ('kw_3x3_d2', lambda: KWConv2d(12, 20, 3, padding=2, dilation=2),
-     (12, 9, 7)),
-    ('kw_3x3_deep_s2', lambda: KWConv2d(24, 28, 3, stride=2, padding=1,
-                                        bias=True), (24, 5, 6)),
+    ('kw_3x3_s2', lambda: KWConv2d(13, 22, 3, stride=2, padding=1), (13, 11,
+                                                                     9)),
+    ('kw_3x3_d2', lambda: KWConv2d(12, 20, 3, padding=2, dilation=2), (12, 9,
+                                                                       7)),
+    ('kw_3x3_deep_s2',
+     lambda: KWConv2d(24, 28, 3, stride=2, padding=1, bias=True), (24, 5, 6)),
     ('kw_1x1', lambda: KWConv2d(17, 11, 1, bias=True), (17, 7, 9)),
     ('kw_1x1_blocks_s2', lambda: KWConv2d(
         12, 20, 1, stride=2, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
      (12, 9, 7)),
-    ('kw_3x3_in_blocks', lambda: KWConv2d(12, 20, 3, padding=1,
-                                          cell_inplane_ratio=0.5), (12, 7, 9)),
+    ('kw_3x3_in_blocks',
+     lambda: KWConv2d(12, 20, 3, padding=1, cell_inplane_ratio=0.5), (12, 7,
+                                                                      9)),
     ('kw_3x3_out_blocks_g', lambda: KWConv2d(
         12, 20, 3, stride=2, padding=1, groups=2, cell_outplane_ratio=0.5),
      (12, 9, 9)),
@@ -84,8 +123,8 @@ def _build(builder):
     return layer
 
 
-@pytest.mark.parametrize('name,builder,chw', LAYERS,
-                         ids=[n for n, _, _ in LAYERS])
+@pytest.mark.parametrize(
+    'name,builder,chw', LAYERS, ids=[n for n, _, _ in LAYERS])
 @pytest.mark.parametrize('batch', [1, 3])
 def test_form_equals_reference_in_pytorch(name, builder, chw, batch):
     layer = _build(builder)
@@ -100,9 +139,9 @@ def test_form_equals_reference_in_pytorch(name, builder, chw, batch):
 
 
 def test_odconv_takes_every_form():
-    """With several kernels, both the folded attentions and the scaled
-    maps are exercised above (one kernel: scaled columns, or one static
-    conv for 1x1)."""
+    """With several kernels, both the folded attentions and the scaled maps are
+    exercised above (one kernel: scaled columns, or one static conv for
+    1x1)."""
     shapes = {name: chw for name, _, chw in LAYERS}
     folds = {
         name: export_forms.odconv_folds(builder(),
@@ -116,8 +155,10 @@ def test_odconv_takes_every_form():
 def test_kernel_warehouse_layouts_covered():
     """Whole-position cells, 1x1 blocks and the general assembly are all
     exercised above."""
-    layouts = {name: builder()._kw_layout for name, builder, _ in LAYERS
-               if name.startswith('kw')}
+    layouts = {
+        name: builder()._kw_layout
+        for name, builder, _ in LAYERS if name.startswith('kw')
+    }
     assert layouts['kw_3x3_s2'][1:3] == (1, 1)
     assert layouts['kw_3x3_deep_s2'][1:3] == (1, 1)
     assert not export_forms.kw_position_major(LAYERS_BY_NAME['kw_3x3_s2'](),
@@ -132,19 +173,20 @@ def test_kernel_warehouse_layouts_covered():
 def test_mixture_takes_both_forms():
     """The two CondConv/DyConv forms are both exercised above."""
     small = CondConv2d(12, 15, 3, padding=1, groups=3, kernel_num=3)
-    large = DyConv2d(13, 19, 3, stride=2, padding=2, dilation=2,
-                     kernel_num=4)
+    large = DyConv2d(13, 19, 3, stride=2, padding=2, dilation=2, kernel_num=4)
     assert export_forms.mixture_stacks_kernels(small, torch.zeros(1, 12, 5, 7))
-    assert not export_forms.mixture_stacks_kernels(
-        large, torch.zeros(1, 13, 21, 19))
+    assert not export_forms.mixture_stacks_kernels(large,
+                                                   torch.zeros(1, 13, 21, 19))
 
 
 @pytest.mark.parametrize('combine', ['mul', 'add'])
-@pytest.mark.parametrize('k,dilation,stride,hw,out_hw', [
-    (3, 1, 1, (9, 11), (9, 11)),
-    (3, 2, 2, (11, 9), (6, 5)),  # ceil(H / s)
-    (5, 1, 2, (11, 9), (5, 4)),  # H // s, the official size
-])
+@pytest.mark.parametrize(
+    'k,dilation,stride,hw,out_hw',
+    [
+        (3, 1, 1, (9, 11), (9, 11)),
+        (3, 2, 2, (11, 9), (6, 5)),  # ceil(H / s)
+        (5, 1, 2, (11, 9), (5, 4)),  # H // s, the official size
+    ])
 @pytest.mark.parametrize('batch', [1, 3])
 def test_ddf_form_equals_reference(combine, k, dilation, stride, hw, out_hw,
                                    batch):
@@ -179,9 +221,9 @@ DDF_LAYERS = [
 
 
 def data_ops(graph) -> collections.Counter:
-    """The op types of ``graph``'s nodes that compute on tensor data, not
-    on shapes (nodes whose inputs all derive from ``Shape`` nodes and
-    constants are left out)."""
+    """The op types of ``graph``'s nodes that compute on tensor data, not on
+    shapes (nodes whose inputs all derive from ``Shape`` nodes and constants
+    are left out)."""
     constant = {init.name for init in graph.initializer}
     shape = set()
     ops = collections.Counter()
@@ -199,25 +241,37 @@ def data_ops(graph) -> collections.Counter:
 
 def export_and_run(layer, chw, batches=(1, 3)):
     """Export ``layer`` at batch 2 with a dynamic batch (the TorchScript
-    exporter, as tools/deployment/pytorch2onnx.py); per batch, the
-    onnxruntime output and the layer's ``forward_reference``. Also the op
-    types of the graph."""
+    exporter, as tools/deployment/pytorch2onnx.py); per batch, the onnxruntime
+    output and the layer's ``forward_reference``.
+
+    Also the op types of the graph.
+    """
     ort = pytest.importorskip('onnxruntime', reason='pip install onnxruntime')
     onnx = pytest.importorskip('onnx', reason='pip install onnx')
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(layer, (torch.randn(2, *chw), ), buffer,
-                          input_names=['input'], output_names=['output'],
-                          dynamic_axes={'input': {0: 'batch'},
-                                        'output': {0: 'batch'}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            layer, (torch.randn(2, *chw), ),
+            buffer,
+            input_names=['input'],
+            output_names=['output'],
+            dynamic_axes={
+                'input': {
+                    0: 'batch'
+                },
+                'output': {
+                    0: 'batch'
+                }
+            },
+            opset_version=17,
+            dynamo=False)
     ops = data_ops(onnx.load_from_string(buffer.getvalue()).graph)
-    session = ort.InferenceSession(buffer.getvalue(),
-                                   providers=['CPUExecutionProvider'])
+    session = ort.InferenceSession(
+        buffer.getvalue(), providers=['CPUExecutionProvider'])
     results = []
     for batch in batches:
-        x = torch.randn(batch, *chw,
-                        generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(
+            batch, *chw, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = layer.forward_reference(x)
         got = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
@@ -225,8 +279,10 @@ def export_and_run(layer, chw, batches=(1, 3)):
     return results, ops
 
 
-@pytest.mark.parametrize('name,builder,chw', LAYERS + DDF_LAYERS,
-                         ids=[n for n, _, _ in LAYERS + DDF_LAYERS])
+@pytest.mark.parametrize(
+    'name,builder,chw',
+    LAYERS + DDF_LAYERS,
+    ids=[n for n, _, _ in LAYERS + DDF_LAYERS])
 def test_onnxruntime_dynamic_batch(name, builder, chw):
     layer = _build(builder)
     results, ops = export_and_run(layer, chw)

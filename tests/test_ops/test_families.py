@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import mmdyn.ops as ops
-from mmdyn.ops.families import (FAMILIES, family_of, owning_family,
-                                owns_key, registry_names)
+from mmdyn.ops.families import (FAMILIES, family_of, owning_family, owns_key,
+                                registry_names)
 
 LAYERS = {
     'ODConv2d': lambda: ops.ODConv2d(8, 8, 3),
@@ -26,9 +26,9 @@ LAYERS = {
 def test_every_public_layer_is_in_one_family():
     layers = {
         name: cls
-        for name, cls in vars(ops).items() if inspect.isclass(cls)
-        and issubclass(cls, nn.Module) and name in ops.__all__
-        and name not in ('DynamicConv2dBase', 'WarehouseManager')
+        for name, cls in vars(ops).items()
+        if inspect.isclass(cls) and issubclass(cls, nn.Module) and name in
+        ops.__all__ and name not in ('DynamicConv2dBase', 'WarehouseManager')
     }
     assert set(layers) == set(LAYERS)
     for name, cls in layers.items():
@@ -50,8 +50,8 @@ def test_state_dict_keys_are_the_family_patterns(name):
     # where the layouts differ (DDF's branches, ODConv's four heads).
     if family.kind in ('odconv', 'ddf', 'ddf_up'):
         assert not any(
-            all(owns_key(other, key) for key in keys) for other in others
-            if other.name != family.name)
+            all(owns_key(other, key) for key in keys)
+            for other in others if other.name != family.name)
 
 
 @pytest.mark.parametrize('name', sorted(LAYERS))
@@ -77,15 +77,15 @@ def test_registration_comes_from_the_table():
     }
     for name, cls in names.items():
         assert MODELS.get(name) is cls
-    layer = MODELS.build(dict(type='ODConv2d', in_channels=4,
-                              out_channels=4, kernel_size=3))
+    layer = MODELS.build(
+        dict(type='ODConv2d', in_channels=4, out_channels=4, kernel_size=3))
     assert isinstance(layer, ops.ODConv2d)
 
 
 def test_registration_does_not_replace_a_name_owned_elsewhere():
     """Registering over another class under a family name raises (no
-    ``force``): the module registers only names that are free or already
-    its own."""
+    ``force``): the module registers only names that are free or already its
+    own."""
     from mmengine.registry import Registry
 
     import mmdyn.models.layers as layers

@@ -1,47 +1,50 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Every execution path of every layer, selected publicly by ``impl``,
-against the layer's paper forward (``forward_reference``), with the path
-taken read back from ``last_path``; the dispatcher's choices follow the
-public threshold table."""
+"""Every execution path of every layer, selected publicly by ``impl``, against
+the layer's paper forward (``forward_reference``), with the path taken read
+back from ``last_path``; the dispatcher's choices follow the public threshold
+table."""
 import copy
 
 import pytest
 import torch
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, ODConv2d)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       ODConv2d)
 from mmdyn.ops.accel.paths import (KERNEL_WAREHOUSE_PATHS, MIXTURE_PATHS,
-                                   ODCONV_PATHS, PER_SAMPLE_IMPLS,
-                                   THRESHOLDS)
+                                   ODCONV_PATHS, PER_SAMPLE_IMPLS, THRESHOLDS)
 
 # (layer factory, input shape, paths that run with autograd, paths that
 # run only in float32 CPU inference)
 LAYERS = {
-    'odconv_k4': (lambda impl: ODConv2d(16, 24, 3, padding=1, impl=impl),
-                  (3, 16, 6, 5), ('reference', 'folded'),
-                  ('winograd', 'chunked')),
-    'odconv_k1': (lambda impl: ODConv2d(16, 24, 3, padding=1, kernel_num=1,
-                                        impl=impl), (3, 16, 6, 5),
-                  ('reference', 'folded', 'scaled_columns'),
-                  ('winograd', 'chunked')),
-    'dyconv': (lambda impl: DyConv2d(16, 24, 3, padding=1, impl=impl),
-               (3, 16, 6, 5), ('reference', 'conv_then_mix'),
-               ('winograd', 'chunked')),
-    'condconv_stride2': (lambda impl: CondConv2d(16, 24, 3, 2, 1, impl=impl),
-                         (3, 16, 7, 6), ('reference', 'conv_then_mix'),
-                         ('chunked', )),
+    'odconv_k4':
+    (lambda impl: ODConv2d(16, 24, 3, padding=1, impl=impl), (3, 16, 6, 5),
+     ('reference', 'folded'), ('winograd', 'chunked')),
+    'odconv_k1':
+    (lambda impl: ODConv2d(16, 24, 3, padding=1, kernel_num=1, impl=impl),
+     (3, 16, 6, 5), ('reference', 'folded', 'scaled_columns'), ('winograd',
+                                                                'chunked')),
+    'dyconv':
+    (lambda impl: DyConv2d(16, 24, 3, padding=1, impl=impl), (3, 16, 6, 5),
+     ('reference', 'conv_then_mix'), ('winograd', 'chunked')),
+    'condconv_stride2':
+    (lambda impl: CondConv2d(16, 24, 3, 2, 1, impl=impl), (3, 16, 7, 6),
+     ('reference', 'conv_then_mix'), ('chunked', )),
     'kwconv': (lambda impl: KWConv2d(16, 24, 3, padding=1, impl=impl),
                (3, 16, 6, 5), ('reference', 'position_major'),
                ('winograd', 'winograd_fused', 'chunked')),
-    'kwconv_split_cells': (
-        lambda impl: KWConv2d(16, 24, 3, padding=1, impl=impl,
-                              cell_inplane_ratio=0.5,
-                              cell_outplane_ratio=0.5),
-        (3, 16, 6, 5), ('reference', 'position_major'),
-        ('winograd', 'chunked')),
-    'kwconv_1x1': (lambda impl: KWConv2d(16, 24, 1, impl=impl),
-                   (3, 16, 6, 5), ('reference', 'position_major',
-                                   'pointwise'), ('chunked', )),
+    'kwconv_split_cells': (lambda impl: KWConv2d(
+        16,
+        24,
+        3,
+        padding=1,
+        impl=impl,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5), (3, 16, 6, 5),
+                           ('reference', 'position_major'), ('winograd',
+                                                             'chunked')),
+    'kwconv_1x1': (lambda impl: KWConv2d(16, 24, 1, impl=impl), (3, 16, 6, 5),
+                   ('reference', 'position_major',
+                    'pointwise'), ('chunked', )),
 }
 
 
@@ -82,8 +85,8 @@ def test_training_paths_match_the_reference(name, impl):
     x = torch.randn(shape, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     out, want = layer(x), reference.forward_reference(x_ref)
-    assert layer.last_path == (impl if impl not in PER_SAMPLE_IMPLS else
-                               'reference')
+    assert layer.last_path == (
+        impl if impl not in PER_SAMPLE_IMPLS else 'reference')
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -91,8 +94,8 @@ def test_training_paths_match_the_reference(name, impl):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     for (pname, p), p_ref in zip(layer.named_parameters(),
                                  reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4,
-                                   msg=pname)
+        torch.testing.assert_close(
+            p.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=pname)
 
 
 @pytest.mark.parametrize('name,impl', [(n, p) for n, v in LAYERS.items()
@@ -103,13 +106,13 @@ def test_inference_paths_match_the_reference(name, impl, c_loop_always):
     layer.eval()
     x = torch.randn(shape)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference.forward_reference(x),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            layer(x), reference.forward_reference(x), rtol=1e-4, atol=1e-4)
     assert layer.last_path == impl
 
 
-@pytest.mark.parametrize('name,impl', [(n, p) for n, v in LAYERS.items()
-                                       for p in v[3]])
+@pytest.mark.parametrize('name,impl',
+                         [(n, p) for n, v in LAYERS.items() for p in v[3]])
 def test_inference_only_paths_refuse_autograd(name, impl):
     layer = LAYERS[name][0](impl)
     with pytest.raises(ValueError, match=f'impl={impl!r} cannot run here'):
@@ -126,11 +129,16 @@ def test_paths_that_do_not_fit_the_layer_are_refused():
         with pytest.raises(ValueError, match='1x1 kernel'):
             KWConv2d(16, 16, 3, padding=1, impl='pointwise')(x)
         with pytest.raises(ValueError, match='whole-position cells'):
-            KWConv2d(16, 16, 3, padding=1, impl='winograd_fused',
-                     cell_inplane_ratio=0.5)(x)
+            KWConv2d(
+                16,
+                16,
+                3,
+                padding=1,
+                impl='winograd_fused',
+                cell_inplane_ratio=0.5)(
+                    x)
         with pytest.raises(ValueError, match='groups=1'):
-            KWConv2d(16, 16, 3, padding=1, groups=2,
-                     impl='position_major')(x)
+            KWConv2d(16, 16, 3, padding=1, groups=2, impl='position_major')(x)
     for cls, paths in ((ODConv2d, ODCONV_PATHS), (DyConv2d, MIXTURE_PATHS),
                        (KWConv2d, KERNEL_WAREHOUSE_PATHS)):
         with pytest.raises(ValueError, match="impl must be one of"):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, KWLinear, ODConv2d, ddf)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       KWLinear, ODConv2d, ddf)
 
 # name -> (layer factory, input shape)
 LAYERS = {
     'ODConv2d': (lambda: ODConv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
-    'ODConv2d_1x': (lambda: ODConv2d(8, 12, 3, padding=1, kernel_num=1),
-                    (2, 8, 6, 6)),
+    'ODConv2d_1x':
+    (lambda: ODConv2d(8, 12, 3, padding=1, kernel_num=1), (2, 8, 6, 6)),
     'DyConv2d': (lambda: DyConv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
     'CondConv2d': (lambda: CondConv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
     'KWConv2d': (lambda: KWConv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
@@ -56,8 +56,8 @@ def test_float64_layer_takes_float64_input(name):
     torch.testing.assert_close(out.float(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float16,
-                                   torch.float32), ids=str)
+@pytest.mark.parametrize(
+    'dtype', (torch.bfloat16, torch.float16, torch.float32), ids=str)
 @pytest.mark.parametrize('name', list(LAYERS))
 def test_autocast_half_input_to_a_float32_layer_is_accepted(name, dtype):
     """Under autocast a float32 layer takes half inputs (autocast casts the
@@ -78,16 +78,16 @@ def test_autocast_still_refuses_a_float64_input():
 
 
 def test_ddf_upsample_int_input_is_named():
-    with pytest.raises(ValueError, match='DDFUpsample got an input x of '
-                       'dtype torch.int64'):
+    with pytest.raises(
+            ValueError, match='DDFUpsample got an input x of '
+            'dtype torch.int64'):
         DDFUpsample(8, 2)(torch.ones(1, 8, 4, 4, dtype=torch.int64))
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 0, 5), (2, 8, 5, 0),
-                                   (0, 8, 0, 5)])
+@pytest.mark.parametrize('shape', [(2, 8, 0, 5), (2, 8, 5, 0), (0, 8, 0, 5)])
 def test_ddf_upsample_zero_size_as_nn_upsample(shape):
-    """nn.Upsample refuses an input with no rows or columns; so does
-    DDF-Up, naming itself and the shape."""
+    """nn.Upsample refuses an input with no rows or columns; so does DDF-Up,
+    naming itself and the shape."""
     with pytest.raises(RuntimeError):
         nn.Upsample(scale_factor=2)(torch.randn(shape))
     with pytest.raises(ValueError) as info:
@@ -99,14 +99,16 @@ def test_ddf_upsample_zero_size_as_nn_upsample(shape):
 
 def test_ddf_zero_height_input_names_x():
     x = torch.randn(2, 8, 0, 5)
-    with pytest.raises(ValueError, match=r'x must have a height and a width '
-                       r'>= 1.*\(2, 8, 0, 5\)'):
+    with pytest.raises(
+            ValueError,
+            match=r'x must have a height and a width '
+            r'>= 1.*\(2, 8, 0, 5\)'):
         ddf(x, torch.randn(2, 8, 3, 3), torch.randn(2, 9, 0, 5), 3)
 
 
 def test_ddf_spatial_filter_message_expects_what_it_accepts():
-    """H = 1 with stride 2: the official size H // 2 is 0, which is no
-    size; the message must show the size it accepts (1), not the one got."""
+    """H = 1 with stride 2: the official size H // 2 is 0, which is no size;
+    the message must show the size it accepts (1), not the one got."""
     x = torch.randn(2, 8, 1, 6)
     cf = torch.randn(2, 8, 3, 3)
     with pytest.raises(ValueError) as info:
@@ -135,8 +137,7 @@ def test_ddfconv_in_a_stem_says_depthwise_and_which_layer():
 
     import mmdyn.models  # noqa: F401 - registers the layers
     with pytest.raises(ValueError) as info:
-        build_conv_layer(
-            dict(type='DDFConv2d'), 3, 64, 7, stride=2, padding=3)
+        build_conv_layer(dict(type='DDFConv2d'), 3, 64, 7, stride=2, padding=3)
     message = str(info.value)
     assert 'depthwise' in message
     assert 'in_channels == out_channels' in message
@@ -146,9 +147,11 @@ def test_ddfconv_in_a_stem_says_depthwise_and_which_layer():
 
 def test_kwconv_half_warehouse_with_an_odd_mixture_count_builds():
     """7x7 depthwise, 5 channels: 49 mixtures of 5x1 cells, a warehouse of
-    int(49 / 2) = 24 cells. The official start-up rule (mixture i takes a
-    cell when i % 2 == (i // 2) % 2) would give cells to 25 mixtures; the
-    25th takes the zero cell."""
+    int(49 / 2) = 24 cells.
+
+    The official start-up rule (mixture i takes a cell when i % 2 == (i // 2) %
+    2) would give cells to 25 mixtures; the 25th takes the zero cell.
+    """
     layer = KWConv2d(5, 5, 7, padding=3, groups=5, cell_num_ratio=0.5)
     cells = layer.warehouse_manager.weights[layer.warehouse_id]
     assert tuple(cells.shape[:3]) == (24, 5, 1)

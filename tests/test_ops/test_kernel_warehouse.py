@@ -1,9 +1,10 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Tests of the KernelWarehouse operator against independent references.
 
-The references below are written from the method's definition (the KernelWarehouse
-paper): attention recomputed from the layer's submodules, each mixture assembled
-cell by cell with Python loops, then ``F.conv2d`` per sample.
+The references below are written from the method's definition (the
+KernelWarehouse paper): attention recomputed from the layer's submodules, each
+mixture assembled cell by cell with Python loops, then ``F.conv2d`` per
+sample.
 """
 import copy
 import warnings
@@ -29,8 +30,8 @@ def _one_thread():
 
 @pytest.fixture
 def c_loop_always(monkeypatch):
-    """The C cell product for every width (its threshold in the public
-    dispatch table lowered), so that small layers take it."""
+    """The C cell product for every width (its threshold in the public dispatch
+    table lowered), so that small layers take it."""
     from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1)
@@ -58,9 +59,9 @@ def _reference_attention(layer, pooled, tau):
             mapped = raw[:, i, att.num_local_cells:-1] @ att.fc3.weight.t()
             t0 = att.start_cell
             rows.append(
-                torch.cat([
-                    mapped[:, :t0], local, mapped[:, t0:], raw[:, i, -1:]
-                ], 1))
+                torch.cat(
+                    [mapped[:, :t0], local, mapped[:, t0:], raw[:, i, -1:]],
+                    1))
         logits = torch.stack(rows, 1) + att.basis_bias.reshape(m, n + 1)
     normalised = logits / (logits.abs().sum(-1, keepdim=True) + 1e-3)
     alpha = (1 - tau) * normalised + tau * layer.beta.to(logits.dtype)
@@ -83,8 +84,8 @@ def _reference_kernel(layer, alpha_b):
                 # M_i = sum_j alpha_ij E_j
                 mixture = torch.tensordot(
                     alpha_b[i], cells.reshape(-1, c_o, c_i), dims=1)
-                index = (slice(o * c_o, (o + 1) * c_o),
-                         slice(c * c_i, (c + 1) * c_i))
+                index = (slice(o * c_o,
+                               (o + 1) * c_o), slice(c * c_i, (c + 1) * c_i))
                 if len(k_shape) == 2:
                     index += (s // k_w, s % k_w)
                 else:
@@ -119,8 +120,7 @@ class _Net(nn.Module):
 
 SPECS = {
     'plain': [('stage0_layer0_conv0', (8, 16, 3), dict(padding=1)),
-              ('stage0_layer1_conv1', (16, 8, 1), dict(stride=2,
-                                                       bias=True))],
+              ('stage0_layer1_conv1', (16, 8, 1), dict(stride=2, bias=True))],
     'grouped_dilated': [
         ('stage0_layer0_conv0', (8, 8, (3, 2)),
          dict(padding=(2, 1), dilation=2, groups=2, bias=True)),
@@ -134,8 +134,11 @@ SPECS = {
     dict(cell_num_ratio=1),
     dict(cell_num_ratio=2, cell_inplane_ratio=0.5),
     dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5),
-    dict(cell_num_ratio=0.5, cell_inplane_ratio=0.5, cell_outplane_ratio=0.5,
-         nonlocal_basis_ratio=1 / 16),
+    dict(
+        cell_num_ratio=0.5,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5,
+        nonlocal_basis_ratio=1 / 16),
 ])
 def test_matches_naive_reference(spec, budget):
     net = _Net(SPECS[spec], **budget).double()
@@ -177,8 +180,8 @@ def _expected_cells(layers, ratio):
                 picks.append(cursor + sum(p is not None for p in picks))
             else:
                 picks.append(None)
-        cursor += m * int(ratio) if ratio >= 1 else sum(
-            p is not None for p in picks)
+        cursor += m * int(ratio) if ratio >= 1 else sum(p is not None
+                                                        for p in picks)
         result.append(picks)
     return result
 
@@ -187,8 +190,11 @@ def _expected_cells(layers, ratio):
 def test_tau_one_gives_assigned_cells(ratio):
     specs = [('stage0_layer0_conv0', (16, 16, 2), dict()),
              ('stage0_layer1_conv1', (16, 32, 1), dict())]
-    net = _Net(specs, cell_num_ratio=ratio, cell_inplane_ratio=0.5,
-               cell_outplane_ratio=0.5)
+    net = _Net(
+        specs,
+        cell_num_ratio=ratio,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5)
     cells = net.warehouse_manager.weights[0]
     assert cells.shape == (int(24 * ratio), 8, 8, 1, 1)
     _set_tau(net, 1.0)
@@ -203,8 +209,11 @@ def test_tau_one_gives_assigned_cells(ratio):
             if cell is not None:
                 kernel[o * 8:(o + 1) * 8, c * 8:(c + 1) * 8, s // k_w,
                        s % k_w] = cells[cell, :, :, 0, 0]
-        conv = nn.Conv2d(layer.in_channels, layer.out_channels,
-                         layer.kernel_size, bias=False)
+        conv = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            bias=False)
         conv.weight.data.copy_(kernel)
         x = torch.randn(2, layer.in_channels, 5, 5)
         torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
@@ -213,8 +222,8 @@ def test_tau_one_gives_assigned_cells(ratio):
 
 
 def test_gradcheck_conv_and_linear():
-    conv = KWConv2d(4, 6, 3, padding=1, groups=2, bias=True,
-                    cell_num_ratio=2).double()
+    conv = KWConv2d(
+        4, 6, 3, padding=1, groups=2, bias=True, cell_num_ratio=2).double()
     linear = KWLinear(6, 4, cell_inplane_ratio=0.5).double()
     for layer in (conv, linear):
         layer.eval()
@@ -242,8 +251,8 @@ def test_gradcheck_conv_and_linear():
 
 
 def test_linear_matches_reference():
-    layer = KWLinear(12, 10, bias=True, cell_inplane_ratio=0.5,
-                     cell_num_ratio=2).double()
+    layer = KWLinear(
+        12, 10, bias=True, cell_inplane_ratio=0.5, cell_num_ratio=2).double()
     layer.eval()
     layer.update_temperature(0.2)
     with torch.no_grad():
@@ -259,8 +268,8 @@ def test_linear_matches_reference():
     tokens = torch.randn(2, 5, 12, dtype=torch.float64)
     alpha = _reference_attention(layer, tokens.mean(1), 0.2)
     expected = torch.stack([
-        tokens[b] @ _reference_kernel(layer, alpha[b])[..., 0].t() +
-        layer.bias for b in range(2)
+        tokens[b] @ _reference_kernel(layer, alpha[b])[..., 0].t() + layer.bias
+        for b in range(2)
     ])
     torch.testing.assert_close(layer(tokens), expected)
 
@@ -273,8 +282,7 @@ def test_standalone_layer_structure():
     assert layer.attention.fc1.bias is None  # BN norm: no fc1 bias
     assert layer.attention.fc2.out_features == 9 * 10
     assert float(layer.temperature) == 0.0
-    assert KWConv2d.TEMPERATURE_SCHEDULE == dict(
-        start=1.0, end=0.0, epochs=20)
+    assert KWConv2d.TEMPERATURE_SCHEDULE == dict(start=1.0, end=0.0, epochs=20)
     keys = layer.state_dict().keys()
     assert 'temperature' in keys and 'beta' not in keys
     ln = KWConv2d(16, 32, 3, attention_norm='ln')
@@ -319,8 +327,8 @@ def test_caf_is_safe():
     huge = torch.tensor([[[3e38, -3e38, 3e38, 1.0]]])
     out = contrasting_attention(huge, beta[:1], 0.5)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, torch.tensor([[[0.5 + 0.5 / 3,
-                                                    -0.5 / 3, 0.5 / 3]]]))
+    torch.testing.assert_close(
+        out, torch.tensor([[[0.5 + 0.5 / 3, -0.5 / 3, 0.5 / 3]]]))
 
 
 def test_bf16_autocast_cpu():
@@ -359,8 +367,13 @@ def test_works_as_drop_in_conv():
     import mmdyn.models  # noqa: F401  (registers KWConv2d)
     conv = build_conv_layer(dict(type='KWConv2d'), 8, 16, 3, padding=1)
     assert conv(torch.randn(2, 8, 6, 6)).shape == (2, 16, 6, 6)
-    module = ConvModule(8, 16, 3, padding=1, conv_cfg=dict(type='KWConv2d'),
-                        norm_cfg=dict(type='BN'))
+    module = ConvModule(
+        8,
+        16,
+        3,
+        padding=1,
+        conv_cfg=dict(type='KWConv2d'),
+        norm_cfg=dict(type='BN'))
     module.init_weights()
     assert module(torch.randn(1, 8, 6, 6)).shape == (1, 16, 6, 6)
 
@@ -398,11 +411,17 @@ def test_errors():
     with pytest.raises(ValueError, match='layer_type'):
         WarehouseManager().reserve('a', 4, 4, layer_type='conv3d')
     with pytest.raises(ValueError, match='warehouse options'):
-        KWConv2d(8, 8, 3, warehouse_manager=WarehouseManager(),
-                 warehouse_name='a', cell_num_ratio=2)
+        KWConv2d(
+            8,
+            8,
+            3,
+            warehouse_manager=WarehouseManager(),
+            warehouse_name='a',
+            cell_num_ratio=2)
     with pytest.raises(ValueError, match='warehouses'):
-        _Net(SPECS['plain'] + [('stage1_layer0_conv0', (8, 8, 1), {})],
-             cell_num_ratio=(1, 2, 4))
+        _Net(
+            SPECS['plain'] + [('stage1_layer0_conv0', (8, 8, 1), {})],
+            cell_num_ratio=(1, 2, 4))
     with pytest.raises(ValueError, match='in_channels'):
         KWConv2d(8, 8, 3)(torch.randn(1, 4, 5, 5))
     with pytest.raises(ValueError, match='in_features'):
@@ -412,11 +431,12 @@ def test_errors():
 @pytest.mark.parametrize('kernel_size', [3, 1])
 def test_chunked_inference_path_matches_reference(kernel_size):
     """Deep grouped layers in CPU inference (the position-major path takes
-    groups == 1) build the kernels into the reused workspace, then one
-    batch-1 conv per sample."""
+    groups == 1) build the kernels into the reused workspace, then one batch-1
+    conv per sample."""
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True, groups=2))],
-               cell_num_ratio=1, cell_inplane_ratio=0.5).double().eval()
+               cell_num_ratio=1,
+               cell_inplane_ratio=0.5).double().eval()
     layer = net.layers[0]
     with torch.no_grad():
         for p in layer.attention.parameters():
@@ -429,20 +449,21 @@ def test_chunked_inference_path_matches_reference(kernel_size):
     assert layer.last_path == 'chunked'
 
 
-@pytest.mark.parametrize('kernel_size,stride,padding,dilation', [
-    (3, 1, 1, 1), (3, 2, 2, 2), ((3, 1), 1, (1, 0), 1), (1, 2, 1, 1),
-    (1, 1, 0, 1)])
+@pytest.mark.parametrize('kernel_size,stride,padding,dilation',
+                         [(3, 1, 1, 1), (3, 2, 2, 2), ((3, 1), 1, (1, 0), 1),
+                          (1, 2, 1, 1), (1, 1, 0, 1)])
 @pytest.mark.parametrize('inplane', [1, 0.5])
-def test_position_major_path_matches_reference(request, kernel_size,
-                                               stride, padding, dilation,
-                                               inplane):
-    """Deep CPU layers convolve from the position-major mixtures; forward
-    and backward against the naive reference, mixtures spanning all or
-    half of the input channels."""
-    net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
-                 dict(stride=stride, padding=padding, dilation=dilation,
-                      bias=True))],
-               cell_num_ratio=1, cell_inplane_ratio=inplane,
+def test_position_major_path_matches_reference(request, kernel_size, stride,
+                                               padding, dilation, inplane):
+    """Deep CPU layers convolve from the position-major mixtures; forward and
+    backward against the naive reference, mixtures spanning all or half of the
+    input channels."""
+    net = _Net([
+        ('stage0_layer0_conv0', (16, 32, kernel_size),
+         dict(stride=stride, padding=padding, dilation=dilation, bias=True))
+    ],
+               cell_num_ratio=1,
+               cell_inplane_ratio=inplane,
                cell_outplane_ratio=0.5).double().train()
     layer = net.layers[0]
     _set_tau(net, 0.4)
@@ -472,8 +493,8 @@ def test_position_major_path_matches_reference(request, kernel_size,
         assert layer.last_mixture_product == 'matmul'
         request.getfixturevalue('c_loop_always')
         net.float()
-        torch.testing.assert_close(layer(x.float()), ref.float(), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(
+            layer(x.float()), ref.float(), rtol=1e-4, atol=1e-4)
         assert layer.last_path == 'position_major'
         assert layer.last_mixture_product == 'c_loop'
     layer.impl = 'loop'
@@ -507,7 +528,8 @@ def test_float32_inference_paths_match_reference(request, c_loop_always,
         request.getfixturevalue('small_winograd')
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size),
                  dict(padding=kernel_size // 2, bias=True))],
-               cell_num_ratio=1, cell_inplane_ratio=inplane,
+               cell_num_ratio=1,
+               cell_inplane_ratio=inplane,
                cell_outplane_ratio=outplane).eval()
     layer = net.layers[0]
     with torch.no_grad():
@@ -548,12 +570,14 @@ def test_reused_mixtures_buffer_only_in_inference():
 
 
 def test_packed_cells_cache_follows_the_cells(monkeypatch, c_loop_always):
-    """Float32 CPU inference cuts each warehouse into strips once for all
-    its layers; an in-place update of the cells (an optimiser step),
+    """Float32 CPU inference cuts each warehouse into strips once for all its
+    layers; an in-place update of the cells (an optimiser step),
     load_state_dict or a write through .data re-cuts it, train() and dtype
-    moves drop it, MMDYN_KW_PACKED_CELLS=0 turns it off (the manager
-    counts its builds). Outputs against the float64 naive reference each
-    time."""
+    moves drop it, MMDYN_KW_PACKED_CELLS=0 turns it off (the manager counts its
+    builds).
+
+    Outputs against the float64 naive reference each time.
+    """
     specs = [('stage0_layer0_conv0', (16, 32, 1), {}),
              ('stage0_layer1_conv0', (32, 16, 1), {})]
     net = _Net(specs, cell_num_ratio=1, cell_inplane_ratio=0.5).eval()
@@ -565,9 +589,9 @@ def test_packed_cells_cache_follows_the_cells(monkeypatch, c_loop_always):
             hidden = net.layers[0](x)
             out = net.layers[1](hidden)
             ref_net = copy.deepcopy(net).double()
-            ref = _reference_conv(ref_net.layers[1],
-                                  _reference_conv(ref_net.layers[0],
-                                                  x.double(), 0.0), 0.0)
+            ref = _reference_conv(
+                ref_net.layers[1],
+                _reference_conv(ref_net.layers[0], x.double(), 0.0), 0.0)
         torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
 
     check()
@@ -607,30 +631,33 @@ def test_packed_cells_cache_follows_the_cells(monkeypatch, c_loop_always):
 @pytest.mark.parametrize('kernel_size,inplane,outplane', [(3, 0.5, 0.5),
                                                           (3, 1, 1),
                                                           (1, 0.25, 0.5)])
-def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane,
-                         outplane):
-    """mix_cells' 'position_major' and 'output_major' layouts, written
-    directly by the C loop (Scatter) or rearranged from torch.matmul,
-    against the naive kernel permuted by torch."""
+def test_mixture_layouts(monkeypatch, c_path, kernel_size, inplane, outplane):
+    """mix_cells' 'position_major' and 'output_major' layouts, written directly
+    by the C loop (Scatter) or rearranged from torch.matmul, against the naive
+    kernel permuted by torch."""
     from mmdyn.ops.accel.paths import THRESHOLDS
     monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
                         1 if c_path else 1 << 30)
     net = _Net([('stage0_layer0_conv0', (16, 32, kernel_size), {})],
-               cell_num_ratio=1, cell_inplane_ratio=inplane,
+               cell_num_ratio=1,
+               cell_inplane_ratio=inplane,
                cell_outplane_ratio=outplane).eval()
     layer = net.layers[0]
     att = torch.rand(3, layer.num_mixtures, layer.num_cells)
     # [B, C_out, C_in, kh, kw] by the naive loop, float64
     reference = copy.deepcopy(net).double().layers[0]
-    kernel = torch.stack([_reference_kernel(reference, a)
-                          for a in att.double()]).flatten(3).float()
-    expected = {'position_major': kernel.permute(0, 3, 1, 2),
-                'output_major': kernel.permute(0, 1, 3, 2)}
+    kernel = torch.stack([
+        _reference_kernel(reference, a) for a in att.double()
+    ]).flatten(3).float()
+    expected = {
+        'position_major': kernel.permute(0, 3, 1, 2),
+        'output_major': kernel.permute(0, 1, 3, 2)
+    }
     with torch.no_grad():
         for layout, want in expected.items():
             got = layer.mix_cells(att, reuse_buffer=True, layout=layout)
-            assert layer.last_mixture_product == ('c_loop' if c_path else
-                                                  'matmul')
+            assert layer.last_mixture_product == ('c_loop'
+                                                  if c_path else 'matmul')
             assert tuple(got.shape) == tuple(want.shape)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='layout'):

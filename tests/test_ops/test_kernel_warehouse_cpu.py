@@ -11,47 +11,48 @@ from mmdyn.ops.accel.paths import uses_c_cell_product
 
 @pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
 def c_threads(request):
-    """Run a C-loop test on one and on two OpenMP threads (the loops split
-    work of more than 4096 elements per thread, so the larger cases really
-    use both)."""
+    """Run a C-loop test on one and on two OpenMP threads (the loops split work
+    of more than 4096 elements per thread, so the larger cases really use
+    both)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize('rows,inner,cols', [
-    (72, 138, 4096),  # ResNet-50 shapes: multiples of the 4x24 tile
-    (32, 47, 5000),   # a partial last strip of columns
-    (7, 13, 100),     # a partial panel of rows
-    (3, 1, 17),       # fewer columns than one strip, inner size 1
-    (1, 300, 24),
-])
+@pytest.mark.parametrize(
+    'rows,inner,cols',
+    [
+        (72, 138, 4096),  # ResNet-50 shapes: multiples of the 4x24 tile
+        (32, 47, 5000),  # a partial last strip of columns
+        (7, 13, 100),  # a partial panel of rows
+        (3, 1, 17),  # fewer columns than one strip, inner size 1
+        (1, 300, 24),
+    ])
 def test_matches_torch_matmul(rows, inner, cols, c_threads):
     a = torch.randn(rows, inner)
     b = torch.randn(inner, cols)
-    torch.testing.assert_close(small_rows_matmul(a, b), a @ b, rtol=1e-5,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        small_rows_matmul(a, b), a @ b, rtol=1e-5, atol=1e-4)
 
 
 def test_batched_rows_and_out():
-    """[B, m, K] rows; written into a given ``out``; non-contiguous
-    inputs."""
+    """[B, m, K] rows; written into a given ``out``; non-contiguous inputs."""
     a = torch.randn(20, 3, 4).transpose(0, 2)  # [4, 3, 20], strided
-    b = torch.randn(40, 20).t()                 # [20, 40], strided
+    b = torch.randn(40, 20).t()  # [20, 40], strided
     out = torch.empty(4, 3, 40)
     got = small_rows_matmul(a, b, out=out)
     assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got, torch.matmul(a, b), rtol=1e-5,
-                               atol=1e-4)
+    torch.testing.assert_close(got, torch.matmul(a, b), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match='out'):
         small_rows_matmul(a, b, out=torch.empty(4, 3, 41))
 
 
 def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match='float32'):
-        small_rows_matmul(torch.randn(2, 3).double(),
-                          torch.randn(3, 4).double())
+        small_rows_matmul(
+            torch.randn(2, 3).double(),
+            torch.randn(3, 4).double())
     with pytest.raises(ValueError, match='multiply'):
         small_rows_matmul(torch.randn(2, 3), torch.randn(4, 5))
 
@@ -72,19 +73,19 @@ def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
 @pytest.mark.parametrize('rows,inner,cols', [(72, 47, 4096), (9, 5, 100),
                                              (4, 3, 17)])
 def test_packed_columns(rows, inner, cols, c_threads):
-    """Columns cut into strips once (pack_columns) give the same product;
-    the strips hold b's columns, zero-padded."""
+    """Columns cut into strips once (pack_columns) give the same product; the
+    strips hold b's columns, zero-padded."""
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     packed = pack_columns(b)
     strips = -(-cols // STRIP)
     assert packed.shape == (strips, inner, STRIP)
     padded = torch.zeros(inner, strips * STRIP)
     padded[:, :cols] = b
-    assert torch.equal(packed, padded.view(inner, strips, STRIP)
-                       .transpose(0, 1))
+    assert torch.equal(packed,
+                       padded.view(inner, strips, STRIP).transpose(0, 1))
     # b itself is not read when its strips are given
-    got = small_rows_matmul(a, torch.full((inner, cols), float('nan')),
-                            packed_b=packed)
+    got = small_rows_matmul(
+        a, torch.full((inner, cols), float('nan')), packed_b=packed)
     torch.testing.assert_close(got, a @ b, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match='packed_b'):
         small_rows_matmul(a, b, packed_b=packed[:, :-1])
@@ -95,45 +96,54 @@ def test_packed_columns(rows, inner, cols, c_threads):
                                              (3, 2, 4, 24)])
 def test_scatter_writes_cells_into_kernel_blocks(packed, g_o, g_i, c_o, c_i,
                                                  c_threads):
-    """Row (b, o, i) of the product is a [c_o, c_i] cell; scattered, it
-    lands in block (o, i) of sample b's [g_o c_o, g_i c_i] kernel: against
-    the same product permuted by torch."""
+    """Row (b, o, i) of the product is a [c_o, c_i] cell; scattered, it lands
+    in block (o, i) of sample b's [g_o c_o, g_i c_i] kernel: against the same
+    product permuted by torch."""
     batch, inner = 3, 7
     a = torch.randn(batch, g_o * g_i, inner)
     b = torch.randn(inner, c_o * c_i)
     c_out, c_in = g_o * c_o, g_i * c_i
-    bi, o, i = torch.meshgrid(torch.arange(batch), torch.arange(g_o),
-                              torch.arange(g_i), indexing='ij')
+    bi, o, i = torch.meshgrid(
+        torch.arange(batch),
+        torch.arange(g_o),
+        torch.arange(g_i),
+        indexing='ij')
     starts = ((bi * c_out + o * c_o) * c_in + i * c_i).flatten()
     out = torch.full((batch, c_out, c_in), float('nan'))
-    small_rows_matmul(a, b, out,
-                      packed_b=pack_columns(b) if packed else None,
-                      scatter=Scatter(starts, c_i, c_in))
+    small_rows_matmul(
+        a,
+        b,
+        out,
+        packed_b=pack_columns(b) if packed else None,
+        scatter=Scatter(starts, c_i, c_in))
     expected = (a @ b).view(batch, g_o, g_i, c_o, c_i).transpose(2, 3)
-    torch.testing.assert_close(out, expected.reshape(batch, c_out, c_in),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        out, expected.reshape(batch, c_out, c_in), rtol=1e-5, atol=1e-4)
 
 
 def test_scatter_bounds_are_checked():
     a, b = torch.randn(2, 3), torch.randn(3, 10)
     out = torch.empty(20)
-    small_rows_matmul(a, b, out, scatter=Scatter(torch.tensor([0, 10]),
-                                                 10, 10))
+    small_rows_matmul(
+        a, b, out, scatter=Scatter(torch.tensor([0, 10]), 10, 10))
     torch.testing.assert_close(out.view(2, 10), a @ b)
     for starts, segment, stride in (([0, 11], 10, 10), ([-1, 5], 10, 10),
                                     ([0, 9], 5, 7), ([0, 1], 0, 1)):
         with pytest.raises(ValueError, match='scatter'):
-            small_rows_matmul(a, b, out, scatter=Scatter(
-                torch.tensor(starts), segment, stride))
+            small_rows_matmul(
+                a,
+                b,
+                out,
+                scatter=Scatter(torch.tensor(starts), segment, stride))
     with pytest.raises(ValueError, match='scatter'):
-        small_rows_matmul(a, b, None, scatter=Scatter(torch.tensor([0, 1]),
-                                                      10, 10))
+        small_rows_matmul(
+            a, b, None, scatter=Scatter(torch.tensor([0, 1]), 10, 10))
     with pytest.raises(ValueError, match='overlap'):
-        small_rows_matmul(a, b, out, scatter=Scatter(torch.tensor([0, 10]),
-                                                     5, 4))
+        small_rows_matmul(
+            a, b, out, scatter=Scatter(torch.tensor([0, 10]), 5, 4))
     with pytest.raises(ValueError, match='float32'):
-        small_rows_matmul(a, b, out.double(),
-                          scatter=Scatter(torch.tensor([0, 10]), 10, 10))
+        small_rows_matmul(
+            a, b, out.double(), scatter=Scatter(torch.tensor([0, 10]), 10, 10))
 
 
 @pytest.mark.parametrize('packed', [False, True])
@@ -141,12 +151,12 @@ def test_scatter_bounds_are_checked():
                                               (1, 7, 24)])
 def test_winograd_transform_of_the_product(packed, batch, inner, cols,
                                            c_threads):
-    """winograd=True: the nine rows of each sample are a 3x3 kernel per
-    column; out holds G w G^T of each, against the product transformed with
-    F(2x2, 3x3)'s G by torch (partial panels of rows, partial strips)."""
+    """Winograd=True: the nine rows of each sample are a 3x3 kernel per column;
+    out holds G w G^T of each, against the product transformed with F(2x2,
+    3x3)'s G by torch (partial panels of rows, partial strips)."""
     a, b = torch.randn(batch, 9, inner), torch.randn(inner, cols)
-    got = small_rows_matmul(a, b, packed_b=pack_columns(b) if packed
-                            else None, winograd=True)
+    got = small_rows_matmul(
+        a, b, packed_b=pack_columns(b) if packed else None, winograd=True)
     g = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
                       [0.0, 0.0, 1.0]])
     kernels = (a @ b).transpose(1, 2).reshape(batch, cols, 3, 3)
@@ -155,5 +165,5 @@ def test_winograd_transform_of_the_product(packed, batch, inner, cols,
     with pytest.raises(ValueError, match='9 rows'):
         small_rows_matmul(a[:, :8], b, winograd=True)
     with pytest.raises(ValueError, match='out'):
-        small_rows_matmul(a, b, torch.empty(batch, 16, cols + 1),
-                          winograd=True)
+        small_rows_matmul(
+            a, b, torch.empty(batch, 16, cols + 1), winograd=True)

@@ -1,17 +1,19 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Every layer of mmdyn.ops on the inputs and arguments a new user tries:
+
 empty batches, channels_last models and inputs, non-finite ratios,
 ``padding_mode``, sizes above the allocation budget, and ``ddf()``'s filter
 layouts. The static counterparts (``nn.Conv2d``, ``nn.Linear``,
-``nn.Upsample``) are the reference of the expected behaviour."""
+``nn.Upsample``) are the reference of the expected behaviour.
+"""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, KWLinear, ODConv2d, WarehouseManager, ddf)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       KWLinear, ODConv2d, WarehouseManager, ddf)
 from mmdyn.ops.base import ALLOCATION_BUDGET_ENV
 
 # name -> (layer factory, input shape, static counterpart factory). The
@@ -22,34 +24,32 @@ LAYERS = {
     'odconv_k1_pointwise': (lambda: ODConv2d(16, 24, 1, kernel_num=1),
                             (2, 16, 8, 8), lambda: nn.Conv2d(16, 24, 1)),
     'odconv_k1_deep': (lambda: ODConv2d(32, 32, 3, padding=1, kernel_num=1),
-                       (2, 32, 4, 4),
-                       lambda: nn.Conv2d(32, 32, 3, padding=1)),
-    'odconv_depthwise': (lambda: ODConv2d(16, 16, 3, padding=1, groups=16),
-                         (2, 16, 8, 8),
-                         lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16)),
+                       (2, 32, 4, 4), lambda: nn.Conv2d(32, 32, 3, padding=1)),
+    'odconv_depthwise':
+    (lambda: ODConv2d(16, 16, 3, padding=1, groups=16), (2, 16, 8, 8),
+     lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16)),
     'odconv_stride2': (lambda: ODConv2d(16, 24, 3, 2, 1), (2, 16, 9, 9),
                        lambda: nn.Conv2d(16, 24, 3, 2, 1)),
     'dyconv': (lambda: DyConv2d(16, 24, 3, padding=1), (2, 16, 8, 8),
                lambda: nn.Conv2d(16, 24, 3, padding=1)),
-    'dyconv_large_map': (lambda: DyConv2d(16, 16, 3, padding=1),
-                         (2, 16, 16, 16),
-                         lambda: nn.Conv2d(16, 16, 3, padding=1)),
+    'dyconv_large_map':
+    (lambda: DyConv2d(16, 16, 3, padding=1), (2, 16, 16, 16),
+     lambda: nn.Conv2d(16, 16, 3, padding=1)),
     'condconv': (lambda: CondConv2d(16, 24, 3, padding=1), (2, 16, 8, 8),
                  lambda: nn.Conv2d(16, 24, 3, padding=1)),
     'kwconv': (lambda: KWConv2d(16, 24, 3, padding=1), (2, 16, 8, 8),
                lambda: nn.Conv2d(16, 24, 3, padding=1)),
-    'kwconv_half_cells': (
-        lambda: KWConv2d(16, 16, 3, padding=1, cell_inplane_ratio=0.5),
-        (2, 16, 16, 16), lambda: nn.Conv2d(16, 16, 3, padding=1)),
-    'kwconv_1x1': (lambda: KWConv2d(16, 24, 1), (2, 16, 8, 8),
-                   lambda: nn.Conv2d(16, 24, 1)),
+    'kwconv_half_cells':
+    (lambda: KWConv2d(16, 16, 3, padding=1, cell_inplane_ratio=0.5),
+     (2, 16, 16, 16), lambda: nn.Conv2d(16, 16, 3, padding=1)),
+    'kwconv_1x1':
+    (lambda: KWConv2d(16, 24, 1), (2, 16, 8, 8), lambda: nn.Conv2d(16, 24, 1)),
     'kwlinear': (lambda: KWLinear(16, 8), (2, 16), lambda: nn.Linear(16, 8)),
     'kwlinear_tokens': (lambda: KWLinear(16, 8), (2, 5, 16),
                         lambda: nn.Linear(16, 8)),
     'ddfconv': (lambda: DDFConv2d(16, 16, 3), (2, 16, 8, 8),
                 lambda: nn.Conv2d(16, 16, 3, padding=1)),
-    'ddfconv_stride2': (lambda: DDFConv2d(16, 16, 3, stride=2),
-                        (2, 16, 9, 9),
+    'ddfconv_stride2': (lambda: DDFConv2d(16, 16, 3, stride=2), (2, 16, 9, 9),
                         lambda: nn.Conv2d(16, 16, 3, 2, padding=1)),
     'ddfup': (lambda: DDFUpsample(16, 2), (2, 16, 7, 7),
               lambda: nn.Upsample(scale_factor=2)),
@@ -166,8 +166,10 @@ def test_channels_last_on_the_fast_inference_paths(name, small_winograd,
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(
-            converted(x.to(memory_format=torch.channels_last)), layer(x),
-            rtol=1e-5, atol=1e-5)
+            converted(x.to(memory_format=torch.channels_last)),
+            layer(x),
+            rtol=1e-5,
+            atol=1e-5)
 
 
 def test_channels_last_keeps_state_dict_and_dtype_moves():
@@ -184,8 +186,7 @@ def test_channels_last_keeps_state_dict_and_dtype_moves():
     assert layer.weight.shape == (4, 8, 8, 3, 3)
 
 
-@pytest.mark.parametrize('value', [float('nan'), float('inf'),
-                                   float('-inf')])
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
 @pytest.mark.parametrize('build, argument', [
     (lambda v: ODConv2d(8, 8, 3, reduction=v), 'reduction'),
     (lambda v: DyConv2d(8, 8, 3, ratio=v), 'ratio'),
@@ -198,8 +199,9 @@ def test_channels_last_keeps_state_dict_and_dtype_moves():
 ])
 def test_non_finite_ratios_are_refused_naming_the_argument(
         build, argument, value):
-    with pytest.raises(ValueError, match=f'^{argument} must be a positive '
-                       'finite number'):
+    with pytest.raises(
+            ValueError, match=f'^{argument} must be a positive '
+            'finite number'):
         build(value)
 
 
@@ -209,8 +211,8 @@ def test_kwconv_accepts_nn_conv2d_padding_mode():
     assert layer(torch.randn(2, 8, 5, 5)).shape == (2, 8, 5, 5)
     manager = WarehouseManager()
     net = nn.Module()
-    net.conv = manager.reserve('stage0_layer0_conv0', 8, 8, 3, padding=1,
-                               padding_mode='zeros')
+    net.conv = manager.reserve(
+        'stage0_layer0_conv0', 8, 8, 3, padding=1, padding_mode='zeros')
     net.warehouse_manager = manager
     manager.finalize(net)
     assert net.conv(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5)
@@ -237,8 +239,10 @@ def test_sizes_above_the_budget_raise_before_allocating(
         build, arguments, monkeypatch):
     # A budget of 1 MiB: each of these layers asks for 4 MiB or more.
     monkeypatch.setenv(ALLOCATION_BUDGET_ENV, str(2**20))
-    with pytest.raises(ValueError, match=f'above the .* budget.*{arguments}'
-                       f'.*{ALLOCATION_BUDGET_ENV}'):
+    with pytest.raises(
+            ValueError,
+            match=f'above the .* budget.*{arguments}'
+            f'.*{ALLOCATION_BUDGET_ENV}'):
         build()
     monkeypatch.delenv(ALLOCATION_BUDGET_ENV)
     build()  # fits the default budget
@@ -262,11 +266,11 @@ def test_ddf_checks_the_channel_filter_layout():
     cf = torch.randn(2, 4, 3, 3)
     expected = ddf(x, cf, sf, 3, impl='reference')
     # The two documented layouts.
-    torch.testing.assert_close(ddf(x, cf.reshape(2, 36, 1, 1), sf, 3),
-                               expected)
+    torch.testing.assert_close(
+        ddf(x, cf.reshape(2, 36, 1, 1), sf, 3), expected)
     torch.testing.assert_close(ddf(x, cf, sf, 3), expected)
     # [B, k, k, C] has the right number of elements but the wrong layout.
-    for bad in (cf.permute(0, 2, 3, 1), cf.reshape(2, 36),
-                cf.reshape(2, 4, 9), cf.reshape(2, 1, 36, 1)):
+    for bad in (cf.permute(0, 2, 3, 1), cf.reshape(2, 36), cf.reshape(2, 4, 9),
+                cf.reshape(2, 1, 36, 1)):
         with pytest.raises(ValueError, match='channel_filter must be'):
             ddf(x, bad, sf, 3)

@@ -30,8 +30,17 @@ CASES = {
 
 def build(case, **kwargs):
     c_in, c_out, k, s, p, d, g, num, bias = case
-    return ODConv2d(c_in, c_out, k, stride=s, padding=p, dilation=d,
-                    groups=g, bias=bias, kernel_num=num, **kwargs)
+    return ODConv2d(
+        c_in,
+        c_out,
+        k,
+        stride=s,
+        padding=p,
+        dilation=d,
+        groups=g,
+        bias=bias,
+        kernel_num=num,
+        **kwargs)
 
 
 def randomise(layer):
@@ -61,25 +70,27 @@ def reference_forward(layer, x):
 
     pooled = x.mean(dim=(2, 3))
     bn = att.bn
-    s = (fc(att.fc, pooled) - bn.running_mean) / torch.sqrt(
-        bn.running_var + bn.eps) * bn.weight + bn.bias
+    s = (fc(att.fc, pooled) - bn.running_mean
+         ) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
     s = torch.relu(s)
     channel = torch.sigmoid(fc(att.channel_fc, s) / temp)
     depthwise = c_in == layer.groups == c_out
-    filt = (torch.ones(batch, c_out) if depthwise else torch.sigmoid(
-        fc(att.filter_fc, s) / temp))
-    spatial = (torch.ones(batch, kh * kw) if kh * kw == 1 else torch.sigmoid(
-        fc(att.spatial_fc, s) / temp))
+    filt = (
+        torch.ones(batch, c_out) if depthwise else torch.sigmoid(
+            fc(att.filter_fc, s) / temp))
+    spatial = (
+        torch.ones(batch, kh * kw) if kh *
+        kw == 1 else torch.sigmoid(fc(att.spatial_fc, s) / temp))
     num = layer.weight.shape[0]
-    kernel = (torch.ones(batch, 1) if num == 1 else torch.softmax(
-        fc(att.kernel_fc, s) / temp, dim=1))
+    kernel = (
+        torch.ones(batch, 1) if num == 1 else torch.softmax(
+            fc(att.kernel_fc, s) / temp, dim=1))
     outs = []
     for b in range(batch):
         w_b = sum(kernel[b, i] * spatial[b].view(kh, kw) * layer.weight[i]
                   for i in range(num))
         y = F.conv2d(x[b:b + 1] * channel[b].view(1, -1, 1, 1), w_b, None,
-                     layer.stride, layer.padding, layer.dilation,
-                     layer.groups)
+                     layer.stride, layer.padding, layer.dilation, layer.groups)
         y = y * filt[b].view(1, -1, 1, 1)
         if layer.bias is not None:
             y = y + layer.bias.view(1, -1, 1, 1)
@@ -91,8 +102,8 @@ def reference_forward(layer, x):
 @pytest.mark.parametrize('fold', [True, False])
 def test_forward_matches_reference(name, fold):
     """Both ways of applying alpha_c/alpha_f (on the feature maps: the
-    reference path, or folded into the per-sample kernel), with and
-    without autograd, selected by impl."""
+    reference path, or folded into the per-sample kernel), with and without
+    autograd, selected by impl."""
     path = 'folded' if fold else 'reference'
     layer = randomise(build(CASES[name], impl=path))
     x = torch.randn(3, layer.in_channels, 9, 10)
@@ -102,14 +113,14 @@ def test_forward_matches_reference(name, fold):
         assert layer.last_path == path
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
     assert layer.last_path == path
-    torch.testing.assert_close(layer.forward_reference(x), ref, rtol=1e-4,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        layer.forward_reference(x), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['single_kernel_3x3', 'non_square'])
 def test_scaled_columns_path(name):
-    """K == 1: the static kernel times alpha_s/alpha_c-scaled im2col
-    columns, against the reference, forward and backward."""
+    """K == 1: the static kernel times alpha_s/alpha_c-scaled im2col columns,
+    against the reference, forward and backward."""
     case = CASES[name][:7] + (1, True)
     layer = randomise(build(case, impl='scaled_columns'))
     x = torch.randn(3, layer.in_channels, 9, 10, requires_grad=True)
@@ -122,9 +133,10 @@ def test_scaled_columns_path(name):
     ref = reference_forward(layer, x_ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(out)
-    params = [layer.weight, layer.attention.fc.weight,
-              layer.attention.spatial_fc.weight,
-              layer.attention.channel_fc.bias]
+    params = [
+        layer.weight, layer.attention.fc.weight,
+        layer.attention.spatial_fc.weight, layer.attention.channel_fc.bias
+    ]
     got = torch.autograd.grad(out, [x] + params, grad)
     want = torch.autograd.grad(ref, [x_ref] + params, grad)
     for g, w in zip(got, want):
@@ -151,14 +163,16 @@ def test_every_impl_forward_backward(impl, case):
     x = torch.randn(4, 8, 11, 9, requires_grad=True)
     out = layer(x)
     if impl != 'auto':
-        assert layer.last_path == ('folded' if impl == 'folded' else
-                                   'reference')
+        assert layer.last_path == ('folded'
+                                   if impl == 'folded' else 'reference')
     x_ref = x.detach().clone().requires_grad_()
     ref = reference_forward(layer, x_ref)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(out)
-    params = [layer.weight, layer.attention.fc.weight,
-              layer.attention.spatial_fc.weight]
+    params = [
+        layer.weight, layer.attention.fc.weight,
+        layer.attention.spatial_fc.weight
+    ]
     got = torch.autograd.grad(out, [x] + params, grad)
     want = torch.autograd.grad(ref, [x_ref] + params, grad)
     for g, w in zip(got, want):
@@ -181,12 +195,12 @@ def test_temperature_divides_every_logit():
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize('name', [
-    'regular', 'groups_stride', 'depthwise_k1', 'pointwise_1x', 'non_square'
-])
+@pytest.mark.parametrize(
+    'name',
+    ['regular', 'groups_stride', 'depthwise_k1', 'pointwise_1x', 'non_square'])
 def test_saturated_attentions_equal_static_conv(name):
-    """Attentions forced to exactly 1 (and one-hot kernel attention): the
-    layer is nn.Conv2d with the selected kernel, in train mode too."""
+    """Attentions forced to exactly 1 (and one-hot kernel attention): the layer
+    is nn.Conv2d with the selected kernel, in train mode too."""
     layer = build(CASES[name])
     att = layer.attention
     chosen = layer.weight.shape[0] - 1
@@ -206,8 +220,7 @@ def test_saturated_attentions_equal_static_conv(name):
         if bias:
             conv.bias.copy_(layer.bias)
     x = torch.randn(2, c_in, 8, 9)
-    torch.testing.assert_close(layer.train()(x), conv(x), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(layer.train()(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('impl,num', [('loop', 2), ('folded', 2),
@@ -217,8 +230,10 @@ def test_gradcheck_float64(impl, num):
     layer = build((4, 4, 3, 1, 1, 1, 2, num, True), impl=impl)
     layer = randomise(layer).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    names = ['weight', 'attention.fc.weight', 'attention.spatial_fc.bias',
-             'attention.filter_fc.weight']
+    names = [
+        'weight', 'attention.fc.weight', 'attention.spatial_fc.bias',
+        'attention.filter_fc.weight'
+    ]
     if num > 1:
         names.append('attention.kernel_fc.weight')
     params = dict(layer.named_parameters())
@@ -237,18 +252,21 @@ def closed_form_params(c_in, c_out, k, groups, num, r=1 / 16, min_ch=16):
     depthwise = c_in == groups == c_out
     return (num * numel_w + c_in * h + 2 * h + (h * c_in + c_in) +
             (0 if depthwise else h * c_out + c_out) +
-            (h * k * k + k * k if k > 1 else 0) + (h * num +
-                                                   num if num > 1 else 0))
+            (h * k * k + k * k if k > 1 else 0) +
+            (h * num + num if num > 1 else 0))
 
 
-@pytest.mark.parametrize('c_in,c_out,k,groups,num', [
-    (64, 64, 3, 1, 1), (64, 64, 3, 1, 4), (256, 1024, 1, 1, 4),
-    (2048, 512, 1, 1, 1), (96, 96, 3, 96, 4), (96, 96, 3, 96, 1),
-    (384, 64, 1, 1, 1), (24, 48, 5, 4, 2), (960, 1280, 1, 1, 4)
-])
+@pytest.mark.parametrize('c_in,c_out,k,groups,num', [(64, 64, 3, 1, 1),
+                                                     (64, 64, 3, 1, 4),
+                                                     (256, 1024, 1, 1, 4),
+                                                     (2048, 512, 1, 1, 1),
+                                                     (96, 96, 3, 96, 4),
+                                                     (96, 96, 3, 96, 1),
+                                                     (384, 64, 1, 1, 1),
+                                                     (24, 48, 5, 4, 2),
+                                                     (960, 1280, 1, 1, 4)])
 def test_parameter_count_matches_closed_form(c_in, c_out, k, groups, num):
-    layer = ODConv2d(c_in, c_out, k, groups=groups, kernel_num=num,
-                     bias=False)
+    layer = ODConv2d(c_in, c_out, k, groups=groups, kernel_num=num, bias=False)
     count = sum(p.numel() for p in layer.parameters())
     assert count == closed_form_params(c_in, c_out, k, groups, num)
     with_bias = ODConv2d(c_in, c_out, k, groups=groups, kernel_num=num)
@@ -256,21 +274,27 @@ def test_parameter_count_matches_closed_form(c_in, c_out, k, groups, num):
 
 
 def _od_resnet_params(depth, num):
-    """torchvision ResNet with the ODConv placement of the official code."""
+    """Torchvision ResNet with the ODConv placement of the official code."""
     import torchvision
     with torch.device('meta'):
         model = getattr(torchvision.models, f'resnet{depth}')()
-        for block in [b for s in range(1, 5)
-                      for b in getattr(model, f'layer{s}')]:
+        for block in [
+                b for s in range(1, 5) for b in getattr(model, f'layer{s}')
+        ]:
             for name in ('conv1', 'conv2', 'conv3'):
                 conv = getattr(block, name, None)
                 if conv is not None:
                     setattr(
                         block, name,
-                        ODConv2d(conv.in_channels, conv.out_channels,
-                                 conv.kernel_size, conv.stride,
-                                 conv.padding, groups=conv.groups,
-                                 bias=False, kernel_num=num))
+                        ODConv2d(
+                            conv.in_channels,
+                            conv.out_channels,
+                            conv.kernel_size,
+                            conv.stride,
+                            conv.padding,
+                            groups=conv.groups,
+                            bias=False,
+                            kernel_num=num))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -368,18 +392,17 @@ def test_wrong_input_is_reported():
         layer(torch.randn(2, 6, 9, 9))
 
 
-@pytest.mark.parametrize('name', ['regular', 'single_kernel_3x3',
-                                  'pointwise_1x', 'depthwise'])
+@pytest.mark.parametrize(
+    'name', ['regular', 'single_kernel_3x3', 'pointwise_1x', 'depthwise'])
 def test_traced_graph_does_not_bake_the_batch_size(name):
     """The export path (ONNX/tracing): traced at batch 2, run at batch 5."""
     layer = randomise(build(CASES[name]))
     with torch.no_grad():
         traced = torch.jit.trace(
-            layer, torch.randn(2, layer.in_channels, 9, 10),
-            check_trace=False)
+            layer, torch.randn(2, layer.in_channels, 9, 10), check_trace=False)
         x = torch.randn(5, layer.in_channels, 9, 10)
-        torch.testing.assert_close(traced(x), reference_forward(layer, x),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            traced(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('bias', [True, False])
@@ -399,16 +422,25 @@ def test_chunked_pointwise_inference_matches_reference(bias):
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
 def test_chunked_inference_path_matches_reference(num, bias):
-    """Deep-layer CPU inference builds the kernels into the reused
-    workspace, then one batch-1 conv per sample."""
+    """Deep-layer CPU inference builds the kernels into the reused workspace,
+    then one batch-1 conv per sample."""
     from mmdyn.ops.accel.paths import uses_chunked_kernels
+
     # impl: a one-kernel layer this deep would take the scaled columns.
-    layer = randomise(ODConv2d(16, 24, 3, stride=2, padding=1, bias=bias,
-                               kernel_num=num, impl='chunked'))
+    layer = randomise(
+        ODConv2d(
+            16,
+            24,
+            3,
+            stride=2,
+            padding=1,
+            bias=bias,
+            kernel_num=num,
+            impl='chunked'))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         assert uses_chunked_kernels(x, layer.weight[0].numel(), 24,
-                                  layer.output_hw(5, 6))
+                                    layer.output_hw(5, 6))
         torch.testing.assert_close(
             layer(x), reference_forward(layer, x), rtol=1e-4, atol=1e-5)
         assert layer.last_path == 'chunked'
@@ -424,14 +456,13 @@ def test_chunked_inference_path_matches_reference(num, bias):
 
 @pytest.mark.parametrize('num', [1, 4])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(small_winograd, num,
-                                                    bias):
+def test_winograd_inference_path_matches_reference(small_winograd, num, bias):
     """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) with the
     spatial and kernel attentions folded into the transformed kernels
     (thresholds lowered so that a small layer takes it; odd output size);
     impl='winograd' forces it with the default thresholds."""
-    layer = randomise(ODConv2d(16, 24, 3, padding=1, bias=bias,
-                               kernel_num=num))
+    layer = randomise(
+        ODConv2d(16, 24, 3, padding=1, bias=bias, kernel_num=num))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -441,8 +472,8 @@ def test_winograd_inference_path_matches_reference(small_winograd, num,
 
 @pytest.mark.parametrize('num', [1, 4])
 def test_winograd_forced_by_impl(num):
-    layer = randomise(ODConv2d(16, 24, 3, padding=1, kernel_num=num,
-                               impl='winograd'))
+    layer = randomise(
+        ODConv2d(16, 24, 3, padding=1, kernel_num=num, impl='winograd'))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -459,8 +490,8 @@ def test_winograd_at_resnet_stage3_size(num):
     """The default thresholds send a ResNet-50 stage-3 layer (256 -> 256,
     14x14) to the Winograd path; it matches the per-sample reference."""
     from mmdyn.ops.accel.paths import uses_winograd
-    layer = randomise(ODConv2d(256, 256, 3, padding=1, bias=False,
-                               kernel_num=num))
+    layer = randomise(
+        ODConv2d(256, 256, 3, padding=1, bias=False, kernel_num=num))
     x = torch.randn(2, 256, 14, 14)
     with torch.no_grad():
         assert uses_winograd(x, layer)

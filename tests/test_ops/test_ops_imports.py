@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The import structure of :mod:`mmdyn.ops`: no import cycle, and no
-``import`` inside a function (the usual way to hide a cycle), except the
-lazy imports of genuinely optional dependencies listed below.
+"""The import structure of :mod:`mmdyn.ops`: no import cycle, and no ``import``
+inside a function (the usual way to hide a cycle), except the lazy imports of
+genuinely optional dependencies listed below.
 
 Checked on the source (an AST scan and the module graph it gives) and in a
 fresh interpreter (after ``import mmdyn.ops`` every ops module is loaded:
@@ -66,8 +66,7 @@ def _is_package(relpath: str) -> bool:
 
 def _imported(node, relpath):
     """The absolute names an import statement of ``relpath`` imports: the
-    module, and for ``from X import y`` also ``X.y`` (a submodule or
-    not)."""
+    module, and for ``from X import y`` also ``X.y`` (a submodule or not)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     package = _module_name(relpath).split('.')
@@ -99,8 +98,8 @@ def test_no_import_inside_a_function():
 
 
 def _graph():
-    """Module-level imports between the ops modules (a module importing
-    its own parent package is how Python loads packages, not an edge)."""
+    """Module-level imports between the ops modules (a module importing its own
+    parent package is how Python loads packages, not an edge)."""
     modules = {_module_name(rel): rel for rel, _ in _sources()}
     graph = {name: set() for name in modules}
     for relpath, path in _sources():
@@ -161,8 +160,8 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_import_loads_every_ops_module_at_once():
-    """In a fresh interpreter, ``import mmdyn.ops`` loads every module of
-    the package (nothing waits inside a function to be imported)."""
+    """In a fresh interpreter, ``import mmdyn.ops`` loads every module of the
+    package (nothing waits inside a function to be imported)."""
     expected = sorted(
         _module_name(rel) for rel, _ in _sources()
         if _module_name(rel) not in NOT_LOADED)

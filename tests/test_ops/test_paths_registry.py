@@ -51,8 +51,10 @@ def test_a_forced_path_that_cannot_run_names_what_it_needs(monkeypatch):
                   'a probe that never runs', lambda *args: None)
     monkeypatch.setitem(PATHS, 'mixture', (cannot, *PATHS['mixture']))
     layer = DyConv2d(8, 8, 3, impl='probe')
-    with pytest.raises(ValueError, match="impl='probe' cannot run here: "
-                       'DyConv2d needs a probe that never runs'):
+    with pytest.raises(
+            ValueError,
+            match="impl='probe' cannot run here: "
+            'DyConv2d needs a probe that never runs'):
         layer(torch.randn(2, 8, 5, 5))
     # 'auto' never takes a path without a cost rule (pays=None).
     layer.impl = 'auto'
@@ -107,8 +109,8 @@ def _python_files(*folders):
 
 
 def test_every_switch_is_named_in_one_module():
-    """A string that is a switch name (``MMDYN_...``) appears in mmdyn's
-    code only in :mod:`mmdyn.ops.switches`, and each is in its table."""
+    """A string that is a switch name (``MMDYN_...``) appears in mmdyn's code
+    only in :mod:`mmdyn.ops.switches`, and each is in its table."""
     outside = []
     for path in _python_files('mmdyn'):
         if path == switches.__file__:

@@ -21,8 +21,7 @@ CASES = [
 ]
 
 
-def direct_per_sample_conv(x, weight, bias, stride, padding, dilation,
-                           groups):
+def direct_per_sample_conv(x, weight, bias, stride, padding, dilation, groups):
     """Each sample with its own kernel, as an explicit sum over taps."""
     batch, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape[1:]
@@ -37,8 +36,7 @@ def direct_per_sample_conv(x, weight, bias, stride, padding, dilation,
             y0, x0 = i * dilation[0], j * dilation[1]
             patch = xp[..., y0:y0 + stride[0] * (h_out - 1) + 1:stride[0],
                        x0:x0 + stride[1] * (w_out - 1) + 1:stride[1]]
-            out = out + torch.einsum('bgchw,bgoc->bgohw', patch,
-                                     wg[..., i, j])
+            out = out + torch.einsum('bgchw,bgoc->bgohw', patch, wg[..., i, j])
     out = out.reshape(batch, c_out, h_out, w_out)
     if bias is not None:
         out = out + (bias if bias.dim() == 2 else bias.expand(
@@ -144,10 +142,9 @@ def test_auto_uses_batch_independent_graph_when_tracing():
 
 @pytest.mark.parametrize('case', CASES)
 @pytest.mark.parametrize('workspace_samples', [1, 2, 100])
-def test_chunked_conv_matches_direct_sum(case, workspace_samples,
-                                         monkeypatch):
-    """Kernels built chunk by chunk into the workspace (chunks of 1, of 2
-    with a shorter last chunk, and the whole batch) against the direct
+def test_chunked_conv_matches_direct_sum(case, workspace_samples, monkeypatch):
+    """Kernels built chunk by chunk into the workspace (chunks of 1, of 2 with
+    a shorter last chunk, and the whole batch) against the direct
     convolution."""
     from mmdyn.ops.accel import chunked
     from mmdyn.ops.accel.thresholds import THRESHOLDS
@@ -163,10 +160,12 @@ def test_chunked_conv_matches_direct_sum(case, workspace_samples,
         assert out.shape == (stop - start, numel)
         return torch.mul(weight[start:stop].flatten(1), 1.0, out=out)
 
-    out = chunked.chunked_per_sample_conv2d(
-        x, kernels, weight.shape[1:], torch.float32, **kw)
+    out = chunked.chunked_per_sample_conv2d(x, kernels, weight.shape[1:],
+                                            torch.float32, **kw)
     torch.testing.assert_close(
-        out, direct_per_sample_conv(x, weight, None, **kw), rtol=1e-4,
+        out,
+        direct_per_sample_conv(x, weight, None, **kw),
+        rtol=1e-4,
         atol=1e-4)
     size = min(workspace_samples, x.shape[0])
     assert chunks == [(s, min(s + size, x.shape[0]))

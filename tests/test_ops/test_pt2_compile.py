@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The layers under ``torch.compile`` and ``torch.export``: results equal
-to eager (the independent reference being each layer's
-``forward_reference`` run eagerly, or the eager gradients).
+"""The layers under ``torch.compile`` and ``torch.export``: results equal to
+eager (the independent reference being each layer's ``forward_reference`` run
+eagerly, or the eager gradients).
 
 Tiny layers and inputs: a compile costs about a second per layer here.
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,
-                       KWConv2d, KWLinear, ODConv2d, WarehouseManager)
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
+                       KWLinear, ODConv2d, WarehouseManager)
 from mmdyn.ops.capture import graph_capture
 
 
@@ -20,10 +20,8 @@ class SharedKW(nn.Module):
     def __init__(self):
         super().__init__()
         manager = WarehouseManager()
-        self.conv1 = manager.reserve('stage0_layer0_conv0', 8, 8, 3,
-                                     padding=1)
-        self.conv2 = manager.reserve('stage0_layer1_conv0', 8, 8, 3,
-                                     padding=1)
+        self.conv1 = manager.reserve('stage0_layer0_conv0', 8, 8, 3, padding=1)
+        self.conv2 = manager.reserve('stage0_layer1_conv0', 8, 8, 3, padding=1)
         self.warehouse_manager = manager
         manager.finalize(self)
 
@@ -37,10 +35,10 @@ class SharedKWLinear(nn.Module):
     def __init__(self):
         super().__init__()
         manager = WarehouseManager()
-        self.fc1 = manager.reserve('stage0_layer0_fc0', 8, 8,
-                                   layer_type='linear')
-        self.fc2 = manager.reserve('stage0_layer1_fc0', 8, 8,
-                                   layer_type='linear')
+        self.fc1 = manager.reserve(
+            'stage0_layer0_fc0', 8, 8, layer_type='linear')
+        self.fc2 = manager.reserve(
+            'stage0_layer1_fc0', 8, 8, layer_type='linear')
         self.warehouse_manager = manager
         manager.finalize(self)
 
@@ -50,12 +48,12 @@ class SharedKWLinear(nn.Module):
 
 #: name -> (constructor, input shape): the layers issue-listed variants.
 LAYERS = {
-    'odconv_k1': (lambda: ODConv2d(8, 8, 3, padding=1, kernel_num=1),
-                  (2, 8, 6, 6)),
-    'odconv_k4': (lambda: ODConv2d(8, 8, 3, padding=1, kernel_num=4),
-                  (2, 8, 6, 6)),
-    'odconv_depthwise': (lambda: ODConv2d(8, 8, 3, padding=1, groups=8),
-                         (2, 8, 6, 6)),
+    'odconv_k1':
+    (lambda: ODConv2d(8, 8, 3, padding=1, kernel_num=1), (2, 8, 6, 6)),
+    'odconv_k4':
+    (lambda: ODConv2d(8, 8, 3, padding=1, kernel_num=4), (2, 8, 6, 6)),
+    'odconv_depthwise':
+    (lambda: ODConv2d(8, 8, 3, padding=1, groups=8), (2, 8, 6, 6)),
     'odconv_pointwise': (lambda: ODConv2d(8, 16, 1), (2, 8, 6, 6)),
     'dyconv': (lambda: DyConv2d(8, 8, 3, padding=1), (2, 8, 6, 6)),
     'condconv': (lambda: CondConv2d(8, 8, 3, padding=1), (2, 8, 6, 6)),
@@ -64,8 +62,8 @@ LAYERS = {
     'kwlinear_private': (lambda: KWLinear(8, 8), (2, 8)),
     'kwlinear_shared': (SharedKWLinear, (2, 8)),
     'ddf_mul': (lambda: DDFConv2d(8, 8, 3), (2, 8, 6, 6)),
-    'ddf_add_stride2': (lambda: DDFConv2d(8, 8, 3, stride=2, combine='add'),
-                        (2, 8, 7, 7)),
+    'ddf_add_stride2':
+    (lambda: DDFConv2d(8, 8, 3, stride=2, combine='add'), (2, 8, 7, 7)),
     'ddf_up': (lambda: DDFUpsample(8), (2, 8, 5, 5)),
     'ddf_up_guided': (lambda: DDFUpsample(8, guided=True, guide_channels=4),
                       (2, 8, 5, 5)),
@@ -104,9 +102,9 @@ def _fresh_dynamo():
 
 
 def test_kw_eval_compiled_matches_eager():
-    """KWConv2d in eval under torch.compile (graph breaks allowed): the C
-    cell product used to receive data pointers of tensors TorchDynamo had
-    already freed (NaN or errors of 1e34, not an exception)."""
+    """KWConv2d in eval under torch.compile (graph breaks allowed): the C cell
+    product used to receive data pointers of tensors TorchDynamo had already
+    freed (NaN or errors of 1e34, not an exception)."""
     torch.manual_seed(0)
     layer = KWConv2d(128, 128, 3, padding=1).eval()
     x = torch.randn(2, 128, 16, 16)
@@ -114,8 +112,8 @@ def test_kw_eval_compiled_matches_eager():
     with torch.no_grad():
         expected = reference(layer, (x, ))
         for _ in range(3):
-            torch.testing.assert_close(compiled(x), expected, rtol=1e-4,
-                                       atol=1e-4)
+            torch.testing.assert_close(
+                compiled(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_kwlinear_eval_compiled_matches_eager():
@@ -126,8 +124,8 @@ def test_kwlinear_eval_compiled_matches_eager():
     with torch.no_grad():
         expected = reference(layer, (x, ))
         for _ in range(3):
-            torch.testing.assert_close(compiled(x), expected, rtol=1e-4,
-                                       atol=1e-4)
+            torch.testing.assert_close(
+                compiled(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_graph_capture_predicate():
@@ -161,8 +159,10 @@ def test_compile_fullgraph_train_and_eval(name):
     layer.train()
     expected = reference(layer, inputs)
     expected.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()
-             if p.grad is not None}
+    grads = {
+        n: p.grad.clone()
+        for n, p in layer.named_parameters() if p.grad is not None
+    }
     layer.zero_grad()
     compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
     out = compiled(*inputs)
@@ -171,27 +171,30 @@ def test_compile_fullgraph_train_and_eval(name):
     assert grads
     for n, grad in grads.items():
         torch.testing.assert_close(
-            dict(layer.named_parameters())[n].grad, grad, rtol=1e-4,
-            atol=1e-5, msg=lambda m: f'{n}: {m}')
+            dict(layer.named_parameters())[n].grad,
+            grad,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f'{n}: {m}')
     layer.eval()
     with torch.no_grad():
         expected = reference(layer, inputs)
-        torch.testing.assert_close(compiled(*inputs), expected, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            compiled(*inputs), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', sorted(LAYERS))
 def test_export_eval(name):
-    """torch.export in eval: the exported program runs and matches, also
-    at another batch size when the batch is marked dynamic."""
+    """torch.export in eval: the exported program runs and matches, also at
+    another batch size when the batch is marked dynamic."""
     layer, inputs = build(name)
     layer.eval()
     with torch.no_grad():
         expected = reference(layer, inputs)
     program = torch.export.export(layer, inputs)
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(*inputs), expected,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            program.module()(*inputs), expected, rtol=1e-4, atol=1e-5)
 
 
 class OneOfEach(nn.Module):
@@ -201,8 +204,7 @@ class OneOfEach(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             ODConv2d(8, 8, 3, padding=1), DyConv2d(8, 8, 3, padding=1),
-            KWConv2d(8, 8, 3, padding=1), DDFConv2d(8, 8, 3),
-            DDFUpsample(8))
+            KWConv2d(8, 8, 3, padding=1), DDFConv2d(8, 8, 3), DDFUpsample(8))
 
     def forward(self, x):
         return self.layers(x)

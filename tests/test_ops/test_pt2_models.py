@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from mmdyn.models.backbones import (DDFResNet, DynamicMobileNetV2,
-                                    DynamicResNet, KWConvNeXt,
-                                    KWMobileNetV2, KWResNet)
+                                    DynamicResNet, KWConvNeXt, KWMobileNetV2,
+                                    KWResNet)
 from mmdyn.models.necks import DDFUpFPN
 
 OD1 = dict(type='ODConv2d', kernel_num=1, reduction=0.0625)
 
 
 def first_blocks(mobilenet, stages=2):
-    """A MobileNetV2 cut after its first ``stages`` stages (compile time
-    grows with the number of layers, not with their width)."""
+    """A MobileNetV2 cut after its first ``stages`` stages (compile time grows
+    with the number of layers, not with their width)."""
     mobilenet.layers = mobilenet.layers[:stages]
     mobilenet.out_indices = (stages - 1, )
     return mobilenet
@@ -25,26 +25,41 @@ def first_blocks(mobilenet, stages=2):
 #: name -> (constructor, input shapes)
 MODELS = {
     'dynamic_resnet18': (lambda: DynamicResNet(
-        18, stem_channels=8, base_channels=8, dyconv_cfg=OD1, num_stages=2,
-        strides=(1, 2), dilations=(1, 1), out_indices=(1, )),
-        [(2, 3, 32, 32)]),
-    'dynamic_mobilenet_v2': (lambda: first_blocks(DynamicMobileNetV2(
-        widen_factor=0.25, dyconv_cfg=dict(type='DyConv2d'))),
-        [(2, 3, 32, 32)]),
-    'ddf_resnet50': (lambda: DDFResNet(
-        50, stem_channels=8, base_channels=4, num_stages=1, strides=(1, ),
-        dilations=(1, ), out_indices=(0, )),
-        [(2, 3, 32, 32)]),
-    'kw_resnet18': (lambda: KWResNet(
-        18, base_channels=8, num_stages=2, strides=(1, 2), dilations=(1, 1),
+        18,
+        stem_channels=8,
+        base_channels=8,
+        dyconv_cfg=OD1,
+        num_stages=2,
+        strides=(1, 2),
+        dilations=(1, 1),
         out_indices=(1, )), [(2, 3, 32, 32)]),
-    'kw_mobilenet_v2': (lambda: first_blocks(
-        KWMobileNetV2(widen_factor=0.25)), [(2, 3, 32, 32)]),
-    'kw_convnext': (lambda: KWConvNeXt(
-        arch=dict(depths=[1, 1], channels=[16, 32])), [(2, 3, 32, 32)]),
-    'ddf_up_fpn': (lambda: DDFUpFPN(
-        in_channels=[8, 16], out_channels=8, num_outs=2),
-        [(2, 8, 8, 8), (2, 16, 4, 4)]),
+    'dynamic_mobilenet_v2': (lambda: first_blocks(
+        DynamicMobileNetV2(
+            widen_factor=0.25, dyconv_cfg=dict(type='DyConv2d'))), [(2, 3, 32,
+                                                                     32)]),
+    'ddf_resnet50': (lambda: DDFResNet(
+        50,
+        stem_channels=8,
+        base_channels=4,
+        num_stages=1,
+        strides=(1, ),
+        dilations=(1, ),
+        out_indices=(0, )), [(2, 3, 32, 32)]),
+    'kw_resnet18': (lambda: KWResNet(
+        18,
+        base_channels=8,
+        num_stages=2,
+        strides=(1, 2),
+        dilations=(1, 1),
+        out_indices=(1, )), [(2, 3, 32, 32)]),
+    'kw_mobilenet_v2':
+    (lambda: first_blocks(KWMobileNetV2(widen_factor=0.25)), [(2, 3, 32, 32)]),
+    'kw_convnext':
+    (lambda: KWConvNeXt(arch=dict(depths=[1, 1], channels=[16, 32])),
+     [(2, 3, 32, 32)]),
+    'ddf_up_fpn':
+    (lambda: DDFUpFPN(in_channels=[8, 16], out_channels=8, num_outs=2),
+     [(2, 8, 8, 8), (2, 16, 4, 4)]),
 }
 
 
@@ -91,8 +106,10 @@ def test_compile_fullgraph_model(name):
     model.train()
     expected = flat(reference(model, inputs))
     sum(t.square().sum() for t in expected).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()
-             if p.grad is not None}
+    grads = {
+        n: p.grad.clone()
+        for n, p in model.named_parameters() if p.grad is not None
+    }
     model.zero_grad()
     # BN running statistics: the compiled run starts from the same ones.
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -103,8 +120,12 @@ def test_compile_fullgraph_model(name):
     sum(t.square().sum() for t in out).backward()
     params = dict(model.named_parameters())
     for n, grad in grads.items():
-        torch.testing.assert_close(params[n].grad, grad, rtol=1e-5,
-                                   atol=1e-7, msg=lambda m: f'{n}: {m}')
+        torch.testing.assert_close(
+            params[n].grad,
+            grad,
+            rtol=1e-5,
+            atol=1e-7,
+            msg=lambda m: f'{n}: {m}')
     model.load_state_dict(state)
     model.eval()
     with torch.no_grad():

@@ -1,22 +1,25 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Each layer through both ONNX exporters (the TorchScript-based one and
-``dynamo=True``), with a dynamic batch: onnxruntime equals PyTorch's
-eager reference forward at batch 1 and 3."""
+``dynamo=True``), with a dynamic batch: onnxruntime equals PyTorch's eager
+reference forward at batch 1 and 3."""
 import pytest
 import torch
 from torch import nn
 
 pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
 
-from mmdyn.analysis.onnx_export import (compare_with_onnxruntime,  # noqa
-                                        export_onnx)
-from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d,  # noqa
-                       KWConv2d, KWLinear, ODConv2d)
+from mmdyn.analysis.onnx_export import compare_with_onnxruntime  # noqa
+from mmdyn.analysis.onnx_export import export_onnx
+from mmdyn.ops import DyConv2d  # noqa
+from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, KWConv2d, KWLinear,
+                       ODConv2d)
 
 
 class Probe(nn.Module):
     """A 3-channel input into the layer (the exporter's input contract):
-    ``[B, 3, H, W]`` -> a 1x1 conv to 8 channels -> the layer."""
+
+    ``[B, 3, H, W]`` -> a 1x1 conv to 8 channels -> the layer.
+    """
 
     def __init__(self, layer, tokens=False):
         super().__init__()
@@ -62,8 +65,8 @@ def reference_outputs(model):
     return Reference()
 
 
-@pytest.mark.parametrize('dynamo', [False, True], ids=['torchscript',
-                                                        'dynamo'])
+@pytest.mark.parametrize(
+    'dynamo', [False, True], ids=['torchscript', 'dynamo'])
 @pytest.mark.parametrize('name', sorted(LAYERS))
 def test_onnx_dynamic_batch(name, dynamo, tmp_path):
     if dynamo:
@@ -72,8 +75,8 @@ def test_onnx_dynamic_batch(name, dynamo, tmp_path):
     model = Probe(LAYERS[name](), tokens=name == 'kwlinear').eval()
     path = str(tmp_path / f'{name}.onnx')
     export_onnx(model, path, (6, 6), dynamic_batch=True, dynamo=dynamo)
-    results = compare_with_onnxruntime(reference_outputs(model), path,
-                                       (6, 6), batch_sizes=(1, 3))
+    results = compare_with_onnxruntime(
+        reference_outputs(model), path, (6, 6), batch_sizes=(1, 3))
     assert [b for b, _ in results] == [1, 3]
     for batch, diff in results:
         assert diff < 1e-4, f'batch {batch}: max difference {diff}'

@@ -135,8 +135,8 @@ for name in sys.argv[1].split(','):
 print(json.dumps(dict(results=results, loads=loads, custom_ops=custom_ops)))
 '''
 
-LAYERS = ('dyconv', 'condconv', 'odconv', 'odconv_k1', 'kwconv',
-          'kwconv_1x1', 'kwlinear', 'ddf', 'ddf_up')
+LAYERS = ('dyconv', 'condconv', 'odconv', 'odconv_k1', 'kwconv', 'kwconv_1x1',
+          'kwlinear', 'ddf', 'ddf_up')
 
 
 def _digests(disable: bool) -> dict:
@@ -205,8 +205,8 @@ def _perturbed(layer):
     'chunked'
 ])
 def test_kw_inference_with_the_c_cell_product_matches_the_reference(impl):
-    """KernelWarehouse inference whose mixtures come from the C cell
-    product (64x64 cells) against the plain-PyTorch reference."""
+    """KernelWarehouse inference whose mixtures come from the C cell product
+    (64x64 cells) against the plain-PyTorch reference."""
     torch.manual_seed(0)
     layer = _perturbed(KWConv2d(64, 64, 3, padding=1, impl=impl)).eval()
     x = torch.randn(2, 64, 8, 8)

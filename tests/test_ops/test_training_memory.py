@@ -303,8 +303,7 @@ def test_empty_batch(name):
 
 
 def _recompute_everywhere(monkeypatch):
-    """The accelerators' policy on CPU: every family's threshold
-    infinite."""
+    """The accelerators' policy on CPU: every family's threshold infinite."""
     for family in list(THRESHOLDS['recompute']):
         monkeypatch.setitem(THRESHOLDS['recompute'], family, math.inf)
 
@@ -421,9 +420,9 @@ def test_saved_tensor_counter_counts_unique_storages():
 
 
 def test_forced_recompute_compiles_as_the_reference():
-    """Under graph capture the path gives way to the reference (its
-    backward calls torch.autograd.grad): a compiled training step of a
-    layer built with impl='recompute' runs and equals eager."""
+    """Under graph capture the path gives way to the reference (its backward
+    calls torch.autograd.grad): a compiled training step of a layer built with
+    impl='recompute' runs and equals eager."""
     import torch._dynamo
     torch.manual_seed(0)
     layer = DyConv2d(4, 6, 3, padding=1, impl='recompute')

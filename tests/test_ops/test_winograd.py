@@ -15,11 +15,12 @@ from mmdyn.ops.accel.winograd import (winograd_kernels,
                                       winograd_kernels_reference,
                                       winograd_per_sample_conv2d)
 
+
 @pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
 def c_threads(request):
-    """Run a C-loop test on one and on two OpenMP threads (the loops split
-    work of more than 4096 elements per thread, so the larger cases really
-    use both)."""
+    """Run a C-loop test on one and on two OpenMP threads (the loops split work
+    of more than 4096 elements per thread, so the larger cases really use
+    both)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -61,9 +62,9 @@ def inputs(batch, num, c_in, c_out, with_mix=True, with_spatial=True):
                                                        (1, False, True),
                                                        (1, True, False)])
 def test_transformed_kernels_entry_by_entry(num, with_mix, with_spatial,
-                                           c_threads):
-    """U[b, 4u+v, o, i] = sum_{r,c} G[u][r] G[v][c] W_b[o, i, r, c], for the
-    C loop and the PyTorch reference."""
+                                            c_threads):
+    """U[b, 4u+v, o, i] = sum_{r,c} G[u][r] G[v][c] W_b[o, i, r, c], for the C
+    loop and the PyTorch reference."""
     batch = 3
     bank, mix, spatial = inputs(batch, num, 5, 7, with_mix, with_spatial)
     weights = sample_kernels(bank, mix, spatial, batch)
@@ -76,11 +77,12 @@ def test_transformed_kernels_entry_by_entry(num, with_mix, with_spatial,
                         expected[b, 4 * u + v] += (
                             G[u][r] * G[v][c] * weights[b][:, :, r, c])
     torch.testing.assert_close(
-        winograd_kernels_reference(bank, mix, spatial), expected,
-        rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        winograd_kernels(bank, mix, spatial), expected, rtol=1e-5,
+        winograd_kernels_reference(bank, mix, spatial),
+        expected,
+        rtol=1e-5,
         atol=1e-5)
+    torch.testing.assert_close(
+        winograd_kernels(bank, mix, spatial), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_transformed_kernels_many_chunks_of_the_c_loop(c_threads):
@@ -88,14 +90,13 @@ def test_transformed_kernels_many_chunks_of_the_c_loop(c_threads):
     bank, mix, spatial = inputs(2, 2, 33, 40)
     torch.testing.assert_close(
         winograd_kernels(bank, mix, spatial),
-        winograd_kernels_reference(bank, mix, spatial), rtol=1e-5,
+        winograd_kernels_reference(bank, mix, spatial),
+        rtol=1e-5,
         atol=1e-5)
 
 
-@pytest.mark.parametrize('size,padding', [((14, 14), (1, 1)),
-                                          ((9, 6), (1, 1)),
-                                          ((5, 7), (0, 0)),
-                                          ((6, 5), (2, 1)),
+@pytest.mark.parametrize('size,padding', [((14, 14), (1, 1)), ((9, 6), (1, 1)),
+                                          ((5, 7), (0, 0)), ((6, 5), (2, 1)),
                                           ((3, 3), (0, 2))])
 def test_per_sample_conv_matches_conv_loop(size, padding, c_threads):
     """Even and odd output sizes (cropped tiles), zero and asymmetric
@@ -103,8 +104,7 @@ def test_per_sample_conv_matches_conv_loop(size, padding, c_threads):
     batch = 3
     bank, mix, spatial = inputs(batch, 4, 6, 10)
     x = torch.randn(batch, 6, *size)
-    expected = loop_conv(x, sample_kernels(bank, mix, spatial, batch),
-                         padding)
+    expected = loop_conv(x, sample_kernels(bank, mix, spatial, batch), padding)
     out = winograd_per_sample_conv2d(x, bank, mix, spatial, padding)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
@@ -117,7 +117,9 @@ def test_per_sample_conv_non_contiguous_input():
     expected = loop_conv(x, sample_kernels(bank, None, spatial, 2), (1, 1))
     torch.testing.assert_close(
         winograd_per_sample_conv2d(x, bank, None, spatial, (1, 1)),
-        expected, rtol=1e-4, atol=1e-4)
+        expected,
+        rtol=1e-4,
+        atol=1e-4)
 
 
 @pytest.mark.parametrize('samples_per_chunk', [1, 2, 5])
@@ -138,8 +140,7 @@ def test_per_sample_conv_in_workspace_chunks(monkeypatch, samples_per_chunk):
     bank, mix, spatial = inputs(batch, 3, c_in, c_out)
     x = torch.randn(batch, c_in, 7, 8)
     out = winograd_per_sample_conv2d(x, bank, mix, spatial, (1, 1))
-    expected = loop_conv(x, sample_kernels(bank, mix, spatial, batch),
-                         (1, 1))
+    expected = loop_conv(x, sample_kernels(bank, mix, spatial, batch), (1, 1))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     full, rest = divmod(batch, samples_per_chunk)
     assert calls == [samples_per_chunk] * full + ([rest] if rest else [])
@@ -163,12 +164,16 @@ def test_bad_arguments_are_value_errors():
 
 def test_uses_winograd_only_where_it_pays(monkeypatch):
     """CPU float32 inference of a batch through a deep 3x3 stride-1 layer;
-    never with autograd, autocast, one sample, other kernels/strides,
-    groups, few channels or tiles, an explicit impl, or without the C
-    loop."""
-    conv = SimpleNamespace(out_channels=256, kernel_size=(3, 3),
-                           stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-                           groups=1, impl='auto')
+    never with autograd, autocast, one sample, other kernels/strides, groups,
+    few channels or tiles, an explicit impl, or without the C loop."""
+    conv = SimpleNamespace(
+        out_channels=256,
+        kernel_size=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        impl='auto')
     x = torch.randn(2, 256, 14, 14)
     with torch.no_grad():
         assert uses_winograd(x, conv)
@@ -198,19 +203,21 @@ AT = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]]
                                           ((4, 4), (1, 0)), ((3, 3), (0, 0)),
                                           ((14, 14), (1, 1))])
 def test_feature_transforms_against_the_matrices(size, padding, c_threads):
-    """The C input and output transforms against B^T d B and A^T m A
-    written with F(2x2, 3x3)'s matrices over unfolded tiles; odd sizes,
-    asymmetric padding, cropped outputs."""
+    """The C input and output transforms against B^T d B and A^T m A written
+    with F(2x2, 3x3)'s matrices over unfolded tiles; odd sizes, asymmetric
+    padding, cropped outputs."""
     batch, channels = 2, 3
     (h, w), (ph, pw) = size, padding
     x = torch.randn(batch, channels, h, w)
     v, (th, tw) = winograd._input_transform(x, padding)
-    tiles = F.pad(x, (pw, pw + 2, ph, ph + 2)).unfold(2, 4, 2).unfold(
-        3, 4, 2)[:, :, :th, :tw]
+    tiles = F.pad(x,
+                  (pw, pw + 2, ph, ph + 2)).unfold(2, 4,
+                                                   2).unfold(3, 4,
+                                                             2)[:, :, :th, :tw]
     bt = torch.tensor(BT)
     want = torch.einsum('ir,bcyxrs,js->bijcyx', bt, tiles, bt)
-    torch.testing.assert_close(v, want.reshape(batch, 16, channels, th * tw),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        v, want.reshape(batch, 16, channels, th * tw), rtol=1e-5, atol=1e-5)
     m = torch.randn(batch, 16, channels, th * tw)
     out_hw = (h + 2 * ph - 2, w + 2 * pw - 2)
     got = winograd._output_transform(m, (th, tw), out_hw)
@@ -218,8 +225,7 @@ def test_feature_transforms_against_the_matrices(size, padding, c_threads):
     y = torch.einsum('ai,bijct,ej->bctae', at,
                      m.view(batch, 4, 4, channels, th * tw), at)
     y = y.reshape(batch, channels, th, tw, 2, 2).permute(0, 1, 2, 4, 3, 5)
-    y = y.reshape(batch, channels, 2 * th, 2 * tw)[..., :out_hw[0],
-                                                   :out_hw[1]]
+    y = y.reshape(batch, channels, 2 * th, 2 * tw)[..., :out_hw[0], :out_hw[1]]
     torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
 
 
@@ -227,5 +233,5 @@ def test_feature_transforms_take_float32_cpu_only():
     with pytest.raises(ValueError, match='float32 CPU'):
         winograd._input_transform(torch.randn(1, 2, 4, 4).double(), (1, 1))
     with pytest.raises(ValueError, match='float32 CPU'):
-        winograd._output_transform(torch.randn(1, 16, 2, 4).double(), (2, 2),
-                                   (4, 4))
+        winograd._output_transform(
+            torch.randn(1, 16, 2, 4).double(), (2, 2), (4, 4))

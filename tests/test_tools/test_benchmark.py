@@ -4,9 +4,9 @@ import os.path as osp
 
 import torch
 
-from mmdyn.analysis.benchmark import (BenchResult, ModelStep,
-                                      RSSPeakSampler, benchmark_configs,
-                                      format_results, paired_ratio)
+from mmdyn.analysis.benchmark import (BenchResult, ModelStep, RSSPeakSampler,
+                                      benchmark_configs, format_results,
+                                      paired_ratio)
 from mmdyn.analysis.models import build_model, make_batch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -20,6 +20,7 @@ def load_tool(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 TINY = """
 custom_imports = dict(imports=['mmdyn.models', 'mmdyn.engine'],
@@ -53,12 +54,18 @@ def test_train_step_updates_parameters(tmp_path):
     _, dynamic = write_configs(tmp_path)
     model = build_model(dynamic)
     batch = make_batch(model, 2, (32, 32), training=True)
-    step = ModelStep(model, batch, 'train', 'cpu', optim_cfg=dict(
-        optimizer=dict(type='SGD', lr=0.1)))
+    step = ModelStep(
+        model,
+        batch,
+        'train',
+        'cpu',
+        optim_cfg=dict(optimizer=dict(type='SGD', lr=0.1)))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     step()
-    changed = [k for k, v in model.named_parameters()
-               if not torch.equal(before[k], v)]
+    changed = [
+        k for k, v in model.named_parameters()
+        if not torch.equal(before[k], v)
+    ]
     # the optimiser stepped through the dynamic layers too
     assert any('conv1.weight' in k and 'layer1' in k for k in changed)
     assert any('attention' in k for k in changed)
@@ -68,9 +75,13 @@ def test_train_step_updates_parameters(tmp_path):
 def test_interleaved_compare_train(tmp_path):
     static, dynamic = write_configs(tmp_path)
     logs = []
-    results = benchmark_configs([static, dynamic], mode='train',
-                                batch_size=2, shape=(32, 32), repeat=2,
-                                warmup=1, log=logs.append)
+    results = benchmark_configs([static, dynamic],
+                                mode='train',
+                                batch_size=2,
+                                shape=(32, 32),
+                                repeat=2,
+                                warmup=1,
+                                log=logs.append)
     assert [r.name for r in results] == ['tiny_static', 'tiny_odconv']
     for r in results:
         assert r.mode == 'train' and len(r.times) == 2
@@ -94,6 +105,7 @@ def test_paired_ratio_and_sampler():
 
 def test_cli(tmp_path, capsys, monkeypatch):
     from mmdyn.engine import malloc
+
     # in-process: leave this process's malloc settings alone
     monkeypatch.setattr(malloc, 'tune_malloc', lambda: False)
     static, dynamic = write_configs(tmp_path)

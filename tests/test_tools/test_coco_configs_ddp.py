@@ -61,7 +61,9 @@ def tiny_batch(cfg, seed):
     from mmdet.testing import demo_mm_inputs
     torch.manual_seed(seed)
     return demo_mm_inputs(
-        batch_size=1, image_shapes=[(3, 64, 96)], num_items=[3],
+        batch_size=1,
+        image_shapes=[(3, 64, 96)],
+        num_items=[3],
         num_classes=80,
         with_mask='mask_head' in cfg.model.get('roi_head', {}))
 
@@ -74,22 +76,25 @@ def test_every_trainable_parameter_gets_a_gradient(config):
     losses = model(**data, mode='loss')
     loss, _ = model.parse_losses(losses)
     loss.backward()
-    unused = [name for name, p in model.named_parameters()
-              if p.requires_grad and p.grad is None]
+    unused = [
+        name for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is None
+    ]
     assert not unused, f'{config}: no gradient for {unused[:5]}'
-    frozen = [name for name, p in model.named_parameters()
-              if not p.requires_grad]
+    frozen = [
+        name for name, p in model.named_parameters() if not p.requires_grad
+    ]
     # the frozen stem and stage 1 are what DDP leaves out
     assert frozen and all(name.startswith('backbone.') for name in frozen)
 
 
 def test_coco_configs_keep_find_unused_parameters_false():
-    """No config (nor a local base of one) turns the search on; the mmdet
-    bases the COCO configs inherit do not set it."""
+    """No config (nor a local base of one) turns the search on; the mmdet bases
+    the COCO configs inherit do not set it."""
     assert len(COCO_CONFIGS) >= 8
     setting = re.compile(r'^find_unused_parameters\s*=\s*True', re.M)
-    for path in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                          recursive=True):
+    for path in glob.glob(
+            osp.join(REPO, 'configs', '**', '*.py'), recursive=True):
         with open(path) as f:
             assert not setting.search(f.read()), path
 
@@ -99,20 +104,22 @@ def _ddp_worker(rank, world_size, port, errors):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world_size)
     try:
-        import mmdyn.engine  # noqa: F401
         from mmengine.model import MMDistributedDataParallel
         from mmengine.optim import build_optim_wrapper
+
+        import mmdyn.engine  # noqa: F401
         cfg, model = build_small(DDP_CONFIG)
         ddp = MMDistributedDataParallel(
-            module=model, broadcast_buffers=False,
+            module=model,
+            broadcast_buffers=False,
             find_unused_parameters=cfg.get('find_unused_parameters', False))
         optim_wrapper = build_optim_wrapper(
             ddp, dict(optimizer=dict(type='SGD', lr=1e-4)))
         for step in range(2):
-            losses = ddp.train_step(tiny_batch(cfg, rank * 10 + step),
-                                    optim_wrapper)
-            assert torch.isfinite(sum(v for k, v in losses.items()
-                                      if 'loss' in k))
+            losses = ddp.train_step(
+                tiny_batch(cfg, rank * 10 + step), optim_wrapper)
+            assert torch.isfinite(
+                sum(v for k, v in losses.items() if 'loss' in k))
     except Exception as err:
         errors.append(f'rank {rank}: {type(err).__name__}: {err}'[:2000])
         raise
@@ -124,8 +131,11 @@ def test_two_process_ddp_without_unused_parameter_search():
     with mp.Manager() as manager:
         errors = manager.list()
         try:
-            mp.spawn(_ddp_worker, args=(2, _free_port(), errors), nprocs=2,
-                     join=True)
+            mp.spawn(
+                _ddp_worker,
+                args=(2, _free_port(), errors),
+                nprocs=2,
+                join=True)
         except mp.ProcessRaisedException:
             pass
         assert not list(errors), '\n'.join(errors)

@@ -30,7 +30,9 @@ def write_config(tmp_path, text, name='cfg.py'):
 
 
 def test_mmdyn_scope_resolves(tmp_path):
-    cfg = Config.fromfile(write_config(tmp_path, """
+    cfg = Config.fromfile(
+        write_config(
+            tmp_path, """
         _base_ = ['mmdyn::demo/_base_/demo_det_data.py']
         """))
     assert cfg.data_root == 'data/demo_det/'
@@ -39,8 +41,9 @@ def test_mmdyn_scope_resolves(tmp_path):
     # the checkout's file (editable install: mmdyn/.mim/configs links it)
     from mmengine.utils import get_installed_path
     assert osp.samefile(
-        osp.join(get_installed_path('mmdyn'), '.mim', 'configs', 'demo',
-                 '_base_', 'demo_det_data.py'),
+        osp.join(
+            get_installed_path('mmdyn'), '.mim', 'configs', 'demo', '_base_',
+            'demo_det_data.py'),
         osp.join(REPO, 'configs', 'demo', '_base_', 'demo_det_data.py'))
 
 
@@ -86,8 +89,8 @@ def test_stock_detector_trains_one_step_on_demo_data(tmp_path, name):
     from mmengine.runner import Runner
 
     data_root = tmp_path / 'demo_det'
-    make_demo_detection(str(data_root), num_train=2, num_val=1,
-                        min_size=64, max_size=80)
+    make_demo_detection(
+        str(data_root), num_train=2, num_val=1, min_size=64, max_size=80)
     train_pipeline = [
         dict(type='LoadImageFromFile'),
         dict(type='LoadAnnotations', with_bbox=True),
@@ -96,12 +99,16 @@ def test_stock_detector_trains_one_step_on_demo_data(tmp_path, name):
     ]
     # the tool's --demo form: demo data and schedule, 3 classes, no
     # pretrained download
-    cfg = on_demo_data(STOCK_DETECTORS[name], {
-        'train_dataloader': dict(
-            batch_size=2, num_workers=0, persistent_workers=False,
-            dataset=dict(data_root=f'{data_root}/',
-                         pipeline=train_pipeline))
-    })
+    cfg = on_demo_data(
+        STOCK_DETECTORS[name], {
+            'train_dataloader':
+            dict(
+                batch_size=2,
+                num_workers=0,
+                persistent_workers=False,
+                dataset=dict(
+                    data_root=f'{data_root}/', pipeline=train_pipeline))
+        })
     assert cfg.model.backbone.init_cfg is None
     init_default_scope('mmdet')
     model = MODELS.build(cfg.model)
@@ -112,17 +119,19 @@ def test_stock_detector_trains_one_step_on_demo_data(tmp_path, name):
     losses = model.train_step(next(iter(loader)), optim_wrapper)
     total = sum(v.sum() for k, v in losses.items() if 'loss' in k)
     assert torch.isfinite(total)
-    changed = [k for k, v in model.named_parameters()
-               if not torch.equal(before[k], v)]
+    changed = [
+        k for k, v in model.named_parameters()
+        if not torch.equal(before[k], v)
+    ]
     assert any(k.startswith('bbox_head.') for k in changed)
     assert any(k.startswith('backbone.') for k in changed)
 
 
-def test_data_base_beside_a_complete_config_is_refused_by_mmengine(
-        tmp_path):
+def test_data_base_beside_a_complete_config_is_refused_by_mmengine(tmp_path):
     """Why overlays are applied by a tool: mmengine (unchanged) refuses a
     data base listed beside a config that defines its own data."""
-    path = write_config(tmp_path, f"""
+    path = write_config(
+        tmp_path, f"""
         _base_ = ['{STOCK_DETECTORS['retinanet']}', '{DEMO_DET_DATA}']
         """)
     with pytest.raises(KeyError, match='Duplicate key'):
@@ -130,7 +139,7 @@ def test_data_base_beside_a_complete_config_is_refused_by_mmengine(
 
 
 def test_plain_duplicate_bases_still_refused(tmp_path):
-    """mmengine's rule between bases is unchanged."""
+    """Mmengine's rule between bases is unchanged."""
     write_config(tmp_path, "data_root = 'a'\n", 'a.py')
     write_config(tmp_path, "data_root = 'b'\n", 'b.py')
     path = write_config(tmp_path, "_base_ = ['./a.py', './b.py']\n")
@@ -153,14 +162,19 @@ def test_demo_configs_load_the_same_without_mmdyn(config):
              "assert not any(m.startswith('mmdyn') for m in sys.modules); "
              'print(c.dump())')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    plain = subprocess.run([sys.executable, '-c', check], check=True,
-                           capture_output=True, text=True, env=env).stdout
+    plain = subprocess.run([sys.executable, '-c', check],
+                           check=True,
+                           capture_output=True,
+                           text=True,
+                           env=env).stdout
     assert plain.strip() == ours.dump().strip()
     assert ours.default_hooks.checkpoint.interval == 1
 
 
 def test_body_overrides_a_data_base_and_reads_its_variables(tmp_path):
-    cfg = Config.fromfile(write_config(tmp_path, """
+    cfg = Config.fromfile(
+        write_config(
+            tmp_path, """
         _base_ = ['mmdet::_base_/default_runtime.py',
                   'mmdyn::demo/_base_/demo_ins_data.py']
         train_dataloader = dict(batch_size=3)
@@ -190,10 +204,14 @@ def test_non_editable_install_ships_configs(tmp_path):
     subprocess.run([
         sys.executable, '-m', 'pip', 'install', '--no-deps',
         '--no-build-isolation', '--no-index', '--target',
-        str(target), str(source)
-    ], check=True, capture_output=True, cwd=str(tmp_path))
-    assert (target / 'mmdyn/.mim/configs/demo/_base_/demo_det_data.py'
-            ).is_file()
+        str(target),
+        str(source)
+    ],
+                   check=True,
+                   capture_output=True,
+                   cwd=str(tmp_path))
+    assert (target /
+            'mmdyn/.mim/configs/demo/_base_/demo_det_data.py').is_file()
     cfg = write_config(tmp_path,
                        "_base_ = ['mmdyn::demo/_base_/demo_det_data.py']\n")
     check = ('import mmdyn, mmdyn.compat; mmdyn.compat.apply();'
@@ -203,8 +221,11 @@ def test_non_editable_install_ships_configs(tmp_path):
              "print(get_installed_path('mmdyn') + '/.mim/configs');"
              'print(c.data_root)')
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, '-c', check], check=True,
-                         capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, '-c', check],
+                         check=True,
+                         capture_output=True,
+                         text=True,
+                         env=env,
                          cwd=str(tmp_path)).stdout.split()
     assert out[0].startswith(str(target))
     assert out[1] == str(target / 'mmdyn' / '.mim' / 'configs')
@@ -229,8 +250,8 @@ def test_detectors_built_around_their_data_are_refused(stock, hook):
 
 
 def test_demo_form_sets_every_head_and_masks():
-    """Cascade R-CNN's three bbox heads get 3 classes; a mask head brings
-    the demo set with masks."""
+    """Cascade R-CNN's three bbox heads get 3 classes; a mask head brings the
+    demo set with masks."""
     cfg = on_demo_data(
         'mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py')
     heads = cfg.model.roi_head.bbox_head
@@ -245,16 +266,18 @@ def test_demo_form_sets_every_head_and_masks():
 
 
 def test_overlay_tool_writes_a_plain_config(tmp_path):
-    """The tool's file reads back, with plain mmengine, to the overlaid
-    config; the stock hooks are kept."""
+    """The tool's file reads back, with plain mmengine, to the overlaid config;
+    the stock hooks are kept."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         'overlay_tool', osp.join(REPO, 'tools', 'misc', 'overlay_config.py'))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = str(tmp_path / 'fcos_demo.py')
-    tool.main([STOCK_DETECTORS['fcos'], '--demo', '--cfg-options',
-               'train_dataloader.batch_size=4', '--out', out])
+    tool.main([
+        STOCK_DETECTORS['fcos'], '--demo', '--cfg-options',
+        'train_dataloader.batch_size=4', '--out', out
+    ])
     written = Config.fromfile(out)
     expected = on_demo_data(STOCK_DETECTORS['fcos'],
                             {'train_dataloader.batch_size': 4})
@@ -274,10 +297,12 @@ def test_sparse_rcnn_demo_form_sets_all_six_heads():
 
 
 def test_custom_hooks_append_form_keeps_the_stock_hooks(tmp_path):
-    """docs/plug_in.md: the append form keeps YOLOX's own hooks; the plain
-    list replaces them (mmengine's rule)."""
+    """docs/plug_in.md: the append form keeps YOLOX's own hooks; the plain list
+    replaces them (mmengine's rule)."""
     stock = 'mmdet::yolox/yolox_s_8xb8-300e_coco.py'
-    appended = Config.fromfile(write_config(tmp_path, f"""
+    appended = Config.fromfile(
+        write_config(
+            tmp_path, f"""
         _base_ = ['{stock}']
         custom_hooks = _base_.custom_hooks + [
             dict(type='DynamicTemperatureHook')]
@@ -286,13 +311,14 @@ def test_custom_hooks_append_form_keeps_the_stock_hooks(tmp_path):
         'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook',
         'DynamicTemperatureHook'
     ]
-    replaced = Config.fromfile(write_config(tmp_path, f"""
+    replaced = Config.fromfile(
+        write_config(
+            tmp_path, f"""
         _base_ = ['{stock}']
         custom_hooks = [dict(type='DynamicTemperatureHook')]
         """, 'replaced.py'))
-    assert [h.type for h in replaced.custom_hooks] == [
-        'DynamicTemperatureHook'
-    ]
+    assert [h.type
+            for h in replaced.custom_hooks] == ['DynamicTemperatureHook']
     with open(osp.join(REPO, 'docs', 'plug_in.md')) as f:
         assert 'custom_hooks = _base_.custom_hooks + [' in f.read()
 
@@ -305,7 +331,8 @@ def test_dropped_stock_hooks_are_warned_about(tmp_path):
 
     from mmdyn.engine.config_bases import load_config
     stock = 'mmdet::yolox/yolox_s_8xb8-300e_coco.py'
-    replaced = write_config(tmp_path, f"""
+    replaced = write_config(
+        tmp_path, f"""
         _base_ = ['{stock}']
         custom_imports = dict(imports=['mmdyn.engine'])
         custom_hooks = [dict(type='DynamicTemperatureHook')]
@@ -313,14 +340,16 @@ def test_dropped_stock_hooks_are_warned_about(tmp_path):
     with pytest.warns(UserWarning, match='EMAHook') as record:
         load_config(replaced)
     assert 'custom_hooks = _base_.custom_hooks + [' in str(record[0].message)
-    appended = write_config(tmp_path, f"""
+    appended = write_config(
+        tmp_path, f"""
         _base_ = ['{stock}']
         custom_imports = dict(imports=['mmdyn.engine'])
         custom_hooks = _base_.custom_hooks + [
             dict(type='DynamicTemperatureHook')]
         """, 'appended.py')
-    for path in (appended, osp.join(REPO, 'configs', 'demo',
-                                    'faster-rcnn_r18-odconv1x_fpn_demo.py')):
+    for path in (appended,
+                 osp.join(REPO, 'configs', 'demo',
+                          'faster-rcnn_r18-odconv1x_fpn_demo.py')):
         with warnings.catch_warnings():
             warnings.simplefilter('error', UserWarning)
             warnings.filterwarnings('ignore', message='.*pkg_resources')

@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Every config in configs/ loads (with its custom_imports) and chooses
-mmdyn's atomic checkpoints and exact-resume training loop."""
+"""Every config in configs/ loads (with its custom_imports) and chooses mmdyn's
+atomic checkpoints and exact-resume training loop."""
 import functools
 import glob
 import os.path as osp
@@ -12,10 +12,9 @@ import mmdyn.engine  # noqa: F401  (pkg_resources-free 'mmdet::' bases)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = sorted(
-    p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                         recursive=True)
+    p for p in glob.glob(
+        osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
     if '_base_' not in p.split(osp.sep))
-
 
 EXACT_RESUME_LOOPS = ('ExactResumeEpochBasedTrainLoop',
                       'ExactResumeIterBasedTrainLoop')
@@ -33,8 +32,8 @@ def test_configs_found():
         assert name in names
 
 
-@pytest.mark.parametrize('path', CONFIGS,
-                         ids=[osp.relpath(p, REPO) for p in CONFIGS])
+@pytest.mark.parametrize(
+    'path', CONFIGS, ids=[osp.relpath(p, REPO) for p in CONFIGS])
 def test_config_loads(path):
     cfg = _load(path)
     assert 'model' in cfg and 'type' in cfg.model
@@ -43,8 +42,8 @@ def test_config_loads(path):
         assert isinstance(module, str)
 
 
-@pytest.mark.parametrize('path', CONFIGS,
-                         ids=[osp.relpath(p, REPO) for p in CONFIGS])
+@pytest.mark.parametrize(
+    'path', CONFIGS, ids=[osp.relpath(p, REPO) for p in CONFIGS])
 def test_config_chooses_atomic_checkpoints_and_exact_resume(path):
     cfg = _load(path)
     assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
@@ -60,8 +59,9 @@ def test_config_chooses_atomic_checkpoints_and_exact_resume(path):
 
 
 def test_demo_configs_content():
-    det = Config.fromfile(osp.join(REPO, 'configs/demo/'
-                                   'mask-rcnn_r18_fpn_demo.py'))
+    det = Config.fromfile(
+        osp.join(REPO, 'configs/demo/'
+                 'mask-rcnn_r18_fpn_demo.py'))
     assert det.default_scope == 'mmdet'
     assert det.model.backbone.depth == 18
     assert det.model.roi_head.bbox_head.num_classes == 3

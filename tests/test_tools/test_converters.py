@@ -1,13 +1,12 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Official-checkpoint converters.
 
-The official layouts are recreated here as plain dicts of random tensors,
-from the key names and shapes of the official model definitions; nothing
-official is imported. Layer tests compute the official forward from such a
-dict with plain torch ops and compare with our layer loaded through the
-converter's checks; model tests convert a whole official-layout dict, load
-it strictly and check every tensor against an independent key mapping
-written in the test.
+The official layouts are recreated here as plain dicts of random tensors, from
+the key names and shapes of the official model definitions; nothing official is
+imported. Layer tests compute the official forward from such a dict with plain
+torch ops and compare with our layer loaded through the converter's checks;
+model tests convert a whole official-layout dict, load it strictly and check
+every tensor against an independent key mapping written in the test.
 """
 import glob
 import math
@@ -20,9 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdyn.analysis.converters import (ConversionError, convert,
-                                       convert_file, match_target,
-                                       unwrap_state_dict)
+from mmdyn.analysis.converters import (ConversionError, convert, convert_file,
+                                       match_target, unwrap_state_dict)
 from mmdyn.analysis.models import build_model
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -39,8 +37,8 @@ def _bn(prefix, c, d):
 def od_layer(prefix, c_in, c_out, k, groups, kernel_num, d):
     """Official ODConv2d keys (modules/odconv.py layout)."""
     h = max(int(c_in * 0.0625), 16)
-    d[prefix + 'weight'] = torch.randn(kernel_num, c_out, c_in // groups, k,
-                                       k) * 0.2
+    d[prefix +
+      'weight'] = torch.randn(kernel_num, c_out, c_in // groups, k, k) * 0.2
     a = prefix + 'attention.'
     d[a + 'fc.weight'] = torch.randn(h, c_in, 1, 1) * 0.3
     _bn(a + 'bn.', h, d)
@@ -91,17 +89,26 @@ def official_odconv_forward(d, x, stride, padding, groups):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize('c_in,c_out,k,groups,kernel_num,stride', [
-    (16, 24, 3, 1, 4, 2),
-    (32, 32, 3, 32, 1, 1),  # depthwise: no filter attention
-    (24, 40, 1, 1, 1, 1),  # 1x1, K = 1: the fast path
-])
+@pytest.mark.parametrize(
+    'c_in,c_out,k,groups,kernel_num,stride',
+    [
+        (16, 24, 3, 1, 4, 2),
+        (32, 32, 3, 32, 1, 1),  # depthwise: no filter attention
+        (24, 40, 1, 1, 1, 1),  # 1x1, K = 1: the fast path
+    ])
 def test_odconv_layer_matches_official_forward(c_in, c_out, k, groups,
                                                kernel_num, stride):
     from mmdyn.ops import ODConv2d
     official = od_layer('', c_in, c_out, k, groups, kernel_num, {})
-    layer = ODConv2d(c_in, c_out, k, stride, k // 2, groups=groups,
-                     bias=False, kernel_num=kernel_num)
+    layer = ODConv2d(
+        c_in,
+        c_out,
+        k,
+        stride,
+        k // 2,
+        groups=groups,
+        bias=False,
+        kernel_num=kernel_num)
     layer.load_state_dict(match_target(official, layer.state_dict()))
     layer.eval()
     x = torch.randn(3, c_in, 9, 8)
@@ -131,9 +138,9 @@ def official_kw_forward(d, cells, x, c_out, k, padding):
     m = k * k * g_o * g_i
     a = 'attention.'
     s = x.mean((2, 3)) @ d[a + 'fc1.weight'].t()
-    s = (s - d[a + 'norm1.running_mean']) / torch.sqrt(
-        d[a + 'norm1.running_var'] + 1e-5) * d[a + 'norm1.weight'] + d[
-            a + 'norm1.bias']
+    s = (s - d[a + 'norm1.running_mean']
+         ) / torch.sqrt(d[a + 'norm1.running_var'] +
+                        1e-5) * d[a + 'norm1.weight'] + d[a + 'norm1.bias']
     z = (s.clamp(min=0) @ d[a + 'fc2.weight'].t() + d[a + 'fc2.bias'])
     z = z.view(-1, m, n + 1)
     z = z / (z.abs().sum(-1, keepdim=True) + 1e-3)
@@ -145,10 +152,10 @@ def official_kw_forward(d, cells, x, c_out, k, padding):
             for o in range(g_o):
                 for c in range(g_i):
                     i = (s_pos * g_o + o) * g_i + c
-                    mix = (alpha[b, i].view(n, 1, 1) * cells[:, :, :, 0,
-                                                             0]).sum(0)
-                    w[o * c_o:(o + 1) * c_o, c * c_i:(c + 1) * c_i,
-                      s_pos // k, s_pos % k] = mix
+                    mix = (alpha[b, i].view(n, 1, 1) *
+                           cells[:, :, :, 0, 0]).sum(0)
+                    w[o * c_o:(o + 1) * c_o, c * c_i:(c + 1) * c_i, s_pos // k,
+                      s_pos % k] = mix
         outs.append(F.conv2d(x[b:b + 1], w, None, 1, padding))
     return torch.cat(outs)
 
@@ -157,8 +164,14 @@ def test_kw_layer_matches_official_forward():
     from mmdyn.ops import KWConv2d
     c_in, c_out, k = 16, 32, 3
     # private warehouse with ratios 1/2: cells [16, 8], m = 9 * 2 * 2 = 36
-    layer = KWConv2d(c_in, c_out, k, padding=1, bias=False,
-                     cell_inplane_ratio=0.5, cell_outplane_ratio=0.5)
+    layer = KWConv2d(
+        c_in,
+        c_out,
+        k,
+        padding=1,
+        bias=False,
+        cell_inplane_ratio=0.5,
+        cell_outplane_ratio=0.5)
     m = n = 36
     official = kw_layer_official('', c_in, m, n, {})
     cells = torch.randn(n, 16, 8, 1, 1) * 0.3
@@ -179,8 +192,7 @@ def ddf_layer_official(prefix, c, d):
     d[prefix + 'spatial_branch.0.bias'] = torch.randn(9) * 0.1
     d[prefix + 'channel_branch.1.weight'] = torch.randn(mid, c, 1, 1) * 0.3
     d[prefix + 'channel_branch.1.bias'] = torch.randn(mid) * 0.1
-    d[prefix + 'channel_branch.3.weight'] = torch.randn(9 * c, mid, 1,
-                                                        1) * 0.3
+    d[prefix + 'channel_branch.3.weight'] = torch.randn(9 * c, mid, 1, 1) * 0.3
     d[prefix + 'channel_branch.3.bias'] = torch.randn(9 * c) * 0.1
     d[prefix + 'channel_branch.4.std'] = torch.randn(9 * c) * math.sqrt(2) / 3
     return d
@@ -194,8 +206,8 @@ def official_ddf_forward(d, x, stride, combine):
     sf = sf - sf.mean(1, keepdim=True)
     sf = sf / (sf.std(1, keepdim=True) + 1e-10) * (math.sqrt(2) / 3)
     p = x.mean((2, 3), keepdim=True)
-    p = F.relu(F.conv2d(p, d['channel_branch.1.weight'],
-                        d['channel_branch.1.bias']))
+    p = F.relu(
+        F.conv2d(p, d['channel_branch.1.weight'], d['channel_branch.1.bias']))
     cf = F.conv2d(p, d['channel_branch.3.weight'],
                   d['channel_branch.3.bias']).view(b, c, 9)
     cf = cf - cf.mean(2, keepdim=True)
@@ -230,13 +242,14 @@ def test_ddf_layer_matches_official_forward(combine, stride):
 
 def dyconv_layer_unofficial(prefix, c_in, c_out, k, d, kernel_num=4):
     """Dynamic_conv2d keys of kaijieshi7/Dynamic-convolution-Pytorch:
-    kernel bank, 1x1-conv attention (fc1 without bias, fc2 with bias),
-    hidden width int(C_in * 0.25) + 1, or K for a 3-channel input."""
+
+    kernel bank, 1x1-conv attention (fc1 without bias, fc2 with bias), hidden
+    width int(C_in * 0.25) + 1, or K for a 3-channel input.
+    """
     h = kernel_num if c_in == 3 else int(c_in * 0.25) + 1
     d[prefix + 'weight'] = torch.randn(kernel_num, c_out, c_in, k, k) * 0.2
     d[prefix + 'attention.fc1.weight'] = torch.randn(h, c_in, 1, 1) * 0.3
-    d[prefix + 'attention.fc2.weight'] = torch.randn(kernel_num, h, 1,
-                                                     1) * 0.3
+    d[prefix + 'attention.fc2.weight'] = torch.randn(kernel_num, h, 1, 1) * 0.3
     d[prefix + 'attention.fc2.bias'] = torch.randn(kernel_num) * 0.1
     return d
 
@@ -246,18 +259,16 @@ def unofficial_dyconv_forward(d, x, stride, padding, temperature=1.0):
     grouped conv over the batch with the mixed kernels."""
     bank = d['weight']
     b = x.shape[0]
-    z = F.relu(F.conv2d(x.mean((2, 3), keepdim=True),
-                        d['attention.fc1.weight']))
+    z = F.relu(
+        F.conv2d(x.mean((2, 3), keepdim=True), d['attention.fc1.weight']))
     z = F.conv2d(z, d['attention.fc2.weight'], d['attention.fc2.bias'])
     pi = torch.softmax(z.view(b, -1) / temperature, 1)
     w = (pi @ bank.view(bank.shape[0], -1)).view(-1, *bank.shape[2:])
-    out = F.conv2d(x.view(1, -1, *x.shape[2:]), w, None, stride, padding,
-                   1, b)
+    out = F.conv2d(x.view(1, -1, *x.shape[2:]), w, None, stride, padding, 1, b)
     return out.view(b, bank.shape[1], *out.shape[2:])
 
 
-@pytest.mark.parametrize('c_in,c_out,k,stride', [(16, 24, 3, 2),
-                                                 (3, 8, 3, 1),
+@pytest.mark.parametrize('c_in,c_out,k,stride', [(16, 24, 3, 2), (3, 8, 3, 1),
                                                  (20, 12, 1, 1)])
 def test_dyconv_layer_matches_unofficial_forward(c_in, c_out, k, stride):
     from mmdyn.ops import DyConv2d
@@ -275,8 +286,8 @@ def test_dyconv_layer_matches_unofficial_forward(c_in, c_out, k, stride):
 
 
 def resnet_official(depth, conv_keys, num_classes=1000):
-    """torchvision-v1.5 ResNet keys with ``conv_keys(prefix, name, c_in,
-    c_out, k, stride, d)`` filling each block conv (and shortcut)."""
+    """torchvision-v1.5 ResNet keys with ``conv_keys(prefix, name, c_in, c_out,
+    k, stride, d)`` filling each block conv (and shortcut)."""
     d = OrderedDict()
     d['conv1.weight'] = torch.randn(64, 3, 7, 7) * 0.1
     _bn('bn1.', 64, d)
@@ -357,8 +368,10 @@ def test_odconv_mobilenet_v2_whole_model():
     c_in = make_divisible(32 * width)
     d['features.0.0.weight'] = torch.randn(c_in, 3, 3, 3) * 0.1
     _bn('features.0.1.', c_in, d)
-    mapping = {'features.0.0.': 'backbone.conv1.conv.',
-               'features.0.1.': 'backbone.conv1.bn.'}
+    mapping = {
+        'features.0.0.': 'backbone.conv1.conv.',
+        'features.0.1.': 'backbone.conv1.bn.'
+    }
     i = 1
     for stage, (t, c, n, s) in enumerate(table, start=1):
         c_out = make_divisible(c * width)
@@ -370,8 +383,8 @@ def test_odconv_mobilenet_v2_whole_model():
                 mods.append(('0.0', '0.1', c_in, hidden, 1, 1))
             mods.append(('dw', None, hidden, hidden, 3, hidden))
             mods.append(('pw', None, hidden, c_out, 1, 1))
-            names = (['0.0', '0.1', '1.0', '1.1', '2', '3'] if t != 1 else
-                     ['0.0', '0.1', '1', '2'])
+            names = (['0.0', '0.1', '1.0', '1.1', '2', '3']
+                     if t != 1 else ['0.0', '0.1', '1', '2'])
             for m_idx, (_, _, ci, co, k, g) in enumerate(mods):
                 conv_name, bn_name = names[2 * m_idx], names[2 * m_idx + 1]
                 od_layer(p + conv_name + '.', ci, co, k, g, kernel_num, d)
@@ -416,8 +429,8 @@ def test_kw_resnet18_whole_model():
 
     official = resnet_official(18, kw)
     for i, (n, c) in enumerate(zip(sizes, cell)):
-        official[f'warehouse_manager.weights.{i}'] = torch.randn(n, c, c, 1,
-                                                                 1) * 0.05
+        official[f'warehouse_manager.weights.{i}'] = torch.randn(
+            n, c, c, 1, 1) * 0.05
     config = osp.join(ROOT, 'configs/kernelwarehouse',
                       'resnet18-kw1x_8xb128-300e_in1k.py')
     converted, _ = convert(official, 'kw', config=config)
@@ -470,8 +483,8 @@ def test_dyconv_resnet18_whole_model_from_plain_state_dict(tmp_path):
 def test_refusals():
     official = od_layer('', 16, 16, 3, 1, 4, {})
     from mmdyn.ops import ODConv2d
-    target = ODConv2d(16, 16, 3, padding=1, bias=False,
-                      kernel_num=4).state_dict()
+    target = ODConv2d(
+        16, 16, 3, padding=1, bias=False, kernel_num=4).state_dict()
     broken = dict(official)
     del broken['attention.kernel_fc.bias']
     with pytest.raises(ConversionError, match='kernel_fc.bias'):
@@ -486,10 +499,13 @@ def test_refusals():
         convert({'backbone.conv1.weight': torch.zeros(1)}, 'odconv')
     with pytest.raises(ConversionError, match='no official layout'):
         convert({'stem.weight': torch.zeros(1)}, 'odconv')
-    with pytest.raises(ConversionError,
-                       match='not part of the layout.*avgpool.extra'):
-        convert({'layer1.0.conv1.weight': torch.zeros(1),
-                 'avgpool.extra': torch.zeros(1)}, 'kw')
+    with pytest.raises(
+            ConversionError, match='not part of the layout.*avgpool.extra'):
+        convert(
+            {
+                'layer1.0.conv1.weight': torch.zeros(1),
+                'avgpool.extra': torch.zeros(1)
+            }, 'kw')
 
 
 @pytest.mark.parametrize('family,folder', [('odconv', 'odconv'),
@@ -499,11 +515,12 @@ def test_refusals():
 def test_architecture_without_config_lists_the_supported_models(
         family, folder):
     """An official ResNet-34 (e.g. ODConv's od_resnet34): no config of the
-    family has it; the refusal names it and lists the models that have
-    one, instead of an empty 'closest:'."""
+    family has it; the refusal names it and lists the models that have one,
+    instead of an empty 'closest:'."""
     state = {'layer1.0.conv1.weight': torch.zeros(1)}
-    state.update({f'layer3.{i}.conv1.weight': torch.zeros(1)
-                  for i in range(6)})  # 6 basic blocks in layer3: depth 34
+    state.update(
+        {f'layer3.{i}.conv1.weight': torch.zeros(1)
+         for i in range(6)})  # 6 basic blocks in layer3: depth 34
     with pytest.raises(ConversionError) as info:
         convert(state, family)
     message = str(info.value)
@@ -526,14 +543,19 @@ def test_cli_roundtrip(tmp_path, monkeypatch):
     official = resnet_official(18, od)
     src, dst = tmp_path / 'od.pth', tmp_path / 'out.pth'
     # official checkpoints are DataParallel saves: 'module.' prefixes
-    torch.save({'state_dict': {'module.' + k: v
-                               for k, v in official.items()}}, src)
+    torch.save({'state_dict': {
+        'module.' + k: v
+        for k, v in official.items()
+    }}, src)
     config = osp.join(ROOT, 'configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
     # the script itself, run in-process
-    monkeypatch.setattr(sys, 'argv', [
-        'odconv2mmdyn.py', str(src), str(dst), '--config', config])
-    runpy.run_path(osp.join(ROOT, 'tools/model_converters/odconv2mmdyn.py'),
-                   run_name='__main__')
+    monkeypatch.setattr(
+        sys, 'argv',
+        ['odconv2mmdyn.py',
+         str(src), str(dst), '--config', config])
+    runpy.run_path(
+        osp.join(ROOT, 'tools/model_converters/odconv2mmdyn.py'),
+        run_name='__main__')
     out = unwrap_state_dict(torch.load(dst, weights_only=True))
     assert torch.equal(out['backbone.layer2.0.conv1.weight'],
                        official['layer2.0.conv1.weight'])

@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Official checkpoints in the save formats of the official training
-scripts, the converters' command line (``--weights``, ``--verify``), their
-refusals, and that nothing is written when a conversion fails.
+"""Official checkpoints in the save formats of the official training scripts,
+the converters' command line (``--weights``, ``--verify``), their refusals, and
+that nothing is written when a conversion fails.
 
 The files are written here as the official scripts write them: ODConv's
 ``main.py`` (``state_dict`` of a DataParallel model beside ``epoch``,
@@ -22,8 +22,8 @@ from test_converters import (ROOT, ddf_layer_official, od_layer, plain_conv,
 
 from mmdyn.analysis.checkpoint_formats import (CheckpointFormatError,
                                                read_official_checkpoint)
-from mmdyn.analysis.converters import (ConversionError, convert,
-                                       convert_file, converter_cli)
+from mmdyn.analysis.converters import (ConversionError, convert, convert_file,
+                                       converter_cli)
 from mmdyn.analysis.models import build_model
 
 OD_R18 = osp.join(ROOT, 'configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
@@ -56,42 +56,78 @@ def od_r18():
 
 def _optimizer_state(state):
     return dict(
-        state={i: dict(momentum_buffer=torch.zeros_like(v))
-               for i, v in enumerate(list(state.values())[:3])},
+        state={
+            i: dict(momentum_buffer=torch.zeros_like(v))
+            for i, v in enumerate(list(state.values())[:3])
+        },
         param_groups=[dict(lr=0.1, momentum=0.9, params=[0, 1, 2])])
 
 
 def kw_main_checkpoint(state, ema):
     """What KernelWarehouse's main.py (utils.save_model) writes."""
     args = argparse.Namespace(
-        model='kw_resnet18', kw_config='configs/resnet18/kw1x_resnet18.json',
-        batch_size=128, update_freq=4, reduction=[0.0625],
-        sharing_range=['layer', 'pwconv'], cell_num_ratio=[1.0],
-        nonlocal_basis_ratio=1.0, model_ema=True, output_dir='out',
-        resume='', clip_grad=None, opt_betas=None, gpu=0, distributed=True)
-    return dict(model=state, optimizer=_optimizer_state(state), epoch=299,
-                scaler=dict(scale=65536.0, growth_factor=2.0,
-                            backoff_factor=0.5, growth_interval=2000,
-                            _growth_tracker=17),
-                args=args, model_ema=ema)
+        model='kw_resnet18',
+        kw_config='configs/resnet18/kw1x_resnet18.json',
+        batch_size=128,
+        update_freq=4,
+        reduction=[0.0625],
+        sharing_range=['layer', 'pwconv'],
+        cell_num_ratio=[1.0],
+        nonlocal_basis_ratio=1.0,
+        model_ema=True,
+        output_dir='out',
+        resume='',
+        clip_grad=None,
+        opt_betas=None,
+        gpu=0,
+        distributed=True)
+    return dict(
+        model=state,
+        optimizer=_optimizer_state(state),
+        epoch=299,
+        scaler=dict(
+            scale=65536.0,
+            growth_factor=2.0,
+            backoff_factor=0.5,
+            growth_interval=2000,
+            _growth_tracker=17),
+        args=args,
+        model_ema=ema)
 
 
 def timm_checkpoint(state, ema, arch):
     """What timm's CheckpointSaver (DDF's train.py) writes."""
-    args = argparse.Namespace(model=arch, lr=0.4, epochs=120, amp=True,
-                              model_ema=True, mean=None, scale=[0.08, 1.0])
-    return dict(epoch=129, arch=arch, state_dict=state,
-                optimizer=_optimizer_state(state), version=2, args=args,
-                amp_scaler=dict(scale=1024.0, _growth_tracker=5),
-                state_dict_ema=ema, metric=79.1)
+    args = argparse.Namespace(
+        model=arch,
+        lr=0.4,
+        epochs=120,
+        amp=True,
+        model_ema=True,
+        mean=None,
+        scale=[0.08, 1.0])
+    return dict(
+        epoch=129,
+        arch=arch,
+        state_dict=state,
+        optimizer=_optimizer_state(state),
+        version=2,
+        args=args,
+        amp_scaler=dict(scale=1024.0, _growth_tracker=5),
+        state_dict_ema=ema,
+        metric=79.1)
 
 
 def odconv_main_checkpoint(state):
     """What ODConv's main.py writes: a DataParallel state dict."""
-    return dict(epoch=100,
-                state_dict={'module.' + k: v for k, v in state.items()},
-                acc=torch.tensor(73.05), best_acc=torch.tensor(73.05),
-                optimizer=_optimizer_state(state))
+    return dict(
+        epoch=100,
+        state_dict={
+            'module.' + k: v
+            for k, v in state.items()
+        },
+        acc=torch.tensor(73.05),
+        best_acc=torch.tensor(73.05),
+        optimizer=_optimizer_state(state))
 
 
 def test_kw_main_checkpoint_with_args_and_ema(tmp_path, od_r18):
@@ -106,8 +142,9 @@ def test_kw_main_checkpoint_with_args_and_ema(tmp_path, od_r18):
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in ema.items())
     # and through the converter, EMA weights selected on the command line
     dst = tmp_path / 'out.pth'
-    converter_cli('odconv', 'test', [path, str(dst), '--config', OD_R18,
-                                     '--weights', 'ema'])
+    converter_cli('odconv', 'test',
+                  [path,
+                   str(dst), '--config', OD_R18, '--weights', 'ema'])
     out = torch.load(dst, weights_only=True)['state_dict']
     assert torch.equal(out['backbone.layer3.1.conv2.weight'],
                        ema['layer3.1.conv2.weight'])
@@ -135,8 +172,9 @@ def test_timm_checkpoint_and_ddf_mul_add_needs_config(tmp_path):
             f'{path} OUT.pth --config {add}') in message
     dst = tmp_path / 'ddf.pth'
     assert not dst.exists()
-    converter_cli('ddf', 'test', [path, str(dst), '--config',
-                                  osp.join(ROOT, mul)])
+    converter_cli('ddf', 'test',
+                  [path, str(dst), '--config',
+                   osp.join(ROOT, mul)])
     out = torch.load(dst, weights_only=True)['state_dict']
     assert torch.equal(out['backbone.layer4.2.conv2.channel_branch.4.std'],
                        official['layer4.2.conv2.channel_branch.4.std'])
@@ -226,8 +264,7 @@ def test_verify_prints_logits_of_the_documented_input(tmp_path, od_r18,
                                                       capsys):
     src, dst = str(tmp_path / 'od.pth'), str(tmp_path / 'out.pth')
     torch.save(odconv_main_checkpoint(od_r18), src)
-    converter_cli('odconv', 'test',
-                  [src, dst, '--config', OD_R18, '--verify'])
+    converter_cli('odconv', 'test', [src, dst, '--config', OD_R18, '--verify'])
     printed = capsys.readouterr().out
     # the input as the README writes it for the official code
     x = (torch.arange(3 * 224 * 224, dtype=torch.float64) *
@@ -244,8 +281,8 @@ def test_verify_prints_logits_of_the_documented_input(tmp_path, od_r18,
     assert float(values[0]) != 0
 
 
-def test_converted_checkpoint_carries_a_verified_content_hash(tmp_path,
-                                                              od_r18):
+def test_converted_checkpoint_carries_a_verified_content_hash(
+        tmp_path, od_r18):
     from mmdyn.engine.checkpoint_io import HASH_KEY, verify_content_hash
     src, dst = str(tmp_path / 'od.pth'), str(tmp_path / 'out.pth')
     torch.save(od_r18, src)
@@ -272,8 +309,9 @@ def test_reading_leaves_the_process_allow_list_intact(tmp_path, od_r18):
     before = set(map(str, torch.serialization.get_safe_globals()))
     assert any('dtype' in g for g in before)
     src = str(tmp_path / 'od.pth')
-    torch.save(dict(model=od_r18, args=argparse.Namespace(lr=0.1),
-                    epoch=np.int64(3)), src)
+    torch.save(
+        dict(model=od_r18, args=argparse.Namespace(lr=0.1), epoch=np.int64(3)),
+        src)
     read_official_checkpoint(src)
     assert set(map(str, torch.serialization.get_safe_globals())) == before
     # an mmengine-style payload with a numpy dtype still loads weights-only

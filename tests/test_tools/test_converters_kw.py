@@ -111,11 +111,12 @@ def kw_forward(d, layer, x):
     z = s.clamp(min=0) @ d[a + 'fc2.weight'].t() + d[a + 'fc2.bias']
     z = z.reshape(-1, n + 1)
     z = (z / (z.abs().sum(1, keepdim=True) + 1e-3))[:, :-1]
-    w = (z @ cells.reshape(n, -1)).reshape(b, g_sp, g_out, g_in, c_o, c_i,
-                                          1, 1)
+    w = (z @ cells.reshape(n, -1)).reshape(b, g_sp, g_out, g_in, c_o, c_i, 1,
+                                           1)
     w = w.permute(0, 2, 4, 3, 5, 1, 6, 7).reshape(-1, c_in // groups, k, k)
-    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w, None, layer['s'],
-                   layer['pad'], 1, groups * b)
+    out = F.conv2d(
+        x.reshape(1, -1, *x.shape[2:]), w, None, layer['s'], layer['pad'], 1,
+        groups * b)
     out = out.view(b, c_out, *out.shape[2:])
     if p + 'bias' in d:
         out = out + d[p + 'bias'].view(1, -1, 1, 1)
@@ -132,24 +133,34 @@ def conv_forward(d, layer, x):
 # ---- MobileNetV2 ----------------------------------------------------------
 
 
-def conv(key, name, cin, cout, k, s=1, groups=1, kw=True, bn=None,
-         act=True):
-    return dict(key=key, name=name, cin=cin, cout=cout, k=k, s=s,
-                pad=(k - 1) // 2, groups=groups, kw=kw, bn=bn, act=act)
+def conv(key, name, cin, cout, k, s=1, groups=1, kw=True, bn=None, act=True):
+    return dict(
+        key=key,
+        name=name,
+        cin=cin,
+        cout=cout,
+        k=k,
+        s=s,
+        pad=(k - 1) // 2,
+        groups=groups,
+        kw=kw,
+        bn=bn,
+        act=act)
 
 
 def official_mbv2(width, kw1d2x, sharing):
-    """The official KW_MobileNetV2 / KW1d2x_MobileNetV2 layers, in
-    reservation order, grouped as (stem, blocks, last, classifier)."""
+    """The official KW_MobileNetV2 / KW1d2x_MobileNetV2 layers, in reservation
+    order, grouped as (stem, blocks, last, classifier)."""
     c_in = make_divisible(32 * width)
-    stem = conv('features.0.0', 'stage0_conv0', 3, c_in, 3, 2,
-                bn='features.0.1.')
+    stem = conv(
+        'features.0.0', 'stage0_conv0', 3, c_in, 3, 2, bn='features.0.1.')
     blocks, i, layer_idx = [], 1, 0
     for idx, (t, c, n, s) in enumerate(MBV2_SETTINGS):
         c_out = make_divisible(c * width)
         for j in range(n):
-            handover = (j == 0 and idx > 0
-                        and MBV2_KW_STAGES[idx] != MBV2_KW_STAGES[idx - 1])
+            handover = (
+                j == 0 and idx > 0
+                and MBV2_KW_STAGES[idx] != MBV2_KW_STAGES[idx - 1])
             stage = MBV2_KW_STAGES[idx] - 1 if handover else \
                 MBV2_KW_STAGES[idx]
             pw_kw = not kw1d2x or stage >= 6
@@ -157,24 +168,49 @@ def official_mbv2(width, kw1d2x, sharing):
             name = f'stage{stage}_layer{layer_idx}_'
             layers = []
             if t != 1:
-                layers.append(conv(prefix + '0.0', name + 'pwconv0', c_in,
-                                   hidden, 1, kw=pw_kw, bn=prefix + '0.1.'))
+                layers.append(
+                    conv(
+                        prefix + '0.0',
+                        name + 'pwconv0',
+                        c_in,
+                        hidden,
+                        1,
+                        kw=pw_kw,
+                        bn=prefix + '0.1.'))
             dw = len(layers)
-            layers.append(conv(f'{prefix}{dw}.0', name + 'dwconv0', hidden,
-                               hidden, 3, s if j == 0 else 1, hidden,
-                               bn=f'{prefix}{dw}.1.'))
-            layers.append(conv(f'{prefix}{dw + 1}', name + 'pwconv1', hidden,
-                               c_out, 1, kw=pw_kw, bn=f'{prefix}{dw + 2}.',
-                               act=False))
+            layers.append(
+                conv(
+                    f'{prefix}{dw}.0',
+                    name + 'dwconv0',
+                    hidden,
+                    hidden,
+                    3,
+                    s if j == 0 else 1,
+                    hidden,
+                    bn=f'{prefix}{dw}.1.'))
+            layers.append(
+                conv(
+                    f'{prefix}{dw + 1}',
+                    name + 'pwconv1',
+                    hidden,
+                    c_out,
+                    1,
+                    kw=pw_kw,
+                    bn=f'{prefix}{dw + 2}.',
+                    act=False))
             blocks.append((layers, (s if j == 0 else 1) == 1
                            and c_in == c_out))
             c_in, i = c_out, i + 1
             layer_idx = 0 if handover else layer_idx + 1
     last_c = make_divisible(1280 * max(1.0, width))
-    last = conv(f'features.{i}.0', f'stage6_layer{layer_idx}_pwconv1', c_in,
-                last_c, 1, bn=f'features.{i}.1.')
-    head = conv('classifier.1.conv', 'classifier', last_c, 1000, 1,
-                kw=kw1d2x)
+    last = conv(
+        f'features.{i}.0',
+        f'stage6_layer{layer_idx}_pwconv1',
+        c_in,
+        last_c,
+        1,
+        bn=f'features.{i}.1.')
+    head = conv('classifier.1.conv', 'classifier', last_c, 1000, 1, kw=kw1d2x)
     everything = [stem] + [m for b, _ in blocks for m in b] + [last, head]
     number_warehouses(everything, sharing)
     return stem, blocks, last, head
@@ -199,9 +235,10 @@ def official_mbv2_forward(d, x, width, kw1d2x, sharing):
     return x @ d['classifier.weight'].t() + d['classifier.bias']
 
 
-def mbv2_to_official(num_backbone_warehouses, kw_classifier,
+def mbv2_to_official(num_backbone_warehouses,
+                     kw_classifier,
                      classifier='classifier.'):
-    """mmdyn key -> official key for (KW) MobileNetV2 (``classifier`` is
+    """Mmdyn key -> official key for (KW) MobileNetV2 (``classifier`` is
     ODConv's ``classifier.1.``)."""
     block_of = {}
     i = 1
@@ -218,8 +255,8 @@ def mbv2_to_official(num_backbone_warehouses, kw_classifier,
             return f'warehouse_manager.weights.{num_backbone_warehouses}'
         if key.startswith('head.fc.'):
             rest = key[len('head.fc.'):]
-            return ('classifier.1.conv.' if kw_classifier else
-                    classifier) + rest
+            return ('classifier.1.conv.'
+                    if kw_classifier else classifier) + rest
         if parts[1] in ('conv1', 'conv2'):
             index = 0 if parts[1] == 'conv1' else i
             sub = '0' if parts[2] == 'conv' else '1'
@@ -228,11 +265,21 @@ def mbv2_to_official(num_backbone_warehouses, kw_classifier,
                                       int(parts[4]), parts[5])
         index, expands = block_of[stage, block]
         if expands:
-            names = {(0, 'conv'): '0.0', (0, 'bn'): '0.1', (1, 'conv'): '1.0',
-                     (1, 'bn'): '1.1', (2, 'conv'): '2', (2, 'bn'): '3'}
+            names = {
+                (0, 'conv'): '0.0',
+                (0, 'bn'): '0.1',
+                (1, 'conv'): '1.0',
+                (1, 'bn'): '1.1',
+                (2, 'conv'): '2',
+                (2, 'bn'): '3'
+            }
         else:
-            names = {(0, 'conv'): '0.0', (0, 'bn'): '0.1', (1, 'conv'): '1',
-                     (1, 'bn'): '2'}
+            names = {
+                (0, 'conv'): '0.0',
+                (0, 'bn'): '0.1',
+                (1, 'conv'): '1',
+                (1, 'bn'): '2'
+            }
         return (f'features.{index}.conv.{names[module, kind]}.' +
                 '.'.join(parts[6:]))
 
@@ -242,8 +289,8 @@ def mbv2_to_official(num_backbone_warehouses, kw_classifier,
 MBV2_CASES = {
     # config: (width, 1/2x with KW classifier, backbone warehouses, sharing
     # range of the official model; the 1/2x model writes tuple("layer"))
-    'mobilenet-v2-w0.5-kw1x_8xb32_in1k.py': (0.5, False, 13, ('layer',
-                                                               'pwconv')),
+    'mobilenet-v2-w0.5-kw1x_8xb32_in1k.py':
+    (0.5, False, 13, ('layer', 'pwconv')),
     'mobilenet-v2-w0.5-kw1d2x_8xb32_in1k.py': (0.5, True, 9, tuple('layer')),
     'mobilenet-v2-w0.5-kw4x_8xb32_in1k.py': (0.5, False, 19, ('layer', )),
 }
@@ -275,8 +322,7 @@ def test_kw_mobilenet_v2_matches_official_forward(name, mbv2_models):
 
 
 def official_convnext(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3)):
-    stem = conv('downsample_layers.0.0', 'stagestem_conv0', 3, dims[0], 4,
-                4)
+    stem = conv('downsample_layers.0.0', 'stagestem_conv0', 3, dims[0], 4, 4)
     stem['pad'] = 0
     downs = []
     for i in range(3):
@@ -307,9 +353,9 @@ def official_convnext_forward(d, x):
     stem, downs, blocks = official_convnext()
 
     def ln_first(p, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2],
-                            d[p + 'weight'], d[p + 'bias'],
-                            1e-6).permute(0, 3, 1, 2)
+        return F.layer_norm(
+            x.permute(0, 2, 3, 1), x.shape[1:2], d[p + 'weight'],
+            d[p + 'bias'], 1e-6).permute(0, 3, 1, 2)
 
     for i in range(4):
         if i == 0:
@@ -321,8 +367,8 @@ def official_convnext_forward(d, x):
             y = ln_first(p + 'norm.', kw_forward(d, dw, x))
             y = kw_forward(d, pw2, F.gelu(kw_forward(d, pw1, y)))
             x = x + d[p + 'gamma'] * y
-    x = F.layer_norm(x.mean((2, 3)), (x.shape[1], ), d['norm.weight'],
-                     d['norm.bias'], 1e-6)
+    x = F.layer_norm(
+        x.mean((2, 3)), (x.shape[1], ), d['norm.weight'], d['norm.bias'], 1e-6)
     return x @ d['head.weight'].t() + d['head.bias']
 
 
@@ -336,8 +382,8 @@ def convnext_to_official(key):
 
 
 def test_kw_convnext_tiny_matches_official_forward(tmp_path):
-    """Through a file as KernelWarehouse's main.py saves it when trained
-    with EMA (``model``, ``model_ema``, ``args``, ...), EMA weights chosen."""
+    """Through a file as KernelWarehouse's main.py saves it when trained with
+    EMA (``model``, ``model_ema``, ``args``, ...), EMA weights chosen."""
     config = osp.join(KW, 'convnext-tiny-kw1x_32xb128_in1k.py')
     model = build_model(config)
     official = official_dict(model, convnext_to_official)
@@ -345,14 +391,20 @@ def test_kw_convnext_tiny_matches_official_forward(tmp_path):
         official[key] = torch.rand(official[key].shape) * 0.5 + 0.5
     src, dst = str(tmp_path / 'checkpoint-best.pth'), str(tmp_path / 'o.pth')
     torch.save(
-        dict(model={k: v * 0.5 for k, v in official.items()},
-             model_ema=official, epoch=299, optimizer=dict(state={},
-                                                           param_groups=[]),
-             scaler=dict(scale=65536.0),
-             args=argparse.Namespace(model='kw_convnext_tiny',
-                                     model_ema=True, drop_path=0.3,
-                                     sharing_range=['layer', 'pwconv'])),
-        src)
+        dict(
+            model={
+                k: v * 0.5
+                for k, v in official.items()
+            },
+            model_ema=official,
+            epoch=299,
+            optimizer=dict(state={}, param_groups=[]),
+            scaler=dict(scale=65536.0),
+            args=argparse.Namespace(
+                model='kw_convnext_tiny',
+                model_ema=True,
+                drop_path=0.3,
+                sharing_range=['layer', 'pwconv'])), src)
     used = convert_file('kw', src, dst, weights='ema', log=None)
     assert osp.basename(used) == osp.basename(config)
     converted = torch.load(dst, weights_only=True)['state_dict']
@@ -388,12 +440,15 @@ def resnet_to_official(key):
 def test_kw_resnet_every_budget_found_by_shapes(name):
     """The official kw_resnet keys of every budget convert to their config
     (found among the same-depth KW configs by the warehouse shapes) with the
-    tensors in place. Built on the meta device: only names and shapes."""
+    tensors in place.
+
+    Built on the meta device: only names and shapes.
+    """
     from mmdyn.analysis.converters import target_shapes
     shapes = target_shapes(osp.join(KW, name))
-    official = OrderedDict(
-        (resnet_to_official(k), torch.zeros(s)) for k, s in shapes.items()
-        if not k.endswith('temperature'))
+    official = OrderedDict((resnet_to_official(k), torch.zeros(s))
+                           for k, s in shapes.items()
+                           if not k.endswith('temperature'))
     for i, key in enumerate(official):
         official[key] = torch.full(official[key].shape, float(i))
     converted, used = convert(official, 'kw', build=lambda c: _MetaModel(c))
@@ -426,8 +481,8 @@ def test_kw_mobilenet_v2_x1_budgets_found_by_shapes():
         official = OrderedDict((mapping(k), torch.zeros(s))
                                for k, s in shapes.items()
                                if not k.endswith('temperature'))
-        converted, used = convert(official, 'kw',
-                                  build=lambda c: _MetaModel(c))
+        converted, used = convert(
+            official, 'kw', build=lambda c: _MetaModel(c))
         assert osp.basename(used) == name
 
 
@@ -457,7 +512,8 @@ def test_checkpoint_of_another_method_is_named():
     official = OrderedDict((resnet_to_official(k), torch.zeros(s))
                            for k, s in shapes.items()
                            if not k.endswith('temperature'))
-    with pytest.raises(ConversionError,
-                       match='KernelWarehouse checkpoint, not ODConv: convert '
-                       'it with python tools/model_converters/kw2mmdyn.py'):
+    with pytest.raises(
+            ConversionError,
+            match='KernelWarehouse checkpoint, not ODConv: convert '
+            'it with python tools/model_converters/kw2mmdyn.py'):
         convert(official, 'odconv')

@@ -10,8 +10,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from test_converters_kw import _MetaModel, mbv2_to_official, \
-    resnet_to_official
+from test_converters_kw import _MetaModel, mbv2_to_official, resnet_to_official
 
 from mmdyn.analysis.converters import ConversionError, convert, target_shapes
 
@@ -41,9 +40,8 @@ def official_keys(config):
 
 
 @pytest.mark.parametrize('folder,family,name',
-                         [('odconv', 'odconv', n) for n in configs('odconv')]
-                         + [('dyconv', 'dyconv', n)
-                            for n in configs('dyconv')])
+                         [('odconv', 'odconv', n) for n in configs('odconv')] +
+                         [('dyconv', 'dyconv', n) for n in configs('dyconv')])
 def test_config_found_by_shapes(folder, family, name):
     config = osp.join(ROOT, 'configs', folder, name)
     official = official_keys(config)
@@ -62,6 +60,5 @@ def test_ddf_configs_need_config_and_take_it(name):
     official = official_keys(config)
     with pytest.raises(ConversionError, match='several configs'):
         convert(official, 'ddf', build=_MetaModel)
-    converted, used = convert(official, 'ddf', config=config,
-                              build=_MetaModel)
+    converted, used = convert(official, 'ddf', config=config, build=_MetaModel)
     assert used == config and len(converted) == len(target_shapes(config))

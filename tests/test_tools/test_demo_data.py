@@ -72,8 +72,8 @@ def test_detection_annotations_are_valid(det_root):
 def test_generation_is_idempotent_and_race_safe(tmp_path):
     root = str(tmp_path / 'demo_det')
     with ThreadPoolExecutor(3) as pool:
-        made = list(pool.map(lambda _: make_demo_detection(root, **SMALL),
-                             range(3)))
+        made = list(
+            pool.map(lambda _: make_demo_detection(root, **SMALL), range(3)))
     assert sum(made) == 1  # one writer won, the others found it complete
     assert not [n for n in os.listdir(str(tmp_path)) if '.tmp-' in n]
     assert make_demo_detection(root, **SMALL) is False
@@ -97,8 +97,9 @@ def test_classification_layout(tmp_path):
 
 def test_ensure_demo_data_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = dict(train_dataloader=dict(dataset=dict(data_root='data/demo_cls')),
-               val_dataloader=dict(dataset=dict(data_root='data/coco/')))
+    cfg = dict(
+        train_dataloader=dict(dataset=dict(data_root='data/demo_cls')),
+        val_dataloader=dict(dataset=dict(data_root='data/coco/')))
     calls = []
     monkeypatch.setattr('mmdyn.datasets.demo_data.make_demo_classification',
                         lambda root: calls.append(root) or True)
@@ -113,7 +114,7 @@ def test_bad_arguments(tmp_path, kwargs):
 
 
 def test_annotation_json_is_plain(det_root):
-    data = json.load(open(osp.join(det_root, 'annotations',
-                                   'instances_val.json')))
+    data = json.load(
+        open(osp.join(det_root, 'annotations', 'instances_val.json')))
     assert len(data['images']) == SMALL['num_val']
     assert all(a['iscrowd'] == 0 for a in data['annotations'])

@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """A shortened demo run of the ODConv + DDF-Up Mask R-CNN through
-tools/train.py and tools/test.py: one epoch on four tiny images, then COCO
-bbox and segm evaluation."""
+tools/train.py and tools/test.py: one epoch on four tiny images, then COCO bbox
+and segm evaluation."""
 import glob
 import importlib.util
 import os.path as osp
@@ -57,8 +57,8 @@ def test_train_then_test_odconv_ddfup_mask_rcnn(tmp_path):
         [CONFIG, '--work-dir', work_dir, '--cfg-options', *options])
     checkpoints = glob.glob(osp.join(work_dir, 'epoch_1.pth'))
     assert checkpoints
-    state = torch.load(checkpoints[0], map_location='cpu',
-                       weights_only=False)['state_dict']
+    state = torch.load(
+        checkpoints[0], map_location='cpu', weights_only=False)['state_dict']
     assert any(k.startswith('neck.upsamplers.') for k in state)
     assert any(k.startswith('roi_head.mask_head.upsample.') for k in state)
     # The temperature hook annealed the ODConv temperature below its start.

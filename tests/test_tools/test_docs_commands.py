@@ -11,8 +11,9 @@ import shlex
 import pytest
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DOCS = [osp.join(REPO, 'README.md'), osp.join(REPO, 'configs/demo/README.md')
-        ] + sorted(glob.glob(osp.join(REPO, 'docs', '*.md')))
+DOCS = [osp.join(REPO, 'README.md'),
+        osp.join(REPO, 'configs/demo/README.md')] + sorted(
+            glob.glob(osp.join(REPO, 'docs', '*.md')))
 # tools whose parse_args(argv) the commands are checked with
 TOOLS = ('tools/train.py', 'tools/test.py',
          'tools/analysis_tools/get_flops.py',
@@ -53,8 +54,7 @@ def shown_commands(path):
 
 
 COMMANDS = [(osp.relpath(doc, REPO), cmd) for doc in DOCS
-            for cmd in shown_commands(doc)
-            if shlex.split(cmd)[1] in TOOLS]
+            for cmd in shown_commands(doc) if shlex.split(cmd)[1] in TOOLS]
 
 
 def test_docs_show_tool_commands():
@@ -62,8 +62,8 @@ def test_docs_show_tool_commands():
     assert {shlex.split(c)[1] for _, c in COMMANDS} == set(TOOLS)
 
 
-@pytest.mark.parametrize('doc,command', COMMANDS,
-                         ids=[f'{d}:{c[:60]}' for d, c in COMMANDS])
+@pytest.mark.parametrize(
+    'doc,command', COMMANDS, ids=[f'{d}:{c[:60]}' for d, c in COMMANDS])
 def test_shown_command_parses(doc, command):
     argv = shlex.split(command)
     tool = load_tool(argv[1])
@@ -87,8 +87,10 @@ def test_readme_flops_and_benchmark_commands_say_what_they_print():
 
 def test_prediction_pickles_are_git_ignored():
     with open(osp.join(REPO, '.gitignore')) as f:
-        patterns = [line.strip() for line in f
-                    if line.strip() and not line.startswith('#')]
+        patterns = [
+            line.strip() for line in f
+            if line.strip() and not line.startswith('#')
+        ]
     for name in ('preds.pkl', 'work_dirs/x/results.pkl'):
         assert any(fnmatch.fnmatch(osp.basename(name), p) for p in patterns), \
             name

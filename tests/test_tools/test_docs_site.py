@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """The docs site (Sphinx + MyST under docs/): the model-zoo pages generated
-from the metafiles carry every model, its numbers and its convert command;
-the site builds with warnings as errors."""
+from the metafiles carry every model, its numbers and its convert command; the
+site builds with warnings as errors."""
 import importlib.util
 import os.path as osp
 import re

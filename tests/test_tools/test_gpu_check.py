@@ -46,8 +46,12 @@ def test_entry_points_import():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks a CPU error')
 def test_without_a_gpu_one_clear_line(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run(['bash', SCRIPT, str(tmp_path / 'out')], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(['bash', SCRIPT,
+                           str(tmp_path / 'out')],
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=120)
     assert done.returncode == 2
     assert done.stdout == ''
     assert done.stderr.splitlines() == [
@@ -102,20 +106,33 @@ def test_junit_results_and_report(tmp_path):
     assert suite['failures'] == [
         ('tests.test_ops.test_x::test_c[1]', 'failed',
          'AssertionError: 3 != 4'),
-        ('tests.test_ops.test_x::test_d', 'errors',
-         "fixture 'gpu' not found"),
+        ('tests.test_ops.test_x::test_d', 'errors', "fixture 'gpu' not found"),
     ]
     assert suite['skips'] == [('needs a CUDA device', 2)]
     check = check_mod.Check(str(tmp_path), False, 480, 0)
     check.machine['GPU'] = 'NVIDIA H100 80GB HBM3, 132 SMs'
     check.suites['test_cuda_ops'] = suite
     check.rows = [
-        dict(group='g', name='ddf forward', precision='fp32', ms=1.5,
-             baseline='depthwise', baseline_ms=1.0, ratio=1.5, target=1.3,
-             verdict='FAIL'),
-        dict(group='g', name='kw1x peak memory', precision='amp-fp16',
-             mb=900, baseline='resnet50', baseline_mb=1000, ratio=0.9,
-             target=1.15, verdict='PASS'),
+        dict(
+            group='g',
+            name='ddf forward',
+            precision='fp32',
+            ms=1.5,
+            baseline='depthwise',
+            baseline_ms=1.0,
+            ratio=1.5,
+            target=1.3,
+            verdict='FAIL'),
+        dict(
+            group='g',
+            name='kw1x peak memory',
+            precision='amp-fp16',
+            mb=900,
+            baseline='resnet50',
+            baseline_mb=1000,
+            ratio=0.9,
+            target=1.15,
+            verdict='PASS'),
     ]
     check.stage('test_cuda_ops', 'FAILED (pytest exit 1)', 12.0)
     report = (tmp_path / 'gpu_report.md').read_text()
@@ -158,8 +175,10 @@ def test_rows_carry_their_verdicts(tmp_path):
         b.emit(name='b', ratio=1.3, target=1.25)
         b.emit(name='c', ratio=1.3, target=None)
         b.emit(name='d', note='not run')
-    rows = [json.loads(x) for x in (tmp_path / 'rows.jsonl').read_text()
-            .splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / 'rows.jsonl').read_text().splitlines()
+    ]
     assert [r['verdict'] for r in rows] == ['PASS', 'FAIL', 'n/a', 'n/a']
 
 
@@ -180,16 +199,21 @@ def test_benchmarked_networks_follow_the_replacement_rules():
         model = bench.build_resnet50(kind)
         assert sum(isinstance(m, cls) for m in model.modules()) == count
     # DyConv ResNet-50 (K=4) has the unofficial code's 100,895,176.
-    assert sum(p.numel() for p in bench.build_resnet50(
-        'dyconv4x').parameters()) == 100895176
+    assert sum(
+        p.numel()
+        for p in bench.build_resnet50('dyconv4x').parameters()) == 100895176
 
 
 @pytest.mark.slow
 def test_dry_run_writes_a_whole_report(tmp_path):
     out = tmp_path / 'out'
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
-    done = subprocess.run(['bash', SCRIPT, str(out), '--dry-run'], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(['bash', SCRIPT,
+                           str(out), '--dry-run'],
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
     report = (out / 'gpu_report.md').read_text()
     assert done.returncode == 0, done.stdout + done.stderr + report
     assert report.startswith('# mmdyn GPU check')
@@ -201,16 +225,16 @@ def test_dry_run_writes_a_whole_report(tmp_path):
                   'R-50 FPN training step', 'ResNet-50 training step',
                   'eager vs torch.compile'):
         assert f'### {group}' in report, group
-    rows = [json.loads(x)
-            for x in (out / 'bench_rows.jsonl').read_text().splitlines()]
-    assert not [r for r in rows if str(r.get('note', '')).startswith(
-        'error')]
+    rows = [
+        json.loads(x)
+        for x in (out / 'bench_rows.jsonl').read_text().splitlines()
+    ]
+    assert not [r for r in rows if str(r.get('note', '')).startswith('error')]
     names = {r['name'] for r in rows}
     for kind in ('odconv1x', 'kw1x', 'dyconv4x', 'ddf'):
         assert f'{kind} step time' in names
         assert f'{kind} peak memory' in names
     assert {r['verdict'] for r in rows} <= {'PASS', 'FAIL', 'n/a'}
     assert sorted(os.listdir(out)) == [
-        'bench.log', 'bench_rows.jsonl', 'gpu_report.md',
-        'test_cuda_ops.log'
+        'bench.log', 'bench_rows.jsonl', 'gpu_report.md', 'test_cuda_ops.log'
     ]

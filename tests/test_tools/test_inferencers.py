@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""mmdet's DetInferencer / init_detector + inference_detector and
-mmpretrain's ImageClassificationInferencer with mmdyn configs and
-checkpoints (saved from freshly built models) on demo images."""
+"""Mmdet's DetInferencer / init_detector + inference_detector and mmpretrain's
+ImageClassificationInferencer with mmdyn configs and checkpoints (saved from
+freshly built models) on demo images."""
 import os
 import os.path as osp
 
@@ -37,8 +37,8 @@ def _save(cfg, path, classes):
             buffer.normal_()
     state = model.state_dict()
     save_checkpoint(
-        dict(meta=dict(dataset_meta=dict(classes=classes)),
-             state_dict=state), path)
+        dict(meta=dict(dataset_meta=dict(classes=classes)), state_dict=state),
+        path)
     return state
 
 
@@ -46,8 +46,12 @@ def _save(cfg, path, classes):
 def detector(tmp_path_factory):
     """(config path, checkpoint path, state dict, image path)."""
     root = tmp_path_factory.mktemp('infer_det')
-    make_demo_detection(str(root / 'demo_det'), num_train=1, num_val=1,
-                        min_size=64, max_size=80)
+    make_demo_detection(
+        str(root / 'demo_det'),
+        num_train=1,
+        num_val=1,
+        min_size=64,
+        max_size=80)
     cfg = Config.fromfile(DET_CONFIG)
     cfg.test_dataloader.dataset.pipeline = [
         dict(type='LoadImageFromFile'),
@@ -71,8 +75,8 @@ def detector(tmp_path_factory):
 @pytest.fixture(scope='module')
 def classifier(tmp_path_factory):
     root = tmp_path_factory.mktemp('infer_cls')
-    make_demo_classification(str(root / 'demo_cls'), num_train=1,
-                             num_val=1, size=64)
+    make_demo_classification(
+        str(root / 'demo_cls'), num_train=1, num_val=1, size=64)
     cfg = Config.fromfile(CLS_CONFIG)
     cfg.model.head.num_classes = len(CLS_CLASSES)
     cfg.test_dataloader.dataset.pipeline = [
@@ -118,10 +122,10 @@ def test_det_inferencer_and_inference_detector_agree(detector, tmp_path):
     _assert_loaded(detector_model, state)
     sample = inference_detector(detector_model, image)
     instances = sample.pred_instances
-    np.testing.assert_allclose(pred['bboxes'], instances.bboxes.numpy(),
-                               rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(pred['scores'], instances.scores.numpy(),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        pred['bboxes'], instances.bboxes.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        pred['scores'], instances.scores.numpy(), rtol=1e-4, atol=1e-6)
     assert pred['labels'] == instances.labels.tolist()
     # Masks (through the DDF-Up mask head) at the original image size.
     height, width = Image.open(image).size[::-1]
@@ -134,8 +138,7 @@ def test_image_classification_inferencer(classifier):
     inferencer = ImageClassificationInferencer(
         model=config, pretrained=checkpoint, device='cpu')
     model = inferencer.model
-    assert sum(type(m).__name__ == 'DyConv2d'
-               for m in model.modules()) == 16
+    assert sum(type(m).__name__ == 'DyConv2d' for m in model.modules()) == 16
     _assert_loaded(model, state)
     (result, ) = inferencer(image)
     assert result['pred_class'] in CLS_CLASSES

@@ -10,8 +10,8 @@ pytest.importorskip('onnx', reason='pip install onnx onnxruntime')
 pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
 
 from mmdyn.analysis.models import build_model  # noqa: E402
-from mmdyn.analysis.onnx_export import (compare_with_onnxruntime,  # noqa
-                                        export_onnx, exportable)
+from mmdyn.analysis.onnx_export import compare_with_onnxruntime  # noqa
+from mmdyn.analysis.onnx_export import export_onnx, exportable
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -24,6 +24,7 @@ def load_tool(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 TINY = """
 custom_imports = dict(imports=['mmdyn.models', 'mmdyn.engine'],
@@ -38,9 +39,14 @@ model = dict(
 """
 
 TINY_MODELS = {
-    'kw': dict(backbone='KWResNet', depth=18, head_in=64, extra=''),
-    'ddf': dict(backbone='DDFResNet', depth=50, head_in=256,
-                extra=", combine='add', out_indices=(2, 3)"),
+    'kw':
+    dict(backbone='KWResNet', depth=18, head_in=64, extra=''),
+    'ddf':
+    dict(
+        backbone='DDFResNet',
+        depth=50,
+        head_in=256,
+        extra=", combine='add', out_indices=(2, 3)"),
 }
 
 
@@ -61,8 +67,7 @@ def _perturb_norms(model):
             module.weight.data.uniform_(0.5, 1.5, generator=gen)
 
 
-@pytest.mark.parametrize('name,backbone_only', [('kw', False),
-                                                ('ddf', True)])
+@pytest.mark.parametrize('name,backbone_only', [('kw', False), ('ddf', True)])
 def test_tiny_models_dynamic_batch(tmp_path, name, backbone_only):
     model = build_model(_tiny(tmp_path, name))
     _perturb_norms(model)
@@ -82,8 +87,8 @@ def test_cli_resnet18_odconv(tmp_path, capsys):
     config = osp.join(ROOT, 'configs/odconv/resnet18-odconv1x_8xb32_in1k.py')
     onnx_file = tmp_path / 'od.onnx'
     load_tool('tools/deployment/pytorch2onnx.py').main([
-        config, '--output-file', str(onnx_file), '--shape', '64', '64',
-        '--dynamic-batch', '--verify'
+        config, '--output-file',
+        str(onnx_file), '--shape', '64', '64', '--dynamic-batch', '--verify'
     ])
     assert 'batch 4: max abs difference' in capsys.readouterr().out
     assert onnx_file.exists()
@@ -109,8 +114,12 @@ def test_tracer_warnings_counted_not_printed(tmp_path, show):
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        export_onnx(module, str(tmp_path / 'kw.onnx'), (32, 32),
-                    dynamic_batch=True, show_tracer_warnings=show)
-    tracer = [w for w in caught
-              if issubclass(w.category, torch.jit.TracerWarning)]
+        export_onnx(
+            module,
+            str(tmp_path / 'kw.onnx'), (32, 32),
+            dynamic_batch=True,
+            show_tracer_warnings=show)
+    tracer = [
+        w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+    ]
     assert bool(tracer) == show

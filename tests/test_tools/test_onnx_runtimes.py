@@ -14,12 +14,11 @@ pytest.importorskip('onnx', reason='pip install onnx onnxruntime')
 pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
 
 from mmdyn.analysis.models import build_model  # noqa: E402
-from mmdyn.analysis.onnx_export import (export_onnx, exportable,  # noqa: E402
-                                        fold_norms_into_matmuls)
-from mmdyn.analysis.runtime_benchmark import (open_session,  # noqa: E402
-                                              runtime_available)
-from mmdyn.ops import (DDFConv2d, DDFUpsample, KWConv2d,  # noqa: E402
-                       ODConv2d)
+from mmdyn.analysis.onnx_export import exportable  # noqa: E402
+from mmdyn.analysis.onnx_export import export_onnx, fold_norms_into_matmuls
+from mmdyn.analysis.runtime_benchmark import open_session  # noqa: E402
+from mmdyn.analysis.runtime_benchmark import runtime_available
+from mmdyn.ops import DDFConv2d, DDFUpsample, KWConv2d, ODConv2d  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -35,15 +34,15 @@ def load_tool(path):
 
 
 class DynamicStack(nn.Module):
-    """[B, 3, H, W] -> every export form in a row (ODConv with one and
-    with four kernels, KernelWarehouse, DDF, DDF-Up)."""
+    """[B, 3, H, W] -> every export form in a row (ODConv with one and with
+    four kernels, KernelWarehouse, DDF, DDF-Up)."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 13, 3, padding=1)
         self.od1 = ODConv2d(13, 14, 3, stride=2, padding=1, kernel_num=1)
-        self.od4 = ODConv2d(14, 14, 3, padding=2, dilation=2, groups=2,
-                            kernel_num=4)
+        self.od4 = ODConv2d(
+            14, 14, 3, padding=2, dilation=2, groups=2, kernel_num=4)
         self.kw = KWConv2d(14, 12, 3, padding=1)
         self.ddf = DDFConv2d(12, 12, 3, stride=2)
         self.up = DDFUpsample(12)
@@ -82,16 +81,16 @@ def exported_stack(tmp_path_factory):
 
 @pytest.mark.parametrize('runtime', ['onnxruntime', 'openvino'])
 def test_runtime_equals_reference(exported_stack, runtime):
-    """The same file in both runtimes equals PyTorch's reference forward
-    at batch 1 and 3 (exported at batch 2)."""
+    """The same file in both runtimes equals PyTorch's reference forward at
+    batch 1 and 3 (exported at batch 2)."""
     if not runtime_available(runtime):
         pytest.skip(f'{runtime} is not installed (pip install {runtime}, '
                     'or the "deploy" extra)')
     model, path = exported_stack
     run = open_session(path, runtime, threads=1)
     for batch in (1, 3):
-        x = torch.randn(batch, 3, 21, 19,
-                        generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(
+            batch, 3, 21, 19, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = model.forward_reference(x)
         got = torch.from_numpy(run(x.numpy())[0])
@@ -99,19 +98,29 @@ def test_runtime_equals_reference(exported_stack, runtime):
 
 
 def test_fold_norms_into_matmuls(tmp_path):
-    """A norm after a bias-free linear layer becomes one Gemm; the values
-    stay (onnxruntime against PyTorch)."""
+    """A norm after a bias-free linear layer becomes one Gemm; the values stay
+    (onnxruntime against PyTorch)."""
     import onnx
     import onnxruntime as ort
-    model = nn.Sequential(nn.Linear(7, 5, bias=False), nn.BatchNorm1d(5),
-                          nn.ReLU()).eval()
+    model = nn.Sequential(
+        nn.Linear(7, 5, bias=False), nn.BatchNorm1d(5), nn.ReLU()).eval()
     _perturb_norms(model)
     model[1].bias.data.uniform_(-1, 1)
     path = str(tmp_path / 'mlp.onnx')
-    torch.onnx.export(model, (torch.randn(2, 7), ), path,
-                      input_names=['input'], output_names=['output'],
-                      dynamic_axes={'input': {0: 'b'}, 'output': {0: 'b'}},
-                      dynamo=False)
+    torch.onnx.export(
+        model, (torch.randn(2, 7), ),
+        path,
+        input_names=['input'],
+        output_names=['output'],
+        dynamic_axes={
+            'input': {
+                0: 'b'
+            },
+            'output': {
+                0: 'b'
+            }
+        },
+        dynamo=False)
     graph = onnx.load(path)
     assert fold_norms_into_matmuls(graph) == 1
     ops = [n.op_type for n in graph.graph.node]
@@ -120,8 +129,8 @@ def test_fold_norms_into_matmuls(tmp_path):
     got = ort.InferenceSession(graph.SerializeToString()).run(
         None, {'input': x.numpy()})[0]
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), model(x),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_simplify_keeps_values(tmp_path):
@@ -160,18 +169,29 @@ def test_pytorch2onnx_verify_times_and_loads_checkpoints(tmp_path, capsys):
     good = tmp_path / 'good.pth'
     torch.save({'state_dict': model.state_dict()}, good)
     tool = load_tool('tools/deployment/pytorch2onnx.py')
-    tool.main([config, str(good), '--output-file',
-               str(tmp_path / 'od.onnx'), '--shape', '32', '--dynamic-batch',
-               '--verify'])
+    tool.main([
+        config,
+        str(good), '--output-file',
+        str(tmp_path / 'od.onnx'), '--shape', '32', '--dynamic-batch',
+        '--verify'
+    ])
     out = capsys.readouterr().out
     assert 'batch 4: max abs difference' in out
     assert 'ms, PyTorch' in out and 'onnxruntime ' in out
     partial = tmp_path / 'partial.pth'
-    torch.save({'state_dict': {k: v for k, v in model.state_dict().items()
-                               if 'attention' not in k}}, partial)
+    torch.save(
+        {
+            'state_dict': {
+                k: v
+                for k, v in model.state_dict().items() if 'attention' not in k
+            }
+        }, partial)
     with pytest.raises(Exception, match='attention'):
-        tool.main([config, str(partial), '--output-file',
-                   str(tmp_path / 'od2.onnx'), '--shape', '32'])
+        tool.main([
+            config,
+            str(partial), '--output-file',
+            str(tmp_path / 'od2.onnx'), '--shape', '32'
+        ])
 
 
 #: Nodes of each exported ResNet-50 (64x64 input, dynamic batch,
@@ -220,9 +240,10 @@ def test_detector_backbone_and_neck(tmp_path, capsys):
                       'configs/demo/mask-rcnn_r18-odconv1x_fpn-ddfup_demo.py')
     onnx_file = tmp_path / 'neck.onnx'
     load_tool('tools/deployment/pytorch2onnx.py').main([
-        config, '--output-file', str(onnx_file), '--shape', '64', '96',
-        '--dynamic-batch', '--backbone-only', '--with-neck', '--verify',
-        '--cfg-options', 'model.backbone.init_cfg=None'
+        config, '--output-file',
+        str(onnx_file), '--shape', '64', '96', '--dynamic-batch',
+        '--backbone-only', '--with-neck', '--verify', '--cfg-options',
+        'model.backbone.init_cfg=None'
     ])
     out = capsys.readouterr().out
     assert 'batch 4: max abs difference' in out

@@ -190,8 +190,9 @@ def test_built_wheel_installs_and_runs_a_config(tmp_path):
     assert any(
         n.endswith('/licenses/LICENSE') or n.endswith('/LICENSE')
         for n in names)
-    assert re.search(r'^License(-Expression)?: Apache-2\.0$', metadata,
-                     flags=re.M), metadata[:2000]
+    assert re.search(
+        r'^License(-Expression)?: Apache-2\.0$', metadata,
+        flags=re.M), metadata[:2000]
     with tarfile.open(sdist) as tf:
         sdist_names = tf.getnames()
     root = f'mmdyn-{version}/'
@@ -339,8 +340,8 @@ def test_readme_says_how_to_get_the_cpu_torch_first():
 
 
 def test_lint_script_checks_and_fixes(tmp_path):
-    """tools/lint.sh with the repository's settings: a misordered import
-    and a misformatted call fail the check; --fix repairs them."""
+    """tools/lint.sh with the repository's settings: a misordered import and a
+    misformatted call fail the check; --fix repairs them."""
     for module in ('flake8', 'isort', 'yapf', 'codespell_lib', 'docformatter'):
         pytest.importorskip(module)
     shutil.copy(osp.join(REPO, 'setup.cfg'), tmp_path / 'setup.cfg')

@@ -1,10 +1,12 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """The plug-in recipes of docs/plug_in.md (configs/plug_in/): each builds from
 stock mmdet/mmpretrain bases + custom_imports, holds the dynamic layers it
-promises (counts worked out by hand from the networks' layouts) and trains
-one step on the demo data with a gradient reaching every dynamic layer.
+promises (counts worked out by hand from the networks' layouts) and trains one
+step on the demo data with a gradient reaching every dynamic layer.
+
 Also the registered necks for what a stock neck cannot take from config
-(DDFUpPAFPN, DDFUpNASFPN) and their errors."""
+(DDFUpPAFPN, DDFUpNASFPN) and their errors.
+"""
 import os.path as osp
 
 import pytest
@@ -107,8 +109,7 @@ def demo_datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp('plug_in_demo')
     det = str(root / 'demo_det')
     cls = str(root / 'demo_cls')
-    make_demo_detection(det, num_train=2, num_val=1, min_size=64,
-                        max_size=80)
+    make_demo_detection(det, num_train=2, num_val=1, min_size=64, max_size=80)
     make_demo_classification(cls, num_train=1, num_val=1, size=64)
     init_default_scope('mmdet')  # the pipelines' transforms
     det_dataset = DET_DATASETS.build(_det_dataset(det))
@@ -149,8 +150,8 @@ def _count(model, name):
 
 
 def _train_one_step(cfg_name, dataset, expected, cfg=None):
-    """Build the recipe (or ``cfg``, a form of it), check its dynamic
-    layers, run one training step on two demo images; return the model."""
+    """Build the recipe (or ``cfg``, a form of it), check its dynamic layers,
+    run one training step on two demo images; return the model."""
     if cfg is None:
         cfg = Config.fromfile(osp.join(PLUG_IN, cfg_name))
     cfg.merge_from_dict(TEST_OPTIONS.get(cfg_name, {}))
@@ -169,13 +170,10 @@ def _train_one_step(cfg_name, dataset, expected, cfg=None):
     loss, _ = model.parse_losses(losses)
     assert torch.isfinite(loss)
     optim_wrapper.backward(loss)
-    dynamic = [
-        m for m in model.modules() if type(m).__name__ in expected
-    ]
+    dynamic = [m for m in model.modules() if type(m).__name__ in expected]
     for layer in dynamic:
         grads = [
-            p.grad for p in layer.parameters(recurse=True)
-            if p.requires_grad
+            p.grad for p in layer.parameters(recurse=True) if p.requires_grad
         ]
         if not grads:  # a frozen stage (frozen_stages=1: stem, stage 1)
             continue
@@ -205,8 +203,7 @@ def test_classification_recipe_trains_one_step(cfg_name, demo_datasets):
 # --------------------------------------------------------------------------
 def _features(channels, sizes, batch=1):
     torch.manual_seed(1)
-    return tuple(
-        torch.randn(batch, c, s, s) for c, s in zip(channels, sizes))
+    return tuple(torch.randn(batch, c, s, s) for c, s in zip(channels, sizes))
 
 
 @pytest.mark.parametrize('extra', [False, 'on_input', 'on_output'])
@@ -217,8 +214,12 @@ def test_ddf_up_pafpn_with_nearest_is_pafpn(extra):
 
     import mmdyn.models  # noqa: F401
     from mmdyn.models.necks import DDFUpPAFPN
-    args = dict(in_channels=[8, 16, 32], out_channels=8, num_outs=5,
-                add_extra_convs=extra, relu_before_extra_convs=True)
+    args = dict(
+        in_channels=[8, 16, 32],
+        out_channels=8,
+        num_outs=5,
+        add_extra_convs=extra,
+        relu_before_extra_convs=True)
     stock = PAFPN(**args).eval()
     ours = DDFUpPAFPN(upsample_cfg=dict(type='nearest'), **args).eval()
     ours.load_state_dict(stock.state_dict(), strict=True)
@@ -247,8 +248,8 @@ def test_ddf_up_nas_fpn_with_nearest_is_nas_fpn():
     from mmdet.models.necks import NASFPN
 
     from mmdyn.models.necks import DDFUpNASFPN
-    args = dict(in_channels=[8, 16, 32], out_channels=8, num_outs=5,
-                stack_times=2)
+    args = dict(
+        in_channels=[8, 16, 32], out_channels=8, num_outs=5, stack_times=2)
     stock = NASFPN(**args).eval()
     ours = DDFUpNASFPN(upsample_cfg=dict(type='nearest'), **args).eval()
     ours.load_state_dict(stock.state_dict(), strict=True)
@@ -326,8 +327,8 @@ def test_detection_recipe_demo_form(cfg_name):
 @pytest.mark.parametrize('cfg_name', sorted(CLS_RECIPES))
 def test_classification_recipe_demo_form(cfg_name, demo_datasets):
     """The classifiers' demo form: the data and schedule of
-    configs/demo/resnet18_demo_cls.py, 4 classes; it trains one step on
-    the demo images with the recipe's dynamic layers."""
+    configs/demo/resnet18_demo_cls.py, 4 classes; it trains one step on the
+    demo images with the recipe's dynamic layers."""
     from mmdyn.engine.config_bases import on_demo_data
     recipe = Config.fromfile(osp.join(PLUG_IN, cfg_name))
     cfg = on_demo_data(recipe)
@@ -343,8 +344,8 @@ def test_classification_recipe_demo_form(cfg_name, demo_datasets):
 
 
 def test_demo_form_with_lists_of_heads_trains_one_step(demo_datasets):
-    """Cascade Mask R-CNN (three bbox and three mask heads) in its demo
-    form, written by the tool and read back by plain mmengine."""
+    """Cascade Mask R-CNN (three bbox and three mask heads) in its demo form,
+    written by the tool and read back by plain mmengine."""
     import importlib.util
     import tempfile
     spec = importlib.util.spec_from_file_location(

@@ -1,12 +1,11 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The tools log their progress through mmengine's MMLogger (as mmdet's
-tools do) and print their results."""
+"""The tools log their progress through mmengine's MMLogger (as mmdet's tools
+do) and print their results."""
 import logging
 import os.path as osp
 
 import pytest
 import torch
-
 from test_flops import load_tool
 
 from mmdyn.analysis.progress import TOOL_LOGGER, tool_logger
@@ -50,8 +49,9 @@ def test_get_flops_logs_one_line_per_config(tmp_path, capsys, logged):
         configs.append(str(cfg))
     load_tool('tools/analysis_tools/get_flops.py').main(
         configs + ['--shape', '32', '--markdown'])
-    assert logged == [f'[1/2] counting {configs[0]}',
-                      f'[2/2] counting {configs[1]}']
+    assert logged == [
+        f'[1/2] counting {configs[0]}', f'[2/2] counting {configs[1]}'
+    ]
     out = capsys.readouterr().out
     assert '| a |' in out and '| b |' in out
 
@@ -71,7 +71,8 @@ def test_converter_logs_progress_and_prints_the_verification(
     src, dst = tmp_path / 'od.pth', tmp_path / 'out.pth'
     torch.save({'state_dict': resnet_official(18, od)}, src)
     converter_cli('odconv', 'test',
-                  [str(src), str(dst), '--config', config, '--verify'])
+                  [str(src),
+                   str(dst), '--config', config, '--verify'])
     assert logged[0].startswith(f'read {src}')
     assert logged[-1].startswith('converted ') and logged[-1].endswith(
         str(dst))

@@ -50,7 +50,9 @@ def losses(log):
 
 def det_options(data_root):
     """Point the demo detection config at a tiny demo set in ``data_root``:
-    4 training images in batches of 2 (2 iterations an epoch)."""
+
+    4 training images in batches of 2 (2 iterations an epoch).
+    """
     ann = osp.join(data_root, 'annotations', 'instances_val.json')
     options = [
         'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
@@ -90,8 +92,8 @@ def interrupted_detector(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp('demo_detector')
     data_root = str(root / 'demo_det')
-    make_demo_detection(data_root, num_train=4, num_val=2, min_size=96,
-                        max_size=128)
+    make_demo_detection(
+        data_root, num_train=4, num_val=2, min_size=96, max_size=128)
     options = det_options(data_root)
     work_dir = str(root / 'wd')
     with pytest.MonkeyPatch.context() as patch:
@@ -106,7 +108,10 @@ def interrupted_detector(tmp_path_factory):
     checkpoint = str(root / 'epoch_1_copy.pth')
     shutil.copy(osp.join(work_dir, 'epoch_1.pth'), checkpoint)
     return types.SimpleNamespace(
-        root=str(root), work_dir=work_dir, options=options, log=log,
+        root=str(root),
+        work_dir=work_dir,
+        options=options,
+        log=log,
         checkpoint=checkpoint)
 
 
@@ -115,8 +120,10 @@ def test_demo_detector_trains_with_amp(interrupted_detector):
     assert 'CPUAmpOptimWrapper' in log or 'AmpOptimWrapper' in log
     values = losses(log)
     assert values and all(math.isfinite(v) for v in values), values
-    meta = torch.load(interrupted_detector.checkpoint, map_location='cpu',
-                      weights_only=False)['meta']
+    meta = torch.load(
+        interrupted_detector.checkpoint,
+        map_location='cpu',
+        weights_only=False)['meta']
     assert meta['epoch'] == 1 and meta['iter'] == 2
 
 
@@ -125,9 +132,8 @@ def test_interrupted_demo_run_resumes(interrupted_detector):
     interruption continues from the last finished epoch."""
     work_dir = interrupted_detector.work_dir
     load_tool('train').main([
-        DET_CFG, '--work-dir', work_dir, '--amp', '--resume',
-        '--cfg-options', 'train_cfg.max_epochs=2',
-        *interrupted_detector.options
+        DET_CFG, '--work-dir', work_dir, '--amp', '--resume', '--cfg-options',
+        'train_cfg.max_epochs=2', *interrupted_detector.options
     ])
     log = latest_log(work_dir)
     assert 'resumed epoch: 1, iter: 2' in log
@@ -157,13 +163,16 @@ def test_test_tool_out_and_show_dir(interrupted_detector, tmp_path):
 def test_classification_amp_train_and_test(tmp_path):
     data_root = str(tmp_path / 'demo_cls')
     make_demo_classification(data_root, num_train=4, num_val=2)
-    small = ['train_cfg.max_epochs=1', 'train_dataloader.batch_size=8',
-             'val_dataloader.batch_size=8', 'test_dataloader.batch_size=8',
-             'default_hooks.logger.interval=1']
+    small = [
+        'train_cfg.max_epochs=1', 'train_dataloader.batch_size=8',
+        'val_dataloader.batch_size=8', 'test_dataloader.batch_size=8',
+        'default_hooks.logger.interval=1'
+    ]
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        small += [f'{loader}.dataset.data_root={data_root}',
-                  f'{loader}.num_workers=0',
-                  f'{loader}.persistent_workers=False']
+        small += [
+            f'{loader}.dataset.data_root={data_root}',
+            f'{loader}.num_workers=0', f'{loader}.persistent_workers=False'
+        ]
     work_dir = str(tmp_path / 'wd')
     load_tool('train').main(
         [CLS_CFG, '--work-dir', work_dir, '--amp', '--cfg-options', *small])
@@ -173,8 +182,9 @@ def test_classification_amp_train_and_test(tmp_path):
     assert 'accuracy/top1' in log
     out = str(tmp_path / 'preds.pkl')
     metrics = load_tool('test').main([
-        CLS_CFG, osp.join(work_dir, 'epoch_1.pth'), '--work-dir', work_dir,
-        '--out', out, '--cfg-options', *small
+        CLS_CFG,
+        osp.join(work_dir, 'epoch_1.pth'), '--work-dir', work_dir, '--out',
+        out, '--cfg-options', *small
     ])
     assert 'accuracy/top1' in metrics
     with open(out, 'rb') as f:
@@ -188,8 +198,8 @@ def test_resume_and_amp_flags(tmp_path):
     assert train.parse_args(['c.py']).resume is None
     assert train.parse_args(['c.py', '--threads', '1']).threads == 1
     assert train.parse_args(['c.py']).threads is None
-    assert load_tool('test').parse_args(
-        ['c.py', 'x.pth', '--threads', '1']).threads == 1
+    assert load_tool('test').parse_args(['c.py', 'x.pth', '--threads',
+                                         '1']).threads == 1
     # a thread count below 1 is refused by the parser, naming the option
     for bad in ('0', '-2', 'two'):
         with pytest.raises(SystemExit):
@@ -197,8 +207,7 @@ def test_resume_and_amp_flags(tmp_path):
     assert train.parse_args(['c.py',
                              '--allow-partial-load']).allow_partial_load
     from mmdyn.engine.launch import enable_amp, load_config, set_resume
-    cfg = load_config(DET_CFG, launcher='pytorch',
-                      work_dir=str(tmp_path))
+    cfg = load_config(DET_CFG, launcher='pytorch', work_dir=str(tmp_path))
     enable_amp(cfg)
     assert cfg.optim_wrapper.type in ('CPUAmpOptimWrapper', 'AmpOptimWrapper')
     set_resume(cfg, 'auto')
@@ -209,14 +218,15 @@ def test_resume_and_amp_flags(tmp_path):
         assert cfg.model_wrapper_cfg.find_unused_parameters is False
 
 
-@pytest.mark.parametrize('config', sorted(
-    glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
+@pytest.mark.parametrize(
+    'config',
+    sorted(glob.glob(osp.join(REPO, 'configs', 'demo', '*.py'))),
     ids=lambda p: osp.basename(p))
 def test_demo_config_schedule(config):
-    """Every demo config checkpoints every epoch (so that `--resume`
-    continues an interrupted run), and the epoch counts its header comment
-    names ("the first 2 of the 10 demo epochs", "over all 30 epochs") are
-    its schedule's."""
+    """Every demo config checkpoints every epoch (so that `--resume` continues
+    an interrupted run), and the epoch counts its header comment names ("the
+    first 2 of the 10 demo epochs", "over all 30 epochs") are its
+    schedule's."""
     from mmengine.config import Config
     cfg = Config.fromfile(config)
     assert cfg.default_hooks.checkpoint.interval == 1
@@ -248,11 +258,11 @@ print(json.dumps([len(sample.pred_instances),
 
 
 def test_readme_inference_snippet_on_the_demo_model(tmp_path):
-    """The README's inference snippet, in a fresh script, on the quick
-    start's first model and a checkpoint as mmengine's Runner writes it
-    (with the message hub's HistoryBuffers): it needs the one documented
-    line, mmdyn.compat.apply(), and nothing else (the config's
-    custom_imports only register mmdyn's components)."""
+    """The README's inference snippet, in a fresh script, on the quick start's
+    first model and a checkpoint as mmengine's Runner writes it (with the
+    message hub's HistoryBuffers): it needs the one documented line,
+    mmdyn.compat.apply(), and nothing else (the config's custom_imports only
+    register mmdyn's components)."""
     import json
     import subprocess
     import sys
@@ -271,20 +281,23 @@ def test_readme_inference_snippet_on_the_demo_model(tmp_path):
     hub.update_scalar('train/loss', 1.5)
     checkpoint = str(tmp_path / 'epoch_1.pth')
     save_checkpoint(
-        dict(meta=dict(dataset_meta=dict(classes=DET_CLASSES)),
-             state_dict=model.state_dict(), message_hub=hub.state_dict()),
-        checkpoint)
+        dict(
+            meta=dict(dataset_meta=dict(classes=DET_CLASSES)),
+            state_dict=model.state_dict(),
+            message_hub=hub.state_dict()), checkpoint)
     image = str(tmp_path / 'demo.jpg')
-    Image.fromarray(
-        (torch.rand(96, 128, 3) * 255).byte().numpy()).save(image)
+    Image.fromarray((torch.rand(96, 128, 3) * 255).byte().numpy()).save(image)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
 
     def run(compat):
-        code = README_INFERENCE.format(compat=compat, config=DET_CFG,
-                                       checkpoint=checkpoint, image=image)
-        result = subprocess.run([sys.executable, '-c', code], env=env,
-                                capture_output=True, text=True,
-                                cwd=str(tmp_path), timeout=600)
+        code = README_INFERENCE.format(
+            compat=compat, config=DET_CFG, checkpoint=checkpoint, image=image)
+        result = subprocess.run([sys.executable, '-c', code],
+                                env=env,
+                                capture_output=True,
+                                text=True,
+                                cwd=str(tmp_path),
+                                timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -300,8 +313,8 @@ def test_every_tool_loads_configs_with_one_loader():
     Config.fromfile itself and refused `mmdyn::` bases)."""
     callers = []
     for folder in ('tools', 'mmdyn'):
-        for path in glob.glob(osp.join(REPO, folder, '**', '*.py'),
-                              recursive=True):
+        for path in glob.glob(
+                osp.join(REPO, folder, '**', '*.py'), recursive=True):
             if '.mim' in path or path.endswith(
                     osp.join('engine', 'config_bases.py')):
                 continue
@@ -312,12 +325,14 @@ def test_every_tool_loads_configs_with_one_loader():
 
 
 ALL_CONFIGS = sorted(
-    p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                         recursive=True) if '_base_' not in p)
+    p for p in glob.glob(
+        osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in p)
 
 
 @pytest.mark.parametrize(
-    'config', ALL_CONFIGS,
+    'config',
+    ALL_CONFIGS,
     ids=lambda p: osp.relpath(p, osp.join(REPO, 'configs')))
 def test_config_loads_by_name_and_path_alike(config):
     """Every config in configs/ loads through the tools' loader by path and
@@ -332,14 +347,16 @@ def test_config_loads_by_name_and_path_alike(config):
     # a config that names an mmdyn component imports the package that
     # registers it (as the stock components need nothing)
     imports = by_path.get('custom_imports', {}).get('imports', [])
-    needed = {MMDYN_TYPES[t] for t in _types(by_path.to_dict())
-              if t in MMDYN_TYPES}
+    needed = {
+        MMDYN_TYPES[t]
+        for t in _types(by_path.to_dict()) if t in MMDYN_TYPES
+    }
     assert needed <= set(imports), (needed, imports)
 
 
 def _mmdyn_types():
-    """{type name: mmdyn package that registers it}, for names that only
-    mmdyn registers."""
+    """{type name: mmdyn package that registers it}, for names that only mmdyn
+    registers."""
     import mmdet.registry
     import mmpretrain.registry
     from mmengine import registry
@@ -384,16 +401,15 @@ def test_vis_dynamic_reads_a_config_with_mmdyn_bases(tmp_path):
 
 
 # Tools that read no config and load no checkpoint.
-TOOLS_WITHOUT_CONFIGS = ('add_headers.py', 'gpu_check.py',
-                         'make_demo_data.py')
+TOOLS_WITHOUT_CONFIGS = ('add_headers.py', 'gpu_check.py', 'make_demo_data.py')
 
 
 def test_every_tool_applies_the_compat_fixes():
     """Each tool that reads configs or checkpoints makes the one documented
     call (importing mmdyn applies nothing: docs/compat.md)."""
     missing = []
-    for path in sorted(glob.glob(osp.join(REPO, 'tools', '**', '*.py'),
-                                 recursive=True)):
+    for path in sorted(
+            glob.glob(osp.join(REPO, 'tools', '**', '*.py'), recursive=True)):
         if osp.basename(path) in TOOLS_WITHOUT_CONFIGS:
             continue
         with open(path) as f:

@@ -1,9 +1,8 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """tools/analysis_tools/vis_dynamic.py and mmdyn.analysis.vis_dynamic: the
-recorded filters and attentions are the ones the layers applied (their
-outputs recomputed by hand from them), the statistics match a hand
-computation, and the tool writes non-trivial pictures for a config +
-checkpoint."""
+recorded filters and attentions are the ones the layers applied (their outputs
+recomputed by hand from them), the statistics match a hand computation, and the
+tool writes non-trivial pictures for a config + checkpoint."""
 import importlib.util
 import json
 import os.path as osp
@@ -36,8 +35,8 @@ def _record(model, inputs):
 
 
 def _ddf_by_hand(x, cf, sf, k):
-    """out[c, y, x] = sum_ij x[c, y+i-r, x+j-r] * cf[c, ij] * sf[ij, y, x]
-    (one sample, one head, stride 1, 'mul')."""
+    """Out[c, y, x] = sum_ij x[c, y+i-r, x+j-r] * cf[c, ij] * sf[ij, y, x] (one
+    sample, one head, stride 1, 'mul')."""
     r = k // 2
     padded = F.pad(x, (r, r, r, r))
     out = torch.zeros_like(x)
@@ -93,23 +92,21 @@ def test_odconv_attentions_reproduce_the_output(tmp_path):
     records, outputs = _record(layer, [(x, ) for x in images])
     record = records['']
     for n, x in enumerate(images):
-        channel, filt, spatial, kernel = (record.profiles[name][n]
-                                          for name in ('channel', 'filter',
-                                                       'spatial', 'kernel'))
+        channel, filt, spatial, kernel = (
+            record.profiles[name][n]
+            for name in ('channel', 'filter', 'spatial', 'kernel'))
         # y = alpha_f * conv(alpha_c * x, sum_i alpha_w[i] alpha_s W_i)
         weight = (kernel[:, None, None, None, None] * layer.weight *
                   spatial.view(1, 1, 1, 3, 3)).sum(0)
-        expected = F.conv2d(x * channel.view(1, -1, 1, 1), weight,
-                            padding=1) * filt.view(1, -1, 1, 1)
-        torch.testing.assert_close(outputs[n], expected, rtol=1e-4,
-                                   atol=1e-5)
+        expected = F.conv2d(
+            x * channel.view(1, -1, 1, 1), weight, padding=1) * filt.view(
+                1, -1, 1, 1)
+        torch.testing.assert_close(outputs[n], expected, rtol=1e-4, atol=1e-5)
     # Statistics by hand: variance over the 3 images, entropy of alpha_w.
     stacked = torch.stack(record.profiles['kernel']).double()
     assert record.moments['kernel'].mean_variance() == pytest.approx(
         float(stacked.var(0, unbiased=False).mean()), rel=1e-6)
-    by_hand = [
-        float(-(p * p.log()).sum() / np.log(4)) for p in stacked
-    ]
+    by_hand = [float(-(p * p.log()).sum() / np.log(4)) for p in stacked]
     assert record.entropies == pytest.approx(by_hand, rel=1e-6)
     # The root module's attention picture (four panels).
     render([record], str(tmp_path), [], (6, 6))
@@ -126,9 +123,8 @@ def test_odconv_1x_has_no_kernel_attention_but_is_summarised(tmp_path):
     assert summary['samples'] == 2
     assert summary['kernel_entropy'] is None
     channel = torch.stack(records[''].profiles['channel']).double()
-    assert sorted(summary['variance_over_images']) == [
-        'channel', 'filter', 'spatial'
-    ]
+    assert sorted(
+        summary['variance_over_images']) == ['channel', 'filter', 'spatial']
     assert summary['variance_over_images']['channel'] == pytest.approx(
         float(channel.var(0, unbiased=False).mean()), rel=1e-6)
     _non_constant_png(str(tmp_path / 'summary.png'))
@@ -149,7 +145,9 @@ def test_dyconv_and_kw_kernel_attentions(tmp_path):
         weight = (pi[:, None, None, None, None] * model[0].weight).sum(0)
         bias = pi @ model[0].bias
         torch.testing.assert_close(
-            model[0](x), F.conv2d(x, weight, bias, padding=1), rtol=1e-4,
+            model[0](x),
+            F.conv2d(x, weight, bias, padding=1),
+            rtol=1e-4,
             atol=1e-5)
     assert kw.moments['kernel'].count == 2
     assert len(kw.entropies) == 2
@@ -173,9 +171,9 @@ def test_normalized_entropy():
 # -- the pictures, checked on the figure objects ---------------------------
 @pytest.fixture
 def saved_figures(monkeypatch):
-    """Every matplotlib figure saved while the test runs, drawn; its
-    renderer (``fig.saved_renderer``, kept as closing the figure drops its
-    canvas) gives the extents of its texts and patches."""
+    """Every matplotlib figure saved while the test runs, drawn; its renderer
+    (``fig.saved_renderer``, kept as closing the figure drops its canvas) gives
+    the extents of its texts and patches."""
     from matplotlib.figure import Figure
     figures = []
     save = Figure.savefig
@@ -192,8 +190,9 @@ def saved_figures(monkeypatch):
 
 def _image_axes(fig):
     """The panels of a figure that show an image (not the colorbars)."""
-    return [ax for ax in fig.axes if ax.images and ax.get_label() !=
-            '<colorbar>']
+    return [
+        ax for ax in fig.axes if ax.images and ax.get_label() != '<colorbar>'
+    ]
 
 
 def _visible_ticks(ticks, limits):
@@ -230,16 +229,16 @@ def _record_layers(model, images):
 def test_one_kernel_layer_says_so_instead_of_an_empty_bar(
         tmp_path, saved_figures):
     torch.manual_seed(0)
-    model = _nested_model(**{
-        'a': ODConv2d(8, 8, 3, padding=1, kernel_num=1),
-        'b': ODConv2d(8, 8, 3, padding=1, kernel_num=4)
-    }).eval()
+    model = _nested_model(
+        **{
+            'a': ODConv2d(8, 8, 3, padding=1, kernel_num=1),
+            'b': ODConv2d(8, 8, 3, padding=1, kernel_num=4)
+        }).eval()
     records = _record_layers(model, [torch.randn(1, 8, 6, 6)] * 2)
     render(records, str(tmp_path), [], (6, 6))
     summary = saved_figures[0]
     entropy_panel = summary.axes[0]
-    notes = [(t.get_text(), t.get_position()[0])
-             for t in entropy_panel.texts]
+    notes = [(t.get_text(), t.get_position()[0]) for t in entropy_panel.texts]
     assert notes == [('one kernel', 0)]  # at layer 'a', the first bar
     one_kernel = saved_figures[1]
     assert 'one kernel' in one_kernel._suptitle.get_text()
@@ -257,35 +256,36 @@ def test_sample_and_entry_ticks_are_whole_numbers(tmp_path, saved_figures):
         for ticks, limits in ((ax.get_xticks(), ax.get_xlim()),
                               (ax.get_yticks(), ax.get_ylim())):
             shown = _visible_ticks(ticks, limits)
-            assert shown and all(float(t).is_integer() for t in shown), (
-                ax.get_title(), shown)
+            assert shown and all(float(t).is_integer()
+                                 for t in shown), (ax.get_title(), shown)
 
 
 def test_odconv_spatial_attention_is_drawn_k_by_k(tmp_path, saved_figures):
-    """The panel is the kernel's k x k grid: the mean over the samples of
-    the spatial attention the layer's attention branch gives."""
+    """The panel is the kernel's k x k grid: the mean over the samples of the
+    spatial attention the layer's attention branch gives."""
     torch.manual_seed(0)
     layer = ODConv2d(8, 8, 5, padding=2).eval()
     images = [torch.randn(1, 8, 6, 6) for _ in range(3)]
     records = _record_layers(_nested_model(od=layer), images)
     render(records, str(tmp_path), [], (6, 6))
-    spatial = [ax for ax in _image_axes(saved_figures[1])
-               if ax.get_title().startswith('spatial')]
+    spatial = [
+        ax for ax in _image_axes(saved_figures[1])
+        if ax.get_title().startswith('spatial')
+    ]
     assert len(spatial) == 1
     drawn = np.asarray(spatial[0].images[0].get_array())
     assert drawn.shape == (5, 5)
     with torch.no_grad():
         expected = torch.stack([
-            layer.attention(x.mean((2, 3)), layer.temperature)[2].reshape(
-                5, 5) for x in images
+            layer.attention(x.mean((2, 3)),
+                            layer.temperature)[2].reshape(5, 5) for x in images
         ]).mean(0)
-    np.testing.assert_allclose(drawn, expected.numpy(), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(drawn, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _fits(fig) -> bool:
-    """Whether everything drawn in ``fig`` (texts included) lies inside
-    the figure, to half a pixel."""
+    """Whether everything drawn in ``fig`` (texts included) lies inside the
+    figure, to half a pixel."""
     drawn = fig.get_tightbbox(fig.saved_renderer)  # inches
     slack = 0.5 / fig.dpi
     return (drawn.x0 >= -slack and drawn.y0 >= -slack
@@ -294,22 +294,25 @@ def _fits(fig) -> bool:
 
 
 def test_long_layer_names_keep_every_letter(tmp_path, saved_figures):
-    """Module names of a detector's RoI head and a ConvNeXt stage: the
-    one-panel attention picture and the summary show them whole."""
+    """Module names of a detector's RoI head and a ConvNeXt stage: the one-
+    panel attention picture and the summary show them whole."""
     torch.manual_seed(0)
-    model = _nested_model(**{
-        'roi_head.bbox_head.shared_convs.0.conv': DyConv2d(8, 8, 3,
-                                                           padding=1),
-        'backbone.stages.3.2.pointwise_conv1': DyConv2d(8, 8, 1),
-    }).eval()
+    model = _nested_model(
+        **{
+            'roi_head.bbox_head.shared_convs.0.conv': DyConv2d(
+                8, 8, 3, padding=1),
+            'backbone.stages.3.2.pointwise_conv1': DyConv2d(8, 8, 1),
+        }).eval()
     records = _record_layers(model, [torch.randn(1, 8, 6, 6)] * 2)
     render(records, str(tmp_path), [], (6, 6))
     assert len(saved_figures) == 3
     for fig in saved_figures:
         assert _fits(fig), fig._suptitle
     titles = [fig._suptitle.get_text() for fig in saved_figures[1:]]
-    assert titles == ['roi_head.bbox_head.shared_convs.0.conv (DyConv2d)',
-                      'backbone.stages.3.2.pointwise_conv1 (DyConv2d)']
+    assert titles == [
+        'roi_head.bbox_head.shared_convs.0.conv (DyConv2d)',
+        'backbone.stages.3.2.pointwise_conv1 (DyConv2d)'
+    ]
 
 
 def test_legend_is_not_drawn_over_the_bars(tmp_path, saved_figures):
@@ -317,9 +320,13 @@ def test_legend_is_not_drawn_over_the_bars(tmp_path, saved_figures):
     one height everywhere, so no place inside the panel is free."""
     records = []
     for n in range(6):
-        record = LayerRecord(name=f'layer{n}', kind='odconv',
-                             type='ODConv2d', images=[0, 1],
-                             entropies=[0.9, 0.9], num_kernels=4)
+        record = LayerRecord(
+            name=f'layer{n}',
+            kind='odconv',
+            type='ODConv2d',
+            images=[0, 1],
+            entropies=[0.9, 0.9],
+            num_kernels=4)
         for name in OD_ATTENTIONS:
             moments = Moments()
             moments.add(torch.tensor([[0.0], [0.2]]))  # variance 0.01
@@ -341,8 +348,7 @@ def test_legend_is_not_drawn_over_the_bars(tmp_path, saved_figures):
 def images(tmp_path_factory):
     from mmdyn.datasets.demo_data import make_demo_detection
     root = str(tmp_path_factory.mktemp('vis') / 'demo_det')
-    make_demo_detection(root, num_train=3, num_val=1, min_size=64,
-                        max_size=64)
+    make_demo_detection(root, num_train=3, num_val=1, min_size=64, max_size=64)
     return [osp.join(root, 'train', f'{i:05d}.png') for i in range(3)]
 
 
@@ -391,7 +397,10 @@ def test_tool_on_a_detector_with_ddf_and_ddf_up(images, tmp_path):
     ])
     summary = json.load(open(osp.join(out_dir, 'summary.json')))
     # Only the matched layers: a DDF layer and the first DDF-Up step.
-    assert {k: v['type'] for k, v in summary.items()} == {
+    assert {
+        k: v['type']
+        for k, v in summary.items()
+    } == {
         'backbone.layer4.2.conv2': 'DDFConv2d',
         'neck.upsamplers.0': 'DDFUpsample'
     }
@@ -421,16 +430,21 @@ def test_tool_on_a_classifier_with_dyconv(images, tmp_path):
     ]
     _checkpoint(cfg, str(tmp_path / 'model.pth'))
     out_dir = str(tmp_path / 'vis')
-    written = visualize(cfg, str(tmp_path / 'model.pth'), images, out_dir,
-                        layers='layer4', progress=False)
+    written = visualize(
+        cfg,
+        str(tmp_path / 'model.pth'),
+        images,
+        out_dir,
+        layers='layer4',
+        progress=False)
     summary = json.load(open(osp.join(out_dir, 'summary.json')))
     assert len(summary) == 4  # 2 BasicBlocks x 2 DyConv2d in layer4
     for stats in summary.values():
         assert stats['samples'] == 3
         assert 0 <= stats['kernel_entropy'] <= 1
         assert stats['variance_over_images']['kernel'] >= 0
-    assert any(
-        s['variance_over_images']['kernel'] > 0 for s in summary.values())
+    assert any(s['variance_over_images']['kernel'] > 0
+               for s in summary.values())
     assert osp.join(out_dir, 'summary.png') in written
     assert len([p for p in written if '/attention/' in p]) == 4
     _non_constant_png(osp.join(out_dir, 'summary.png'))

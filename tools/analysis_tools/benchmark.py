@@ -48,19 +48,26 @@ def parse_args(argv=None):
         'detectors)')
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
     parser.add_argument('--amp', action='store_true', help='autocast')
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
     parser.add_argument(
-        '--mode', choices=('infer', 'train'), default='infer')
-    parser.add_argument('--repeat', type=int, default=10,
-                        help='timed rounds (median reported)')
-    parser.add_argument('--warmup', type=int, default=2,
-                        help='untimed rounds first')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: torch default)')
-    parser.add_argument('--no-memory', action='store_true',
-                        help='skip the memory pass')
-    parser.add_argument('--profile', action='store_true',
-                        help='print the top operators of one iteration of '
-                        'each model (torch profiler)')
+        '--repeat',
+        type=int,
+        default=10,
+        help='timed rounds (median reported)')
+    parser.add_argument(
+        '--warmup', type=int, default=2, help='untimed rounds first')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch CPU threads (default: torch default)')
+    parser.add_argument(
+        '--no-memory', action='store_true', help='skip the memory pass')
+    parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='print the top operators of one iteration of '
+        'each model (torch profiler)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',

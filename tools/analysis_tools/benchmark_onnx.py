@@ -32,21 +32,37 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Time exported models in an inference runtime')
     parser.add_argument('model', help='config file or .onnx file')
-    parser.add_argument('--compare', nargs='+', default=[],
-                        help='other configs / .onnx files, run alternately')
-    parser.add_argument('--runtime', default='onnxruntime',
-                        choices=('onnxruntime', 'openvino'))
+    parser.add_argument(
+        '--compare',
+        nargs='+',
+        default=[],
+        help='other configs / .onnx files, run alternately')
+    parser.add_argument(
+        '--runtime',
+        default='onnxruntime',
+        choices=('onnxruntime', 'openvino'))
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
-                        help='input H W (one value: square)')
-    parser.add_argument('--threads', type=int, default=2,
-                        help='intra-op threads of the runtime')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        default=[224, 224],
+        help='input H W (one value: square)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=2,
+        help='intra-op threads of the runtime')
     parser.add_argument('--repeat', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--backbone-only', action='store_true',
-                        help="export model.backbone's feature maps")
-    parser.add_argument('--work-dir', default='work_dirs/onnx',
-                        help='where configs are exported')
+    parser.add_argument(
+        '--backbone-only',
+        action='store_true',
+        help="export model.backbone's feature maps")
+    parser.add_argument(
+        '--work-dir',
+        default='work_dirs/onnx',
+        help='where configs are exported')
     return parser.parse_args(argv)
 
 
@@ -69,11 +85,10 @@ def main(argv=None):
         m if m.endswith('.onnx') else export_config_file(
             m, args.work_dir, shape, args.backbone_only) for m in models
     ]
-    names = [osp.splitext(osp.basename(m.split('::')[-1]))[0]
-             for m in models]
-    results = benchmark_onnx_files(files, names, args.runtime,
-                                   args.batch_size, shape, args.threads,
-                                   args.repeat, args.warmup)
+    names = [osp.splitext(osp.basename(m.split('::')[-1]))[0] for m in models]
+    results = benchmark_onnx_files(files, names, args.runtime, args.batch_size,
+                                   shape, args.threads, args.repeat,
+                                   args.warmup)
     print('| model | runtime | batch | median (ms) | ONNX nodes | '
           'time ratio vs first (paired median) |\n|---|---|---:|---:|---:|'
           '---:|')

@@ -30,35 +30,55 @@ import mmdyn.compat
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Export a config to ONNX')
     parser.add_argument('config', help='config file path')
-    parser.add_argument('checkpoint', nargs='?', default=None,
-                        help='checkpoint (default: random weights)')
-    parser.add_argument('--output-file', required=True, help='.onnx path')
-    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
-                        help='input H W (one value: square)')
-    parser.add_argument('--dynamic-batch', action='store_true',
-                        help='make the batch dimension dynamic')
-    parser.add_argument('--backbone-only', action='store_true',
-                        help="export model.backbone's feature maps (for "
-                        'detectors)')
-    parser.add_argument('--with-neck', action='store_true',
-                        help='with --backbone-only: export the features '
-                        "after the model's neck (e.g. a detector's FPN)")
-    parser.add_argument('--opset', type=int, default=17)
-    parser.add_argument('--verify', action='store_true',
-                        help='compare with onnxruntime at batch 1 and 4')
-    parser.add_argument('--tolerance', type=float, default=1e-4,
-                        help='max abs difference accepted by --verify')
     parser.add_argument(
-        '--show-tracer-warnings', action='store_true',
+        'checkpoint',
+        nargs='?',
+        default=None,
+        help='checkpoint (default: random weights)')
+    parser.add_argument('--output-file', required=True, help='.onnx path')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs='+',
+        default=[224, 224],
+        help='input H W (one value: square)')
+    parser.add_argument(
+        '--dynamic-batch',
+        action='store_true',
+        help='make the batch dimension dynamic')
+    parser.add_argument(
+        '--backbone-only',
+        action='store_true',
+        help="export model.backbone's feature maps (for "
+        'detectors)')
+    parser.add_argument(
+        '--with-neck',
+        action='store_true',
+        help='with --backbone-only: export the features '
+        "after the model's neck (e.g. a detector's FPN)")
+    parser.add_argument('--opset', type=int, default=17)
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='compare with onnxruntime at batch 1 and 4')
+    parser.add_argument(
+        '--tolerance',
+        type=float,
+        default=1e-4,
+        help='max abs difference accepted by --verify')
+    parser.add_argument(
+        '--show-tracer-warnings',
+        action='store_true',
         help="show torch's TracerWarnings (by default counted in one line: "
         'they are shape checks fixed at trace time, see '
         'mmdyn/analysis/onnx_export.py)')
     parser.add_argument(
-        '--no-simplify', action='store_true',
+        '--no-simplify',
+        action='store_true',
         help='keep the exported graph as traced (by default constants are '
         'folded and identities dropped when onnxscript is installed)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='config overrides')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction, help='config overrides')
     return parser.parse_args(argv)
 
 
@@ -76,9 +96,14 @@ def main(argv=None):
         from mmdyn.engine.checkpoint import load_model_weights
         load_model_weights(model, args.checkpoint)
     module = exportable(model, args.backbone_only, args.with_neck)
-    names = export_onnx(module, args.output_file, shape, args.dynamic_batch,
-                        args.opset, args.show_tracer_warnings,
-                        simplify=not args.no_simplify)
+    names = export_onnx(
+        module,
+        args.output_file,
+        shape,
+        args.dynamic_batch,
+        args.opset,
+        args.show_tracer_warnings,
+        simplify=not args.no_simplify)
     print(f'exported {args.output_file} (input [B, 3, {shape[0]}, '
           f'{shape[1]}], outputs {names}, dynamic batch: '
           f'{args.dynamic_batch})')
@@ -86,8 +111,8 @@ def main(argv=None):
         batches = (1, 4) if args.dynamic_batch else (2, )
         worst = 0.0
         timings = []
-        diffs = compare_with_onnxruntime(module, args.output_file, shape,
-                                         batches, timings=timings)
+        diffs = compare_with_onnxruntime(
+            module, args.output_file, shape, batches, timings=timings)
         for (batch, diff), (_, ort_s, torch_s) in zip(diffs, timings):
             print(f'onnxruntime vs PyTorch, batch {batch}: max abs '
                   f'difference {diff:.3g}; one run: onnxruntime '

@@ -1,12 +1,11 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Generate the synthetic demo data sets (normally made on first use).
 
-    python tools/misc/make_demo_data.py [--root data] [--seed 0]
-        [--only {det,cls}]
+python tools/misc/make_demo_data.py [--root data] [--seed 0]     [--only
+{det,cls}]
 
-Writes ROOT/demo_det (COCO instance segmentation, 3 classes) and
-ROOT/demo_cls (image folders, 4 classes). An existing complete folder is
-left as it is.
+Writes ROOT/demo_det (COCO instance segmentation, 3 classes) and ROOT/demo_cls
+(image folders, 4 classes). An existing complete folder is left as it is.
 """
 import argparse
 import os.path as osp
@@ -20,8 +19,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--only', choices=['det', 'cls'])
     args = parser.parse_args(argv)
-    jobs = dict(det=(make_demo_detection, 'demo_det'),
-                cls=(make_demo_classification, 'demo_cls'))
+    jobs = dict(
+        det=(make_demo_detection, 'demo_det'),
+        cls=(make_demo_classification, 'demo_cls'))
     for kind, (make, name) in jobs.items():
         if args.only not in (None, kind):
             continue

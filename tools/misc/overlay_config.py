@@ -37,18 +37,23 @@ def parse_args(argv=None):
         description='Write CONFIG with variables replaced by OVERLAYs')
     parser.add_argument('config', help='config file or package::path')
     parser.add_argument(
-        'overlays', nargs='*',
+        'overlays',
+        nargs='*',
         help='config files or package::paths whose variables replace '
         "CONFIG's, in order")
     parser.add_argument(
-        '--demo', action='store_true',
+        '--demo',
+        action='store_true',
         help="put a detector or classifier on mmdyn's demo data and "
         'schedule')
     parser.add_argument(
-        '--keep-pretrained', action='store_true',
+        '--keep-pretrained',
+        action='store_true',
         help="with --demo: keep the backbone's pretrained init_cfg")
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
         help='settings merged last, e.g. train_dataloader.batch_size=4')
     parser.add_argument('--out', required=True, help='config file to write')
     args = parser.parse_args(argv)

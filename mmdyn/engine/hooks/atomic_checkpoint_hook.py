@@ -1,6 +1,5 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""A checkpoint hook that never leaves the run without a complete
-checkpoint.
+"""A checkpoint hook that never leaves the run without a complete checkpoint.
 
 mmengine's ``CheckpointHook`` writes ``epoch_N.pth`` in place, and with
 ``max_keep_ckpts=N`` deletes the oldest checkpoint *before* writing the new
@@ -81,12 +80,18 @@ class AtomicCheckpointHook(CheckpointHook):
     atomically).
     """
 
-    def __init__(self, *args, backend_args=None, file_client_args=None,
+    def __init__(self,
+                 *args,
+                 backend_args=None,
+                 file_client_args=None,
                  **kwargs):
         if backend_args is None and file_client_args is None:
             backend_args = dict(backend=ATOMIC_BACKEND)
-        super().__init__(*args, backend_args=backend_args,
-                         file_client_args=file_client_args, **kwargs)
+        super().__init__(
+            *args,
+            backend_args=backend_args,
+            file_client_args=file_client_args,
+            **kwargs)
 
     def before_train(self, runner):
         super().before_train(runner)
@@ -120,7 +125,10 @@ class AtomicCheckpointHook(CheckpointHook):
         current.update(getattr(self, 'best_ckpt_path_dict', {}).values())
         deferred.flush(keep=current)
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None):
         with self._removals_after_save():
             super().after_train_iter(runner, batch_idx, data_batch, outputs)

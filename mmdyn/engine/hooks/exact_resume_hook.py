@@ -79,7 +79,9 @@ class ExactResumeHook(Hook):
             batch_in_epoch = iteration - self._epoch_start_iter \
                 if epoch == self._epoch_in_progress else 0
         checkpoint[STATE_KEY] = dict(
-            random=get_random_state(), epoch=epoch, iter=iteration,
+            random=get_random_state(),
+            epoch=epoch,
+            iter=iteration,
             batch_in_epoch=batch_in_epoch)
 
     # --- loading ------------------------------------------------------
@@ -129,10 +131,9 @@ class ExactResumeHook(Hook):
                 f'{type(loop).__name__} is neither an epoch- nor an '
                 'iteration-based mmengine loop: random state not restored')
             return
-        runner.logger.info(
-            'random state restored from the checkpoint' +
-            (f' (skipping the {skip} batches of the epoch already used)'
-             if skip else ''))
+        runner.logger.info('random state restored from the checkpoint' + (
+            f' (skipping the {skip} batches of the epoch already used)'
+            if skip else ''))
 
     def before_train_epoch(self, runner):
         self._epoch_in_progress = runner.epoch

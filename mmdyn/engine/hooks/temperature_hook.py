@@ -32,8 +32,8 @@ def annealed_value(start: float, end: float, total_iters: int,
 
 
 def find_temperature_layers(model: nn.Module) -> List[nn.Module]:
-    """Modules having both ``update_temperature`` and
-    ``TEMPERATURE_SCHEDULE``, in module order (DDP wrappers unwrapped)."""
+    """Modules having both ``update_temperature`` and ``TEMPERATURE_SCHEDULE``,
+    in module order (DDP wrappers unwrapped)."""
     if is_model_wrapper(model):
         model = model.module
     return [
@@ -71,13 +71,13 @@ class DynamicTemperatureHook(Hook):
                  epochs: Optional[float] = None,
                  iters: Optional[int] = None):
         for name, value in (('start', start), ('end', end)):
-            if value is not None and (isinstance(value, bool) or
-                                      not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
                 raise ValueError(f'{name} must be a number or None, got '
                                  f'{value!r}')
-        if epochs is not None and (isinstance(epochs, bool)
-                                   or not isinstance(epochs, (int, float))
-                                   or epochs <= 0):
+        if epochs is not None and (isinstance(
+                epochs, bool) or not isinstance(epochs,
+                                                (int, float)) or epochs <= 0):
             raise ValueError(f'epochs must be a positive number or None, '
                              f'got {epochs!r}')
         if iters is not None and (isinstance(iters, bool)
@@ -89,8 +89,7 @@ class DynamicTemperatureHook(Hook):
         self.epochs = epochs
         self.iters = iters
         # class name -> (layers, start, end, total iterations)
-        self._groups: Dict[str, Tuple[List[nn.Module], float, float,
-                                      int]] = {}
+        self._groups: Dict[str, Tuple[List[nn.Module], float, float, int]] = {}
 
     def _total_iters(self, runner, schedule_epochs: float) -> int:
         if self.iters is not None:
@@ -123,7 +122,9 @@ class DynamicTemperatureHook(Hook):
         # completed iteration (runner.iter - 1) set, i.e. it = runner.iter.
         self._apply(runner, runner.iter)
 
-    def before_train_iter(self, runner, batch_idx: int,
+    def before_train_iter(self,
+                          runner,
+                          batch_idx: int,
                           data_batch=None) -> None:
         if self._groups:
             self._apply(runner, runner.iter + 1)

@@ -8,4 +8,5 @@ from .kw_resnet import KWResNet
 
 __all__ = [
     'KWConvNeXt', 'KWMobileNetV2', 'KW1d2xMobileNetV2', 'KWResNet',
-    'DDFResNet', 'DynamicMobileNetV2', 'DynamicResNet']
+    'DDFResNet', 'DynamicMobileNetV2', 'DynamicResNet'
+]

@@ -99,8 +99,8 @@ class KWConvNeXtBlock(nn.Module):
     def forward(self, x):
 
         def _inner_forward(x):
-            out = self.pwconv2(self.act(self.pwconv1(self.norm(
-                self.dwconv(x)))))
+            out = self.pwconv2(
+                self.act(self.pwconv1(self.norm(self.dwconv(x)))))
             if self.gamma is not None:
                 out = out * self.gamma
             return x + self.drop_path(out)
@@ -112,7 +112,7 @@ class KWConvNeXtBlock(nn.Module):
 
 @MODELS.register_module()
 class KWConvNeXt(ConvNeXt):
-    """mmpretrain's ConvNeXt whose convs are KernelWarehouse convs.
+    """Mmpretrain's ConvNeXt whose convs are KernelWarehouse convs.
 
     With the defaults and ``arch='tiny'`` this is the paper's
     ``kw1x_convnext_tiny`` backbone (the classifier Linear lives in the

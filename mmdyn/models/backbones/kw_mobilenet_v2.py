@@ -40,7 +40,7 @@ Ratio = Union[float, Sequence[float]]
 
 @MODELS.register_module()
 class KWMobileNetV2(MobileNetV2):
-    """mmpretrain's MobileNetV2 whose convs are KernelWarehouse convs.
+    """Mmpretrain's MobileNetV2 whose convs are KernelWarehouse convs.
 
     With the defaults this is the paper's ``kw1x_mobilenetv2`` (13
     warehouses); ``cell_num_ratio=4, sharing_range=('layer', )`` gives
@@ -107,8 +107,10 @@ class KWMobileNetV2(MobileNetV2):
                  attention_norm: str = 'bn_batch1',
                  kw_pointwise_stages: Optional[Sequence[int]] = None,
                  init_cfg=None):
-        if isinstance(widen_factor, bool) or not isinstance(
-                widen_factor, (int, float)) or widen_factor <= 0:
+        if isinstance(
+                widen_factor,
+                bool) or not isinstance(widen_factor,
+                                        (int, float)) or widen_factor <= 0:
             raise ValueError('widen_factor must be a positive number, got '
                              f'{widen_factor!r}')
         out_indices = tuple(out_indices)
@@ -173,8 +175,9 @@ class KWMobileNetV2(MobileNetV2):
         layer_idx = 0
         for i, stage in enumerate(self.kw_stage_settings):
             for j, block in enumerate(getattr(self, f'layer{i + 1}')):
-                handover = (j == 0 and i > 0
-                            and stage != self.kw_stage_settings[i - 1])
+                handover = (
+                    j == 0 and i > 0
+                    and stage != self.kw_stage_settings[i - 1])
                 block_stage = stage - 1 if handover else stage
                 prefix = f'stage{block_stage}_layer{layer_idx}'
                 *expand, depthwise, project = block.conv

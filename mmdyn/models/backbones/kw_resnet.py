@@ -116,8 +116,10 @@ class KWResNet(ResNet):
         manager = getattr(self, 'warehouse_manager', None)
         if manager is None or self.frozen_stages < 0:
             return
-        frozen = [getattr(self, name) for name in
-                  self.res_layers[:self.frozen_stages]]
+        frozen = [
+            getattr(self, name)
+            for name in self.res_layers[:self.frozen_stages]
+        ]
         freeze_warehouses(manager, frozen)
 
     def train(self, mode: bool = True) -> 'KWResNet':

@@ -8,7 +8,6 @@ Networks <https://arxiv.org/abs/2104.14107>`_) and any other layer registered
 with the CARAFE calling convention ``(channels, scale_factor, ...)``.
 """
 from mmcv.cnn import build_conv_layer
-
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType
@@ -69,8 +68,7 @@ class DDFUpFCNMaskHead(FCNMaskHead):
         self.scale_factor = scale_factor
         channels = (
             self.conv_out_channels if self.num_convs > 0 else self.in_channels)
-        self.upsample = build_upsampler(upsample_cfg, channels,
-                                        scale_factor)
+        self.upsample = build_upsampler(upsample_cfg, channels, scale_factor)
         out_channels = 1 if self.class_agnostic else self.num_classes
         self.conv_logits = build_conv_layer(self.predictor_cfg, channels,
                                             out_channels, 1)

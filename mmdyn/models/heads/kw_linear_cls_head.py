@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""Classification head whose fully connected layer is a KernelWarehouse
-linear layer (the classifier of the paper's 1/2x KW-MobileNetV2)."""
+"""Classification head whose fully connected layer is a KernelWarehouse linear
+layer (the classifier of the paper's 1/2x KW-MobileNetV2)."""
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,8 +50,9 @@ class KWLinearClsHead(ClsHead):
                  init_cfg: Optional[Union[dict, Sequence[dict]]] = None,
                  **kwargs):
         super().__init__(init_cfg=init_cfg, **kwargs)
-        if isinstance(num_classes, bool) or not isinstance(
-                num_classes, int) or num_classes <= 0:
+        if isinstance(
+                num_classes,
+                bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(
                 f'num_classes must be a positive int, got {num_classes!r}')
         if not 0 <= dropout_ratio < 1:

@@ -12,12 +12,12 @@ from typing import List, Sequence, Tuple, Union
 
 import torch.nn.functional as F
 from mmcv.cnn import build_upsample_layer
-from mmengine.model import ModuleList
-from torch import Tensor, nn
-
 from mmdet.models.necks import FPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
+from mmengine.model import ModuleList
+from torch import Tensor, nn
+
 from .pyramid_args import check_feature_maps, check_pyramid_levels
 
 # Upsamplers that mmcv registers with a constructor other than
@@ -107,9 +107,8 @@ def fit_to_size(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class TopDownUpsamplingMixin:
-    """The learnable top-down path and FPN's extra levels, shared by the
-    DDF-Up necks built on mmdet's :class:`FPN` (:class:`DDFUpFPN`,
-    ``DDFUpPAFPN``).
+    """The learnable top-down path and FPN's extra levels, shared by the DDF-Up
+    necks built on mmdet's :class:`FPN` (:class:`DDFUpFPN`, ``DDFUpPAFPN``).
 
     Uses the attributes FPN builds (``lateral_convs``, ``fpn_convs``,
     ``start_level``, ``backbone_end_level``, ``num_outs``,
@@ -141,12 +140,11 @@ class TopDownUpsamplingMixin:
                 i - 1, laterals[i], laterals[i - 1])
         return laterals
 
-    def _with_extra_levels(self, outs: List[Tensor],
-                           inputs: Sequence[Tensor],
+    def _with_extra_levels(self, outs: List[Tensor], inputs: Sequence[Tensor],
                            laterals: List[Tensor]) -> tuple:
         """``outs`` (one per used level) plus FPN's extra levels, unchanged
-        from :class:`FPN`: max-pooling, or convs on the input, the last
-        lateral or the last output."""
+        from :class:`FPN`: max-pooling, or convs on the input, the last lateral
+        or the last output."""
         used_levels = len(laterals)
         num_extra = self.num_outs - used_levels
         if num_extra <= 0:
@@ -207,22 +205,23 @@ class DDFUpFPN(TopDownUpsamplingMixin, FPN):
             it.
     """
 
-    def __init__(self,
-                 in_channels: List[int],
-                 out_channels: int,
-                 num_outs: int,
-                 start_level: int = 0,
-                 end_level: int = -1,
-                 add_extra_convs: Union[bool, str] = False,
-                 relu_before_extra_convs: bool = False,
-                 no_norm_on_lateral: bool = False,
-                 conv_cfg: OptConfigType = None,
-                 norm_cfg: OptConfigType = None,
-                 act_cfg: OptConfigType = None,
-                 upsample_cfg: ConfigType = dict(type='ddf_up', guided=True),
-                 init_cfg: MultiConfig = dict(
-                     type='Xavier', layer='Conv2d',
-                     distribution='uniform')) -> None:
+    def __init__(
+        self,
+        in_channels: List[int],
+        out_channels: int,
+        num_outs: int,
+        start_level: int = 0,
+        end_level: int = -1,
+        add_extra_convs: Union[bool, str] = False,
+        relu_before_extra_convs: bool = False,
+        no_norm_on_lateral: bool = False,
+        conv_cfg: OptConfigType = None,
+        norm_cfg: OptConfigType = None,
+        act_cfg: OptConfigType = None,
+        upsample_cfg: ConfigType = dict(type='ddf_up', guided=True),
+        init_cfg: MultiConfig = dict(
+            type='Xavier', layer='Conv2d', distribution='uniform')
+    ) -> None:
         check_pyramid_levels('DDFUpFPN', in_channels, num_outs, start_level,
                              end_level, add_extra_convs)
         if not isinstance(upsample_cfg, dict) or 'type' not in upsample_cfg:

@@ -13,12 +13,12 @@ everything else (layers, state-dict keys) is NASFPN's.
 """
 from typing import List, Sequence, Tuple
 
-from mmengine.model import ModuleList
-from torch import Tensor, nn
-
 from mmdet.models.necks import NASFPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
+from mmengine.model import ModuleList
+from torch import Tensor, nn
+
 from .ddf_up_fpn import build_upsampler, fit_to_size
 from .ddf_up_pafpn import check_upsampler_channels
 from .pyramid_args import check_feature_maps, check_pyramid_levels
@@ -53,17 +53,18 @@ class DDFUpNASFPN(NASFPN):
             in :class:`NASFPN`.
     """
 
-    def __init__(self,
-                 in_channels: List[int],
-                 out_channels: int,
-                 num_outs: int,
-                 stack_times: int,
-                 start_level: int = 0,
-                 end_level: int = -1,
-                 norm_cfg: OptConfigType = None,
-                 upsample_cfg: ConfigType = dict(type='ddf_up'),
-                 init_cfg: MultiConfig = dict(
-                     type='Caffe2Xavier', layer='Conv2d')) -> None:
+    def __init__(
+        self,
+        in_channels: List[int],
+        out_channels: int,
+        num_outs: int,
+        stack_times: int,
+        start_level: int = 0,
+        end_level: int = -1,
+        norm_cfg: OptConfigType = None,
+        upsample_cfg: ConfigType = dict(type='ddf_up'),
+        init_cfg: MultiConfig = dict(type='Caffe2Xavier', layer='Conv2d')
+    ) -> None:
         check_upsampler_channels('DDFUpNASFPN', out_channels, upsample_cfg)
         if upsample_cfg.get('guided', False):
             raise ValueError(
@@ -73,8 +74,8 @@ class DDFUpNASFPN(NASFPN):
         if num_outs != 5:
             raise ValueError('DDFUpNASFPN: neck.num_outs must be 5 (NAS-FPN '
                              f'builds P3-P7), got {num_outs!r}')
-        check_pyramid_levels('DDFUpNASFPN', in_channels, num_outs,
-                             start_level, end_level)
+        check_pyramid_levels('DDFUpNASFPN', in_channels, num_outs, start_level,
+                             end_level)
         super().__init__(
             in_channels=list(in_channels),
             out_channels=out_channels,
@@ -87,7 +88,8 @@ class DDFUpNASFPN(NASFPN):
         self.upsample_cfg = dict(upsample_cfg)
         self.upsamplers = ModuleList([
             nn.ModuleDict({
-                cell: build_upsampler(self.upsample_cfg, out_channels, factor)
+                cell:
+                build_upsampler(self.upsample_cfg, out_channels, factor)
                 for cell, factor in UPSAMPLING_CELLS
             }) for _ in range(stack_times)
         ])
@@ -111,8 +113,7 @@ class DDFUpNASFPN(NASFPN):
                 self._up(up['gp_64_4'], p6, p4), p4, out_size=p4.shape[-2:])
             p4_2 = stage['sum_44_4'](p4_1, p4, out_size=p4.shape[-2:])
             p3 = stage['sum_43_3'](
-                self._up(up['sum_43_3'], p4_2, p3), p3,
-                out_size=p3.shape[-2:])
+                self._up(up['sum_43_3'], p4_2, p3), p3, out_size=p3.shape[-2:])
             p4 = stage['sum_34_4'](p3, p4_2, out_size=p4.shape[-2:])
             p5_tmp = stage['gp_43_5'](p4, p3, out_size=p5.shape[-2:])
             p5 = stage['sum_55_5'](p5, p5_tmp, out_size=p5.shape[-2:])

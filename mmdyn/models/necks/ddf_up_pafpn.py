@@ -11,20 +11,20 @@ step with an upsampler built from ``upsample_cfg``, exactly as
 """
 from typing import List, Sequence, Tuple, Union
 
-from mmengine.model import ModuleList
-from torch import Tensor
-
 from mmdet.models.necks import PAFPN
 from mmdet.registry import MODELS
 from mmdet.utils import ConfigType, MultiConfig, OptConfigType
+from mmengine.model import ModuleList
+from torch import Tensor
+
 from .ddf_up_fpn import TopDownUpsamplingMixin, build_upsampler
 from .pyramid_args import check_feature_maps, check_pyramid_levels
 
 
 def check_upsampler_channels(neck: str, out_channels,
                              upsample_cfg: dict) -> None:
-    """Raise a one-line ``ValueError`` naming the config key when a
-    channel-preserving upsampler cannot work in ``neck``.
+    """Raise a one-line ``ValueError`` naming the config key when a channel-
+    preserving upsampler cannot work in ``neck``.
 
     A DDF-Up (or CARAFE) step maps ``out_channels`` channels to the same
     number and is guided by a lateral of ``out_channels`` channels, so every
@@ -87,25 +87,26 @@ class DDFUpPAFPN(TopDownUpsamplingMixin, PAFPN):
             as in :class:`PAFPN`; the upsamplers keep their own init.
     """
 
-    def __init__(self,
-                 in_channels: List[int],
-                 out_channels: int,
-                 num_outs: int,
-                 start_level: int = 0,
-                 end_level: int = -1,
-                 add_extra_convs: Union[bool, str] = False,
-                 relu_before_extra_convs: bool = False,
-                 no_norm_on_lateral: bool = False,
-                 conv_cfg: OptConfigType = None,
-                 norm_cfg: OptConfigType = None,
-                 act_cfg: OptConfigType = None,
-                 upsample_cfg: ConfigType = dict(type='ddf_up', guided=True),
-                 init_cfg: MultiConfig = dict(
-                     type='Xavier', layer='Conv2d',
-                     distribution='uniform')) -> None:
+    def __init__(
+        self,
+        in_channels: List[int],
+        out_channels: int,
+        num_outs: int,
+        start_level: int = 0,
+        end_level: int = -1,
+        add_extra_convs: Union[bool, str] = False,
+        relu_before_extra_convs: bool = False,
+        no_norm_on_lateral: bool = False,
+        conv_cfg: OptConfigType = None,
+        norm_cfg: OptConfigType = None,
+        act_cfg: OptConfigType = None,
+        upsample_cfg: ConfigType = dict(type='ddf_up', guided=True),
+        init_cfg: MultiConfig = dict(
+            type='Xavier', layer='Conv2d', distribution='uniform')
+    ) -> None:
         check_upsampler_channels('DDFUpPAFPN', out_channels, upsample_cfg)
-        check_pyramid_levels('DDFUpPAFPN', in_channels, num_outs,
-                             start_level, end_level, add_extra_convs)
+        check_pyramid_levels('DDFUpPAFPN', in_channels, num_outs, start_level,
+                             end_level, add_extra_convs)
         super().__init__(
             in_channels=list(in_channels),
             out_channels=out_channels,

@@ -25,8 +25,8 @@ def check_pyramid_levels(neck: str,
                          start_level,
                          end_level,
                          add_extra_convs=False) -> None:
-    """Raise ``ValueError`` unless the level arguments of an FPN-style neck
-    are ones it can build and run.
+    """Raise ``ValueError`` unless the level arguments of an FPN-style neck are
+    ones it can build and run.
 
     The rules are mmdet ``FPN``'s: ``in_channels`` is a non-empty list of
     positive ints (one per backbone level); ``start_level`` is one of those
@@ -86,11 +86,11 @@ def check_pyramid_levels(neck: str,
 
 def check_feature_maps(neck: str, inputs: Sequence[Tensor],
                        in_channels: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``inputs`` holds one non-empty
-    ``[B, in_channels[i], H, W]`` map per entry of ``in_channels``.
+    """Raise ``ValueError`` unless ``inputs`` holds one non-empty ``[B,
+    in_channels[i], H, W]`` map per entry of ``in_channels``.
 
-    A map with no rows or columns is refused here, as the static neck's
-    first conv refuses it, but naming the level.
+    A map with no rows or columns is refused here, as the static neck's first
+    conv refuses it, but naming the level.
     """
     if len(inputs) != len(in_channels):
         raise ValueError(

@@ -6,9 +6,8 @@
 swaps static convolutions for dynamic ones and initialises or freezes them.
 """
 from .construction import build_on_cpu_if_meta, register_first
-from .dynamic_layers import (check_dyconv_cfg, dynamic_like,
-                             freeze_warehouses, init_dynamic_layers,
-                             is_pretrained, kw_like)
+from .dynamic_layers import (check_dyconv_cfg, dynamic_like, freeze_warehouses,
+                             init_dynamic_layers, is_pretrained, kw_like)
 
 __all__ = [
     'build_on_cpu_if_meta', 'register_first', 'check_dyconv_cfg',

@@ -22,11 +22,16 @@ def check_dyconv_cfg(dyconv_cfg) -> dict:
 
 def conv_geometry(conv: nn.Conv2d) -> Tuple[tuple, dict]:
     """``(args, kwargs)`` that build a conv with the geometry of ``conv``:
-    channels, kernel, stride, padding, dilation, groups and bias."""
+
+    channels, kernel, stride, padding, dilation, groups and bias.
+    """
     return ((conv.in_channels, conv.out_channels, conv.kernel_size),
-            dict(stride=conv.stride, padding=conv.padding,
-                 dilation=conv.dilation, groups=conv.groups,
-                 bias=conv.bias is not None))
+            dict(
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None))
 
 
 def dynamic_like(conv: nn.Conv2d, dyconv_cfg: dict) -> nn.Module:
@@ -48,8 +53,7 @@ def dynamic_like(conv: nn.Conv2d, dyconv_cfg: dict) -> nn.Module:
     return layer.to(conv.weight.device)
 
 
-def kw_like(manager: WarehouseManager, name: str,
-            conv: nn.Conv2d) -> KWConv2d:
+def kw_like(manager: WarehouseManager, name: str, conv: nn.Conv2d) -> KWConv2d:
     """Reserve a KW conv with the geometry of ``conv`` from ``manager``.
 
     Args:
@@ -93,13 +97,13 @@ def freeze_warehouses(manager: WarehouseManager,
     """Stop the gradient of warehouses used only by frozen modules.
 
     The cells live in the manager, not in the layers, so freezing a stage's
-    parameters leaves them trainable; a warehouse shared with a layer that
-    is still trained stays trainable.
+    parameters leaves them trainable; a warehouse shared with a layer that is
+    still trained stays trainable.
     """
     frozen_ids = {
         id(m)
-        for module in frozen for m in module.modules()
-        if isinstance(m, (KWConv2d, KWLinear))
+        for module in frozen
+        for m in module.modules() if isinstance(m, (KWConv2d, KWLinear))
     }
     trained = set()
     for layer in manager._layers:

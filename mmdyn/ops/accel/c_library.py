@@ -68,9 +68,8 @@ FLAGS = compiler_flags()
 #: (x86, ARM, RISC-V, POWER, s390).
 _CPU_KEYS = ('model name', 'flags', 'vendor_id', 'cpu family', 'model',
              'stepping', 'Features', 'CPU implementer', 'CPU architecture',
-             'CPU variant', 'CPU part', 'CPU revision', 'isa', 'uarch',
-             'cpu', 'features', 'vendor_id', 'machine')
-
+             'CPU variant', 'CPU part', 'CPU revision', 'isa', 'uarch', 'cpu',
+             'features', 'vendor_id', 'machine')
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.MULTILINE)
 
@@ -92,16 +91,15 @@ def read_source(name: str) -> str:
 
 
 class CSourceFile(str):
-    """The name of a C file of :data:`CSRC_DIR` (a :class:`CLibrary`
-    source read when first needed)."""
+    """The name of a C file of :data:`CSRC_DIR` (a :class:`CLibrary` source
+    read when first needed)."""
 
 
 def cpu_model(cpuinfo: Optional[str] = None) -> str:
     """What identifies this CPU for a build with ``-march=native``: the
     identifying lines of ``/proc/cpuinfo`` (model, instruction-set flags or
-    features, on any architecture), the machine type and processor; a
-    library is never reused on a CPU that lacks some of its instructions.
-    """
+    features, on any architecture), the machine type and processor; a library
+    is never reused on a CPU that lacks some of its instructions."""
     if cpuinfo is None:
         try:
             with open('/proc/cpuinfo') as f:
@@ -113,8 +111,9 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
         key = line.split(':', 1)[0].strip()
         if key in _CPU_KEYS and key not in found:
             found[key] = line.strip()
-    return '\n'.join([platform.machine(), platform.processor(),
-                      *sorted(found.values())])
+    return '\n'.join(
+        [platform.machine(),
+         platform.processor(), *sorted(found.values())])
 
 
 def cache_dir() -> str:
@@ -124,13 +123,15 @@ def cache_dir() -> str:
 
 
 def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
-    """A tensor's data pointer for ctypes (NULL for None). The caller must
-    hold a reference to ``t`` until the C call returns."""
+    """A tensor's data pointer for ctypes (NULL for None).
+
+    The caller must
+    hold a reference to ``t`` until the C call returns.
+    """
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def check_float32_cpu(what: str,
-                      *tensors: Optional[torch.Tensor]) -> None:
+def check_float32_cpu(what: str, *tensors: Optional[torch.Tensor]) -> None:
     """The C loops read and write raw float32 host memory: raise
     ValueError for any other tensor (None entries are skipped)."""
     for t in tensors:
@@ -153,8 +154,10 @@ def _owner_ok(st: os.stat_result) -> bool:
 
 def unsafe_reason(path: str) -> Optional[str]:
     """Why ``path`` (a cached library) or its directory must not be loaded:
-    owned by another user, or writable by other users (group or world);
-    None when safe (or on a system without POSIX ownership)."""
+
+    owned by another user, or writable by other users (group or world); None
+    when safe (or on a system without POSIX ownership).
+    """
     if not hasattr(os, 'getuid'):
         return None
     for target in (osp.dirname(path), path):
@@ -222,9 +225,9 @@ class CLibrary:
         fallback (str): What the caller does without it (for the warning).
     """
 
-    def __init__(self, name: str, source: str,
-                 declare: Callable[[ctypes.CDLL], None], switch: str,
-                 fallback: str):
+    def __init__(self, name: str, source: str, declare: Callable[[ctypes.CDLL],
+                                                                 None],
+                 switch: str, fallback: str):
         self.name = name
         self._source = source
         self.declare = declare
@@ -247,8 +250,8 @@ class CLibrary:
         return osp.join(cache_dir(), f'{self.name}_{key[:16]}.so')
 
     def _build(self, path: str) -> None:
-        compiler = os.environ.get('CC') or shutil.which(
-            'gcc') or shutil.which('cc')
+        compiler = os.environ.get('CC') or shutil.which('gcc') or shutil.which(
+            'cc')
         if compiler is None:
             raise RuntimeError('no C compiler found (set CC)')
         directory = osp.dirname(path)
@@ -274,8 +277,7 @@ class CLibrary:
             os.replace(out, path)
 
     def _intact(self, path: str) -> bool:
-        """Whether the cached file is the one built (its recorded
-        SHA-256)."""
+        """Whether the cached file is the one built (its recorded SHA-256)."""
         try:
             with open(path + '.sha256') as f:
                 return f.read().strip() == _sha256(path)
@@ -310,8 +312,8 @@ class CLibrary:
             self.switch)
 
     def require(self) -> ctypes.CDLL:
-        """:meth:`load` for callers without a fallback: RuntimeError when
-        the library is unavailable."""
+        """:meth:`load` for callers without a fallback: RuntimeError when the
+        library is unavailable."""
         lib = self.load()
         if lib is None:
             raise RuntimeError(f'mmdyn: C kernels {self.name!r} unavailable '
@@ -320,9 +322,9 @@ class CLibrary:
         return lib
 
     def load(self) -> Optional[ctypes.CDLL]:
-        """The loaded library, built on first use; None when unavailable
-        (no compiler, a failed build, an unsafe cache, or the switch set
-        to ``0``)."""
+        """The loaded library, built on first use; None when unavailable (no
+        compiler, a failed build, an unsafe cache, or the switch set to
+        ``0``)."""
         if not self.enabled():
             return None
         if self._tried:

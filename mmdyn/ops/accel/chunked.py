@@ -35,9 +35,9 @@ def kernel_workspace(numel: int,
                      slot: str = 'kernels') -> torch.Tensor:
     """A reused 1-D tensor of at least ``numel`` elements, one per thread,
     dtype, device and ``slot``, grown on demand and kept between calls (see
-    :func:`release_kernel_workspaces`). Two buffers that must be alive at
-    the same time (KernelWarehouse's mixtures and the Winograd kernels
-    made from them) use different slots.
+    :func:`release_kernel_workspaces`). Two buffers that must be alive at the
+    same time (KernelWarehouse's mixtures and the Winograd kernels made from
+    them) use different slots.
 
     Why: a fresh tensor of a batch of deep-layer kernels (tens of MB) is,
     with glibc's default thresholds, a new mmap paid in page faults on
@@ -69,8 +69,8 @@ def chunked_per_sample_conv2d(x: torch.Tensor,
                               padding: Tuple[int, int] = (0, 0),
                               dilation: Tuple[int, int] = (1, 1),
                               groups: int = 1) -> torch.Tensor:
-    """``conv(x[b], kernel_b)`` for each sample, the kernels built a chunk
-    of samples at a time into one reused workspace.
+    """``conv(x[b], kernel_b)`` for each sample, the kernels built a chunk of
+    samples at a time into one reused workspace.
 
     ``kernels_fn(start, stop, out)`` returns the kernels of samples
     ``start:stop`` as a [stop - start, numel] tensor; ``out`` is a

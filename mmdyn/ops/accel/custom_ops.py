@@ -99,8 +99,8 @@ def ddf_backward_op(grad_out: Tensor, x: Tensor, channel_filter: Tensor,
     for p in range(scale * scale):
         go = grad6[:, :, :, p // scale, :, p % scale].contiguous()
         gx_p, gcf[p], gsf[p] = ddf_cpu.backward(lib, go, x, cf[p], sf[p],
-                                                kernel_size, dilation, 1,
-                                                add, needs)
+                                                kernel_size, dilation, 1, add,
+                                                needs)
         gx += gx_p
     return gx, gcf, gsf
 
@@ -141,24 +141,25 @@ def _(a, b):
 
 @torch.library.custom_op('mmdyn::pack_columns', mutates_args=())
 def pack_columns_op(b: Tensor) -> Tensor:
-    """``b`` [K, N] cut into the zero-padded strips the cell product
-    reads, [ceil(N / 24), K, 24]."""
+    """``b`` [K, N] cut into the zero-padded strips the cell product reads,
+    [ceil(N / 24), K, 24]."""
     return kw_cells.pack_columns(b)
 
 
 @pack_columns_op.register_fake
 def _(b):
     strip = kw_cells.STRIP
-    return b.new_empty(((b.shape[1] + strip - 1) // strip, b.shape[0],
-                        strip))
+    return b.new_empty(((b.shape[1] + strip - 1) // strip, b.shape[0], strip))
 
 
 @torch.library.custom_op('mmdyn::winograd_kernels', mutates_args=())
 def winograd_kernels_op(bank: Tensor, mix: Optional[Tensor],
                         spatial: Optional[Tensor]) -> Tensor:
     """``G W_b G^T`` with ``W_b = spatial[b] * sum_k mix[b, k] bank[k]``:
+
     [B, 16, C_out, C_in] (see
-    :func:`~mmdyn.ops.accel.winograd.winograd_kernels_reference`)."""
+    :func:`~mmdyn.ops.accel.winograd.winograd_kernels_reference`).
+    """
     return winograd.winograd_kernels(bank, mix, spatial)
 
 
@@ -171,7 +172,9 @@ def _(bank, mix, spatial):
 @torch.library.custom_op('mmdyn::winograd_blocks', mutates_args=())
 def winograd_blocks_op(mixtures: Tensor) -> Tensor:
     """The Winograd kernels of mixtures [B, 9, g_o, g_i, c_o, c_i]:
-    [B, 16, g_o * c_o, g_i * c_i]."""
+
+    [B, 16, g_o * c_o, g_i * c_i].
+    """
     return winograd.winograd_kernels_from_blocks(mixtures.contiguous())
 
 
@@ -198,8 +201,8 @@ def _(x, padding):
 @torch.library.custom_op('mmdyn::winograd_output', mutates_args=())
 def winograd_output_op(m: Tensor, grid: List[int],
                        out_hw: List[int]) -> Tensor:
-    """The output tiles ``A^T m A`` of ``m`` [B, 16, C, tiles] on a
-    ``grid`` of tiles, cropped to ``out_hw``: [B, C, *out_hw]."""
+    """The output tiles ``A^T m A`` of ``m`` [B, 16, C, tiles] on a ``grid`` of
+    tiles, cropped to ``out_hw``: [B, C, *out_hw]."""
     return winograd._output_transform(m, tuple(grid), tuple(out_hw))
 
 

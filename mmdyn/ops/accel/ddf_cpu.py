@@ -28,18 +28,19 @@ _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for suffix in _SUFFIX.values():
-        getattr(lib, 'ddf_forward' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 9 + [int_] * 2)
-        getattr(lib, 'ddf_backward_x_cf' + suffix).argtypes = (
-            [ptr] * 6 + [long_] * 9 + [int_] * 4)
-        getattr(lib, 'ddf_backward_sf' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 9 + [int_] * 2)
-        getattr(lib, 'ddf_forward_s1' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 7 + [int_] * 2)
-        getattr(lib, 'ddf_backward_x_cf_s1' + suffix).argtypes = (
-            [ptr] * 6 + [long_] * 6 + [int_] * 4)
-        getattr(lib, 'ddf_backward_sf_s1' + suffix).argtypes = (
-            [ptr] * 4 + [long_] * 6 + [int_, long_, int_])
+        getattr(lib, 'ddf_forward' +
+                suffix).argtypes = ([ptr] * 4 + [long_] * 9 + [int_] * 2)
+        getattr(lib, 'ddf_backward_x_cf' +
+                suffix).argtypes = ([ptr] * 6 + [long_] * 9 + [int_] * 4)
+        getattr(lib, 'ddf_backward_sf' +
+                suffix).argtypes = ([ptr] * 4 + [long_] * 9 + [int_] * 2)
+        getattr(lib, 'ddf_forward_s1' +
+                suffix).argtypes = ([ptr] * 4 + [long_] * 7 + [int_] * 2)
+        getattr(lib, 'ddf_backward_x_cf_s1' +
+                suffix).argtypes = ([ptr] * 6 + [long_] * 6 + [int_] * 4)
+        getattr(lib, 'ddf_backward_sf_s1' +
+                suffix).argtypes = ([ptr] * 4 + [long_] * 6 +
+                                    [int_, long_, int_])
         for name in ('ddf_forward', 'ddf_backward_x_cf', 'ddf_backward_sf',
                      'ddf_backward_sf_s1'):
             getattr(lib, name + suffix).restype = None
@@ -61,14 +62,14 @@ def load() -> Optional[ctypes.CDLL]:
 
 @torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the C loops are built (building them on first use); a
-    constant to ``torch.compile``, which calls it once while tracing."""
+    """Whether the C loops are built (building them on first use); a constant
+    to ``torch.compile``, which calls it once while tracing."""
     return load() is not None
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernel can run on these tensors (CPU, same float32
-    or float64 dtype)."""
+    """Whether the fused kernel can run on these tensors (CPU, same float32 or
+    float64 dtype)."""
     dtype = tensors[0].dtype
     return (dtype in _SUFFIX
             and all(t.device.type == 'cpu' and t.dtype == dtype
@@ -90,7 +91,7 @@ def forward(lib,
             stride,
             add,
             scale=1):
-    """out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype.
+    """Out = ddf(x, cf, sf) for contiguous CPU tensors of one dtype.
 
     ``scale`` > 1 (stride 1 only) is DDF-Up: ``cf`` [s*s, B, C, k*k] and
     ``sf`` [s*s, B, k*k, H, W] hold one filter pair per sub-pixel phase, and
@@ -106,21 +107,20 @@ def forward(lib,
         # Named, so that it stays alive during the call (ctypes only sees a
         # raw pointer).
         sfe = _pad_cols(sf, 2 * pad)
-        if getattr(lib, 'ddf_forward_s1' + suffix)(ptr(x), ptr(cf),
-                                                   ptr(sfe), ptr(out), B, C,
-                                                   H, W, kernel_size,
-                                                   dilation, scale, int(add),
-                                                   threads):
+        if getattr(lib,
+                   'ddf_forward_s1' + suffix)(ptr(x), ptr(cf), ptr(sfe),
+                                              ptr(out), B, C, H, W,
+                                              kernel_size, dilation, scale,
+                                              int(add), threads):
             raise MemoryError('DDF forward: out of memory for its plane '
                               'buffers')
         return out
     if scale != 1:
         raise ValueError('scale > 1 needs stride 1')
     out = x.new_empty((B, C, Ho, Wo))
-    getattr(lib, 'ddf_forward' + suffix)(ptr(x), ptr(cf), ptr(sf),
-                                         ptr(out), B, C, H, W, Ho, Wo,
-                                         kernel_size, dilation, stride,
-                                         int(add), threads)
+    getattr(lib, 'ddf_forward' + suffix)(ptr(x), ptr(cf), ptr(sf), ptr(out), B,
+                                         C, H, W, Ho, Wo, kernel_size,
+                                         dilation, stride, int(add), threads)
     return out
 
 
@@ -139,10 +139,15 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
         pad = (kernel_size - 1) // 2 * dilation
         if needs[0] or needs[1]:
             sfe = _pad_cols(sf, 2 * pad)
-            if getattr(lib, 'ddf_backward_x_cf_s1' + suffix)(
-                    ptr(grad_out), ptr(x), ptr(cf), ptr(sfe), ptr(gx),
-                    ptr(gcf), B, C, H, W, kernel_size, dilation, int(add),
-                    int(needs[0]), int(needs[1]), threads):
+            if getattr(lib,
+                       'ddf_backward_x_cf_s1' + suffix)(ptr(grad_out), ptr(x),
+                                                        ptr(cf), ptr(sfe),
+                                                        ptr(gx), ptr(gcf), B,
+                                                        C, H, W, kernel_size,
+                                                        dilation, int(add),
+                                                        int(needs[0]),
+                                                        int(needs[1]),
+                                                        threads):
                 raise MemoryError('DDF backward: out of memory for its '
                                   'plane buffers')
             del sfe
@@ -152,20 +157,26 @@ def backward(lib, grad_out, x, cf, sf, kernel_size, dilation, stride, add,
             gsfe = sf.new_empty((B, sf.shape[1], H, W + 2 * pad))
             blocks = -(-threads // max(B, 1))
             goe = _pad_cols(grad_out, 2 * pad)
-            getattr(lib, 'ddf_backward_sf_s1' + suffix)(
-                ptr(goe), ptr(xp), ptr(cf),
-                ptr(gsfe), B, C, H, W, kernel_size, dilation, int(add),
-                blocks, threads)
+            getattr(lib,
+                    'ddf_backward_sf_s1' + suffix)(ptr(goe), ptr(xp), ptr(cf),
+                                                   ptr(gsfe), B, C, H, W,
+                                                   kernel_size, dilation,
+                                                   int(add), blocks, threads)
             gsf = gsfe[..., :W].contiguous()
         return gx, gcf, gsf
     gsf = torch.empty_like(sf) if needs[2] else None
     if needs[0] or needs[1]:
-        getattr(lib, 'ddf_backward_x_cf' + suffix)(
-            ptr(grad_out), ptr(x), ptr(cf), ptr(sf), ptr(gx), ptr(gcf),
-            B, C, H, W, Ho, Wo, kernel_size, dilation, stride, int(add),
-            int(needs[0]), int(needs[1]), threads)
+        getattr(lib,
+                'ddf_backward_x_cf' + suffix)(ptr(grad_out), ptr(x), ptr(cf),
+                                              ptr(sf), ptr(gx), ptr(gcf), B, C,
+                                              H, W, Ho, Wo,
+                                              kernel_size, dilation, stride,
+                                              int(add), int(needs[0]),
+                                              int(needs[1]), threads)
     if needs[2]:
-        getattr(lib, 'ddf_backward_sf' + suffix)(
-            ptr(grad_out), ptr(x), ptr(cf), ptr(gsf), B, C, H, W, Ho, Wo,
-            kernel_size, dilation, stride, int(add), threads)
+        getattr(lib,
+                'ddf_backward_sf' + suffix)(ptr(grad_out), ptr(x), ptr(cf),
+                                            ptr(gsf), B, C, H, W, Ho, Wo,
+                                            kernel_size, dilation, stride,
+                                            int(add), threads)
     return gx, gcf, gsf

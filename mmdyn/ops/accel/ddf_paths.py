@@ -145,9 +145,11 @@ class _DDFFusedCPU(torch.autograd.Function):
 
 
 class _DDFUpFusedCPU(torch.autograd.Function):
-    """DDF-Up's s*s stride-1 DDFs on CPU, each written straight into its
-    sub-pixel phase of the [B, C, s*H, s*W] output (no stack and pixel
-    shuffle copies). ``cf`` is [s*s, B, C, k*k], ``sf`` [s*s, B, k*k, H, W].
+    """DDF-Up's s*s stride-1 DDFs on CPU, each written straight into its sub-
+    pixel phase of the [B, C, s*H, s*W] output (no stack and pixel shuffle
+    copies).
+
+    ``cf`` is [s*s, B, C, k*k], ``sf`` [s*s, B, k*k, H, W].
     """
 
     @staticmethod
@@ -231,9 +233,9 @@ def run(path: str, x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor,
 def ddf_up_fused(x: torch.Tensor, cfs: List[torch.Tensor],
                  sfs: List[torch.Tensor], kernel_size: int, dilation: int,
                  add: bool, scale: int) -> torch.Tensor:
-    """DDF-Up (one head) by the C loops: the s*s phase filters ``cfs``
-    ([B, C, k, k] each) and ``sfs`` ([B, k*k, H, W] each) straight into the
-    [B, C, s*H, s*W] output, in the dtype of ``x``."""
+    """DDF-Up (one head) by the C loops: the s*s phase filters ``cfs`` ([B, C,
+    k, k] each) and ``sfs`` ([B, k*k, H, W] each) straight into the [B, C, s*H,
+    s*W] output, in the dtype of ``x``."""
     B, C = x.shape[:2]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     cf = torch.stack(cfs).to(work).reshape(scale * scale, B, C,

@@ -108,8 +108,8 @@ def supports(*tensors: Tensor) -> bool:
 
 
 def check_available(x: Tensor) -> None:
-    """Raise ``RuntimeError`` saying what is missing for ``impl='triton'``
-    on ``x``."""
+    """Raise ``RuntimeError`` saying what is missing for ``impl='triton'`` on
+    ``x``."""
     if _import_triton() is None:
         raise RuntimeError(
             "impl='triton' needs the triton package (pip install triton), "
@@ -122,8 +122,8 @@ def check_available(x: Tensor) -> None:
 
 
 def check_inputs(*tensors: Tensor) -> None:
-    """:func:`check_available` and a ``TypeError`` for a dtype the kernels
-    do not load (float64 above all: they accumulate in float32)."""
+    """:func:`check_available` and a ``TypeError`` for a dtype the kernels do
+    not load (float64 above all: they accumulate in float32)."""
     check_available(tensors[0])
     for t in tensors:
         if t.dtype not in DTYPES:
@@ -140,8 +140,8 @@ def check_inputs(*tensors: Tensor) -> None:
 # --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    """The kernel module, run afresh for each interpreter setting; call
-    with ``interpreting()``."""
+    """The kernel module, run afresh for each interpreter setting; call with
+    ``interpreting()``."""
     del interpret  # the cache key; the module's decorators read it
     spec = importlib.util.find_spec('mmdyn.ops.accel.ddf_triton_kernels')
     module = importlib.util.module_from_spec(spec)
@@ -198,15 +198,18 @@ def launch_grid(tiles: int) -> Tuple[int, int, int]:
 def _pixel_grid(planes: int, pixels: int, base: int):
     """The grid, as a function of the launch's meta-parameters, of a kernel
     with one program per plane and block of ``base * MULT`` pixels."""
-    return lambda meta: launch_grid(
-        planes * _cdiv(pixels, base * meta['MULT']))
+    return lambda meta: launch_grid(planes * _cdiv(pixels, base * meta['MULT'])
+                                    )
 
 
 def _size_class(pixels) -> int:
-    """The autotuner's size key: sizes within a factor of two share the
-    tuned configuration. 0 for a symbolic size (``torch.compile`` with
+    """The autotuner's size key: sizes within a factor of two share the tuned
+    configuration.
+
+    0 for a symbolic size (``torch.compile`` with
     dynamic shapes, where Inductor tunes the kernels itself): reading its
-    value would specialise the graph to it."""
+    value would specialise the graph to it.
+    """
     if isinstance(pixels, torch.SymInt):
         return 0
     return int(pixels).bit_length()
@@ -249,10 +252,13 @@ class ReductionPlan(NamedTuple):
 
 def reduction_plan(B: int, C: int, Ho: int, Wo: int, kernel_size: int,
                    head: int, target_programs: int) -> ReductionPlan:
-    """Split the pixel loop of the channel-filter gradient into chunks and
-    the channel loop of the spatial-filter gradient into splits until each
-    kernel has about ``target_programs`` programs. The partial sums are
-    added in a fixed order by a second stage (deterministic, no atomics)."""
+    """Split the pixel loop of the channel-filter gradient into chunks and the
+    channel loop of the spatial-filter gradient into splits until each kernel
+    has about ``target_programs`` programs.
+
+    The partial sums are added in a fixed order by a second stage
+    (deterministic, no atomics).
+    """
     pixels = Ho * Wo
     base = _tiles(kernel_size)[1]
     step = base * _kernels(interpreting()).MAX_MULT
@@ -260,17 +266,22 @@ def reduction_plan(B: int, C: int, Ho: int, Wo: int, kernel_size: int,
     chunk = _cdiv(_cdiv(pixels, chunks), step) * step
     chunks = _cdiv(pixels, chunk)
     planes = B * head * _cdiv(pixels, base)
-    splits = max(1, min(C // head, MAX_SPLITS,
-                        _cdiv(target_programs, planes)))
+    splits = max(1, min(C // head, MAX_SPLITS, _cdiv(target_programs, planes)))
     return ReductionPlan(chunk, chunks, splits)
 
 
-def launch_grids(B: int, C: int, H: int, W: int, Ho: int, Wo: int,
-                 kernel_size: int, head: int = 1, target_programs: int = 1,
+def launch_grids(B: int,
+                 C: int,
+                 H: int,
+                 W: int,
+                 Ho: int,
+                 Wo: int,
+                 kernel_size: int,
+                 head: int = 1,
+                 target_programs: int = 1,
                  mult: int = 1) -> Dict[str, Tuple[int, int, int]]:
-    """The launch grid of each kernel for these sizes and the tuning
-    parameter ``mult`` (computed as the launches compute them; nothing
-    runs)."""
+    """The launch grid of each kernel for these sizes and the tuning parameter
+    ``mult`` (computed as the launches compute them; nothing runs)."""
     base = _tiles(kernel_size)[1]
     plan = reduction_plan(B, C, Ho, Wo, kernel_size, head, target_programs)
     meta = dict(MULT=mult)
@@ -283,8 +294,8 @@ def launch_grids(B: int, C: int, H: int, W: int, Ho: int, Wo: int,
 
 
 def _on_device(t: Tensor):
-    """A context making ``t``'s CUDA device the current one (Triton
-    launches on the current device), or doing nothing for other tensors."""
+    """A context making ``t``'s CUDA device the current one (Triton launches on
+    the current device), or doing nothing for other tensors."""
     if t.device.type == 'cuda':
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
@@ -297,61 +308,109 @@ def _skip_launch(*tensors: Tensor) -> bool:
     return interpreting() and any(is_fake(t) for t in tensors)
 
 
-def _launch_forward(x, cf, sf, out, kernel_size, dilation, stride, add,
-                    head):
-    """out [B, C, Ho, Wo] (any strides) = ddf(x, cf [B, C, k*k], sf)."""
+def _launch_forward(x, cf, sf, out, kernel_size, dilation, stride, add, head):
+    """Out [B, C, Ho, Wo] (any strides) = ddf(x, cf [B, C, k*k], sf)."""
     B, C, H, W = x.shape
     Ho, Wo = out.shape[-2:]
     kkp, base = _tiles(kernel_size)
     with _on_device(x):
         _launch(
-            'forward', _pixel_grid(B * C, Ho * Wo, base),
-            x, cf, sf, out, C, H, W, Ho, Wo, C // head, B * C,
-            _size_class(Ho * Wo), *x.stride(), *cf.stride(), *sf.stride(),
-            *out.stride(), K=kernel_size, STRIDE=stride, DIL=dilation,
-            ADD=add, KKP=kkp, BASE=base)
+            'forward',
+            _pixel_grid(B * C, Ho * Wo, base),
+            x,
+            cf,
+            sf,
+            out,
+            C,
+            H,
+            W,
+            Ho,
+            Wo,
+            C // head,
+            B * C,
+            _size_class(Ho * Wo),
+            *x.stride(),
+            *cf.stride(),
+            *sf.stride(),
+            *out.stride(),
+            K=kernel_size,
+            STRIDE=stride,
+            DIL=dilation,
+            ADD=add,
+            KKP=kkp,
+            BASE=base)
 
 
-def _launch_backward(go, x, cf, sf, gx, gcf, gsf, kernel_size, dilation,
-                     stride, add, head, accumulate=False):
+def _launch_backward(go,
+                     x,
+                     cf,
+                     sf,
+                     gx,
+                     gcf,
+                     gsf,
+                     kernel_size,
+                     dilation,
+                     stride,
+                     add,
+                     head,
+                     accumulate=False):
     """Fill the gradients that are not None: gx [B, C, H, W] (contiguous;
     added to when ``accumulate``), gcf [B, C, k*k], gsf [B, head*k*k, Ho,
     Wo] (both contiguous)."""
     B, C, H, W = x.shape
     Ho, Wo = go.shape[-2:]
     kkp, base = _tiles(kernel_size)
-    conf = dict(K=kernel_size, STRIDE=stride, DIL=dilation, ADD=add,
-                KKP=kkp, BASE=base)
+    conf = dict(
+        K=kernel_size,
+        STRIDE=stride,
+        DIL=dilation,
+        ADD=add,
+        KKP=kkp,
+        BASE=base)
     plan = reduction_plan(B, C, Ho, Wo, kernel_size, head,
                           _target_programs(x.device))
     with _on_device(x):
         if gx is not None:
             # Adding into gx must not be repeated by the autotuner.
-            _launch('grad_input', _pixel_grid(B * C, H * W, base), go, cf,
-                    sf, gx, C, H, W, Ho, Wo, C // head, B * C,
-                    _size_class(H * W), *go.stride(), *cf.stride(),
-                    *sf.stride(), tuned=not accumulate,
-                    ACCUMULATE=accumulate, **conf)
+            _launch(
+                'grad_input',
+                _pixel_grid(B * C, H * W, base),
+                go,
+                cf,
+                sf,
+                gx,
+                C,
+                H,
+                W,
+                Ho,
+                Wo,
+                C // head,
+                B * C,
+                _size_class(H * W),
+                *go.stride(),
+                *cf.stride(),
+                *sf.stride(),
+                tuned=not accumulate,
+                ACCUMULATE=accumulate,
+                **conf)
         if gcf is not None:
             dst = gcf if plan.chunks == 1 else gcf.new_empty(
                 (B * C, plan.chunks, kernel_size**2), dtype=torch.float32)
             tiles = B * C * plan.chunks
-            _launch(
-                'grad_channel_filter', lambda meta: launch_grid(tiles),
-                go, x, sf, dst, C, H, W, Ho, Wo, C // head, B * C,
-                _size_class(Ho * Wo), plan.chunk, plan.chunks, *go.stride(),
-                *x.stride(), *sf.stride(), **conf)
+            _launch('grad_channel_filter', lambda meta: launch_grid(tiles), go,
+                    x, sf, dst, C, H, W, Ho, Wo, C // head, B * C,
+                    _size_class(Ho * Wo), plan.chunk, plan.chunks,
+                    *go.stride(), *x.stride(), *sf.stride(), **conf)
             if plan.chunks > 1:
                 gcf.copy_(dst.sum(1).view(gcf.shape))
         if gsf is not None:
             dst = gsf if plan.splits == 1 else gsf.new_empty(
                 (plan.splits, *gsf.shape), dtype=torch.float32)
             planes = plan.splits * B * head
-            _launch(
-                'grad_spatial_filter', _pixel_grid(planes, Ho * Wo, base),
-                go, x, cf, dst, head, H, W, Ho, Wo, C // head, planes,
-                _size_class(Ho * Wo), plan.splits, *go.stride(), *x.stride(),
-                *cf.stride(), **conf)
+            _launch('grad_spatial_filter', _pixel_grid(planes, Ho * Wo, base),
+                    go, x, cf, dst, head, H, W, Ho, Wo, C // head, planes,
+                    _size_class(Ho * Wo), plan.splits, *go.stride(),
+                    *x.stride(), *cf.stride(), **conf)
             if plan.splits > 1:
                 gsf.copy_(dst.sum(0))
 
@@ -381,8 +440,8 @@ def _ddf_forward(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
 
 def _ddf_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
                   kernel_size: int, dilation: int, stride: int, add: bool,
-                  head: int, needs: List[bool]
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
+                  head: int,
+                  needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """``mmdyn::ddf_triton_backward``: the gradients wrt (x, cf, sf) that
     ``needs`` asks for (an empty tensor for the others)."""
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) \
@@ -393,15 +452,13 @@ def _ddf_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
         if needs[2] else sf.new_empty(0)
     if x.numel() and not _skip_launch(grad_out, x, cf, sf):
         _launch_backward(grad_out, x, cf, sf, gx if needs[0] else None,
-                         gcf if needs[1] else None,
-                         gsf if needs[2] else None, kernel_size, dilation,
-                         stride, add, head)
+                         gcf if needs[1] else None, gsf if needs[2] else None,
+                         kernel_size, dilation, stride, add, head)
     return gx, gcf, gsf
 
 
 def _ddf_up_forward(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
-                    dilation: int, add: bool, head: int,
-                    scale: int) -> Tensor:
+                    dilation: int, add: bool, head: int, scale: int) -> Tensor:
     """``mmdyn::ddf_up_triton_forward``: x [B, C, H, W], cf [s*s, B, C,
     k*k], sf [s*s, B, head*k*k, H, W] -> [B, C, s*H, s*W], phase p = py*s +
     px filling the output pixels (y*s + py, x*s + px)."""
@@ -412,16 +469,16 @@ def _ddf_up_forward(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
     if out.numel() and not _skip_launch(x, cf, sf):
         phases = out.view(B, C, H, scale, W, scale)
         for p in range(scale * scale):
-            _launch_forward(x, cf[p], sf[p],
-                            phases[:, :, :, p // scale, :, p % scale],
-                            kernel_size, dilation, 1, add, head)
+            _launch_forward(x, cf[p], sf[p], phases[:, :, :, p // scale, :,
+                                                    p % scale], kernel_size,
+                            dilation, 1, add, head)
     return out
 
 
 def _ddf_up_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
                      kernel_size: int, dilation: int, add: bool, head: int,
-                     scale: int, needs: List[bool]
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+                     scale: int,
+                     needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """``mmdyn::ddf_up_triton_backward``: the gradients of
     :func:`_ddf_up_forward` wrt (x, cf, sf) that ``needs`` asks for; the
     input gradient is summed over the phases in a float32 buffer."""
@@ -434,10 +491,20 @@ def _ddf_up_backward(grad_out: Tensor, x: Tensor, cf: Tensor, sf: Tensor,
     if x.numel() and not _skip_launch(grad_out, x, cf, sf):
         phases = grad_out.view(B, C, H, scale, W, scale)
         for p in range(scale * scale):
-            _launch_backward(phases[:, :, :, p // scale, :, p % scale], x,
-                             cf[p], sf[p], gx, gcf[p] if needs[1] else None,
-                             gsf[p] if needs[2] else None, kernel_size,
-                             dilation, 1, add, head, accumulate=True)
+            _launch_backward(
+                phases[:, :, :, p // scale, :, p % scale],
+                x,
+                cf[p],
+                sf[p],
+                gx,
+                gcf[p] if needs[1] else None,
+                gsf[p] if needs[2] else None,
+                kernel_size,
+                dilation,
+                1,
+                add,
+                head,
+                accumulate=True)
     gx = gx.to(x.dtype) if needs[0] else x.new_empty(0)
     return gx, gcf, gsf
 
@@ -454,8 +521,8 @@ def _setup_context(ctx, inputs, output):
 def _ddf_autograd(ctx, grad_out):
     x, cf, sf = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:3])
-    grads = torch.ops.mmdyn.ddf_triton_backward(grad_out, x, cf, sf,
-                                                *ctx.conf, needs)
+    grads = torch.ops.mmdyn.ddf_triton_backward(grad_out, x, cf, sf, *ctx.conf,
+                                                needs)
     return (*map(_grad_or_none, grads, needs), *[None] * len(ctx.conf))
 
 
@@ -468,12 +535,15 @@ def _ddf_up_autograd(ctx, grad_out):
 
 
 def _keep_opaque_when_interpreting(op) -> None:
-    """Under the interpreter the kernels cannot be traced into a graph
-    (they need real data): there the compiled graph keeps the operator
-    itself instead of its decomposition into kernel launches. (``wrap_triton``
+    """Under the interpreter the kernels cannot be traced into a graph (they
+    need real data): there the compiled graph keeps the operator itself instead
+    of its decomposition into kernel launches.
+
+    (``wrap_triton``
     hands interpreted kernels back unwrapped, which then see functional
     tensors that the interpreter cannot read: the decomposition runs on
-    CUDA only, see ``tests/test_ops/test_cuda_ops.py``.)"""
+    CUDA only, see ``tests/test_ops/test_cuda_ops.py``.)
+    """
     from torch._subclasses.functional_tensor import FunctionalTensorMode
     decompose = op._torch_dispatch_fns[FunctionalTensorMode]
 
@@ -517,12 +587,12 @@ def ddf(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int, dilation: int,
     """
     if not torch.compiler.is_compiling():  # else when the op is traced
         check_inputs(x, cf, sf)
-    return torch.ops.mmdyn.ddf_triton_forward(x, cf, sf, kernel_size,
-                                              dilation, stride, add, head)
+    return torch.ops.mmdyn.ddf_triton_forward(x, cf, sf, kernel_size, dilation,
+                                              stride, add, head)
 
 
-def ddf_up(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int,
-           dilation: int, add: bool, head: int, scale: int) -> Tensor:
+def ddf_up(x: Tensor, cf: Tensor, sf: Tensor, kernel_size: int, dilation: int,
+           add: bool, head: int, scale: int) -> Tensor:
     """DDF-Up's s*s stride-1 phase DDFs into one [B, C, s*H, s*W] output.
 
     ``cf`` [s*s, B, C, k*k] and ``sf`` [s*s, B, head*k*k, H, W] hold the

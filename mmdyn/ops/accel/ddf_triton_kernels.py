@@ -64,13 +64,13 @@ def _tuned(kernel):
     # 25 + 100 ms: the configurations differ by far more than that resolves.
     quick = {}
     if 'do_bench' in inspect.signature(triton.autotune).parameters:
-        quick['do_bench'] = functools.partial(triton.testing.do_bench,
-                                              warmup=5, rep=20)
+        quick['do_bench'] = functools.partial(
+            triton.testing.do_bench, warmup=5, rep=20)
     return triton.autotune(
-        configs=[
-            triton.Config({'MULT': m}, num_warps=w) for m, w in CONFIGS
-        ],
-        key=TUNING_KEY, **quick)(kernel)
+        configs=[triton.Config({'MULT': m}, num_warps=w) for m, w in CONFIGS],
+        key=TUNING_KEY,
+        **quick)(
+            kernel)
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def _tile(TILES):
 @triton.jit
 def _tap_grid(t, oy, ox, K: tl.constexpr, STRIDE: tl.constexpr,
               DIL: tl.constexpr):
-    """Input rows/columns [taps, pixels] the taps t read for outputs
-    (oy, ox)."""
+    """Input rows/columns [taps, pixels] the taps t read for outputs (oy,
+    ox)."""
     R = (K - 1) // 2
     iy = oy[None, :] * STRIDE + (t[:, None] // K - R) * DIL
     ix = ox[None, :] * STRIDE + (t[:, None] % K - R) * DIL
@@ -99,12 +99,11 @@ def _tap_grid(t, oy, ox, K: tl.constexpr, STRIDE: tl.constexpr,
 
 @_jit('sxb', 'sxc', 'sxh', 'scb', 'scc', 'ssb', 'ssc', 'ssh', 'sob', 'soc',
       'soh')
-def forward_kernel(x_ptr, cf_ptr, sf_ptr, out_ptr, C, H, W, Ho, Wo, CG,
-                   PLANES, SIZE_CLASS, sxb, sxc, sxh, sxw, scb, scc, sct,
-                   ssb, ssc, ssh, ssw, sob, soc, soh, sow, K: tl.constexpr,
-                   STRIDE: tl.constexpr, DIL: tl.constexpr,
-                   ADD: tl.constexpr, KKP: tl.constexpr,
-                   BASE: tl.constexpr, MULT: tl.constexpr):
+def forward_kernel(x_ptr, cf_ptr, sf_ptr, out_ptr, C, H, W, Ho, Wo, CG, PLANES,
+                   SIZE_CLASS, sxb, sxc, sxh, sxw, scb, scc, sct, ssb, ssc,
+                   ssh, ssw, sob, soc, soh, sow, K: tl.constexpr,
+                   STRIDE: tl.constexpr, DIL: tl.constexpr, ADD: tl.constexpr,
+                   KKP: tl.constexpr, BASE: tl.constexpr, MULT: tl.constexpr):
     """Program: one (sample, channel) plane, BASE*MULT output pixels."""
     BLOCK: tl.constexpr = BASE * MULT
     nb = (Ho * Wo + BLOCK - 1) // BLOCK
@@ -122,20 +121,26 @@ def forward_kernel(x_ptr, cf_ptr, sf_ptr, out_ptr, C, H, W, Ho, Wo, CG,
     iy, ix = _tap_grid(t, oy, ox, K, STRIDE, DIL)
     m2 = tm[:, None] & pm[None, :]
     inside = m2 & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-    xv = tl.load(x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw,
-                 mask=inside, other=0.).to(tl.float32)
-    sv = tl.load(sf_ptr + b * ssb + (h * K * K + t[:, None]) * ssc +
-                 oy[None, :] * ssh + ox[None, :] * ssw, mask=m2,
-                 other=0.).to(tl.float32)
-    cv = tl.load(cf_ptr + b * scb + c * scc + t * sct, mask=tm & valid,
-                 other=0.).to(tl.float32)
+    xv = tl.load(
+        x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw, mask=inside,
+        other=0.).to(tl.float32)
+    sv = tl.load(
+        sf_ptr + b * ssb + (h * K * K + t[:, None]) * ssc + oy[None, :] * ssh +
+        ox[None, :] * ssw,
+        mask=m2,
+        other=0.).to(tl.float32)
+    cv = tl.load(
+        cf_ptr + b * scb + c * scc + t * sct, mask=tm & valid,
+        other=0.).to(tl.float32)
     if ADD:
         filt = cv[:, None] + sv
     else:
         filt = cv[:, None] * sv
     acc = _sum(xv * filt, 0)
-    tl.store(out_ptr + b * sob + c * soc + oy * soh + ox * sow,
-             acc.to(out_ptr.dtype.element_ty), mask=pm)
+    tl.store(
+        out_ptr + b * sob + c * soc + oy * soh + ox * sow,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=pm)
 
 
 @_jit('sgb', 'sgc', 'sgh', 'scb', 'scc', 'ssb', 'ssc', 'ssh')
@@ -169,12 +174,17 @@ def grad_input_kernel(go_ptr, cf_ptr, sf_ptr, gx_ptr, C, H, W, Ho, Wo, CG,
     ox = nx // STRIDE
     hit = tm[:, None] & qm[None, :] & (ny >= 0) & (nx >= 0) & \
         (ny % STRIDE == 0) & (nx % STRIDE == 0) & (oy < Ho) & (ox < Wo)
-    gv = tl.load(go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw,
-                 mask=hit, other=0.).to(tl.float32)
-    sv = tl.load(sf_ptr + b * ssb + (h * K * K + t[:, None]) * ssc +
-                 oy * ssh + ox * ssw, mask=hit, other=0.).to(tl.float32)
-    cv = tl.load(cf_ptr + b * scb + c * scc + t * sct, mask=tm & valid,
-                 other=0.).to(tl.float32)
+    gv = tl.load(
+        go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw, mask=hit,
+        other=0.).to(tl.float32)
+    sv = tl.load(
+        sf_ptr + b * ssb + (h * K * K + t[:, None]) * ssc + oy * ssh +
+        ox * ssw,
+        mask=hit,
+        other=0.).to(tl.float32)
+    cv = tl.load(
+        cf_ptr + b * scb + c * scc + t * sct, mask=tm & valid,
+        other=0.).to(tl.float32)
     if ADD:
         filt = cv[:, None] + sv
     else:
@@ -186,15 +196,24 @@ def grad_input_kernel(go_ptr, cf_ptr, sf_ptr, gx_ptr, C, H, W, Ho, Wo, CG,
     tl.store(dst, acc.to(gx_ptr.dtype.element_ty), mask=qm)
 
 
-@_jit('sgb', 'sgc', 'sgh', 'sxb', 'sxc', 'sxh', 'ssb', 'ssc', 'ssh',
-      extra=['CHUNK', 'NCHUNK'])
-def grad_channel_filter_kernel(go_ptr, x_ptr, sf_ptr, dst_ptr, C, H, W, Ho,
-                               Wo, CG, PLANES, SIZE_CLASS, CHUNK, NCHUNK,
-                               sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, ssb,
-                               ssc, ssh, ssw, K: tl.constexpr,
-                               STRIDE: tl.constexpr, DIL: tl.constexpr,
-                               ADD: tl.constexpr, KKP: tl.constexpr,
-                               BASE: tl.constexpr, MULT: tl.constexpr):
+@_jit(
+    'sgb',
+    'sgc',
+    'sgh',
+    'sxb',
+    'sxc',
+    'sxh',
+    'ssb',
+    'ssc',
+    'ssh',
+    extra=['CHUNK', 'NCHUNK'])
+def grad_channel_filter_kernel(go_ptr, x_ptr, sf_ptr, dst_ptr, C, H, W, Ho, Wo,
+                               CG, PLANES, SIZE_CLASS, CHUNK, NCHUNK, sgb, sgc,
+                               sgh, sgw, sxb, sxc, sxh, sxw, ssb, ssc, ssh,
+                               ssw, K: tl.constexpr, STRIDE: tl.constexpr,
+                               DIL: tl.constexpr, ADD: tl.constexpr,
+                               KKP: tl.constexpr, BASE: tl.constexpr,
+                               MULT: tl.constexpr):
     """Program: one (sample, channel) plane and one chunk of CHUNK output
     pixels; stores the chunk's sum [k*k] at dst[plane, chunk] (a
     [B*C, NCHUNK, k*k] buffer summed by the host, or the gradient itself
@@ -218,27 +237,42 @@ def grad_channel_filter_kernel(go_ptr, x_ptr, sf_ptr, dst_ptr, C, H, W, Ho,
         iy, ix = _tap_grid(t, oy, ox, K, STRIDE, DIL)
         m2 = tm[:, None] & pm[None, :]
         inside = m2 & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        xv = tl.load(x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw,
-                     mask=inside, other=0.).to(tl.float32)
-        gv = tl.load(go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw,
-                     mask=pm, other=0.).to(tl.float32)
+        xv = tl.load(
+            x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw,
+            mask=inside,
+            other=0.).to(tl.float32)
+        gv = tl.load(
+            go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw,
+            mask=pm,
+            other=0.).to(tl.float32)
         prod = xv * gv[None, :]
         if not ADD:
             prod *= tl.load(
                 sf_ptr + b * ssb + (h * K * K + t[:, None]) * ssc +
-                oy[None, :] * ssh + ox[None, :] * ssw, mask=m2,
+                oy[None, :] * ssh + ox[None, :] * ssw,
+                mask=m2,
                 other=0.).to(tl.float32)
         acc += prod
-    tl.store(dst_ptr + tile * K * K + t,
-             _sum(acc, 1).to(dst_ptr.dtype.element_ty), mask=tm & valid)
+    tl.store(
+        dst_ptr + tile * K * K + t,
+        _sum(acc, 1).to(dst_ptr.dtype.element_ty),
+        mask=tm & valid)
 
 
-@_jit('sgb', 'sgc', 'sgh', 'sxb', 'sxc', 'sxh', 'scb', 'scc',
-      extra=['HEAD', 'NSPLIT'])
-def grad_spatial_filter_kernel(go_ptr, x_ptr, cf_ptr, dst_ptr, HEAD, H, W,
-                               Ho, Wo, CG, PLANES, SIZE_CLASS, NSPLIT, sgb,
-                               sgc, sgh, sgw, sxb, sxc, sxh, sxw, scb, scc,
-                               sct, K: tl.constexpr, STRIDE: tl.constexpr,
+@_jit(
+    'sgb',
+    'sgc',
+    'sgh',
+    'sxb',
+    'sxc',
+    'sxh',
+    'scb',
+    'scc',
+    extra=['HEAD', 'NSPLIT'])
+def grad_spatial_filter_kernel(go_ptr, x_ptr, cf_ptr, dst_ptr, HEAD, H, W, Ho,
+                               Wo, CG, PLANES, SIZE_CLASS, NSPLIT, sgb, sgc,
+                               sgh, sgw, sxb, sxc, sxh, sxw, scb, scc, sct,
+                               K: tl.constexpr, STRIDE: tl.constexpr,
                                DIL: tl.constexpr, ADD: tl.constexpr,
                                KKP: tl.constexpr, BASE: tl.constexpr,
                                MULT: tl.constexpr):
@@ -257,8 +291,7 @@ def grad_spatial_filter_kernel(go_ptr, x_ptr, cf_ptr, dst_ptr, HEAD, H, W,
     h = bh % HEAD
     per = (CG + NSPLIT - 1) // NSPLIT
     first = h * CG + split * per
-    last = tl.where(valid, h * CG + tl.minimum(CG, split * per + per),
-                    first)
+    last = tl.where(valid, h * CG + tl.minimum(CG, split * per + per), first)
     p = (tile % nb) * BLOCK + tl.arange(0, BLOCK)
     pm = (p < Ho * Wo) & valid
     oy = p // Wo
@@ -270,17 +303,24 @@ def grad_spatial_filter_kernel(go_ptr, x_ptr, cf_ptr, dst_ptr, HEAD, H, W,
     inside = m2 & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     acc = tl.full((KKP, BLOCK), 0., tl.float32)
     for c in range(first, last):
-        xv = tl.load(x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw,
-                     mask=inside, other=0.).to(tl.float32)
-        gv = tl.load(go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw,
-                     mask=pm, other=0.).to(tl.float32)
+        xv = tl.load(
+            x_ptr + b * sxb + c * sxc + iy * sxh + ix * sxw,
+            mask=inside,
+            other=0.).to(tl.float32)
+        gv = tl.load(
+            go_ptr + b * sgb + c * sgc + oy * sgh + ox * sgw,
+            mask=pm,
+            other=0.).to(tl.float32)
         prod = xv * gv[None, :]
         if not ADD:
-            prod *= tl.load(cf_ptr + b * scb + c * scc + t * sct,
-                            mask=tm, other=0.).to(tl.float32)[:, None]
+            prod *= tl.load(
+                cf_ptr + b * scb + c * scc + t * sct, mask=tm,
+                other=0.).to(tl.float32)[:, None]
         acc += prod
-    tl.store(dst_ptr + (plane * K * K + t[:, None]) * Ho * Wo + p[None, :],
-             acc.to(dst_ptr.dtype.element_ty), mask=m2)
+    tl.store(
+        dst_ptr + (plane * K * K + t[:, None]) * Ho * Wo + p[None, :],
+        acc.to(dst_ptr.dtype.element_ty),
+        mask=m2)
 
 
 forward_tuned = _tuned(forward_kernel)

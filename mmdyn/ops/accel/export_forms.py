@@ -47,17 +47,16 @@ Pair = Tuple[int, int]
 
 
 def exporting() -> bool:
-    """Whether the forward is being exported or traced into a graph that
-    must hold for any batch size (ONNX export, ``torch.export``,
-    TorchScript, ``torch.fx``), not compiled to run in this process by
-    ``torch.compile``."""
+    """Whether the forward is being exported or traced into a graph that must
+    hold for any batch size (ONNX export, ``torch.export``, TorchScript,
+    ``torch.fx``), not compiled to run in this process by ``torch.compile``."""
     return graph_capture() and not compiling()
 
 
 def _one_hot_weight(channels: int, kernel_size: Pair,
                     like: torch.Tensor) -> torch.Tensor:
-    """[C*kh*kw, 1, kh, kw]: output ``c*kh*kw + p`` of group ``c`` picks
-    kernel position ``p``."""
+    """[C*kh*kw, 1, kh, kw]: output ``c*kh*kw + p`` of group ``c`` picks kernel
+    position ``p``."""
     kh, kw = kernel_size
     eye = torch.eye(kh * kw, dtype=like.dtype, device=like.device)
     return eye.view(kh * kw, 1, kh, kw).repeat(channels, 1, 1, 1)
@@ -67,8 +66,8 @@ def im2col(x: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
            dilation: Pair) -> torch.Tensor:
     """The im2col columns of ``x`` [B, C, H, W]: [B, C*kh*kw, H', W'] in
     ``F.unfold``'s order (channel, then kernel position), by one grouped
-    ``Conv`` with one-hot weights; a 1x1 kernel is the (padded, strided)
-    input itself."""
+    ``Conv`` with one-hot weights; a 1x1 kernel is the (padded, strided) input
+    itself."""
     if tuple(kernel_size) == (1, 1):
         if tuple(padding) != (0, 0):
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
@@ -88,8 +87,8 @@ def per_sample_conv(x: torch.Tensor,
                     dilation: Pair,
                     groups: int = 1) -> torch.Tensor:
     """``conv(x[b], weight[b])`` (``weight`` [B, C_out, C_in/g, kh, kw],
-    ``bias`` [B, C_out], [C_out] or None): :func:`im2col`, then one
-    batched ``MatMul``."""
+    ``bias`` [B, C_out], [C_out] or None): :func:`im2col`, then one batched
+    ``MatMul``."""
     c_out, c_in_g, kh, kw = (int(v) for v in weight.shape[1:])
     cols = im2col(x, (kh, kw), stride, padding, dilation)
     h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
@@ -151,13 +150,12 @@ def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
         weight = layer.weight.reshape(layer.out_channels, -1, 1, 1)
         out = F.conv2d(cols, weight.to(cols.dtype), None, 1, 0, 1,
                        layer.groups)
-        return layer.filter_and_bias(out.view(-1, layer.out_channels, h_out,
-                                              w_out), filt)
+        return layer.filter_and_bias(
+            out.view(-1, layer.out_channels, h_out, w_out), filt)
     if odconv_folds(layer, x):
         weight = folded_weight(layer, channel, filt, spatial, kernel)
-        return per_sample_conv(x, weight.to(x.dtype), layer.bias,
-                               layer.stride, layer.padding, layer.dilation,
-                               layer.groups)
+        return per_sample_conv(x, weight.to(x.dtype), layer.bias, layer.stride,
+                               layer.padding, layer.dilation, layer.groups)
     weight = layer.aggregate_weight(spatial, kernel)
     x = x * channel[:, :, None, None].to(x.dtype)
     out = per_sample_conv(x, weight.to(x.dtype), None, layer.stride,
@@ -167,10 +165,12 @@ def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
 
 def mixture_stacks_kernels(layer, x: torch.Tensor) -> bool:
     """CondConv/DyConv: whether the export form convolves with all ``K``
+
     kernels (one static ``Conv``) and mixes the outputs, rather than
     building per-sample kernels: on small maps, ``(K - 1) * H' * W' <=``
     :data:`THRESHOLDS` ``['mixture']['conv_then_mix_max_work']``, where the
-    extra conv FLOPs cost less than im2col and a batched ``MatMul``."""
+    extra conv FLOPs cost less than im2col and a batched ``MatMul``.
+    """
     h_out, w_out = layer.output_hw(int(x.shape[2]), int(x.shape[3]))
     return (layer.kernel_num - 1) * h_out * w_out <= \
         THRESHOLDS['mixture']['conv_then_mix_max_work']
@@ -179,9 +179,11 @@ def mixture_stacks_kernels(layer, x: torch.Tensor) -> bool:
 def mixture(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """CondConv/DyConv (routing weights ``pi`` [B, K]): on small maps
     (:func:`mixture_stacks_kernels`) one static ``Conv`` with ``K * C_out``
+
     outputs, mixed by a batched ``MatMul`` with ``pi``; otherwise the
     per-sample kernels ``pi @ W`` by :func:`per_sample_conv`. Then the
-    mixed bias."""
+    mixed bias.
+    """
     bias = pi @ layer.bias if layer.bias is not None else None
     if not mixture_stacks_kernels(layer, x):
         weight = pi @ layer.weight.flatten(1)
@@ -194,8 +196,9 @@ def mixture(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     # stacked conv sees its own input channels.
     bank = layer.weight.reshape(num, groups, c_out_g,
                                 *layer.weight.shape[2:]).transpose(0, 1)
-    out = F.conv2d(x, bank.reshape(-1, *layer.weight.shape[2:]).to(x.dtype),
-                   None, layer.stride, layer.padding, layer.dilation, groups)
+    out = F.conv2d(x,
+                   bank.reshape(-1, *layer.weight.shape[2:]).to(x.dtype), None,
+                   layer.stride, layer.padding, layer.dilation, groups)
     h_out, w_out = int(out.shape[2]), int(out.shape[3])
     out = torch.matmul(
         pi.to(out.dtype).reshape(-1, 1, 1, num),
@@ -207,10 +210,10 @@ def mixture(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
 
 
 def kw_position_major(layer, x: torch.Tensor) -> bool:
-    """KernelWarehouse, whole-position cells: whether the export form
-    convolves from the position-major mixtures (deep layers: one sample's
-    kernel larger than its im2col columns, which are transposed) rather
-    than building kernels in the conv layout."""
+    """KernelWarehouse, whole-position cells: whether the export form convolves
+    from the position-major mixtures (deep layers: one sample's kernel larger
+    than its im2col columns, which are transposed) rather than building kernels
+    in the conv layout."""
     h_out, w_out = layer.output_hw(int(x.shape[2]), int(x.shape[3]))
     columns = layer.in_channels * layer.kernel_size[0] * \
         layer.kernel_size[1] * h_out * w_out
@@ -218,17 +221,17 @@ def kw_position_major(layer, x: torch.Tensor) -> bool:
 
 
 def _kw_position_major(layer, x, attention, cells) -> torch.Tensor:
-    """``sum_p mixtures[:, p] @ columns[:, p]``, mixtures [B, k*k, C_out,
-    C_in] (no kernel layout), with the layer's bias."""
+    """``sum_p mixtures[:, p] @ columns[:, p]``, mixtures [B, k*k, C_out, C_in]
+    (no kernel layout), with the layer's bias."""
     positions = layer.kernel_size[0] * layer.kernel_size[1]
     cols = im2col(x, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation)
     h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
     cols = cols.reshape(-1, layer.in_channels, positions,
                         h_out * w_out).transpose(1, 2)
-    mixtures = torch.matmul(attention, cells).view(-1, positions,
-                                                   layer.out_channels,
-                                                   layer.in_channels)
+    mixtures = torch.matmul(attention,
+                            cells).view(-1, positions, layer.out_channels,
+                                        layer.in_channels)
     out = torch.matmul(mixtures.to(cols.dtype), cols).sum(1)
     out = out.reshape(-1, layer.out_channels, h_out, w_out)
     if layer.bias is not None:
@@ -238,10 +241,10 @@ def _kw_position_major(layer, x, attention, cells) -> torch.Tensor:
 
 def kernel_warehouse(layer, x: torch.Tensor,
                      attention: torch.Tensor) -> torch.Tensor:
-    """KernelWarehouse (attentions [B, m, n], mixture ``m = (s, o, i)``:
-    kernel position, output block, input block): the conv from the
-    mixtures with no transposition of the per-sample kernels (a
-    ``Transpose`` of every sample's kernel is most of the time otherwise).
+    """KernelWarehouse (attentions [B, m, n], mixture ``m = (s, o, i)``: kernel
+    position, output block, input block): the conv from the mixtures with no
+    transposition of the per-sample kernels (a ``Transpose`` of every sample's
+    kernel is most of the time otherwise).
 
     * Whole-position cells (one output and one input block), deep layers
       (:func:`kw_position_major`): the mixtures [B, k*k, C_out, C_in] (one
@@ -262,8 +265,8 @@ def kernel_warehouse(layer, x: torch.Tensor,
         x = im2col(x, (1, 1), layer.stride, layer.padding, (1, 1))
         h_out, w_out = int(x.shape[2]), int(x.shape[3])
         mixtures = torch.matmul(attention, cells).view(-1, g_o, g_i, c_o, c_i)
-        out = torch.matmul(mixtures.to(x.dtype),
-                           x.reshape(-1, 1, g_i, c_i, h_out * w_out))
+        out = torch.matmul(
+            mixtures.to(x.dtype), x.reshape(-1, 1, g_i, c_i, h_out * w_out))
         out = out.sum(2) if g_i > 1 else out.squeeze(2)
         out = out.reshape(-1, layer.out_channels, h_out, w_out)
         if layer.bias is not None:
@@ -282,14 +285,15 @@ def kernel_warehouse(layer, x: torch.Tensor,
 
 
 def ddf(x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor, kernel_size: int,
-        dilation: int, stride: int, add: bool,
-        out_hw: Pair) -> torch.Tensor:
+        dilation: int, stride: int, add: bool, out_hw: Pair) -> torch.Tensor:
     """DDF (one head; ``cf`` [B, C, k*k], ``sf`` [B, k*k, Ho, Wo]):
+
     :func:`im2col` of the input, padded as the reference pads it
     ([B, C, k*k, Ho*Wo]); ``mul``: the columns times the spatial filter,
     then the channel filter as a batched ``MatMul`` ([B, C, 1, k*k] @
     [B, C, k*k, Ho*Wo]); ``add``: the columns times the spatial filter
-    summed over the taps, plus the channel filter's ``MatMul``."""
+    summed over the taps, plus the channel filter's ``MatMul``.
+    """
     B, C, H, W = (int(v) for v in x.shape)
     Ho, Wo = int(out_hw[0]), int(out_hw[1])
     k, kk = kernel_size, kernel_size * kernel_size
@@ -317,11 +321,10 @@ def ddf(x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor, kernel_size: int,
 
 
 def interleave_phases(phases, scale: int) -> torch.Tensor:
-    """DDF-Up's ``scale**2`` phase outputs [B, C, H, W] (phase ``py*s +
-    px``) as the [B, C, s*H, s*W] map whose pixel (y*s + py, x*s + px) is
-    phase (py, px)'s (y, x): one ``Transpose`` (index assignments export
-    as ``ScatterND`` chains)."""
+    """DDF-Up's ``scale**2`` phase outputs [B, C, H, W] (phase ``py*s + px``)
+    as the [B, C, s*H, s*W] map whose pixel (y*s + py, x*s + px) is phase (py,
+    px)'s (y, x): one ``Transpose`` (index assignments export as ``ScatterND``
+    chains)."""
     C, H, W = (int(v) for v in phases[0].shape[1:])
     out = torch.stack(phases, 2).reshape(-1, C, scale, scale, H, W)
-    return out.permute(0, 1, 4, 2, 5, 3).reshape(-1, C, scale * H,
-                                                 scale * W)
+    return out.permute(0, 1, 4, 2, 5, 3).reshape(-1, C, scale * H, scale * W)

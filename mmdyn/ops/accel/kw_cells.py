@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""KernelWarehouse's CPU path: the fused cell product (a C loop built on
-first use), the packed cells, the mixture layouts and the fast convs.
+"""KernelWarehouse's CPU path: the fused cell product (a C loop built on first
+use), the packed cells, the mixture layouts and the fast convs.
 
 A KW layer's kernels are ``attention @ cells``: ``[B * m, n] x [n,
 cell_size]`` with a few dozen rows, a hundred-odd inner dimension and up to
@@ -33,11 +33,11 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from .. import switches
+from ..capture import graph_capture
+from ..switches import accel_enabled
 from .c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
                         ptr)
-from ..capture import graph_capture
-from .. import switches
-from ..switches import accel_enabled
 from .chunked import kernel_workspace
 
 #: Columns per packed strip (the width of the C tile).
@@ -47,9 +47,12 @@ STRIP = 24
 class Scatter(NamedTuple):
     """Where the rows and columns of a product go in ``out`` (flat): row r
     starts at ``row_starts[r]`` and column j lands ``(j // segment) *
-    segment_stride + j % segment`` after it. KernelWarehouse uses it to
+    segment_stride + j % segment`` after it.
+
+    KernelWarehouse uses it to
     write a ``[c_o, c_i]`` cell mixture into its block of a ``[C_out,
-    C_in]`` kernel (``segment = c_i``, ``segment_stride = C_in``)."""
+    C_in]`` kernel (``segment = c_i``, ``segment_stride = C_in``).
+    """
     row_starts: torch.Tensor
     segment: int
     segment_stride: int
@@ -69,14 +72,14 @@ _LIBRARY = CLibrary('kernel_warehouse_cpu', CSourceFile('kernel_warehouse.c'),
 
 
 def load() -> Optional[ctypes.CDLL]:
-    """The compiled loop; None when unavailable (no compiler, a failed
-    build, or ``MMDYN_KW_CPU_KERNEL=0``)."""
+    """The compiled loop; None when unavailable (no compiler, a failed build,
+    or ``MMDYN_KW_CPU_KERNEL=0``)."""
     return _LIBRARY.load()
 
 
 def _largest_offset(n: int, segment: int, stride: int) -> int:
-    """Largest ``(j // segment) * stride + j % segment`` over j < n: the
-    last column, or the last of the segment before it."""
+    """Largest ``(j // segment) * stride + j % segment`` over j < n: the last
+    column, or the last of the segment before it."""
     offset = (n - 1) // segment * stride + (n - 1) % segment
     if n > segment:
         j = (n - 1) // segment * segment - 1
@@ -86,10 +89,13 @@ def _largest_offset(n: int, segment: int, stride: int) -> int:
 
 def pack_columns(b: torch.Tensor) -> torch.Tensor:
     """``b`` [K, N] cut into zero-padded strips of :data:`STRIP` columns,
-    ``[ceil(N / STRIP), K, STRIP]``: the layout the C loop reads. Passing it
+    ``[ceil(N / STRIP), K, STRIP]``: the layout the C loop reads.
+
+    Passing it
     as ``packed_b`` saves :func:`small_rows_matmul` cutting ``b`` on every
     call (reading ``b`` with a stride of N costs about 14 % of the product
-    at ResNet-50's shapes)."""
+    at ResNet-50's shapes).
+    """
     lib = _LIBRARY.require()
     check_float32_cpu('small_rows_matmul', b)
     if b.dim() != 2:
@@ -200,9 +206,9 @@ PACKED_CELLS_SWITCH = switches.KW_PACKED_CELLS
 
 
 class PackedCells:
-    """The warehouses of a :class:`~mmdyn.ops.WarehouseManager` cut into
-    the column strips of :func:`pack_columns`, built on first use in
-    float32 CPU inference and kept until the cells change.
+    """The warehouses of a :class:`~mmdyn.ops.WarehouseManager` cut into the
+    column strips of :func:`pack_columns`, built on first use in float32 CPU
+    inference and kept until the cells change.
 
     Every KW layer of a warehouse reads all of its cells; without this copy
     each of them re-cuts the warehouse (read with a stride of a cell row, a
@@ -227,8 +233,8 @@ class PackedCells:
 
     def get(self, index: int, cells: torch.Tensor,
             training: bool) -> Optional[torch.Tensor]:
-        """The strips of warehouse ``index`` (``cells``); None when
-        switched off or not in float32 CPU inference."""
+        """The strips of warehouse ``index`` (``cells``); None when switched
+        off or not in float32 CPU inference."""
         if not accel_enabled(PACKED_CELLS_SWITCH) or training or \
                 torch.is_grad_enabled() or graph_capture() or \
                 cells.device.type != 'cpu' or cells.dtype != torch.float32:
@@ -278,9 +284,11 @@ def mixture_shape(batch: int, kw_layout: Tuple[int, ...],
 
 def mixture_scatter(batch: int, kw_layout: Tuple[int, ...],
                     layout: str) -> Scatter:
-    """Where mixture (b, s, o, i) starts in the 'position_major' or
-    'output_major' layout; its rows of c_i columns are C_in apart, or
-    g_s * C_in."""
+    """Where mixture (b, s, o, i) starts in the 'position_major' or.
+
+    'output_major' layout; its rows of c_i columns are C_in apart, or g_s *
+    C_in.
+    """
     g_s, g_o, g_i, c_o, c_i = kw_layout
     sample, position, block_out, block_in = torch.meshgrid(
         *(torch.arange(n, device='cpu') for n in (batch, g_s, g_o, g_i)),
@@ -295,11 +303,10 @@ def mixture_scatter(batch: int, kw_layout: Tuple[int, ...],
     return Scatter(starts.flatten(), c_i, g_s * c_in)
 
 
-def mix_cells(
-        attention: torch.Tensor, cells: torch.Tensor,
-        kw_layout: Tuple[int, ...], layout: str, reuse_buffer: bool,
-        packed: Callable[[], Optional[torch.Tensor]],
-        c_loop: bool) -> Tuple[torch.Tensor, str]:
+def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
+              kw_layout: Tuple[int, ...], layout: str, reuse_buffer: bool,
+              packed: Callable[[], Optional[torch.Tensor]],
+              c_loop: bool) -> Tuple[torch.Tensor, str]:
     """The mixtures ``attention`` [B, m, n] @ ``cells`` [n, c_o * c_i] in
     ``layout`` (see :meth:`~mmdyn.ops.KWConv2d.mix_cells`).
 

@@ -1,10 +1,10 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The accelerated paths of :class:`~mmdyn.ops.KWConv2d`: each computes
-the layer's ``forward_reference`` result another way (chosen by
+"""The accelerated paths of :class:`~mmdyn.ops.KWConv2d`: each computes the
+layer's ``forward_reference`` result another way (chosen by
 :mod:`mmdyn.ops.accel.paths`). Each function receives the layer and the
 attentions ``[B, m, n]`` of its input; the mixtures come from the layer's
-``mix_cells`` (:func:`~mmdyn.ops.accel.kw_cells.mix_cells`: the C cell
-product in float32 CPU inference, reused buffers).
+``mix_cells`` (:func:`~mmdyn.ops.accel.kw_cells.mix_cells`: the C cell product
+in float32 CPU inference, reused buffers).
 
 torch only.
 """
@@ -18,8 +18,8 @@ from .winograd import chunked_winograd_conv2d, winograd_block_conv2d
 
 
 def assembled_kernel(layer, attention: torch.Tensor) -> torch.Tensor:
-    """The per-sample kernels [B, *weight_shape] from the layer's
-    ``mix_cells`` (the accelerated product; the reference is the layer's
+    """The per-sample kernels [B, *weight_shape] from the layer's ``mix_cells``
+    (the accelerated product; the reference is the layer's
     ``assemble_kernel``)."""
     if layer._kw_layout[0] == 1:  # one position: no transposition
         kernel = layer.mix_cells(attention, layout='position_major')
@@ -44,15 +44,14 @@ def _add_bias(layer, out: torch.Tensor) -> torch.Tensor:
 
 
 def reference(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """The reference forward with the kernels of :func:`assembled_kernel`
-    (the same formulas, the mixture product accelerated)."""
+    """The reference forward with the kernels of :func:`assembled_kernel` (the
+    same formulas, the mixture product accelerated)."""
     return layer.reference_from_attention(x, attention,
                                           kernel_like(layer, attention, x))
 
 
 def chunked(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Kernels a chunk of samples at a time, then batch-1 convs
-    (inference)."""
+    """Kernels a chunk of samples at a time, then batch-1 convs (inference)."""
     out = chunked_per_sample_conv2d(
         x, lambda start, stop, _: assembled_kernel(layer, attention[
             start:stop]).flatten(1).to(x.dtype), layer.weight_shape, None,
@@ -67,8 +66,8 @@ def winograd(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
 
 def winograd_fused(layer, x: torch.Tensor,
                    attention: torch.Tensor) -> torch.Tensor:
-    """Winograd F(2x2, 3x3), the C cell product writing the transformed
-    kernels (inference)."""
+    """Winograd F(2x2, 3x3), the C cell product writing the transformed kernels
+    (inference)."""
     return _add_bias(layer, winograd_conv(layer, x, attention, True))
 
 
@@ -181,10 +180,10 @@ def position_major_columns(x: torch.Tensor, conv, h_out: int,
 
 def pointwise_conv(layer, x: torch.Tensor,
                    kernel: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv with per-sample kernels [B, C_out, C_in, 1, 1] as one
-    batched matmul (with the layer's bias): faster than the grouped conv
-    for ResNet-50's 1x1 shapes on CPU, and its graph has no batch size
-    baked in (so it also serves export)."""
+    """A 1x1 conv with per-sample kernels [B, C_out, C_in, 1, 1] as one batched
+    matmul (with the layer's bias): faster than the grouped conv for
+    ResNet-50's 1x1 shapes on CPU, and its graph has no batch size baked in (so
+    it also serves export)."""
     if layer.stride != (1, 1):
         x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
     batch, channels, height, width = x.shape

@@ -1,9 +1,9 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """The accelerated paths of :class:`~mmdyn.ops.CondConv2d` and
-:class:`~mmdyn.ops.DyConv2d` (mixtures of ``K`` kernels): each computes
-the layer's ``forward_reference`` result another way (chosen by
-:mod:`mmdyn.ops.accel.paths`). Each function receives the layer and the
-routing weights ``pi`` [B, K] of its input.
+:class:`~mmdyn.ops.DyConv2d` (mixtures of ``K`` kernels): each computes the
+layer's ``forward_reference`` result another way (chosen by
+:mod:`mmdyn.ops.accel.paths`). Each function receives the layer and the routing
+weights ``pi`` [B, K] of its input.
 
 torch only.
 """
@@ -19,10 +19,12 @@ def _mixed_bias(layer, pi):
 
 
 def conv_then_mix(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
-    """``sum_k pi_k conv(x, W_k)``, which equals ``conv(x, sum_k pi_k
-    W_k)``: ``K`` static convs of the batch, no per-sample kernel. On CPU
-    with autograd the per-sample kernels (and their gradients) of layers
-    on small maps cost far more than their convolutions."""
+    """``sum_k pi_k conv(x, W_k)``, which equals ``conv(x, sum_k pi_k W_k)``:
+    ``K`` static convs of the batch, no per-sample kernel.
+
+    On CPU with autograd the per-sample kernels (and their gradients) of layers
+    on small maps cost far more than their convolutions.
+    """
     bias = _mixed_bias(layer, pi)
     groups, num = layer.groups, layer.kernel_num
     c_out_g = layer.out_channels // groups
@@ -51,8 +53,8 @@ def winograd(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
 
 
 def chunked(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
-    """Kernels built a chunk of samples at a time into the reused
-    workspace, then batch-1 convs (inference)."""
+    """Kernels built a chunk of samples at a time into the reused workspace,
+    then batch-1 convs (inference)."""
     bias = _mixed_bias(layer, pi)
     bank = layer.weight.flatten(1)
 

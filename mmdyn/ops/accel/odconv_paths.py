@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The accelerated paths of :class:`~mmdyn.ops.ODConv2d`: each computes
-the layer's ``forward_reference`` result another way (chosen by
+"""The accelerated paths of :class:`~mmdyn.ops.ODConv2d`: each computes the
+layer's ``forward_reference`` result another way (chosen by
 :mod:`mmdyn.ops.accel.paths`).
 
 * ``folded``: ``alpha_c``/``alpha_f`` folded into the per-sample kernel
@@ -47,8 +47,11 @@ def mix_kernels_into(kernel: Optional[torch.Tensor],
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P],
     written into ``out`` when given; ``kernel`` None means one kernel with
-    attention 1. No autograd: the forward of :class:`_MixKernels` and the
-    chunked per-sample kernels."""
+    attention 1.
+
+    No autograd: the forward of :class:`_MixKernels` and the
+    chunked per-sample kernels.
+    """
     batch, positions = spatial.shape
     repeat, rows = _repeat_positions(bank.shape[1] // positions)
     scale = spatial.repeat(1, repeat).unsqueeze(1)
@@ -99,17 +102,19 @@ class _MixKernels(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             repeat, rows = _repeat_positions(bank.shape[1] // positions)
             mixed = (kernel @ bank).view(batch, rows, positions * repeat)
-            grad_spatial = (grad.view_as(mixed) * mixed).sum(1).view(
-                batch, repeat, positions).sum(1)
+            grad_spatial = (grad.view_as(mixed) *
+                            mixed).sum(1).view(batch, repeat, positions).sum(1)
         return grad_kernel, grad_bank, grad_spatial
 
 
 def mix_kernels(kernel: torch.Tensor, bank: torch.Tensor,
                 spatial: torch.Tensor) -> torch.Tensor:
-    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P]
-    in the dtype of ``bank`` (autocast off), with the memory-lean backward
-    of :class:`_MixKernels`. Not for graph capture (the layer then mixes
-    with plain ops)."""
+    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P] in the
+    dtype of ``bank`` (autocast off), with the memory-lean backward of
+    :class:`_MixKernels`.
+
+    Not for graph capture (the layer then mixes with plain ops).
+    """
     dtype = bank.dtype
     kernel, spatial = kernel.to(dtype), spatial.to(dtype)
     with torch.autocast(bank.device.type, enabled=False):
@@ -117,8 +122,8 @@ def mix_kernels(kernel: torch.Tensor, bank: torch.Tensor,
 
 
 def channel_scale(layer, channel, filt, c_out, c_in_g):
-    """[B, C_out, C_in/g] product of the channel and filter attentions
-    laid out as the kernel's (output, input-in-group) dimensions."""
+    """[B, C_out, C_in/g] product of the channel and filter attentions laid out
+    as the kernel's (output, input-in-group) dimensions."""
     scale = None
     if channel is not None:
         groups = layer.groups
@@ -132,9 +137,9 @@ def channel_scale(layer, channel, filt, c_out, c_in_g):
 
 
 def folded_weight(layer, channel, filt, spatial, kernel) -> torch.Tensor:
-    """The per-sample kernel with ``channel`` [B, C_in] and ``filt`` [B,
-    C_out] folded into its input/output-channel dimensions (which equals
-    scaling the input and the output): [B, C_out, C_in/g, kh, kw]."""
+    """The per-sample kernel with ``channel`` [B, C_in] and ``filt`` [B, C_out]
+    folded into its input/output-channel dimensions (which equals scaling the
+    input and the output): [B, C_out, C_in/g, kh, kw]."""
     bank = layer.weight
     c_out, c_in_g = bank.shape[1:3]
     positions = bank.shape[3] * bank.shape[4]
@@ -156,8 +161,8 @@ def folded_weight(layer, channel, filt, spatial, kernel) -> torch.Tensor:
 
 
 def folded(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
-    """``alpha_c`` and ``alpha_f`` folded into the per-sample kernel, with
-    the layer's bias."""
+    """``alpha_c`` and ``alpha_f`` folded into the per-sample kernel, with the
+    layer's bias."""
     weight = folded_weight(layer, channel, filt, spatial, kernel)
     return layer.per_sample_conv(x, weight, layer.bias)
 
@@ -209,9 +214,9 @@ def _mix_chunk(layer, spatial, kernel, start: int, stop: int,
 
 
 def chunked(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
-    """Kernels built a chunk of samples at a time into the reused
-    workspace, then batch-1 convs of ``alpha_c * x`` (inference); then
-    ``alpha_f`` and the bias."""
+    """Kernels built a chunk of samples at a time into the reused workspace,
+    then batch-1 convs of ``alpha_c * x`` (inference); then ``alpha_f`` and the
+    bias."""
     x = x * channel[:, :, None, None]
     out = chunked_per_sample_conv2d(
         x, lambda start, stop, buffer: _mix_chunk(layer, spatial, kernel,
@@ -222,7 +227,7 @@ def chunked(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
 
 
 def reference(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
-    """The reference forward, its kernel mixture by :func:`mix_kernels`
-    (same values, a leaner backward) outside graph capture."""
+    """The reference forward, its kernel mixture by :func:`mix_kernels` (same
+    values, a leaner backward) outside graph capture."""
     return layer.reference_from_attentions(
         x, channel, filt, spatial, kernel, mix=mix_kernels)

@@ -72,10 +72,8 @@ import torch
 
 from ..capture import compiling, graph_capture
 from ..switches import accel_disabled
-from . import (ddf_cpu, ddf_triton, kw_cells, kw_paths, mixture_paths,
-               odconv_paths, winograd)
-from . import export_forms
-from . import recompute
+from . import (ddf_cpu, ddf_triton, export_forms, kw_cells, kw_paths,
+               mixture_paths, odconv_paths, recompute, winograd)
 from .thresholds import THRESHOLDS
 
 __all__ = [
@@ -126,11 +124,12 @@ def winograd_applies(x: torch.Tensor, conv) -> bool:
 
 def uses_winograd(x: torch.Tensor, conv) -> bool:
     """Whether ``impl='auto'`` sends ``x`` through the Winograd path:
-    :func:`winograd_applies` and, per :data:`THRESHOLDS` ``['winograd']``,
-    a batch of ``min_batch`` or more, ``min_channels`` input and output
-    channels and ``min_tiles`` 2x2 output tiles per sample.
+    :func:`winograd_applies` and, per :data:`THRESHOLDS` ``['winograd']``, a
+    batch of ``min_batch`` or more, ``min_channels`` input and output channels
+    and ``min_tiles`` 2x2 output tiles per sample.
 
-    ``conv`` has ``nn.Conv2d``'s attributes and ``impl``."""
+    ``conv`` has ``nn.Conv2d``'s attributes and ``impl``.
+    """
     limits = THRESHOLDS['winograd']
     if conv.impl != 'auto' or graph_capture() or \
             x.shape[0] < limits['min_batch']:
@@ -157,10 +156,10 @@ def uses_chunked_kernels(x: torch.Tensor,
                          out_hw: Tuple[int, int],
                          impl: str = 'auto') -> bool:
     """Whether ``impl='auto'`` builds the per-sample kernels in chunks
-    (:func:`~mmdyn.ops.accel.chunked.chunked_per_sample_conv2d`): CPU
-    inference of ``min_batch`` samples or more whose kernels have more than
-    ``kernel_to_maps`` times the elements of one sample's input and output
-    maps (:data:`THRESHOLDS` ``['chunked']``)."""
+    (:func:`~mmdyn.ops.accel.chunked.chunked_per_sample_conv2d`): CPU inference
+    of ``min_batch`` samples or more whose kernels have more than
+    ``kernel_to_maps`` times the elements of one sample's input and output maps
+    (:data:`THRESHOLDS` ``['chunked']``)."""
     limits = THRESHOLDS['chunked']
     if impl != 'auto' or x.device.type != 'cpu' or \
             not chunked_applies(x) or x.shape[0] < limits['min_batch']:
@@ -173,9 +172,11 @@ def uses_chunked_kernels(x: torch.Tensor,
 def uses_c_cell_product(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether KernelWarehouse's C cell product
     (:func:`~mmdyn.ops.accel.kw_cells.small_rows_matmul`) serves ``a @ b``:
+
     float32 CPU inference (no autograd, autocast or graph capture), a 2-D
     ``b`` of at least ``c_loop_min_columns`` columns (:data:`THRESHOLDS`
-    ``['kernel_warehouse']``), the loop available."""
+    ``['kernel_warehouse']``), the loop available.
+    """
     if a.device.type != 'cpu' or b.device.type != 'cpu' or \
             a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
@@ -209,9 +210,11 @@ def _one_kernel(layer) -> bool:
 
 
 def odconv_scaled_columns(layer, input_hw: Tuple[int, int]) -> bool:
-    """ODConv with one kernel (``groups=1``, larger than 1x1): whether the
+    """ODConv with one kernel (``groups=1``, larger than 1x1): whether the.
+
     scaled-columns GEMM pays, ``C_out >= scaled_columns_out_per_pixel *
-    H_out * W_out`` (deep layers)."""
+    H_out * W_out`` (deep layers).
+    """
     if not _one_kernel(layer):
         return False
     h_out, w_out = layer.output_hw(*input_hw)
@@ -447,7 +450,9 @@ DDF_PATHS = ('reference', 'fused', 'taps', 'triton')
 
 def _triton_supports(x: torch.Tensor) -> bool:
     """Whether the Triton kernels take ``x`` (:func:`~mmdyn.ops.accel.
-    ddf_triton.supports`; never with ``MMDYN_DISABLE_ACCEL``)."""
+
+    ddf_triton.supports`; never with ``MMDYN_DISABLE_ACCEL``).
+    """
     return not accel_disabled() and ddf_triton.supports(x)
 
 

@@ -66,8 +66,8 @@ def conv2d_recomputed_kernel(x: torch.Tensor,
                              padding: Pair = (0, 0),
                              dilation: Pair = (1, 1),
                              groups: int = 1) -> torch.Tensor:
-    """Convolve sample ``b`` of ``x`` with ``make_kernel(*kernel_inputs)
-    [b]``, keeping only ``x`` and ``kernel_inputs`` for the backward.
+    """Convolve sample ``b`` of ``x`` with ``make_kernel(*kernel_inputs) [b]``,
+    keeping only ``x`` and ``kernel_inputs`` for the backward.
 
     Args:
         x (Tensor): [B, C_in, H, W], B >= 1.
@@ -108,8 +108,7 @@ def _compute_dtype(x: torch.Tensor
 
 def _grouped(x: torch.Tensor) -> bool:
     """The batch folded into the groups (one conv) on accelerators; on CPU
-    oneDNN's backward of that form is far slower than one conv per
-    sample."""
+    oneDNN's backward of that form is far slower than one conv per sample."""
     return x.device.type != 'cpu' and x.shape[0] > 1
 
 
@@ -159,8 +158,11 @@ def per_sample_conv_backward(grad_out, x, kernel, stride, padding, dilation,
 
 
 class _RecomputedKernelConv2d(torch.autograd.Function):
-    """See :func:`conv2d_recomputed_kernel`. Inputs: ``x, make_kernel,
-    geometry, *kernel_inputs``."""
+    """See :func:`conv2d_recomputed_kernel`.
+
+    Inputs: ``x, make_kernel,
+    geometry, *kernel_inputs``.
+    """
 
     @staticmethod
     def forward(ctx, x, make_kernel, geometry, *kernel_inputs):
@@ -226,8 +228,8 @@ def odconv_kernel(groups: int, bank: torch.Tensor, channel: torch.Tensor,
                   kernel: Optional[torch.Tensor]) -> torch.Tensor:
     """ODConv's per-sample kernel with all four attentions folded in:
     ``alpha_f[b, o] * alpha_c[b, i] * alpha_s[b, p] * sum_k alpha_w[b, k]
-    W_k[o, i, p]`` ([B, C_out, C_in/g, kh, kw]), built in the bank's dtype
-    (as the reference mixes its kernels).
+    W_k[o, i, p]`` ([B, C_out, C_in/g, kh, kw]), built in the bank's dtype (as
+    the reference mixes its kernels).
 
     Two broadcast products over the full kernel, each along contiguous
     rows: by the [B, g, 1, C_in/g * kh*kw] product of the input-channel and
@@ -316,11 +318,11 @@ def odconv_recompute(layer, x: torch.Tensor, channel: torch.Tensor,
                      spatial: Optional[torch.Tensor],
                      kernel: Optional[torch.Tensor]) -> torch.Tensor:
     """:class:`~mmdyn.ops.ODConv2d`'s output from its attentions (see
-    ``ODAttention.forward``): ``alpha_f * conv(alpha_c * x, W) + bias`` as
-    one conv of ``x`` with the folded kernel of :func:`odconv_kernel`; for
-    a layer whose kernel does not depend on the sample (one kernel, 1x1)
-    the static conv of the scaled input, nothing of map size kept but
-    ``x`` and the output (:class:`_ScaledMapsConv2d`)."""
+    ``ODAttention.forward``): ``alpha_f * conv(alpha_c * x, W) + bias`` as one
+    conv of ``x`` with the folded kernel of :func:`odconv_kernel`; for a layer
+    whose kernel does not depend on the sample (one kernel, 1x1) the static
+    conv of the scaled input, nothing of map size kept but ``x`` and the output
+    (:class:`_ScaledMapsConv2d`)."""
     if spatial is None and kernel is None:
         out = _ScaledMapsConv2d.apply(x, channel, filt, layer.weight[0],
                                       (tuple(layer.stride), tuple(
@@ -353,9 +355,9 @@ def mixture_recompute(layer, x: torch.Tensor,
 def kernel_warehouse_kernel(kw_layout: Tuple[int, ...],
                             weight_shape: Tuple[int, ...], cells: torch.Tensor,
                             attention: torch.Tensor) -> torch.Tensor:
-    """KernelWarehouse's per-sample kernel: the mixtures ``attention`` [B,
-    m, n] @ ``cells`` [n, c_o * c_i], mixture ``(s * g_o + o) * g_i + c``
-    filling output block o, input block c, kernel position s."""
+    """KernelWarehouse's per-sample kernel: the mixtures ``attention`` [B, m,
+    n] @ ``cells`` [n, c_o * c_i], mixture ``(s * g_o + o) * g_i + c`` filling
+    output block o, input block c, kernel position s."""
     g_s, g_o, g_i, c_o, c_i = kw_layout
     if not torch.is_autocast_enabled(attention.device.type):
         attention = attention.to(cells.dtype)
@@ -367,8 +369,7 @@ def kernel_warehouse_kernel(kw_layout: Tuple[int, ...],
 
 def kernel_warehouse_recompute(layer, x: torch.Tensor,
                                attention: torch.Tensor) -> torch.Tensor:
-    """:class:`~mmdyn.ops.KWConv2d`'s output from its attentions [B, m,
-    n]."""
+    """:class:`~mmdyn.ops.KWConv2d`'s output from its attentions [B, m, n]."""
     make_kernel = functools.partial(kernel_warehouse_kernel,
                                     tuple(layer._kw_layout),
                                     tuple(layer.weight_shape))
@@ -382,8 +383,8 @@ def kernel_warehouse_recompute(layer, x: torch.Tensor,
 
 
 def can_run(layer, x: torch.Tensor, context: tuple) -> bool:
-    """Anywhere but under graph capture (the backward's
-    ``torch.autograd.grad`` cannot be captured)."""
+    """Anywhere but under graph capture (the backward's ``torch.autograd.grad``
+    cannot be captured)."""
     return not graph_capture()
 
 

@@ -48,8 +48,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import switches
-from .c_library import (CLibrary, CSourceFile, check_float32_cpu,
-                        num_threads, ptr)
+from .c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
+                        ptr)
 from .chunked import kernel_workspace, workspace_bytes
 
 #: Environment variable; ``0`` disables the Winograd path.
@@ -65,8 +65,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.winograd_kernels_f32.restype = None
     lib.winograd_blocks_f32.argtypes = [p, p, n, n, n, n, n, ctypes.c_int]
     lib.winograd_blocks_f32.restype = None
-    lib.winograd_input_f32.argtypes = [p, p, n, n, n, n, n, n, n, n,
-                                       ctypes.c_int]
+    lib.winograd_input_f32.argtypes = [
+        p, p, n, n, n, n, n, n, n, n, ctypes.c_int
+    ]
     lib.winograd_input_f32.restype = ctypes.c_int
     lib.winograd_output_f32.argtypes = [p, p, n, n, n, n, n, n, ctypes.c_int]
     lib.winograd_output_f32.restype = ctypes.c_int
@@ -77,8 +78,8 @@ _LIBRARY = CLibrary('winograd_cpu', CSourceFile('winograd.c'), _declare,
 
 
 def load() -> Optional[ctypes.CDLL]:
-    """The compiled kernel-transform loop; None when unavailable (no
-    compiler, a failed build, or ``MMDYN_WINOGRAD=0``)."""
+    """The compiled kernel-transform loop; None when unavailable (no compiler,
+    a failed build, or ``MMDYN_WINOGRAD=0``)."""
     return _LIBRARY.load()
 
 
@@ -94,8 +95,8 @@ def _output_hw(x: torch.Tensor, padding: Tuple[int, int]) -> Tuple[int, int]:
 
 def _kernels_out(out: Optional[torch.Tensor], shape: Tuple[int, ...],
                  like: torch.Tensor) -> torch.Tensor:
-    """A new [B, 16, C_out, C_in] tensor, or ``out`` checked to be one
-    the C loops can write into (contiguous float32, same size)."""
+    """A new [B, 16, C_out, C_in] tensor, or ``out`` checked to be one the C
+    loops can write into (contiguous float32, same size)."""
     if out is None:
         return like.new_empty(shape)
     if out.numel() != math.prod(shape) or not out.is_contiguous() or \
@@ -124,12 +125,11 @@ def _check_bank(bank, mix, spatial):
     return batch
 
 
-def winograd_kernels_reference(
-        bank: torch.Tensor, mix: Optional[torch.Tensor],
-        spatial: Optional[torch.Tensor]) -> torch.Tensor:
+def winograd_kernels_reference(bank: torch.Tensor, mix: Optional[torch.Tensor],
+                               spatial: Optional[torch.Tensor]
+                               ) -> torch.Tensor:
     """``U_b = G W_b G^T`` with ``W_b = spatial[b] * sum_k mix[b, k] *
-    bank[k]``, by plain tensor ops (the reference of
-    :func:`winograd_kernels`).
+    bank[k]``, by plain tensor ops (the reference of :func:`winograd_kernels`).
 
     Args:
         bank (Tensor): [K, C_out, C_in, 3, 3].
@@ -142,14 +142,15 @@ def winograd_kernels_reference(
     batch = _check_bank(bank, mix, spatial)
     num, c_out, c_in = bank.shape[:3]
     flat = bank.reshape(num, c_out * c_in, 9)
-    weight = (flat[0].expand(batch, -1, -1) if mix is None else
-              torch.einsum('bk,knj->bnj', mix.to(bank.dtype), flat))
+    weight = (
+        flat[0].expand(batch, -1, -1) if mix is None else torch.einsum(
+            'bk,knj->bnj', mix.to(bank.dtype), flat))
     if spatial is not None:
         weight = weight * spatial.to(bank.dtype)[:, None, :]
     g = torch.tensor(_G, dtype=bank.dtype, device=bank.device)
     transform = torch.kron(g, g)  # [16, 9]
-    return torch.matmul(transform, weight.transpose(1, 2)).view(
-        batch, 16, c_out, c_in)
+    return torch.matmul(transform,
+                        weight.transpose(1, 2)).view(batch, 16, c_out, c_in)
 
 
 def winograd_kernels(bank: torch.Tensor,
@@ -172,8 +173,9 @@ def winograd_kernels(bank: torch.Tensor,
     bank = bank.contiguous()
     mix = None if mix is None else mix.contiguous()
     spatial = None if spatial is None else spatial.contiguous()
-    lib.winograd_kernels_f32(ptr(bank), ptr(mix), ptr(spatial), ptr(out),
-                             batch, num, n, num_threads(out.numel()))
+    lib.winograd_kernels_f32(
+        ptr(bank), ptr(mix), ptr(spatial), ptr(out), batch, num, n,
+        num_threads(out.numel()))
     return out
 
 
@@ -191,8 +193,9 @@ def _input_transform(x: torch.Tensor, padding: Tuple[int, int]):
     x = x.contiguous()
     v = x.new_empty(batch, 16, channels, tiles_h * tiles_w)
     lib = _LIBRARY.require()
-    if lib.winograd_input_f32(ptr(x), ptr(v), batch, channels, h, w, ph, pw,
-                              tiles_h, tiles_w, num_threads(v.numel())):
+    if lib.winograd_input_f32(
+            ptr(x), ptr(v), batch, channels, h, w, ph, pw, tiles_h, tiles_w,
+            num_threads(v.numel())):
         raise MemoryError('Winograd input transform: out of memory')
     return v, (tiles_h, tiles_w)
 
@@ -206,21 +209,24 @@ def _output_transform(m: torch.Tensor, grid: Tuple[int, int],
     m = m.contiguous()
     out = m.new_empty(batch, channels, *out_hw)
     lib = _LIBRARY.require()
-    if lib.winograd_output_f32(ptr(m), ptr(out), batch, channels, out_hw[0],
-                               out_hw[1], grid[0], grid[1],
-                               num_threads(m.numel())):
+    if lib.winograd_output_f32(
+            ptr(m), ptr(out), batch, channels, out_hw[0], out_hw[1], grid[0],
+            grid[1], num_threads(m.numel())):
         raise MemoryError('Winograd output transform: out of memory')
     return out
 
 
-def winograd_conv2d(x: torch.Tensor, kernels: torch.Tensor,
+def winograd_conv2d(x: torch.Tensor,
+                    kernels: torch.Tensor,
                     padding: Tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """3x3, stride 1 conv of sample ``b`` of ``x`` with the transformed
-    kernel ``kernels[b]`` (from :func:`winograd_kernels`; [B, 16, C_out,
-    C_in]). No bias."""
+    """3x3, stride 1 conv of sample ``b`` of ``x`` with the transformed kernel
+    ``kernels[b]`` (from :func:`winograd_kernels`; [B, 16, C_out, C_in]).
+
+    No bias.
+    """
     v, grid = _input_transform(x, padding)
-    return _output_transform(torch.matmul(kernels, v), grid,
-                             _output_hw(x, padding))
+    return _output_transform(
+        torch.matmul(kernels, v), grid, _output_hw(x, padding))
 
 
 def winograd_kernels_from_blocks(mixtures: torch.Tensor,
@@ -247,13 +253,14 @@ def winograd_kernels_from_blocks(mixtures: torch.Tensor,
     batch, _, g_o, g_i, c_o, c_i = mixtures.shape
     out = _kernels_out(out, (batch, 16, g_o * c_o, g_i * c_i), mixtures)
     mixtures = mixtures.contiguous()
-    lib.winograd_blocks_f32(ptr(mixtures), ptr(out), batch, g_o, g_i, c_o,
-                            c_i, num_threads(out.numel()))
+    lib.winograd_blocks_f32(
+        ptr(mixtures), ptr(out), batch, g_o, g_i, c_o, c_i,
+        num_threads(out.numel()))
     return out
 
 
-def chunked_winograd_conv2d(x: torch.Tensor, c_out: int,
-                            padding: Tuple[int, int],
+def chunked_winograd_conv2d(x: torch.Tensor, c_out: int, padding: Tuple[int,
+                                                                        int],
                             kernels_fn) -> torch.Tensor:
     """``winograd_conv2d`` of chunks of samples whose transformed kernels,
     ``kernels_fn(start, stop, out)`` -> [stop - start, 16, C_out, C_in]
@@ -272,13 +279,15 @@ def chunked_winograd_conv2d(x: torch.Tensor, c_out: int,
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
-                               mix: Optional[torch.Tensor],
-                               spatial: Optional[torch.Tensor],
-                               padding: Tuple[int, int] = (1, 1)
-                               ) -> torch.Tensor:
-    """``conv(x[b], spatial[b] * sum_k mix[b, k] * bank[k])`` (3x3, stride
-    1, zero ``padding``) for each sample, by Winograd F(2x2, 3x3).
+def winograd_per_sample_conv2d(
+    x: torch.Tensor,
+    bank: torch.Tensor,
+    mix: Optional[torch.Tensor],
+    spatial: Optional[torch.Tensor],
+    padding: Tuple[int, int] = (1, 1)
+) -> torch.Tensor:
+    """``conv(x[b], spatial[b] * sum_k mix[b, k] * bank[k])`` (3x3, stride 1,
+    zero ``padding``) for each sample, by Winograd F(2x2, 3x3).
 
     The transformed kernels are built a chunk of samples at a time into the
     per-thread workspace of
@@ -300,29 +309,34 @@ def winograd_per_sample_conv2d(x: torch.Tensor, bank: torch.Tensor,
         raise ValueError(f'x has {x.shape[1]} channels, the bank '
                          f'{bank.shape[2]}')
     return chunked_winograd_conv2d(
-        x, bank.shape[1], padding, lambda start, stop, out:
-        winograd_kernels(bank, None if mix is None else mix[start:stop],
-                         None if spatial is None else spatial[start:stop],
-                         out=out))
+        x, bank.shape[1], padding, lambda start, stop, out: winograd_kernels(
+            bank,
+            None if mix is None else mix[start:stop],
+            None if spatial is None else spatial[start:stop],
+            out=out))
 
 
-def winograd_block_conv2d(x: torch.Tensor, mixtures: torch.Tensor,
+def winograd_block_conv2d(x: torch.Tensor,
+                          mixtures: torch.Tensor,
                           padding: Tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """``conv(x[b], W_b)`` (3x3, stride 1) by Winograd F(2x2, 3x3) for
-    per-sample kernels in KernelWarehouse's mixture layout (see
-    :func:`winograd_kernels_from_blocks`). Inference only. No bias."""
+    """``conv(x[b], W_b)`` (3x3, stride 1) by Winograd F(2x2, 3x3) for per-
+    sample kernels in KernelWarehouse's mixture layout (see
+    :func:`winograd_kernels_from_blocks`).
+
+    Inference only. No bias.
+    """
     c_out = mixtures.shape[2] * mixtures.shape[4]
     if x.shape[1] != mixtures.shape[3] * mixtures.shape[5]:
         raise ValueError(f'x has {x.shape[1]} channels, the kernels '
                          f'{mixtures.shape[3] * mixtures.shape[5]}')
     return chunked_winograd_conv2d(
-        x, c_out, padding, lambda start, stop, out:
-        winograd_kernels_from_blocks(mixtures[start:stop], out=out))
+        x, c_out, padding,
+        lambda start, stop, out: winograd_kernels_from_blocks(
+            mixtures[start:stop], out=out))
 
 
 __all__ = [
-    'WINOGRAD_SWITCH', 'load',
-    'num_tiles', 'winograd_kernels',
+    'WINOGRAD_SWITCH', 'load', 'num_tiles', 'winograd_kernels',
     'winograd_kernels_reference', 'winograd_kernels_from_blocks',
     'winograd_conv2d', 'winograd_per_sample_conv2d', 'winograd_block_conv2d',
     'chunked_winograd_conv2d'
