@@ -14,7 +14,7 @@ PACKAGE = 'mmengine'
 VERSIONS = '>=0.10.0,<0.11'
 SUMMARY = ("mmengine accepts `pkg::` config bases only for its own table "
            "of packages: 'mmdyn::' bases fail")
-UPSTREAM = 'open-mmlab/mmengine#1410'
+UPSTREAM = 'none found (related: open-mmlab/mmengine#1581)'
 
 SCOPE = 'mmdyn'
 

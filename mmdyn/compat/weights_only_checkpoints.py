@@ -35,7 +35,8 @@ VERSIONS = '>=0.10.0,<0.11'
 SUMMARY = ('mmengine checkpoints (HistoryBuffer, numpy scalars and dtypes) '
            'fail a weights-only torch.load (the default since torch 2.6): '
            'resume, load_from and the inferencers raise UnpicklingError')
-UPSTREAM = 'open-mmlab/mmengine#1621 (weights_only default of torch 2.6)'
+UPSTREAM = ('open-mmlab/mmengine#1655 (issue), open-mmlab/mmengine#1650 '
+            '(pull request, open)')
 
 # The HistoryBuffer attributes a checkpoint may legitimately reference
 # (``HistoryBuffer._set_default_statistics`` registers these).

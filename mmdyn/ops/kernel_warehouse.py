@@ -493,10 +493,10 @@ class KWConv2d(_KWLayerMixin, DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_reference`'s result by the path that
-        :func:`~mmdyn.ops.accel.paths.choose_path` chooses (recorded in
-        :attr:`last_path`; the paths are in :mod:`~mmdyn.ops.accel.
+        :func:`~mmdyn.ops.accel.paths.choose_path` chooses.
 
-        kw_paths`).
+        The path is recorded in :attr:`last_path`; the paths are in
+        :mod:`~mmdyn.ops.accel.kw_paths`.
         """
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch

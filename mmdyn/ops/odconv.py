@@ -326,10 +326,10 @@ class ODConv2d(TemperatureMixin, DynamicConv2dBase):
                         x: torch.Tensor,
                         weight: torch.Tensor,
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``conv(x[b], weight[b])`` with the layer's geometry (the per-sample
-        conv ``impl`` selects, see :func:`~mmdyn.ops.
+        """``conv(x[b], weight[b])`` with the layer's geometry.
 
-        per_sample_conv.per_sample_conv2d`).
+        The per-sample conv is the one ``impl`` selects, see
+        :func:`~mmdyn.ops.per_sample_conv.per_sample_conv2d`.
         """
         impl = self.impl if self.impl in PER_SAMPLE_IMPLS else 'auto'
         return per_sample_conv2d(x, weight, bias, self.stride, self.padding,

@@ -1,6 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """mmdyn.compat: each fix against the real library (what fails without it, in a
 fresh interpreter), and inert outside the versions it was written for."""
+import importlib.util
 import json
 import logging
 import os
@@ -256,3 +257,54 @@ def test_cpu_process_group_started_by_the_tools(tmp_path):
                           cfg.model_wrapper_cfg.device_ids]))
         """)
     assert out == [True, 'gloo', False, True, None]
+
+
+_PKG_RESOURCES_WARNINGS = """
+import json, sys, warnings
+warnings.simplefilter('always')
+seen = []
+def show(message, category, filename, lineno, file=None, line=None):
+    if 'pkg_resources' in str(message):
+        seen.append(str(message))
+warnings.showwarning = show
+if sys.argv[1:] == ['apply']:
+    import mmdyn.compat
+    mmdyn.compat.apply()
+from mmengine.config import Config
+from mmengine.utils import get_installed_path, is_installed
+is_installed('mmdet')
+get_installed_path('mmdet')
+Config.fromfile(sys.argv[0].rsplit('/', 1)[0] + '/cfg.py')
+print(json.dumps(len(seen)))
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec('pkg_resources') is None,
+    reason='setuptools >= 81: no pkg_resources (test_config_bases_without_'
+    'pkg_resources covers that case)')
+def test_no_pkg_resources_warnings_after_apply(tmp_path):
+    """The inferencer and vis runs printed three ``pkg_resources is
+    deprecated`` warnings (mmengine's package lookups import it); after
+    ``mmdyn.compat.apply()`` the same lookups print none."""
+    config = tmp_path / 'cfg.py'
+    config.write_text("_base_ = ['mmdet::_base_/default_runtime.py']\n")
+    script = tmp_path / 'lookups.py'
+    script.write_text(_PKG_RESOURCES_WARNINGS)
+
+    def warnings_seen(*args):
+        env = dict(os.environ, OMP_NUM_THREADS='1')
+        env.pop('PYTHONWARNINGS', None)
+        command = [sys.executable, str(script), *args]
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+            timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert warnings_seen() >= 1  # the stock lookups warn
+    assert warnings_seen('apply') == 0

@@ -449,9 +449,10 @@ DDF_PATHS = ('reference', 'fused', 'taps', 'triton')
 
 
 def _triton_supports(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels take ``x`` (:func:`~mmdyn.ops.accel.
+    """Whether the Triton kernels take ``x``.
 
-    ddf_triton.supports`; never with ``MMDYN_DISABLE_ACCEL``).
+    See :func:`~mmdyn.ops.accel.ddf_triton.supports`; never with
+    ``MMDYN_DISABLE_ACCEL``.
     """
     return not accel_disabled() and ddf_triton.supports(x)
 
