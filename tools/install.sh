@@ -153,7 +153,11 @@ fi
 # 6. mmdyn itself, editable.
 # From /, so that the checkout (the current directory) cannot shadow a
 # missing install.
-if (cd / && "$PYTHON" -c "import os, sys, mmdyn; sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(mmdyn.__file__))) == sys.argv[1] else 1)" "$ROOT") 2>/dev/null
+# The editable install also links configs/ and model-index.yml into
+# mmdyn/.mim (git-ignored), where `mmdyn::` config bases are looked up: a
+# checkout without them is installed again.
+if (cd / && "$PYTHON" -c "import os, sys, mmdyn; sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(mmdyn.__file__))) == sys.argv[1] else 1)" "$ROOT") 2>/dev/null \
+    && [ -e "$ROOT/mmdyn/.mim/configs" ] && [ -e "$ROOT/mmdyn/.mim/model-index.yml" ]
 then
     log "mmdyn already installed in editable mode from $ROOT"
 else

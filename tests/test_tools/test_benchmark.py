@@ -3,6 +3,7 @@
 import os.path as osp
 
 import torch
+from script_loading import load_script as load_tool  # noqa: E402
 
 from mmdyn.analysis.benchmark import (BenchResult, ModelStep, RSSPeakSampler,
                                       benchmark_configs, format_results,
@@ -10,17 +11,6 @@ from mmdyn.analysis.benchmark import (BenchResult, ModelStep, RSSPeakSampler,
 from mmdyn.analysis.models import build_model, make_batch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool(path):
-    """A tool script as a module, to call its ``main(argv)`` in-process."""
-    import importlib.util
-    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TINY = """
 custom_imports = dict(imports=['mmdyn.models', 'mmdyn.engine'],

@@ -2,23 +2,15 @@
 """The CUDA modes of the DDF benchmark and of the model benchmark tool:
 without a GPU they stop with one clear line; the DDF benchmark rewrites
 only its own section of its output file."""
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
+from script_loading import load_script
 
 from mmdyn.analysis.benchmark import benchmark_configs, check_device
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_script(path):
-    name = 'mmdyn_script_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 tools/train.py and tools/test.py: one epoch on four tiny images, then COCO bbox
 and segm evaluation."""
 import glob
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
+from script_loading import load_script
 
 import mmdyn.engine  # noqa: F401
 from mmdyn.datasets.demo_data import make_demo_detection
@@ -18,11 +18,7 @@ CONFIG = osp.join(ROOT, 'configs', 'demo',
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'mmdyn_tools_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'tools/{name}.py')
 
 
 def tiny_data_options(data_root):

@@ -4,11 +4,11 @@ parsers (a renamed or missing flag fails here), and a few statements of the
 README that readers act on match the code."""
 import fnmatch
 import glob
-import importlib.util
 import os.path as osp
 import shlex
 
 import pytest
+from script_loading import load_script as load_tool
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DOCS = [osp.join(REPO, 'README.md'),
@@ -19,14 +19,6 @@ TOOLS = ('tools/train.py', 'tools/test.py',
          'tools/analysis_tools/get_flops.py',
          'tools/analysis_tools/benchmark.py',
          'tools/deployment/pytorch2onnx.py')
-
-
-def load_tool(path):
-    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def shown_commands(path):

@@ -6,23 +6,13 @@ import os.path as osp
 
 import pytest
 import torch
+from script_loading import load_script as load_tool  # noqa: E402
 from torch import nn
 
 from mmdyn.analysis.flops import (count_config_madds, count_madds,
                                   format_report, static_layer_madds)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool(path):
-    """A tool script as a module, to call its ``main(argv)`` in-process."""
-    import importlib.util
-    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 CONFIGS = osp.join(ROOT, 'configs')
 

@@ -3,7 +3,6 @@
 -> ``benchmarks/gpu.py``): it parses and imports, stops with one clear line
 without a GPU, parses pytest's JUnit results, and its dry run on CPU goes
 through the whole pipeline to a report."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -12,17 +11,10 @@ import sys
 
 import pytest
 import torch
+from script_loading import load_script
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SCRIPT = osp.join(ROOT, 'tools', 'gpu_check.sh')
-
-
-def load_script(path):
-    name = 'mmdyn_script_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shell_script_parses_and_is_executable():

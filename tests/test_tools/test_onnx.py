@@ -9,22 +9,13 @@ import torch
 pytest.importorskip('onnx', reason='pip install onnx onnxruntime')
 pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
 
+from script_loading import load_script as load_tool  # noqa: E402
+
 from mmdyn.analysis.models import build_model  # noqa: E402
 from mmdyn.analysis.onnx_export import compare_with_onnxruntime  # noqa
 from mmdyn.analysis.onnx_export import export_onnx, exportable
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool(path):
-    """A tool script as a module, to call its ``main(argv)`` in-process."""
-    import importlib.util
-    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TINY = """
 custom_imports = dict(imports=['mmdyn.models', 'mmdyn.engine'],

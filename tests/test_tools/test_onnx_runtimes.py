@@ -13,6 +13,8 @@ from torch import nn
 pytest.importorskip('onnx', reason='pip install onnx onnxruntime')
 pytest.importorskip('onnxruntime', reason='pip install onnx onnxruntime')
 
+from script_loading import load_script as load_tool  # noqa: E402
+
 from mmdyn.analysis.models import build_model  # noqa: E402
 from mmdyn.analysis.onnx_export import exportable  # noqa: E402
 from mmdyn.analysis.onnx_export import export_onnx, fold_norms_into_matmuls
@@ -21,16 +23,6 @@ from mmdyn.analysis.runtime_benchmark import runtime_available
 from mmdyn.ops import DDFConv2d, DDFUpsample, KWConv2d, ODConv2d  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def load_tool(path):
-    """A tool script as a module, to call its ``main(argv)`` in-process."""
-    import importlib.util
-    name = 'mmdyn_tool_' + osp.splitext(osp.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class DynamicStack(nn.Module):

@@ -6,7 +6,6 @@ wheel that works away from the checkout.
 wheel holding the C sources, the configs and the model index under
 ``mmdyn/.mim``; ``twine check`` accepts them; the wheel installed into a
 fresh folder loads a config with ``mmdyn::`` bases and builds its model."""
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -19,21 +18,13 @@ import zipfile
 
 import pytest
 import yaml
+from script_loading import load_script as load_tool
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 METAFILES = sorted(
     osp.join('configs', d, 'metafile.yml')
     for d in os.listdir(osp.join(REPO, 'configs'))
     if osp.isfile(osp.join(REPO, 'configs', d, 'metafile.yml')))
-
-
-def load_tool(relative):
-    spec = importlib.util.spec_from_file_location(
-        'mmdyn_tool_' + osp.splitext(osp.basename(relative))[0],
-        osp.join(REPO, relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def package_version():

@@ -8,7 +8,6 @@ interrupted detection run is shared by the tests of this module
 (``interrupted_detector``, session-scoped).
 """
 import glob
-import importlib.util
 import math
 import os
 import os.path as osp
@@ -20,6 +19,7 @@ import types
 import pytest
 import torch
 from mmengine.runner.loops import EpochBasedTrainLoop
+from script_loading import load_script
 
 import mmdyn.engine  # noqa: F401  (registers mmdyn's hooks)
 from mmdyn.datasets import make_demo_classification, make_demo_detection
@@ -30,11 +30,7 @@ CLS_CFG = osp.join(REPO, 'configs/demo/resnet18_demo_cls.py')
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f'mmdyn_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'tools/{name}.py')
 
 
 def latest_log(work_dir):
