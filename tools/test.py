@@ -102,7 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     # imported after parsing: --help needs no torch (mmdyn/tool_args.py)
     from mmdyn.engine.launch import (apply_runtime_arguments, build_runner,
-                                     load_config)
+                                     close_process_group, load_config)
 
     mmdyn.compat.apply()  # docs/compat.md
     cfg = load_config(args.config, args.cfg_options, args.launcher,
@@ -115,7 +115,10 @@ def main(argv=None):
     if args.out:
         add_dump(cfg, args.out)
     runner = build_runner(cfg)
-    return runner.test()
+    try:
+        return runner.test()
+    finally:
+        close_process_group(cfg)
 
 
 if __name__ == '__main__':

@@ -62,7 +62,8 @@ def main(argv=None):
     args = parse_args(argv)
     # imported after parsing: --help needs no torch (mmdyn/tool_args.py)
     from mmdyn.engine.launch import (apply_runtime_arguments, build_runner,
-                                     enable_amp, load_config, set_resume)
+                                     close_process_group, enable_amp,
+                                     load_config, set_resume)
 
     # The pinned libraries' fixes for today's torch/numpy/setuptools
     # (docs/compat.md); importing mmdyn only registers its components.
@@ -80,7 +81,10 @@ def main(argv=None):
         cfg.auto_scale_lr.enable = True
     set_resume(cfg, args.resume)
     runner = build_runner(cfg)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        close_process_group(cfg)
 
 
 if __name__ == '__main__':

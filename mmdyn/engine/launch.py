@@ -22,8 +22,9 @@ from .sanity import check_annotation_files
 
 __all__ = [
     'load_config', 'configure_cpu_distributed', 'init_cpu_process_group',
-    'infer_default_scope', 'enable_amp', 'set_resume', 'add_checkpoint_check',
-    'build_runner', 'add_runtime_arguments', 'apply_runtime_arguments'
+    'close_process_group', 'infer_default_scope', 'enable_amp', 'set_resume',
+    'add_checkpoint_check', 'build_runner', 'add_runtime_arguments',
+    'apply_runtime_arguments'
 ]
 
 _KNOWN_SCOPES = ('mmdet', 'mmpretrain')
@@ -101,6 +102,19 @@ def init_cpu_process_group(cfg):
         kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
     torch_dist.init_process_group(backend=backend, **kwargs)
     return True
+
+
+def close_process_group(cfg):
+    """End the process group of a distributed run (``launcher`` other than
+    ``'none'``) when the tool's work is done.
+
+    A gloo group left to the interpreter's exit can abort a rank after the work
+    has finished ("terminate called without an active exception", SIGABRT),
+    which turns a completed run into a failed one.
+    """
+    if cfg.get('launcher', 'none') != 'none' and \
+            torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def infer_default_scope(cfg):
