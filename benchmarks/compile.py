@@ -1,90 +1,253 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""First-compile and steady-state time of ``torch.compile`` against eager for
-the ResNet-50 backbones of mmdyn on CPU (eval, no_grad).
+"""``torch.compile`` against eager on CPU: first-compile and steady-state time
+of the ResNet-50 backbones and of single layers.
 
-For each model: the eager forward (median of ``--repeat`` calls after a
-warm-up), the first compiled call (compile time included) and the compiled
-forward after it (median). Prints a Markdown table with the date, the
-machine and its load (``os.getloadavg``) for benchmarks/compile.md.
+For each model (eval, no_grad, batch 8, 224x224 by default) and each layer
+(ODConv/DyConv/CondConv/KW 3x3, 128 -> 128 channels, 28x28, batch 8),
+after an eager warm-up call: the first compiled call (compilation
+included; Inductor's caches empty for each row unless ``--warm-cache``,
+so it is the cost of a first compile on a new machine), the part of it spent
+tracing (TorchDynamo) and in the backend (AOTAutograd and Inductor), the
+number of graphs and graph breaks, then eager and compiled calls
+alternately (``--repeat`` each; medians) and compiled / eager.
+``--train`` adds forward + backward rows for the layers (train mode);
+``--path-operators`` lets the attentions into the graph (only the C-loop
+paths as ``mmdyn::`` operators) instead of one operator per layer.
+Prints Markdown tables for benchmarks/compile.md, under a header that
+names the CPU, its ISA and the load
+(:func:`mmdyn.analysis.machine.header_lines`).
 
 Usage::
 
-    python benchmarks/compile.py                        # batch 8, inductor
-    python benchmarks/compile.py --batch 2 --size 112 --backend aot_eager
+    python benchmarks/compile.py                      # every model, layer
+    python benchmarks/compile.py --quick              # the layers only
+    python benchmarks/compile.py --models od1x kw1x --layers
+    python benchmarks/compile.py --layers odconv kw --train
 """
 import argparse
-import datetime
-import os
-import platform
+import contextlib
 import statistics
 import time
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import compilation_time_metrics, counters
+from torch._inductor.utils import fresh_cache
 
 from mmdyn.models.backbones import DDFResNet, DynamicResNet, KWResNet
+from mmdyn.ops import CondConv2d, DyConv2d, KWConv2d, ODConv2d
 
+#: The KW-1x ResNet-50 config's warehouse options
+#: (configs/kernelwarehouse/resnet18-kw1x_8xb128-300e_in1k.py).
+KW_1X = dict(
+    reduction=1 / 16,
+    cell_num_ratio=1,
+    cell_inplane_ratio=1,
+    cell_outplane_ratio=1,
+    nonlocal_basis_ratio=1,
+    attention_norm='bn_batch1')
+
+
+def _resnet50():
+    from mmpretrain.models.backbones import ResNet
+    return ResNet(50)
+
+
+#: key -> (name, constructor) of the ResNet-50 backbones.
 MODELS = {
-    'ODConv-1x ResNet-50':
-    lambda: DynamicResNet(
-        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625)),
-    'KW-1x ResNet-50':
-    lambda: KWResNet(50),
-    'DDF-ResNet-50':
-    lambda: DDFResNet(50),
+    'r50': ('ResNet-50', _resnet50),
+    'od1x': ('ODConv-1x ResNet-50', lambda: DynamicResNet(
+        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))),
+    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X)),
+    'dy4x': ('DyConv-4x ResNet-50', lambda: DynamicResNet(
+        50,
+        dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),
+        dyconv_downsample=True)),
+    'ddf': ('DDF-mul ResNet-50', lambda: DDFResNet(50, combine='mul')),
 }
 
+#: key -> (name, constructor) of the single layers (3x3, 128 channels).
+LAYERS = {
+    'odconv':
+    ('ODConv2d K=1',
+     lambda: ODConv2d(128, 128, 3, padding=1, kernel_num=1, reduction=0.0625)),
+    'dyconv': ('DyConv2d K=4', lambda: DyConv2d(128, 128, 3, padding=1)),
+    'condconv': ('CondConv2d K=4', lambda: CondConv2d(128, 128, 3, padding=1)),
+    'kw': ('KWConv2d', lambda: KWConv2d(128, 128, 3, padding=1, **KW_1X)),
+}
 
-def median_time(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+#: Keys of :data:`compilation_time_metrics`: TorchDynamo's bytecode
+#: tracing, and the backend (AOTAutograd + Inductor) it calls.
+TRACING, BACKEND = 'bytecode_tracing', 'OutputGraph.call_user_compiler'
 
 
-def measure(name, batch, size, backend, repeat):
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _seconds(key):
+    return sum(compilation_time_metrics.get(key, ()))
+
+
+def measure(build, shape, backend, repeat, train=False, cold=True):
+    """Times of ``build()`` on a random input of ``shape``: a dict with eager,
+    first, tracing, backend, graphs, breaks, compiled, ratio.
+
+    ``cold``: Inductor's caches empty (a new cache folder, the in-memory
+    caches cleared), as on a new machine.
+    """
+    with fresh_cache() if cold else contextlib.nullcontext():
+        return _measure(build, shape, backend, repeat, train)
+
+
+def _measure(build, shape, backend, repeat, train):
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    x = torch.randn(batch, 3, size, size)
-    with torch.no_grad():
-        model(x)  # warm-up: C loops built, workspaces allocated
-        eager = median_time(lambda: model(x), repeat)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend)
-        start = time.perf_counter()
-        compiled(x)
-        first = time.perf_counter() - start
-        steady = median_time(lambda: compiled(x), repeat)
-    return eager, first, steady
+    model = build()
+    model.train(train)  # mmpretrain's ResNet.train returns None
+    x = torch.randn(shape)
+
+    def step(fn):
+        if not train:
+            with torch.no_grad():
+                return fn(x)
+        out = fn(x)
+        out = out[-1] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+
+    step(model)  # warm-up: C loops built, workspaces allocated
+    torch._dynamo.reset()
+    compilation_time_metrics.clear()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend)
+    result = dict(
+        first=timed(lambda: step(compiled)),
+        tracing=_seconds(TRACING),
+        backend=_seconds(BACKEND),
+        graphs=counters['stats']['unique_graphs'],
+        breaks=sum(counters['graph_break'].values()))
+    # Alternating calls: a change of load affects both alike.
+    eager, steady = [], []
+    for _ in range(repeat):
+        eager.append(timed(lambda: step(model)))
+        steady.append(timed(lambda: step(compiled)))
+    result['eager'] = statistics.median(eager)
+    result['compiled'] = statistics.median(steady)
+    result['ratio'] = result['compiled'] / result['eager']
+    return result
+
+
+def warm_up_compiler(backend):
+    """One small compile first, so that the first row does not also pay the
+    compiler's one-time start (imports, compile workers)."""
+    with fresh_cache():
+        torch.compile(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()),
+            backend=backend)(
+                torch.randn(1, 3, 8, 8))
+    torch._dynamo.reset()
+
+
+def print_table(title, rows, backend, repeat, cold):
+    print(f'\n{title}\n')
+    print('| | eager (s) | first compiled call (s) | of which tracing / '
+          'backend (s) | graphs / breaks | compiled (s) | compiled / eager '
+          '|')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    for name, build, shape, train in rows:
+        r = measure(build, shape, backend, repeat, train, cold)
+        print(
+            f"| {name} | {r['eager']:.4f} | {r['first']:.1f} | "
+            f"{r['tracing']:.1f} / {r['backend']:.1f} | "
+            f"{r['graphs']} / {r['breaks']} | {r['compiled']:.4f} | "
+            f"{r['ratio']:.2f} |",
+            flush=True)
+
+
+def header():
+    try:
+        from mmdyn.analysis.machine import header_lines
+        return list(header_lines())
+    except ImportError:  # an older tree: the essentials by hand
+        import os
+        flags = open('/proc/cpuinfo').read().count('avx512f')
+        return [
+            f'- CPU flags avx512f on {flags} of {os.cpu_count()} CPUs; '
+            f'load average {os.getloadavg()}; torch {torch.__version__}'
+        ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        '--models',
+        nargs='*',
+        choices=list(MODELS),
+        help='ResNet-50 backbones (default: all; none with --quick)')
+    parser.add_argument(
+        '--layers',
+        nargs='*',
+        choices=list(LAYERS),
+        help='single layers (default and with no names: all)')
+    parser.add_argument('--quick', action='store_true', help='the layers only')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--layer-size', type=int, default=28)
     parser.add_argument('--backend', default='inductor')
-    parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--repeat', type=int, default=5)
     parser.add_argument(
-        '--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+        '--train',
+        action='store_true',
+        help='also forward + backward of the layers (train mode)')
+    parser.add_argument(
+        '--path-operators',
+        action='store_true',
+        help='attentions in the graph, only the C-loop paths as operators '
+        '(mmdyn.ops.accel.custom_ops.WHOLE_LAYER_TYPES emptied)')
+    parser.add_argument(
+        '--warm-cache',
+        action='store_true',
+        help="keep Inductor's caches (default: empty for each row)")
     args = parser.parse_args(argv)
-    load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
-    machine = platform.processor() or platform.machine()
-    print(f'{datetime.date.today()}, {machine}, '
-          f'{os.cpu_count()} CPUs, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, load average {load}; '
-          f'batch {args.batch}, {args.size}x{args.size}, backend '
-          f'{args.backend}, median of {args.repeat}\n')
-    print('| model | eager (s) | first compiled call (s) | compiled (s) | '
-          'compiled / eager |')
-    print('|---|---|---|---|---|')
-    for name in args.models:
-        eager, first, steady = measure(name, args.batch, args.size,
-                                       args.backend, args.repeat)
-        print(
-            f'| {name} | {eager:.3f} | {first:.1f} | {steady:.3f} | '
-            f'{steady / eager:.2f} |',
-            flush=True)
+    # No selection: everything; --quick: the layers; --models or --layers
+    # alone: only what they name (either with no names: all of its kind).
+    models = args.models or (list(MODELS) if args.models is not None else [])
+    layers = args.layers or (list(LAYERS) if args.layers is not None else [])
+    if args.models is None and args.layers is None:
+        models = [] if args.quick else list(MODELS)
+        layers = list(LAYERS)
+    cold = not args.warm_cache
+    operators = 'one per dynamic layer'
+    if args.path_operators:
+        from mmdyn.ops.accel import custom_ops
+        custom_ops.WHOLE_LAYER_TYPES = ()
+        operators = 'the C-loop paths'
+
+    print('\n'.join(header()))
+    print(f'- {torch.get_num_threads()} threads; backend {args.backend}; '
+          f'median of {args.repeat}; Inductor caches '
+          f"{'kept' if args.warm_cache else 'empty for each row (cold)'}; "
+          f'mmdyn:: operators: {operators}')
+    warm_up_compiler(args.backend)
+    if models:
+        print_table(
+            f'Models: eval, no_grad, batch {args.batch}, '
+            f'{args.size}x{args.size}',
+            [(MODELS[k][0], MODELS[k][1],
+              (args.batch, 3, args.size, args.size), False)
+             for k in models], args.backend, args.repeat, cold)
+    shape = (args.batch, 128, args.layer_size, args.layer_size)
+    if layers:
+        print_table(
+            f'Layers: eval, no_grad, batch {args.batch}, 128 channels, '
+            f'{args.layer_size}x{args.layer_size}',
+            [(LAYERS[k][0], LAYERS[k][1], shape, False) for k in layers],
+            args.backend, args.repeat, cold)
+    if layers and args.train:
+        print_table('Layers: train, forward + backward',
+                    [(LAYERS[k][0], LAYERS[k][1], shape, True)
+                     for k in layers], args.backend, args.repeat, cold)
 
 
 if __name__ == '__main__':

@@ -44,7 +44,6 @@ Usage::
 import argparse
 import os
 import os.path as osp
-import platform
 import statistics
 import time
 
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from mmdyn.analysis.machine import header_lines
 from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
 from mmdyn.ops.ddf import ddf_reference
 
@@ -336,17 +336,6 @@ def cuda_main(args) -> None:
     print(f'written to {args.out}')
 
 
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_table(rows) -> str:
     lines = [
         '| pass | input | implementation | median ms | ratio to first '
@@ -391,10 +380,11 @@ def main(argv=None):
     table = format_table(rows)
     clock = ('thread CPU time' if args.threads == 1 else 'wall time')
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
-    header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
-              f'thread(s), {clock}, {_cpu_name()} ({os.cpu_count()} CPUs, '
-              f'load average {load} at the end), {args.rounds} interleaved '
-              f'rounds, float32, {malloc} malloc (mmdyn.engine.malloc)')
+    header = '\n'.join(header_lines(torch.get_num_threads())) + '\n\n' + (
+        f'torch {torch.__version__}, {torch.get_num_threads()} '
+        f'thread(s), {clock}, load average {load} at the end, '
+        f'{args.rounds} interleaved rounds, float32, {malloc} malloc '
+        '(mmdyn.engine.malloc)')
     print(header)
     print(table)
     notes = (

@@ -3,7 +3,8 @@
 and PyTorch eager, written to benchmarks/deploy.md.
 
     python benchmarks/deploy.py [--threads 2] [--repeat 5] [--warmup 1] \
-        [--batch-sizes 8 1] [--skip-eager] [--out benchmarks/deploy.md]
+        [--batch-sizes 8 1] [--skip-eager] [--quick] \
+        [--out benchmarks/deploy.md]
 
 Per batch size: the ResNet-50 families (ODConv-1x, KW-1x, DDF-mul) and the
 static ResNet-50 exported as ``tools/deployment/pytorch2onnx.py
@@ -12,17 +13,19 @@ static ResNet-50 exported as ``tools/deployment/pytorch2onnx.py
 (``tools/analysis_tools/benchmark.py``'s method); then the Faster R-CNN
 backbone + neck fallback (ODConv-1x backbone with the DDF-Up FPN against
 R-50 with the stock FPN, ``pytorch2onnx.py --backbone-only
---with-neck``). The header records the CPU's ISA (``grep -c avx512
-/proc/cpuinfo``), the thread count and the load average: run it on a quiet
-machine. About 6 minutes with the defaults on 2 threads.
+--with-neck``), batch 1, timed against R-50 with the stock FPN. The
+header records the CPU and its ISA (:func:`mmdyn.analysis.machine.
+header_lines`, and ``grep -c avx512 /proc/cpuinfo``), the thread count and
+the load average: run it on a quiet machine. About 6 minutes with the
+defaults on 2 threads. ``--quick`` (2 repeats, no warm-up, the detector at
+512x768) checks that everything runs in about a minute; its timings are
+not for the record.
 """
 import argparse
 import os
 import os.path as osp
-import platform
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -41,6 +44,13 @@ MODELS = {
 #: Targets of the exported families in ONNX Runtime, batch 8, time ratio
 #: to the exported static ResNet-50.
 TARGETS = {'ODConv-1x': 1.3, 'KW-1x': 2.0, 'DDF-mul': 1.0}
+#: Nodes of the first exports (the im2col/tap-loop forms, not simplified).
+NODES_BEFORE = {
+    'ResNet-50': '176',
+    'ODConv-1x': '3,191',
+    'KW-1x': '5,042',
+    'DDF-mul': '6,760'
+}
 #: Why the detector is not exported through mmdeploy here (kept in the
 #: written file).
 MMDEPLOY_NOTE = """## Faster R-CNN through mmdeploy 1.3.1
@@ -74,6 +84,8 @@ backbone + neck export above (`tools/deployment/pytorch2onnx.py
 """
 
 DET_SHAPE = (800, 1216)
+#: The detector's input with ``--quick``.
+QUICK_DET_SHAPE = (512, 768)
 DETECTORS = {
     'R-50 + FPN': ('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', {}),
     'ODConv-1x R-50 + DDF-Up FPN':
@@ -86,25 +98,22 @@ DETECTORS = {
 
 
 def cpu_header(threads: int) -> list:
-    with open('/proc/cpuinfo') as f:
-        info = f.read()
-    model = next(
-        (line.split(':', 1)[1].strip()
-         for line in info.splitlines() if line.startswith('model name')),
-        platform.processor())
-    flags = next(
-        (line for line in info.splitlines() if line.startswith('flags')), '')
-    isa = 'avx512' if 'avx512f' in flags else (
-        'avx2' if 'avx2' in flags else 'other')
+    """The machine (:func:`mmdyn.analysis.machine.header_lines`), the
+    ``avx512`` count of ``/proc/cpuinfo``, the runtimes' versions."""
+    from mmdyn.analysis.machine import header_lines
+    try:
+        with open('/proc/cpuinfo') as f:
+            avx512 = sum('avx512' in line for line in f)
+    except OSError:
+        avx512 = 'unknown'
     return [
-        f'- CPU: {model}; ISA {isa} (`grep -c avx512 /proc/cpuinfo`: '
-        f'{info.count("avx512")}); {os.cpu_count()} cores',
-        f'- {threads} threads (ONNX Runtime intra-op, OpenVINO inference, '
-        'torch); input 224x224',
-        f'- load average before the run: {os.getloadavg()}',
+        *header_lines(threads),
+        f'- `grep -c avx512 /proc/cpuinfo`: {avx512}; {threads} threads '
+        'for ONNX Runtime (intra-op), OpenVINO (inference) and torch; '
+        'input 224x224; all in float32 (OpenVINO: INFERENCE_PRECISION_HINT '
+        'f32, not the bfloat16 it picks on CPUs with AMX/AVX512-BF16)',
         f'- torch {torch.__version__}, onnxruntime {_version("onnxruntime")}'
         f', openvino {_version("openvino")}',
-        f'- date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}',
     ]
 
 
@@ -172,8 +181,22 @@ def main(argv=None):
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
     parser.add_argument('--skip-eager', action='store_true')
     parser.add_argument(
-        '--out', default=osp.join(ROOT, 'benchmarks', 'deploy.md'))
+        '--quick',
+        action='store_true',
+        help='2 repeats, no warm-up, the detector at '
+        f'{QUICK_DET_SHAPE[0]}x{QUICK_DET_SHAPE[1]}: checks that everything '
+        'runs, not timings for the record')
+    parser.add_argument(
+        '--out',
+        default=None,
+        help='the Markdown file written (default: benchmarks/deploy.md; '
+        'with --quick: none, the tables are printed)')
     args = parser.parse_args(argv)
+    if args.out is None and not args.quick:
+        args.out = osp.join(ROOT, 'benchmarks', 'deploy.md')
+    det_shape = DET_SHAPE
+    if args.quick:
+        args.repeat, args.warmup, det_shape = 2, 0, QUICK_DET_SHAPE
     os.chdir(ROOT)
     mmdyn.compat.apply()
     torch.set_num_threads(args.threads)
@@ -191,7 +214,18 @@ def main(argv=None):
         '# Deployed ResNet-50s: ONNX Runtime, OpenVINO, PyTorch eager', '',
         'Written by `python benchmarks/deploy.py` (models timed '
         'alternately in one process; ratios are paired medians to the '
-        'static ResNet-50 of the same runtime).', '', *header, ''
+        'static ResNet-50 of the same runtime).', '', *header, '',
+        'Targets (ONNX Runtime, batch 8): ' +
+        ', '.join(f'{n} <= {t}x'
+                  for n, t in TARGETS.items()) + '.', '', '## ONNX nodes', '',
+        '`tools/deployment/pytorch2onnx.py --dynamic-batch`, 224x224, '
+        'simplified; `tools/analysis_tools/benchmark_onnx.py FILE '
+        '--nodes-by-scope 5 --nodes-only` lists them per layer.', '',
+        '| model | nodes | / ResNet-50 | before the export forms (not '
+        'simplified) |', '|---|---:|---:|---:|', *[
+            f'| {n} | {nodes[n]} | {nodes[n] / nodes[names[0]]:.1f}x | '
+            f'{NODES_BEFORE.get(n, "")} |' for n in names
+        ], ''
     ]
     for batch in args.batch_sizes:
         rt = runtime_rows(files, names, runtimes, batch, args.threads,
@@ -230,24 +264,26 @@ def main(argv=None):
         module = exportable(model, backbone_only=True, with_neck=True)
         path = osp.join(work,
                         name.replace(' ', '_').replace('+', '') + '.onnx')
-        export_onnx(module, path, DET_SHAPE)
+        export_onnx(module, path, det_shape)
         det_files.append(path)
     lines += [
-        '## Faster R-CNN backbone + neck (800x1216, batch 1)', '',
-        '| model | ONNX nodes | ONNX Runtime ms | ratio |',
+        f'## Faster R-CNN backbone + neck ({det_shape[0]}x{det_shape[1]}, '
+        'batch 1, ONNX Runtime)', '',
+        '| model | ONNX nodes | ONNX Runtime ms | / R-50 + FPN |',
         '|---|---:|---:|---:|'
     ]
     rt = runtime_rows(det_files, det_names, ('onnxruntime', ), 1, args.threads,
-                      args.repeat, args.warmup, DET_SHAPE)
+                      args.repeat, args.warmup, det_shape)
     for name, path in zip(det_names, det_files):
         ms, ratio = rt[('onnxruntime', name)]
         lines.append(f'| {name} | {count_nodes(path)} | {ms * 1e3:.1f} | '
                      f'{ratio:.2f}x |')
     lines += ['', MMDEPLOY_NOTE]
-    with open(args.out, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
-    print(f'written to {args.out}')
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        print(f'written to {args.out}')
 
 
 if __name__ == '__main__':

@@ -9,7 +9,11 @@ into column strips on every call or reading them pre-cut
 (:func:`~mmdyn.ops.accel.kw_cells.pack_columns`, what the inference
 path does through ``WarehouseManager.packed_cells``), all writing into a
 reused output, interleaved, median of ``--repeat``. Prints one row per
-shape and the per-forward totals.
+shape and the per-forward totals. Its totals set the CPU default of
+``THRESHOLDS['kernel_warehouse']['c_loop_min_columns']``
+(:data:`mmdyn.ops.accel.kw_cells.C_LOOP_MIN_COLUMNS`): the C loop on
+AVX2, MKL on AVX-512 (2026-12-06, Xeon VM, 1 and 2 threads: the pre-cut
+C loop 0.84x MKL's speed per forward).
 
 Usage::
 
@@ -69,6 +73,8 @@ def main():
         sys.exit('the C loop is unavailable (no compiler, or '
                  'MMDYN_KW_CPU_KERNEL=0)')
     shapes = assembly_shapes(args.batch_size)
+    from mmdyn.analysis.machine import header_lines
+    print('\n'.join(header_lines(torch.get_num_threads())) + '\n')
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, median of {args.repeat}')
     print('| rows x inner x columns | calls | matmul ms | C loop ms | '

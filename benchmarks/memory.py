@@ -17,8 +17,11 @@ For ODConv-1x, KW-1x and DyConv-4x ResNet-50 and the static ResNet-50
 Three policies, set through ``THRESHOLDS['recompute']`` (one CPU
 threshold per family):
 
-* ``old``: 0, the path never taken on CPU (the paths before it);
-* ``default``: the CPU defaults of :mod:`mmdyn.ops.accel.thresholds`;
+* ``old``: 0, the path never taken on CPU (the paths before it; KW's
+  ``groups=1`` layers still take ``'mixture_gemm'``, keeping their
+  mixtures);
+* ``default``: the CPU defaults of :mod:`mmdyn.ops.accel.thresholds`
+  (KW: ``'mixture_gemm'`` rebuilding the mixtures where ``n <= H' W'``);
 * ``always``: infinity, every dynamic layer in training (what
   ``impl='auto'`` does on accelerators).
 
@@ -31,8 +34,9 @@ the largest tensor of the compiled graphs
 (:func:`mmdyn.analysis.memory.largest_graph_tensors`) and, with
 ``--time``, the median step time with ``--backend``.
 
-Prints Markdown tables with the date, the CPU (``grep -c avx512
-/proc/cpuinfo``), threads and load average for benchmarks/memory.md.
+Prints Markdown tables under a header naming the machine (CPU model and
+ISA read from ``/proc/cpuinfo``, threads, load average, date;
+:func:`mmdyn.analysis.machine.header_lines`) for benchmarks/memory.md.
 
 Usage::
 
@@ -42,16 +46,13 @@ Usage::
     python benchmarks/memory.py --capture --time --models
 """
 import argparse
-import datetime
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from mmdyn.analysis.machine import header_lines
 from mmdyn.analysis.memory import largest_graph_tensors, saved_bytes_of_step
 from mmdyn.models.backbones import DynamicResNet, KWResNet
 from mmdyn.ops.accel.thresholds import THRESHOLDS
@@ -103,17 +104,10 @@ def step(model, x) -> None:
 
 
 def machine() -> str:
-    try:
-        avx512 = subprocess.run(['grep', '-c', 'avx512', '/proc/cpuinfo'],
-                                capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        avx512 = '?'
-    load = ', '.join(f'{v:.2f}' for v in os.getloadavg())
-    return (f'{platform.processor() or platform.machine()}, '
-            f'{os.cpu_count()} CPUs, avx512 lines in /proc/cpuinfo: '
-            f'{avx512}; torch {torch.__version__}, '
-            f'{torch.get_num_threads()} threads; load average {load}')
+    """The machine header (CPU model and ISA, cores, threads, torch, load,
+    date; :func:`mmdyn.analysis.machine.header_lines`), one Markdown line
+    each."""
+    return '\n'.join(header_lines(torch.get_num_threads()))
 
 
 #: ResNet-50's 3x3 convs at 224x224: (channels, input side).
@@ -126,7 +120,7 @@ def capture_table(batch: int, backend: str, timed: bool, repeat: int) -> None:
     ``'unfold'`` against ``'auto'`` (see the module docstring).
     """
     from mmdyn.ops.per_sample_conv import per_sample_conv2d
-    print(f'\n{datetime.date.today()}, {machine()}; batch {batch}, '
+    print(f'\n{machine()}\n\nbatch {batch}, '
           f'torch.compile backend {backend!r}\n')
     header = [
         'C x H x W', 'largest graph tensor MiB unfold',
@@ -235,7 +229,7 @@ def main(argv=None):
     finally:
         set_policy('default', default)
 
-    print(f'\n{datetime.date.today()}, {machine()}; batch {args.batch}, '
+    print(f'\n{machine()}\n\nbatch {args.batch}, '
           f'{args.size}x{args.size}, CPU defaults of THRESHOLDS'
           f"['recompute'] {default}\n")
     header = ['model'] + [f'saved MiB {p} (x R-50)' for p in POLICIES]

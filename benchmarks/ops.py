@@ -19,7 +19,6 @@ Usage::
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -178,23 +177,8 @@ def conditions(args) -> str:
         load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     except OSError:
         load = 'n/a'
-    cpu = platform.processor() or platform.machine()
-    isa = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                elif line.startswith('flags'):
-                    flags = line.split()
-                    isa = (' (AVX-512)' if 'avx512f' in flags else
-                           ' (AVX2)' if 'avx2' in flags else '')
-                    break
-    except OSError:
-        pass
-    cpu += isa
-    return (f'{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; {cpu}, '
-            f'{os.cpu_count()} cores, torch {torch.__version__}, '
+    return (f'{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; '
+            f'torch {torch.__version__}, '
             f'{args.threads} threads, {args.clock} clock, '
             f'{args.malloc} malloc (mmdyn.engine.malloc), '
             f'{args.repeat} interleaved repeats '
@@ -202,9 +186,9 @@ def conditions(args) -> str:
             f'run: {load}')
 
 
-def write_readme(table: str, cond: str, path: str) -> None:
+def write_readme(table: str, cond: str, header: str, path: str) -> None:
     begin, end = '<!-- ops-table-begin -->', '<!-- ops-table-end -->'
-    block = f'{begin}\nMeasured {cond}.\n\n{table}\n{end}'
+    block = f'{begin}\n{header}\n\nMeasured {cond}.\n\n{table}\n{end}'
     text = open(path).read() if os.path.exists(path) else ''
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) +
@@ -241,13 +225,16 @@ def parse_args():
 
 def main():
     args = parse_args()
+    from mmdyn.analysis.machine import header_lines
     from mmdyn.engine.malloc import tune_malloc
     args.malloc = 'tuned' if tune_malloc() else 'default'
     cond = conditions(args)
+    header = '\n'.join(header_lines(args.threads))
+    print(header)
     print(cond)
     table = run(args)
     if args.write:
-        write_readme(table, cond,
+        write_readme(table, cond, header,
                      os.path.join(os.path.dirname(__file__), 'README.md'))
 
 

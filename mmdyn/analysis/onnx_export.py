@@ -197,9 +197,57 @@ def simplify_onnx(onnx_file: str) -> bool:
     ]
     model = optimizer.optimize(
         rewriter.rewrite(model, pattern_rewrite_rules=rules))
+    fold_constant_nodes(model)
     fold_norms_into_matmuls(model)
     onnx.save(model, onnx_file)
     return True
+
+
+def fold_constant_nodes(model) -> int:
+    """Replace every node whose inputs are all constants (initializers that
+    are not graph inputs, outputs of nodes folded before it) by initializers
+    of its outputs, evaluated by ``onnx.reference``, in place; the nodes that
+    onnxscript's optimizer leaves (large tensors, ``Expand``/``Tile`` of
+    weights: the dynamic layers' export-time weight folding). Returns the
+    number of nodes folded."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    graph = model.graph
+    overridable = {i.name for i in graph.input}
+    values = {
+        i.name: numpy_helper.to_array(i)
+        for i in graph.initializer if i.name not in overridable
+    }
+    folded = []
+    for node in graph.node:  # topologically sorted
+        inputs = [name for name in node.input if name]
+        if node.domain not in ('', 'ai.onnx') or \
+                (node.op_type != 'Constant' and not inputs) or \
+                not all(name in values for name in inputs):
+            continue
+        try:
+            outputs = ReferenceEvaluator(node).run(
+                None, {name: values[name]
+                       for name in inputs})
+        except Exception:  # an op the reference cannot run: keep it
+            continue
+        values.update(zip(node.output, outputs))
+        folded.append(node)
+    if not folded:
+        return 0
+    for node in folded:
+        graph.node.remove(node)
+    needed = {name for node in graph.node for name in node.input}
+    needed.update(out.name for out in graph.output)
+    present = {i.name for i in graph.initializer}
+    for node in folded:
+        for name in node.output:
+            if name in needed and name not in present:
+                graph.initializer.append(
+                    numpy_helper.from_array(values[name], name))
+    for init in [i for i in graph.initializer if i.name not in needed]:
+        graph.initializer.remove(init)
+    return len(folded)
 
 
 def fold_norms_into_matmuls(model) -> int:

@@ -7,6 +7,7 @@ ratios hold on a shared machine.
 Used by ``tools/analysis_tools/benchmark_onnx.py`` and
 ``benchmarks/deploy.py``.
 """
+import collections
 import importlib.util
 import os
 import os.path as osp
@@ -32,7 +33,8 @@ def open_session(onnx_file: str,
                  threads: Optional[int] = None) -> Callable:
     """``run(inputs [B, 3, H, W] ndarray) -> list of output ndarrays`` of
     ``onnx_file`` in ``runtime`` on the CPU, with ``threads`` intra-op threads
-    (None: the runtime's default)."""
+    (None: the runtime's default), in float32 (OpenVINO's default on CPUs with
+    bfloat16 units is bfloat16)."""
     if not runtime_available(runtime):
         raise RuntimeError(f'{runtime} is not installed: pip install '
                            f'{runtime} (or the "deploy" extra of mmdyn)')
@@ -47,7 +49,11 @@ def open_session(onnx_file: str,
         return lambda x: session.run(None, {'input': x})
     import openvino as ov
     core = ov.Core()
-    config = {'INFERENCE_NUM_THREADS': threads} if threads else {}
+    # float32 as ONNX Runtime: on CPUs with AMX/AVX512-BF16 OpenVINO's
+    # default precision is bfloat16 (errors of 1e-2 and more).
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
     compiled = core.compile_model(core.read_model(onnx_file), 'CPU', config)
 
     def run(x):
@@ -75,6 +81,38 @@ def count_nodes(onnx_file: str) -> int:
     """Nodes of the file's main graph."""
     import onnx
     return len(onnx.load(onnx_file, load_external_data=False).graph.node)
+
+
+def node_scope(node, depth: int) -> str:
+    """The module scope of an exported node (``model/backbone/layer1/
+    layer1.0/conv2``, cut to ``depth`` parts): from its name, or from its first
+    output's name where the simplifier renamed it (``node_Gemm_12``);
+    ``'(graph)'`` for nodes outside any module."""
+    for name in (node.name, *node.output):
+        parts = name.strip('/').split('/')
+        if len(parts) > 1:
+            return '/'.join(parts[:-1][:depth])
+    return '(graph)'
+
+
+def count_nodes_by_scope(onnx_file: str,
+                         depth: int = 5) -> collections.Counter:
+    """Nodes of the file's main graph per module scope (:func:`node_scope`),
+    e.g. ``depth=5``: per layer of a ResNet (``model/backbone/layer3/
+    layer3.1/conv2``); the op types of one scope by
+    :func:`op_types_in_scope`."""
+    import onnx
+    graph = onnx.load(onnx_file, load_external_data=False).graph
+    return collections.Counter(node_scope(n, depth) for n in graph.node)
+
+
+def op_types_in_scope(onnx_file: str, scope: str) -> collections.Counter:
+    """The op types of the nodes under ``scope`` (a prefix of
+    :func:`node_scope`)."""
+    import onnx
+    graph = onnx.load(onnx_file, load_external_data=False).graph
+    return collections.Counter(
+        n.op_type for n in graph.node if node_scope(n, 99).startswith(scope))
 
 
 def benchmark_onnx_files(files: Sequence[str],

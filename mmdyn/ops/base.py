@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import switches
+from .accel.custom_ops import layer_forward_operator
 from .capture import fx_leaf, graph_capture
 
 IntOrPair = Union[int, Tuple[int, int]]
@@ -323,14 +324,19 @@ class DynamicConv2dBase(nn.Module):
 
     def forward_prologue(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """What every dispatching ``forward`` starts with: under ``torch.fx``
-        tracing, the layer as a graph leaf; then :meth:`check_input_or_empty`
-        (``last_path`` ``'empty'``).
+        tracing, the layer as a graph leaf; under ``torch.compile`` in CPU
+        inference, the layer as one operator
+        (:func:`~mmdyn.ops.accel.custom_ops.layer_forward_operator`); then
+        :meth:`check_input_or_empty` (``last_path`` ``'empty'``).
 
         Returns the output when one of these ends the forward, else None.
         """
         leaf = fx_leaf(self, x)
         if leaf is not None:
             return leaf
+        whole = layer_forward_operator(self, x)
+        if whole is not None:  # compiled inference: one mmdyn:: operator
+            return whole
         out = self.check_input_or_empty(x)
         if out is not None:
             self.last_path = 'empty'

@@ -4,9 +4,11 @@
 
 :func:`graph_capture` is the one predicate every dispatch in
 :mod:`mmdyn.ops` asks: under it the layers take paths made of plain
-PyTorch ops (or of the ``mmdyn::`` custom operators under
-``torch.compile``); ctypes calls, raw data pointers and reused buffers have
-no place in a captured graph.
+PyTorch ops; ctypes calls, raw data pointers and reused buffers have no
+place in a captured graph. Under ``torch.compile`` (:func:`compiling`)
+the CPU inference paths built on the C loops are kept: each runs as one
+``mmdyn::`` custom operator (:mod:`mmdyn.ops.accel.custom_ops`), opaque to
+the compiler, the loops and their workspaces inside it.
 
 torch only.
 """
@@ -38,6 +40,14 @@ def compiling() -> bool:
     exporting = getattr(torch.compiler, 'is_exporting', None)
     return torch.compiler.is_compiling() and not (exporting is not None
                                                   and exporting())
+
+
+def captured_without_operators() -> bool:
+    """Graph capture where the C loops cannot run: every kind but
+    ``torch.compile`` (export, ONNX, TorchScript, ``torch.fx``); under
+    ``torch.compile`` they run as the ``mmdyn::`` custom operators of
+    :mod:`mmdyn.ops.accel.custom_ops`."""
+    return graph_capture() and not compiling()
 
 
 def _fx_tracing() -> bool:

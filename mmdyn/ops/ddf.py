@@ -228,6 +228,8 @@ def normalize_filters(x: torch.Tensor, groups: int, kk: int) -> torch.Tensor:
     normalisation is scale invariant, and the 1e-10 is rescaled with it)
     but huge filters cannot overflow, and a constant filter gives zeros.
     """
+    if export_forms.exporting():  # few nodes, no batch-size shape chains
+        return export_forms.normalize_filters(x, groups, kk)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     v = x.to(dtype).reshape(x.shape[0], groups, kk, *x.shape[2:])
     # Subtracting one element first makes a constant filter exactly zero
@@ -300,6 +302,10 @@ class FilterNorm(nn.Module):
                 self.std.normal_().mul_(self.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if export_forms.exporting():  # the scale folded in
+            return export_forms.normalize_filters(
+                x, self.channels, self.kernel_size**2,
+                self.gain if self.std is None else self.std)
         v = normalize_filters(x, self.channels, self.kernel_size**2)
         if self.std is None:
             return v * self.gain
@@ -536,8 +542,11 @@ class DDFConv2d(DynamicConv2dBase):
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
-        path = self.last_path = ddf_path(self.impl, x)
         cf, sf = self.filters(x)
+        path = self.last_path = ddf_path(self.impl, x, (cf, sf),
+                                         (self.kernel_size, self.dilation,
+                                          self.stride, self.combine,
+                                          self.head), self._ddf)
         out = self._ddf(path, x, cf, sf)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)

@@ -153,6 +153,10 @@ class KWAttention(nn.Module):
         start_cell (int): First owned cell (basis variant). Default: 0.
     """
 
+    #: The ``eps`` of the contrasting attention
+    #: (:func:`contrasting_attention`).
+    caf_eps = CAF_EPS
+
     def __init__(self,
                  in_channels: int,
                  hidden_channels: int,
@@ -427,6 +431,14 @@ class _KWLayerMixin(TemperatureMixin):
             lambda: self.warehouse_manager.packed_cells(self.warehouse_id),
             uses_c_cell_product(attention, cells))
         return mixtures
+
+    def uses_c_cell_product(self, attention: torch.Tensor) -> bool:
+        """Whether :meth:`mix_cells` runs the C cell product for these
+        attentions now (see :func:`~mmdyn.ops.accel.paths.
+
+        uses_c_cell_product`).
+        """
+        return uses_c_cell_product(attention, self._cell_rows())
 
     def _agg_madds(self) -> int:
         return _prod(self.weight_shape) * self.num_cells

@@ -21,6 +21,11 @@ variable                  effect
                           allocate, in bytes (default 4 GiB)
 ``MMDYN_MALLOC_TUNING``   ``0``: leave glibc's malloc settings alone
                           (:mod:`mmdyn.engine.malloc`)
+``MMDYN_AUTOTUNE``        ``1``: ``impl='auto'`` layers time their
+                          candidate paths on first use of a shape and keep
+                          the fastest (:mod:`mmdyn.ops.accel.autotune`);
+                          ``0``: the size thresholds decide. Unset:
+                          :data:`AUTOTUNE_DEFAULT`
 ========================= ==============================================
 
 An on/off switch is off when its value is ``0``, ``false``, ``off`` or
@@ -52,9 +57,14 @@ ACCEL_SWITCHES = {
 CACHE_DIR = 'MMDYN_CACHE_DIR'
 MAX_ALLOC_BYTES = 'MMDYN_MAX_ALLOC_BYTES'
 MALLOC_TUNING = 'MMDYN_MALLOC_TUNING'
+AUTOTUNE = 'MMDYN_AUTOTUNE'
+#: Whether the layers time their paths (:mod:`mmdyn.ops.accel.autotune`)
+#: when ``MMDYN_AUTOTUNE`` is unset; set by ``benchmarks/autotune.py``
+#: (tuning cost against time saved on the demo trainings).
+AUTOTUNE_DEFAULT = False
 #: Every switch (for documentation and tests).
 SWITCHES = (DISABLE_ACCEL, *ACCEL_SWITCHES, CACHE_DIR, MAX_ALLOC_BYTES,
-            MALLOC_TUNING)
+            MALLOC_TUNING, AUTOTUNE)
 
 _OFF = ('0', 'false', 'off', 'no')
 
@@ -115,3 +125,11 @@ def malloc_tuning(enable: Optional[bool] = None) -> bool:
     if enable is not None:
         return bool(enable)
     return switch_on(MALLOC_TUNING)
+
+
+def autotune_enabled() -> bool:
+    """Whether ``MMDYN_AUTOTUNE`` turns the measured path choice on (unset:
+
+    :data:`AUTOTUNE_DEFAULT`).
+    """
+    return _flag(AUTOTUNE, AUTOTUNE_DEFAULT)

@@ -272,10 +272,12 @@ def test_invalid_dyconv_ratio():
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_chunked_inference_path_matches_reference(cls, bias):
+def test_chunked_inference_path_matches_reference(monkeypatch, cls, bias):
     """Deep-layer CPU inference builds the kernels into the reused workspace,
-    then one batch-1 conv per sample."""
-    from mmdyn.ops.accel.paths import uses_chunked_kernels
+    then one batch-1 conv per sample (the batch-as-groups path, tried before
+    it, off)."""
+    from mmdyn.ops.accel.paths import THRESHOLDS, uses_chunked_kernels
+    monkeypatch.setitem(THRESHOLDS['mixture'], 'grouped_max_kernel_to_maps', 0)
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 4, 5)
     with torch.no_grad():
@@ -324,10 +326,13 @@ def test_conv_then_mix_training_path_matches_reference(cls, name):
 
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
 @pytest.mark.parametrize('bias', [True, False])
-def test_winograd_inference_path_matches_reference(small_winograd, cls, bias):
-    """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the
-    routing weights (thresholds lowered so that a small layer takes it;
-    odd output size: cropped tiles)."""
+def test_winograd_inference_path_matches_reference(small_winograd, monkeypatch,
+                                                   cls, bias):
+    """Deep 3x3 stride-1 CPU inference runs Winograd F(2x2, 3x3) on the routing
+    weights (thresholds lowered so that a small layer takes it, the batch-as-
+    groups path tried before it off; odd output size: cropped tiles)."""
+    from mmdyn.ops.accel.paths import THRESHOLDS
+    monkeypatch.setitem(THRESHOLDS['mixture'], 'grouped_max_kernel_to_maps', 0)
     layer = randomise(build(cls, (16, 24, 3, 1, 1, 1, 1, 4, bias)))
     x = torch.randn(3, 16, 5, 6)
     with torch.no_grad():

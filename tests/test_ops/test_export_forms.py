@@ -14,7 +14,7 @@ from torch import nn
 from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
                        ODConv2d)
 from mmdyn.ops.accel import export_forms
-from mmdyn.ops.ddf import ddf_reference
+from mmdyn.ops.ddf import FilterNorm, ddf_reference
 
 ATOL = 2e-5
 
@@ -75,6 +75,24 @@ LAYERS = [
     ('odconv_k1_1x1_deep',
      _odconv(in_channels=40, out_channels=36, kernel_size=1,
              kernel_num=1), (40, 3, 3)),
+    ('odconv_k1_s2_d2_g_odd',
+     _odconv(
+         in_channels=15,
+         out_channels=9,
+         kernel_size=3,
+         stride=2,
+         padding=2,
+         dilation=2,
+         groups=3,
+         kernel_num=1), (15, 13, 11)),
+    ('odconv_k1_1x1_s2_bias',
+     _odconv(
+         in_channels=11,
+         out_channels=7,
+         kernel_size=1,
+         stride=2,
+         bias=True,
+         kernel_num=1), (11, 9, 7)),
     ('odconv_depthwise',
      _odconv(
          in_channels=10,
@@ -239,15 +257,19 @@ def data_ops(graph) -> collections.Counter:
     return ops
 
 
-def export_and_run(layer, chw, batches=(1, 3)):
+def export_and_run(layer, chw, batches=(1, 3), runtime='onnxruntime'):
     """Export ``layer`` at batch 2 with a dynamic batch (the TorchScript
-    exporter, as tools/deployment/pytorch2onnx.py); per batch, the onnxruntime
-    output and the layer's ``forward_reference``.
+    exporter, as tools/deployment/pytorch2onnx.py); per batch, the output of
+    ``runtime`` (onnxruntime, or OpenVINO in float32) and the layer's
+    ``forward_reference``.
 
     Also the op types of the graph.
     """
     ort = pytest.importorskip('onnxruntime', reason='pip install onnxruntime')
     onnx = pytest.importorskip('onnx', reason='pip install onnx')
+    if runtime == 'openvino':
+        ov = pytest.importorskip(
+            'openvino', reason='pip install openvino (the "deploy" extra)')
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(
@@ -266,15 +288,28 @@ def export_and_run(layer, chw, batches=(1, 3)):
             opset_version=17,
             dynamo=False)
     ops = data_ops(onnx.load_from_string(buffer.getvalue()).graph)
-    session = ort.InferenceSession(
-        buffer.getvalue(), providers=['CPUExecutionProvider'])
+    if runtime == 'openvino':
+        core = ov.Core()
+        compiled = core.compile_model(
+            core.read_model(buffer.getvalue(), b''), 'CPU',
+            {'INFERENCE_PRECISION_HINT': 'f32'})
+
+        def run(x):
+            return compiled(x)[compiled.outputs[0]]
+    else:
+        session = ort.InferenceSession(
+            buffer.getvalue(), providers=['CPUExecutionProvider'])
+
+        def run(x):
+            return session.run(None, {'input': x})[0]
+
     results = []
     for batch in batches:
         x = torch.randn(
             batch, *chw, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = layer.forward_reference(x)
-        got = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+        got = torch.from_numpy(run(x.numpy()))
         results.append((got, expected))
     return results, ops
 
@@ -295,3 +330,204 @@ def test_onnxruntime_dynamic_batch(name, builder, chw):
     # filter branches' chunks (one per phase).
     assert ops['Gather'] == 0 and ops['ScatterND'] == 0, ops
     assert ops['Slice'] <= (9 if name == 'ddf_up' else 3), ops
+
+
+@pytest.mark.parametrize(
+    'name,builder,chw',
+    LAYERS + DDF_LAYERS,
+    ids=[n for n, _, _ in LAYERS + DDF_LAYERS])
+def test_openvino_dynamic_batch(name, builder, chw):
+    """The same exports in OpenVINO (float32), batch 1 and 3."""
+    layer = _build(builder)
+    results, _ = export_and_run(layer, chw, runtime='openvino')
+    for got, expected in results:
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# The folded attention branches, the one-kernel ODConv forms, the filter norm
+# --------------------------------------------------------------------------
+ONE_KERNEL = [name for name, _, _ in LAYERS if name.startswith('odconv_k1')]
+
+
+@pytest.mark.parametrize('form', ['columns', 'taps', 'kernels'])
+@pytest.mark.parametrize('name', ONE_KERNEL + ['odconv_depthwise'])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_odconv_one_kernel_forms(name, form, batch, monkeypatch):
+    """The one-kernel forms (scaled im2col columns; the tap maps summed by a
+    grouped one-hot Conv, stride-1 layers; per-sample kernels, groups=1) with
+    the folded attention branch equal the reference, also with a temperature
+    other than 1."""
+    monkeypatch.setattr(export_forms, 'ODCONV_ONE_KERNEL_FORM', form)
+    layer = _build(LAYERS_BY_NAME[name])
+    layer.update_temperature(2.5)
+    chw = {n: c for n, _, c in LAYERS}[name]
+    x = torch.randn(batch, *chw, generator=torch.Generator().manual_seed(3))
+    assert export_forms.odconv_attentions(layer, x) is not None
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+        layer.impl = 'export'
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize('form,name', [('taps', 'odconv_k1_d2_g'),
+                                       ('taps', 'odconv_k1_5x5'),
+                                       ('kernels', 'odconv_k1_s2'),
+                                       ('kernels', 'odconv_k1_5x5')])
+def test_onnxruntime_odconv_other_forms(form, name, monkeypatch):
+    """The tap-maps and per-sample-kernel forms through ONNX Runtime, dynamic
+    batch (1 and 3)."""
+    monkeypatch.setattr(export_forms, 'ODCONV_ONE_KERNEL_FORM', form)
+    layer = _build(LAYERS_BY_NAME[name])
+    results, ops = export_and_run(layer, {n: c for n, _, c in LAYERS}[name])
+    for got, expected in results:
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    assert ops['Gather'] == 0 and ops['Slice'] == 0, ops
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3])
+def test_odconv_branch_that_does_not_fold(kernel_size):
+    """A layer norm in the attention branch does not fold: the form uses
+    the layer's own attentions, still equal to the reference."""
+    layer = _build(lambda: ODConv2d(
+        13,
+        10,
+        kernel_size,
+        stride=2,
+        padding=kernel_size // 2,
+        kernel_num=1,
+        attention_norm='ln'))
+    x = torch.randn(3, 13, 9, 11, generator=torch.Generator().manual_seed(6))
+    assert export_forms.odconv_attentions(layer, x) is None
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+        layer.impl = 'export'
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_odconv_tap_maps_only_at_stride_1(monkeypatch):
+    monkeypatch.setattr(export_forms, 'ODCONV_ONE_KERNEL_FORM', 'taps')
+    assert export_forms.odconv_uses_tap_maps(
+        LAYERS_BY_NAME['odconv_k1_d2_g']())
+    assert not export_forms.odconv_uses_tap_maps(
+        LAYERS_BY_NAME['odconv_k1_s2']())
+
+
+def test_odconv_sample_kernels_where_they_apply(monkeypatch):
+    """The per-sample kernels where a kernel is no larger than its columns
+    (C_out <= H'W') and groups=1: both cases are among the shapes above."""
+    monkeypatch.setattr(export_forms, 'ODCONV_ONE_KERNEL_FORM', 'kernels')
+    shapes = {n: c for n, _, c in LAYERS}
+
+    def uses(name):
+        return export_forms.odconv_uses_sample_kernels(
+            LAYERS_BY_NAME[name](), torch.zeros(1, *shapes[name]))
+
+    assert uses('odconv_k1_s2') and uses('odconv_k1_5x5')
+    assert not uses('odconv_k1_d2_g')  # groups
+    big = ODConv2d(8, 40, 3, padding=1, kernel_num=1)
+    assert not export_forms.odconv_uses_sample_kernels(big,
+                                                       torch.zeros(1, 8, 5, 6))
+
+
+def test_fold_norm_matches_linear_then_norm():
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 5)
+    norm = nn.BatchNorm1d(5).eval()
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.uniform_(-1, 1)
+    weight, bias = export_forms.fold_norm(linear.weight, linear.bias, norm)
+    v = torch.randn(4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(v @ weight.t() + bias, norm(linear(v)))
+    assert export_forms.fold_norm(linear.weight, None, nn.LayerNorm(5)) \
+        is None
+    assert export_forms.fold_norm(linear.weight, None,
+                                  nn.BatchNorm1d(5).train()) is None
+
+
+@pytest.mark.parametrize('name', ['kw_3x3_s2', 'kw_1x1', 'kw_3x3_in_blocks'])
+def test_kw_attention_with_temperature(name):
+    """The folded contrasting attention blends ``beta`` in while the
+    temperature is not 0 (training's warm-up), as the reference does."""
+    layer = _build(LAYERS_BY_NAME[name])
+    layer.update_temperature(0.3)
+    chw = {n: c for n, _, c in LAYERS}[name]
+    x = torch.randn(3, *chw, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+        layer.impl = 'export'
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize('channels,kk,hw,learnable', [
+    (1, 9, (7, 5), False),
+    (3, 9, (7, 5), False),
+    (13, 9, (1, 1), True),
+    (2, 25, (3, 4), False),
+])
+def test_normalize_filters_form(channels, kk, hw, learnable):
+    """Centred, over the unbiased std + 1e-10, times the scale: against a hand-
+    written loop over the filters (and 0, not NaN, for a zero filter)."""
+    k = int(kk**0.5)
+    norm = FilterNorm(
+        channels,
+        k,
+        'channel' if learnable else 'spatial',
+        learnable_std=learnable)
+    x = torch.randn(
+        3, channels * kk, *hw, generator=torch.Generator().manual_seed(5))
+    x[0] = 0.0
+    scale = norm.std.detach() if learnable else norm.gain
+    got = export_forms.normalize_filters(x, channels, kk, scale)
+    expected = torch.empty_like(x)
+    for b in range(3):
+        for g in range(channels):
+            block = x[b, g * kk:(g + 1) * kk].double()
+            centred = block - block.mean(0)
+            std = centred.pow(2).sum(0).div(kk - 1).sqrt()
+            value = centred / (std + 1e-10)
+            if learnable:
+                value = value * scale[g * kk:(g + 1) * kk].double().view(
+                    -1, *[1] * len(hw))
+            else:
+                value = value * scale
+            expected[b, g * kk:(g + 1) * kk] = value.float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            got, norm(x) if not learnable else norm(x), atol=ATOL, rtol=1e-4)
+
+
+def test_normalize_filters_zero_filter_through_onnxruntime(tmp_path):
+    """A zero filter normalises to zeros, not NaN, in the simplified export
+    (the simplifier drops an Add of 1e-10; the form clamps instead)."""
+    ort = pytest.importorskip('onnxruntime', reason='pip install onnxruntime')
+    pytest.importorskip('onnxscript', reason='pip install onnxscript')
+    from mmdyn.analysis.onnx_export import simplify_onnx
+    norm = FilterNorm(1, 3, 'spatial').eval()
+    path = str(tmp_path / 'norm.onnx')
+    torch.onnx.export(
+        norm, (torch.randn(2, 9, 4, 5), ),
+        path,
+        input_names=['input'],
+        dynamic_axes={'input': {
+            0: 'batch'
+        }},
+        opset_version=17,
+        dynamo=False)
+    simplify_onnx(path)
+    x = torch.randn(3, 9, 4, 5, generator=torch.Generator().manual_seed(7))
+    x[:, :, 1, 2] = 0.0
+    got = torch.from_numpy(
+        ort.InferenceSession(path).run(None, {'input': x.numpy()})[0])
+    expected = norm(x)  # eager: the reference's normalisation
+    assert torch.equal(got[:, :, 1, 2], torch.zeros(3, 9))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)

@@ -153,6 +153,10 @@ def test_auto_follows_the_threshold_table(monkeypatch):
     x = torch.randn(2, 128, 12, 12)
     with torch.no_grad():
         layer(x)
+        assert layer.last_path == 'batch_grouped'
+        monkeypatch.setitem(THRESHOLDS['mixture'],
+                            'grouped_max_kernel_to_maps', 0)
+        layer(x)
         assert layer.last_path == 'winograd'
         monkeypatch.setitem(THRESHOLDS['winograd'], 'min_channels', 256)
         layer(x)

@@ -474,18 +474,24 @@ def test_position_major_path_matches_reference(request, kernel_size, stride,
     hw = (2, 3) if kernel_size == 1 else (5, 4)
     x = torch.randn(3, 16, *hw, dtype=torch.float64, requires_grad=True)
     assert layer.uses_position_major(x)
-    out = layer(x)
-    assert layer.last_path == 'position_major'
     x_ref = x.detach().clone().requires_grad_()
     ref = _reference_conv(layer, x_ref, 0.4)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(ref)
     cells = layer.warehouse_manager.weights[layer.warehouse_id]
     params = [cells, layer.attention.fc1.weight, layer.bias]
-    got = torch.autograd.grad(out, [x] + params, grad)
-    want = torch.autograd.grad(ref, [x_ref] + params, grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    want = torch.autograd.grad(ref, [x_ref] + params, grad, retain_graph=True)
+    # Training: 'auto' takes the GEMM-backward path from the mixtures
+    # (kw_train.py); the autograd form of the position-major conv forced.
+    for impl, path in (('auto', 'mixture_gemm'), ('position_major',
+                                                  'position_major')):
+        layer.impl = impl
+        out = layer(x)
+        assert layer.last_path == path
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+        got = torch.autograd.grad(out, [x] + params, grad)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    layer.impl = 'auto'
     # Inference: output-major mixtures against position-major columns (one
     # matmul), by torch.matmul in float64, then by the C loop in float32.
     with torch.no_grad():

@@ -7,6 +7,7 @@ from mmdyn.ops.accel import kw_cells
 from mmdyn.ops.accel.kw_cells import (STRIP, Scatter, pack_columns,
                                       small_rows_matmul)
 from mmdyn.ops.accel.paths import uses_c_cell_product
+from mmdyn.ops.accel.thresholds import THRESHOLDS
 
 
 @pytest.fixture(params=[1, 2], ids=['1thread', '2threads'])
@@ -58,6 +59,8 @@ def test_bad_inputs_are_value_errors():
 
 
 def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
+    monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
+                        4096)
     a, b = torch.randn(8, 10), torch.randn(10, 8192)
     with torch.no_grad():
         assert uses_c_cell_product(a, b)
@@ -68,6 +71,27 @@ def test_used_only_for_float32_inference_of_wide_products(monkeypatch):
         monkeypatch.setattr(kw_cells, 'load', lambda: None)
         assert not uses_c_cell_product(a, b)
     assert not uses_c_cell_product(a, b)  # autograd on
+
+
+@pytest.mark.parametrize('capability,wide,narrow', [('AVX2', True, False),
+                                                    ('DEFAULT', True, False),
+                                                    ('AVX512', False, False)])
+def test_default_columns_threshold_follows_the_cpu(monkeypatch, capability,
+                                                   wide, narrow):
+    """With ``c_loop_min_columns`` None the CPU decides: the C product from
+    4096 columns on AVX2 (and CPUs not listed), never on AVX-512 (MKL is faster
+    there); a number set in the table overrides it."""
+    monkeypatch.setitem(THRESHOLDS['kernel_warehouse'], 'c_loop_min_columns',
+                        None)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
+                        lambda: capability)
+    a = torch.randn(8, 10)
+    with torch.no_grad():
+        assert uses_c_cell_product(a, torch.randn(10, 4096)) == wide
+        assert uses_c_cell_product(a, torch.randn(10, 4095)) == narrow
+        monkeypatch.setitem(THRESHOLDS['kernel_warehouse'],
+                            'c_loop_min_columns', 1)
+        assert uses_c_cell_product(a, torch.randn(10, 4095))
 
 
 @pytest.mark.parametrize('rows,inner,cols', [(72, 47, 4096), (9, 5, 100),

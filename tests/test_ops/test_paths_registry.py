@@ -66,8 +66,8 @@ def _count_ddf_decisions(monkeypatch):
     decisions, ran = [], []
     real_path, real_run = ddf_module.ddf_path, ddf_paths.run
 
-    def counting_path(impl, x):
-        decisions.append(real_path(impl, x))
+    def counting_path(impl, x, *tuning_args):
+        decisions.append(real_path(impl, x, *tuning_args))
         return decisions[-1]
 
     def recording_run(path, *args, **kwargs):

@@ -111,3 +111,106 @@ def test_winograd_ops():
         for i in range(5)
     ])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_path_ops_match_references_and_opcheck():
+    """The inference paths as operators: each against per-sample
+    ``F.conv2d`` of the kernels built by plain tensor ops, and opcheck."""
+    import torch.nn.functional as F
+
+    from mmdyn.ops.accel.custom_ops import (kw_mix_cells_op,
+                                            kw_winograd_conv_op,
+                                            mixture_chunked_conv_op,
+                                            winograd_conv_op)
+    torch.manual_seed(0)
+
+    def per_sample(x, weights, **conv):
+        return torch.cat([
+            F.conv2d(x[i:i + 1], weights[i], **conv) for i in range(x.shape[0])
+        ])
+
+    x = torch.randn(3, 4, 7, 6)
+    bank = torch.randn(2, 5, 4, 3, 3)
+    mix, spatial = torch.rand(3, 2), torch.rand(3, 9)
+    weights = torch.einsum('bk,koixy->boixy', mix, bank) * spatial.view(
+        3, 1, 1, 3, 3)
+    expected = per_sample(x, weights, padding=1)
+    for args in ((x, bank, mix, spatial, [1, 1]),
+                 (x, bank[:1], None, spatial, [1, 1]), (x, bank, mix, None,
+                                                        [1, 1])):
+        got = winograd_conv_op(*args)
+        if args[2] is not None and args[3] is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.library.opcheck(winograd_conv_op, args)
+    conv = dict(stride=2, padding=1, dilation=1)
+    torch.testing.assert_close(
+        mixture_chunked_conv_op(x, bank, mix, spatial, [2, 2], [1, 1], [1, 1],
+                                1),
+        per_sample(x, weights, **conv),
+        rtol=1e-4,
+        atol=1e-4)
+    grouped = torch.randn(2, 4, 2, 3, 3)
+    pi = torch.rand(3, 2)
+    torch.testing.assert_close(
+        mixture_chunked_conv_op(x, grouped, pi, None, [1, 1], [1, 1], [1, 1],
+                                2),
+        per_sample(
+            x,
+            torch.einsum('bk,koixy->boixy', pi, grouped),
+            padding=1,
+            groups=2),
+        rtol=1e-4,
+        atol=1e-4)
+    torch.library.opcheck(mixture_chunked_conv_op,
+                          (x, bank, mix, spatial, [2, 2], [1, 1], [1, 1], 1))
+    torch.library.opcheck(mixture_chunked_conv_op,
+                          (x, grouped, pi, None, [1, 1], [1, 1], [1, 1], 2))
+    # KernelWarehouse: 9 positions of whole [C_out, C_in] cells, or 2 x 2
+    # blocks of 2-channel cells per position.
+    for layout in ((9, 1, 1, 6, 4), (9, 2, 2, 3, 2)):
+        g_s, g_o, g_i, c_o, c_i = layout
+        attention = torch.rand(3, g_s * g_o * g_i, 7)
+        cells = torch.randn(7, c_o * c_i)
+        mixtures = (attention @ cells).view(3, *layout)
+        kernels = mixtures.permute(0, 2, 4, 3, 5, 1).reshape(3, 6, 4, 3, 3)
+        for name in kw_cells_layouts():
+            got = kw_mix_cells_op(attention, cells, list(layout), name)
+            order = {
+                'cells': (0, 1, 2, 3, 4, 5),
+                'position_major': (0, 1, 2, 4, 3, 5),
+                'output_major': (0, 2, 4, 1, 3, 5)
+            }[name]
+            torch.testing.assert_close(
+                got.reshape(-1),
+                mixtures.permute(order).reshape(-1),
+                rtol=1e-5,
+                atol=1e-5)
+            torch.library.opcheck(kw_mix_cells_op,
+                                  (attention, cells, list(layout), name))
+        fused = layout[1:3] == (1, 1)
+        args = (x, attention, cells, list(layout), [1, 1], fused)
+        torch.testing.assert_close(
+            kw_winograd_conv_op(*args),
+            per_sample(x, kernels, padding=1),
+            rtol=1e-4,
+            atol=1e-4)
+        torch.library.opcheck(kw_winograd_conv_op, args)
+
+
+def kw_cells_layouts():
+    from mmdyn.ops.accel.kw_cells import MIXTURE_LAYOUTS
+    return MIXTURE_LAYOUTS
+
+
+def test_layer_forward_op_and_opcheck():
+    """``mmdyn::layer_forward`` runs the registered layer's eager forward."""
+    from mmdyn.ops import ODConv2d
+    from mmdyn.ops.accel.custom_ops import _layer_key, layer_forward_op
+    torch.manual_seed(0)
+    layer = ODConv2d(4, 6, 3, padding=1, stride=2).eval()
+    x = torch.randn(2, 4, 7, 7)
+    args = (x, _layer_key(layer), [2, 6, 4, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer_forward_op(*args), layer.forward_reference(x))
+    torch.library.opcheck(layer_forward_op, args)

@@ -402,8 +402,11 @@ def test_resnet50_training_step_saves_like_static(kind,
     saved = saved_bytes_of_step(model, torch.rand(8, 3, 64, 64))
     ratio = saved / static_resnet50_saved_bytes
     assert ratio <= 1.15, f'{kind}: {ratio:.2f}x the static ResNet-50'
+    # KW's groups=1 CPU layers rebuild their mixtures on the GEMM path
+    # ('mixture_gemm', kw_train.py) that comes before 'recompute'.
     assert any(
-        getattr(m, 'last_path', None) == 'recompute' for m in model.modules())
+        getattr(m, 'last_path', None) in ('recompute', 'mixture_gemm')
+        for m in model.modules())
 
 
 def test_saved_tensor_counter_counts_unique_storages():

@@ -105,4 +105,5 @@ def test_cli(tmp_path, capsys, monkeypatch):
     ])
     out = capsys.readouterr().out
     assert '| tiny_odconv | infer | 2 |' in out
+    assert '; ISA ' in out  # the machine header names the CPU's ISA
     assert 'top operators of one infer iteration of tiny_odconv' in out

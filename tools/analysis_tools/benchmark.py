@@ -110,6 +110,8 @@ def main(argv=None):
         measure_memory=not args.no_memory,
         profile=args.profile,
         log=tool_logger().info)
+    from mmdyn.analysis.machine import header_lines
+    print('\n'.join(header_lines(torch.get_num_threads())))
     print(f'device {args.device}, torch threads {torch.get_num_threads()}, '
           f'amp {args.amp}, {args.repeat} timed rounds after {args.warmup} '
           'warm-up rounds, malloc ' +

@@ -4,7 +4,8 @@
     python tools/analysis_tools/benchmark_onnx.py CONFIG_OR_ONNX \
         [--compare CONFIG_OR_ONNX ...] [--runtime onnxruntime|openvino] \
         [--batch-size 8] [--shape 224 224] [--threads 2] [--repeat 10] \
-        [--warmup 2] [--backbone-only] [--work-dir work_dirs/onnx]
+        [--warmup 2] [--backbone-only] [--work-dir work_dirs/onnx] \
+        [--nodes-by-scope DEPTH] [--nodes-only]
 
 Configs are exported first (random weights, dynamic batch, as
 ``tools/deployment/pytorch2onnx.py --dynamic-batch``); ``.onnx`` files are
@@ -19,7 +20,9 @@ ResNet-50::
         --batch-size 8 --threads 2
 
 OpenVINO (``--runtime openvino``) needs ``pip install openvino`` (the
-``deploy`` extra).
+``deploy`` extra). ``--nodes-by-scope 5`` also lists where each file's
+nodes come from (per module scope, e.g. per conv layer of a ResNet: the
+node names of the export); ``--nodes-only`` lists them without timing.
 """
 import argparse
 import os.path as osp
@@ -60,10 +63,35 @@ def parse_args(argv=None):
         action='store_true',
         help="export model.backbone's feature maps")
     parser.add_argument(
+        '--nodes-by-scope',
+        type=int,
+        default=0,
+        metavar='DEPTH',
+        help='list each file\'s node count per module scope of DEPTH parts '
+        '(5: per layer of a ResNet), with the op types of the largest')
+    parser.add_argument(
+        '--nodes-only',
+        action='store_true',
+        help='with --nodes-by-scope: count, do not time')
+    parser.add_argument(
         '--work-dir',
         default='work_dirs/onnx',
         help='where configs are exported')
     return parser.parse_args(argv)
+
+
+def print_nodes_by_scope(name: str, path: str, depth: int, top: int = 10):
+    """The node count of ``path`` per module scope, largest first."""
+    from mmdyn.analysis.runtime_benchmark import (count_nodes_by_scope,
+                                                  op_types_in_scope)
+    scopes = count_nodes_by_scope(path, depth)
+    print(f'{name}: {sum(scopes.values())} nodes in {len(scopes)} scopes; '
+          f'the {top} largest:')
+    for scope, count in scopes.most_common(top):
+        ops = ', '.join(
+            f'{op} {n}'
+            for op, n in op_types_in_scope(path, scope).most_common())
+        print(f'  {count:5d}  {scope}  ({ops})')
 
 
 def main(argv=None):
@@ -86,6 +114,11 @@ def main(argv=None):
             m, args.work_dir, shape, args.backbone_only) for m in models
     ]
     names = [osp.splitext(osp.basename(m.split('::')[-1]))[0] for m in models]
+    if args.nodes_by_scope:
+        for name, path in zip(names, files):
+            print_nodes_by_scope(name, path, args.nodes_by_scope)
+        if args.nodes_only:
+            return None
     results = benchmark_onnx_files(files, names, args.runtime, args.batch_size,
                                    shape, args.threads, args.repeat,
                                    args.warmup)

@@ -9,6 +9,12 @@ on every call. Inference only: the workspace is overwritten by the next
 call (the path registry, :mod:`mmdyn.ops.accel.paths`, sends only
 inference here).
 
+Measured on AVX2 (2026-12-01) and on AVX-512 (2026-12-06,
+``benchmarks/vendor_paths.py``): on both it is the fastest per-sample path
+of the deepest layers (ResNet-50 stage 4, kernels tens of times larger than
+the maps), where building all kernels of the batch at once costs more than
+the convs.
+
 torch only.
 """
 import math
@@ -99,3 +105,44 @@ def chunked_per_sample_conv2d(x: torch.Tensor,
                 F.conv2d(xb, kernel.view(kernel_shape), None, stride, padding,
                          dilation, groups))
     return torch.cat(outs, dim=0)
+
+
+def repeat_positions(rows: int) -> Tuple[int, int]:
+    """Layout for scaling a [B, rows*P] kernel by a [B, P] attention.
+
+    Broadcasting a [B, 1, P] factor over a [B, rows, P] view runs an inner
+    loop of only P (9) elements; repeating the factor R times gives rows of
+    9R contiguous elements, faster on CPU. Returns (R, rows / R), R the gcd
+    of ``rows`` and ``THRESHOLDS['odconv']['scale_repeat']``.
+    """
+    repeat = math.gcd(rows, THRESHOLDS['odconv']['scale_repeat'])
+    return repeat, rows // repeat
+
+
+def mix_kernels_into(kernel: Optional[torch.Tensor],
+                     bank: torch.Tensor,
+                     spatial: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, rows*P] = (kernel [B, K] @ bank [K, rows*P]) * spatial [B, P],
+    written into ``out`` when given; ``kernel`` None means one kernel with
+    attention 1.
+
+    No autograd: the forward of :class:`_MixKernels` and the
+    chunked per-sample kernels.
+    """
+    batch, positions = spatial.shape
+    repeat, rows = repeat_positions(bank.shape[1] // positions)
+    scale = spatial.repeat(1, repeat).unsqueeze(1)
+    if out is None:
+        out = bank.new_empty(batch, bank.shape[1])
+    mixed = out.view(batch, rows, positions * repeat)
+    if kernel is None or kernel.shape[1] == 1:
+        # One kernel: a broadcast product, one pass over the output
+        # (a [B, 1] x [1, N] matmul is an outer product MKL runs slowly).
+        if kernel is not None:
+            scale = scale * kernel.view(-1, 1, 1)
+        torch.mul(bank.view(1, rows, positions * repeat), scale, out=mixed)
+    else:
+        torch.matmul(kernel, bank, out=out)
+        mixed.mul_(scale)
+    return out

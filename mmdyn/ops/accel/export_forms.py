@@ -15,21 +15,31 @@ becomes chains of ``Gather``/``Slice`` nodes that runtimes run slowly.
 * :func:`per_sample_conv`: :func:`im2col`, then a batched ``MatMul`` with
   the per-sample kernels (KernelWarehouse, ODConv with several kernels,
   CondConv/DyConv on large maps).
-* :func:`odconv`: with one kernel, ``alpha_c`` and ``alpha_s`` scale the
-  im2col columns and the static kernel is a 1x1 ``Conv`` over them (the
-  layer's FLOPs in one static conv, no per-sample kernel); several
-  kernels: :func:`per_sample_conv`.
+* :func:`odconv`: with one kernel, the attention branch folded
+  (:func:`odconv_attentions`: the norm and the temperature in the weights,
+  one ``Conv`` and ``Sigmoid`` for every head, [B, C, 1, 1] scales with no
+  reshape), ``alpha_c * x``, its im2col columns times ``alpha_s`` and the
+  static kernel as a 1x1 ``Conv`` over them (the layer's FLOPs in one
+  static conv, no per-sample kernel), or one of the other exact forms
+  :data:`ODCONV_ONE_KERNEL_FORM` names; several kernels:
+  :func:`per_sample_conv`.
 * :func:`mixture`: CondConv/DyConv; on small maps one static ``Conv`` with
   ``K * C_out`` outputs mixed by the routing weights (``K`` times the conv
   FLOPs, no im2col), otherwise :func:`per_sample_conv`.
 * :func:`kernel_warehouse`: the kernels (or mixtures) in the layout the
-  conv reads, no transposition of the per-sample kernels.
+  conv reads, no transposition of the per-sample kernels; the attention
+  folded (:func:`kw_attention`).
 * :func:`ddf`: DDF as :func:`im2col` of the padded input, the spatial
   filter multiplied in, then the channel filter as a batched ``MatMul``
-  over the taps.
+  over the taps; :func:`normalize_filters`: the filter branches' norm in
+  six nodes.
 
 The functions receive the layer (or the DDF operator's checked arguments)
-as the other paths of :mod:`mmdyn.ops.accel` do.
+as the other paths of :mod:`mmdyn.ops.accel` do. Where a form folds an
+attention branch it computes the attentions again from the input; the
+layer's own attention nodes are then unused and the exporter drops them.
+Shapes in the graph are constants with a -1 batch (only the batch is
+dynamic), so no ``Shape``/``Gather``/``Concat`` chains.
 
 torch only.
 """
@@ -38,6 +48,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..capture import compiling, graph_capture
 from .odconv_paths import folded_weight
@@ -123,35 +134,228 @@ def odconv_folds(layer, x: torch.Tensor) -> bool:
     return layer.weight[0].numel() <= maps
 
 
+def fold_norm(weight: torch.Tensor, bias: Optional[torch.Tensor],
+              norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(W, b)`` of ``norm(F.linear(v, weight, bias))`` as one linear map.
+
+    An eval-mode ``BatchNorm1d`` is folded into ``weight`` [out, in] (an
+    ``nn.Identity`` leaves it); None for a norm that depends on the batch
+    (training BN, ``LayerNorm``).
+    """
+    weight = weight.flatten(1)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    if isinstance(norm, nn.Identity):
+        return weight, bias
+    if not isinstance(norm, nn.BatchNorm1d) or norm.training or \
+            norm.running_mean is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.weight is not None:
+        scale = scale * norm.weight
+        shift = shift * norm.weight + norm.bias
+    return weight * scale[:, None], bias * scale + shift
+
+
+def _as_1x1(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(int(weight.shape[0]), -1, 1, 1)
+
+
+def odconv_attentions(layer, x: torch.Tensor, spatial_repeats: int = 1):
+    """ODConv with one kernel: ``(alpha_c [B, C_in, 1, 1], alpha_f [B, C_out,
+    1, 1] | None, alpha_s [B, spatial_repeats * kh*kw, 1, 1] | None)`` as
+    one branch of 1x1 ``Conv`` nodes on the pooled map: the hidden ``fc``
+    with the attention BN folded in, then ONE ``Conv`` for every head (the
+    temperature divided into its weights; the spatial head's rows repeated
+    ``spatial_repeats`` times, the scale of channel-major im2col columns or
+    tap maps) and one ``Sigmoid``, split in three. None where the
+    branch does not fold (several kernels, a training-mode or layer norm):
+    the layer's own attentions are used.
+
+    The layer computed its attentions before its path ran; under export
+    those nodes are then unused and the exporter drops them.
+    """
+    att = layer.attention
+    if layer.kernel_num != 1:
+        return None
+    hidden = fold_norm(att.fc.weight, att.fc.bias, att.bn)
+    if hidden is None:
+        return None
+    heads = [att.channel_fc]
+    if not att.is_depthwise:
+        heads.append(att.filter_fc)
+    sizes = [layer.in_channels] + [layer.out_channels] * (len(heads) - 1)
+    weights = [h.weight.flatten(1) for h in heads]
+    biases = [h.bias for h in heads]
+    if att.num_positions > 1:
+        # Repeated by an Expand to a constant shape (``repeat`` exports as
+        # a Tile of a computed shape that the simplifier does not fold).
+        positions, hidden_channels = att.num_positions, att.hidden_channels
+        weights.append(
+            att.spatial_fc.weight.reshape(1, positions,
+                                          hidden_channels).expand(
+                                              spatial_repeats, positions,
+                                              hidden_channels).reshape(
+                                                  -1, hidden_channels))
+        biases.append(
+            att.spatial_fc.bias.reshape(1, positions).expand(
+                spatial_repeats, positions).reshape(-1))
+        sizes.append(spatial_repeats * att.num_positions)
+    temperature = layer.temperature.to(x.dtype)
+    pooled = x.mean((2, 3), keepdim=True)
+    s = F.relu(
+        F.conv2d(pooled,
+                 _as_1x1(hidden[0]).to(x.dtype), hidden[1].to(x.dtype)))
+    logits = F.conv2d(s, _as_1x1(torch.cat(weights) / temperature),
+                      torch.cat(biases) / temperature)
+    parts = list(torch.sigmoid(logits).split(sizes, 1))
+    channel = parts.pop(0)
+    filt = parts.pop(0) if not att.is_depthwise else None
+    spatial = parts.pop(0) if att.num_positions > 1 else None
+    return channel, filt, spatial
+
+
+def _odconv_scaled_columns(layer, x, channel, filt, spatial) -> torch.Tensor:
+    """One kernel, larger than 1x1: ``alpha_c * x``, its im2col columns
+    scaled by ``alpha_s`` (both [B, *, 1, 1], ``alpha_s`` repeated per input
+    channel: no reshape), the static kernel as a 1x1 ``Conv`` over them, then
+    ``alpha_f`` and the bias."""
+    cols = im2col(x * channel, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation)
+    cols = cols * spatial
+    weight = layer.weight.reshape(layer.out_channels, -1, 1, 1)
+    out = F.conv2d(cols, weight.to(cols.dtype), None, 1, 0, 1, layer.groups)
+    return _scale_and_bias(layer, out, filt)
+
+
+def _one_hot_tap_sum(channels: int, kernel_size: Pair,
+                     like: torch.Tensor) -> torch.Tensor:
+    """[C, kh*kw, kh, kw]: group ``c`` of a grouped ``Conv`` sums its input
+    ``p`` shifted to kernel position ``p``."""
+    kh, kw = kernel_size
+    eye = torch.eye(kh * kw, dtype=like.dtype, device=like.device)
+    return eye.view(1, kh * kw, kh, kw).repeat(channels, 1, 1, 1)
+
+
+def odconv_tap_maps(layer, x, channel, filt, spatial) -> torch.Tensor:
+    """One kernel, larger than 1x1, the other exact form: ``Z = Conv1x1(alpha_c
+    * x, W as [C_out*kh*kw, C_in/g])`` at the input's resolution, ``Z *
+    alpha_s``, then the sum over the taps as ONE grouped ``Conv``
+    (``groups=C_out``, one-hot weights, the layer's stride, padding and
+    dilation), then ``alpha_f`` and the bias.
+
+    ``Z`` is computed at every input pixel: ``stride**2`` times the layer's
+    FLOPs on strided layers. :data:`ODCONV_ONE_KERNEL_FORM` chooses
+    between this form and the scaled columns.
+    """
+    kh, kw = layer.kernel_size
+    positions = kh * kw
+    c_out = layer.out_channels
+    weight = layer.weight.reshape(c_out, -1, kh, kw).permute(0, 2, 3, 1)
+    weight = weight.reshape(c_out * positions, -1, 1, 1)
+    z = F.conv2d(x * channel, weight.to(x.dtype), None, 1, 0, 1, layer.groups)
+    z = z * spatial  # alpha_s repeated per output channel
+    out = F.conv2d(z, _one_hot_tap_sum(c_out, (kh, kw), z), None, layer.stride,
+                   layer.padding, layer.dilation, c_out)
+    return _scale_and_bias(layer, out, filt)
+
+
+def _scale_and_bias(layer, out: torch.Tensor,
+                    filt: Optional[torch.Tensor]) -> torch.Tensor:
+    if filt is not None:
+        out = out * filt
+    if layer.bias is not None:
+        out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def odconv_sample_kernels(layer, x, channel, filt, spatial) -> torch.Tensor:
+    """One kernel, larger than 1x1, ``groups=1``: per-sample kernels.
+
+    The kernels ``W * alpha_f[o] * alpha_c[c] * alpha_s[p]`` ([B, C_out,
+    C_in*kh*kw], products of the small attention tensors), the im2col
+    columns of ``x`` unscaled, one batched ``MatMul``: no product over a
+    feature map. Chosen where a sample's kernel is no larger than its
+    columns (``C_out <= H' * W'``, early layers) by
+    :data:`ODCONV_ONE_KERNEL_FORM` ``'kernels'``.
+    """
+    positions = layer.kernel_size[0] * layer.kernel_size[1]
+    c_in, c_out = layer.in_channels, layer.out_channels
+    depth = c_in * positions
+    scale = channel.reshape(-1, c_in, 1) * spatial.reshape(-1, c_in, positions)
+    weight = layer.weight.reshape(1, c_out, depth).to(x.dtype) * \
+        scale.reshape(-1, 1, depth)
+    if filt is not None:
+        weight = weight * filt.reshape(-1, c_out, 1)
+    cols = im2col(x, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation)
+    h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
+    out = torch.matmul(weight, cols.reshape(-1, depth, h_out * w_out))
+    return _scale_and_bias(layer, out.reshape(-1, c_out, h_out, w_out), None)
+
+
+#: ODConv with one kernel larger than 1x1 under export: ``'columns'``
+#: (:func:`_odconv_scaled_columns`), ``'taps'`` (:func:`odconv_tap_maps` on
+#: stride-1 layers, the columns elsewhere) or ``'kernels'``
+#: (:func:`odconv_sample_kernels` on early layers, the columns elsewhere).
+#: benchmarks/odconv_export_forms.py times them in ONNX Runtime.
+ODCONV_ONE_KERNEL_FORM = 'columns'
+
+
+def odconv_uses_tap_maps(layer) -> bool:
+    """Whether the one-kernel export form is :func:`odconv_tap_maps`."""
+    return ODCONV_ONE_KERNEL_FORM == 'taps' and \
+        tuple(layer.stride) == (1, 1)
+
+
+def odconv_uses_sample_kernels(layer, x: torch.Tensor) -> bool:
+    """Whether the one-kernel export form is :func:`odconv_sample_kernels`."""
+    if ODCONV_ONE_KERNEL_FORM != 'kernels' or layer.groups != 1:
+        return False
+    h_out, w_out = layer.output_hw(int(x.shape[2]), int(x.shape[3]))
+    return layer.out_channels <= h_out * w_out
+
+
 def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     """ODConv.
 
-    * One kernel larger than 1x1: the im2col columns of ``x`` scaled by
-      ``alpha_c[b, c] * alpha_s[b, p]``, then the static kernel as a 1x1
-      ``Conv`` ([C_out, C_in/g * kh*kw]): the layer's FLOPs in one static
-      conv, no per-sample kernel. Then ``alpha_f`` and the bias.
+    * One kernel: the attentions again as one folded branch
+      (:func:`odconv_attentions`, [B, C, 1, 1] scales, no reshapes). A 1x1
+      kernel: one static ``Conv`` of ``alpha_c * x``; larger kernels:
+      :func:`_odconv_scaled_columns` (the layer's FLOPs in one static conv,
+      no per-sample kernel), :func:`odconv_tap_maps` or
+      :func:`odconv_sample_kernels` (:data:`ODCONV_ONE_KERNEL_FORM`). Then
+      ``alpha_f`` and the bias.
     * Several kernels: the per-sample kernels ``(alpha_w @ W) * alpha_s``
       by :func:`per_sample_conv`, with ``alpha_c``/``alpha_f`` folded into
       them on early layers (:func:`odconv_folds`), else scaling ``x`` and
       the output.
-    * Kernels that do not depend on the sample (1x1, one kernel): the
-      reference, one static conv of ``alpha_c * x``.
     """
-    if spatial is None and kernel is None:
-        return layer.reference_from_attentions(x, channel, filt, spatial,
-                                               kernel)
     if kernel is None:
-        positions = layer.attention.num_positions
-        cols = im2col(x, layer.kernel_size, layer.stride, layer.padding,
-                      layer.dilation)
-        h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
-        scale = (channel[:, :, None] * spatial[:, None, :]).to(cols.dtype)
-        cols = cols * scale.reshape(-1, layer.in_channels * positions, 1, 1)
-        weight = layer.weight.reshape(layer.out_channels, -1, 1, 1)
-        out = F.conv2d(cols, weight.to(cols.dtype), None, 1, 0, 1,
-                       layer.groups)
-        return layer.filter_and_bias(
-            out.view(-1, layer.out_channels, h_out, w_out), filt)
+        taps = spatial is not None and odconv_uses_tap_maps(layer)
+        repeats = layer.out_channels if taps else layer.in_channels
+        folded = odconv_attentions(layer, x, repeats)
+        if folded is None:
+            return _odconv_unfolded(layer, x, channel, filt, spatial)
+        channel, filt, spatial = folded
+        if spatial is None:
+            # 1x1: the input padded and strided first (also: OpenVINO
+            # 2026.4 does not compile a strided Conv of a map scaled by a
+            # Split output).
+            x = im2col(x, (1, 1), layer.stride, layer.padding, (1, 1))
+            weight = layer.weight.reshape(layer.out_channels,
+                                          *layer.weight.shape[-3:])
+            out = F.conv2d(x * channel, weight.to(x.dtype), None, 1, 0, 1,
+                           layer.groups)
+            return _scale_and_bias(layer, out, filt)
+        if taps:
+            form = odconv_tap_maps
+        elif odconv_uses_sample_kernels(layer, x):
+            form = odconv_sample_kernels
+        else:
+            form = _odconv_scaled_columns
+        return form(layer, x, channel, filt, spatial)
     if odconv_folds(layer, x):
         weight = folded_weight(layer, channel, filt, spatial, kernel)
         return per_sample_conv(x, weight.to(x.dtype), layer.bias, layer.stride,
@@ -161,6 +365,19 @@ def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     out = per_sample_conv(x, weight.to(x.dtype), None, layer.stride,
                           layer.padding, layer.dilation, layer.groups)
     return layer.filter_and_bias(out, filt)
+
+
+def _odconv_unfolded(layer, x, channel, filt, spatial) -> torch.Tensor:
+    """One kernel with the layer's own [B, C] attentions (a branch that does
+    not fold): the reference for a 1x1 kernel, else the scaled columns."""
+    if spatial is None:
+        return layer.reference_from_attentions(x, channel, filt, None, None)
+    as_map = [
+        None if a is None else a[:, :, None, None].to(x.dtype)
+        for a in (channel, filt, spatial)
+    ]
+    as_map[2] = as_map[2].repeat(1, layer.in_channels, 1, 1)
+    return _odconv_scaled_columns(layer, x, *as_map)
 
 
 def mixture_stacks_kernels(layer, x: torch.Tensor) -> bool:
@@ -244,7 +461,9 @@ def kernel_warehouse(layer, x: torch.Tensor,
     """KernelWarehouse (attentions [B, m, n], mixture ``m = (s, o, i)``: kernel
     position, output block, input block): the conv from the mixtures with no
     transposition of the per-sample kernels (a ``Transpose`` of every sample's
-    kernel is most of the time otherwise).
+    kernel is most of the time otherwise). The attentions are taken again from
+    :func:`kw_attention` where it folds (the zero cell then a zero row of the
+    warehouse).
 
     * Whole-position cells (one output and one input block), deep layers
       (:func:`kw_position_major`): the mixtures [B, k*k, C_out, C_in] (one
@@ -260,6 +479,14 @@ def kernel_warehouse(layer, x: torch.Tensor,
     """
     cells = layer._cell_rows()
     g_s, g_o, g_i, c_o, c_i = layer._kw_layout
+    folded = kw_attention(layer, x)
+    if folded is not None:
+        if (g_o, g_i) != (1, 1) and (g_s, layer.groups) != (1, 1):
+            # The reference's kernel assembly below.
+            attention = folded[..., :-1]
+        else:  # the zero cell as a zero row
+            attention = folded
+            cells = torch.cat([cells, cells.new_zeros(1, cells.shape[1])])
     attention = attention.to(cells.dtype)
     if g_s == 1 and layer.groups == 1:
         x = im2col(x, (1, 1), layer.stride, layer.padding, (1, 1))
@@ -267,7 +494,8 @@ def kernel_warehouse(layer, x: torch.Tensor,
         mixtures = torch.matmul(attention, cells).view(-1, g_o, g_i, c_o, c_i)
         out = torch.matmul(
             mixtures.to(x.dtype), x.reshape(-1, 1, g_i, c_i, h_out * w_out))
-        out = out.sum(2) if g_i > 1 else out.squeeze(2)
+        if g_i > 1:
+            out = out.sum(2)
         out = out.reshape(-1, layer.out_channels, h_out, w_out)
         if layer.bias is not None:
             out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
@@ -282,6 +510,72 @@ def kernel_warehouse(layer, x: torch.Tensor,
         kernel = layer.assemble_kernel(attention)
     return per_sample_conv(x, kernel.to(x.dtype), layer.bias, layer.stride,
                            layer.padding, layer.dilation, layer.groups)
+
+
+def normalize_filters(x: torch.Tensor,
+                      groups: int,
+                      kk: int,
+                      scale=1.0) -> torch.Tensor:
+    """DDF's filter normalisation in few nodes, times ``scale``.
+
+    As :func:`mmdyn.ops.ddf.normalize_filters`: each of the ``groups``
+    filters of ``kk`` values along dim 1 of ``x`` [B, groups*kk, H, W]
+    centred and divided by its unbiased std (+1e-10); then times ``scale``
+    (a number or a [groups*kk] vector: :class:`~mmdyn.ops.ddf.FilterNorm`'s
+    gain or learnable std). Nodes: ``ReduceMean``, ``Sub``, ``ReduceL2``,
+    ``Clip``, ``Mul``, ``Div`` (and a ``Reshape`` each way for several
+    groups, constant shapes with a -1 batch), as ``c * sqrt(kk-1) /
+    max(||c||, eps * sqrt(kk-1))``. The reference's max-abs rescaling (an
+    overflow guard for huge filters) is left out: the value is the same.
+    """
+    shape = [int(v) for v in x.shape[1:]]
+    if groups > 1:
+        x = x.reshape(-1, groups, kk, *shape[1:])
+    axis = 2 if groups > 1 else 1
+    centred = x - x.mean(axis, keepdim=True)
+    norm = torch.linalg.vector_norm(centred, 2, axis, keepdim=True)
+    root = math.sqrt(kk - 1)
+    if isinstance(scale, torch.Tensor):  # one value per filter element
+        filters = (groups, kk) if groups > 1 else (kk, )
+        scale = scale.to(x.dtype).reshape(1, *filters,
+                                          *[1] * (x.dim() - 1 - len(filters)))
+    # max(., eps), not + eps: onnxscript's optimizer drops the Add of a
+    # constant this small, and a zero filter would give 0/0. Both equal
+    # 0 for a zero filter and agree to 1e-10 / ||c|| elsewhere.
+    out = centred * (scale * root) / norm.clamp_min(1e-10 * root)
+    return out.reshape(-1, *shape) if groups > 1 else out
+
+
+def kw_attention(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """KernelWarehouse's attentions [B, m, n + 1] (the zero cell's column
+    kept: :func:`kernel_warehouse` multiplies it by a zero row) as few
+    nodes: the pooled ``fc1`` with the norm folded in, ``ReLU``, ``fc2``,
+    then the contrasting attention ``(1 - tau) * z / (sum|z| + eps) + tau *
+    beta`` (the reference's max-abs rescaling, an overflow guard, left out:
+    the same value), the ``tau`` terms only where ``tau != 0``. None where
+    it does not fold (a basis-mixed attention, a layer norm): the layer's
+    own attentions are used; under export those nodes are then unused and
+    the exporter drops them."""
+    att = layer.attention
+    if att is None or getattr(att, 'num_basis', None) is not None:
+        return None
+    hidden = fold_norm(att.fc1.weight, att.fc1.bias, att.norm1)
+    if hidden is None or not isinstance(att.act1, nn.ReLU):
+        return None
+    pooled = x.mean((2, 3))
+    s = F.relu(F.linear(pooled, hidden[0].to(x.dtype), hidden[1].to(x.dtype)))
+    z = F.linear(s, att.fc2.weight.to(x.dtype), att.fc2.bias)
+    z = z.reshape(-1, att.num_mixtures, att.num_cells + 1)
+    # Abs + ReduceSum: OpenVINO (2026.4) computes ReduceL1 wrongly here.
+    z = z / (z.abs().sum(-1, keepdim=True) + att.caf_eps)
+    tau = layer.temperature
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        # Traced (ONNX, TorchScript): tau is a constant of the graph, its
+        # terms only where it is not 0. torch.export cannot branch on it.
+        tau = float(tau)
+        if tau == 0.0:
+            return z
+    return (1.0 - tau) * z + tau * layer.beta.to(z.dtype)
 
 
 def ddf(x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor, kernel_size: int,
@@ -313,10 +607,12 @@ def ddf(x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor, kernel_size: int,
     cols = cols.reshape(-1, C, kk, Ho * Wo)
     sf = sf.reshape(-1, 1, kk, Ho * Wo).to(cols.dtype)
     cf = cf.reshape(-1, C, 1, kk).to(cols.dtype)
+    # [B, C, 1, Ho*Wo] reshaped, no Squeeze node.
     if add:
-        out = torch.matmul(cf, cols).squeeze(2) + (cols * sf).sum(2)
+        out = torch.matmul(cf, cols).reshape(-1, C, Ho * Wo) + \
+            (cols * sf).sum(2)
     else:
-        out = torch.matmul(cf, cols * sf).squeeze(2)
+        out = torch.matmul(cf, cols * sf)
     return out.reshape(-1, C, Ho, Wo)
 
 

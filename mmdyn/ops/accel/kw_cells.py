@@ -17,7 +17,9 @@ tile where AVX2/FMA is missing). A :class:`Scatter` writes the result in
 another layout than row-major, e.g. each ``[c_o, c_i]`` mixture into its
 block of a ``[C_out, C_in]`` kernel, which saves a transposition copy.
 Its speed at ResNet-50's shapes is in benchmarks/README.md. Only float32
-inference uses it (:func:`~mmdyn.ops.accel.paths.uses_c_cell_product`);
+inference uses it (:func:`uses_c_cell_product`),
+on CPUs where it beats MKL (AVX2; not AVX-512, see
+:data:`C_LOOP_MIN_COLUMNS`);
 ``torch.matmul`` stays the reference and the path of autograd, other
 dtypes and devices.
 ``MMDYN_KW_CPU_KERNEL=0`` turns it off.
@@ -34,14 +36,46 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from .. import switches
-from ..capture import graph_capture
+from ..capture import captured_without_operators, compiling, graph_capture
 from ..switches import accel_enabled
 from .c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
                         ptr)
 from .chunked import kernel_workspace
+from .thresholds import THRESHOLDS
 
 #: Columns per packed strip (the width of the C tile).
 STRIP = 24
+
+#: The fewest columns (cell elements) from which the C cell product serves
+#: a product, per CPU capability (``torch.backends.cpu.
+#: get_cpu_capability()``), when ``THRESHOLDS['kernel_warehouse']
+#: ['c_loop_min_columns']`` is None. AVX2 (2026-12-01): 1.5-2.5x MKL's
+#: ``torch.matmul`` at ResNet-50's shapes. AVX-512 (2026-12-06, Xeon VM,
+#: ``benchmarks/kw_assembly.py``): MKL is faster, the C loop 0.84x of it
+#: per KW-1x ResNet-50 forward at 1 and 2 threads, so never.
+C_LOOP_MIN_COLUMNS = {'AVX512': None}
+_AVX2_MIN_COLUMNS = 4096
+
+
+@torch.compiler.assume_constant_result
+def _cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()``, a constant to TorchDynamo
+    (which cannot trace a call returning a string)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def c_loop_min_columns() -> float:
+    """The fewest columns from which the C cell product is used (infinite:
+
+    never): ``THRESHOLDS['kernel_warehouse']['c_loop_min_columns']``, or
+    when that is None the CPU's default (:data:`C_LOOP_MIN_COLUMNS`,
+    4096 for CPUs it does not list).
+    """
+    value = THRESHOLDS['kernel_warehouse']['c_loop_min_columns']
+    if value is not None:
+        return value
+    value = C_LOOP_MIN_COLUMNS.get(_cpu_capability(), _AVX2_MIN_COLUMNS)
+    return math.inf if value is None else value
 
 
 class Scatter(NamedTuple):
@@ -116,8 +150,7 @@ def small_rows_matmul(a: torch.Tensor,
                       scatter: Optional[Scatter] = None,
                       winograd: bool = False) -> torch.Tensor:
     """``a @ b`` for float32 CPU tensors, ``a`` [..., K] with few rows and
-    ``b`` [K, N] with many columns (see
-    :func:`~mmdyn.ops.accel.paths.uses_c_cell_product`).
+    ``b`` [K, N] with many columns (see :func:`uses_c_cell_product`).
 
     Args:
         a (Tensor): [..., K].
@@ -311,7 +344,7 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
     ``layout`` (see :meth:`~mmdyn.ops.KWConv2d.mix_cells`).
 
     With ``c_loop`` (float32 CPU inference, see
-    :func:`~mmdyn.ops.accel.paths.uses_c_cell_product`) the product runs as
+    :func:`uses_c_cell_product`) the product runs as
     :func:`small_rows_matmul` on the packed cells (``packed()``), writing
     the layout directly; otherwise
     ``torch.matmul``, then a rearranging copy. With ``reuse_buffer`` (in
@@ -322,6 +355,9 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
         tuple[Tensor, str]: the mixtures, and the product that made them
         (``'c_loop'`` or ``'matmul'``).
     """
+    if c_loop and compiling():  # one opaque operator of the graph
+        return torch.ops.mmdyn.kw_mix_cells(attention, cells, list(kw_layout),
+                                            layout), 'c_loop'
     batch = attention.shape[0]
     g_s, g_o, g_i = kw_layout[:3]
     shape = mixture_shape(batch, kw_layout, layout)
@@ -356,3 +392,26 @@ def mix_cells(attention: torch.Tensor, cells: torch.Tensor,
     order = (0, 1, 2, 4, 3, 5) if layout == 'position_major' else \
         (0, 2, 4, 1, 3, 5)
     return mixtures.permute(order).reshape(shape), 'matmul'
+
+
+def uses_c_cell_product(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether KernelWarehouse's C cell product (:func:`small_rows_matmul`)
+    serves ``a @ b``:
+
+    float32 CPU inference (no autograd, autocast or graph capture other
+    than ``torch.compile``, where it runs as ``mmdyn::kw_mix_cells``), a
+    2-D ``b`` of at least ``c_loop_min_columns`` columns (:data:`THRESHOLDS`
+    ``['kernel_warehouse']``; None: the CPU's default,
+    :func:`c_loop_min_columns`), the loop
+    available.
+    """
+    if a.device.type != 'cpu' or b.device.type != 'cpu' or \
+            a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() or captured_without_operators() or \
+            torch.is_autocast_enabled('cpu'):
+        return False
+    if b.dim() != 2 or a.shape[-1] != b.shape[0] or \
+            b.shape[1] < c_loop_min_columns():
+        return False
+    return load() is not None

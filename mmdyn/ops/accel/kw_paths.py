@@ -12,8 +12,11 @@ torch only.
 import torch
 import torch.nn.functional as F
 
+from ..capture import compiling, graph_capture
 from .chunked import chunked_per_sample_conv2d
+from .custom_ops import kw_winograd_conv_op
 from .kw_cells import small_rows_matmul
+from .kw_train import cells_layout_conv, position_major_columns
 from .winograd import chunked_winograd_conv2d, winograd_block_conv2d
 
 
@@ -51,7 +54,14 @@ def reference(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
 
 
 def chunked(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Kernels a chunk of samples at a time, then batch-1 convs (inference)."""
+    """Kernels a chunk of samples at a time, then batch-1 convs (inference).
+
+    Under ``torch.compile``: the reference conv of the kernels from the C
+    cell product (``mmdyn::kw_mix_cells``); the workspace stays out of the
+    graph.
+    """
+    if compiling():
+        return reference(layer, x, attention)
     out = chunked_per_sample_conv2d(
         x, lambda start, stop, _: assembled_kernel(layer, attention[
             start:stop]).flatten(1).to(x.dtype), layer.weight_shape, None,
@@ -94,6 +104,10 @@ def winograd_conv(layer, x: torch.Tensor, attention: torch.Tensor,
     cache, so the per-sample kernels are never stored. Otherwise they are
     built from the mixtures.
     """
+    if compiling():  # the C loops as one opaque operator of the graph
+        return kw_winograd_conv_op(x, attention, layer._cell_rows(),
+                                   list(layer._kw_layout), list(layer.padding),
+                                   fused)
     if fused:
         cells = layer._cell_rows()
         packed = layer.warehouse_manager.packed_cells(layer.warehouse_id)
@@ -109,6 +123,30 @@ def winograd_conv(layer, x: torch.Tensor, attention: torch.Tensor,
     return winograd_block_conv2d(x,
                                  layer.mix_cells(attention, reuse_buffer=True),
                                  layer.padding)
+
+
+def cells_layout_pays(layer, x: torch.Tensor, attention: torch.Tensor) -> bool:
+    """Whether the position-major path's inference convolves from the mixtures
+    in the cells' own layout (:func:`~mmdyn.ops.accel.kw_train.
+
+    cells_layout_conv`: the product written as it comes, one ``bmm`` per
+    cell position): 1x1 layers whose cells span part of the input
+    channels (where the kernel layout is not the product's own) and whose
+    mixtures come from ``torch.matmul``, which cannot write another layout
+    without a copy of them (on AVX-512, where it serves the product; the
+    C product's ``Scatter`` writes any layout). Measured on AVX-512,
+    2026-12-06, batch 8, 1 thread, 2048 -> 512 at 7x7 with 512 x 512
+    cells: the mixtures rearranged then one ``bmm`` 50 ms, from the cells'
+    layout 22 ms. A 3x3 512 -> 512 layer keeps the output-major mixtures
+    and one ``bmm`` (52 ms against 59 ms for nine). Not under graph
+    capture or autocast.
+    """
+    g_s, _, g_i = layer._kw_layout[:3]
+    return g_s == 1 and g_i > 1 and not torch.is_grad_enabled() and \
+        not graph_capture() and \
+        not torch.is_autocast_enabled(x.device.type) and \
+        x.dtype == layer._cells().dtype and \
+        not layer.uses_c_cell_product(attention)
 
 
 def position_major_conv(layer, x: torch.Tensor,
@@ -127,6 +165,8 @@ def position_major_conv(layer, x: torch.Tensor,
     kh*kw * C_in; less time than nine accumulated ones at ResNet-50's stage
     3-4 shapes, benchmarks/README.md).
     """
+    if cells_layout_pays(layer, x, attention):
+        return cells_layout_conv(layer, x, attention)
     g_s = layer._kw_layout[0]
     h_out, w_out = layer.output_hw(*x.shape[-2:])
     cast = (lambda t: t) if torch.is_autocast_enabled(x.device.type) \
@@ -160,22 +200,6 @@ def position_major_conv(layer, x: torch.Tensor,
     if layer.bias is not None:
         out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
     return out
-
-
-def position_major_columns(x: torch.Tensor, conv, h_out: int,
-                           w_out: int) -> torch.Tensor:
-    """im2col with the kernel positions outermost: [B, kh*kw * C_in,
-    H' W'] (``F.unfold`` puts the channels outermost); ``conv`` gives the
-    kernel size, padding, stride and dilation."""
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    (sh, sw), (dh, dw) = conv.stride, conv.dilation
-    x = F.pad(x, (pw, pw, ph, ph))
-    views = [
-        x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh,
-          j * dw:j * dw + sw * (w_out - 1) + 1:sw] for i in range(kh)
-        for j in range(kw)
-    ]
-    return torch.stack(views, 1).view(x.shape[0], -1, h_out * w_out)
 
 
 def pointwise_conv(layer, x: torch.Tensor,

@@ -5,12 +5,24 @@ layer's ``forward_reference`` result another way (chosen by
 :mod:`mmdyn.ops.accel.paths`). Each function receives the layer and the routing
 weights ``pi`` [B, K] of its input.
 
+* ``conv_then_mix``: ``K`` static convs, outputs mixed (training on small
+  maps).
+* ``batch_grouped``: the mixed kernels and one batch-as-groups conv, all
+  oneDNN (inference; rule measured on AVX-512, 2026-12-06, where it beats
+  the Winograd C loop).
+* ``winograd`` and ``chunked``: the per-sample conv by Winograd
+  F(2x2, 3x3), or with the kernels built into a reused workspace (the
+  deepest layers).
+
 torch only.
 """
 import torch
 import torch.nn.functional as F
 
+from ..capture import compiling
+from ..per_sample_conv import per_sample_conv2d
 from .chunked import chunked_per_sample_conv2d
+from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
 from .winograd import winograd_per_sample_conv2d
 
 
@@ -43,10 +55,28 @@ def conv_then_mix(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def batch_grouped(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """The mixed kernels ``pi @ W`` of the batch, then ONE conv with the batch
+    folded into the groups (oneDNN's grouped conv; a plain conv for a batch of
+    one), with or without autograd.
+
+    The reference does the same in inference; as a path it is taken before the
+    C loops where it beats them (AVX-512, 2026-12-06).
+    """
+    bias = _mixed_bias(layer, pi)
+    weight = (pi @ layer.weight.flatten(1)).view(-1, *layer.weight.shape[1:])
+    return per_sample_conv2d(x, weight, bias, layer.stride, layer.padding,
+                             layer.dilation, layer.groups, 'grouped')
+
+
 def winograd(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """The per-sample conv by Winograd F(2x2, 3x3) (inference)."""
     bias = _mixed_bias(layer, pi)
-    out = winograd_per_sample_conv2d(x, layer.weight, pi, None, layer.padding)
+    if compiling():  # the C loops as one opaque operator of the graph
+        out = winograd_conv_op(x, layer.weight, pi, None, list(layer.padding))
+    else:
+        out = winograd_per_sample_conv2d(x, layer.weight, pi, None,
+                                         layer.padding)
     if bias is not None:
         out += bias[:, :, None, None].to(out.dtype)
     return out
@@ -56,6 +86,12 @@ def chunked(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """Kernels built a chunk of samples at a time into the reused workspace,
     then batch-1 convs (inference)."""
     bias = _mixed_bias(layer, pi)
+    if compiling():  # one opaque operator of the graph
+        out = mixture_chunked_conv_op(x, layer.weight, pi, None,
+                                      list(layer.stride), list(layer.padding),
+                                      list(layer.dilation), layer.groups)
+        return out if bias is None else out + bias[:, :, None,
+                                                   None].to(out.dtype)
     bank = layer.weight.flatten(1)
 
     def kernels(start, stop, out):

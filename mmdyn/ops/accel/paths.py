@@ -26,11 +26,19 @@ folded         ODConv: ``alpha_c``/``alpha_f`` folded into the per-sample
                kernel rather than applied to the feature maps
 scaled_columns ODConv with one kernel: the static kernel times im2col
                columns scaled by ``alpha_s``/``alpha_c``
+tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
+               every tap's output channels, then the per-sample weighted
+               shift-sum of the taps
 conv_then_mix  CondConv/DyConv: K static convs of the batch, outputs mixed
                by the routing weights
+batch_grouped  CondConv/DyConv: the mixed kernels, then one conv with the
+               batch folded into the groups (oneDNN)
 position_major KernelWarehouse: the conv straight from the mixtures,
                kernel position by kernel position (no kernel layout)
 pointwise      KernelWarehouse 1x1: one batched matmul per batch
+mixture_gemm   KernelWarehouse CPU training: the conv from the mixtures
+               with a GEMM backward, the mixtures rebuilt in it per layer
+               (:mod:`~mmdyn.ops.accel.kw_train`)
 recompute      training: the per-sample kernels rebuilt in the backward,
                not kept (:mod:`~mmdyn.ops.accel.recompute`)
 fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop
@@ -50,10 +58,12 @@ input), ``impl='reference'`` the paper's forward. After each forward a
 layer's ``last_path`` attribute names the path that ran. DDF's operator
 has one chooser, :func:`ddf_path`, called once per call.
 
-Under graph capture (:func:`graph_capture`: ``torch.compile``,
-``torch.export``, ``torch.fx``, TorchScript, ONNX export) only paths made
-of PyTorch ops are taken; a forced path that is not one runs as the
-reference there.
+Under graph capture (:func:`graph_capture`: ``torch.export``,
+``torch.fx``, TorchScript, ONNX export) only paths made of PyTorch ops are
+taken; a forced path that is not one runs as the reference there. Under
+``torch.compile`` (:func:`~mmdyn.ops.capture.compiling`) the CPU inference
+paths built on the C loops are kept, each run as a ``mmdyn::`` custom
+operator (:mod:`~mmdyn.ops.accel.custom_ops`).
 
 Every size threshold of these choices is in :data:`THRESHOLDS`
 (:mod:`~mmdyn.ops.accel.thresholds`), one small table per method, set from
@@ -70,10 +80,11 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..capture import compiling, graph_capture
+from ..capture import captured_without_operators, compiling, graph_capture
 from ..switches import accel_disabled
-from . import (ddf_cpu, ddf_triton, export_forms, kw_cells, kw_paths,
+from . import (autotune, ddf_cpu, ddf_triton, export_forms, kw_paths, kw_train,
                mixture_paths, odconv_paths, recompute, winograd)
+from .kw_cells import uses_c_cell_product
 from .thresholds import THRESHOLDS
 
 __all__ = [
@@ -82,7 +93,8 @@ __all__ = [
     'KERNEL_WAREHOUSE_PATHS', 'PER_SAMPLE_IMPLS', 'layer_impls', 'check_impl',
     'winograd_applies', 'uses_winograd', 'chunked_applies',
     'uses_chunked_kernels', 'uses_c_cell_product', 'odconv_folds',
-    'odconv_scaled_columns', 'mixture_conv_then_mix', 'kw_position_major'
+    'odconv_scaled_columns', 'odconv_tap_gemm', 'mixture_conv_then_mix',
+    'mixture_batch_grouped', 'kw_position_major'
 ]
 
 #: Per-sample conv implementations (:func:`~mmdyn.ops.per_sample_conv.
@@ -110,10 +122,12 @@ def check_impl(impl: str, paths: Tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------
 def winograd_applies(x: torch.Tensor, conv) -> bool:
     """Whether the Winograd path can run ``conv`` on ``x``: CPU float32
-    inference (no autograd, autocast or graph capture) of a 3x3, stride 1,
-    dilation 1, ``groups=1`` layer, with the C loop available."""
+    inference (no autograd, autocast or graph capture other than
+    ``torch.compile``, where the C loops run as ``mmdyn::`` operators) of a
+    3x3, stride 1, dilation 1, ``groups=1`` layer, with the C loop
+    available."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or \
-            torch.is_grad_enabled() or graph_capture() or \
+            torch.is_grad_enabled() or captured_without_operators() or \
             torch.is_autocast_enabled('cpu'):
         return False
     if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or \
@@ -131,7 +145,7 @@ def uses_winograd(x: torch.Tensor, conv) -> bool:
     ``conv`` has ``nn.Conv2d``'s attributes and ``impl``.
     """
     limits = THRESHOLDS['winograd']
-    if conv.impl != 'auto' or graph_capture() or \
+    if conv.impl != 'auto' or captured_without_operators() or \
             x.shape[0] < limits['min_batch']:
         return False
     if min(x.shape[1], conv.out_channels) < limits['min_channels']:
@@ -146,8 +160,9 @@ def uses_winograd(x: torch.Tensor, conv) -> bool:
 
 def chunked_applies(x: torch.Tensor) -> bool:
     """Whether the chunked path can run: inference (its workspace is
-    overwritten by the next call), no graph capture."""
-    return not torch.is_grad_enabled() and not graph_capture()
+    overwritten by the next call), no graph capture other than
+    ``torch.compile`` (where it is one ``mmdyn::`` operator)."""
+    return not torch.is_grad_enabled() and not captured_without_operators()
 
 
 def uses_chunked_kernels(x: torch.Tensor,
@@ -167,26 +182,6 @@ def uses_chunked_kernels(x: torch.Tensor,
     c_in, h, w = x.shape[1:]
     features = c_in * h * w + out_channels * out_hw[0] * out_hw[1]
     return kernel_numel > limits['kernel_to_maps'] * features
-
-
-def uses_c_cell_product(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether KernelWarehouse's C cell product
-    (:func:`~mmdyn.ops.accel.kw_cells.small_rows_matmul`) serves ``a @ b``:
-
-    float32 CPU inference (no autograd, autocast or graph capture), a 2-D
-    ``b`` of at least ``c_loop_min_columns`` columns (:data:`THRESHOLDS`
-    ``['kernel_warehouse']``), the loop available.
-    """
-    if a.device.type != 'cpu' or b.device.type != 'cpu' or \
-            a.dtype != torch.float32 or b.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() or graph_capture() or \
-            torch.is_autocast_enabled('cpu'):
-        return False
-    if b.dim() != 2 or a.shape[-1] != b.shape[0] or \
-            b.shape[1] < THRESHOLDS['kernel_warehouse']['c_loop_min_columns']:
-        return False
-    return kw_cells.load() is not None
 
 
 def _maps(layer, input_hw: Tuple[int, int]) -> int:
@@ -213,13 +208,35 @@ def odconv_scaled_columns(layer, input_hw: Tuple[int, int]) -> bool:
     """ODConv with one kernel (``groups=1``, larger than 1x1): whether the.
 
     scaled-columns GEMM pays, ``C_out >= scaled_columns_out_per_pixel *
-    H_out * W_out`` (deep layers).
+    H_out * W_out`` (deep layers; in inference
+    ``scaled_columns_out_per_pixel_inference``, where the columns of the
+    whole batch make one GEMM).
     """
     if not _one_kernel(layer):
         return False
     h_out, w_out = layer.output_hw(*input_hw)
-    return layer.out_channels >= THRESHOLDS['odconv'][
-        'scaled_columns_out_per_pixel'] * h_out * w_out
+    key = 'scaled_columns_out_per_pixel'
+    if not torch.is_grad_enabled():
+        key += '_inference'
+    return layer.out_channels >= THRESHOLDS['odconv'][key] * h_out * w_out
+
+
+def odconv_tap_gemm(layer, x: torch.Tensor) -> bool:
+    """ODConv with one kernel (``groups=1``, larger than 1x1): whether one
+    1x1 GEMM to every tap's output channels then the weighted shift-sum
+    pays: CPU, inference and training, stride 1, a batch of
+    ``tap_gemm_min_batch`` or more (one sample is one plain conv in the
+    reference), ``C_in >= tap_gemm_min_in_channels`` (each element of the
+    ``kh*kw`` times larger GEMM output then carries enough multiply-adds)
+    (:data:`THRESHOLDS` ``['odconv']``; measured on AVX-512, 2026-12-06).
+    The deepest layers take the scaled columns first
+    (:func:`odconv_scaled_columns`)."""
+    limits = THRESHOLDS['odconv']
+    if not _one_kernel(layer) or x.device.type != 'cpu' or \
+            tuple(layer.stride) != (1, 1) or \
+            x.shape[0] < limits['tap_gemm_min_batch']:
+        return False
+    return layer.in_channels >= limits['tap_gemm_min_in_channels']
 
 
 def mixture_conv_then_mix(layer, x: torch.Tensor) -> bool:
@@ -233,9 +250,28 @@ def mixture_conv_then_mix(layer, x: torch.Tensor) -> bool:
         THRESHOLDS['mixture']['conv_then_mix_max_work']
 
 
+def mixture_batch_grouped(layer, x: torch.Tensor) -> bool:
+    """CondConv/DyConv: whether the mixed kernels and one batch-as-groups conv
+    (oneDNN) pay: CPU inference of ``grouped_min_batch`` samples or more whose
+    kernel has at most ``grouped_max_kernel_to_maps`` times the elements of one
+    sample's input and output maps (:data:`THRESHOLDS` ``['mixture']``; deeper
+    layers build their kernels in chunks).
+
+    Measured on AVX-512, 2026-12-06, where it beats the Winograd C loop.
+    """
+    limits = THRESHOLDS['mixture']
+    if x.device.type != 'cpu' or torch.is_grad_enabled() or \
+            x.shape[0] < limits['grouped_min_batch']:
+        return False
+    kernel, maps = layer.weight[0].numel(), _maps(layer, x.shape[-2:])
+    return kernel <= limits['grouped_max_kernel_to_maps'] * maps
+
+
 def _kw_position_major_applies(layer, x: torch.Tensor) -> bool:
-    return layer.groups == 1 and x.device.type == 'cpu' and \
-        not graph_capture()
+    # Under torch.compile in inference only (its training form keeps the
+    # im2col columns for the backward).
+    return layer.groups == 1 and x.device.type == 'cpu' and (
+        not graph_capture() or (compiling() and not torch.is_grad_enabled()))
 
 
 def kw_position_major(layer, x: torch.Tensor) -> bool:
@@ -250,6 +286,14 @@ def kw_position_major(layer, x: torch.Tensor) -> bool:
         return True
     return math.prod(layer.weight_shape) > THRESHOLDS['kernel_warehouse'][
         'position_major_kernel_to_maps'] * _maps(layer, x.shape[-2:])
+
+
+def kw_mixture_gemm(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse training on CPU: the conv as a batched GEMM from the
+    mixtures with a GEMM backward (:mod:`~mmdyn.ops.accel.kw_train`) where
+    the position-major conv pays (:func:`kw_position_major`)."""
+    return torch.is_grad_enabled() and not graph_capture() and \
+        kw_position_major(layer, x)
 
 
 def _kw_fused(layer, attention: torch.Tensor) -> bool:
@@ -324,6 +368,10 @@ PATHS = {
              lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
              'kernel_num=1, groups=1 and a kernel larger than 1x1',
              odconv_paths.scaled_columns),
+        Path('tap_gemm', lambda layer, x, a: _one_kernel(layer),
+             lambda layer, x, a: odconv_tap_gemm(layer, x),
+             'kernel_num=1, groups=1 and a kernel larger than 1x1',
+             odconv_paths.tap_gemm),
         Path('recompute', recompute.can_run, recompute.odconv_pays,
              'no graph capture', recompute.odconv_recompute),
         Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
@@ -349,6 +397,9 @@ PATHS = {
              mixture_paths.conv_then_mix),
         Path('recompute', recompute.can_run, recompute.mixture_pays,
              'no graph capture', recompute.mixture_recompute),
+        Path('batch_grouped', _always,
+             lambda layer, x, a: mixture_batch_grouped(layer, x), '',
+             mixture_paths.batch_grouped),
         Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
              lambda layer, x, a: uses_winograd(x, layer), _WINOGRAD_NEEDS,
              mixture_paths.winograd),
@@ -362,6 +413,11 @@ PATHS = {
     ),
     'kernel_warehouse': (
         _export(export_forms.kernel_warehouse),
+        Path(
+            'mixture_gemm', lambda layer, x, a: kw_train.can_run(layer, x),
+            lambda layer, x, a: kw_mixture_gemm(layer, x),
+            'groups=1, a float32/float64 CPU input, no autocast, no graph '
+            'capture', kw_train.mixture_gemm),
         Path('recompute', recompute.can_run, recompute.kernel_warehouse_pays,
              'no graph capture', recompute.kernel_warehouse_recompute),
         Path(
@@ -412,11 +468,24 @@ def find_path(family: str, name: str) -> Path:
                      f'{path_names(family)}')
 
 
+def _rule_path(table, layer, x: torch.Tensor, context: tuple) -> Path:
+    """The first path of ``table`` that pays and can run (the reference
+    last)."""
+    for path in table:
+        if path.pays is not None and path.pays(layer, x, context) and \
+                path.can_run(layer, x, context):
+            return path
+    return table[-1]
+
+
 def choose_path(family: str, layer, x: torch.Tensor, context: tuple) -> Path:
     """The path ``layer`` (``impl`` set) of ``family`` runs on ``x``.
 
     ``'auto'``: the first entry of :data:`PATHS` ``[family]`` that pays
-    and can run. A forced path: itself when it can run; under
+    and can run (the threshold rule); with tuning on
+    (:mod:`~mmdyn.ops.accel.autotune`, CPU, no graph capture) the fastest
+    path measured for this key, the rule's choice among those timed. A
+    forced path: itself when it can run; under
     :func:`~mmdyn.ops.capture.graph_capture` the reference (a forced CPU
     loop cannot be captured, and a model built with it must still compile
     and export); otherwise ``ValueError``. ``'reference'`` and the
@@ -425,11 +494,10 @@ def choose_path(family: str, layer, x: torch.Tensor, context: tuple) -> Path:
     impl = layer.impl
     table = PATHS[family]
     if impl == 'auto':
-        for path in table:
-            if path.pays is not None and path.pays(layer, x, context) and \
-                    path.can_run(layer, x, context):
-                return path
-        return table[-1]
+        rule = _rule_path(table, layer, x, context)
+        if autotune.applies(layer, x):
+            return autotune.choose(family, table, rule, layer, x, context)
+        return rule
     if impl == 'reference' or impl in PER_SAMPLE_IMPLS:
         return table[-1]
     path = find_path(family, impl)
@@ -457,7 +525,11 @@ def _triton_supports(x: torch.Tensor) -> bool:
     return not accel_disabled() and ddf_triton.supports(x)
 
 
-def ddf_path(impl: str, x: torch.Tensor) -> str:
+def ddf_path(impl: str,
+             x: torch.Tensor,
+             operands: Optional[tuple] = None,
+             settings: tuple = (),
+             run: Optional[Callable] = None) -> str:
     """The DDF operator's path, decided once per call: ``'auto'`` takes
     ``'triton'`` (:mod:`~mmdyn.ops.accel.ddf_triton`) on CUDA when it
     supports ``x`` (under ``torch.compile`` too, not in other graph
@@ -465,7 +537,12 @@ def ddf_path(impl: str, x: torch.Tensor) -> str:
     built, else ``'taps'`` (also on other devices and in graph capture, for
     ``'fused'`` too, except under ``torch.compile``, where the loops run as
     the ``mmdyn::ddf`` custom operator); ``'taps'``, ``'reference'`` and
-    ``'triton'`` as given."""
+    ``'triton'`` as given.
+
+    With tuning on (:mod:`~mmdyn.ops.accel.autotune`) and ``run`` given,
+    ``'auto'`` on CPU takes the faster of ``'fused'`` and ``'taps'``
+    measured on ``x`` and ``operands`` (the filters; ``settings``: the
+    operator's other arguments; ``run(path, x, *operands)`` runs it)."""
     if impl in ('taps', 'reference', 'triton'):
         return impl
     if impl == 'auto' and x.device.type == 'cuda' and (
@@ -474,6 +551,8 @@ def ddf_path(impl: str, x: torch.Tensor) -> str:
     if x.device.type != 'cpu' or (graph_capture() and not compiling()):
         return 'taps'
     if ddf_cpu.available():
+        if impl == 'auto' and run is not None and autotune.applies(None, x):
+            return autotune.choose_ddf('fused', x, operands, settings, run)
         return 'fused'
     if impl == 'fused':
         raise RuntimeError('impl="fused" needs the compiled DDF CPU kernel, '

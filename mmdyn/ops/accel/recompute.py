@@ -24,7 +24,10 @@ accelerators ``impl='auto'`` takes this path for every training forward
 (memory is what limits training there); on CPU only where the rebuild is
 cheap next to the conv (:func:`rebuild_is_cheap`, thresholds
 ``THRESHOLDS['recompute']``, one per family), so that the CPU training
-step keeps its speed.
+step keeps its speed. KernelWarehouse's ``groups=1`` layers on CPU take
+``'mixture_gemm'`` (:mod:`~mmdyn.ops.accel.kw_train`) before this path:
+the conv from the mixtures with a GEMM backward that rebuilds them by
+the same threshold.
 
 The adapters (:func:`odconv_recompute`, :func:`mixture_recompute`,
 :func:`kernel_warehouse_recompute`) take the layer object and the

@@ -32,27 +32,61 @@ THRESHOLDS = {
     # times along a kernel row before scaling it (rows of 9 elements are
     # slow to broadcast over on CPU).
     'odconv':
+    # `tap_gemm_min_in_channels`: stride-1 one-kernel layers with at least
+    # this many input channels and `tap_gemm_min_batch` samples (and not
+    # deep enough for the scaled columns) run as one 1x1 GEMM to the kh*kw
+    # taps' output channels then the weighted shift-sum, in inference and
+    # training. Measured on AVX-512 (2026-12-06, one thread, a loaded
+    # machine: indications; benchmarks/vendor_paths.py), 256 ch 14x14 b8,
+    # time / nn.Conv2d: eval 1.6-1.7x (winograd 2.0x, reference 1.7-1.9x),
+    # train 1.5-1.7x (scaled_columns 1.9-2.3x, recompute 3.1-3.5x); at 128
+    # ch writing the kh*kw times larger GEMM output costs more than the
+    # conv (eval 1.6-2.8x vs reference 1.4-1.5x); stride 2 (four residue
+    # GEMMs) and batch 1 lose to the other paths.
+    # `scaled_columns_out_per_pixel_inference`: the scaled columns in
+    # inference (one GEMM of the whole batch), AVX-512 2026-12-06, b8: 1.3x
+    # nn.Conv2d at 256 ch 14x14 (tap_gemm 1.45x) and 512 ch 7x7; 1.6x at
+    # 128 ch 28x28 (reference 1.4-1.5x).
     dict(
-        fold_maps_to_kernel=2, scaled_columns_out_per_pixel=2,
-        scale_repeat=64),
+        fold_maps_to_kernel=2,
+        scaled_columns_out_per_pixel=2,
+        scaled_columns_out_per_pixel_inference=1,
+        scale_repeat=64,
+        tap_gemm_min_in_channels=192,
+        tap_gemm_min_batch=2),
     # CondConv/DyConv training on CPU: K static convs when
-    # (K - 1) * H' * W' <= `conv_then_mix_max_work`.
+    # (K - 1) * H' * W' <= `conv_then_mix_max_work`. Inference: the mixed
+    # kernels and one batch-as-groups conv (oneDNN) from `grouped_min_batch`
+    # samples while a kernel has at most `grouped_max_kernel_to_maps` times
+    # the elements of one sample's maps. Measured on AVX-512 (2026-12-06,
+    # one thread, a loaded machine: indications), DyConv K=4 b8 / nn.Conv2d:
+    # 256 ch 14x14 grouped 1.6x, winograd 2.0x, chunked 1.6x; 128 ch 28x28
+    # both 1.2x; 512 ch 7x7 (ratio 47) chunked 3.0x, grouped 7.6x.
     'mixture':
-    dict(conv_then_mix_max_work=96),
+    dict(
+        conv_then_mix_max_work=96,
+        grouped_min_batch=2,
+        grouped_max_kernel_to_maps=8),
     # KernelWarehouse: the position-major conv when one sample's kernel has
     # more than `position_major_kernel_to_maps` times the elements of its
     # maps (every 1x1 layer); the C cell product from
-    # `c_loop_min_columns` cell elements on.
+    # `c_loop_min_columns` cell elements on (None: the CPU's default,
+    # kw_cells.C_LOOP_MIN_COLUMNS: 4096 on AVX2, never on AVX-512, where
+    # MKL's GEMM runs these products faster, measured 2026-12-06).
     'kernel_warehouse':
-    dict(position_major_kernel_to_maps=1, c_loop_min_columns=4096),
+    dict(position_major_kernel_to_maps=1, c_loop_min_columns=None),
     # The 'recompute' training path (recompute.py), per family: on CPU
     # only where one more kernel assembly (K, or the cell count, products
     # per kernel element) is at most this many times the conv's H'W'
     # products (0: never on CPU); always on accelerators. ODConv's
     # assembly is elementwise products (slow per element on CPU), KW's a
-    # product over 47-138 cells; DyConv's K-term mixture is cheap.
+    # product over 47-138 cells; DyConv's K-term mixture is cheap. KW's
+    # threshold also decides, per layer, whether its CPU training path
+    # 'mixture_gemm' (kw_train.py) rebuilds the mixtures in the backward
+    # (1: every KW-1x ResNet-50 layer at 224 but the stage-4 downsample,
+    # 1.11x ResNet-50's saved activations instead of 2.27x).
     'recompute':
-    dict(odconv=0.1, mixture=1.0, kernel_warehouse=0.01),
+    dict(odconv=0.1, mixture=1.0, kernel_warehouse=1.0),
     # The C loops (c_library.py): one OpenMP thread per
     # `work_per_thread` elements of work (tiny problems are faster on one
     # thread than waking the pool).

@@ -29,8 +29,14 @@ it is one fused C loop (``csrc/winograd.c``, built by
 own ``[K, C_out, C_in, 3, 3]`` layout and writes ``U`` once.
 
 The speed of this path against batch-1 convs and ``nn.Conv2d`` is measured
-in benchmarks/README.md. KernelWarehouse's cell product writes its
-transformed kernels directly, or they are built from its mixtures
+in benchmarks/README.md (AVX2, 2026-12-01). On AVX-512 (2026-12-06,
+``benchmarks/vendor_paths.py``) oneDNN's own convolutions are about 3x
+faster and this loop loses: ODConv with one kernel takes the tap GEMM or
+the scaled columns, CondConv/DyConv the batch-as-groups conv
+(:mod:`~mmdyn.ops.accel.paths`), where they pay; the rules of ODConv
+with several kernels and of KernelWarehouse still send deep 3x3 layers
+here. KernelWarehouse's cell product writes its transformed kernels
+directly, or they are built from its mixtures
 (:func:`winograd_block_conv2d`). Which layers take the path:
 :func:`~mmdyn.ops.accel.paths.uses_winograd`.
 

@@ -1,0 +1,236 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""The paths made of library ops (oneDNN/MKL convolutions and GEMMs):
+
+ODConv's ``tap_gemm`` (one kernel: one 1x1 GEMM to every tap, then the
+weighted shift-sum) and CondConv/DyConv's ``grouped`` (the mixed kernels,
+one batch-as-groups conv). Each, forced by ``impl``, against the layer's
+``forward_reference`` in inference and training (gradients of the input
+and of every parameter), and the shapes the default rules send to them.
+"""
+import copy
+
+import pytest
+import torch
+
+from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d
+from mmdyn.ops.accel import autotune
+from mmdyn.ops.accel.paths import (MIXTURE_PATHS, ODCONV_PATHS, THRESHOLDS,
+                                   choose_path, layer_impls)
+
+# (C_in, C_out, kernel, stride, padding, dilation, input H x W)
+GEOMETRIES = [
+    (5, 7, 3, 1, 1, 1, (6, 5)),
+    (13, 11, 3, 2, 1, 1, (9, 8)),
+    (6, 9, 3, 1, 2, 2, (7, 7)),
+    (7, 5, 5, 2, 2, 1, (8, 9)),
+    (9, 10, 5, 1, 0, 1, (6, 7)),
+    (3, 4, 3, 2, 0, 2, (9, 10)),
+    (10, 6, (1, 3), 1, (0, 1), 1, (4, 5)),
+    (4, 3, 5, 2, 2, 1, (1, 2)),  # taps that read padding only
+    (5, 6, 3, 2, 1, 1, (1, 1)),  # a residue class with no pixel
+]
+MIXTURE_GEOMETRIES = GEOMETRIES + [
+    (5, 7, 1, 1, 0, 1, (4, 5)),
+    (6, 9, 1, 2, 1, 1, (5, 5)),
+]
+
+
+def _randomised(layer, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.attention.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn_like(layer.bias))
+    return layer
+
+
+def _compare(layer, impl, x, train):
+    """``layer`` with ``impl`` forced against ``forward_reference`` of an
+    identical copy; in training also every gradient."""
+    forced = copy.deepcopy(layer).train(train)
+    forced.impl = impl
+    reference = copy.deepcopy(layer).train(train)
+    if not train:
+        with torch.no_grad():
+            out = forced(x)
+            torch.testing.assert_close(
+                out, reference.forward_reference(x), rtol=1e-4, atol=1e-5)
+        assert forced.last_path == impl
+        return
+    x_forced = x.clone().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    out = forced(x_forced)
+    assert forced.last_path == impl
+    ref = reference.forward_reference(x_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x_forced.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    params = dict(reference.named_parameters())
+    for name, param in forced.named_parameters():
+        want = params[name].grad
+        if want is None:  # not in the graph (e.g. BN at batch 1)
+            assert param.grad is None or not param.grad.any(), name
+            continue
+        torch.testing.assert_close(
+            param.grad, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+@pytest.mark.parametrize('impl', ['tap_gemm', 'scaled_columns'])
+def test_odconv_one_kernel_gemm_paths_match_the_reference(
+        impl, geometry, bias, batch, train):
+    """The tap GEMM, and the scaled columns (its inference form is one GEMM of
+    the whole batch), channels-last inputs included."""
+    c_in, c_out, k, s, p, d, hw = geometry
+    layer = _randomised(
+        ODConv2d(c_in, c_out, k, s, p, d, bias=bias, kernel_num=1), batch)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, c_in, *hw)
+    _compare(layer, impl, x, train)
+    _compare(layer, impl, x.to(memory_format=torch.channels_last), train)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
+@pytest.mark.parametrize('geometry', MIXTURE_GEOMETRIES)
+def test_mixture_grouped_matches_the_reference(geometry, cls, batch, train):
+    c_in, c_out, k, s, p, d, hw = geometry
+    layer = _randomised(cls(c_in, c_out, k, s, p, d, kernel_num=3), batch)
+    torch.manual_seed(batch)
+    _compare(layer, 'batch_grouped', torch.randn(batch, c_in, *hw), train)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_mixture_grouped_with_groups(train):
+    layer = _randomised(
+        DyConv2d(12, 18, 3, 2, 1, 1, groups=3, kernel_num=4), 0)
+    _compare(layer, 'batch_grouped', torch.randn(3, 12, 7, 6), train)
+
+
+def test_the_paths_are_impl_choices():
+    assert 'tap_gemm' in ODCONV_PATHS
+    assert 'tap_gemm' in layer_impls(ODCONV_PATHS)
+    assert 'batch_grouped' in MIXTURE_PATHS
+    assert 'batch_grouped' in layer_impls(MIXTURE_PATHS)
+    assert ODConv2d(8, 8, 3, kernel_num=1, impl='tap_gemm').impl == 'tap_gemm'
+    assert CondConv2d(8, 8, 3, impl='batch_grouped').impl == 'batch_grouped'
+
+
+def test_tap_gemm_needs_one_kernel_larger_than_1x1():
+    x = torch.randn(2, 8, 5, 5)
+    for layer in (ODConv2d(8, 8, 3, kernel_num=4, impl='tap_gemm'),
+                  ODConv2d(8, 8, 1, kernel_num=1, impl='tap_gemm'),
+                  ODConv2d(8, 8, 3, groups=2, kernel_num=1, impl='tap_gemm')):
+        with pytest.raises(ValueError, match="impl='tap_gemm' cannot run"):
+            layer(x)
+
+
+def _auto_path(family, layer, x, train):
+    """The path the threshold rule chooses (no measured choice)."""
+    layer.train(train)
+    with torch.set_grad_enabled(train), autotune.autotuning(False):
+        context = layer.attentions(x) if family == 'odconv' else \
+            (layer.routing_weights(x), )
+        return choose_path(family, layer, x, context).name
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_rules_for_resnet_odconv_1x(train):
+    """ResNet-50 at 224 px: stage 3 (256 ch, 14x14, batch 2) takes the
+    scaled columns in inference (one GEMM of the batch) and the tap GEMM in
+    training (not its stride-2 layer, not a batch of one); stage 4 (512 ch,
+    7x7) the scaled columns; stage 2 (128 ch, 28x28) neither."""
+    stage3 = ODConv2d(256, 256, 3, padding=1, bias=False, kernel_num=1)
+    x = torch.randn(2, 256, 14, 14)
+    assert _auto_path('odconv', stage3, x,
+                      train) == ('tap_gemm' if train else 'scaled_columns')
+    assert _auto_path('odconv', stage3, x[:1], train) != 'tap_gemm'
+    strided = ODConv2d(256, 256, 3, 2, 1, bias=False, kernel_num=1)
+    assert _auto_path('odconv', strided, torch.randn(2, 256, 28, 28),
+                      train) != 'tap_gemm'
+    stage4 = ODConv2d(512, 512, 3, padding=1, bias=False, kernel_num=1)
+    assert _auto_path('odconv', stage4, torch.randn(2, 512, 7, 7),
+                      train) == 'scaled_columns'
+    stage2 = ODConv2d(128, 128, 3, padding=1, bias=False, kernel_num=1)
+    assert _auto_path('odconv', stage2, torch.randn(2, 128, 28, 28),
+                      train) not in ('tap_gemm', 'scaled_columns')
+
+
+def test_tap_gemm_rule_follows_the_threshold_table(monkeypatch):
+    layer = ODConv2d(24, 24, 3, padding=1, kernel_num=1)
+    x = torch.randn(2, 24, 9, 9)
+    assert _auto_path('odconv', layer, x, False) != 'tap_gemm'
+    monkeypatch.setitem(THRESHOLDS['odconv'], 'tap_gemm_min_in_channels', 24)
+    assert _auto_path('odconv', layer, x, False) == 'tap_gemm'
+
+
+def test_rules_send_resnet_stage3_dyconv_to_grouped():
+    """CPU inference of ResNet-50 stage 3 (256 ch, 14x14, batch 2) takes the
+    batch-as-groups conv, stage 4 (512 ch, 7x7) the chunked kernels, batch 1
+    the reference (a plain conv), training not the grouped conv."""
+    stage3 = DyConv2d(256, 256, 3, padding=1, bias=False, kernel_num=4)
+    x = torch.randn(2, 256, 14, 14)
+    assert _auto_path('mixture', stage3, x, False) == 'batch_grouped'
+    assert _auto_path('mixture', stage3, x[:1], False) == 'reference'
+    assert _auto_path('mixture', stage3, x, True) != 'batch_grouped'
+    stage4 = DyConv2d(512, 512, 3, padding=1, bias=False, kernel_num=4)
+    assert _auto_path('mixture', stage4, torch.randn(2, 512, 7, 7),
+                      False) == 'chunked'
+
+
+def test_tap_gemm_sees_a_changed_kernel():
+    """The rearranged kernel kept between inference calls follows in-place
+    changes of the layer's weight (an optimizer step, a loaded state)."""
+    layer = _randomised(ODConv2d(6, 5, 3, padding=1, kernel_num=1), 0).eval()
+    layer.impl = 'tap_gemm'
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(-2.0)
+        torch.testing.assert_close(
+            layer(x), layer.forward_reference(x), rtol=1e-4, atol=1e-5)
+        state = copy.deepcopy(layer.state_dict())
+        state['weight'].normal_()
+        layer.load_state_dict(state)
+        torch.testing.assert_close(
+            layer(x), layer.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('impl', ['tap_gemm', 'scaled_columns'])
+def test_odconv_one_kernel_gemm_paths_under_autocast(impl, stride, train):
+    """bfloat16 CPU autocast: the reference's output dtype, its values and
+    gradients within bfloat16 rounding (the backward of ``tap_gemm`` runs in
+    float32)."""
+    layer = _randomised(
+        ODConv2d(12, 10, 3, stride, 1, kernel_num=1, impl=impl), 0)
+    layer.train(train)
+    x = torch.randn(3, 12, 8, 8, requires_grad=train)
+    with torch.autocast('cpu', dtype=torch.bfloat16), \
+            torch.set_grad_enabled(train):
+        out = layer(x)
+        ref = layer.forward_reference(x)
+    assert layer.last_path == impl and out.dtype == ref.dtype
+    scale = ref.float().abs().max()
+    assert (out.float() - ref.float()).abs().max() <= 3e-2 * scale
+    if train:
+        grad, = torch.autograd.grad(out.float().sum(), x)
+        want, = torch.autograd.grad(ref.float().sum(), x)
+        assert (grad - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize('impl', ['tap_gemm', 'scaled_columns'])
+def test_odconv_one_kernel_gemm_paths_on_a_view(impl):
+    """An input that is a batch slice of a larger tensor (a storage offset) and
+    no padding (nothing copies it)."""
+    layer = _randomised(ODConv2d(6, 5, 3, kernel_num=1), 0).eval()
+    big = torch.randn(5, 6, 7, 7)
+    _compare(layer, impl, big[2:4], train=False)
