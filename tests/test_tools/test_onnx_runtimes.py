@@ -253,7 +253,7 @@ def test_pytorch2onnx_verify_times_and_loads_checkpoints(tmp_path, capsys):
 #: (KW-1x) and 6,760 (DDF-mul) nodes against 176 (not simplified); the
 #: first export forms 906, 1,304 and 1,335 against 126.
 NODE_RATIOS = {
-    'configs/odconv/resnet50-odconv1x_8xb32_in1k.py': 4.8,
+    'configs/odconv/resnet50-odconv1x_8xb32_in1k.py': 5.1,
     'configs/kernelwarehouse/resnet50-kw1x_8xb128-300e_in1k.py': 7.2,
     'configs/ddf/resnet50-ddf-mul_8xb128-130e_in1k.py': 4.3,
 }
