@@ -35,17 +35,8 @@ from torch._dynamo.utils import compilation_time_metrics, counters
 from torch._inductor.utils import fresh_cache
 
 from mmdyn.models.backbones import DDFResNet, DynamicResNet, KWResNet
+from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
 from mmdyn.ops import CondConv2d, DyConv2d, KWConv2d, ODConv2d
-
-#: The KW-1x ResNet-50 config's warehouse options
-#: (configs/kernelwarehouse/resnet18-kw1x_8xb128-300e_in1k.py).
-KW_1X = dict(
-    reduction=1 / 16,
-    cell_num_ratio=1,
-    cell_inplane_ratio=1,
-    cell_outplane_ratio=1,
-    nonlocal_basis_ratio=1,
-    attention_norm='bn_batch1')
 
 
 def _resnet50():
@@ -58,7 +49,7 @@ MODELS = {
     'r50': ('ResNet-50', _resnet50),
     'od1x': ('ODConv-1x ResNet-50', lambda: DynamicResNet(
         50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))),
-    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X)),
+    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X_CFG)),
     'dy4x': ('DyConv-4x ResNet-50', lambda: DynamicResNet(
         50,
         dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),
@@ -73,7 +64,7 @@ LAYERS = {
      lambda: ODConv2d(128, 128, 3, padding=1, kernel_num=1, reduction=0.0625)),
     'dyconv': ('DyConv2d K=4', lambda: DyConv2d(128, 128, 3, padding=1)),
     'condconv': ('CondConv2d K=4', lambda: CondConv2d(128, 128, 3, padding=1)),
-    'kw': ('KWConv2d', lambda: KWConv2d(128, 128, 3, padding=1, **KW_1X)),
+    'kw': ('KWConv2d', lambda: KWConv2d(128, 128, 3, padding=1, **KW_1X_CFG)),
 }
 
 #: Keys of :data:`compilation_time_metrics`: TorchDynamo's bytecode

@@ -41,22 +41,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: The KW-1x ResNet-50 config's warehouse options.
-KW_1X = dict(
-    reduction=1 / 16,
-    cell_num_ratio=1,
-    cell_inplane_ratio=1,
-    cell_outplane_ratio=1,
-    nonlocal_basis_ratio=1,
-    attention_norm='bn_batch1')
-
 
 def build_models():
     from mmpretrain.models.backbones import ResNet
 
     from mmdyn.models.backbones import KWResNet
+    from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
     torch.manual_seed(0)
-    return KWResNet(50, kw_cfg=KW_1X), ResNet(50)
+    return KWResNet(50, kw_cfg=KW_1X_CFG), ResNet(50)
 
 
 def make_clock(name: str):

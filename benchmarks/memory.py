@@ -55,17 +55,8 @@ import torch
 from mmdyn.analysis.machine import header_lines
 from mmdyn.analysis.memory import largest_graph_tensors, saved_bytes_of_step
 from mmdyn.models.backbones import DynamicResNet, KWResNet
+from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
 from mmdyn.ops.accel.thresholds import THRESHOLDS
-
-#: The KW-1x ResNet-50 config's warehouse options
-#: (configs/kernelwarehouse/resnet18-kw1x_8xb128-300e_in1k.py).
-KW_1X = dict(
-    reduction=1 / 16,
-    cell_num_ratio=1,
-    cell_inplane_ratio=1,
-    cell_outplane_ratio=1,
-    nonlocal_basis_ratio=1,
-    attention_norm='bn_batch1')
 
 
 def _resnet50():
@@ -77,7 +68,7 @@ MODELS = {
     'r50': ('ResNet-50', _resnet50),
     'od1x': ('ODConv-1x ResNet-50', lambda: DynamicResNet(
         50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))),
-    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X)),
+    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X_CFG)),
     'dy4x': ('DyConv-4x ResNet-50', lambda: DynamicResNet(
         50,
         dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),

@@ -8,7 +8,7 @@ from torch import nn
 
 import mmdyn.engine  # noqa: F401  (mmengine compat fixes, hooks)
 import mmdyn.models  # noqa: F401
-from mmdyn.models.backbones.kw_resnet import KWResNet
+from mmdyn.models.backbones.kw_resnet import KW_1X_CFG, KWResNet
 from mmdyn.ops import KWConv2d
 
 CONFIG_DIR = osp.join(
@@ -201,3 +201,13 @@ def test_frozen_stages_freeze_their_warehouses(frozen_stages, trainable):
     for cells, old, train_it in zip(model.warehouse_manager.weights, before,
                                     trainable):
         assert torch.equal(cells, old) != train_it
+
+
+def test_kw_1x_cfg_is_the_configs_kw_cfg():
+    """``KW_1X_CFG`` (the benchmarks' and tests' KW-1x options) is what the
+    KW-1x ResNet configs build."""
+    from mmengine.config import Config
+    for depth in (18, 50):
+        cfg = Config.fromfile(f'configs/kernelwarehouse/resnet{depth}-'
+                              'kw1x_8xb128-300e_in1k.py')
+        assert cfg.model.backbone.kw_cfg.to_dict() == KW_1X_CFG

@@ -207,15 +207,6 @@ def test_double_backward_is_refused():
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
 
 
-KW_1X = dict(
-    reduction=1 / 16,
-    cell_num_ratio=1,
-    cell_inplane_ratio=1,
-    cell_outplane_ratio=1,
-    nonlocal_basis_ratio=1,
-    attention_norm='bn_batch1')
-
-
 def test_resnet50_at_224_keeps_like_static_with_cpu_defaults():
     """The CPU defaults (no threshold changed): KW-1x ResNet-50's training step
     at 224x224 keeps within 1.15x of ResNet-50's saved activations (2.27x with
@@ -224,13 +215,14 @@ def test_resnet50_at_224_keeps_like_static_with_cpu_defaults():
     from mmpretrain.models.backbones import ResNet
 
     from mmdyn.models.backbones import KWResNet
+    from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
     x = torch.rand(2, 3, 224, 224)
     torch.manual_seed(0)
     static = ResNet(50)
     static.train()
     base = saved_bytes_of_step(static, x)
     del static
-    model = KWResNet(50, kw_cfg=KW_1X)
+    model = KWResNet(50, kw_cfg=KW_1X_CFG)
     model.train()
     ratio = saved_bytes_of_step(model, x) / base
     assert ratio <= 1.15, f'{ratio:.2f}x ResNet-50'

@@ -345,19 +345,12 @@ def test_cpu_default_rebuilds_only_where_cheap():
 
 # Activation memory of a training step: ResNet-50s at batch 8.
 
-KW_1X = dict(
-    reduction=1 / 16,
-    cell_num_ratio=1,
-    cell_inplane_ratio=1,
-    cell_outplane_ratio=1,
-    nonlocal_basis_ratio=1,
-    attention_norm='bn_batch1')
-
 
 def _resnet50(kind):
     from mmpretrain.models.backbones import ResNet
 
     from mmdyn.models.backbones import DynamicResNet, KWResNet
+    from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
     if kind == 'static':
         return ResNet(50)
     if kind == 'odconv1x':
@@ -365,7 +358,7 @@ def _resnet50(kind):
             50,
             dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))
     if kind == 'kw1x':
-        return KWResNet(50, kw_cfg=KW_1X)
+        return KWResNet(50, kw_cfg=KW_1X_CFG)
     return DynamicResNet(
         50,
         dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),

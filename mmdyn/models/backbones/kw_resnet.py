@@ -14,6 +14,16 @@ from torch import nn
 from mmdyn.ops import WarehouseManager
 from ..utils import build_on_cpu_if_meta, freeze_warehouses, kw_like
 
+#: The ``kw_cfg`` of the KW-1x ResNet configs
+#: (``configs/kernelwarehouse/resnet*-kw1x_*.py``).
+KW_1X_CFG = dict(
+    reduction=1 / 16,
+    cell_num_ratio=1,
+    cell_inplane_ratio=1,
+    cell_outplane_ratio=1,
+    nonlocal_basis_ratio=1,
+    attention_norm='bn_batch1')
+
 
 @MODELS.register_module()
 class KWResNet(ResNet):
