@@ -491,9 +491,17 @@ def test_position_major_path_matches_reference(request, kernel_size, stride,
         got = torch.autograd.grad(out, [x] + params, grad)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    # Inference, 'auto': larger kernels take the mixtures' GEMMs (faster
+    # than the position-major conv on the deep 3x3 layers), 1x1 layers on
+    # maps this small the position-major conv.
     layer.impl = 'auto'
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
+    assert layer.last_path == ('position_major'
+                               if kernel_size == 1 else 'mixture_gemm')
     # Inference: output-major mixtures against position-major columns (one
     # matmul), by torch.matmul in float64, then by the C loop in float32.
+    layer.impl = 'position_major'
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
         assert layer.last_mixture_product == 'matmul'
@@ -546,6 +554,9 @@ def test_float32_inference_paths_match_reference(request, c_loop_always,
         x = torch.randn(3, 16, *(hw if kernel_size == 3 else (2, 3)))
         if path == 'position_major':
             assert layer.uses_position_major(x)
+            # 'auto' takes the mixtures' GEMMs for a 3x3 kernel in inference
+            # (test_position_major_path_matches_reference): forced here.
+            layer.impl = 'position_major'
         out = layer(x)
         expected = _reference_conv(net.double().layers[0], x.double(), 0.0)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)

@@ -274,12 +274,7 @@ def _kw_position_major_applies(layer, x: torch.Tensor) -> bool:
         not graph_capture() or (compiling() and not torch.is_grad_enabled()))
 
 
-def kw_position_major(layer, x: torch.Tensor) -> bool:
-    """KernelWarehouse: whether the position-major conv pays: CPU,
-    ``groups=1``, every 1x1 layer, and larger kernels when one sample's
-    kernel has more than ``position_major_kernel_to_maps`` times the
-    elements of its maps (deep layers), where im2col costs less than
-    building the kernel."""
+def _kw_position_major_pays(layer, x: torch.Tensor) -> bool:
     if not _kw_position_major_applies(layer, x):
         return False
     if layer._kw_layout[0] == 1:
@@ -288,12 +283,41 @@ def kw_position_major(layer, x: torch.Tensor) -> bool:
         'position_major_kernel_to_maps'] * _maps(layer, x.shape[-2:])
 
 
+def _out_pixels(layer, x: torch.Tensor) -> int:
+    h_out, w_out = layer.output_hw(*x.shape[-2:])
+    return h_out * w_out
+
+
+def kw_position_major(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse: whether the position-major conv pays: CPU,
+    ``groups=1``, every 1x1 layer, and larger kernels when one sample's
+    kernel has more than ``position_major_kernel_to_maps`` times the
+    elements of its maps (deep layers), where im2col costs less than
+    building the kernel. In inference not for the 1x1 layers with at
+    least ``pointwise_min_pixels`` output pixels (:data:`THRESHOLDS`
+    ``['kernel_warehouse']``), which run faster as one batched matmul
+    (``'pointwise'``)."""
+    if not _kw_position_major_pays(layer, x):
+        return False
+    if torch.is_grad_enabled() or not _kw_pointwise(layer):
+        return True
+    return _out_pixels(
+        layer, x) < THRESHOLDS['kernel_warehouse']['pointwise_min_pixels']
+
+
 def kw_mixture_gemm(layer, x: torch.Tensor) -> bool:
-    """KernelWarehouse training on CPU: the conv as a batched GEMM from the
-    mixtures with a GEMM backward (:mod:`~mmdyn.ops.accel.kw_train`) where
-    the position-major conv pays (:func:`kw_position_major`)."""
-    return torch.is_grad_enabled() and not graph_capture() and \
-        kw_position_major(layer, x)
+    """KernelWarehouse on CPU: whether the conv as batched GEMMs from the
+    mixtures (:mod:`~mmdyn.ops.accel.kw_train`) pays. Training: wherever the
+    position-major conv would (its GEMM backward keeps no per-sample
+    kernel). Inference: the larger-than-1x1 layers where the position-major
+    conv would and Winograd does not (:func:`uses_winograd`): the deep 3x3
+    layers (measured on AVX-512, 2026-12-06; :data:`THRESHOLDS`
+    ``['kernel_warehouse']``)."""
+    if graph_capture() or not _kw_position_major_pays(layer, x):
+        return False
+    if torch.is_grad_enabled():
+        return True
+    return layer._kw_layout[0] > 1 and not uses_winograd(x, layer)
 
 
 def _kw_fused(layer, attention: torch.Tensor) -> bool:

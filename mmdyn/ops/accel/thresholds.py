@@ -73,8 +73,18 @@ THRESHOLDS = {
     # `c_loop_min_columns` cell elements on (None: the CPU's default,
     # kw_cells.C_LOOP_MIN_COLUMNS: 4096 on AVX2, never on AVX-512, where
     # MKL's GEMM runs these products faster, measured 2026-12-06).
+    # Inference (measured dispatch of KW-1x ResNet-50, batch 8, 224x224,
+    # AVX-512, 2026-12-06, ms per layer, rule -> fastest): the 3x3 layers
+    # of stage 4 (where Winograd does not pay) run 2.4x faster on
+    # 'mixture_gemm' than position-major (63 -> 24, 62 -> 26; the 1x1
+    # layers there: even within the spread); 1x1 layers with
+    # `pointwise_min_pixels` output pixels or more run faster as one
+    # batched matmul (56x56: 4.5 -> 2.6, 28x28: 7.0 -> 5.3).
     'kernel_warehouse':
-    dict(position_major_kernel_to_maps=1, c_loop_min_columns=None),
+    dict(
+        position_major_kernel_to_maps=1,
+        c_loop_min_columns=None,
+        pointwise_min_pixels=784),
     # The 'recompute' training path (recompute.py), per family: on CPU
     # only where one more kernel assembly (K, or the cell count, products
     # per kernel element) is at most this many times the conv's H'W'
