@@ -31,31 +31,15 @@ import time
 
 import torch
 import torch._dynamo
+from resnet50_backbones import BACKBONES
 from torch._dynamo.utils import compilation_time_metrics, counters
 from torch._inductor.utils import fresh_cache
 
-from mmdyn.models.backbones import DDFResNet, DynamicResNet, KWResNet
 from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
 from mmdyn.ops import CondConv2d, DyConv2d, KWConv2d, ODConv2d
 
-
-def _resnet50():
-    from mmpretrain.models.backbones import ResNet
-    return ResNet(50)
-
-
 #: key -> (name, constructor) of the ResNet-50 backbones.
-MODELS = {
-    'r50': ('ResNet-50', _resnet50),
-    'od1x': ('ODConv-1x ResNet-50', lambda: DynamicResNet(
-        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))),
-    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X_CFG)),
-    'dy4x': ('DyConv-4x ResNet-50', lambda: DynamicResNet(
-        50,
-        dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),
-        dyconv_downsample=True)),
-    'ddf': ('DDF-mul ResNet-50', lambda: DDFResNet(50, combine='mul')),
-}
+MODELS = BACKBONES
 
 #: key -> (name, constructor) of the single layers (3x3, 128 channels).
 LAYERS = {

@@ -43,12 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_models():
-    from mmpretrain.models.backbones import ResNet
-
-    from mmdyn.models.backbones import KWResNet
-    from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
+    from resnet50_backbones import BACKBONES
     torch.manual_seed(0)
-    return KWResNet(50, kw_cfg=KW_1X_CFG), ResNet(50)
+    return BACKBONES['kw1x'][1](), BACKBONES['r50'][1]()
 
 
 def make_clock(name: str):

@@ -51,29 +51,13 @@ import statistics
 import time
 
 import torch
+from resnet50_backbones import BACKBONES
 
 from mmdyn.analysis.machine import header_lines
 from mmdyn.analysis.memory import largest_graph_tensors, saved_bytes_of_step
-from mmdyn.models.backbones import DynamicResNet, KWResNet
-from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
 from mmdyn.ops.accel.thresholds import THRESHOLDS
 
-
-def _resnet50():
-    from mmpretrain.models.backbones import ResNet
-    return ResNet(50)
-
-
-MODELS = {
-    'r50': ('ResNet-50', _resnet50),
-    'od1x': ('ODConv-1x ResNet-50', lambda: DynamicResNet(
-        50, dyconv_cfg=dict(type='ODConv2d', kernel_num=1, reduction=0.0625))),
-    'kw1x': ('KW-1x ResNet-50', lambda: KWResNet(50, kw_cfg=KW_1X_CFG)),
-    'dy4x': ('DyConv-4x ResNet-50', lambda: DynamicResNet(
-        50,
-        dyconv_cfg=dict(type='DyConv2d', kernel_num=4, ratio=0.25),
-        dyconv_downsample=True)),
-}
+MODELS = {key: BACKBONES[key] for key in ('r50', 'od1x', 'kw1x', 'dy4x')}
 POLICIES = ('old', 'default', 'always')
 
 
