@@ -79,14 +79,6 @@ from . import ddf_cpu, kw_cells, winograd
 from .chunked import chunked_per_sample_conv2d, mix_kernels_into
 
 
-def _ddf_out_hw(h: int, w: int, kernel_size: int, dilation: int,
-                stride: int) -> Tuple[int, int]:
-    pad = (kernel_size - 1) // 2 * dilation
-    span = dilation * (kernel_size - 1) + 1
-    return ((h + 2 * pad - span) // stride + 1,
-            (w + 2 * pad - span) // stride + 1)
-
-
 def _ddf_lib():
     lib = ddf_cpu.load()
     if lib is None:
