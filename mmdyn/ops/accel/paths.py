@@ -283,11 +283,6 @@ def _kw_position_major_pays(layer, x: torch.Tensor) -> bool:
         'position_major_kernel_to_maps'] * _maps(layer, x.shape[-2:])
 
 
-def _out_pixels(layer, x: torch.Tensor) -> int:
-    h_out, w_out = layer.output_hw(*x.shape[-2:])
-    return h_out * w_out
-
-
 def kw_position_major(layer, x: torch.Tensor) -> bool:
     """KernelWarehouse: whether the position-major conv pays: CPU,
     ``groups=1``, every 1x1 layer, and larger kernels when one sample's
@@ -301,8 +296,9 @@ def kw_position_major(layer, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() or not _kw_pointwise(layer):
         return True
-    return _out_pixels(
-        layer, x) < THRESHOLDS['kernel_warehouse']['pointwise_min_pixels']
+    h_out, w_out = layer.output_hw(*x.shape[-2:])
+    return h_out * w_out < THRESHOLDS['kernel_warehouse'][
+        'pointwise_min_pixels']
 
 
 def kw_mixture_gemm(layer, x: torch.Tensor) -> bool:
