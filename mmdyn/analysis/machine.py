@@ -9,17 +9,43 @@ table says which ISA it was measured on.
 
 Reads ``/proc/cpuinfo`` and ``/proc/loadavg`` (Linux); elsewhere the
 fields fall back to :mod:`platform` and :mod:`os`. No torch import.
+
+An AVX-512 machine can measure what an AVX2 machine would run: the
+variables of :data:`ISA_CAPS` make ATen's kernels, oneDNN, MKL and mmdyn's
+C loops use AVX2 code. They are read when the libraries load, so they must
+be set before the process starts::
+
+    python -m mmdyn.analysis.machine --cap avx2 -- python benchmarks/ops.py
+
+runs the command under them, and :func:`header_lines` then names the cap.
+The caches, clock and memory remain this machine's: an emulation of the
+instruction set, not of another CPU.
 """
+import argparse
 import datetime
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Dict, List, Optional, Tuple
 
 __all__ = [
     'parse_cpuinfo', 'isa_level', 'load_average', 'cpu_description',
-    'header_lines'
+    'header_lines', 'ISA_CAPS', 'isa_cap'
 ]
+
+#: ISA name -> the environment that keeps ATen's CPU kernels
+#: (``ATEN_CPU_CAPABILITY``), oneDNN (``ONEDNN_MAX_CPU_ISA``), MKL
+#: (``MKL_ENABLE_INSTRUCTIONS``) and mmdyn's C loops (``MMDYN_C_MARCH``, a
+#: CPU with that ISA and no more) at that ISA.
+ISA_CAPS = {
+    'avx2': {
+        'ATEN_CPU_CAPABILITY': 'avx2',
+        'ONEDNN_MAX_CPU_ISA': 'AVX2',
+        'MKL_ENABLE_INSTRUCTIONS': 'AVX2',
+        'MMDYN_C_MARCH': 'haswell',
+    },
+}
 
 
 def _read(path: str) -> Optional[str]:
@@ -141,6 +167,25 @@ def _torch_version() -> str:
         return 'not installed'
 
 
+def isa_cap(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """The :data:`ISA_CAPS` entry this process runs under (``environ``:
+    ``os.environ`` when not given): its name when all its variables are
+    set to its values, None when none of them is set. Raises ValueError
+    when only some are (a mixed measurement would be mislabelled)."""
+    environ = os.environ if environ is None else environ
+    for name, variables in ISA_CAPS.items():
+        matching = [k for k, v in variables.items() if environ.get(k) == v]
+        if len(matching) == len(variables):
+            return name
+        if matching:
+            missing = sorted(set(variables) - set(matching))
+            raise ValueError(
+                f'partial {name} ISA cap: {", ".join(missing)} not set as '
+                f'ISA_CAPS[{name!r}] sets it; run the command under '
+                f'`python -m mmdyn.analysis.machine --cap {name} --`')
+    return None
+
+
 def header_lines(threads: Optional[int] = None,
                  description: Optional[Dict[str, object]] = None) -> List[str]:
     """Markdown lines naming the machine a table was measured on: CPU model
@@ -158,9 +203,44 @@ def header_lines(threads: Optional[int] = None,
     load_text = ', '.join(f'{v:.2f}' for v in load) if load else 'unknown'
     used = f', {threads} intra-op threads used' if threads is not None else ''
     today = datetime.datetime.now(datetime.timezone.utc)
+    isa = f'ISA {d["isa"]}'
+    cap = isa_cap()
+    if cap is not None:
+        settings = ', '.join(f'{k}={v}' for k, v in ISA_CAPS[cap].items())
+        isa = (f'ISA capped to {cap.upper()} on an {d["isa"]} CPU '
+               f'({settings})')
     return [
-        f'- CPU: {d["model"]}; ISA {d["isa"]}; {d["cores"]} cores, '
+        f'- CPU: {d["model"]}; {isa}; {d["cores"]} cores, '
         f'{d["threads"]} hardware threads{used}',
         f'- torch {_torch_version()}; load average {load_text}; '
         f'{today:%Y-%m-%d %H:%M} UTC',
     ]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m mmdyn.analysis.machine``: print the header lines; with
+    ``--cap ISA -- COMMAND ...``, run the command under that ISA cap."""
+    parser = argparse.ArgumentParser(
+        prog='python -m mmdyn.analysis.machine',
+        description='This machine for a benchmark header; --cap runs a '
+        'command with the libraries kept at a lower ISA.')
+    parser.add_argument('--cap', choices=sorted(ISA_CAPS))
+    parser.add_argument('command', nargs=argparse.REMAINDER,
+                        help='-- then the command (with --cap)')
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ['--'] else \
+        args.command
+    if args.cap is None:
+        if command:
+            parser.error('a command needs --cap')
+        print('\n'.join(header_lines()))
+        return
+    if not command:
+        parser.error('--cap needs a command after --')
+    env = dict(os.environ, **ISA_CAPS[args.cap])
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
+if __name__ == '__main__':
+    main()

@@ -37,6 +37,7 @@ No torch, no OpenMMLab import: engine code reads its switches here too.
 """
 import os
 import os.path as osp
+import re
 from typing import Optional
 
 #: The switch that turns every accelerator off.
@@ -58,13 +59,17 @@ CACHE_DIR = 'MMDYN_CACHE_DIR'
 MAX_ALLOC_BYTES = 'MMDYN_MAX_ALLOC_BYTES'
 MALLOC_TUNING = 'MMDYN_MALLOC_TUNING'
 AUTOTUNE = 'MMDYN_AUTOTUNE'
+#: The ``-march`` the C loops are built for on x86 (default ``native``;
+#: e.g. ``haswell`` for AVX2 code on an AVX-512 machine: see
+#: :mod:`mmdyn.analysis.machine`'s ISA caps).
+C_MARCH = 'MMDYN_C_MARCH'
 #: Whether the layers time their paths (:mod:`mmdyn.ops.accel.autotune`)
 #: when ``MMDYN_AUTOTUNE`` is unset; set by ``benchmarks/autotune.py``
 #: (tuning cost against time saved on the demo trainings).
 AUTOTUNE_DEFAULT = False
 #: Every switch (for documentation and tests).
 SWITCHES = (DISABLE_ACCEL, *ACCEL_SWITCHES, CACHE_DIR, MAX_ALLOC_BYTES,
-            MALLOC_TUNING, AUTOTUNE)
+            MALLOC_TUNING, AUTOTUNE, C_MARCH)
 
 _OFF = ('0', 'false', 'off', 'no')
 
@@ -94,6 +99,17 @@ def accel_enabled(name: str) -> bool:
         raise ValueError(f'unknown accelerator switch {name!r}; one of '
                          f'{tuple(ACCEL_SWITCHES)}')
     return not accel_disabled() and switch_on(name)
+
+
+def c_march() -> str:
+    """The ``-march`` value of the C loops' x86 builds: ``$MMDYN_C_MARCH``
+    or ``native``. Raises ValueError for a value that is not a CPU name
+    (letters, digits, ``-``, ``_``, ``.``)."""
+    value = os.environ.get(C_MARCH, '').strip() or 'native'
+    if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', value):
+        raise ValueError(f'{C_MARCH}={value!r} is not a -march CPU name '
+                         '(e.g. native, haswell, skylake-avx512)')
+    return value
 
 
 def cache_dir() -> str:

@@ -175,3 +175,27 @@ def test_truncated_library_is_rebuilt(tmp_path, monkeypatch):
 def test_csource_file_reads_package_data():
     lib = CLibrary('ddf_cpu_probe', CSourceFile('ddf.c'), _declare, 'X', 'y')
     assert 'ddf_forward_s1' in lib.source and 'DDF_T double' in lib.source
+
+
+def test_march_from_its_switch(monkeypatch):
+    from mmdyn.ops import switches
+    monkeypatch.delenv(switches.C_MARCH, raising=False)
+    assert '-march=native' in compiler_flags('x86_64')
+    monkeypatch.setenv(switches.C_MARCH, 'haswell')
+    flags = compiler_flags('x86_64')
+    assert '-march=haswell' in flags and '-march=native' not in flags
+    assert not any(f.startswith('-march') for f in compiler_flags('aarch64'))
+    monkeypatch.setenv(switches.C_MARCH, 'native; rm -rf ~')
+    with pytest.raises(ValueError, match='MMDYN_C_MARCH'):
+        compiler_flags('x86_64')
+
+
+def test_march_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    from mmdyn.ops import switches
+    monkeypatch.setenv(switches.CACHE_DIR, str(tmp_path))
+    lib = c_library.CLibrary('probe', 'int f(void) { return 1; }',
+                             lambda lib: None, switches.WINOGRAD, 'none')
+    monkeypatch.delenv(switches.C_MARCH, raising=False)
+    native = lib.path()
+    monkeypatch.setenv(switches.C_MARCH, 'haswell')
+    assert lib.path() != native

@@ -226,6 +226,27 @@ def test_compiled_ddf_inference_is_one_operator(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['odconv_k1', 'dyconv', 'kwconv_1x1'])
+def test_compiled_whole_layer_runs_its_hooks_once(name, monkeypatch):
+    """A forward pre-hook and hook of the layer run once per compiled call
+    (the traced graph calls them; the operator must not call them again),
+    and a pre-hook that changes the input changes the operator's input."""
+    monkeypatch.setattr(custom_ops, 'WHOLE_LAYER_TYPES', WHOLE_LAYERS)
+    layer, x = build(name)
+    calls = []
+    layer.register_forward_pre_hook(
+        lambda mod, args: (calls.append('pre'), (args[0] * 2, ))[1])
+    layer.register_forward_hook(lambda mod, args, out: calls.append('post'))
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        compiled(x)
+        calls.clear()
+        out = compiled(x)
+        expected = layer.forward_reference(x * 2)
+    assert calls == ['pre', 'post']
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_disable_accel_keeps_the_operators_out(monkeypatch):
     """``MMDYN_DISABLE_ACCEL=1``: no ``mmdyn::`` operator in a compiled
     graph, whole layer or path."""

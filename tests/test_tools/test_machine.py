@@ -83,3 +83,45 @@ def test_this_machine_and_no_torch_import():
                          text=True,
                          check=True)
     assert out.stdout.startswith('- CPU: ')
+
+
+def test_isa_cap_names_the_full_cap_only(monkeypatch):
+    for name in machine.ISA_CAPS['avx2']:
+        monkeypatch.delenv(name, raising=False)
+    assert machine.isa_cap() is None
+    env = dict(machine.ISA_CAPS['avx2'])
+    assert machine.isa_cap(env) == 'avx2'
+    env.pop('MKL_ENABLE_INSTRUCTIONS')
+    with pytest.raises(ValueError, match='MKL_ENABLE_INSTRUCTIONS'):
+        machine.isa_cap(env)  # a half-capped run would be mislabelled
+    for name, value in machine.ISA_CAPS['avx2'].items():
+        monkeypatch.setenv(name, value)
+    d = machine.cpu_description(_cpuinfo(*CASES['AVX-512']), '0 0 0')
+    line = machine.header_lines(description=d)[0]
+    assert 'ISA capped to AVX2 on an AVX-512 CPU' in line
+    assert 'ONEDNN_MAX_CPU_ISA=AVX2' in line and 'MMDYN_C_MARCH=haswell' in line
+
+
+def test_cap_runs_the_command_with_avx2_libraries():
+    """``python -m mmdyn.analysis.machine --cap avx2 -- CMD``: the command's
+    torch reports the AVX2 kernels (or less, on a CPU without AVX2), and
+    mmdyn's C loops are built for a CPU without AVX-512."""
+    code = ('import torch; from mmdyn.ops.accel import c_library; '
+            'print(torch.backends.cpu.get_cpu_capability()); '
+            "print(' '.join(c_library.compiler_flags('x86_64')))")
+    out = subprocess.run([
+        sys.executable, '-m', 'mmdyn.analysis.machine', '--cap', 'avx2', '--',
+        sys.executable, '-c', code
+    ],
+                         capture_output=True,
+                         text=True,
+                         check=True).stdout.split('\n')
+    assert out[0] in ('AVX2', 'DEFAULT'), out
+    assert '-march=haswell' in out[1].split(), out
+
+
+def test_cap_needs_a_command():
+    with pytest.raises(SystemExit):
+        machine.main(['--cap', 'avx2'])
+    with pytest.raises(SystemExit):
+        machine.main(['--', 'true'])

@@ -45,7 +45,8 @@ CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 PORTABLE_FLAGS = ('-O3', '-fopenmp', '-shared', '-fPIC', '-std=c99')
 # -mprefer-vector-width=256: gcc's tuning for some AVX2 CPUs (e.g. AMD Zen 1)
 # vectorises with 128-bit registers; 256-bit ones make DDF's fused forward
-# markedly faster there (benchmarks/ddf.md). x86 only.
+# markedly faster there (benchmarks/ddf.md). x86 only. -march is
+# $MMDYN_C_MARCH's (default native: switches.c_march).
 X86_FLAGS = ('-march=native', '-mprefer-vector-width=256')
 
 
@@ -55,13 +56,16 @@ def is_x86(machine: Optional[str] = None) -> bool:
 
 
 def compiler_flags(machine: Optional[str] = None) -> tuple:
-    """The build flags: the x86 tuning flags only on x86, the portable ones
-    elsewhere."""
+    """The build flags: the x86 tuning flags only on x86 (``-march`` from
+    ``$MMDYN_C_MARCH``, default ``native``), the portable ones elsewhere."""
     if is_x86(machine):
-        return PORTABLE_FLAGS[:1] + X86_FLAGS + PORTABLE_FLAGS[1:]
+        x86 = (f'-march={switches.c_march()}', ) + X86_FLAGS[1:]
+        return PORTABLE_FLAGS[:1] + x86 + PORTABLE_FLAGS[1:]
     return PORTABLE_FLAGS
 
 
+#: The build flags when mmdyn was imported (each build reads
+#: :func:`compiler_flags` again).
 FLAGS = compiler_flags()
 
 #: /proc/cpuinfo keys that identify the CPU model and its instruction sets
@@ -245,7 +249,7 @@ class CLibrary:
         return self._source
 
     def path(self) -> str:
-        key = hashlib.sha1((self.source + ' '.join(FLAGS) +
+        key = hashlib.sha1((self.source + ' '.join(compiler_flags()) +
                             cpu_model()).encode()).hexdigest()
         return osp.join(cache_dir(), f'{self.name}_{key[:16]}.so')
 
@@ -262,7 +266,8 @@ class CLibrary:
                 f.write(self.source)
             out = osp.join(tmp, self.name + '.so')
             returncode, messages = run_compiler(
-                [compiler, *FLAGS, src, '-o', out], COMPILE_TIMEOUT)
+                [compiler, *compiler_flags(), src, '-o', out],
+                COMPILE_TIMEOUT)
             if returncode:
                 messages = messages.strip()[-2000:]
                 raise RuntimeError(f'{compiler} failed (exit {returncode})'

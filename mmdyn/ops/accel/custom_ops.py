@@ -435,14 +435,17 @@ def _layer_key(layer) -> int:
 def layer_forward_op(x: Tensor, layer: int, out_shape: List[int]) -> Tensor:
     """The eager forward of the registered ``layer`` (its attentions and the
     path :func:`~mmdyn.ops.accel.paths.choose_path` takes, C loops and
-    workspaces included) on ``x``, without autograd; the output is
+    workspaces included) on ``x``, without autograd and without the layer's
+    hooks (the traced graph calls them around the operator); the output is
     ``out_shape``."""
     module = _LAYERS[layer]()
     if module is None:
         raise RuntimeError('mmdyn::layer_forward: the layer of this compiled '
                            'graph was freed')
     with torch.no_grad():
-        return module(x)
+        # forward, not __call__: the compiled graph has run the layer's
+        # hooks around this operator already.
+        return module.forward(x)
 
 
 @layer_forward_op.register_fake
