@@ -234,3 +234,96 @@ def test_odconv_one_kernel_gemm_paths_on_a_view(impl):
     layer = _randomised(ODConv2d(6, 5, 3, kernel_num=1), 0).eval()
     big = torch.randn(5, 6, 7, 7)
     _compare(layer, impl, big[2:4], train=False)
+
+
+# (C_in, C_out, input H x W) of 1x1 layers
+POINTWISE_GEOMETRIES = [(5, 7, (6, 5)), (13, 3, (1, 1)), (9, 16, (7, 4))]
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('geometry', POINTWISE_GEOMETRIES)
+def test_odconv_pointwise_gemm_matches_the_reference(geometry, bias, batch,
+                                                     train):
+    """ODConv 1x1 with one kernel as one batched matmul of the per-sample
+    matrices, channels-last and non-contiguous inputs included."""
+    c_in, c_out, hw = geometry
+    layer = _randomised(
+        ODConv2d(c_in, c_out, 1, bias=bias, kernel_num=1), batch)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, c_in, *hw)
+    _compare(layer, 'pointwise_gemm', x, train)
+    _compare(layer, 'pointwise_gemm', x.to(memory_format=torch.channels_last),
+             train)
+    wide = torch.randn(batch, c_in, hw[0], 2 * hw[1])
+    _compare(layer, 'pointwise_gemm', wide[..., ::2], train)
+
+
+def test_pointwise_gemm_needs_a_plain_1x1_with_one_kernel():
+    x = torch.randn(2, 8, 5, 5)
+    for layer in (ODConv2d(8, 8, 1, kernel_num=4, impl='pointwise_gemm'),
+                  ODConv2d(8, 8, 3, kernel_num=1, impl='pointwise_gemm'),
+                  ODConv2d(8, 8, 1, 2, kernel_num=1, impl='pointwise_gemm'),
+                  ODConv2d(8, 8, 1, padding=1, kernel_num=1,
+                           impl='pointwise_gemm'),
+                  ODConv2d(8, 8, 1, groups=2, kernel_num=1,
+                           impl='pointwise_gemm')):
+        with pytest.raises(ValueError,
+                           match="impl='pointwise_gemm' cannot run"):
+            layer(x)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_rules_for_resnet_odconv_1x_pointwise(train):
+    """ResNet-50 at 224 px: the 1x1 layers of stages 1-2 with at least 128
+    input channels take the batched matmul; stage 1's 64 -> 256 and the
+    14x14 and 7x7 layers do not."""
+    for c_in, c_out, hw, want in [(256, 64, 56, True), (512, 128, 28, True),
+                                  (128, 512, 28, True),
+                                  (64, 256, 56, False),
+                                  (1024, 256, 14, False),
+                                  (512, 2048, 7, False)]:
+        layer = ODConv2d(c_in, c_out, 1, bias=False, kernel_num=1)
+        path = _auto_path('odconv', layer, torch.randn(2, c_in, hw, hw),
+                          train)
+        assert (path == 'pointwise_gemm') == want, (c_in, c_out, hw, path)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
+@pytest.mark.parametrize('geometry', POINTWISE_GEOMETRIES)
+def test_mixture_pointwise_gemm_matches_the_reference(geometry, cls, batch,
+                                                      train):
+    """CondConv/DyConv 1x1 as the mixed matrices and one batched matmul
+    (forced in training too), channels-last and strided inputs included."""
+    c_in, c_out, hw = geometry
+    layer = _randomised(cls(c_in, c_out, 1, kernel_num=3), batch)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, c_in, *hw)
+    _compare(layer, 'pointwise_gemm', x, train)
+    _compare(layer, 'pointwise_gemm', x.to(memory_format=torch.channels_last),
+             train)
+    wide = torch.randn(batch, c_in, hw[0], 2 * hw[1])
+    _compare(layer, 'pointwise_gemm', wide[..., ::2], train)
+
+
+def test_mixture_pointwise_rule():
+    """Inference of 1x1 layers with 14x14 outputs or more (ResNet-50 stages
+    1-3), not 7x7 (stage 4), not training, not 3x3 or strided layers."""
+    for hw, want in [(56, True), (14, True), (7, False)]:
+        layer = DyConv2d(64, 32, 1, kernel_num=4)
+        path = _auto_path('mixture', layer, torch.randn(2, 64, hw, hw), False)
+        assert (path == 'pointwise_gemm') == want, (hw, path)
+    layer = DyConv2d(64, 32, 1, kernel_num=4)
+    assert _auto_path('mixture', layer, torch.randn(2, 64, 28, 28),
+                      True) != 'pointwise_gemm'
+    for layer in (DyConv2d(64, 32, 3, padding=1, kernel_num=4),
+                  DyConv2d(64, 32, 1, 2, kernel_num=4)):
+        assert _auto_path('mixture', layer, torch.randn(2, 64, 28, 28),
+                          False) != 'pointwise_gemm'
+        layer.impl = 'pointwise_gemm'
+        with pytest.raises(ValueError,
+                           match="impl='pointwise_gemm' cannot run"):
+            layer.eval()(torch.randn(2, 64, 28, 28))

@@ -10,6 +10,8 @@ weights ``pi`` [B, K] of its input.
 * ``batch_grouped``: the mixed kernels and one batch-as-groups conv, all
   oneDNN (inference; rule measured on AVX-512, 2026-12-06, where it beats
   the Winograd C loop).
+* ``pointwise_gemm``: a 1x1 layer as the mixed [C_out, C_in] matrices
+  and one batched matmul with the pixels (inference).
 * ``winograd`` and ``chunked``: the per-sample conv by Winograd
   F(2x2, 3x3), or with the kernels built into a reused workspace (the
   deepest layers).
@@ -67,6 +69,21 @@ def batch_grouped(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     weight = (pi @ layer.weight.flatten(1)).view(-1, *layer.weight.shape[1:])
     return per_sample_conv2d(x, weight, bias, layer.stride, layer.padding,
                              layer.dilation, layer.groups, 'grouped')
+
+
+def pointwise_gemm(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """A 1x1, stride-1, unpadded, ``groups=1`` layer: the mixed matrices
+    ``pi @ W`` [B, C_out, C_in] times the pixels [B, C_in, H*W] as one
+    batched matmul (+ the mixed bias)."""
+    B, c_in, h, w = x.shape
+    c_out = layer.out_channels
+    matrices = (pi @ layer.weight.flatten(1)).view(B, c_out, c_in)
+    out = torch.bmm(matrices.to(x.dtype), x.reshape(B, c_in, h * w))
+    out = out.view(B, c_out, h, w)
+    bias = _mixed_bias(layer, pi)
+    if bias is not None:
+        out += bias[:, :, None, None].to(out.dtype)
+    return out
 
 
 def winograd(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:

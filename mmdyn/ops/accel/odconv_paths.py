@@ -12,6 +12,11 @@ layer's ``forward_reference`` result another way (chosen by
   of the shifted taps (no per-sample kernel, no im2col; inference and
   training). Its rule was measured on AVX-512 (2026-12-06), where it
   beats the Winograd C loop on ResNet stage-3 layers.
+* ``pointwise_gemm``: a 1x1 layer with one kernel: ``alpha_f`` and
+  ``alpha_c`` folded into per-sample [C_out, C_in] matrices, then one
+  batched matmul with the input's pixels (no pass over the maps for the
+  two scalings; inference and training, where it keeps only ``x`` and the
+  small matrices).
 * ``winograd`` and ``chunked``: the per-sample conv by Winograd
   F(2x2, 3x3), or with the kernels built into a reused workspace.
 * :func:`mix_kernels`: the reference's kernel mixture with a memory-lean
@@ -516,6 +521,26 @@ def chunked(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
         layer.weight.shape[1:], layer.weight.dtype, layer.stride,
         layer.padding, layer.dilation, layer.groups)
     return layer.filter_and_bias(out, filt)
+
+
+def pointwise_gemm(layer, x, channel, filt, spatial,
+                   kernel) -> torch.Tensor:
+    """A 1x1, stride-1, unpadded, ``groups=1`` layer with one kernel (no
+    spatial or kernel attention): ``y_b = (alpha_f[b] * W * alpha_c[b]) @
+    x_b`` over the pixels, as one [B, C_out, C_in] x [B, C_in, H*W]
+    batched matmul (+ bias)."""
+    B, c_in, h, w = x.shape
+    matrix = layer.weight.reshape(layer.out_channels, c_in).to(x.dtype)
+    if channel is not None:
+        matrix = matrix * channel.to(x.dtype)[:, None, :]
+    if filt is not None:
+        matrix = matrix * filt.to(x.dtype)[:, :, None]
+    matrix = matrix.expand(B, -1, -1)
+    out = torch.bmm(matrix, x.reshape(B, c_in, h * w))
+    out = out.view(B, layer.out_channels, h, w)
+    if layer.bias is not None:
+        out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
+    return out
 
 
 def reference(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:

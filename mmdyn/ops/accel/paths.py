@@ -29,6 +29,9 @@ scaled_columns ODConv with one kernel: the static kernel times im2col
 tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
                every tap's output channels, then the per-sample weighted
                shift-sum of the taps
+pointwise_gemm 1x1 layers: ODConv with one kernel (the attentions folded
+               into per-sample matrices) and CondConv/DyConv in inference
+               (the mixed matrices), one batched matmul with the pixels
 conv_then_mix  CondConv/DyConv: K static convs of the batch, outputs mixed
                by the routing weights
 batch_grouped  CondConv/DyConv: the mixed kernels, then one conv with the
@@ -93,7 +96,8 @@ __all__ = [
     'KERNEL_WAREHOUSE_PATHS', 'PER_SAMPLE_IMPLS', 'layer_impls', 'check_impl',
     'winograd_applies', 'uses_winograd', 'chunked_applies',
     'uses_chunked_kernels', 'uses_c_cell_product', 'odconv_folds',
-    'odconv_scaled_columns', 'odconv_tap_gemm', 'mixture_conv_then_mix',
+    'odconv_scaled_columns', 'odconv_tap_gemm', 'odconv_pointwise_gemm',
+    'pointwise_applies', 'mixture_pointwise_gemm', 'mixture_conv_then_mix',
     'mixture_batch_grouped', 'kw_position_major'
 ]
 
@@ -221,6 +225,27 @@ def odconv_scaled_columns(layer, input_hw: Tuple[int, int]) -> bool:
     return layer.out_channels >= THRESHOLDS['odconv'][key] * h_out * w_out
 
 
+def odconv_pointwise_applies(layer, x: torch.Tensor) -> bool:
+    """ODConv: whether ``pointwise_gemm`` can run: one kernel and
+    :func:`pointwise_applies`."""
+    return layer.is_pointwise_1x and pointwise_applies(layer, x)
+
+
+def odconv_pointwise_gemm(layer, x: torch.Tensor) -> bool:
+    """ODConv 1x1 with one kernel: whether the batched matmul of per-sample
+    matrices pays: CPU, ``C_in >= pointwise_gemm_min_in_channels`` and
+    ``H*W >= pointwise_gemm_min_pixels_per_out_channel * C_out`` (the
+    high-resolution layers, where the two passes over the maps cost most
+    and each matrix is reused over many pixels) (:data:`THRESHOLDS`
+    ``['odconv']``)."""
+    limits = THRESHOLDS['odconv']
+    return x.device.type == 'cpu' and \
+        layer.in_channels >= limits['pointwise_gemm_min_in_channels'] and \
+        x.shape[-2] * x.shape[-1] >= \
+        limits['pointwise_gemm_min_pixels_per_out_channel'] * \
+        layer.out_channels
+
+
 def odconv_tap_gemm(layer, x: torch.Tensor) -> bool:
     """ODConv with one kernel (``groups=1``, larger than 1x1): whether one
     1x1 GEMM to every tap's output channels then the weighted shift-sum
@@ -248,6 +273,22 @@ def mixture_conv_then_mix(layer, x: torch.Tensor) -> bool:
     h_out, w_out = layer.output_hw(*x.shape[-2:])
     return (layer.kernel_num - 1) * h_out * w_out <= \
         THRESHOLDS['mixture']['conv_then_mix_max_work']
+
+
+def pointwise_applies(layer, x: torch.Tensor) -> bool:
+    """Whether a 1x1 layer is a matrix product over the pixels: a 1x1
+    kernel, stride 1, no padding, ``groups=1``."""
+    return tuple(layer.kernel_size) == (1, 1) and layer.groups == 1 and \
+        tuple(layer.stride) == (1, 1) and tuple(layer.padding) == (0, 0)
+
+
+def mixture_pointwise_gemm(layer, x: torch.Tensor) -> bool:
+    """CondConv/DyConv 1x1: whether the mixed matrices and one batched
+    matmul pay: CPU inference with at least ``pointwise_gemm_min_pixels``
+    pixels (:data:`THRESHOLDS` ``['mixture']``)."""
+    return x.device.type == 'cpu' and not torch.is_grad_enabled() and \
+        x.shape[-2] * x.shape[-1] >= \
+        THRESHOLDS['mixture']['pointwise_gemm_min_pixels']
 
 
 def mixture_batch_grouped(layer, x: torch.Tensor) -> bool:
@@ -392,6 +433,11 @@ PATHS = {
              lambda layer, x, a: odconv_tap_gemm(layer, x),
              'kernel_num=1, groups=1 and a kernel larger than 1x1',
              odconv_paths.tap_gemm),
+        Path('pointwise_gemm',
+             lambda layer, x, a: odconv_pointwise_applies(layer, x),
+             lambda layer, x, a: odconv_pointwise_gemm(layer, x),
+             'kernel_num=1, a 1x1 kernel, stride 1, padding 0, groups=1',
+             odconv_paths.pointwise_gemm),
         Path('recompute', recompute.can_run, recompute.odconv_pays,
              'no graph capture', recompute.odconv_recompute),
         Path('winograd', lambda layer, x, a: winograd_applies(x, layer),
@@ -417,6 +463,11 @@ PATHS = {
              mixture_paths.conv_then_mix),
         Path('recompute', recompute.can_run, recompute.mixture_pays,
              'no graph capture', recompute.mixture_recompute),
+        Path('pointwise_gemm',
+             lambda layer, x, a: pointwise_applies(layer, x),
+             lambda layer, x, a: mixture_pointwise_gemm(layer, x),
+             'a 1x1 kernel, stride 1, padding 0, groups=1',
+             mixture_paths.pointwise_gemm),
         Path('batch_grouped', _always,
              lambda layer, x, a: mixture_batch_grouped(layer, x), '',
              mixture_paths.batch_grouped),

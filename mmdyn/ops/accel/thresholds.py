@@ -47,7 +47,16 @@ THRESHOLDS = {
     # inference (one GEMM of the whole batch), AVX-512 2026-12-06, b8: 1.3x
     # nn.Conv2d at 256 ch 14x14 (tap_gemm 1.45x) and 512 ch 7x7; 1.6x at
     # 128 ch 28x28 (reference 1.4-1.5x).
+    # `pointwise_gemm_*`: 1x1 one-kernel layers with C_in >= 128 and at
+    # least one output pixel per output channel (ResNet-50 stages 1-2) run
+    # as one batched matmul of per-sample matrices. Measured 2026-12-06
+    # (one thread, an indication; b8, time / nn.Conv2d, reference ->
+    # pointwise_gemm): AVX-512 eval 256->64 56x56 1.70 -> 1.07, 512->128
+    # 28x28 1.33 -> 1.12; train 1.3-1.7 -> 1.0-1.14; AVX2 (capped) eval
+    # 1.12-1.45 -> 1.03-1.12. At 14x14 and 7x7 it loses (1.3-6x).
     dict(
+        pointwise_gemm_min_in_channels=128,
+        pointwise_gemm_min_pixels_per_out_channel=1,
         fold_maps_to_kernel=2,
         scaled_columns_out_per_pixel=2,
         scaled_columns_out_per_pixel_inference=1,
@@ -62,8 +71,15 @@ THRESHOLDS = {
     # one thread, a loaded machine: indications), DyConv K=4 b8 / nn.Conv2d:
     # 256 ch 14x14 grouped 1.6x, winograd 2.0x, chunked 1.6x; 128 ch 28x28
     # both 1.2x; 512 ch 7x7 (ratio 47) chunked 3.0x, grouped 7.6x.
+    # `pointwise_gemm_min_pixels`: 1x1 layers in inference with this many
+    # pixels or more run as the mixed matrices and one batched matmul
+    # (DyConv K=4, b8, AVX-512, 2026-12-06, one thread, an indication;
+    # time / nn.Conv2d, batch_grouped -> batched matmul: 56x56 1.49-2.14 ->
+    # 1.06-1.50, 28x28 1.34-1.57 -> 0.99-1.16, 14x14 1.42-1.59 ->
+    # 1.16-1.22; 7x7 chunked 2.0-2.3 against 3.2-3.4).
     'mixture':
     dict(
+        pointwise_gemm_min_pixels=196,
         conv_then_mix_max_work=96,
         grouped_min_batch=2,
         grouped_max_kernel_to_maps=8),
