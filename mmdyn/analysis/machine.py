@@ -168,10 +168,13 @@ def _torch_version() -> str:
 
 
 def isa_cap(environ: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """The :data:`ISA_CAPS` entry this process runs under (``environ``:
-    ``os.environ`` when not given): its name when all its variables are
-    set to its values, None when none of them is set. Raises ValueError
-    when only some are (a mixed measurement would be mislabelled)."""
+    """The name of the :data:`ISA_CAPS` entry this process runs under.
+
+    Its name when all its variables are set to its values in ``environ``
+    (``os.environ`` when not given), None when none of them is set.
+    Raises ValueError when only some are (a mixed measurement would be
+    mislabelled).
+    """
     environ = os.environ if environ is None else environ
     for name, variables in ISA_CAPS.items():
         matching = [k for k, v in variables.items() if environ.get(k) == v]
@@ -225,8 +228,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         description='This machine for a benchmark header; --cap runs a '
         'command with the libraries kept at a lower ISA.')
     parser.add_argument('--cap', choices=sorted(ISA_CAPS))
-    parser.add_argument('command', nargs=argparse.REMAINDER,
-                        help='-- then the command (with --cap)')
+    parser.add_argument(
+        'command',
+        nargs=argparse.REMAINDER,
+        help='-- then the command (with --cap)')
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ['--'] else \
         args.command

@@ -102,9 +102,12 @@ def accel_enabled(name: str) -> bool:
 
 
 def c_march() -> str:
-    """The ``-march`` value of the C loops' x86 builds: ``$MMDYN_C_MARCH``
-    or ``native``. Raises ValueError for a value that is not a CPU name
-    (letters, digits, ``-``, ``_``, ``.``)."""
+    """The ``-march`` value of the C loops' x86 builds: ``$MMDYN_C_MARCH`` or
+    ``native``.
+
+    Raises ValueError for a value that is not a CPU name
+    (letters, digits, ``-``, ``_``, ``.``).
+    """
     value = os.environ.get(C_MARCH, '').strip() or 'native'
     if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', value):
         raise ValueError(f'{C_MARCH}={value!r} is not a -march CPU name '

@@ -228,14 +228,14 @@ def test_compiled_ddf_inference_is_one_operator(monkeypatch):
 
 @pytest.mark.parametrize('name', ['odconv_k1', 'dyconv', 'kwconv_1x1'])
 def test_compiled_whole_layer_runs_its_hooks_once(name, monkeypatch):
-    """A forward pre-hook and hook of the layer run once per compiled call
-    (the traced graph calls them; the operator must not call them again),
-    and a pre-hook that changes the input changes the operator's input."""
+    """A forward pre-hook and hook of the layer run once per compiled call (the
+    traced graph calls them; the operator must not call them again), and a pre-
+    hook that changes the input changes the operator's input."""
     monkeypatch.setattr(custom_ops, 'WHOLE_LAYER_TYPES', WHOLE_LAYERS)
     layer, x = build(name)
     calls = []
-    layer.register_forward_pre_hook(
-        lambda mod, args: (calls.append('pre'), (args[0] * 2, ))[1])
+    layer.register_forward_pre_hook(lambda mod, args: (calls.append('pre'),
+                                                       (args[0] * 2, ))[1])
     layer.register_forward_hook(lambda mod, args, out: calls.append('post'))
     compiled = torch.compile(layer)
     with torch.no_grad():

@@ -117,8 +117,8 @@ def test_every_switch_is_named_in_one_module():
     from mmdyn.analysis import machine
     capped = {
         name
-        for cap in machine.ISA_CAPS.values() for name in cap
-        if name.startswith('MMDYN_')
+        for cap in machine.ISA_CAPS.values()
+        for name in cap if name.startswith('MMDYN_')
     }
     assert capped and capped <= set(switches.SWITCHES)
     outside = []

@@ -262,15 +262,14 @@ def test_odconv_pointwise_gemm_matches_the_reference(geometry, bias, batch,
 
 def test_pointwise_gemm_needs_a_plain_1x1_with_one_kernel():
     x = torch.randn(2, 8, 5, 5)
-    for layer in (ODConv2d(8, 8, 1, kernel_num=4, impl='pointwise_gemm'),
-                  ODConv2d(8, 8, 3, kernel_num=1, impl='pointwise_gemm'),
-                  ODConv2d(8, 8, 1, 2, kernel_num=1, impl='pointwise_gemm'),
-                  ODConv2d(8, 8, 1, padding=1, kernel_num=1,
-                           impl='pointwise_gemm'),
-                  ODConv2d(8, 8, 1, groups=2, kernel_num=1,
-                           impl='pointwise_gemm')):
-        with pytest.raises(ValueError,
-                           match="impl='pointwise_gemm' cannot run"):
+    for layer in (
+            ODConv2d(8, 8, 1, kernel_num=4, impl='pointwise_gemm'),
+            ODConv2d(8, 8, 3, kernel_num=1, impl='pointwise_gemm'),
+            ODConv2d(8, 8, 1, 2, kernel_num=1, impl='pointwise_gemm'),
+            ODConv2d(8, 8, 1, padding=1, kernel_num=1, impl='pointwise_gemm'),
+            ODConv2d(8, 8, 1, groups=2, kernel_num=1, impl='pointwise_gemm')):
+        with pytest.raises(
+                ValueError, match="impl='pointwise_gemm' cannot run"):
             layer(x)
 
 
@@ -280,13 +279,11 @@ def test_rules_for_resnet_odconv_1x_pointwise(train):
     input channels take the batched matmul; stage 1's 64 -> 256 and the
     14x14 and 7x7 layers do not."""
     for c_in, c_out, hw, want in [(256, 64, 56, True), (512, 128, 28, True),
-                                  (128, 512, 28, True),
-                                  (64, 256, 56, False),
+                                  (128, 512, 28, True), (64, 256, 56, False),
                                   (1024, 256, 14, False),
                                   (512, 2048, 7, False)]:
         layer = ODConv2d(c_in, c_out, 1, bias=False, kernel_num=1)
-        path = _auto_path('odconv', layer, torch.randn(2, c_in, hw, hw),
-                          train)
+        path = _auto_path('odconv', layer, torch.randn(2, c_in, hw, hw), train)
         assert (path == 'pointwise_gemm') == want, (c_in, c_out, hw, path)
 
 
@@ -296,8 +293,8 @@ def test_rules_for_resnet_odconv_1x_pointwise(train):
 @pytest.mark.parametrize('geometry', POINTWISE_GEOMETRIES)
 def test_mixture_pointwise_gemm_matches_the_reference(geometry, cls, batch,
                                                       train):
-    """CondConv/DyConv 1x1 as the mixed matrices and one batched matmul
-    (forced in training too), channels-last and strided inputs included."""
+    """CondConv/DyConv 1x1 as the mixed matrices and one batched matmul (forced
+    in training too), channels-last and strided inputs included."""
     c_in, c_out, hw = geometry
     layer = _randomised(cls(c_in, c_out, 1, kernel_num=3), batch)
     torch.manual_seed(batch)
@@ -319,11 +316,12 @@ def test_mixture_pointwise_rule():
     layer = DyConv2d(64, 32, 1, kernel_num=4)
     assert _auto_path('mixture', layer, torch.randn(2, 64, 28, 28),
                       True) != 'pointwise_gemm'
-    for layer in (DyConv2d(64, 32, 3, padding=1, kernel_num=4),
-                  DyConv2d(64, 32, 1, 2, kernel_num=4)):
+    for layer in (DyConv2d(64, 32, 3, padding=1,
+                           kernel_num=4), DyConv2d(64, 32, 1, 2,
+                                                   kernel_num=4)):
         assert _auto_path('mixture', layer, torch.randn(2, 64, 28, 28),
                           False) != 'pointwise_gemm'
         layer.impl = 'pointwise_gemm'
-        with pytest.raises(ValueError,
-                           match="impl='pointwise_gemm' cannot run"):
+        with pytest.raises(
+                ValueError, match="impl='pointwise_gemm' cannot run"):
             layer.eval()(torch.randn(2, 64, 28, 28))

@@ -99,7 +99,8 @@ def test_isa_cap_names_the_full_cap_only(monkeypatch):
     d = machine.cpu_description(_cpuinfo(*CASES['AVX-512']), '0 0 0')
     line = machine.header_lines(description=d)[0]
     assert 'ISA capped to AVX2 on an AVX-512 CPU' in line
-    assert 'ONEDNN_MAX_CPU_ISA=AVX2' in line and 'MMDYN_C_MARCH=haswell' in line
+    assert 'ONEDNN_MAX_CPU_ISA=AVX2' in line
+    assert 'MMDYN_C_MARCH=haswell' in line
 
 
 def test_cap_runs_the_command_with_avx2_libraries():

@@ -266,8 +266,7 @@ class CLibrary:
                 f.write(self.source)
             out = osp.join(tmp, self.name + '.so')
             returncode, messages = run_compiler(
-                [compiler, *compiler_flags(), src, '-o', out],
-                COMPILE_TIMEOUT)
+                [compiler, *compiler_flags(), src, '-o', out], COMPILE_TIMEOUT)
             if returncode:
                 messages = messages.strip()[-2000:]
                 raise RuntimeError(f'{compiler} failed (exit {returncode})'

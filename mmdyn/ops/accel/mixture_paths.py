@@ -72,9 +72,9 @@ def batch_grouped(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
 
 
 def pointwise_gemm(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
-    """A 1x1, stride-1, unpadded, ``groups=1`` layer: the mixed matrices
-    ``pi @ W`` [B, C_out, C_in] times the pixels [B, C_in, H*W] as one
-    batched matmul (+ the mixed bias)."""
+    """A 1x1, stride-1, unpadded, ``groups=1`` layer: the mixed matrices ``pi @
+    W`` [B, C_out, C_in] times the pixels [B, C_in, H*W] as one batched matmul
+    (+ the mixed bias)."""
     B, c_in, h, w = x.shape
     c_out = layer.out_channels
     matrices = (pi @ layer.weight.flatten(1)).view(B, c_out, c_in)

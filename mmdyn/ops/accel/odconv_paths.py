@@ -523,12 +523,11 @@ def chunked(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     return layer.filter_and_bias(out, filt)
 
 
-def pointwise_gemm(layer, x, channel, filt, spatial,
-                   kernel) -> torch.Tensor:
+def pointwise_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     """A 1x1, stride-1, unpadded, ``groups=1`` layer with one kernel (no
-    spatial or kernel attention): ``y_b = (alpha_f[b] * W * alpha_c[b]) @
-    x_b`` over the pixels, as one [B, C_out, C_in] x [B, C_in, H*W]
-    batched matmul (+ bias)."""
+    spatial or kernel attention): ``y_b = (alpha_f[b] * W * alpha_c[b]) @ x_b``
+    over the pixels, as one [B, C_out, C_in] x [B, C_in, H*W] batched matmul (+
+    bias)."""
     B, c_in, h, w = x.shape
     matrix = layer.weight.reshape(layer.out_channels, c_in).to(x.dtype)
     if channel is not None:
