@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accel import ddf_paths, export_forms
+from .accel import ddf_export_forms, ddf_paths, export_forms
 from .accel.paths import ddf_path
 from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
                    check_positive, empty_batch_output, is_empty_batch)
@@ -229,7 +229,7 @@ def normalize_filters(x: torch.Tensor, groups: int, kk: int) -> torch.Tensor:
     but huge filters cannot overflow, and a constant filter gives zeros.
     """
     if export_forms.exporting():  # few nodes, no batch-size shape chains
-        return export_forms.normalize_filters(x, groups, kk)
+        return ddf_export_forms.normalize_filters(x, groups, kk)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     v = x.to(dtype).reshape(x.shape[0], groups, kk, *x.shape[2:])
     # Subtracting one element first makes a constant filter exactly zero
@@ -303,7 +303,7 @@ class FilterNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if export_forms.exporting():  # the scale folded in
-            return export_forms.normalize_filters(
+            return ddf_export_forms.normalize_filters(
                 x, self.channels, self.kernel_size**2,
                 self.gain if self.std is None else self.std)
         v = normalize_filters(x, self.channels, self.kernel_size**2)
@@ -542,6 +542,13 @@ class DDFConv2d(DynamicConv2dBase):
         out = self.forward_prologue(x)
         if out is not None:  # traced by torch.fx, or an empty batch
             return out
+        if export_forms.exporting() and ddf_path(self.impl, x) == 'taps':
+            # The filter norms' centring folded into the branches' convs.
+            self.last_path = 'taps'
+            out = ddf_export_forms.ddf_conv(self, x)
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, 1, 1)
+            return out.to(x.dtype)
         cf, sf = self.filters(x)
         path = self.last_path = ddf_path(self.impl, x, (cf, sf),
                                          (self.kernel_size, self.dilation,
@@ -747,6 +754,11 @@ class DDFUpsample(nn.Module):
         cfs, sfs = self._filters(x, guidance)
         empty = is_empty_batch(x)
         path = ddf_path(self.impl, x)
+        if export_forms.exporting() and path == 'taps':
+            # The phases together, the norms' centring folded; the filters
+            # above (their checks) unused: the exporter drops their nodes.
+            self.last_path = path
+            return ddf_export_forms.ddf_upsample(self, x, guidance).to(x.dtype)
         self.last_path = 'empty' if empty else path
         return self._upsample(path, x, cfs, sfs, empty)
 
@@ -801,7 +813,7 @@ class DDFUpsample(nn.Module):
                 _ddf_by_path(path, x, cf, sf, checked, k, self.dilation, 1,
                              self.combine, self.head))
         if export_forms.exporting():  # a Transpose, not index assignments
-            return export_forms.interleave_phases(phases, s).to(x.dtype)
+            return ddf_export_forms.interleave_phases(phases, s).to(x.dtype)
         # Interleave the phases by strided copies into the output viewed as
         # [B, C, H, s, W, s] (stack + pixel_shuffle is ~3x slower on CPU).
         out = phases[0].new_empty((B, C, H, s, W, s))

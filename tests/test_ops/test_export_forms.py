@@ -6,6 +6,7 @@ and 3), on shapes with channels that are not multiples of 8, stride 2, dilation
 2, groups and odd sizes."""
 import collections
 import io
+import os.path as osp
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from mmdyn.ops import (CondConv2d, DDFConv2d, DDFUpsample, DyConv2d, KWConv2d,
                        ODConv2d)
-from mmdyn.ops.accel import export_forms
+from mmdyn.ops.accel import ddf_export_forms, export_forms
 from mmdyn.ops.ddf import FilterNorm, ddf_reference
 
 ATOL = 2e-5
@@ -214,8 +215,8 @@ def test_ddf_form_equals_reference(combine, k, dilation, stride, hw, out_hw,
     cf = torch.randn(batch, C, k, k, generator=gen)
     sf = torch.randn(batch, k * k, *out_hw, generator=gen)
     expected = ddf_reference(x, cf, sf, k, dilation, stride, combine)
-    got = export_forms.ddf(x, cf.view(batch, C, k * k), sf, k, dilation,
-                           stride, combine == 'add', out_hw)
+    got = ddf_export_forms.ddf(x, cf.view(batch, C, k * k), sf, k, dilation,
+                               stride, combine == 'add', out_hw)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
 
 
@@ -235,6 +236,18 @@ DDF_LAYERS = [
     ('ddf_add_head2', lambda: DDFConv2d(12, 12, 3, head=2, combine='add'),
      (12, 9, 7)),
     ('ddf_up', lambda: DDFUpsample(11), (11, 5, 7)),
+    ('ddf_mul_s2_even', lambda: DDFConv2d(13, 13, 3, stride=2), (13, 10, 8)),
+    ('ddf_add_s2_d2_odd',
+     lambda: DDFConv2d(15, 15, 3, stride=2, dilation=2, combine='add'),
+     (15, 11, 9)),
+    ('ddf_mul_head3_5x5_bias', lambda: DDFConv2d(12, 12, 5, head=3, bias=True),
+     (12, 7, 9)),
+    ('ddf_mul_gen3', lambda: DDFConv2d(10, 10, 3, gen_kernel_size=3), (10, 7,
+                                                                       8)),
+    ('ddf_up_add_head2_s3',
+     lambda: DDFUpsample(12, scale_factor=3, head=2, combine='add'), (12, 4,
+                                                                      5)),
+    ('ddf_up_d2', lambda: DDFUpsample(9, dilation=2), (9, 6, 5)),
 ]
 
 
@@ -326,10 +339,11 @@ def test_onnxruntime_dynamic_batch(name, builder, chw):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
     # No unfold subgraph (Gather/Slice chains on the feature maps): im2col
     # is a Conv, the per-sample products MatMuls.
-    # Slices: a 1x1 stride (rows, columns), the KW attention's, DDF-Up's
-    # filter branches' chunks (one per phase).
+    # Slices: none for a 1x1 stride (an AveragePool) or DDF-Up's phases (one
+    # set of filter nodes); the KW attention's last two columns dropped for
+    # the general kernel assembly.
     assert ops['Gather'] == 0 and ops['ScatterND'] == 0, ops
-    assert ops['Slice'] <= (9 if name == 'ddf_up' else 3), ops
+    assert ops['Slice'] <= (1 if name.startswith('kw') else 0), ops
 
 
 @pytest.mark.parametrize(
@@ -485,7 +499,7 @@ def test_normalize_filters_form(channels, kk, hw, learnable):
         3, channels * kk, *hw, generator=torch.Generator().manual_seed(5))
     x[0] = 0.0
     scale = norm.std.detach() if learnable else norm.gain
-    got = export_forms.normalize_filters(x, channels, kk, scale)
+    got = ddf_export_forms.normalize_filters(x, channels, kk, scale)
     expected = torch.empty_like(x)
     for b in range(3):
         for g in range(channels):
@@ -531,3 +545,213 @@ def test_normalize_filters_zero_filter_through_onnxruntime(tmp_path):
     expected = norm(x)  # eager: the reference's normalisation
     assert torch.equal(got[:, :, 1, 2], torch.zeros(3, 9))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Node counts of the exported layers, and the folded DDF filter norms
+# --------------------------------------------------------------------------
+def _data_ops(layer, chw):
+    """The data op types of ``layer``'s ONNX export (no-op ``Cast`` nodes,
+    which the simplifier drops, left out); the export is checked against the
+    reference on the way."""
+    results, ops = export_and_run(layer, chw)
+    for got, expected in results:
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    ops.pop('Cast', None)
+    return ops
+
+
+@pytest.mark.parametrize(
+    'name,builder,chw,most',
+    [
+        # pooled branch 4, spatial conv, 2 norms of 3 and the channel
+        # filter's scale, 2 filter Reshapes, im2col, columns Reshape, Mul,
+        # MatMul, Reshape
+        ('ddf_mul_s2_even', lambda: DDFConv2d(13, 13, 3, stride=2),
+         (13, 10, 8), 19),
+        # mul's 19, the spatial scale's Mul, ReduceSum and Add
+        ('ddf_add', lambda: DDFConv2d(13, 13, 3, combine='add'),
+         (13, 9, 7), 22),
+        # the 4 phases as one: the 19 of one DDF, Transpose and Reshape
+        ('ddf_up', lambda: DDFUpsample(11), (11, 5, 7), 21),
+    ])
+def test_ddf_export_folds_the_filter_centring(name, builder, chw, most):
+    """The filter norms' centring is folded into the branches' convs: no
+    ``ReduceMean``/``Sub`` (the pooled branch is a ``GlobalAveragePool``), no
+    ``Pad`` where the conv padding gives the output size, one im2col ``Conv``
+    and one ``MatMul`` for DDF-Up's phases together."""
+    ops = _data_ops(_build(builder), chw)
+    assert ops['ReduceMean'] == 0 and ops['Sub'] == 0, ops
+    assert ops['Pad'] == 0 and ops['Slice'] == 0, ops
+    assert ops['ReduceL2'] == 2 and ops['MatMul'] == 1, ops
+    assert sum(ops.values()) <= most, ops
+
+
+def test_ddf_export_keeps_a_norm_that_does_not_fold():
+    """A spatial branch whose conv does not take centred weights (a non-zero
+    padding mode) keeps its norm's centring nodes; still exact."""
+    layer = _build(lambda: DDFConv2d(12, 12, 3))
+    layer.spatial_branch[0].padding_mode = 'reflect'  # 1x1: same values
+    ops = _data_ops(layer, (12, 7, 9))
+    assert ops['ReduceMean'] == 1 and ops['Sub'] == 1, ops
+
+
+DDF_FORMS = [
+    ('mul_s2_d2_odd', lambda: DDFConv2d(13, 13, 3, stride=2, dilation=2),
+     (13, 11, 9)),
+    ('add_head2', lambda: DDFConv2d(12, 12, 3, head=2, combine='add'), (12, 9,
+                                                                        7)),
+    ('mul_head3_5x5_s2_bias',
+     lambda: DDFConv2d(12, 12, 5, head=3, stride=2, bias=True), (12, 9, 8)),
+    ('mul_gen3', lambda: DDFConv2d(10, 10, 3, gen_kernel_size=3), (10, 7, 7)),
+    ('up', lambda: DDFUpsample(11), (11, 5, 7)),
+    ('up_add_head2_s3',
+     lambda: DDFUpsample(12, head=2, combine='add', scale_factor=3), (12, 4,
+                                                                      5)),
+]
+
+
+@pytest.mark.parametrize(
+    'name,builder,chw', DDF_FORMS, ids=[n for n, _, _ in DDF_FORMS])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_ddf_layer_forms_equal_reference(name, builder, chw, batch):
+    """The export forms of DDFConv2d and DDF-Up (norms folded) in PyTorch
+    against ``forward_reference``."""
+    layer = _build(builder)
+    x = torch.randn(batch, *chw, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+        if isinstance(layer, DDFUpsample):
+            got = ddf_export_forms.ddf_upsample(layer, x)
+        else:
+            got = ddf_export_forms.ddf_conv(layer, x)
+            if layer.bias is not None:
+                got = got + layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize('guide_hw', [(5, 7), (10, 14), (10, 13), (9, 13)])
+def test_guided_ddf_up_form_equals_reference(guide_hw):
+    """Guided DDF-Up (a depthwise conv before each spatial branch's 1x1 conv; a
+    guidance at the input's size, twice it, or about twice it: edge-padded, the
+    phases stacked along the channels)."""
+    layer = _build(lambda: DDFUpsample(11, guided=True, guide_channels=6))
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 11, 5, 7, generator=gen)
+    guidance = torch.randn(3, 6, *guide_hw, generator=gen)
+    with torch.no_grad():
+        expected = layer.forward_reference(x, guidance)
+        got = ddf_export_forms.ddf_upsample(layer, x, guidance)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_centred_taps_centre_the_conv_output():
+    """A conv with :func:`centred_taps` weights and bias outputs the conv's
+    filters minus their mean over the taps (a loop over the filters)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 2 * 9, 1)
+    x = torch.randn(2, 5, 4, 3)
+    with torch.no_grad():
+        raw = conv(x)
+        got = torch.nn.functional.conv2d(
+            x, ddf_export_forms.centred_taps(conv.weight, 9),
+            ddf_export_forms.centred_taps(conv.bias, 9))
+    expected = raw.clone()
+    for g in range(2):
+        block = raw[:, g * 9:(g + 1) * 9]
+        expected[:, g * 9:(g + 1) * 9] = block - block.mean(1, keepdim=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    'name,builder,chw,most,absent',
+    [
+        # one mixture: pooled, 2 Gemm, ReLU, Abs, ReduceSum, Div; MatMul with
+        # the warehouse, kernel and input Reshapes, MatMul, output Reshape
+        ('kw_1x1', lambda: KWConv2d(17, 11, 1, bias=False), (17, 7, 9), 12,
+         ('Add', 'Transpose')),
+        # attentions cell-major (no Transpose), kernels in the conv layout
+        ('kw_3x3_s2',
+         lambda: KWConv2d(13, 22, 3, stride=2, padding=1, bias=False),
+         (13, 11, 9), 15, ('Add', 'Transpose')),
+        # a strided 1x1 as one AveragePool, not a Slice per axis
+        ('kw_1x1_blocks_s2', lambda: KWConv2d(
+            12,
+            20,
+            1,
+            stride=2,
+            bias=False,
+            cell_inplane_ratio=0.5,
+            cell_outplane_ratio=0.5), (12, 9, 7), 16, ('Add', 'Slice')),
+        # attention branch 6; alpha_c * alpha_s, Reshape, * W, im2col,
+        # Reshape, MatMul, Reshape, * alpha_f
+        ('odconv_k1_s2', lambda: ODConv2d(
+            13, 22, 3, stride=2, padding=1, bias=False, kernel_num=1),
+         (13, 11, 9), 14, ('Add', )),
+    ])
+def test_dynamic_conv_export_nodes(name, builder, chw, most, absent):
+    """KernelWarehouse: the ``+ eps`` of the contrasting attention as an
+    ``fc2`` output (no ``Add``), no ``Transpose`` of the attentions, no
+    ``Slice`` for a 1x1 stride; ODConv's per-sample kernels from one
+    [B, C_in*k*k] attention product (3 Reshapes, not 6)."""
+    layer = _build(builder)
+    assert layer.bias is None
+    ops = _data_ops(layer, chw)
+    for op in absent:
+        assert ops[op] == 0, ops
+    assert sum(ops.values()) <= most, ops
+
+
+def test_resnet50_ddf_export_within_4x_of_resnet50(tmp_path):
+    """The exported (simplified) DDF-mul ResNet-50 has at most 4 times the
+    nodes of the exported static ResNet-50."""
+    pytest.importorskip('onnxscript', reason='pip install onnxscript')
+    from mmdyn.analysis.runtime_benchmark import (count_nodes,
+                                                  export_config_file)
+    static = count_nodes(
+        export_config_file('mmpretrain::resnet/resnet50_8xb32_in1k.py',
+                           str(tmp_path)))
+    config = osp.join(
+        osp.dirname(__file__), '..', '..', 'configs', 'ddf',
+        'resnet50-ddf-mul_8xb128-130e_in1k.py')
+    ddf = count_nodes(export_config_file(config, str(tmp_path)))
+    assert ddf <= 4 * static, (ddf, static)
+
+
+class _GuidedUpsample(nn.Module):
+    """A guided DDF-Up fed by one input: the guidance, and its 2x2 average
+    pool (ceil mode: odd sizes) as the map upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = DDFUpsample(7, guided=True, guide_channels=7)
+
+    def forward(self, guidance):
+        x = nn.functional.avg_pool2d(guidance, 2, ceil_mode=True)
+        return self.up(x, guidance)
+
+    def forward_reference(self, guidance):
+        x = nn.functional.avg_pool2d(guidance, 2, ceil_mode=True)
+        return self.up.forward_reference(x, guidance)
+
+
+@pytest.mark.parametrize('hw', [(10, 12), (9, 13)])
+def test_guided_ddf_up_through_onnxruntime(hw):
+    """A high-resolution guidance (even, and odd: edge-padded): the phases
+    stacked along the channels (no ``Slice`` per phase, no ``Concat``), the
+    spatial branches one depthwise and one grouped ``Conv``; equal to the
+    reference at batch 1 and 3."""
+    ops = _data_ops(_build(_GuidedUpsample), (7, *hw))
+    assert ops['Slice'] == 0 and ops['Concat'] == 0, ops
+    assert ops['Conv'] == 5, ops  # 2 pooled, 2 spatial, im2col
+
+
+def test_interleave_phases_places_each_phase():
+    """DDF-Up's phases computed apart (a path other than the export form),
+    interleaved: phase ``py*s + px`` at the pixels (y*s + py, x*s + px)."""
+    phases = [torch.randn(2, 3, 4, 5) for _ in range(9)]
+    out = ddf_export_forms.interleave_phases(phases, 3)
+    assert out.shape == (2, 3, 12, 15)
+    for py in range(3):
+        for px in range(3):
+            assert torch.equal(out[:, :, py::3, px::3], phases[py * 3 + px])

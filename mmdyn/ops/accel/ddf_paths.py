@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..capture import compiling, graph_capture
-from . import ddf_cpu, ddf_triton, export_forms
+from . import ddf_cpu, ddf_export_forms, ddf_triton, export_forms
 from .custom_ops import ddf_op
 
 
@@ -220,7 +220,7 @@ def run(path: str, x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor,
         args = (x.to(out_dtype), cf.to(out_dtype), sf.to(out_dtype),
                 kernel_size, dilation, stride, add, out_hw)
         if export_forms.exporting():  # a graph for ONNX runtimes
-            out = export_forms.ddf(*args)
+            out = ddf_export_forms.ddf(*args)
         elif graph_capture():
             out = ddf_taps(*args)  # plain ops, for the tracer to record
         else:

@@ -29,10 +29,10 @@ becomes chains of ``Gather``/``Slice`` nodes that runtimes run slowly.
 * :func:`kernel_warehouse`: the kernels (or mixtures) in the layout the
   conv reads, no transposition of the per-sample kernels; the attention
   folded (:func:`kw_attention`).
-* :func:`ddf`: DDF as :func:`im2col` of the padded input, the spatial
-  filter multiplied in, then the channel filter as a batched ``MatMul``
-  over the taps; :func:`normalize_filters`: the filter branches' norm in
-  six nodes.
+* DDF and DDF-Up: :mod:`mmdyn.ops.accel.ddf_export_forms` (the filter
+  norms' centring folded into the branches' convs, :func:`im2col`, the
+  spatial filter multiplied in, the channel filter as a batched
+  ``MatMul`` over the taps).
 
 The functions receive the layer (or the DDF operator's checked arguments)
 as the other paths of :mod:`mmdyn.ops.accel` do. Where a form folds an
@@ -40,6 +40,43 @@ attention branch it computes the attentions again from the input; the
 layer's own attention nodes are then unused and the exporter drops them.
 Shapes in the graph are constants with a -1 batch (only the batch is
 dynamic), so no ``Shape``/``Gather``/``Concat`` chains.
+
+**Nodes per layer** (simplified export; a static conv is 1 node, its BN
+folded in; the BN after a dynamic layer no longer folds, +1 each, its
+scale foldable but its shift then an ``Add``):
+
+* ODConv, one kernel: the attention branch is 6 (``ReduceMean``, hidden
+  ``Conv``, ``Relu``, heads ``Conv``, ``Sigmoid``, ``Split``: a pooling,
+  two linear maps around a non-linearity, a sigmoid, and the split into
+  scales of different sizes). A 1x1 layer adds 3 (``x * alpha_c``, the
+  static ``Conv``, ``* alpha_f``: per-sample scales on both sides of the
+  conv, which neither folds into the static weights): 9, the least with
+  standard ONNX ops. A 3x3 layer also needs ``alpha_s`` per tap: the taps
+  apart (im2col ``Conv``), scaled (``Mul``) and summed (``Conv``): 11 by
+  the scaled columns; the per-sample kernels (:func:`odconv_sample_kernels`,
+  faster on early layers) 14.
+* KernelWarehouse: the attention 7 (``ReduceMean``, ``Gemm``, ``Relu``,
+  ``Gemm``, ``Abs``, ``ReduceSum``, ``Div``; the ``+ eps`` an ``fc2``
+  output), +1 ``Reshape`` for several mixtures; then the mixtures' ``MatMul``
+  with the warehouse, the batched ``MatMul`` with the input and its three
+  ``Reshape`` (kernel, input, output): 12 for a 1x1 layer with one
+  mixture; a 3x3 layer adds the im2col ``Conv`` (14), the position-major
+  form (deep layers) a ``Transpose`` and a ``ReduceSum`` (16).
+* DDF (``mul``): the channel branch 4 (pooling, ``Conv``, ``Relu``,
+  ``Conv``), the spatial ``Conv``, each filter's ``Reshape`` to the
+  layout of the product and its norm (``ReduceL2``, ``Clip``, ``Div``), one
+  ``Mul`` for both scales, the im2col ``Conv``, the columns' ``Reshape``, the
+  spatial ``Mul``, the ``MatMul``, the output ``Reshape``: 19.
+
+So, against the static ResNet-50's 126 nodes (4x: 504): DDF-mul (16
+layers) ``126 + 16 * 19 = 430`` (3.4x). ODConv-1x (48 layers, 32 of them
+1x1, each ``n`` nodes plus its BN less the static conv): at least ``126 +
+32 * 9 + 16 * 11 = 590`` (4.7x), ``126 + 32 * 9 + 9 * 11 + 7 * 14 = 611``
+(4.8x) with the per-sample kernels on the 7 early 3x3 layers: the 1x1
+layers alone take ``32 * 9 = 288`` of the 378 nodes that 4x leaves, so 4x
+is out of reach without a fused operator. KW-1x (50 layers): at least
+``126 + 50 * 12 = 726`` (5.8x) even if every layer were a one-mixture 1x1;
+the export is 828 (6.6x): 4x is out of reach too.
 
 torch only.
 """
@@ -78,12 +115,13 @@ def im2col(x: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
     """The im2col columns of ``x`` [B, C, H, W]: [B, C*kh*kw, H', W'] in
     ``F.unfold``'s order (channel, then kernel position), by one grouped
     ``Conv`` with one-hot weights; a 1x1 kernel is the (padded, strided) input
-    itself."""
+    itself (strided by an ``AveragePool`` of 1x1 windows)."""
     if tuple(kernel_size) == (1, 1):
         if tuple(padding) != (0, 0):
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         if tuple(stride) != (1, 1):
-            x = x[:, :, ::stride[0], ::stride[1]]
+            # One AveragePool of 1x1 windows (slicing: a Slice per axis).
+            x = F.avg_pool2d(x, 1, tuple(stride))
         return x
     channels = int(x.shape[1])
     weight = _one_hot_weight(channels, kernel_size, x)
@@ -162,16 +200,21 @@ def _as_1x1(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(int(weight.shape[0]), -1, 1, 1)
 
 
-def odconv_attentions(layer, x: torch.Tensor, spatial_repeats: int = 1):
-    """ODConv with one kernel: ``(alpha_c [B, C_in, 1, 1], alpha_f [B, C_out,
-    1, 1] | None, alpha_s [B, spatial_repeats * kh*kw, 1, 1] | None)`` as
-    one branch of 1x1 ``Conv`` nodes on the pooled map: the hidden ``fc``
-    with the attention BN folded in, then ONE ``Conv`` for every head (the
-    temperature divided into its weights; the spatial head's rows repeated
-    ``spatial_repeats`` times, the scale of channel-major im2col columns or
-    tap maps) and one ``Sigmoid``, split in three. None where the
-    branch does not fold (several kernels, a training-mode or layer norm):
-    the layer's own attentions are used.
+def odconv_attentions(layer,
+                      x: torch.Tensor,
+                      spatial_repeats: int = 1,
+                      channel_repeats: int = 1):
+    """ODConv with one kernel: ``(alpha_c [B, C_in * channel_repeats, 1, 1],
+    alpha_f [B, C_out, 1, 1] | None, alpha_s [B, spatial_repeats * kh*kw, 1,
+    1] | None)`` as one branch of 1x1 ``Conv`` nodes on the pooled map: the
+    hidden ``fc`` with the attention BN folded in, then ONE ``Conv`` for
+    every head (the temperature divided into its weights; the spatial head's
+    rows repeated ``spatial_repeats`` times, the scale of channel-major
+    im2col columns or tap maps; each channel head row ``channel_repeats``
+    times in a row, the channel scale of channel-major columns) and one
+    ``Sigmoid``, split in three. None where the branch does not fold
+    (several kernels, a training-mode or layer norm): the layer's own
+    attentions are used.
 
     The layer computed its attentions before its path ran; under export
     those nodes are then unused and the exporter drops them.
@@ -185,9 +228,15 @@ def odconv_attentions(layer, x: torch.Tensor, spatial_repeats: int = 1):
     heads = [att.channel_fc]
     if not att.is_depthwise:
         heads.append(att.filter_fc)
-    sizes = [layer.in_channels] + [layer.out_channels] * (len(heads) - 1)
+    sizes = [layer.in_channels * channel_repeats] + [layer.out_channels] * (
+        len(heads) - 1)
     weights = [h.weight.flatten(1) for h in heads]
     biases = [h.bias for h in heads]
+    if channel_repeats > 1:
+        weights[0] = weights[0].unsqueeze(1).expand(-1, channel_repeats,
+                                                    -1).reshape(sizes[0], -1)
+        biases[0] = biases[0].unsqueeze(1).expand(-1,
+                                                  channel_repeats).reshape(-1)
     if att.num_positions > 1:
         # Repeated by an Expand to a constant shape (``repeat`` exports as
         # a Tile of a computed shape that the simplifier does not fold).
@@ -273,26 +322,26 @@ def _scale_and_bias(layer, out: torch.Tensor,
 def odconv_sample_kernels(layer, x, channel, filt, spatial) -> torch.Tensor:
     """One kernel, larger than 1x1, ``groups=1``: per-sample kernels.
 
-    The kernels ``W * alpha_f[o] * alpha_c[c] * alpha_s[p]`` ([B, C_out,
-    C_in*kh*kw], products of the small attention tensors), the im2col
-    columns of ``x`` unscaled, one batched ``MatMul``: no product over a
-    feature map. Chosen where a sample's kernel is no larger than its
-    columns (``C_out <= H' * W'``, early layers) by
+    ``alpha_c`` and ``alpha_s`` both as [B, C_in*kh*kw, 1, 1] in the im2col
+    column order (:func:`odconv_attentions` with the channel rows repeated
+    per tap, the spatial rows per channel); the kernels ``W * (alpha_c *
+    alpha_s)`` [B, C_out, C_in*kh*kw] (one ``Mul`` of the small attention
+    tensors, one ``Reshape``, one ``Mul`` with the static kernel), the
+    im2col columns of ``x`` unscaled, one batched ``MatMul``, then
+    ``alpha_f`` and the bias on the output: 8 nodes after the attention
+    branch, no product over an input map. Chosen where a sample's kernel is
+    no larger than its columns (``C_out <= H' * W'``, early layers) by
     :data:`ODCONV_ONE_KERNEL_FORM` ``'kernels'``.
     """
-    positions = layer.kernel_size[0] * layer.kernel_size[1]
-    c_in, c_out = layer.in_channels, layer.out_channels
-    depth = c_in * positions
-    scale = channel.reshape(-1, c_in, 1) * spatial.reshape(-1, c_in, positions)
-    weight = layer.weight.reshape(1, c_out, depth).to(x.dtype) * \
-        scale.reshape(-1, 1, depth)
-    if filt is not None:
-        weight = weight * filt.reshape(-1, c_out, 1)
+    c_out = layer.out_channels
+    depth = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    scale = (channel * spatial).reshape(-1, 1, depth)
+    weight = layer.weight.reshape(c_out, depth).to(x.dtype) * scale
     cols = im2col(x, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation)
     h_out, w_out = int(cols.shape[2]), int(cols.shape[3])
     out = torch.matmul(weight, cols.reshape(-1, depth, h_out * w_out))
-    return _scale_and_bias(layer, out.reshape(-1, c_out, h_out, w_out), None)
+    return _scale_and_bias(layer, out.reshape(-1, c_out, h_out, w_out), filt)
 
 
 #: ODConv with one kernel larger than 1x1 under export: ``'columns'``
@@ -337,8 +386,12 @@ def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     """
     if kernel is None:
         taps = spatial is not None and odconv_uses_tap_maps(layer)
+        kernels = spatial is not None and not taps and \
+            odconv_uses_sample_kernels(layer, x)
         repeats = layer.out_channels if taps else layer.in_channels
-        folded = odconv_attentions(layer, x, repeats)
+        positions = layer.kernel_size[0] * layer.kernel_size[1]
+        folded = odconv_attentions(layer, x, repeats,
+                                   positions if kernels else 1)
         if folded is None:
             return _odconv_unfolded(layer, x, channel, filt, spatial)
         channel, filt, spatial = folded
@@ -354,7 +407,7 @@ def odconv(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
             return _scale_and_bias(layer, out, filt)
         if taps:
             form = odconv_tap_maps
-        elif odconv_uses_sample_kernels(layer, x):
+        elif kernels:
             form = odconv_sample_kernels
         else:
             form = _odconv_scaled_columns
@@ -465,16 +518,17 @@ def kernel_warehouse(layer, x: torch.Tensor,
     position, output block, input block): the conv from the mixtures with no
     transposition of the per-sample kernels (a ``Transpose`` of every sample's
     kernel is most of the time otherwise). The attentions are taken again from
-    :func:`kw_attention` where it folds (the zero cell then a zero row of the
-    warehouse).
+    :func:`kw_attention` where it folds (its zero-cell and ``eps`` columns then
+    two zero rows of the warehouse).
 
     * Whole-position cells (one output and one input block), deep layers
       (:func:`kw_position_major`): the mixtures [B, k*k, C_out, C_in] (one
       GEMM of all the samples' attentions) times the position-major
       im2col columns [B, k*k, C_in, H'W'], summed over the positions.
     * Whole-position cells, early layers: the kernels as ``cells^T @
-      attention^T``, [B, C_out * C_in/g, k*k], already in the conv
-      layout; then :func:`per_sample_conv`.
+      attention^T`` (the attentions computed cell-major: no ``Transpose``),
+      [B, C_out * C_in/g, k*k], already in the conv layout; then
+      :func:`per_sample_conv`.
     * 1x1 kernels: ``mixtures [B, o, i, c_o, c_i] @ x [B, 1, i, c_i, HW]``
       summed over the input blocks.
     * Other layouts: the reference's kernel assembly, then
@@ -482,32 +536,43 @@ def kernel_warehouse(layer, x: torch.Tensor,
     """
     cells = layer._cell_rows()
     g_s, g_o, g_i, c_o, c_i = layer._kw_layout
-    folded = kw_attention(layer, x)
+    pointwise = g_s == 1 and layer.groups == 1
+    whole = (g_o, g_i) == (1, 1)
+    position_major = not pointwise and whole and layer.groups == 1 and \
+        kw_position_major(layer, x)
+    cell_major = not pointwise and whole and not position_major
+    folded = kw_attention(layer, x, cell_major)
     if folded is not None:
-        if (g_o, g_i) != (1, 1) and (g_s, layer.groups) != (1, 1):
+        if not (pointwise or whole):
             # The reference's kernel assembly below.
-            attention = folded[..., :-1]
-        else:  # the zero cell as a zero row
+            attention = folded[..., :-2]
+        else:  # the zero cell and the eps column as zero rows
             attention = folded
-            cells = torch.cat([cells, cells.new_zeros(1, cells.shape[1])])
+            cells = torch.cat([cells, cells.new_zeros(2, cells.shape[1])])
+    elif cell_major:
+        attention = attention.transpose(1, 2)
     attention = attention.to(cells.dtype)
-    if g_s == 1 and layer.groups == 1:
+    if pointwise:
         x = im2col(x, (1, 1), layer.stride, layer.padding, (1, 1))
         h_out, w_out = int(x.shape[2]), int(x.shape[3])
-        mixtures = torch.matmul(attention, cells).view(-1, g_o, g_i, c_o, c_i)
-        out = torch.matmul(
-            mixtures.to(x.dtype), x.reshape(-1, 1, g_i, c_i, h_out * w_out))
+        mixtures = torch.matmul(attention, cells)
+        if g_i > 1:
+            mixtures = mixtures.view(-1, g_o, g_i, c_o, c_i)
+            x = x.reshape(-1, 1, g_i, c_i, h_out * w_out)
+        else:
+            mixtures = mixtures.view(-1, g_o * c_o, c_i)
+            x = x.reshape(-1, c_i, h_out * w_out)
+        out = torch.matmul(mixtures.to(x.dtype), x)
         if g_i > 1:
             out = out.sum(2)
         out = out.reshape(-1, layer.out_channels, h_out, w_out)
         if layer.bias is not None:
             out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
         return out
-    if (g_o, g_i) == (1, 1) and layer.groups == 1 and \
-            kw_position_major(layer, x):
+    if position_major:
         return _kw_position_major(layer, x, attention, cells)
-    if (g_o, g_i) == (1, 1):
-        kernel = torch.matmul(cells.t(), attention.transpose(1, 2))
+    if whole:
+        kernel = torch.matmul(cells.t(), attention)
         kernel = kernel.view(-1, *layer.weight_shape)
     else:
         kernel = layer.assemble_kernel(attention)
@@ -515,62 +580,54 @@ def kernel_warehouse(layer, x: torch.Tensor,
                            layer.padding, layer.dilation, layer.groups)
 
 
-def normalize_filters(x: torch.Tensor,
-                      groups: int,
-                      kk: int,
-                      scale=1.0) -> torch.Tensor:
-    """DDF's filter normalisation in few nodes, times ``scale``.
+def kw_attention(layer,
+                 x: torch.Tensor,
+                 cell_major: bool = False) -> Optional[torch.Tensor]:
+    """KernelWarehouse's attentions in few nodes.
 
-    As :func:`mmdyn.ops.ddf.normalize_filters`: each of the ``groups``
-    filters of ``kk`` values along dim 1 of ``x`` [B, groups*kk, H, W]
-    centred and divided by its unbiased std (+1e-10); then times ``scale``
-    (a number or a [groups*kk] vector: :class:`~mmdyn.ops.ddf.FilterNorm`'s
-    gain or learnable std). Nodes: ``ReduceMean``, ``Sub``, ``ReduceL2``,
-    ``Clip``, ``Mul``, ``Div`` (and a ``Reshape`` each way for several
-    groups, constant shapes with a -1 batch), as ``c * sqrt(kk-1) /
-    max(||c||, eps * sqrt(kk-1))``. The reference's max-abs rescaling (an
-    overflow guard for huge filters) is left out: the value is the same.
+    [B, m, n + 2] (``cell_major``: [B, n + 2, m], the layout ``cells^T @
+    attention^T`` reads, by permuted ``fc2`` rows: no ``Transpose``; one
+    mixture: [B, n + 2], no ``Reshape``): the pooled ``fc1`` with the norm
+    folded in, ``ReLU``, ``fc2``, then the
+    contrasting attention ``(1 - tau) * z / (sum|z| + eps) + tau * beta``
+    (the reference's max-abs rescaling, an overflow guard, left out: the
+    same value), the ``tau`` terms only where ``tau != 0``.
+
+    Column ``n`` is the zero cell's, column ``n + 1`` a constant ``eps``
+    (``fc2`` given a zero row with bias ``eps``): ``sum|z|`` over the row
+    then includes the ``+ eps`` (no ``Add``). :func:`kernel_warehouse`
+    multiplies both columns by zero rows. None where it does not fold (a
+    basis-mixed attention, a layer norm): the layer's own attentions are
+    used; under export those nodes are then unused and the exporter drops
+    them.
     """
-    shape = [int(v) for v in x.shape[1:]]
-    if groups > 1:
-        x = x.reshape(-1, groups, kk, *shape[1:])
-    axis = 2 if groups > 1 else 1
-    centred = x - x.mean(axis, keepdim=True)
-    norm = torch.linalg.vector_norm(centred, 2, axis, keepdim=True)
-    root = math.sqrt(kk - 1)
-    if isinstance(scale, torch.Tensor):  # one value per filter element
-        filters = (groups, kk) if groups > 1 else (kk, )
-        scale = scale.to(x.dtype).reshape(1, *filters,
-                                          *[1] * (x.dim() - 1 - len(filters)))
-    # max(., eps), not + eps: onnxscript's optimizer drops the Add of a
-    # constant this small, and a zero filter would give 0/0. Both equal
-    # 0 for a zero filter and agree to 1e-10 / ||c|| elsewhere.
-    out = centred * (scale * root) / norm.clamp_min(1e-10 * root)
-    return out.reshape(-1, *shape) if groups > 1 else out
-
-
-def kw_attention(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """KernelWarehouse's attentions [B, m, n + 1] (the zero cell's column
-    kept: :func:`kernel_warehouse` multiplies it by a zero row) as few
-    nodes: the pooled ``fc1`` with the norm folded in, ``ReLU``, ``fc2``,
-    then the contrasting attention ``(1 - tau) * z / (sum|z| + eps) + tau *
-    beta`` (the reference's max-abs rescaling, an overflow guard, left out:
-    the same value), the ``tau`` terms only where ``tau != 0``. None where
-    it does not fold (a basis-mixed attention, a layer norm): the layer's
-    own attentions are used; under export those nodes are then unused and
-    the exporter drops them."""
     att = layer.attention
     if att is None or getattr(att, 'num_basis', None) is not None:
         return None
     hidden = fold_norm(att.fc1.weight, att.fc1.bias, att.norm1)
     if hidden is None or not isinstance(att.act1, nn.ReLU):
         return None
+    m, cols = att.num_mixtures, att.num_cells + 2
+    weight = att.fc2.weight.reshape(m, cols - 1, -1)
+    weight = torch.cat([weight, weight.new_zeros(m, 1, weight.shape[2])], 1)
+    bias = att.fc2.bias
+    if bias is None:
+        bias = weight.new_zeros(m * (cols - 1))
+    bias = torch.cat(
+        [bias.reshape(m, cols - 1),
+         bias.new_full((m, 1), att.caf_eps)], 1)
+    if cell_major:
+        weight, bias = weight.transpose(0, 1), bias.t()
     pooled = x.mean((2, 3))
     s = F.relu(F.linear(pooled, hidden[0].to(x.dtype), hidden[1].to(x.dtype)))
-    z = F.linear(s, att.fc2.weight.to(x.dtype), att.fc2.bias)
-    z = z.reshape(-1, att.num_mixtures, att.num_cells + 1)
+    z = F.linear(s,
+                 weight.reshape(m * cols, -1).to(x.dtype),
+                 bias.reshape(-1).to(x.dtype))
+    axis = 1 if cell_major else -1
+    if m > 1:
+        z = z.reshape(-1, cols, m) if cell_major else z.reshape(-1, m, cols)
     # Abs + ReduceSum: OpenVINO (2026.4) computes ReduceL1 wrongly here.
-    z = z / (z.abs().sum(-1, keepdim=True) + att.caf_eps)
+    z = z / z.abs().sum(axis, keepdim=True)
     tau = layer.temperature
     if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         # Traced (ONNX, TorchScript): tau is a constant of the graph, its
@@ -578,52 +635,9 @@ def kw_attention(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         tau = float(tau)
         if tau == 0.0:
             return z
-    return (1.0 - tau) * z + tau * layer.beta.to(z.dtype)
-
-
-def ddf(x: torch.Tensor, cf: torch.Tensor, sf: torch.Tensor, kernel_size: int,
-        dilation: int, stride: int, add: bool, out_hw: Pair) -> torch.Tensor:
-    """DDF (one head; ``cf`` [B, C, k*k], ``sf`` [B, k*k, Ho, Wo]):
-
-    :func:`im2col` of the input, padded as the reference pads it
-    ([B, C, k*k, Ho*Wo]); ``mul``: the columns times the spatial filter,
-    then the channel filter as a batched ``MatMul`` ([B, C, 1, k*k] @
-    [B, C, k*k, Ho*Wo]); ``add``: the columns times the spatial filter
-    summed over the taps, plus the channel filter's ``MatMul``.
-    """
-    B, C, H, W = (int(v) for v in x.shape)
-    Ho, Wo = int(out_hw[0]), int(out_hw[1])
-    k, kk = kernel_size, kernel_size * kernel_size
-    r = (k - 1) // 2 * dilation
-    # Zeros on the far side for the last output row/column (the
-    # reference's padding); a larger conv output is cropped.
-    bottom = max(0, (Ho - 1) * stride + r - (H - 1))
-    right = max(0, (Wo - 1) * stride + r - (W - 1))
-    if (bottom, right) != (r, r):
-        x = F.pad(x, (r, right, r, bottom))
-        padding = (0, 0)
-    else:
-        padding = (r, r)
-    cols = im2col(x, (k, k), (stride, stride), padding, (dilation, dilation))
-    if tuple(cols.shape[2:]) != (Ho, Wo):
-        cols = cols[:, :, :Ho, :Wo]
-    cols = cols.reshape(-1, C, kk, Ho * Wo)
-    sf = sf.reshape(-1, 1, kk, Ho * Wo).to(cols.dtype)
-    cf = cf.reshape(-1, C, 1, kk).to(cols.dtype)
-    # [B, C, 1, Ho*Wo] reshaped, no Squeeze node.
-    if add:
-        out = torch.matmul(cf, cols).reshape(-1, C, Ho * Wo) + \
-            (cols * sf).sum(2)
-    else:
-        out = torch.matmul(cf, cols * sf)
-    return out.reshape(-1, C, Ho, Wo)
-
-
-def interleave_phases(phases, scale: int) -> torch.Tensor:
-    """DDF-Up's ``scale**2`` phase outputs [B, C, H, W] (phase ``py*s + px``)
-    as the [B, C, s*H, s*W] map whose pixel (y*s + py, x*s + px) is phase (py,
-    px)'s (y, x): one ``Transpose`` (index assignments export as ``ScatterND``
-    chains)."""
-    C, H, W = (int(v) for v in phases[0].shape[1:])
-    out = torch.stack(phases, 2).reshape(-1, C, scale, scale, H, W)
-    return out.permute(0, 1, 4, 2, 5, 3).reshape(-1, C, scale * H, scale * W)
+    beta = torch.cat([layer.beta, layer.beta.new_zeros(m, 1)], 1)
+    if cell_major:
+        beta = beta.t()
+    beta = beta.reshape(z.shape[1:]).to(z.dtype)
+    # The eps column: tau * 0 + (1 - tau) * eps / sum, times a zero row.
+    return (1.0 - tau) * z + tau * beta
