@@ -240,6 +240,17 @@ def test_odconv_one_kernel_gemm_paths_on_a_view(impl):
 POINTWISE_GEOMETRIES = [(5, 7, (6, 5)), (13, 3, (1, 1)), (9, 16, (7, 4))]
 
 
+def _compare_pointwise_layouts(layer, batch, hw, train):
+    """``pointwise_gemm`` against the reference on three inputs: contiguous,
+    in channels-last memory format and strided."""
+    torch.manual_seed(batch)
+    c_in = layer.in_channels
+    x = torch.randn(batch, c_in, *hw)
+    wide = torch.randn(batch, c_in, hw[0], 2 * hw[1])
+    for inputs in (x, x.to(memory_format=torch.channels_last), wide[..., ::2]):
+        _compare(layer, 'pointwise_gemm', inputs, train)
+
+
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('bias', [False, True])
@@ -251,13 +262,7 @@ def test_odconv_pointwise_gemm_matches_the_reference(geometry, bias, batch,
     c_in, c_out, hw = geometry
     layer = _randomised(
         ODConv2d(c_in, c_out, 1, bias=bias, kernel_num=1), batch)
-    torch.manual_seed(batch)
-    x = torch.randn(batch, c_in, *hw)
-    _compare(layer, 'pointwise_gemm', x, train)
-    _compare(layer, 'pointwise_gemm', x.to(memory_format=torch.channels_last),
-             train)
-    wide = torch.randn(batch, c_in, hw[0], 2 * hw[1])
-    _compare(layer, 'pointwise_gemm', wide[..., ::2], train)
+    _compare_pointwise_layouts(layer, batch, hw, train)
 
 
 def test_pointwise_gemm_needs_a_plain_1x1_with_one_kernel():
@@ -297,13 +302,7 @@ def test_mixture_pointwise_gemm_matches_the_reference(geometry, cls, batch,
     in training too), channels-last and strided inputs included."""
     c_in, c_out, hw = geometry
     layer = _randomised(cls(c_in, c_out, 1, kernel_num=3), batch)
-    torch.manual_seed(batch)
-    x = torch.randn(batch, c_in, *hw)
-    _compare(layer, 'pointwise_gemm', x, train)
-    _compare(layer, 'pointwise_gemm', x.to(memory_format=torch.channels_last),
-             train)
-    wide = torch.randn(batch, c_in, hw[0], 2 * hw[1])
-    _compare(layer, 'pointwise_gemm', wide[..., ::2], train)
+    _compare_pointwise_layouts(layer, batch, hw, train)
 
 
 def test_mixture_pointwise_rule():
