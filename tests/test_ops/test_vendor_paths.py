@@ -241,8 +241,8 @@ POINTWISE_GEOMETRIES = [(5, 7, (6, 5)), (13, 3, (1, 1)), (9, 16, (7, 4))]
 
 
 def _compare_pointwise_layouts(layer, batch, hw, train):
-    """``pointwise_gemm`` against the reference on three inputs: contiguous,
-    in channels-last memory format and strided."""
+    """``pointwise_gemm`` against the reference on three inputs: contiguous, in
+    channels-last memory format and strided."""
     torch.manual_seed(batch)
     c_in = layer.in_channels
     x = torch.randn(batch, c_in, *hw)
