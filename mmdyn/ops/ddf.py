@@ -35,7 +35,8 @@ from torch import nn
 from .accel import ddf_export_forms, ddf_paths, export_forms
 from .accel.paths import ddf_path
 from .base import (DynamicConv2dBase, check_allocation, check_input_dtype,
-                   check_positive, empty_batch_output, is_empty_batch)
+                   check_positive, empty_batch_output, is_empty_batch,
+                   linear_1x1)
 from .capture import fx_leaf, graph_capture
 
 COMBINES = ('mul', 'add')
@@ -374,6 +375,39 @@ def build_channel_branch(channels: int,
             learnable_std=True))
 
 
+def _plain_1x1(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an ``nn.Conv2d`` that is a linear map on a 1x1
+    map: a 1x1 kernel, no groups, padding, stride or dilation."""
+    return type(conv) is nn.Conv2d and conv.groups == 1 and all(
+        value == (size, size)
+        for value, size in ((conv.kernel_size, 1), (conv.padding, 0),
+                            (conv.stride, 1), (conv.dilation, 1)))
+
+
+def pooled_channel_filters(branch: nn.Sequential,
+                           x: torch.Tensor) -> torch.Tensor:
+    """The channel branch's output for ``x`` ([B, C*k*k, 1, 1]) with its two
+    1x1 convs applied to the pooled features [B, C] as matrix products.
+
+    On a 1x1 map a 1x1 conv is a linear map, and the two conv calls cost more
+    than the products. The branch's own modules run instead when its layout
+    is not the one :func:`build_channel_branch` makes (a replaced module) or
+    one of its modules has hooks.
+    """
+    if len(branch) != 5 or any(
+            m._forward_hooks or m._forward_pre_hooks
+            for m in (branch, *branch)):
+        return branch(x)
+    pool, fc1, act, fc2, norm = branch
+    global_pool = type(pool) is nn.AdaptiveAvgPool2d and \
+        pool.output_size in (1, (1, 1))
+    if not (global_pool and _plain_1x1(fc1) and type(act) is nn.ReLU
+            and _plain_1x1(fc2) and isinstance(norm, FilterNorm)):
+        return branch(x)
+    hidden = F.relu(linear_1x1(x.mean((2, 3)), fc1))
+    return norm(linear_1x1(hidden, fc2)[:, :, None, None])
+
+
 def _init_branch(branch: nn.Sequential) -> None:
     """Timm's ResNet init as the official models get it: fan_out kaiming conv
     weights, PyTorch's default (uniform) conv biases."""
@@ -528,11 +562,15 @@ class DDFConv2d(DynamicConv2dBase):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def filters(self, x: torch.Tensor):
+    def filters(self, x: torch.Tensor, pooled_matmuls: bool = False):
         """The (channel filter [B, C, k, k], spatial filter [B, head*k*k, Ho,
-        Wo]) this layer applies to ``x``."""
+        Wo]) this layer applies to ``x``; ``pooled_matmuls``: the channel
+        branch by :func:`pooled_channel_filters` (the forward), else by its
+        modules (the reference)."""
         k = self.kernel_size[0]
-        cf = self.channel_branch(x).view(x.shape[0], self.in_channels, k, k)
+        cf = pooled_channel_filters(self.channel_branch, x) if \
+            pooled_matmuls else self.channel_branch(x)
+        cf = cf.view(x.shape[0], self.in_channels, k, k)
         return cf, self.spatial_branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -549,7 +587,7 @@ class DDFConv2d(DynamicConv2dBase):
             if self.bias is not None:
                 out = out + self.bias.view(1, -1, 1, 1)
             return out.to(x.dtype)
-        cf, sf = self.filters(x)
+        cf, sf = self.filters(x, pooled_matmuls=True)
         path = self.last_path = ddf_path(self.impl, x, (cf, sf),
                                          (self.kernel_size, self.dilation,
                                           self.stride, self.combine,

@@ -462,3 +462,57 @@ def test_ddf_up_onnx_export_dynamic_batch(tmp_path):
         expected = ddf_up_per_position(up, x)
     torch.testing.assert_close(
         torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def _branch_grads(layer, x, channel_filters):
+    """``channel_filters(branch, x)`` and the gradients of its sum of squares
+    with respect to ``x`` and the branch's parameters."""
+    x = x.clone().requires_grad_()
+    out = channel_filters(layer.channel_branch, x)
+    params = list(layer.channel_branch.parameters())
+    grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    return out, grads
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_pooled_channel_filters_equal_the_branch_modules(channels_last):
+    """The forward's channel branch (mean, two matrix products) against the
+    branch's own modules (pooling, two 1x1 convs), values and gradients."""
+    from mmdyn.ops.ddf import pooled_channel_filters
+    torch.manual_seed(0)
+    layer = DDFConv2d(13, 13, 3, stride=2, padding=1)
+    layer.channel_branch[4].std.data.normal_()
+    x = torch.randn(3, 13, 9, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out, grads = _branch_grads(layer, x, pooled_channel_filters)
+    want, want_grads = _branch_grads(layer, x, lambda branch, x: branch(x))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # and the layer's forward against its reference
+        torch.testing.assert_close(
+            layer.eval()(x), layer.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_channel_filters_keep_hooks_and_replaced_modules():
+    """A hook on a branch module still runs (once per forward), and a
+    replaced activation is used: the branch's modules run then."""
+    from mmdyn.ops.ddf import pooled_channel_filters
+    torch.manual_seed(0)
+    layer = DDFConv2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    calls = []
+    handle = layer.channel_branch[1].register_forward_hook(
+        lambda *args: calls.append(1))
+    with torch.no_grad():
+        layer(x)
+    assert calls == [1]
+    handle.remove()
+    layer.channel_branch[2] = torch.nn.GELU()
+    with torch.no_grad():
+        got = pooled_channel_filters(layer.channel_branch, x)
+        pooled = x.mean((2, 3), keepdim=True)
+        hidden = F.gelu(layer.channel_branch[1](pooled))
+        want = layer.channel_branch[4](layer.channel_branch[3](hidden))
+    torch.testing.assert_close(got, want)
