@@ -12,6 +12,10 @@ This module holds the interchangeable implementations of that operation:
   batch size, so it is the path used for ONNX export.
 * ``'auto'``: picks one of the above for the device and shape.
 
+:func:`pointwise_per_sample_conv`: a 1x1 conv with per-sample [C_out, C_in]
+matrices as one batched matmul over the pixels (the 1x1 paths of the
+dynamic layers).
+
 The CPU inference path that builds deep layers' kernels into a reused
 workspace is an accelerator: :mod:`mmdyn.ops.accel.chunked`.
 
@@ -141,4 +145,24 @@ def _conv_unfold(x, weight, bias, stride, padding, dilation, groups):
     if bias is not None:
         b = bias if bias.dim() == 2 else bias.unsqueeze(0)
         out = out + b.reshape(-1, c_out, 1, 1).to(out.dtype)
+    return out
+
+
+def pointwise_per_sample_conv(
+    x: torch.Tensor,
+    matrices: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Tuple[int, int] = (1, 1)
+) -> torch.Tensor:
+    """An unpadded 1x1 conv of each sample with its own matrix: sample ``b``
+    of ``x`` [B, C_in, H, W] times ``matrices[b]`` [C_out, C_in] over its
+    pixels, as one batched matmul (``stride`` by subsampling ``x``); plus
+    ``bias``, [C_out] or per sample [B, C_out]."""
+    if tuple(stride) != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]
+    batch, channels, height, width = x.shape
+    out = torch.bmm(matrices, x.reshape(batch, channels, height * width))
+    out = out.view(batch, -1, height, width)
+    if bias is not None:
+        out += bias.reshape(-1, out.shape[1], 1, 1).to(out.dtype)
     return out

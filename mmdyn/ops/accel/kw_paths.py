@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import compiling, graph_capture
+from ..per_sample_conv import pointwise_per_sample_conv
 from .chunked import chunked_per_sample_conv2d
 from .custom_ops import kw_winograd_conv_op
 from .kw_cells import small_rows_matmul
@@ -83,7 +84,10 @@ def winograd_fused(layer, x: torch.Tensor,
 
 def pointwise(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """1x1 without padding: one batched matmul."""
-    return pointwise_conv(layer, x, kernel_like(layer, attention, x))
+    kernel = kernel_like(layer, attention, x)
+    return pointwise_per_sample_conv(
+        x, kernel.reshape(x.shape[0], layer.out_channels, layer.in_channels),
+        layer.bias, layer.stride)
 
 
 def position_major(layer, x: torch.Tensor,
@@ -197,24 +201,6 @@ def position_major_conv(layer, x: torch.Tensor,
         for part, column in zip(parts[1:], columns[1:]):
             out = torch.baddbmm(out, part, column)
     out = out.view(-1, layer.out_channels, h_out, w_out)
-    if layer.bias is not None:
-        out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
-    return out
-
-
-def pointwise_conv(layer, x: torch.Tensor,
-                   kernel: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv with per-sample kernels [B, C_out, C_in, 1, 1] as one batched
-    matmul (with the layer's bias): faster than the grouped conv for
-    ResNet-50's 1x1 shapes on CPU, and its graph has no batch size baked in (so
-    it also serves export)."""
-    if layer.stride != (1, 1):
-        x = x[:, :, ::layer.stride[0], ::layer.stride[1]]
-    batch, channels, height, width = x.shape
-    out = torch.bmm(
-        kernel.reshape(batch, layer.out_channels, channels),
-        x.reshape(batch, channels, height * width))
-    out = out.reshape(batch, layer.out_channels, height, width)
     if layer.bias is not None:
         out = out + layer.bias.reshape(1, -1, 1, 1).to(out.dtype)
     return out

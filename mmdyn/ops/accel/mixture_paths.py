@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import compiling
-from ..per_sample_conv import per_sample_conv2d
+from ..per_sample_conv import per_sample_conv2d, pointwise_per_sample_conv
 from .chunked import chunked_per_sample_conv2d
 from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
 from .winograd import winograd_per_sample_conv2d
@@ -75,15 +75,10 @@ def pointwise_gemm(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """A 1x1, stride-1, unpadded, ``groups=1`` layer: the mixed matrices ``pi @
     W`` [B, C_out, C_in] times the pixels [B, C_in, H*W] as one batched matmul
     (+ the mixed bias)."""
-    B, c_in, h, w = x.shape
-    c_out = layer.out_channels
-    matrices = (pi @ layer.weight.flatten(1)).view(B, c_out, c_in)
-    out = torch.bmm(matrices.to(x.dtype), x.reshape(B, c_in, h * w))
-    out = out.view(B, c_out, h, w)
-    bias = _mixed_bias(layer, pi)
-    if bias is not None:
-        out += bias[:, :, None, None].to(out.dtype)
-    return out
+    matrices = (pi @ layer.weight.flatten(1)).view(x.shape[0],
+                                                   layer.out_channels, -1)
+    return pointwise_per_sample_conv(x, matrices.to(x.dtype),
+                                     _mixed_bias(layer, pi))
 
 
 def winograd(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import compiling, graph_capture
+from ..per_sample_conv import pointwise_per_sample_conv
 from .chunked import (chunked_per_sample_conv2d, mix_kernels_into,
                       repeat_positions)
 from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
@@ -528,18 +529,13 @@ def pointwise_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     spatial or kernel attention): ``y_b = (alpha_f[b] * W * alpha_c[b]) @ x_b``
     over the pixels, as one [B, C_out, C_in] x [B, C_in, H*W] batched matmul (+
     bias)."""
-    B, c_in, h, w = x.shape
+    B, c_in = x.shape[:2]
     matrix = layer.weight.reshape(layer.out_channels, c_in).to(x.dtype)
     if channel is not None:
         matrix = matrix * channel.to(x.dtype)[:, None, :]
     if filt is not None:
         matrix = matrix * filt.to(x.dtype)[:, :, None]
-    matrix = matrix.expand(B, -1, -1)
-    out = torch.bmm(matrix, x.reshape(B, c_in, h * w))
-    out = out.view(B, layer.out_channels, h, w)
-    if layer.bias is not None:
-        out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
-    return out
+    return pointwise_per_sample_conv(x, matrix.expand(B, -1, -1), layer.bias)
 
 
 def reference(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
