@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from test_dyconv import randomise
 
 from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d
 from mmdyn.ops.accel import autotune
@@ -36,13 +37,10 @@ MIXTURE_GEOMETRIES = GEOMETRIES + [
 
 
 def _randomised(layer, seed):
+    """:func:`test_dyconv.randomise` (random attentions and bias) after
+    seeding."""
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.attention.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        if layer.bias is not None:
-            layer.bias.copy_(torch.randn_like(layer.bias))
-    return layer
+    return randomise(layer)
 
 
 def _compare(layer, impl, x, train):
