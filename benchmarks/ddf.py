@@ -34,11 +34,14 @@ and nearest interpolation. Times are wall clock with
 call, in units of the output size.
 
 Each mode rewrites only its own section (``## DDF on CPU`` / ``## DDF on
-CUDA``) of the output file.
+CUDA``) of the output file; a CPU run with the instruction set capped
+(``python -m mmdyn.analysis.machine --cap avx2 -- python benchmarks/ddf.py``)
+writes ``## DDF on CPU (ISA capped to AVX2)``.
 
 Usage::
 
-    python benchmarks/ddf.py [--rounds 7] [--quick] [--out benchmarks/ddf.md]
+    python benchmarks/ddf.py [--rounds 7] [--threads 2] [--quick] \
+        [--out benchmarks/ddf.md]
     python benchmarks/ddf.py --device cuda [--quick]
 """
 import argparse
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from mmdyn.analysis.machine import header_lines
+from mmdyn.analysis.machine import header_lines, isa_cap
 from mmdyn.ops import DDFConv2d, DDFUpsample, ddf
 from mmdyn.ops.ddf import ddf_reference
 
@@ -401,8 +404,11 @@ def main(argv=None):
         '(`DDFConv2d`) and nearest interpolation (`DDFUpsample`, x2; '
         'mmcv CARAFE has no CPU kernel). Reproduce: '
         '`python benchmarks/ddf.py`.')
-    write_section(args.out, 'DDF on CPU',
-                  header + '\n\n' + table + '\n\n' + notes)
+    # A run under `python -m mmdyn.analysis.machine --cap avx2 -- ...` keeps
+    # its own section beside the uncapped one.
+    cap = isa_cap()
+    title = 'DDF on CPU' + (f' (ISA capped to {cap.upper()})' if cap else '')
+    write_section(args.out, title, header + '\n\n' + table + '\n\n' + notes)
     print(f'written to {args.out}')
 
 

@@ -7,7 +7,8 @@ their export forms (:mod:`mmdyn.ops.accel.export_forms`: im2col as one
 depend on the batch size and run in the runtimes' conv and GEMM kernels.
 The exported file is then simplified (:func:`simplify_onnx`: constants
 folded, identities and no-op casts dropped, a norm that follows a ``MatMul``
-folded into it) when ``onnxscript`` is installed.
+folded into it, the batch named in the reshapes that keep it) when
+``onnxscript`` is installed.
 
 The model is traced with the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``: torch 2.14's default dynamo
@@ -178,8 +179,10 @@ SIMPLIFY_RULES = ('fuse_batchnorm_into_gemm_rule',
 
 def simplify_onnx(onnx_file: str) -> bool:
     """Simplify an exported file in place with onnxscript's optimizer (constant
-    folding, dead and identity nodes) and the rewrite rules
-    :data:`SIMPLIFY_RULES`; the values computed are unchanged.
+    folding, dead and identity nodes), the rewrite rules
+    :data:`SIMPLIFY_RULES`, :func:`fold_constant_nodes`,
+    :func:`fold_norms_into_matmuls` and :func:`keep_batch_in_reshapes`; the
+    values computed are unchanged.
 
     Returns
     False (file untouched) when ``onnxscript`` is not installed.
@@ -199,6 +202,7 @@ def simplify_onnx(onnx_file: str) -> bool:
         rewriter.rewrite(model, pattern_rewrite_rules=rules))
     fold_constant_nodes(model)
     fold_norms_into_matmuls(model)
+    keep_batch_in_reshapes(model)
     onnx.save(model, onnx_file)
     return True
 
@@ -310,6 +314,88 @@ def fold_norms_into_matmuls(model) -> int:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return len(folded)
+
+
+def keep_batch_in_reshapes(model) -> int:
+    """Make every ``Reshape`` to a feature map that keeps the batch say so,
+
+    in place: a shape constant ``[-1, C, H, W]`` whose input has static dims
+    after the first with the product ``C * H * W`` becomes ``[0, C, H, W]``
+    (``0``: the input's dim 0). Returns the number rewritten.
+
+    Both give the same output. But shape inference cannot name the dim a
+    ``-1`` gives when the batch is symbolic: the output's batch becomes a new
+    unknown dim, so a runtime can no longer prove that the two inputs of the
+    residual ``Add`` after a dynamic layer have one shape. ONNX Runtime then
+    fuses neither that ``Add`` nor the ``Relu`` after it into the static
+    conv before them (its NCHWc conv with a summed input), which costs a
+    pass over the feature map each. The export forms write ``-1`` so that
+    no batch size is baked into the graph (see
+    :mod:`mmdyn.ops.accel.export_forms`); this pass restores the batch's
+    name. Only 4-D targets: rewriting the reshapes of KernelWarehouse's
+    kernels and columns as well made its ``MatMul``s 6-8 % slower in ONNX
+    Runtime 1.32 (measured, cause not found), the 4-D ones alone cost it
+    nothing.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    static_dims = {}
+    for value in list(inferred.value_info) + list(inferred.input):
+        tensor = value.type.tensor_type
+        if tensor.HasField('shape'):
+            static_dims[value.name] = [
+                dim.dim_value if dim.HasField('dim_value') else None
+                for dim in tensor.shape.dim
+            ]
+    overridable = {i.name for i in graph.input}
+    inits = {i.name: i for i in graph.initializer if i.name not in overridable}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != 'Reshape' or node.domain not in ('', 'ai.onnx') \
+                or len(node.input) < 2 or node.input[1] not in inits or any(
+                    a.name == 'allowzero' and a.i for a in node.attribute):
+            continue
+        shape = numpy_helper.to_array(inits[node.input[1]])
+        dims = static_dims.get(node.input[0])
+        if shape.ndim != 1 or shape.size != 4 or shape[0] != -1 or \
+                (shape[1:] <= 0).any() or not dims or \
+                any(d is None for d in dims[1:]) or \
+                int(np.prod(dims[1:])) != int(np.prod(shape[1:])):
+            continue
+        name = node.input[1] + '_keep_batch'
+        if name not in inits:
+            kept = shape.copy()
+            kept[0] = 0
+            inits[name] = numpy_helper.from_array(kept, name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        rewritten += 1
+    used = _names_read(graph)
+    for init in [
+            i for i in graph.initializer
+            if i.name not in used and i.name not in overridable
+    ]:
+        graph.initializer.remove(init)
+    return rewritten
+
+
+def _names_read(graph) -> set:
+    """The names ``graph``'s nodes read (those of their subgraphs included) and
+    its outputs."""
+    from onnx import AttributeProto
+    names = {out.name for out in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                names |= _names_read(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    names |= _names_read(sub)
+    return names
 
 
 def compare_with_onnxruntime(module: nn.Module,

@@ -183,6 +183,150 @@ def test_simplify_keeps_values(tmp_path):
     assert abs(a - b).max() < 1e-5
 
 
+def _batch_names(model) -> dict:
+    """Value name -> the name (or size) shape inference gives its dim 0."""
+    import onnx
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    return {
+        v.name: (v.type.tensor_type.shape.dim[0].dim_param
+                 or v.type.tensor_type.shape.dim[0].dim_value)
+        for v in list(inferred.value_info) + list(inferred.output)
+        if v.type.tensor_type.shape.dim
+    }
+
+
+def test_keep_batch_in_reshapes():
+    """A reshape to a feature map that keeps the batch gets a 0 for it, so
+    shape inference names the batch of its output (a residual Add then has
+    inputs of one proven shape); a reshape that moves the batch, or to a
+    matrix, stays; ONNX Runtime computes the same before and after, at two
+    batch sizes."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmdyn.analysis.onnx_export import keep_batch_in_reshapes
+
+    def shape(name, dims):
+        return numpy_helper.from_array(np.array(dims, np.int64), name)
+
+    graph = helper.make_graph([
+        helper.make_node('Reshape', ['x', 'to_map'], ['map']),
+        helper.make_node('Add', ['map', 'y'], ['sum']),
+        helper.make_node('Reshape', ['x', 'moves_batch'], ['moved']),
+        helper.make_node('Reshape', ['x', 'to_matrix'], ['matrix']),
+    ], 'g', [
+        helper.make_tensor_value_info('x', TensorProto.FLOAT,
+                                      ['batch', 8, 4, 4]),
+        helper.make_tensor_value_info('y', TensorProto.FLOAT,
+                                      ['batch', 2, 4, 16])
+    ], [
+        helper.make_tensor_value_info('sum', TensorProto.FLOAT, None),
+        helper.make_tensor_value_info('moved', TensorProto.FLOAT, None),
+        helper.make_tensor_value_info('matrix', TensorProto.FLOAT, None)
+    ], [
+        shape('to_map', [-1, 2, 4, 16]),
+        shape('moves_batch', [-1, 4, 4, 4]),
+        shape('to_matrix', [-1, 128]),
+        shape('unused', [1])
+    ])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid('', 17)])
+    model.ir_version = 8
+    assert _batch_names(model)['map'] != 'batch'
+    before = model.SerializeToString()
+    assert keep_batch_in_reshapes(model) == 1
+    names = _batch_names(model)
+    assert names['map'] == 'batch' and names['sum'] == 'batch'
+    assert names['moved'] != 'batch' and names['matrix'] != 'batch'
+    inits = {
+        i.name: numpy_helper.to_array(i).tolist()
+        for i in model.graph.initializer
+    }
+    assert inits == {
+        'to_map_keep_batch': [0, 2, 4, 16],
+        'moves_batch': [-1, 4, 4, 4],
+        'to_matrix': [-1, 128]
+    }
+    for batch in (1, 3):
+        x = np.random.RandomState(batch).randn(batch, 8, 4,
+                                               4).astype(np.float32)
+        y = np.ones((batch, 2, 4, 16), np.float32)
+        feeds = {'x': x, 'y': y}
+        old = ort.InferenceSession(before).run(None, feeds)
+        new = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+        expected = [
+            x.reshape(batch, 2, 4, 16) + y,
+            x.reshape(-1, 4, 4, 4),
+            x.reshape(batch, 128)
+        ]
+        for a, b, c in zip(old, new, expected):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, c)
+
+
+class DDFBlock(nn.Module):
+    """A residual block around a DDF layer, as in DDF-ResNet: the residual
+    ``Add`` follows a static conv of the DDF layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.ddf = DDFConv2d(12, 12, 3)
+        self.conv = nn.Conv2d(12, 12, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.relu(self.conv(torch.relu(self.ddf(x))) + x)
+
+
+def test_exported_ddf_keeps_the_batch_name(tmp_path):
+    """In an exported DDF block every 4-D reshape (the DDF export form's) and
+    the residual ``Add`` keep the input's batch name (before
+    :func:`keep_batch_in_reshapes` they got new unknown dims, and ONNX Runtime
+    fused neither the ``Add`` nor the ``Relu`` into the static conv); the
+    values equal PyTorch at batch 1 and 3."""
+    pytest.importorskip('onnxscript', reason='pip install onnxscript')
+    import onnx
+    torch.manual_seed(0)
+    model = DDFBlock().eval()
+    path = str(tmp_path / 'ddf_block.onnx')
+    export_onnx(model, path, (13, 11), dynamic_batch=True)
+    graph = onnx.load(path)
+    names = _batch_names(graph)
+    maps = [
+        node.output[0] for node in graph.graph.node
+        if node.op_type == 'Reshape' and len(_shape_of(graph, node)) == 4
+    ]
+    adds = [
+        node.output[0] for node in graph.graph.node if node.op_type == 'Add'
+    ]
+    assert maps and adds
+    assert {names[m]
+            for m in maps + adds} == {'batch'}, {
+                m: names[m]
+                for m in maps + adds
+            }
+    run = open_session(path, threads=1)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 13, 11)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(
+            torch.from_numpy(run(x.numpy())[0]),
+            expected,
+            atol=1e-4,
+            rtol=1e-4)
+
+
+def _shape_of(model, reshape) -> list:
+    """A ``Reshape``'s target shape when it is an initializer, else []."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    target = inits.get(reshape.input[1])
+    return [] if target is None else numpy_helper.to_array(target).tolist()
+
+
 def test_benchmark_onnx_tool(exported_stack, capsys):
     _, path = exported_stack
     load_tool('tools/analysis_tools/benchmark_onnx.py').main([
