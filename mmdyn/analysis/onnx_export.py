@@ -317,11 +317,12 @@ def fold_norms_into_matmuls(model) -> int:
 
 
 def keep_batch_in_reshapes(model) -> int:
-    """Make every ``Reshape`` to a feature map that keeps the batch say so,
+    """Name the batch in the reshapes to feature maps that keep it, in place.
 
-    in place: a shape constant ``[-1, C, H, W]`` whose input has static dims
-    after the first with the product ``C * H * W`` becomes ``[0, C, H, W]``
-    (``0``: the input's dim 0). Returns the number rewritten.
+    A ``Reshape`` whose shape constant is ``[-1, C, H, W]`` and whose input
+    has static dims after the first with the product ``C * H * W`` gets
+    ``[0, C, H, W]`` instead (``0``: the input's dim 0). Returns the number
+    rewritten.
 
     Both give the same output. But shape inference cannot name the dim a
     ``-1`` gives when the batch is symbolic: the output's batch becomes a new
@@ -333,7 +334,7 @@ def keep_batch_in_reshapes(model) -> int:
     no batch size is baked into the graph (see
     :mod:`mmdyn.ops.accel.export_forms`); this pass restores the batch's
     name. Only 4-D targets: rewriting the reshapes of KernelWarehouse's
-    kernels and columns as well made its ``MatMul``s 6-8 % slower in ONNX
+    kernels and columns as well made its ``MatMul``s 4-8 % slower in ONNX
     Runtime 1.32 (measured, cause not found), the 4-D ones alone cost it
     nothing.
     """
