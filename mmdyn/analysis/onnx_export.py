@@ -241,16 +241,14 @@ def fold_constant_nodes(model) -> int:
         return 0
     for node in folded:
         graph.node.remove(node)
-    needed = {name for node in graph.node for name in node.input}
-    needed.update(out.name for out in graph.output)
+    needed = _names_read(graph)
     present = {i.name for i in graph.initializer}
     for node in folded:
         for name in node.output:
             if name in needed and name not in present:
                 graph.initializer.append(
                     numpy_helper.from_array(values[name], name))
-    for init in [i for i in graph.initializer if i.name not in needed]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph, needed)
     return len(folded)
 
 
@@ -310,9 +308,7 @@ def fold_norms_into_matmuls(model) -> int:
         graph.node.remove(matmul)
         graph.node.remove(norm)
         graph.node.insert(index, gemm)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return len(folded)
 
 
@@ -374,13 +370,24 @@ def keep_batch_in_reshapes(model) -> int:
             graph.initializer.append(inits[name])
         node.input[1] = name
         rewritten += 1
-    used = _names_read(graph)
+    _drop_unused_initializers(graph)
+    return rewritten
+
+
+def _drop_unused_initializers(graph, read: Optional[set] = None) -> None:
+    """Remove the initializers no node of ``graph`` (or of its subgraphs) reads
+    and no output names, in place; those that are also graph inputs (values a
+    caller may override) stay.
+
+    ``read`` is :func:`_names_read`'s result when the caller has it.
+    """
+    read = _names_read(graph) if read is None else read
+    inputs = {i.name for i in graph.input}
     for init in [
             i for i in graph.initializer
-            if i.name not in used and i.name not in overridable
+            if i.name not in read and i.name not in inputs
     ]:
         graph.initializer.remove(init)
-    return rewritten
 
 
 def _names_read(graph) -> set:
