@@ -1,32 +1,33 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
 """Every ``MMDYN_*`` environment switch of mmdyn, parsed in one place.
 
-========================= ==============================================
-variable                  effect
-========================= ==============================================
-``MMDYN_DISABLE_ACCEL``   ``1``: no C loop, ``mmdyn::`` custom operator
-                          or Triton kernel runs; every layer takes its
-                          pure-PyTorch paths (the accelerated paths of
-                          :mod:`mmdyn.ops.accel` report themselves
-                          unavailable)
-``MMDYN_WINOGRAD``        ``0``: the Winograd C loops off
-``MMDYN_KW_CPU_KERNEL``   ``0``: KernelWarehouse's C cell product off
-``MMDYN_DDF_CPU_KERNEL``  ``0``: DDF's fused C loops off
-``MMDYN_KW_PACKED_CELLS`` ``0``: no packed copy of the warehouses
-``MMDYN_TRITON_AUTOTUNE`` ``0``: DDF's Triton kernels use one fixed
-                          configuration instead of autotuning
-``MMDYN_CACHE_DIR``       where the C loops are built (default
-                          ``~/.cache/mmdyn``)
-``MMDYN_MAX_ALLOC_BYTES`` the largest parameter tensor a layer may
-                          allocate, in bytes (default 4 GiB)
-``MMDYN_MALLOC_TUNING``   ``0``: leave glibc's malloc settings alone
-                          (:mod:`mmdyn.engine.malloc`)
-``MMDYN_AUTOTUNE``        ``1``: ``impl='auto'`` layers time their
-                          candidate paths on first use of a shape and keep
-                          the fastest (:mod:`mmdyn.ops.accel.autotune`);
-                          ``0``: the size thresholds decide. Unset:
-                          :data:`AUTOTUNE_DEFAULT`
-========================= ==============================================
+============================ ==============================================
+variable                     effect
+============================ ==============================================
+``MMDYN_DISABLE_ACCEL``      ``1``: no C loop, ``mmdyn::`` custom operator
+                             or Triton kernel runs; every layer takes its
+                             pure-PyTorch paths (the accelerated paths of
+                             :mod:`mmdyn.ops.accel` report themselves
+                             unavailable)
+``MMDYN_WINOGRAD``           ``0``: the Winograd C loops off
+``MMDYN_KW_CPU_KERNEL``      ``0``: KernelWarehouse's C cell product off
+``MMDYN_DDF_CPU_KERNEL``     ``0``: DDF's fused C loops off
+``MMDYN_TAP_SUM_CPU_KERNEL`` ``0``: ODConv's C tap sum off
+``MMDYN_KW_PACKED_CELLS``    ``0``: no packed copy of the warehouses
+``MMDYN_TRITON_AUTOTUNE``    ``0``: DDF's Triton kernels use one fixed
+                             configuration instead of autotuning
+``MMDYN_CACHE_DIR``          where the C loops are built (default
+                             ``~/.cache/mmdyn``)
+``MMDYN_MAX_ALLOC_BYTES``    the largest parameter tensor a layer may
+                             allocate, in bytes (default 4 GiB)
+``MMDYN_MALLOC_TUNING``      ``0``: leave glibc's malloc settings alone
+                             (:mod:`mmdyn.engine.malloc`)
+``MMDYN_AUTOTUNE``           ``1``: ``impl='auto'`` layers time their
+                             candidate paths on first use of a shape and keep
+                             the fastest (:mod:`mmdyn.ops.accel.autotune`);
+                             ``0``: the size thresholds decide. Unset:
+                             :data:`AUTOTUNE_DEFAULT`
+============================ ==============================================
 
 An on/off switch is off when its value is ``0``, ``false``, ``off`` or
 ``no`` (any case), on otherwise and when unset. Values are read at every
@@ -46,12 +47,14 @@ DISABLE_ACCEL = 'MMDYN_DISABLE_ACCEL'
 WINOGRAD = 'MMDYN_WINOGRAD'
 KW_CPU_KERNEL = 'MMDYN_KW_CPU_KERNEL'
 DDF_CPU_KERNEL = 'MMDYN_DDF_CPU_KERNEL'
+TAP_SUM_CPU_KERNEL = 'MMDYN_TAP_SUM_CPU_KERNEL'
 KW_PACKED_CELLS = 'MMDYN_KW_PACKED_CELLS'
 TRITON_AUTOTUNE = 'MMDYN_TRITON_AUTOTUNE'
 ACCEL_SWITCHES = {
     WINOGRAD: 'the Winograd C loops',
     KW_CPU_KERNEL: "KernelWarehouse's C cell product",
     DDF_CPU_KERNEL: "DDF's fused C loops",
+    TAP_SUM_CPU_KERNEL: "ODConv's C tap sum",
     KW_PACKED_CELLS: 'the packed copies of the warehouses',
     TRITON_AUTOTUNE: "the autotuning of DDF's Triton kernels",
 }

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_dyconv import randomise
 
-from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d
-from mmdyn.ops.accel import autotune
+from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d, switches
+from mmdyn.ops.accel import autotune, tap_sum_cpu
 from mmdyn.ops.accel.paths import (MIXTURE_PATHS, ODCONV_PATHS, THRESHOLDS,
                                    choose_path, layer_impls)
 
@@ -140,25 +140,40 @@ def _auto_path(family, layer, x, train):
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-def test_rules_for_resnet_odconv_1x(train):
-    """ResNet-50 at 224 px: stage 3 (256 ch, 14x14, batch 2) takes the
-    scaled columns in inference (one GEMM of the batch) and the tap GEMM in
-    training (not its stride-2 layer, not a batch of one); stage 4 (512 ch,
-    7x7) the scaled columns; stage 2 (128 ch, 28x28) neither."""
+def test_rules_for_resnet_odconv_1x(train, monkeypatch):
+    """ResNet-50 at 224 px.
+
+    Inference with the C tap sum: the stride-1
+    layers of stages 3-4 (256 ch 14x14, 512 ch 7x7) take the tap GEMM from
+    batch 2, the stride-2 ones the scaled columns. Training, or inference with
+    the sum in PyTorch ops: stage 3 (batch 2) the tap GEMM in training and
+    the scaled columns in inference (one GEMM of the batch), not its
+    stride-2 layer, not a batch of one; stage 4 the scaled columns. Stage 2
+    (128 ch, 28x28) neither.
+    """
     stage3 = ODConv2d(256, 256, 3, padding=1, bias=False, kernel_num=1)
-    x = torch.randn(2, 256, 14, 14)
-    assert _auto_path('odconv', stage3, x,
-                      train) == ('tap_gemm' if train else 'scaled_columns')
-    assert _auto_path('odconv', stage3, x[:1], train) != 'tap_gemm'
-    strided = ODConv2d(256, 256, 3, 2, 1, bias=False, kernel_num=1)
-    assert _auto_path('odconv', strided, torch.randn(2, 256, 28, 28),
-                      train) != 'tap_gemm'
     stage4 = ODConv2d(512, 512, 3, padding=1, bias=False, kernel_num=1)
-    assert _auto_path('odconv', stage4, torch.randn(2, 512, 7, 7),
-                      train) == 'scaled_columns'
+    strided = ODConv2d(256, 256, 3, 2, 1, bias=False, kernel_num=1)
     stage2 = ODConv2d(128, 128, 3, padding=1, bias=False, kernel_num=1)
-    assert _auto_path('odconv', stage2, torch.randn(2, 128, 28, 28),
-                      train) not in ('tap_gemm', 'scaled_columns')
+    x3, x4 = torch.randn(2, 256, 14, 14), torch.randn(2, 512, 7, 7)
+    x_strided, x2 = torch.randn(2, 256, 28, 28), torch.randn(2, 128, 28, 28)
+    c_sum = not train and tap_sum_cpu.load() is not None
+    for switch in ('1', '0'):
+        monkeypatch.setenv(switches.TAP_SUM_CPU_KERNEL, switch)
+        if c_sum and switch == '1':
+            assert _auto_path('odconv', stage3, x3, train) == 'tap_gemm'
+            assert _auto_path('odconv', stage3, x3[:1],
+                              train) == 'scaled_columns'
+            assert _auto_path('odconv', stage4, x4, train) == 'tap_gemm'
+        else:
+            assert _auto_path(
+                'odconv', stage3, x3,
+                train) == ('tap_gemm' if train else 'scaled_columns')
+            assert _auto_path('odconv', stage3, x3[:1], train) != 'tap_gemm'
+            assert _auto_path('odconv', stage4, x4, train) == 'scaled_columns'
+        assert _auto_path('odconv', strided, x_strided, train) != 'tap_gemm'
+        assert _auto_path('odconv', stage2, x2,
+                          train) not in ('tap_gemm', 'scaled_columns')
 
 
 def test_tap_gemm_rule_follows_the_threshold_table(monkeypatch):

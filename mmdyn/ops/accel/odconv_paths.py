@@ -35,9 +35,11 @@ import torch.nn.functional as F
 
 from ..capture import compiling, graph_capture
 from ..per_sample_conv import pointwise_per_sample_conv
+from . import tap_sum_cpu
 from .chunked import (chunked_per_sample_conv2d, mix_kernels_into,
                       repeat_positions)
 from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
+from .thresholds import THRESHOLDS
 from .winograd import winograd_per_sample_conv2d
 
 
@@ -461,6 +463,10 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     scale = scale[..., None, None]
     residues = tuple(_residue_classes(layer).items())
     out_shape = (batch, c_out, h_out, w_out)
+    lib = tap_sum_library(x)
+    if lib is not None:
+        return _tap_gemm_c(lib, layer, x, channel, scale, residues, stride,
+                           out_shape)
     if not torch.is_grad_enabled():
         xs = x * channel[:, :, None, None]
         classes, maps, _, _ = _tap_maps(
@@ -476,6 +482,69 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
                              residues, stride, out_shape)
     if layer.bias is not None:
         out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def tap_sum_library(x: torch.Tensor):
+    """The C tap sum's library where :func:`tap_gemm` may use it: inference
+    outside graph capture and CPU autocast, a float32/float64 CPU input; else
+    None."""
+    if torch.is_grad_enabled() or graph_capture() or \
+            not tap_sum_cpu.supports(x) or torch.is_autocast_enabled('cpu'):
+        return None
+    return tap_sum_cpu.load()
+
+
+def _tap_gemm_c(lib, layer, x, channel, scale, residues, stride,
+                out_shape) -> torch.Tensor:
+    """:func:`tap_gemm` in inference with the C tap sum.
+
+    ``alpha_c * x`` is written pixel-major (NHWC), so each residue class's
+    1x1 conv is one GEMM ``[pixels, C_in] x [C_in, T * C_out]`` whose output
+    holds every pixel's taps contiguously; the C loop
+    (:func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum`) reads each once and
+    writes the NCHW output with the bias. The samples go a chunk at a time
+    through one reused buffer of at most ``tap_gemm_chunk_bytes``
+    (:data:`THRESHOLDS` ``['odconv']``; one sample at least).
+    """
+    batch, c_in, height, width = (int(v) for v in x.shape)
+    c_out = layer.out_channels
+    xs = x.new_empty(batch, height, width, c_in)
+    torch.mul(x, channel[:, :, None, None], out=xs.permute(0, 3, 1, 2))
+    classes = []  # (sub-image [B, h, w, C_in], kernel [C_in, T*C_out], taps)
+    for (m_y, m_x), taps in residues:
+        sub = xs if stride == (1, 1) else \
+            xs[:, m_y::stride[0], m_x::stride[1]]
+        if sub.shape[1] == 0 or sub.shape[2] == 0:
+            continue
+        weight = _layer_tap_weights(layer,
+                                    [(ky, kx) for _, ky, kx, _, _ in taps])
+        classes.append((sub, weight.to(x.dtype).view(-1, c_in).t(), taps))
+    scale = scale.reshape(batch, -1, c_out).contiguous()
+    bias = None if layer.bias is None else \
+        layer.bias.to(x.dtype).contiguous()
+    out = x.new_empty(out_shape)
+    per_sample = sum(sub.shape[1] * sub.shape[2] * len(taps) * c_out
+                     for sub, _, taps in classes)
+    chunk = THRESHOLDS['odconv']['tap_gemm_chunk_bytes'] // max(
+        1, per_sample * x.element_size())
+    chunk = max(1, min(batch, chunk))
+    buffer = x.new_empty(chunk * per_sample)
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        rows, base = [], 0
+        for sub, weight, taps in classes:
+            h, w = sub.shape[1:3]
+            size = (stop - start) * h * w * len(taps) * c_out
+            torch.mm(
+                sub[start:stop].reshape(-1, c_in),
+                weight,
+                out=buffer[base:base + size].view(-1, weight.shape[1]))
+            rows += [(base + i * c_out, len(taps) * c_out, h, w, q_y, q_x, t)
+                     for i, (t, _, _, q_y, q_x) in enumerate(taps)]
+            base += size
+        tap_sum_cpu.tap_sum(lib, buffer, torch.tensor(rows, dtype=torch.int64),
+                            scale[start:stop], bias, out[start:stop])
     return out
 
 

@@ -28,7 +28,7 @@ scaled_columns ODConv with one kernel: the static kernel times im2col
                columns scaled by ``alpha_s``/``alpha_c``
 tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
                every tap's output channels, then the per-sample weighted
-               shift-sum of the taps
+               shift-sum of the taps (in inference a C loop)
 pointwise_gemm 1x1 layers: ODConv with one kernel (the attentions folded
                into per-sample matrices) and CondConv/DyConv in inference
                (the mixed matrices), one batched matmul with the pixels
@@ -249,19 +249,25 @@ def odconv_pointwise_gemm(layer, x: torch.Tensor) -> bool:
 def odconv_tap_gemm(layer, x: torch.Tensor) -> bool:
     """ODConv with one kernel (``groups=1``, larger than 1x1): whether one
     1x1 GEMM to every tap's output channels then the weighted shift-sum
-    pays: CPU, inference and training, stride 1, a batch of
-    ``tap_gemm_min_batch`` or more (one sample is one plain conv in the
-    reference), ``C_in >= tap_gemm_min_in_channels`` (each element of the
-    ``kh*kw`` times larger GEMM output then carries enough multiply-adds)
-    (:data:`THRESHOLDS` ``['odconv']``; measured on AVX-512, 2026-12-06).
-    The deepest layers take the scaled columns first
-    (:func:`odconv_scaled_columns`)."""
+    pays: CPU, stride 1, ``C_in >= tap_gemm_min_in_channels`` (each element
+    of the ``kh*kw`` times larger GEMM output then carries enough
+    multiply-adds) and a batch of ``tap_gemm_min_batch`` or more (one
+    sample: the scaled columns, or the reference's plain conv)
+    (:data:`THRESHOLDS` ``['odconv']``). In inference with the C tap sum
+    (:mod:`~mmdyn.ops.accel.tap_sum_cpu`; float32/float64, no autocast) it
+    comes ahead of the scaled columns (measured on AVX-512, 2026-12-06,
+    batch 1-32, ResNet-50 stages 3-4); otherwise (training, or the sum in
+    PyTorch ops) the deepest layers take the scaled columns
+    (:func:`odconv_scaled_columns`).
+    """
     limits = THRESHOLDS['odconv']
     if not _one_kernel(layer) or x.device.type != 'cpu' or \
             tuple(layer.stride) != (1, 1) or \
+            layer.in_channels < limits['tap_gemm_min_in_channels'] or \
             x.shape[0] < limits['tap_gemm_min_batch']:
         return False
-    return layer.in_channels >= limits['tap_gemm_min_in_channels']
+    return odconv_paths.tap_sum_library(x) is not None or \
+        not odconv_scaled_columns(layer, x.shape[-2:])
 
 
 def mixture_conv_then_mix(layer, x: torch.Tensor) -> bool:
@@ -425,14 +431,14 @@ def _reference(run: Callable) -> Path:
 PATHS = {
     'odconv': (
         _export(export_forms.odconv),
-        Path('scaled_columns', lambda layer, x, a: _one_kernel(layer),
-             lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
-             'kernel_num=1, groups=1 and a kernel larger than 1x1',
-             odconv_paths.scaled_columns),
         Path('tap_gemm', lambda layer, x, a: _one_kernel(layer),
              lambda layer, x, a: odconv_tap_gemm(layer, x),
              'kernel_num=1, groups=1 and a kernel larger than 1x1',
              odconv_paths.tap_gemm),
+        Path('scaled_columns', lambda layer, x, a: _one_kernel(layer),
+             lambda layer, x, a: odconv_scaled_columns(layer, x.shape[-2:]),
+             'kernel_num=1, groups=1 and a kernel larger than 1x1',
+             odconv_paths.scaled_columns),
         Path('pointwise_gemm',
              lambda layer, x, a: odconv_pointwise_applies(layer, x),
              lambda layer, x, a: odconv_pointwise_gemm(layer, x),

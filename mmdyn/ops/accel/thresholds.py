@@ -43,6 +43,15 @@ THRESHOLDS = {
     # ch writing the kh*kw times larger GEMM output costs more than the
     # conv (eval 1.6-2.8x vs reference 1.4-1.5x); stride 2 (four residue
     # GEMMs) and batch 1 lose to the other paths.
+    # In inference with the C tap sum (tap_sum_cpu.py) the tap GEMM takes
+    # those layers ahead of the scaled columns; its samples go through a
+    # reused buffer of at most `tap_gemm_chunk_bytes`. Measured on AVX-512
+    # (2026-12-06, 2 threads, quiet, time / nn.Conv2d, tap_gemm vs
+    # scaled_columns): 256 ch 14x14 b1 1.62 / 1.55 (61 repeats), b2-4 1.39
+    # / 1.46, b8 1.24 / 1.40, b32 1.37 / 1.60; 512 ch 7x7 b1 1.38 / 1.28,
+    # b2-4 a tie, b8 1.09 / 1.19, b32 1.32 / 1.46; stride 2 a tie (not
+    # taken); 128 ch 28x28 b8 1.34 (winograd 1.12). Buffer size: 64 ch
+    # 56x56 best at 4 MiB, 256-512 ch at 16-64.
     # `scaled_columns_out_per_pixel_inference`: the scaled columns in
     # inference (one GEMM of the whole batch), AVX-512 2026-12-06, b8: 1.3x
     # nn.Conv2d at 256 ch 14x14 (tap_gemm 1.45x) and 512 ch 7x7; 1.6x at
@@ -62,7 +71,8 @@ THRESHOLDS = {
         scaled_columns_out_per_pixel_inference=1,
         scale_repeat=64,
         tap_gemm_min_in_channels=192,
-        tap_gemm_min_batch=2),
+        tap_gemm_min_batch=2,
+        tap_gemm_chunk_bytes=16 * 2**20),
     # CondConv/DyConv training on CPU: K static convs when
     # (K - 1) * H' * W' <= `conv_then_mix_max_work`. Inference: the mixed
     # kernels and one batch-as-groups conv (oneDNN) from `grouped_min_batch`

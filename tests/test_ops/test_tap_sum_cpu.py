@@ -1,0 +1,150 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""ODConv's C tap sum, used by ``tap_gemm`` in CPU inference.
+
+The loop against a per-element Python sum; the layer with it against its
+``forward_reference``, one sample per chunk, with the switch off, and under
+autocast or autograd, where it must not run.
+"""
+import copy
+
+import pytest
+import torch
+from test_dyconv import randomise
+
+from mmdyn.ops import ODConv2d, switches
+from mmdyn.ops.accel import tap_sum_cpu
+from mmdyn.ops.accel.thresholds import THRESHOLDS
+
+pytestmark = pytest.mark.skipif(
+    tap_sum_cpu.load() is None, reason='no C compiler for the tap sum')
+
+
+def _naive_tap_sum(z, taps, scale, bias, out_shape):
+    """``out[b, o, i, j]`` summed element by element in float64."""
+    batch, channels, h_out, w_out = out_shape
+    z, scale = z.double().flatten(), scale.double()
+    out = torch.zeros(out_shape, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(h_out):
+            for j in range(w_out):
+                for base, pix, h, w, q_y, q_x, s in taps.tolist():
+                    y, x = i + q_y, j + q_x
+                    if 0 <= y < h and 0 <= x < w:
+                        start = base + ((b * h + y) * w + x) * pix
+                        out[b, :, i, j] += scale[b, s] * \
+                            z[start:start + channels]
+    if bias is not None:
+        out += bias.double()[:, None, None]
+    return out
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_the_loop_matches_a_per_element_sum(dtype, with_bias):
+    """Two sub-images of different sizes in one buffer, taps reading past every
+    border and one reading nothing, a shared scale row."""
+    torch.manual_seed(0)
+    batch, channels, h_out, w_out = 2, 5, 4, 3
+    # Sub-image 0: 4x3 pixels, 2 taps; sub-image 1: 3x5 pixels, 1 tap.
+    size0 = batch * 4 * 3 * 2 * channels
+    z = torch.randn(size0 + batch * 3 * 5 * channels, dtype=dtype)
+    taps = torch.tensor([[0, 2 * channels, 4, 3, -1, 1, 0],
+                         [channels, 2 * channels, 4, 3, 1, -1, 2],
+                         [size0, channels, 3, 5, 0, 2, 1],
+                         [size0, channels, 3, 5, 9, 0, 1]],
+                        dtype=torch.int64)
+    scale = torch.randn(batch, 3, channels, dtype=dtype)
+    bias = torch.randn(channels, dtype=dtype) if with_bias else None
+    out = torch.full((batch, channels, h_out, w_out),
+                     float('nan'),
+                     dtype=dtype)
+    tap_sum_cpu.tap_sum(tap_sum_cpu.load(), z, taps, scale, bias, out)
+    want = _naive_tap_sum(z, taps, scale, bias, out.shape)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_the_loop_rejects_bad_arguments():
+    lib = tap_sum_cpu.load()
+    out = torch.empty(1, 2, 3, 3)
+    taps = torch.zeros(1, tap_sum_cpu.TAP_FIELDS, dtype=torch.int64)
+    scale = torch.ones(1, 1, 2)
+    with pytest.raises(ValueError, match='one dtype'):
+        tap_sum_cpu.tap_sum(lib, torch.zeros(18, dtype=torch.float64), taps,
+                            scale, None, out)
+    with pytest.raises(ValueError, match='int64'):
+        tap_sum_cpu.tap_sum(lib, torch.zeros(18), taps.int(), scale, None, out)
+    with pytest.raises(ValueError, match='does not match'):
+        tap_sum_cpu.tap_sum(lib, torch.zeros(18), taps, torch.ones(1, 1, 3),
+                            None, out)
+
+
+def _layer(stride, dilation, bias, seed=0):
+    torch.manual_seed(seed)
+    return randomise(
+        ODConv2d(
+            7,
+            6,
+            3,
+            stride,
+            dilation,
+            dilation,
+            bias=bias,
+            kernel_num=1,
+            impl='tap_gemm')).eval()
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = tap_sum_cpu.tap_sum
+
+    def counting(*args):
+        calls.append(args[-1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(tap_sum_cpu, 'tap_sum', counting)
+    return calls
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('stride,dilation', [(1, 1), (1, 2), (2, 1)])
+def test_layer_one_sample_per_chunk(monkeypatch, stride, dilation, dtype):
+    """A buffer too small for one sample: one chunk (one C call) per sample,
+    the same result as the reference."""
+    layer = _layer(stride, dilation, bias=True).to(dtype)
+    x = torch.randn(3, 7, 9, 8, dtype=dtype)
+    calls = _spy(monkeypatch)
+    monkeypatch.setitem(THRESHOLDS['odconv'], 'tap_gemm_chunk_bytes', 1)
+    with torch.no_grad():
+        out = layer(x)
+        want = layer.forward_reference(x)
+    assert layer.last_path == 'tap_gemm' and len(calls) == 3
+    assert all(shape[0] == 1 for shape in calls)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+
+
+def test_layer_without_the_loop(monkeypatch):
+    """``MMDYN_TAP_SUM_CPU_KERNEL=0``: the PyTorch-ops sum, same result, the
+    loop not called."""
+    layer = _layer(1, 1, bias=True)
+    x = torch.randn(2, 7, 6, 6)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        with_loop = layer(x)
+        monkeypatch.setenv(switches.TAP_SUM_CPU_KERNEL, '0')
+        without = layer(x)
+        want = layer.forward_reference(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(with_loop, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_under_autocast_or_autograd_leaves_the_loop(monkeypatch):
+    layer = _layer(1, 1, bias=False)
+    x = torch.randn(2, 7, 6, 6)
+    calls = _spy(monkeypatch)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x)
+    copy.deepcopy(layer).train()(x).sum().backward()
+    assert calls == []
