@@ -1,9 +1,10 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""ODConv's C tap sum, used by ``tap_gemm`` in CPU inference.
+"""ODConv's C tap sum and its backward, used by ``tap_gemm`` on CPU.
 
-The loop against a per-element Python sum; the layer with it against its
-``forward_reference``, one sample per chunk, with the switch off, and under
-autocast or autograd, where it must not run.
+The loops against a per-element Python sum (and autograd of it); the layer
+with them against its ``forward_reference`` in inference and training, one
+sample per chunk, with the switch off, and under autocast, where they must
+not run.
 """
 import copy
 
@@ -94,15 +95,17 @@ def _layer(stride, dilation, bias, seed=0):
             impl='tap_gemm')).eval()
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, name='tap_sum'):
+    """The output shapes (the gradient's, for the backward) of every call of
+    ``tap_sum_cpu.<name>``."""
     calls = []
-    real = tap_sum_cpu.tap_sum
+    real = getattr(tap_sum_cpu, name)
 
     def counting(*args):
-        calls.append(args[-1].shape)
+        calls.append(args[-1 if name == 'tap_sum' else 4].shape)
         return real(*args)
 
-    monkeypatch.setattr(tap_sum_cpu, 'tap_sum', counting)
+    monkeypatch.setattr(tap_sum_cpu, name, counting)
     return calls
 
 
@@ -140,11 +143,73 @@ def test_layer_without_the_loop(monkeypatch):
     torch.testing.assert_close(without, want, rtol=1e-5, atol=1e-5)
 
 
-def test_layer_under_autocast_or_autograd_leaves_the_loop(monkeypatch):
+def test_layer_under_autocast_leaves_the_loops(monkeypatch):
     layer = _layer(1, 1, bias=False)
     x = torch.randn(2, 7, 6, 6)
     calls = _spy(monkeypatch)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        layer(x)
-    copy.deepcopy(layer).train()(x).sum().backward()
-    assert calls == []
+    backward_calls = _spy(monkeypatch, 'tap_sum_backward')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            layer(x)
+        copy.deepcopy(layer).train()(x).float().sum().backward()
+    assert calls == [] and backward_calls == []
+
+
+@pytest.mark.parametrize('stride,dilation', [(1, 1), (1, 2), (2, 1)])
+def test_training_with_the_loops(monkeypatch, stride, dilation):
+    """Training in float64, one sample per chunk: the forward and backward
+    loops run, the output and every gradient (input, kernel, bias, attentions)
+    equal the reference's."""
+    layer = _layer(stride, dilation, bias=True).double().train()
+    reference = copy.deepcopy(layer)
+    calls = _spy(monkeypatch)
+    backward_calls = _spy(monkeypatch, 'tap_sum_backward')
+    monkeypatch.setitem(THRESHOLDS['odconv'], 'tap_gemm_chunk_bytes', 1)
+    x = torch.randn(3, 7, 9, 8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, want = layer(x), reference.forward_reference(x_ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    assert layer.last_path == 'tap_gemm'
+    assert len(calls) == 3 and len(backward_calls) >= 3
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    params = dict(reference.named_parameters())
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(
+            param.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_backward_loop_matches_autograd_of_a_per_element_sum():
+    """One sub-image, taps reading past every border: the maps' and the scale's
+    gradients against autograd of :func:`_naive_tap_sum`."""
+    torch.manual_seed(1)
+    batch, channels, h, w, h_out, w_out = 2, 5, 4, 3, 3, 4
+    taps = [(0, -1, 1, 0), (channels, 1, -1, 2), (2 * channels, 0, 0, 2)]
+    pixel = len(taps) * channels
+    z = torch.randn(
+        batch, h, w, pixel, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(
+        batch, 3, channels, dtype=torch.float64, requires_grad=True)
+    table = torch.tensor([(base, pixel, h, w, q_y, q_x, s)
+                          for base, q_y, q_x, s in taps])
+    out = _naive_tap_sum(z, table, scale, None,
+                         (batch, channels, h_out, w_out))
+    grad = torch.randn_like(out)
+    want_z, want_scale = torch.autograd.grad(out, (z, scale), grad)
+    grad_z = torch.full_like(z, float('nan'))
+    grad_scale = torch.zeros_like(scale)
+    tap_sum_cpu.tap_sum_backward(tap_sum_cpu.load(), z.detach(),
+                                 torch.tensor(taps), scale.detach(),
+                                 grad.permute(0, 2, 3, 1).contiguous(), grad_z,
+                                 grad_scale)
+    torch.testing.assert_close(grad_z, want_z)
+    torch.testing.assert_close(grad_scale, want_scale)
+    # Without the maps: the maps' gradient only.
+    grad_z.fill_(float('nan'))
+    tap_sum_cpu.tap_sum_backward(tap_sum_cpu.load(), None, torch.tensor(taps),
+                                 scale.detach(),
+                                 grad.permute(0, 2, 3, 1).contiguous(), grad_z,
+                                 None)
+    torch.testing.assert_close(grad_z, want_z)

@@ -28,7 +28,7 @@ the conv geometry, ``attention``) and the attentions of its input.
 
 torch only.
 """
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -464,10 +464,14 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     residues = tuple(_residue_classes(layer).items())
     out_shape = (batch, c_out, h_out, w_out)
     lib = tap_sum_library(x)
+    if lib is not None and not torch.is_grad_enabled():
+        return _tap_gemm_c_forward(
+            lib, x, channel, lambda taps: _layer_tap_weights(layer, taps),
+            scale, layer.bias, residues, stride, out_shape)
     if lib is not None:
-        return _tap_gemm_c(lib, layer, x, channel, scale, residues, stride,
-                           out_shape)
-    if not torch.is_grad_enabled():
+        out = _TapGemmC.apply(x, channel, layer.weight[0].to(x.dtype), scale,
+                              residues, stride, out_shape)
+    elif not torch.is_grad_enabled():
         xs = x * channel[:, :, None, None]
         classes, maps, _, _ = _tap_maps(
             xs, lambda taps: _layer_tap_weights(layer, taps), residues, stride)
@@ -486,18 +490,84 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
 
 
 def tap_sum_library(x: torch.Tensor):
-    """The C tap sum's library where :func:`tap_gemm` may use it: inference
-    outside graph capture and CPU autocast, a float32/float64 CPU input; else
-    None."""
-    if torch.is_grad_enabled() or graph_capture() or \
-            not tap_sum_cpu.supports(x) or torch.is_autocast_enabled('cpu'):
+    """The C tap sum's library where :func:`tap_gemm` may use it: outside graph
+    capture and CPU autocast, a float32/float64 CPU input; else None."""
+    if graph_capture() or not tap_sum_cpu.supports(x) or \
+            torch.is_autocast_enabled('cpu'):
         return None
     return tap_sum_cpu.load()
 
 
-def _tap_gemm_c(lib, layer, x, channel, scale, residues, stride,
-                out_shape) -> torch.Tensor:
-    """:func:`tap_gemm` in inference with the C tap sum.
+class _TapPlan(NamedTuple):
+    """The GEMMs of :func:`tap_gemm`'s C form for one input.
+
+    ``xs``: ``alpha_c * x`` pixel-major [B, H, W, C_in]; ``classes``: per
+    residue class with pixels, ``(sub-image [B, h, w, C_in] view of xs, its
+    kernel [T * C_out, C_in] (tap-major rows), taps, (m_y, m_x))``;
+    ``per_sample``: tap-map elements of one sample; ``chunk``: samples per
+    chunk of the reused buffer.
+    """
+    xs: torch.Tensor
+    classes: list
+    per_sample: int
+    chunk: int
+
+
+def _tap_plan(x, channel, tap_weights, residues, stride,
+              c_out: int) -> _TapPlan:
+    """:class:`_TapPlan` of ``x``; ``tap_weights(taps)`` gives a class's kernel
+    [T * C_out, C_in, 1, 1] (:func:`_tap_weights`)."""
+    batch, c_in, height, width = (int(v) for v in x.shape)
+    xs = x.new_empty(batch, height, width, c_in)
+    torch.mul(
+        x, channel.to(x.dtype)[:, :, None, None], out=xs.permute(0, 3, 1, 2))
+    classes = []
+    for (m_y, m_x), taps in residues:
+        sub = xs if stride == (1, 1) else \
+            xs[:, m_y::stride[0], m_x::stride[1]]
+        if sub.shape[1] == 0 or sub.shape[2] == 0:
+            continue
+        weight = tap_weights([(ky, kx) for _, ky, kx, _, _ in taps])
+        classes.append((sub, weight.to(x.dtype).view(-1,
+                                                     c_in), taps, (m_y, m_x)))
+    per_sample = sum(sub.shape[1] * sub.shape[2] * len(taps) * c_out
+                     for sub, _, taps, _ in classes)
+    chunk = THRESHOLDS['odconv']['tap_gemm_chunk_bytes'] // max(
+        1, per_sample * x.element_size())
+    return _TapPlan(xs, classes, per_sample, max(1, min(batch, chunk)))
+
+
+def _tap_chunks(plan: _TapPlan, c_out: int):
+    """For each chunk of samples: ``(start, stop, tap table [T, 7] of
+    :func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum`, [(class, offset of its
+    maps in the chunk's buffer, their size)])``."""
+    batch = plan.xs.shape[0]
+    for start in range(0, batch, plan.chunk):
+        stop = min(batch, start + plan.chunk)
+        rows, blocks, base = [], [], 0
+        for item in plan.classes:
+            sub, _, taps, _ = item
+            h, w = sub.shape[1:3]
+            size = (stop - start) * h * w * len(taps) * c_out
+            rows += [(base + i * c_out, len(taps) * c_out, h, w, q_y, q_x, t)
+                     for i, (t, _, _, q_y, q_x) in enumerate(taps)]
+            blocks.append((item, base, size))
+            base += size
+        yield start, stop, torch.tensor(rows, dtype=torch.int64), blocks
+
+
+def _tap_maps_into(buffer, blocks, start: int, stop: int) -> None:
+    """The chunk's tap maps: one GEMM per class into ``buffer``."""
+    for (sub, weight, _, _), base, size in blocks:
+        torch.mm(
+            sub[start:stop].reshape(-1, weight.shape[1]),
+            weight.t(),
+            out=buffer[base:base + size].view(-1, weight.shape[0]))
+
+
+def _tap_gemm_c_forward(lib, x, channel, tap_weights, scale, bias, residues,
+                        stride, out_shape) -> torch.Tensor:
+    """:func:`tap_gemm`'s product with the C tap sum (no autograd).
 
     ``alpha_c * x`` is written pixel-major (NHWC), so each residue class's
     1x1 conv is one GEMM ``[pixels, C_in] x [C_in, T * C_out]`` whose output
@@ -507,45 +577,111 @@ def _tap_gemm_c(lib, layer, x, channel, scale, residues, stride,
     through one reused buffer of at most ``tap_gemm_chunk_bytes``
     (:data:`THRESHOLDS` ``['odconv']``; one sample at least).
     """
-    batch, c_in, height, width = (int(v) for v in x.shape)
-    c_out = layer.out_channels
-    xs = x.new_empty(batch, height, width, c_in)
-    torch.mul(x, channel[:, :, None, None], out=xs.permute(0, 3, 1, 2))
-    classes = []  # (sub-image [B, h, w, C_in], kernel [C_in, T*C_out], taps)
-    for (m_y, m_x), taps in residues:
-        sub = xs if stride == (1, 1) else \
-            xs[:, m_y::stride[0], m_x::stride[1]]
-        if sub.shape[1] == 0 or sub.shape[2] == 0:
-            continue
-        weight = _layer_tap_weights(layer,
-                                    [(ky, kx) for _, ky, kx, _, _ in taps])
-        classes.append((sub, weight.to(x.dtype).view(-1, c_in).t(), taps))
-    scale = scale.reshape(batch, -1, c_out).contiguous()
-    bias = None if layer.bias is None else \
-        layer.bias.to(x.dtype).contiguous()
+    c_out = out_shape[1]
+    plan = _tap_plan(x, channel, tap_weights, residues, stride, c_out)
+    scale = scale.reshape(x.shape[0], -1, c_out).to(x.dtype).contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
     out = x.new_empty(out_shape)
-    per_sample = sum(sub.shape[1] * sub.shape[2] * len(taps) * c_out
-                     for sub, _, taps in classes)
-    chunk = THRESHOLDS['odconv']['tap_gemm_chunk_bytes'] // max(
-        1, per_sample * x.element_size())
-    chunk = max(1, min(batch, chunk))
-    buffer = x.new_empty(chunk * per_sample)
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        rows, base = [], 0
-        for sub, weight, taps in classes:
-            h, w = sub.shape[1:3]
-            size = (stop - start) * h * w * len(taps) * c_out
-            torch.mm(
-                sub[start:stop].reshape(-1, c_in),
-                weight,
-                out=buffer[base:base + size].view(-1, weight.shape[1]))
-            rows += [(base + i * c_out, len(taps) * c_out, h, w, q_y, q_x, t)
-                     for i, (t, _, _, q_y, q_x) in enumerate(taps)]
-            base += size
-        tap_sum_cpu.tap_sum(lib, buffer, torch.tensor(rows, dtype=torch.int64),
-                            scale[start:stop], bias, out[start:stop])
+    buffer = x.new_empty(plan.chunk * plan.per_sample)
+    for start, stop, rows, blocks in _tap_chunks(plan, c_out):
+        _tap_maps_into(buffer, blocks, start, stop)
+        tap_sum_cpu.tap_sum(lib, buffer, rows, scale[start:stop], bias,
+                            out[start:stop])
     return out
+
+
+class _TapGemmC(torch.autograd.Function):
+    """:func:`tap_gemm`'s product in training with the C loops.
+
+    ``(x, alpha_c [B, C_in], kernel [C_out, C_in, kh, kw], scale [B, P,
+    C_out])`` -> ``sum_t scale_t * shift_t(Z_t)``, ``Z`` the pixel-major
+    GEMMs of :func:`_tap_gemm_c_forward`. Keeps only its inputs; the
+    backward computes the tap maps again (only for the scale's gradient),
+    the maps' gradients with the C loop
+    (:func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum_backward`), then two GEMMs
+    per class (input and kernel gradients), chunk by chunk. No double
+    backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, channel, weight, scale, residues, stride, out_shape):
+        ctx.save_for_backward(x, channel, weight, scale)
+        ctx.residues, ctx.stride = residues, stride
+        return _tap_gemm_c_forward(tap_sum_cpu.load(), x, channel,
+                                   lambda taps: _tap_weights(weight, taps),
+                                   scale, None, residues, stride, out_shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, channel, weight, scale = ctx.saved_tensors
+        lib = tap_sum_cpu.load()
+        needs = ctx.needs_input_grad
+        batch, c_in = x.shape[:2]
+        c_out = weight.shape[0]
+        # Pixel-major, as the maps: the loop reads C contiguous channels.
+        grad = grad.to(x.dtype).permute(0, 2, 3, 1).contiguous()
+        plan = _tap_plan(x, channel, lambda taps: _tap_weights(weight, taps),
+                         ctx.residues, ctx.stride, c_out)
+        scale_rows = scale.reshape(batch, -1, c_out).to(x.dtype).contiguous()
+        grad_scale = torch.zeros_like(scale_rows) if needs[3] else None
+        need_x = needs[0] or needs[1]
+        grad_xs = None
+        if need_x:
+            grad_xs = x.new_empty(plan.xs.shape) if ctx.stride == (1, 1) \
+                else x.new_zeros(plan.xs.shape)
+        grad_rows = [torch.zeros_like(w) for _, w, _, _ in plan.classes] \
+            if needs[2] else None
+        maps = x.new_empty(plan.chunk * plan.per_sample) if needs[3] else None
+        grad_maps = x.new_empty(plan.chunk * plan.per_sample)
+        for start, stop, _, blocks in _tap_chunks(plan, c_out):
+            if maps is not None:
+                _tap_maps_into(maps, blocks, start, stop)
+            for c, ((sub, w, taps, (m_y, m_x)), base,
+                    size) in enumerate(blocks):
+                shape = (stop - start, *sub.shape[1:3], w.shape[0])
+                g = grad_maps[base:base + size].view(shape)
+                z = None if maps is None else maps[base:base +
+                                                   size].view(shape)
+                tap_rows = torch.tensor([
+                    (i * c_out, q_y, q_x, t)
+                    for i, (t, _, _, q_y, q_x) in enumerate(taps)
+                ],
+                                        dtype=torch.int64)
+                tap_sum_cpu.tap_sum_backward(
+                    lib, z, tap_rows, scale_rows[start:stop], grad[start:stop],
+                    g, None if z is None else grad_scale[start:stop])
+                g = g.view(-1, w.shape[0])
+                if need_x:
+                    part = grad_xs[start:stop] if ctx.stride == (1, 1) else \
+                        grad_xs[start:stop, m_y::ctx.stride[0],
+                                m_x::ctx.stride[1]]
+                    if part.is_contiguous():
+                        torch.mm(g, w, out=part.view(-1, c_in))
+                    else:
+                        part.copy_((g @ w).view(part.shape))
+                if grad_rows is not None:
+                    grad_rows[c].addmm_(g.t(),
+                                        sub[start:stop].reshape(-1, c_in))
+        grad_x = grad_channel = grad_weight = None
+        if need_x:
+            grad_xs = grad_xs.permute(0, 3, 1, 2)
+            if needs[0]:
+                grad_x = torch.empty_like(
+                    x, memory_format=torch.contiguous_format)
+                torch.mul(
+                    grad_xs, channel.to(x.dtype)[:, :, None, None], out=grad_x)
+            if needs[1]:
+                grad_channel = (grad_xs * x).sum((2, 3))
+        if grad_rows is not None:
+            grad_weight = torch.zeros_like(weight)
+            for (_, _, taps, _), rows in zip(plan.classes, grad_rows):
+                rows = rows.view(len(taps), c_out, c_in)
+                for i, (_, ky, kx, _, _) in enumerate(taps):
+                    grad_weight[:, :, ky, kx] = rows[i]
+        if grad_scale is not None:
+            grad_scale = grad_scale.view(scale.shape).to(scale.dtype)
+        return grad_x, grad_channel, grad_weight, grad_scale, None, None, None
 
 
 def winograd(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:

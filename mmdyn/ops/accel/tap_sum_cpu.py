@@ -1,6 +1,6 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The C loop of ODConv's ``tap_gemm`` inference: the weighted sum of the
-shifted tap maps in one pass.
+"""The C loops of ODConv's ``tap_gemm`` on CPU: the weighted sum of the shifted
+tap maps in one pass, and its backward.
 
 With one kernel an ODConv layer is ``alpha_f * sum_t alpha_s[t] *
 shift_t(Z_t)``, ``Z`` one 1x1 GEMM of ``alpha_c * x`` to every tap's output
@@ -8,6 +8,8 @@ channels (:func:`mmdyn.ops.accel.odconv_paths.tap_gemm`). Written with
 eager ops the sum is one read-modify-write pass over the output per tap;
 the C loop (``csrc/tap_sum.c``) reads each tap map once, from the GEMM's
 pixel-major output, and writes the output once, in NCHW with the bias.
+The backward loop writes every slot of the maps' gradient once (no zeroed
+buffer) and sums the scale's gradient in the same pass.
 
 Built and loaded by :class:`~mmdyn.ops.accel.c_library.CLibrary` (cached
 under ``$MMDYN_CACHE_DIR``); with no compiler, or with
@@ -34,6 +36,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, 'tap_sum' + suffix)
         fn.argtypes = [ptr_, ptr_, long_, ptr_, long_, ptr_, ptr_] + \
             [long_] * 4 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn = getattr(lib, 'tap_sum_backward' + suffix)
+        fn.argtypes = [ptr_, ptr_, long_, ptr_, long_, ptr_, ptr_, ptr_] + \
+            [long_] * 7 + [ctypes.c_int]
         fn.restype = ctypes.c_int
 
 
@@ -75,9 +81,9 @@ def tap_sum(lib: ctypes.CDLL, z: torch.Tensor, taps: torch.Tensor,
         Tensor: ``out``.
     """
     batch, channels, h_out, w_out = out.shape
-    for t in (z, scale, out) + (() if bias is None else (bias, )):
-        if t.dtype != out.dtype or not t.is_contiguous() or \
-                t.device.type != 'cpu':
+    for t in (z, scale, out, bias):
+        if t is not None and (t.dtype != out.dtype or not t.is_contiguous()
+                              or t.device.type != 'cpu'):
             raise ValueError('tap_sum takes contiguous CPU tensors of one '
                              f'dtype, got {t.dtype} on {t.device}')
     if taps.dtype != torch.int64 or taps.shape[-1] != TAP_FIELDS or \
@@ -96,3 +102,55 @@ def tap_sum(lib: ctypes.CDLL, z: torch.Tensor, taps: torch.Tensor,
     if status:
         raise MemoryError('ODConv tap sum: out of memory for its row buffers')
     return out
+
+
+def tap_sum_backward(lib: ctypes.CDLL, z: Optional[torch.Tensor],
+                     taps: torch.Tensor, scale: torch.Tensor,
+                     grad: torch.Tensor, grad_z: torch.Tensor,
+                     grad_scale: Optional[torch.Tensor]) -> None:
+    """The gradients of :func:`tap_sum` over ONE sub-image's maps.
+
+    Args:
+        lib: :func:`load`'s library.
+        z (Tensor | None): The sub-image's maps [B, h, w, P] (P = its taps
+            times C), needed for ``grad_scale`` only.
+        taps (Tensor): int64 [T, 4], one row ``(offset of the tap's C
+            channels in a pixel, qy, qx, s)`` per tap of the sub-image.
+        scale (Tensor): [B, S, C].
+        grad (Tensor): The output gradient, pixel-major [B, H_out, W_out,
+            C].
+        grad_z (Tensor): [B, h, w, P], every element written: ``scale[b,
+            s_t, o] * grad[b, y - qy_t, x - qx_t, o]`` in the slot of tap
+            ``t`` at pixel ``(y, x)``, 0 where that output pixel does not
+            exist.
+        grad_scale (Tensor | None): [B, S, C], with ``z`` only: the sum of
+            ``z[slot] * grad[...]`` added.
+    """
+    batch, h_out, w_out, channels = grad.shape
+    for t in (z, scale, grad, grad_z, grad_scale):
+        if t is not None and (t.dtype != grad.dtype or not t.is_contiguous()
+                              or t.device.type != 'cpu'):
+            raise ValueError('tap_sum_backward takes contiguous CPU tensors '
+                             f'of one dtype, got {t.dtype} on {t.device}')
+    if taps.dtype != torch.int64 or taps.shape[-1] != 4 or \
+            not taps.is_contiguous():
+        raise ValueError('taps must be contiguous int64 [T, 4]')
+    if (z is None) != (grad_scale is None):
+        raise ValueError('tap_sum_backward: z and grad_scale go together')
+    if grad_z.dim() != 4 or grad_z.shape[0] != batch or \
+            (z is not None and z.shape != grad_z.shape) or \
+            scale.shape[0] != batch or scale.shape[2] != channels:
+        raise ValueError('tap_sum_backward: shapes do not match (grad '
+                         f'{tuple(grad.shape)}, grad_z {tuple(grad_z.shape)}'
+                         f', scale {tuple(scale.shape)})')
+    h, w, pixel = grad_z.shape[1:]
+    threads = num_threads(grad_z.numel())
+    status = getattr(lib, 'tap_sum_backward' +
+                     _SUFFIX[grad.dtype])(ptr(z), ptr(taps), taps.shape[0],
+                                          ptr(scale), scale.shape[1],
+                                          ptr(grad), ptr(grad_z),
+                                          ptr(grad_scale), batch, channels,
+                                          h_out, w_out, h, w, pixel, threads)
+    if status:
+        raise MemoryError('ODConv tap sum backward: out of memory for its '
+                          'buffers')

@@ -10,10 +10,22 @@
    pixel's taps, each tap's C channels); taps[t] = {base_t, pix_t, h_t, w_t,
    qy_t, qx_t, s_t}. One output row (b, i) per iteration: its W_out x C sums
    in a thread's buffer, then written transposed into the [B, C, H_out,
-   W_out] output. Returns -1 when a row buffer cannot be allocated. */
+   W_out] output. Returns -1 when a row buffer cannot be allocated.
+
+   tap_sum_backward: the gradients of that sum over ONE sub-image (h x w
+   pixels of pix elements, z and gz its maps, taps[t] = {offset of the
+   tap's C channels in a pixel, qy_t, qx_t, s_t}) for the output gradient g,
+   pixel-major [B, H_out, W_out, C]: every slot of gz is written, the
+   slot of tap t at pixel (y, x) with scale[b, s_t, o] * g[b, y - qy_t,
+   x - qx_t, o], or 0 where that output pixel does not exist; when z is
+   given, gscale[b, s, o] (zeroed by the caller) gets the sum over the taps
+   t with s_t = s and the pixels of z[slot] * g[...] (each thread sums
+   into a buffer of its own, added up at the end). Returns -1 when that
+   buffer cannot be allocated. */
 #include <stdlib.h>
 
 #define TAP_FIELDS 7
+#define CLASS_TAP_FIELDS 4
 
 /* 512-bit vectors where the CPU has them (the library is built preferring
    256-bit ones, see c_library.py): the sum over C channels runs 1.25x
@@ -76,5 +88,65 @@ WIDE_VECTORS int tap_sum##SUF(const T *restrict z, const long *restrict taps, lo
     return failed ? -1 : 0;                                                   \
 }
 
+#define DEFINE_TAP_SUM_BACKWARD(T, SUF)                                       \
+WIDE_VECTORS int tap_sum_backward##SUF(                                       \
+    const T *restrict z, const long *restrict taps, long n_taps,              \
+    const T *restrict scale, long n_scales, const T *restrict g,              \
+    T *restrict gz, T *restrict gscale, long B, long C, long Ho, long Wo,     \
+    long h, long w, long pix, int threads)                                    \
+{                                                                             \
+    int failed = 0;                                                           \
+    const long n_gscale = B * n_scales * C;                                   \
+    _Pragma("omp parallel num_threads(threads)")                              \
+    {                                                                         \
+        T *gs = z ? calloc((size_t)n_gscale, sizeof(T)) : NULL;               \
+        if (z && !gs) {                                                       \
+            _Pragma("omp atomic write")                                       \
+            failed = 1;                                                       \
+        }                                                                     \
+        _Pragma("omp for collapse(2) schedule(static)")                       \
+        for (long b = 0; b < B; ++b)                                          \
+            for (long y = 0; y < h; ++y) {                                    \
+                if (z && !gs)                                                 \
+                    continue;                                                 \
+                const T *sb = scale + b * n_scales * C;                       \
+                for (long x = 0; x < w; ++x) {                                \
+                    long slot0 = ((b * h + y) * w + x) * pix;                 \
+                    for (long t = 0; t < n_taps; ++t) {                       \
+                        const long *q = taps + t * CLASS_TAP_FIELDS;          \
+                        long i = y - q[1], j = x - q[2];                      \
+                        T *restrict gzp = gz + slot0 + q[0];                  \
+                        if (i < 0 || i >= Ho || j < 0 || j >= Wo) {           \
+                            for (long o = 0; o < C; ++o)                      \
+                                gzp[o] = 0;                                   \
+                            continue;                                         \
+                        }                                                     \
+                        const T *restrict gp = g + ((b * Ho + i) * Wo + j) * C;\
+                        const T *restrict s = sb + q[3] * C;                  \
+                        _Pragma("omp simd")                                   \
+                        for (long o = 0; o < C; ++o)                          \
+                            gzp[o] = s[o] * gp[o];                            \
+                        if (z) {                                              \
+                            const T *restrict zp = z + slot0 + q[0];          \
+                            T *restrict acc = gs + (b * n_scales + q[3]) * C; \
+                            _Pragma("omp simd")                               \
+                            for (long o = 0; o < C; ++o)                      \
+                                acc[o] += zp[o] * gp[o];                      \
+                        }                                                     \
+                    }                                                         \
+                }                                                             \
+            }                                                                 \
+        if (gs && !failed) {                                                  \
+            _Pragma("omp critical")                                           \
+            for (long k = 0; k < n_gscale; ++k)                               \
+                gscale[k] += gs[k];                                           \
+        }                                                                     \
+        free(gs);                                                             \
+    }                                                                         \
+    return failed ? -1 : 0;                                                   \
+}
+
 DEFINE_TAP_SUM(float, _f32)
 DEFINE_TAP_SUM(double, _f64)
+DEFINE_TAP_SUM_BACKWARD(float, _f32)
+DEFINE_TAP_SUM_BACKWARD(double, _f64)
