@@ -213,3 +213,14 @@ def test_the_backward_loop_matches_autograd_of_a_per_element_sum():
                                  grad.permute(0, 2, 3, 1).contiguous(), grad_z,
                                  None)
     torch.testing.assert_close(grad_z, want_z)
+
+
+def test_switch_turned_off_between_forward_and_backward(monkeypatch):
+    """The backward uses the library its forward used."""
+    layer = _layer(1, 1, bias=True).train()
+    x = torch.randn(2, 7, 6, 6, requires_grad=True)
+    out = layer(x)
+    monkeypatch.setenv(switches.TAP_SUM_CPU_KERNEL, '0')
+    out.sum().backward()
+    want, = torch.autograd.grad(layer.forward_reference(x).sum(), x)
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)

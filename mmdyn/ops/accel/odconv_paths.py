@@ -469,8 +469,8 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
             lib, x, channel, lambda taps: _layer_tap_weights(layer, taps),
             scale, layer.bias, residues, stride, out_shape)
     if lib is not None:
-        out = _TapGemmC.apply(x, channel, layer.weight[0].to(x.dtype), scale,
-                              residues, stride, out_shape)
+        out = _TapGemmC.apply(lib, x, channel, layer.weight[0].to(x.dtype),
+                              scale, residues, stride, out_shape)
     elif not torch.is_grad_enabled():
         xs = x * channel[:, :, None, None]
         classes, maps, _, _ = _tap_maps(
@@ -604,10 +604,13 @@ class _TapGemmC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, channel, weight, scale, residues, stride, out_shape):
+    def forward(ctx, lib, x, channel, weight, scale, residues, stride,
+                out_shape):
         ctx.save_for_backward(x, channel, weight, scale)
-        ctx.residues, ctx.stride = residues, stride
-        return _tap_gemm_c_forward(tap_sum_cpu.load(), x, channel,
+        # The library the forward used (a switch turned off in between
+        # does not leave the backward without it).
+        ctx.lib, ctx.residues, ctx.stride = lib, residues, stride
+        return _tap_gemm_c_forward(lib, x, channel,
                                    lambda taps: _tap_weights(weight, taps),
                                    scale, None, residues, stride, out_shape)
 
@@ -615,8 +618,8 @@ class _TapGemmC(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, channel, weight, scale = ctx.saved_tensors
-        lib = tap_sum_cpu.load()
-        needs = ctx.needs_input_grad
+        lib = ctx.lib
+        needs = ctx.needs_input_grad[1:]
         batch, c_in = x.shape[:2]
         c_out = weight.shape[0]
         # Pixel-major, as the maps: the loop reads C contiguous channels.
@@ -681,7 +684,8 @@ class _TapGemmC(torch.autograd.Function):
                     grad_weight[:, :, ky, kx] = rows[i]
         if grad_scale is not None:
             grad_scale = grad_scale.view(scale.shape).to(scale.dtype)
-        return grad_x, grad_channel, grad_weight, grad_scale, None, None, None
+        return (None, grad_x, grad_channel, grad_weight, grad_scale, None,
+                None, None)
 
 
 def winograd(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
