@@ -224,3 +224,75 @@ def test_switch_turned_off_between_forward_and_backward(monkeypatch):
     out.sum().backward()
     want, = torch.autograd.grad(layer.forward_reference(x).sum(), x)
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_layer_when_every_tap_reads_padding_only(train):
+    """Stride 2, dilation 2, padding 1, a 1x1 map: every residue class is
+    empty, the output is the bias (and the gradients those of the
+    reference)."""
+    torch.manual_seed(0)
+    layer = randomise(
+        ODConv2d(5, 4, 2, 2, 1, 2, bias=True, kernel_num=1,
+                 impl='tap_gemm')).double().train(train)
+    x = torch.randn(2, 5, 1, 1, dtype=torch.float64, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        out = layer(x)
+        want = copy.deepcopy(layer).forward_reference(x)
+    torch.testing.assert_close(out, want)
+    if train:
+        grad, = torch.autograd.grad(out.sum(), x)
+        want_grad, = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize('threads', [2, 3])
+def test_loops_on_several_threads(monkeypatch, threads):
+    """One OpenMP thread per element of work, so that every call splits its
+    rows between threads: the results equal the reference's, and the
+    scale's gradient (summed per thread, then added up) is the same, bit for
+    bit, on a second run."""
+    monkeypatch.setitem(THRESHOLDS['c_loops'], 'work_per_thread', 1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = _layer(1, 1, bias=True).double().train()
+        reference = copy.deepcopy(layer)
+        x = torch.randn(3, 7, 9, 8, dtype=torch.float64)
+        grads = []
+        for _ in range(2):
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+            grads.append(
+                [p.grad.clone() for p in layer.attention.parameters()])
+        reference.forward_reference(x).square().sum().backward()
+        for got, again, want in zip(grads[0], grads[1],
+                                    reference.attention.parameters()):
+            assert torch.equal(got, again)
+            torch.testing.assert_close(got, want.grad, rtol=1e-10, atol=1e-12)
+        layer.eval()  # its attention's running statistics, not the copy's
+        with torch.no_grad():
+            torch.testing.assert_close(
+                layer(x),
+                copy.deepcopy(layer).forward_reference(x),
+                rtol=1e-12,
+                atol=1e-12)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_tables_that_read_outside_are_refused():
+    lib = tap_sum_cpu.load()
+    out = torch.empty(1, 2, 3, 3)
+    scale = torch.ones(1, 2, 2)
+    z = torch.zeros(3 * 3 * 2)
+    for row in [(1, 2, 3, 3, 0, 0, 0), (0, 2, 3, 3, 0, 0, 2),
+                (0, 1, 3, 3, 0, 0, 0), (0, 2, 4, 3, 0, 0, 0)]:
+        with pytest.raises(ValueError, match='reads outside'):
+            tap_sum_cpu.tap_sum(lib, z, torch.tensor([row]), scale, None, out)
+    grad = torch.zeros(1, 3, 3, 2)
+    grad_z = torch.zeros(1, 3, 3, 2)
+    for row in [(1, 0, 0, 0), (0, 0, 0, 2), (-1, 0, 0, 0)]:
+        with pytest.raises(ValueError, match='reads outside'):
+            tap_sum_cpu.tap_sum_backward(lib, None, torch.tensor([row]), scale,
+                                         grad, grad_z, None)

@@ -553,7 +553,10 @@ def _tap_chunks(plan: _TapPlan, c_out: int):
                      for i, (t, _, _, q_y, q_x) in enumerate(taps)]
             blocks.append((item, base, size))
             base += size
-        yield start, stop, torch.tensor(rows, dtype=torch.int64), blocks
+        # view: [0, 7] when every class is empty (the output is the bias).
+        table = torch.tensor(
+            rows, dtype=torch.int64).view(-1, tap_sum_cpu.TAP_FIELDS)
+        yield start, stop, table, blocks
 
 
 def _tap_maps_into(buffer, blocks, start: int, stop: int) -> None:

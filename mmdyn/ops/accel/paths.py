@@ -28,7 +28,7 @@ scaled_columns ODConv with one kernel: the static kernel times im2col
                columns scaled by ``alpha_s``/``alpha_c``
 tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
                every tap's output channels, then the per-sample weighted
-               shift-sum of the taps (in inference a C loop)
+               shift-sum of the taps (a C loop and its backward)
 pointwise_gemm 1x1 layers: ODConv with one kernel (the attentions folded
                into per-sample matrices) and CondConv/DyConv in inference
                (the mixed matrices), one batched matmul with the pixels

@@ -86,12 +86,18 @@ def tap_sum(lib: ctypes.CDLL, z: torch.Tensor, taps: torch.Tensor,
                               or t.device.type != 'cpu'):
             raise ValueError('tap_sum takes contiguous CPU tensors of one '
                              f'dtype, got {t.dtype} on {t.device}')
-    if taps.dtype != torch.int64 or taps.shape[-1] != TAP_FIELDS or \
-            not taps.is_contiguous():
+    if taps.dtype != torch.int64 or taps.dim() != 2 or \
+            taps.shape[-1] != TAP_FIELDS or not taps.is_contiguous():
         raise ValueError(f'taps must be contiguous int64 [T, {TAP_FIELDS}]')
     if scale.shape[0] != batch or scale.shape[2] != channels:
         raise ValueError(f'scale {tuple(scale.shape)} does not match the '
                          f'output {tuple(out.shape)}')
+    for base, pixel, h, w, _, _, s in taps.tolist():
+        last = base + (batch * h * w - 1) * pixel + channels
+        if base < 0 or h < 1 or w < 1 or pixel < channels or \
+                last > z.numel() or not 0 <= s < scale.shape[1]:
+            raise ValueError('tap_sum: a tap of the table reads outside the '
+                             'maps or the scales')
     threads = num_threads(out.numel())
     status = getattr(lib,
                      'tap_sum' + _SUFFIX[out.dtype])(ptr(z), ptr(taps),
@@ -132,8 +138,8 @@ def tap_sum_backward(lib: ctypes.CDLL, z: Optional[torch.Tensor],
                               or t.device.type != 'cpu'):
             raise ValueError('tap_sum_backward takes contiguous CPU tensors '
                              f'of one dtype, got {t.dtype} on {t.device}')
-    if taps.dtype != torch.int64 or taps.shape[-1] != 4 or \
-            not taps.is_contiguous():
+    if taps.dtype != torch.int64 or taps.dim() != 2 or \
+            taps.shape[-1] != 4 or not taps.is_contiguous():
         raise ValueError('taps must be contiguous int64 [T, 4]')
     if (z is None) != (grad_scale is None):
         raise ValueError('tap_sum_backward: z and grad_scale go together')
@@ -144,6 +150,11 @@ def tap_sum_backward(lib: ctypes.CDLL, z: Optional[torch.Tensor],
                          f'{tuple(grad.shape)}, grad_z {tuple(grad_z.shape)}'
                          f', scale {tuple(scale.shape)})')
     h, w, pixel = grad_z.shape[1:]
+    for offset, _, _, s in taps.tolist():
+        if offset < 0 or offset + channels > pixel or \
+                not 0 <= s < scale.shape[1]:
+            raise ValueError('tap_sum_backward: a tap of the table reads '
+                             'outside a pixel or the scales')
     threads = num_threads(grad_z.numel())
     status = getattr(lib, 'tap_sum_backward' +
                      _SUFFIX[grad.dtype])(ptr(z), ptr(taps), taps.shape[0],
