@@ -222,6 +222,16 @@ def _tap_weights(weight: torch.Tensor, taps) -> torch.Tensor:
     return rows.reshape(-1, c_in, 1, 1)
 
 
+def _scatter_tap_rows(grad_weight: torch.Tensor, taps,
+                      rows: torch.Tensor) -> None:
+    """Write the gradient of a class's tap-major kernel ``rows`` ([T * C_out,
+    C_in] or [T * C_out, C_in, 1, 1], :func:`_tap_weights`' layout) into
+    ``grad_weight`` [C_out, C_in, kh, kw] at its taps' positions."""
+    rows = rows.reshape(len(taps), *grad_weight.shape[:2])
+    for i, (_, ky, kx, _, _) in enumerate(taps):
+        grad_weight[:, :, ky, kx] = rows[i]
+
+
 def _layer_tap_weights(layer, taps) -> torch.Tensor:
     """:func:`_tap_weights` of the layer's kernel; in inference (outside graph
     capture) kept on the layer until the kernel changes (its version counter,
@@ -405,9 +415,7 @@ class _TapGemm(torch.autograd.Function):
                 grad_map.flatten(1, 2), sub, w, None, [1, 1], [0, 0], [1, 1],
                 False, [0, 0], 1, [need_x, needs[2], False])
             if grad_w is not None:
-                grad_w = grad_w.view(len(taps), -1, weight.shape[1])
-                for i, (_, ky, kx, _, _) in enumerate(taps):
-                    grad_weight[:, :, ky, kx] = grad_w[i]
+                _scatter_tap_rows(grad_weight, taps, grad_w)
             if need_x and grad_xs is None:
                 grad_xs = grad_sub
             elif need_x:
@@ -513,6 +521,14 @@ class _TapPlan(NamedTuple):
     chunk: int
 
 
+def _residue_pixels(t: torch.Tensor, residue, stride) -> torch.Tensor:
+    """The pixels of a pixel-major [B, H, W, C] ``t`` that residue class
+    ``(m_y, m_x)`` reads (all of ``t`` at stride 1)."""
+    if stride == (1, 1):
+        return t
+    return t[:, residue[0]::stride[0], residue[1]::stride[1]]
+
+
 def _tap_plan(x, channel, tap_weights, residues, stride,
               c_out: int) -> _TapPlan:
     """:class:`_TapPlan` of ``x``; ``tap_weights(taps)`` gives a class's kernel
@@ -523,8 +539,7 @@ def _tap_plan(x, channel, tap_weights, residues, stride,
         x, channel.to(x.dtype)[:, :, None, None], out=xs.permute(0, 3, 1, 2))
     classes = []
     for (m_y, m_x), taps in residues:
-        sub = xs if stride == (1, 1) else \
-            xs[:, m_y::stride[0], m_x::stride[1]]
+        sub = _residue_pixels(xs, (m_y, m_x), stride)
         if sub.shape[1] == 0 or sub.shape[2] == 0:
             continue
         weight = tap_weights([(ky, kx) for _, ky, kx, _, _ in taps])
@@ -538,25 +553,41 @@ def _tap_plan(x, channel, tap_weights, residues, stride,
 
 
 def _tap_chunks(plan: _TapPlan, c_out: int):
-    """For each chunk of samples: ``(start, stop, tap table [T, 7] of
-    :func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum`, [(class, offset of its
-    maps in the chunk's buffer, their size)])``."""
+    """For each chunk of samples: ``(start, stop, [(class, offset of its maps
+    in the chunk's buffer, their size)])``."""
     batch = plan.xs.shape[0]
     for start in range(0, batch, plan.chunk):
         stop = min(batch, start + plan.chunk)
-        rows, blocks, base = [], [], 0
+        blocks, base = [], 0
         for item in plan.classes:
             sub, _, taps, _ = item
-            h, w = sub.shape[1:3]
-            size = (stop - start) * h * w * len(taps) * c_out
-            rows += [(base + i * c_out, len(taps) * c_out, h, w, q_y, q_x, t)
-                     for i, (t, _, _, q_y, q_x) in enumerate(taps)]
+            size = (stop - start) * sub.shape[1] * sub.shape[2] * \
+                len(taps) * c_out
             blocks.append((item, base, size))
             base += size
-        # view: [0, 7] when every class is empty (the output is the bias).
-        table = torch.tensor(
-            rows, dtype=torch.int64).view(-1, tap_sum_cpu.TAP_FIELDS)
-        yield start, stop, table, blocks
+        yield start, stop, blocks
+
+
+def _sum_table(blocks, c_out: int) -> torch.Tensor:
+    """The tap table of :func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum` for a
+    chunk's ``blocks`` (:func:`_tap_chunks`): one row ``(base, pix, h, w, qy,
+    qx, s)`` per tap of every class."""
+    rows = []
+    for (sub, _, taps, _), base, _ in blocks:
+        h, w = sub.shape[1:3]
+        rows += [(base + i * c_out, len(taps) * c_out, h, w, q_y, q_x, t)
+                 for i, (t, _, _, q_y, q_x) in enumerate(taps)]
+    # view: [0, 7] when every class is empty (the output is the bias).
+    return torch.tensor(
+        rows, dtype=torch.int64).view(-1, tap_sum_cpu.TAP_FIELDS)
+
+
+def _class_table(taps, c_out: int) -> torch.Tensor:
+    """The tap table of :func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum_backward`
+    for one class: one row ``(offset in a pixel, qy, qx, s)`` per tap."""
+    return torch.tensor([(i * c_out, q_y, q_x, t)
+                         for i, (t, _, _, q_y, q_x) in enumerate(taps)],
+                        dtype=torch.int64)
 
 
 def _tap_maps_into(buffer, blocks, start: int, stop: int) -> None:
@@ -586,10 +617,10 @@ def _tap_gemm_c_forward(lib, x, channel, tap_weights, scale, bias, residues,
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     out = x.new_empty(out_shape)
     buffer = x.new_empty(plan.chunk * plan.per_sample)
-    for start, stop, rows, blocks in _tap_chunks(plan, c_out):
+    for start, stop, blocks in _tap_chunks(plan, c_out):
         _tap_maps_into(buffer, blocks, start, stop)
-        tap_sum_cpu.tap_sum(lib, buffer, rows, scale[start:stop], bias,
-                            out[start:stop])
+        tap_sum_cpu.tap_sum(lib, buffer, _sum_table(blocks, c_out),
+                            scale[start:stop], bias, out[start:stop])
     return out
 
 
@@ -640,28 +671,23 @@ class _TapGemmC(torch.autograd.Function):
             if needs[2] else None
         maps = x.new_empty(plan.chunk * plan.per_sample) if needs[3] else None
         grad_maps = x.new_empty(plan.chunk * plan.per_sample)
-        for start, stop, _, blocks in _tap_chunks(plan, c_out):
+        tables = [_class_table(taps, c_out) for _, _, taps, _ in plan.classes]
+        for start, stop, blocks in _tap_chunks(plan, c_out):
             if maps is not None:
                 _tap_maps_into(maps, blocks, start, stop)
-            for c, ((sub, w, taps, (m_y, m_x)), base,
-                    size) in enumerate(blocks):
+            for c, ((sub, w, _, (m_y, m_x)), base, size) in enumerate(blocks):
                 shape = (stop - start, *sub.shape[1:3], w.shape[0])
                 g = grad_maps[base:base + size].view(shape)
                 z = None if maps is None else maps[base:base +
                                                    size].view(shape)
-                tap_rows = torch.tensor([
-                    (i * c_out, q_y, q_x, t)
-                    for i, (t, _, _, q_y, q_x) in enumerate(taps)
-                ],
-                                        dtype=torch.int64)
                 tap_sum_cpu.tap_sum_backward(
-                    lib, z, tap_rows, scale_rows[start:stop], grad[start:stop],
-                    g, None if z is None else grad_scale[start:stop])
+                    lib, z, tables[c], scale_rows[start:stop],
+                    grad[start:stop], g,
+                    None if z is None else grad_scale[start:stop])
                 g = g.view(-1, w.shape[0])
                 if need_x:
-                    part = grad_xs[start:stop] if ctx.stride == (1, 1) else \
-                        grad_xs[start:stop, m_y::ctx.stride[0],
-                                m_x::ctx.stride[1]]
+                    part = _residue_pixels(grad_xs[start:stop], (m_y, m_x),
+                                           ctx.stride)
                     if part.is_contiguous():
                         torch.mm(g, w, out=part.view(-1, c_in))
                     else:
@@ -682,9 +708,7 @@ class _TapGemmC(torch.autograd.Function):
         if grad_rows is not None:
             grad_weight = torch.zeros_like(weight)
             for (_, _, taps, _), rows in zip(plan.classes, grad_rows):
-                rows = rows.view(len(taps), c_out, c_in)
-                for i, (_, ky, kx, _, _) in enumerate(taps):
-                    grad_weight[:, :, ky, kx] = rows[i]
+                _scatter_tap_rows(grad_weight, taps, rows)
         if grad_scale is not None:
             grad_scale = grad_scale.view(scale.shape).to(scale.dtype)
         return (None, grad_x, grad_channel, grad_weight, grad_scale, None,
