@@ -2,8 +2,8 @@
 """Exported ResNet-50s in the runtimes against the exported static ResNet-50
 and PyTorch eager, written to benchmarks/deploy.md.
 
-    python benchmarks/deploy.py [--threads 2] [--repeat 5] [--warmup 1] \
-        [--batch-sizes 8 1] [--skip-eager] [--quick] \
+    python benchmarks/deploy.py [--threads 2] [--repeat 9] [--warmup 1] \
+        [--sessions 3] [--batch-sizes 8 1] [--skip-eager] [--quick] \
         [--out benchmarks/deploy.md]
 
 Per batch size: the ResNet-50 families (ODConv-1x, KW-1x, DDF-mul) and the
@@ -16,7 +16,7 @@ R-50 with the stock FPN, ``pytorch2onnx.py --backbone-only
 --with-neck``), batch 1, timed against R-50 with the stock FPN. The
 header records the CPU and its ISA (:func:`mmdyn.analysis.machine.
 header_lines`, and ``grep -c avx512 /proc/cpuinfo``), the thread count and
-the load average: run it on a quiet machine. About 6 minutes with the
+the load average: run it on a quiet machine. About 5 minutes with the
 defaults on 2 threads. ``--quick`` (2 repeats, no warm-up, the detector at
 512x768) checks that everything runs in about a minute; its timings are
 not for the record.
@@ -131,7 +131,8 @@ def runtime_rows(files,
                  threads,
                  repeat,
                  warmup,
-                 shape=(224, 224)):
+                 shape=(224, 224),
+                 sessions=1):
     from mmdyn.analysis.benchmark import paired_ratio
     from mmdyn.analysis.runtime_benchmark import (benchmark_onnx_files,
                                                   runtime_available)
@@ -148,7 +149,8 @@ def runtime_rows(files,
             threads,
             repeat,
             warmup,
-            log=None)
+            log=None,
+            sessions=sessions)
         for name, result in zip(names, results):
             ratios[(runtime, name)] = (result.median,
                                        paired_ratio(result, results[0]))
@@ -176,7 +178,13 @@ def eager_rows(configs, names, batch, threads, repeat, warmup):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--repeat', type=int, default=9)
+    parser.add_argument(
+        '--sessions',
+        type=int,
+        default=3,
+        help='runtime sessions per model, run in turn (see '
+        'tools/analysis_tools/benchmark_onnx.py)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
     parser.add_argument('--skip-eager', action='store_true')
@@ -197,6 +205,7 @@ def main(argv=None):
     det_shape = DET_SHAPE
     if args.quick:
         args.repeat, args.warmup, det_shape = 2, 0, QUICK_DET_SHAPE
+        args.sessions = 1
     os.chdir(ROOT)
     mmdyn.compat.apply()
     torch.set_num_threads(args.threads)
@@ -214,7 +223,9 @@ def main(argv=None):
         '# Deployed ResNet-50s: ONNX Runtime, OpenVINO, PyTorch eager', '',
         'Written by `python benchmarks/deploy.py` (models timed '
         'alternately in one process; ratios are paired medians to the '
-        'static ResNet-50 of the same runtime).', '', *header, '',
+        'static ResNet-50 of the same runtime; '
+        f'{args.repeat} rounds after {args.warmup}, {args.sessions} '
+        'runtime sessions per model run in turn).', '', *header, '',
         'Targets (ONNX Runtime, batch 8): ' +
         ', '.join(f'{n} <= {t}x'
                   for n, t in TARGETS.items()) + '.', '', '## ONNX nodes', '',
@@ -228,8 +239,15 @@ def main(argv=None):
         ], ''
     ]
     for batch in args.batch_sizes:
-        rt = runtime_rows(files, names, runtimes, batch, args.threads,
-                          args.repeat, args.warmup)
+        rt = runtime_rows(
+            files,
+            names,
+            runtimes,
+            batch,
+            args.threads,
+            args.repeat,
+            args.warmup,
+            sessions=args.sessions)
         eager = {} if args.skip_eager else eager_rows(
             [MODELS[n] for n in names], names, batch, args.threads,
             args.repeat, args.warmup)

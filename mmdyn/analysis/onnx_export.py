@@ -5,10 +5,12 @@ Dynamic layers compute one kernel per sample; while exporting they take
 their export forms (:mod:`mmdyn.ops.accel.export_forms`: im2col as one
 ``Conv``, per-sample products as batched ``MatMul``), whose graphs do not
 depend on the batch size and run in the runtimes' conv and GEMM kernels.
-The exported file is then simplified (:func:`simplify_onnx`: constants
-folded, identities and no-op casts dropped, a norm that follows a ``MatMul``
-folded into it, the batch named in the reshapes that keep it) when
-``onnxscript`` is installed.
+The BatchNorm after a ``mul`` DDF layer of a ResNet block is folded into
+the layer first (:func:`fold_norms_into_ddf`, on a copy). The exported file
+is then simplified (:func:`simplify_onnx`: constants folded, identities and
+no-op casts dropped, a norm that follows a ``MatMul`` folded into it,
+``x / max(||x||, eps)`` as one ``LpNormalization``, the batch named in the
+reshapes that keep it) when ``onnxscript`` is installed.
 
 The model is traced with the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``: torch 2.14's default dynamo
@@ -28,6 +30,7 @@ takes the batch-independent path for every batch, which
 :func:`export_onnx` records them and logs one line with their count instead;
 ``show_tracer_warnings=True`` (``--show-tracer-warnings``) shows them.
 """
+import copy
 import time
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -98,6 +101,80 @@ def exportable(model: nn.Module,
     return ClassifierLogits(model).eval()
 
 
+def _resnet_block_types() -> tuple:
+    """The ResNet blocks whose forward applies ``norm{i}`` right after
+    ``conv{i}`` (mmpretrain's and, where installed, mmdet's)."""
+    from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck
+    types = [BasicBlock, Bottleneck]
+    try:
+        from mmdet.models.backbones import resnet as mmdet_resnet
+    except ImportError:  # mmdet is optional
+        pass
+    else:
+        types += [mmdet_resnet.BasicBlock, mmdet_resnet.Bottleneck]
+    return tuple(types)
+
+
+def fold_norms_into_ddf(model: nn.Module) -> int:
+    """Fold the eval-mode BatchNorm after each ``mul`` DDF layer of a ResNet
+    block into that layer, in place; the norm becomes ``nn.Identity``. Returns
+    the number folded.
+
+    In mmpretrain's and mmdet's ``BasicBlock``/``Bottleneck``, ``norm{i}``
+    is applied right after ``conv{i}``. Where ``conv{i}`` is a
+    :class:`~mmdyn.ops.ddf.DDFConv2d` with ``combine='mul'`` whose channel
+    filters end in a ``FilterNorm``, output channel ``c`` is linear in that
+    norm's scale of the filter of channel ``c``: the BatchNorm's
+    ``s = gamma / sqrt(var + eps)`` multiplies that scale (``std``, created
+    from the constant gain where the norm has none), and ``beta - mean * s``
+    plus ``s`` times the layer's bias becomes its bias. The values are
+    unchanged (up to rounding); the export then has an ``Add`` of the bias
+    instead of a ``BatchNormalization``, and the scale is folded into the
+    im2col weights (:func:`mmdyn.ops.accel.ddf_export_forms.ddf_apply`).
+    ``add`` DDF layers are left as they are (their spatial part is per head,
+    not per channel).
+    """
+    from mmdyn.ops.ddf import DDFConv2d, FilterNorm
+    blocks = _resnet_block_types()
+    folded = 0
+    for block in model.modules():
+        if not isinstance(block, blocks):
+            continue
+        for i in (1, 2, 3):
+            conv = getattr(block, f'conv{i}', None)
+            norm_name = getattr(block, f'norm{i}_name', None)
+            norm = getattr(block, norm_name, None) if norm_name else None
+            if not isinstance(conv, DDFConv2d) or conv.combine != 'mul' or \
+                    not isinstance(norm, nn.modules.batchnorm._BatchNorm) or \
+                    norm.training or norm.running_mean is None or \
+                    not isinstance(conv.channel_branch[-1], FilterNorm):
+                continue
+            filter_norm = conv.channel_branch[-1]
+            kk = filter_norm.kernel_size**2
+            with torch.no_grad():
+                scale = norm.running_var.add(norm.eps).rsqrt()
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                shift = -norm.running_mean * scale
+                if norm.bias is not None:
+                    shift = shift + norm.bias
+                std = filter_norm.std
+                if std is None:
+                    std = torch.full((filter_norm.channels * kk, ),
+                                     float(filter_norm.gain),
+                                     dtype=scale.dtype,
+                                     device=scale.device)
+                filter_norm.std = nn.Parameter(
+                    (std.reshape(-1, kk) *
+                     scale.to(std.dtype)[:, None]).reshape(-1).detach())
+                bias = shift if conv.bias is None else \
+                    shift + scale * conv.bias
+                conv.bias = nn.Parameter(bias.detach())
+            setattr(block, norm_name, nn.Identity())
+            folded += 1
+    return folded
+
+
 def export_onnx(module: nn.Module,
                 output_file: str,
                 shape: Sequence[int],
@@ -107,6 +184,9 @@ def export_onnx(module: nn.Module,
                 dynamo: bool = False,
                 simplify: bool = True) -> List[str]:
     """Export ``module`` (``inputs [B, 3, H, W] -> tensor(s)``) to ONNX.
+
+    A copy of ``module`` is exported, with the BatchNorms after DDF layers
+    folded into them (:func:`fold_norms_into_ddf`).
 
     Args:
         module (nn.Module): From :func:`exportable`.
@@ -128,6 +208,10 @@ def export_onnx(module: nn.Module,
         list[str]: output names.
     """
     module.eval()
+    from mmdyn.ops.ddf import DDFConv2d
+    if any(isinstance(m, DDFConv2d) for m in module.modules()):
+        module = copy.deepcopy(module)  # the caller's module stays as it is
+        fold_norms_into_ddf(module)
     example = torch.randn(EXAMPLE_BATCH, 3, int(shape[0]), int(shape[1]))
     with torch.no_grad():
         outputs = module(example)
@@ -202,6 +286,7 @@ def simplify_onnx(onnx_file: str) -> bool:
         rewriter.rewrite(model, pattern_rewrite_rules=rules))
     fold_constant_nodes(model)
     fold_norms_into_matmuls(model)
+    lp_normalize_divisions(model)
     keep_batch_in_reshapes(model)
     onnx.save(model, onnx_file)
     return True
@@ -310,6 +395,91 @@ def fold_norms_into_matmuls(model) -> int:
         graph.node.insert(index, gemm)
     _drop_unused_initializers(graph)
     return len(folded)
+
+
+#: The largest clamp of a norm :func:`lp_normalize_divisions` rewrites.
+LP_NORM_MAX_EPS = 1e-6
+
+
+def lp_normalize_divisions(model) -> int:
+    """Rewrite ``Div(A, Clip(ReduceL2(A, axis, keepdims=1), min=eps))``
+    (``eps`` a constant in (0, :data:`LP_NORM_MAX_EPS`], no ``max``; the
+    intermediate values read by nothing else) as one ``LpNormalization(A, axis,
+    p=2)``, in place. Returns the number rewritten.
+
+    DDF's filter norms (:func:`mmdyn.ops.accel.ddf_export_forms.
+    unit_ddf_filters`) export as these three nodes, two per DDF layer. The
+    values are equal wherever ``||A|| >= eps``; a zero vector gives zeros
+    in both (ONNX Runtime and OpenVINO return the input where the norm is
+    0). Only vectors whose norm lies in (0, eps) differ: ``A / eps`` against
+    the unit vector.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    overridable = {i.name for i in graph.input}
+    consts = {
+        i.name: numpy_helper.to_array(i)
+        for i in graph.initializer if i.name not in overridable
+    }
+    for node in graph.node:
+        if node.op_type == 'Constant' and node.attribute and \
+                node.attribute[0].name == 'value':
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {out: node for node in graph.node for out in node.output}
+    uses = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+
+    def single_axis(reduce):
+        attrs = {
+            a.name: helper.get_attribute_value(a)
+            for a in reduce.attribute
+        }
+        if attrs.get('keepdims', 1) != 1:
+            return None
+        axes = attrs.get('axes')
+        if axes is None and len(reduce.input) > 1 and reduce.input[1]:
+            axes = consts.get(reduce.input[1])
+            axes = None if axes is None else np.ravel(axes).tolist()
+        return int(axes[0]) if axes is not None and len(axes) == 1 else None
+
+    rewrites = []
+    for node in graph.node:
+        if node.op_type != 'Div' or node.domain not in ('', 'ai.onnx'):
+            continue
+        clip = producer.get(node.input[1])
+        if clip is None or clip.op_type != 'Clip' or len(clip.input) < 2 or \
+                (len(clip.input) > 2 and clip.input[2]) or clip.attribute:
+            continue
+        reduce = producer.get(clip.input[0])
+        eps = consts.get(clip.input[1])
+        if reduce is None or reduce.op_type != 'ReduceL2' or \
+                reduce.input[0] != node.input[0] or eps is None or \
+                eps.size != 1 or not 0 < float(eps) <= LP_NORM_MAX_EPS or \
+                uses.get(clip.output[0]) != 1 or \
+                uses.get(reduce.output[0]) != 1 or \
+                {clip.output[0], reduce.output[0]} & outputs:
+            continue
+        axis = single_axis(reduce)
+        if axis is None:
+            continue
+        rewrites.append((reduce, clip, node,
+                         helper.make_node(
+                             'LpNormalization', [node.input[0]],
+                             list(node.output),
+                             name=node.name + '_lp_norm',
+                             axis=axis,
+                             p=2)))
+    for reduce, clip, div, lp_norm in rewrites:
+        index = list(graph.node).index(div)
+        graph.node.insert(index, lp_norm)
+        for old in (reduce, clip, div):
+            graph.node.remove(old)
+    _drop_unused_initializers(graph)
+    return len(rewrites)
 
 
 def keep_batch_in_reshapes(model) -> int:

@@ -123,17 +123,43 @@ def benchmark_onnx_files(files: Sequence[str],
                          threads: Optional[int] = 2,
                          repeat: int = 10,
                          warmup: int = 2,
-                         log: Optional[Callable[[str], None]] = print
-                         ) -> List[BenchResult]:
+                         log: Optional[Callable[[str], None]] = print,
+                         sessions: int = 1) -> List[BenchResult]:
     """Time ``files`` (inputs ``[batch_size, 3, *shape]``) in ``runtime``,
     alternately; see :func:`~mmdyn.analysis.benchmark.run_interleaved`.
 
+    ``sessions``: open each file this many times and run the sessions in
+    turn (round ``r`` runs session ``r % sessions`` of every file), each
+    warmed ``warmup`` times first. One ONNX Runtime session of a file can
+    run several per cent faster or slower than another of the same file
+    (where its arena's buffers land in memory), so with one session each
+    a ratio can be off by that much.
+
     Compare with :func:`~mmdyn.analysis.benchmark.paired_ratio`.
     """
+    if sessions < 1:
+        raise ValueError(f'sessions must be >= 1, got {sessions}')
     x = np.random.default_rng(0).standard_normal(
         (batch_size, 3, int(shape[0]), int(shape[1])), dtype=np.float32)
-    sessions = [open_session(f, runtime, threads) for f in files]
-    steps = [(lambda run=run: run(x)) for run in sessions]
+    opened = [[open_session(f, runtime, threads) for _ in range(sessions)]
+              for f in files]
+    if sessions > 1:
+        for runs in opened:
+            for run in runs:
+                for _ in range(warmup):
+                    run(x)
+
+    def step(runs):
+        calls = [0]
+
+        def call():
+            run = runs[calls[0] % len(runs)]
+            calls[0] += 1
+            return run(x)
+
+        return call
+
+    steps = [step(runs) for runs in opened]
     return run_interleaved(
         steps, [f'{n} ({runtime})' for n in names],
         'infer',

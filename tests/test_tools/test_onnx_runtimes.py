@@ -392,9 +392,11 @@ def test_pytorch2onnx_verify_times_and_loads_checkpoints(tmp_path, capsys):
 #: hidden Conv/Gemm with its norm, one Conv and Sigmoid for every ODConv
 #: head) and the mixing: 9 more per 1x1 ODConv layer than a static conv
 #: and 11-14 per 3x3 one, 12-16 per KernelWarehouse layer (the attention
-#: normalisation, the mixture GEMMs and their reshapes), 19 per DDF layer
-#: (the filter norms' centring folded into the branches' convs). At 224x224:
-#: 611, 828 and 430 nodes; ODConv-1x and KW-1x cannot reach 4x with
+#: normalisation, the mixture GEMMs and their reshapes), 14 per DDF layer
+#: (the filter norms' centring folded into the branches' convs, each norm
+#: one LpNormalization, the BN after it folded in) and 7-15 more in
+#: channel chunks on large maps. At 224x224: 611, 828 and 497 nodes (430
+#: before the chunks and folds); ODConv-1x and KW-1x cannot reach 4x with
 #: standard ONNX operators (the least per layer: export_forms.py), DDF-mul
 #: is within it. The exports of the im2col/tap-loop forms had 3,191
 #: (ODConv-1x), 5,042 (KW-1x) and 6,760 (DDF-mul) nodes against 176 (not

@@ -4,8 +4,8 @@
     python tools/analysis_tools/benchmark_onnx.py CONFIG_OR_ONNX \
         [--compare CONFIG_OR_ONNX ...] [--runtime onnxruntime|openvino] \
         [--batch-size 8] [--shape 224 224] [--threads 2] [--repeat 10] \
-        [--warmup 2] [--backbone-only] [--work-dir work_dirs/onnx] \
-        [--nodes-by-scope DEPTH] [--nodes-only]
+        [--warmup 2] [--sessions 1] [--backbone-only] \
+        [--work-dir work_dirs/onnx] [--nodes-by-scope DEPTH] [--nodes-only]
 
 Configs are exported first (random weights, dynamic batch, as
 ``tools/deployment/pytorch2onnx.py --dynamic-batch``); ``.onnx`` files are
@@ -20,7 +20,10 @@ ResNet-50::
         --batch-size 8 --threads 2
 
 OpenVINO (``--runtime openvino``) needs ``pip install openvino`` (the
-``deploy`` extra). ``--nodes-by-scope 5`` also lists where each file's
+``deploy`` extra). ``--sessions 3`` opens each file three times and runs
+the sessions in turn: two ONNX Runtime sessions of one file can differ by
+several per cent, so a ratio of single sessions is off by that much.
+``--nodes-by-scope 5`` also lists where each file's
 nodes come from (per module scope, e.g. per conv layer of a ResNet: the
 node names of the export); ``--nodes-only`` lists them without timing.
 """
@@ -58,6 +61,11 @@ def parse_args(argv=None):
         help='intra-op threads of the runtime')
     parser.add_argument('--repeat', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument(
+        '--sessions',
+        type=int,
+        default=1,
+        help='sessions per file, run in turn (each warmed --warmup times)')
     parser.add_argument(
         '--backbone-only',
         action='store_true',
@@ -119,9 +127,16 @@ def main(argv=None):
             print_nodes_by_scope(name, path, args.nodes_by_scope)
         if args.nodes_only:
             return None
-    results = benchmark_onnx_files(files, names, args.runtime, args.batch_size,
-                                   shape, args.threads, args.repeat,
-                                   args.warmup)
+    results = benchmark_onnx_files(
+        files,
+        names,
+        args.runtime,
+        args.batch_size,
+        shape,
+        args.threads,
+        args.repeat,
+        args.warmup,
+        sessions=args.sessions)
     print('| model | runtime | batch | median (ms) | ONNX nodes | '
           'time ratio vs first (paired median) |\n|---|---|---:|---:|---:|'
           '---:|')

@@ -7,11 +7,15 @@
   filter is the op with centred weights and bias (:func:`centred_taps`), so
   no ``ReduceMean``/``Sub``; each norm is ``ReduceL2``, ``Clip``, ``Div``
   (:func:`unit_ddf_filters`), and with ``mul`` one ``Mul`` carries both
-  branches' scales. Then :func:`ddf_apply`: :func:`im2col` of the input
+  branches' scales (for one-phase ``mul``: none, the scales are in the
+  im2col weights). Then :func:`ddf_apply`: :func:`im2col` of the input
   (the conv padding where it gives the output size: no ``Pad``), the
   spatial filter multiplied in, the channel filter as a batched ``MatMul``
-  over the taps; DDF-Up's ``s*s`` phases as one set of these nodes,
-  interleaved by one ``Transpose``. A branch that does not end in a conv
+  over the taps, on large maps in channel chunks (:func:`column_chunks`);
+  DDF-Up's ``s*s`` phases as one set of these nodes, interleaved by one
+  ``Transpose``. The simplifier turns each norm into one
+  ``LpNormalization`` (:func:`mmdyn.analysis.onnx_export.
+  lp_normalize_divisions`). A branch that does not end in a conv
   and a ``FilterNorm`` keeps its norm's nodes (:func:`ddf_filters`).
 * :func:`ddf`: the operator alone (its filters given);
   :func:`normalize_filters`: a ``FilterNorm`` alone;
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .export_forms import Pair, im2col
+from .thresholds import THRESHOLDS
 
 
 def normalize_filters(x: torch.Tensor,
@@ -63,12 +68,17 @@ def normalize_filters(x: torch.Tensor,
     return out.reshape(-1, *shape) if groups > 1 else out
 
 
-def _ddf_columns(x: torch.Tensor, kernel_size: int, dilation: int, stride: int,
-                 out_hw: Pair) -> torch.Tensor:
+def _ddf_columns(x: torch.Tensor,
+                 kernel_size: int,
+                 dilation: int,
+                 stride: int,
+                 out_hw: Pair,
+                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The DDF's im2col columns [B, C*k*k, Ho, Wo], padded as the reference
     pads it: the conv padding ``r = (k-1)/2*d`` where that conv's output has
     the size ``out_hw`` (ceil(H / s)), else zeros on the far side only as far
-    as the last output row/column reads, and the conv output cropped."""
+    as the last output row/column reads, and the conv output cropped.
+    ``scale`` [C*k*k]: as :func:`im2col`'s."""
     H, W = int(x.shape[2]), int(x.shape[3])
     Ho, Wo = int(out_hw[0]), int(out_hw[1])
     k = kernel_size
@@ -80,7 +90,8 @@ def _ddf_columns(x: torch.Tensor, kernel_size: int, dilation: int, stride: int,
         right = max(0, (Wo - 1) * stride + r - (W - 1))
         x = F.pad(x, (r, right, r, bottom))
         padding = (0, 0)
-    cols = im2col(x, (k, k), (stride, stride), padding, (dilation, dilation))
+    cols = im2col(x, (k, k), (stride, stride), padding, (dilation, dilation),
+                  scale)
     if tuple(cols.shape[2:]) != (Ho, Wo):
         cols = cols[:, :, :Ho, :Wo]
     return cols
@@ -92,6 +103,26 @@ def _ddf_lead(phases: int, head: int):
     return [n for n in (phases, head) if n > 1]
 
 
+def column_chunks(x: torch.Tensor, kernel_size: int, out_hw: Pair, add: bool,
+                  head: int, phases: int) -> int:
+    """Into how many channel chunks :func:`ddf_apply` splits a one-head, one-
+    phase ``mul`` DDF: the fewest (a power of two, at most
+    ``THRESHOLDS['ddf_export']['max_chunks']``, dividing the channels) whose
+    columns hold at most ``chunk_bytes`` per sample; 1 for the others."""
+    limits = THRESHOLDS['ddf_export']
+    channels = int(x.shape[1])
+    per_sample = channels * kernel_size**2 * int(out_hw[0]) * int(
+        out_hw[1]) * x.element_size()
+    chunks = 1
+    if add or head != 1 or phases != 1:
+        return chunks
+    while per_sample > chunks * limits['chunk_bytes'] and \
+            2 * chunks <= limits['max_chunks'] and \
+            channels % (2 * chunks) == 0:
+        chunks *= 2
+    return chunks
+
+
 def ddf_apply(x: torch.Tensor,
               cf: torch.Tensor,
               sf: torch.Tensor,
@@ -101,23 +132,48 @@ def ddf_apply(x: torch.Tensor,
               add: bool,
               out_hw: Pair,
               head: int = 1,
-              phases: int = 1) -> torch.Tensor:
+              phases: int = 1,
+              tap_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDF of ``x`` [B, C, H, W] with ``phases`` pairs of filters, in the
     layouts of :func:`ddf_filter_layout`: ``cf`` [B, (n), (head), C/head, 1,
     k*k], ``sf`` [B, (n), (head), 1, k*k, Ho*Wo] (dims of size 1 left out).
 
     The im2col columns [B, (1), (head), C/head, k*k, Ho*Wo] (one ``Conv``
-    shared by the phases); ``mul``: the columns times the spatial filter,
-    then the channel filter as a batched ``MatMul`` over the taps; ``add``:
-    the ``MatMul`` of the channel filter with the columns plus the columns
-    times the spatial filter summed over the taps. Returns [B, C, Ho, Wo],
-    or for several phases (``s*s``) their interleaving [B, C, s*Ho, s*Wo]
-    (phase ``py*s + px`` at pixel (y*s + py, x*s + px)).
+    shared by the phases), times ``tap_scale`` [C*k*k] (folded into the
+    ``Conv``'s weights; ``mul`` only: a scale of the channel filters);
+    ``mul``: the columns times the spatial filter, then the channel filter
+    as a batched ``MatMul`` over the taps; ``add``: the ``MatMul`` of the
+    channel filter with the columns plus the columns times the spatial
+    filter summed over the taps. Returns [B, C, Ho, Wo], or for several
+    phases (``s*s``) their interleaving [B, C, s*Ho, s*Wo] (phase ``py*s +
+    px`` at pixel (y*s + py, x*s + px)).
+
+    Large maps are done in channel chunks (:func:`column_chunks`): one
+    ``Split`` of the input and of the channel filters, the four nodes of the
+    columns' product per chunk, one ``Concat``. A runtime computes one node
+    at a time over the whole tensor, so the ``k*k`` times larger columns
+    travel through memory three times (written, multiplied, read by the
+    ``MatMul``); a chunk's columns stay in the cache.
     """
     C = int(x.shape[1])
     Ho, Wo = int(out_hw[0]), int(out_hw[1])
-    cols = _ddf_columns(x, kernel_size, dilation, stride, (Ho, Wo))
     kk = kernel_size * kernel_size
+    if tap_scale is not None and add:
+        raise ValueError('tap_scale scales the channel filters: mul only')
+    chunks = column_chunks(x, kernel_size, (Ho, Wo), add, head, phases)
+    if chunks > 1:
+        width = C // chunks
+        scales = [None] * chunks if tap_scale is None else \
+            torch.split(tap_scale, width * kk)
+        sf = sf.to(x.dtype)
+        outs = []
+        for part, filters, scale in zip(
+                torch.split(x, width, 1), torch.split(cf, width, 1), scales):
+            cols = _ddf_columns(part, kernel_size, dilation, stride, (Ho, Wo),
+                                scale).reshape(-1, width, kk, Ho * Wo)
+            outs.append(torch.matmul(filters.to(cols.dtype), cols * sf))
+        return torch.cat(outs, 1).reshape(-1, C, Ho, Wo)
+    cols = _ddf_columns(x, kernel_size, dilation, stride, (Ho, Wo), tap_scale)
     lead = ([1] if phases > 1 else []) + ([head] if head > 1 else [])
     cols = cols.reshape(-1, *lead, C // head, kk, Ho * Wo)
     if add:
@@ -299,8 +355,8 @@ def ddf_conv(layer, x: torch.Tensor) -> torch.Tensor:
     """:class:`~mmdyn.ops.ddf.DDFConv2d` without its bias: the two filter
     branches with their centring folded (:func:`ddf_filters`), divided by their
     norms (:func:`unit_ddf_filters`; with ``mul`` the spatial filter's gain
-    folded into the channel filter's scale: one ``Mul``), then
-    :func:`ddf_apply`."""
+    folded into the channel filter's scale, both in the im2col weights for a
+    kernel larger than 1x1, else one ``Mul``), then :func:`ddf_apply`."""
     k, d, s = layer.kernel_size[0], layer.dilation[0], layer.stride[0]
     spatial = ddf_filters([layer.spatial_branch], [x], 'spatial')
     return _ddf_layer(x, [layer.channel_branch], spatial, k, d, s,
@@ -400,9 +456,15 @@ def _ddf_layer(x, channel_branches, spatial, k, dilation, stride, add, head):
         else:  # one Mul: the spatial scale onto the channel filters
             sf_scale = sf_scale.reshape(*lead, 1, 1, kk)
             cf_scale = sf_scale if cf_scale is None else cf_scale * sf_scale
-    if cf_scale is not None:
+    tap_scale = None
+    if cf_scale is not None and not add and n == 1 and k > 1:
+        # Into the im2col weights: no Mul.
+        tap_scale = cf_scale.reshape(-1, kk).expand(int(x.shape[1]),
+                                                    kk).reshape(-1)
+    elif cf_scale is not None:
         cf = cf * cf_scale.to(cf.dtype)
-    return ddf_apply(x, cf, sf, k, dilation, stride, add, out_hw, head, n)
+    return ddf_apply(x, cf, sf, k, dilation, stride, add, out_hw, head, n,
+                     tap_scale)
 
 
 def interleave_phases(phases, scale: int) -> torch.Tensor:

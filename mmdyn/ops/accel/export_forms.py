@@ -64,12 +64,18 @@ scale foldable but its shift then an ``Add``):
   form (deep layers) a ``Transpose`` and a ``ReduceSum`` (16).
 * DDF (``mul``): the channel branch 4 (pooling, ``Conv``, ``Relu``,
   ``Conv``), the spatial ``Conv``, each filter's ``Reshape`` to the
-  layout of the product and its norm (``ReduceL2``, ``Clip``, ``Div``), one
-  ``Mul`` for both scales, the im2col ``Conv``, the columns' ``Reshape``, the
-  spatial ``Mul``, the ``MatMul``, the output ``Reshape``: 19.
+  layout of the product and its norm (``ReduceL2``, ``Clip``, ``Div``; one
+  ``LpNormalization`` after simplification), the im2col ``Conv`` (both
+  filters' scales in its weights), the columns' ``Reshape``, the spatial
+  ``Mul``, the ``MatMul``, the output ``Reshape``: 18, 14 simplified. In
+  ``n`` channel chunks (large maps) ``4 * (n - 1) + 3`` more: the
+  columns' four nodes per chunk, two ``Split`` and a ``Concat``. The
+  ``BatchNormalization`` after it folds into it (its bias: an ``Add``).
 
 So, against the static ResNet-50's 126 nodes (4x: 504): DDF-mul (16
-layers) ``126 + 16 * 19 = 430`` (3.4x). ODConv-1x (48 layers, 32 of them
+layers) ``126 + 16 * 14 = 350`` (2.8x) unchunked; at 224x224 with 4, 4
+and 2 chunks in stages 1-3 ``350 + 3 * 15 + 4 * 15 + 6 * 7 = 497``
+(3.9x). ODConv-1x (48 layers, 32 of them
 1x1, each ``n`` nodes plus its BN less the static conv): at least ``126 +
 32 * 9 + 16 * 11 = 590`` (4.7x), ``126 + 32 * 9 + 9 * 11 + 7 * 14 = 611``
 (4.8x) with the per-sample kernels on the 7 early 3x3 layers: the 1x1
@@ -110,21 +116,33 @@ def _one_hot_weight(channels: int, kernel_size: Pair,
     return eye.view(kh * kw, 1, kh, kw).repeat(channels, 1, 1, 1)
 
 
-def im2col(x: torch.Tensor, kernel_size: Pair, stride: Pair, padding: Pair,
-           dilation: Pair) -> torch.Tensor:
+def im2col(x: torch.Tensor,
+           kernel_size: Pair,
+           stride: Pair,
+           padding: Pair,
+           dilation: Pair,
+           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The im2col columns of ``x`` [B, C, H, W]: [B, C*kh*kw, H', W'] in
     ``F.unfold``'s order (channel, then kernel position), by one grouped
     ``Conv`` with one-hot weights; a 1x1 kernel is the (padded, strided) input
-    itself (strided by an ``AveragePool`` of 1x1 windows)."""
+    itself (strided by an ``AveragePool`` of 1x1 windows).
+
+    ``scale`` [C*kh*kw] (a constant): column ``i`` times ``scale[i]``, folded
+    into the one-hot weights (no node); for a 1x1 kernel one ``Mul``.
+    """
     if tuple(kernel_size) == (1, 1):
         if tuple(padding) != (0, 0):
             x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         if tuple(stride) != (1, 1):
             # One AveragePool of 1x1 windows (slicing: a Slice per axis).
             x = F.avg_pool2d(x, 1, tuple(stride))
+        if scale is not None:
+            x = x * scale.to(x.dtype).view(1, -1, 1, 1)
         return x
     channels = int(x.shape[1])
     weight = _one_hot_weight(channels, kernel_size, x)
+    if scale is not None:
+        weight = weight * scale.to(x.dtype).view(-1, 1, 1, 1)
     return F.conv2d(x, weight, None, stride, padding, dilation, channels)
 
 

@@ -123,6 +123,17 @@ THRESHOLDS = {
     # 1.11x ResNet-50's saved activations instead of 2.27x).
     'recompute':
     dict(odconv=0.1, mixture=1.0, kernel_warehouse=1.0),
+    # DDF's export form (ddf_export_forms.py): a one-head `mul` DDF is
+    # done in channel chunks whose im2col columns hold at most
+    # `chunk_bytes` per sample, at most `max_chunks` chunks (each chunk
+    # costs four ONNX nodes). DDF-mul ResNet-50 in ONNX Runtime 1.32 (batch
+    # 8, 224x224, 2 threads, AVX-512, 2026-12-07, against the exported
+    # ResNet-50, two sessions each): no chunks 1.06-1.08x (350 nodes);
+    # chunks of 1 MiB, at most 4 (4, 4, 2 chunks in stages 1-3): 0.99x
+    # (497 nodes); at most 8: 0.98x (545 nodes, over 4x ResNet-50's 126);
+    # 512 KiB, at most 16: 0.96-0.97x (774 nodes).
+    'ddf_export':
+    dict(chunk_bytes=2**20, max_chunks=4),
     # The C loops (c_library.py): one OpenMP thread per
     # `work_per_thread` elements of work (tiny problems are faster on one
     # thread than waking the pool).
