@@ -115,6 +115,26 @@ def _resnet_block_types() -> tuple:
     return tuple(types)
 
 
+def _ddf_norm_pairs(model: nn.Module):
+    """``(block, conv, norm name, norm)`` for every ``mul`` DDF layer of a
+    ResNet block followed by an eval BatchNorm that :func:`fold_norms_into_ddf`
+    folds."""
+    from mmdyn.ops.ddf import DDFConv2d, FilterNorm
+    blocks = _resnet_block_types()
+    for block in model.modules():
+        if not isinstance(block, blocks):
+            continue
+        for i in (1, 2, 3):
+            conv = getattr(block, f'conv{i}', None)
+            norm_name = getattr(block, f'norm{i}_name', None)
+            norm = getattr(block, norm_name, None) if norm_name else None
+            if isinstance(conv, DDFConv2d) and conv.combine == 'mul' and \
+                    isinstance(norm, nn.modules.batchnorm._BatchNorm) and \
+                    not norm.training and norm.running_mean is not None and \
+                    isinstance(conv.channel_branch[-1], FilterNorm):
+                yield block, conv, norm_name, norm
+
+
 def fold_norms_into_ddf(model: nn.Module) -> int:
     """Fold the eval-mode BatchNorm after each ``mul`` DDF layer of a ResNet
     block into that layer, in place; the norm becomes ``nn.Identity``. Returns
@@ -134,44 +154,31 @@ def fold_norms_into_ddf(model: nn.Module) -> int:
     ``add`` DDF layers are left as they are (their spatial part is per head,
     not per channel).
     """
-    from mmdyn.ops.ddf import DDFConv2d, FilterNorm
-    blocks = _resnet_block_types()
     folded = 0
-    for block in model.modules():
-        if not isinstance(block, blocks):
-            continue
-        for i in (1, 2, 3):
-            conv = getattr(block, f'conv{i}', None)
-            norm_name = getattr(block, f'norm{i}_name', None)
-            norm = getattr(block, norm_name, None) if norm_name else None
-            if not isinstance(conv, DDFConv2d) or conv.combine != 'mul' or \
-                    not isinstance(norm, nn.modules.batchnorm._BatchNorm) or \
-                    norm.training or norm.running_mean is None or \
-                    not isinstance(conv.channel_branch[-1], FilterNorm):
-                continue
-            filter_norm = conv.channel_branch[-1]
-            kk = filter_norm.kernel_size**2
-            with torch.no_grad():
-                scale = norm.running_var.add(norm.eps).rsqrt()
-                if norm.weight is not None:
-                    scale = scale * norm.weight
-                shift = -norm.running_mean * scale
-                if norm.bias is not None:
-                    shift = shift + norm.bias
-                std = filter_norm.std
-                if std is None:
-                    std = torch.full((filter_norm.channels * kk, ),
-                                     float(filter_norm.gain),
-                                     dtype=scale.dtype,
-                                     device=scale.device)
-                filter_norm.std = nn.Parameter(
-                    (std.reshape(-1, kk) *
-                     scale.to(std.dtype)[:, None]).reshape(-1).detach())
-                bias = shift if conv.bias is None else \
-                    shift + scale * conv.bias
-                conv.bias = nn.Parameter(bias.detach())
-            setattr(block, norm_name, nn.Identity())
-            folded += 1
+    for block, conv, norm_name, norm in list(_ddf_norm_pairs(model)):
+        filter_norm = conv.channel_branch[-1]
+        kk = filter_norm.kernel_size**2
+        with torch.no_grad():
+            scale = norm.running_var.add(norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            std = filter_norm.std
+            if std is None:
+                std = torch.full((filter_norm.channels * kk, ),
+                                 float(filter_norm.gain),
+                                 dtype=scale.dtype,
+                                 device=scale.device)
+            filter_norm.std = nn.Parameter(
+                (std.reshape(-1, kk) *
+                 scale.to(std.dtype)[:, None]).reshape(-1).detach())
+            bias = shift if conv.bias is None else \
+                shift + scale * conv.bias
+            conv.bias = nn.Parameter(bias.detach())
+        setattr(block, norm_name, nn.Identity())
+        folded += 1
     return folded
 
 
@@ -185,8 +192,10 @@ def export_onnx(module: nn.Module,
                 simplify: bool = True) -> List[str]:
     """Export ``module`` (``inputs [B, 3, H, W] -> tensor(s)``) to ONNX.
 
-    A copy of ``module`` is exported, with the BatchNorms after DDF layers
-    folded into them (:func:`fold_norms_into_ddf`).
+    Where a BatchNorm after a DDF layer folds into it
+    (:func:`fold_norms_into_ddf`), a copy of ``module`` with the norms
+    folded is exported: hooks on those norms do not run in the export, and
+    hooks on those DDF layers see the normalised outputs.
 
     Args:
         module (nn.Module): From :func:`exportable`.
@@ -208,8 +217,7 @@ def export_onnx(module: nn.Module,
         list[str]: output names.
     """
     module.eval()
-    from mmdyn.ops.ddf import DDFConv2d
-    if any(isinstance(m, DDFConv2d) for m in module.modules()):
+    if next(_ddf_norm_pairs(module), None) is not None:
         module = copy.deepcopy(module)  # the caller's module stays as it is
         fold_norms_into_ddf(module)
     example = torch.randn(EXAMPLE_BATCH, 3, int(shape[0]), int(shape[1]))
@@ -410,9 +418,10 @@ def lp_normalize_divisions(model) -> int:
     DDF's filter norms (:func:`mmdyn.ops.accel.ddf_export_forms.
     unit_ddf_filters`) export as these three nodes, two per DDF layer. The
     values are equal wherever ``||A|| >= eps``; a zero vector gives zeros
-    in both (ONNX Runtime and OpenVINO return the input where the norm is
-    0). Only vectors whose norm lies in (0, eps) differ: ``A / eps`` against
-    the unit vector.
+    in both (ONNX Runtime 1.32 and OpenVINO 2026.4). Only vectors whose norm
+    lies in (0, eps) differ from ``A / eps``: ONNX Runtime gives the unit
+    vector, OpenVINO a vector of about its own tiny clamp's size (measured
+    at a norm of 3e-12).
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -431,7 +440,13 @@ def lp_normalize_divisions(model) -> int:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    # Values also read by a subgraph (If/Loop bodies) or output: kept.
     outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField('g') else list(attr.graphs)
+            for sub in subgraphs:
+                outputs |= _names_read(sub)
 
     def single_axis(reduce):
         attrs = {

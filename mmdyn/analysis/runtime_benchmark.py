@@ -133,7 +133,8 @@ def benchmark_onnx_files(files: Sequence[str],
     warmed ``warmup`` times first. One ONNX Runtime session of a file can
     run several per cent faster or slower than another of the same file
     (where its arena's buffers land in memory), so with one session each
-    a ratio can be off by that much.
+    a ratio can be off by that much. Give a ``repeat`` that is a multiple
+    of ``sessions`` so that each session runs as many timed rounds.
 
     Compare with :func:`~mmdyn.analysis.benchmark.paired_ratio`.
     """

@@ -569,7 +569,7 @@ def _data_ops(layer, chw):
         # Reshape, Mul, MatMul, Reshape
         ('ddf_mul_s2_even', lambda: DDFConv2d(13, 13, 3, stride=2),
          (13, 10, 8), 18),
-        # mul's 19, the spatial scale's Mul, ReduceSum and Add
+        # mul's 18, the channel and spatial scales' Muls, ReduceSum and Add
         ('ddf_add', lambda: DDFConv2d(13, 13, 3, combine='add'),
          (13, 9, 7), 22),
         # the 4 phases as one: the 19 of one DDF, Transpose and Reshape

@@ -74,6 +74,20 @@ def test_chunked_ddf_equals_reference(small_chunks, channels, hw, k, stride,
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize('head', [2, 4])
+def test_spatial_scale_alone_with_heads(small_chunks, head):
+    """A channel branch whose norm does not fold (its output, normalised, is
+    used as it is) with several heads: the spatial filters' gains (one per
+    head) alone go into the im2col weights."""
+    layer = _randomise(DDFConv2d(8, 8, 3, head=head))
+    layer.channel_branch[-1] = nn.Sequential(layer.channel_branch[-1])
+    x = torch.randn(3, 8, 7, 9, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = ddf_export_forms.ddf_conv(layer, x)
+        expected = layer.forward_reference(x)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
 def test_column_chunks_rule():
     """The fewest power-of-two chunks whose columns fit ``chunk_bytes`` per
     sample, at most ``max_chunks``, dividing the channels; one-head, one-phase
@@ -100,15 +114,27 @@ def test_column_chunks_rule():
     assert chunks(64, 56, phases=4) == 1
 
 
-def _lp_graph(eps, extra_use=False, keepdims=1):
-    """Div(x, Clip(ReduceL2(x, axes=[-2]), eps)) [+ a second use of the
-    norm]."""
+def _lp_graph(eps,
+              extra_use=False,
+              keepdims=1,
+              opset=17,
+              clip_max=False,
+              numerator='input'):
+    """Div(numerator, Clip(ReduceL2(x, axes=[-2]), eps[, max])) [+ a second use
+    of the norm]; opset 18: the axes as an input."""
     from onnx import TensorProto, helper
+    if opset >= 18:
+        reduce = helper.make_node(
+            'ReduceL2', ['input', 'axes'], ['n'], keepdims=keepdims)
+    else:
+        reduce = helper.make_node(
+            'ReduceL2', ['input'], ['n'], axes=[-2], keepdims=keepdims)
     nodes = [
-        helper.make_node(
-            'ReduceL2', ['input'], ['n'], axes=[-2], keepdims=keepdims),
-        helper.make_node('Clip', ['n', 'eps'], ['c']),
-        helper.make_node('Div', ['input', 'c'], ['y']),
+        reduce,
+        helper.make_node('Clip', ['n', 'eps'] + (['eps'] if clip_max else []),
+                         ['c']),
+        helper.make_node('Abs', ['input'], ['other']),
+        helper.make_node('Div', [numerator, 'c'], ['y']),
     ]
     outputs = [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)]
     if extra_use:
@@ -117,17 +143,25 @@ def _lp_graph(eps, extra_use=False, keepdims=1):
             helper.make_tensor_value_info('n2', TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, 'g', [
         helper.make_tensor_value_info('input', TensorProto.FLOAT, [2, 3, 9, 5])
-    ], outputs, [helper.make_tensor('eps', TensorProto.FLOAT, [], [eps])])
+    ], outputs, [
+        helper.make_tensor('eps', TensorProto.FLOAT, [], [eps]),
+        helper.make_tensor('axes', TensorProto.INT64, [1], [-2])
+    ])
     return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid('', 17)])
+        graph, opset_imports=[helper.make_opsetid('', opset)])
 
 
-def test_lp_normalize_divisions_values(tmp_path):
+@pytest.mark.parametrize('opset', [17, 18])
+def test_lp_normalize_divisions_values(tmp_path, opset):
     """The rewritten graph in ONNX Runtime (and OpenVINO where installed)
-    against numpy's ``x / max(||x||, eps)``, a zero vector included."""
-    model = _lp_graph(1e-10)
+    against numpy's ``x / max(||x||, eps)``, a zero vector included; the axes
+    as an attribute (opset 17) and as an input (18)."""
+    model = _lp_graph(1e-10, opset=opset)
     assert lp_normalize_divisions(model) == 1
-    assert [n.op_type for n in model.graph.node] == ['LpNormalization']
+    assert [n.op_type
+            for n in model.graph.node] == ['Abs',
+                                           'LpNormalization'], model.graph.node
+    assert [a.i for a in model.graph.node[1].attribute] == [-2, 2]
     x = np.random.default_rng(0).standard_normal(
         (2, 3, 9, 5)).astype(np.float32)
     x[1, 2, :, 3] = 0.0
@@ -145,13 +179,18 @@ def test_lp_normalize_divisions_values(tmp_path):
         assert not got[1, 2, :, 3].any(), runtime
 
 
-@pytest.mark.parametrize('eps,extra_use,keepdims', [(1e-3, False, 1),
-                                                    (1e-10, True, 1),
-                                                    (1e-10, False, 0)])
-def test_lp_normalize_divisions_leaves_others(eps, extra_use, keepdims):
+@pytest.mark.parametrize('case', [
+    dict(eps=1e-3),
+    dict(extra_use=True),
+    dict(keepdims=0),
+    dict(clip_max=True),
+    dict(numerator='other'),
+])
+def test_lp_normalize_divisions_leaves_others(case):
     """Not rewritten: a clamp larger than ``LP_NORM_MAX_EPS`` (the values
-    would differ), a norm read elsewhere, a reduction without kept dims."""
-    model = _lp_graph(eps, extra_use, keepdims)
+    would differ), a norm read elsewhere, a reduction without kept dims, a
+    clamp from above too, a division of another tensor."""
+    model = _lp_graph(**{'eps': 1e-10, **case})
     assert lp_normalize_divisions(model) == 0
     assert 'LpNormalization' not in [n.op_type for n in model.graph.node]
 
@@ -191,6 +230,25 @@ def test_fold_norms_into_ddf_keeps_the_block(bias, learnable_std):
             before.norm2(before.conv2.forward_reference(mid)),
             atol=ATOL,
             rtol=1e-4)
+
+
+@pytest.mark.parametrize('style', ['pytorch', 'caffe'])
+def test_fold_norms_into_mmdet_bottleneck(style):
+    """Mmdet's Bottleneck (its own class; stride 2, both styles): folded, equal
+    to the block before."""
+    from mmdet.models.backbones.resnet import Bottleneck
+    block = Bottleneck(16, 4, stride=2, style=style)
+    block.conv2 = dynamic_like(block.conv2,
+                               dict(type='DDFConv2d', combine='mul'))
+    block.downsample = nn.Sequential(
+        nn.Conv2d(16, 16, 1, stride=2), nn.BatchNorm2d(16))
+    _randomise(block)
+    before = copy.deepcopy(block)
+    x = torch.randn(2, 16, 9, 8, generator=torch.Generator().manual_seed(5))
+    assert fold_norms_into_ddf(block) == 1
+    assert isinstance(block.norm2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), before(x), atol=ATOL, rtol=1e-4)
 
 
 def test_fold_norms_into_ddf_leaves_others():
