@@ -115,10 +115,14 @@ def main(argv=None):
     if args.out:
         add_dump(cfg, args.out)
     runner = build_runner(cfg)
+    finished = False
     try:
-        return runner.test()
+        metrics = runner.test()
+        finished = True
+        return metrics
     finally:
-        close_process_group(cfg)
+        runner = None  # freed before the process group is closed
+        close_process_group(cfg, synchronize=finished)
 
 
 if __name__ == '__main__':

@@ -81,10 +81,13 @@ def main(argv=None):
         cfg.auto_scale_lr.enable = True
     set_resume(cfg, args.resume)
     runner = build_runner(cfg)
+    finished = False
     try:
         runner.train()
+        finished = True
     finally:
-        close_process_group(cfg)
+        runner = None  # freed before the process group is closed
+        close_process_group(cfg, synchronize=finished)
 
 
 if __name__ == '__main__':

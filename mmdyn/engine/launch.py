@@ -6,6 +6,7 @@ one is read from its ``default_scope`` (inferred from the model type when a
 config has none), and everything else is mmengine's ``Runner``.
 """
 import datetime
+import gc
 import os.path as osp
 
 import torch
@@ -104,17 +105,27 @@ def init_cpu_process_group(cfg):
     return True
 
 
-def close_process_group(cfg):
+def close_process_group(cfg, synchronize: bool = False):
     """End the process group of a distributed run (``launcher`` other than
     ``'none'``) when the tool's work is done.
 
     A gloo group left to the interpreter's exit can abort a rank after the work
     has finished ("terminate called without an active exception", SIGABRT),
-    which turns a completed run into a failed one.
+    which turns a completed run into a failed one. So: with ``synchronize``
+    (the work finished on this rank) a barrier first, so that no rank tears
+    its connections down while another still uses them; then the group is
+    destroyed, and a garbage collection frees what still references it (the
+    runner's DDP wrapper and its reducer sit in reference cycles) while the
+    interpreter is alive. The caller drops its runner before calling this.
+    Without that, one two-process run in about 50 aborted on this machine
+    (torch 2.14, gloo).
     """
     if cfg.get('launcher', 'none') != 'none' and \
             torch_dist.is_available() and torch_dist.is_initialized():
+        if synchronize:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
+        gc.collect()
 
 
 def infer_default_scope(cfg):

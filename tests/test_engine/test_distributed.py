@@ -58,3 +58,33 @@ def test_dist_train_two_processes(tmp_path, config):
     assert "backend='gloo'" in cfg_text
     assert 'find_unused_parameters=False' in cfg_text
     assert osp.isfile(osp.join(cwd, 'wd', 'epoch_1.pth'))
+
+
+@pytest.mark.parametrize('finished', [True, False])
+def test_close_process_group(tmp_path, monkeypatch, finished):
+    """A finished rank waits at a barrier for the others before the group is
+    destroyed; a failed one does not wait (the others may never come).
+
+    The group is gone afterwards; without a launcher nothing is touched.
+    """
+    import torch.distributed as dist
+    from mmengine import Config
+
+    from mmdyn.engine.launch import close_process_group
+    close_process_group(Config(dict(launcher='none')), synchronize=True)
+    dist.init_process_group(
+        'gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    calls = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, 'barrier',
+                        lambda *a, **k: calls.append('barrier') or barrier())
+    try:
+        close_process_group(Config(dict(launcher='none')), synchronize=True)
+        assert dist.is_initialized() and calls == []
+        close_process_group(
+            Config(dict(launcher='pytorch')), synchronize=finished)
+        assert calls == (['barrier'] if finished else [])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
