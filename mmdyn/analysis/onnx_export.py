@@ -30,6 +30,7 @@ takes the batch-independent path for every batch, which
 :func:`export_onnx` records them and logs one line with their count instead;
 ``show_tracer_warnings=True`` (``--show-tracer-warnings``) shows them.
 """
+import collections
 import copy
 import time
 import warnings
@@ -364,10 +365,7 @@ def fold_norms_into_matmuls(model) -> int:
     }
     inits = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    uses = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _use_counts(graph)
     folded = []
     for node in graph.node:
         matmul = producer.get(node.input[0]) if node.input else None
@@ -436,17 +434,12 @@ def lp_normalize_divisions(model) -> int:
                 node.attribute[0].name == 'value':
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     producer = {out: node for node in graph.node for out in node.output}
-    uses = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _use_counts(graph)
     # Values also read by a subgraph (If/Loop bodies) or output: kept.
     outputs = {o.name for o in graph.output}
     for node in graph.node:
-        for attr in node.attribute:
-            subgraphs = [attr.g] if attr.HasField('g') else list(attr.graphs)
-            for sub in subgraphs:
-                outputs |= _names_read(sub)
+        for sub in _subgraphs(node):
+            outputs |= _names_read(sub)
 
     def single_axis(reduce):
         attrs = {
@@ -575,20 +568,34 @@ def _drop_unused_initializers(graph, read: Optional[set] = None) -> None:
         graph.initializer.remove(init)
 
 
+def _subgraphs(node) -> list:
+    """The graphs ``node`` holds as attributes (If branches, Loop bodies)."""
+    from onnx import AttributeProto
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
 def _names_read(graph) -> set:
     """The names ``graph``'s nodes read (those of their subgraphs included) and
     its outputs."""
-    from onnx import AttributeProto
     names = {out.name for out in graph.output}
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                names |= _names_read(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    names |= _names_read(sub)
+        for sub in _subgraphs(node):
+            names |= _names_read(sub)
     return names
+
+
+def _use_counts(graph) -> collections.Counter:
+    """How many times each name is an input of ``graph``'s nodes (not of its
+    subgraphs)."""
+    return collections.Counter(name for node in graph.node
+                               for name in node.input)
 
 
 def compare_with_onnxruntime(module: nn.Module,

@@ -9,6 +9,7 @@ Used by ``tools/analysis_tools/benchmark_onnx.py`` and
 """
 import collections
 import importlib.util
+import itertools
 import os
 import os.path as osp
 from typing import Callable, List, Optional, Sequence
@@ -149,18 +150,9 @@ def benchmark_onnx_files(files: Sequence[str],
             for run in runs:
                 for _ in range(warmup):
                     run(x)
-
-    def step(runs):
-        calls = [0]
-
-        def call():
-            run = runs[calls[0] % len(runs)]
-            calls[0] += 1
-            return run(x)
-
-        return call
-
-    steps = [step(runs) for runs in opened]
+    # Each call runs the file's next session.
+    steps = [(lambda turns=itertools.cycle(runs): next(turns)(x))
+             for runs in opened]
     return run_interleaved(
         steps, [f'{n} ({runtime})' for n in names],
         'infer',
