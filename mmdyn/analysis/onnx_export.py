@@ -617,8 +617,15 @@ def compare_with_onnxruntime(module: nn.Module,
         outputs) per batch size.
     """
     import onnxruntime as ort
+
+    from .runtime_benchmark import onnxruntime_session_options
+
+    # Workers that stop spinning when a run returns: spinning, they would
+    # take cores from the PyTorch run timed right after it.
     session = ort.InferenceSession(
-        onnx_file, providers=['CPUExecutionProvider'])
+        onnx_file,
+        onnxruntime_session_options(),
+        providers=['CPUExecutionProvider'])
     gen = torch.Generator().manual_seed(seed)
     results = []
     for batch in batch_sizes:

@@ -29,24 +29,51 @@ def runtime_available(runtime: str) -> bool:
     return importlib.util.find_spec(runtime) is not None
 
 
+def onnxruntime_session_options(threads: Optional[int] = None):
+    """ONNX Runtime ``SessionOptions`` for timing a session beside other
+    work: ``threads`` intra-op threads (None: the runtime's default), and
+    workers that stop spinning when a run returns.
+
+    ONNX Runtime's idle intra-op workers spin for a while after a run
+    returns. When another session, or PyTorch, runs next on the same cores,
+    those spinning workers take cores from it: on a 2-core machine, a
+    batch-1 ResNet-50 session alternating with others took 52-53 ms a run
+    instead of the 27-28 ms it takes alone, which pulls every ratio towards
+    1. ``session.force_spinning_stop`` ends the spinning when a run returns
+    and keeps it during the run, so a session runs as it does alone with
+    the default options; turning spinning off altogether
+    (``session.intra_op.allow_spinning = 0``) would slow down graphs of many
+    small nodes instead (a DDF ResNet-50 at batch 1: 35 against 28 ms).
+    """
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry('session.force_spinning_stop', '1')
+    return options
+
+
 def open_session(onnx_file: str,
                  runtime: str = 'onnxruntime',
                  threads: Optional[int] = None) -> Callable:
     """``run(inputs [B, 3, H, W] ndarray) -> list of output ndarrays`` of
     ``onnx_file`` in ``runtime`` on the CPU, with ``threads`` intra-op threads
     (None: the runtime's default), in float32 (OpenVINO's default on CPUs with
-    bfloat16 units is bfloat16)."""
+    bfloat16 units is bfloat16).
+
+    ONNX Runtime's workers stop spinning when a
+    run returns (:func:`onnxruntime_session_options`).
+    """
     if not runtime_available(runtime):
         raise RuntimeError(f'{runtime} is not installed: pip install '
                            f'{runtime} (or the "deploy" extra of mmdyn)')
     if runtime == 'onnxruntime':
         import onnxruntime as ort
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         session = ort.InferenceSession(
-            onnx_file, options, providers=['CPUExecutionProvider'])
+            onnx_file,
+            onnxruntime_session_options(threads),
+            providers=['CPUExecutionProvider'])
         return lambda x: session.run(None, {'input': x})
     import openvino as ov
     core = ov.Core()

@@ -367,9 +367,9 @@ def odconv_sample_kernels(layer, x, channel, filt, spatial) -> torch.Tensor:
 #: stride-1 layers, the columns elsewhere) or ``'kernels'``
 #: (:func:`odconv_sample_kernels` on early layers, the columns elsewhere).
 #: benchmarks/odconv_export_forms.py times them in ONNX Runtime: on an
-#: AVX-512 CPU (2026-12-06, 2 threads, ODConv-1x ResNet-50 / ResNet-50)
-#: 'kernels' 1.99x at batch 8 and 1.78x at batch 1, 'columns' 2.22x and
-#: 2.10x, 'taps' 2.74x and 2.40x.
+#: AVX-512 CPU (2026-12-07, 2 threads, ODConv-1x ResNet-50 / ResNet-50)
+#: 'kernels' 2.08x at batch 8 and 1.77x at batch 1, 'columns' 2.25x and
+#: 1.85x, 'taps' 2.71x and 2.26x.
 ODCONV_ONE_KERNEL_FORM = 'kernels'
 
 

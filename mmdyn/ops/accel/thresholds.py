@@ -128,10 +128,10 @@ THRESHOLDS = {
     # `chunk_bytes` per sample, at most `max_chunks` chunks (each chunk
     # costs four ONNX nodes). DDF-mul ResNet-50 in ONNX Runtime 1.32 (batch
     # 8, 224x224, 2 threads, AVX-512, 2026-12-07, against the exported
-    # ResNet-50, two sessions each): no chunks 1.06-1.08x (350 nodes);
-    # chunks of 1 MiB, at most 4 (4, 4, 2 chunks in stages 1-3): 0.99x
-    # (497 nodes); at most 8: 0.98x (545 nodes, over 4x ResNet-50's 126);
-    # 512 KiB, at most 16: 0.96-0.97x (774 nodes).
+    # ResNet-50, two sessions each; chunks in stages 1-3): no chunks 1.15x
+    # (350 nodes); chunks of 1 MiB, at most 4 (4, 4, 2): 1.03x (497
+    # nodes); at most 8 (8, 4, 2): 1.00-1.01x (545 nodes, over 4x
+    # ResNet-50's 126); 8, 4, 1: 1.02x (503 nodes).
     'ddf_export':
     dict(chunk_bytes=2**20, max_chunks=4),
     # The C loops (c_library.py): one OpenMP thread per

@@ -1,0 +1,299 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""Lower bounds for an exported ODConv-1x or KW-1x ResNet-50 in ONNX Runtime.
+
+What is the least time a ResNet-50 whose 48 bottleneck convs depend on the
+sample can take in a runtime that runs standard ONNX operators one node at
+a time? Three synthetic ResNet-50s (random weights; the stem, the
+downsample convs and the head static, as in the real models; BatchNorm
+folded into each conv's bias) answer it:
+
+- ``static``: the plain network (a check: it must time as the exported
+  mmpretrain ResNet-50).
+- ``scales``: each bottleneck conv is ``conv(x * a) * f + bias``, ``a`` and
+  ``f`` per-sample channel scales from a smaller attention than ODConv's
+  (``a``: the input's mean and ``Sigmoid``; ``f``: two ``Gemm`` through
+  ODConv's hidden width, ``C_in / 16`` and at least 16, and ``Sigmoid``).
+  This is a one-kernel ODConv without its spatial (per-tap) attention: the
+  least any export form that scales the maps (not the kernels) can do.
+- ``kernels``: each bottleneck conv is a per-sample kernel ``W * a`` (one
+  ``Mul`` writing the ``[B, C_out, C_in*k*k]`` kernels) times its input's
+  columns (the map itself for a 1x1 conv, the one-hot im2col ``Conv``
+  for a 3x3 one) by one batched ``MatMul``, then the bias: the least a
+  form with per-sample kernels (a KernelWarehouse or CondConv mixture, an
+  ODConv with the attentions in the kernel) can do, its mixture left out.
+- ``mixed``: per layer the form the ODConv export takes (the kernels for an
+  early 3x3 layer, ``C_out <= H'*W'``, the scales elsewhere).
+
+They run alternately with the exported ResNet-50, ODConv-1x and KW-1x in
+one process, several sessions each (ratios: paired medians to the exported
+ResNet-50)::
+
+    python benchmarks/deploy_floors.py [--threads 2] [--repeat 12] \
+        [--sessions 2] [--batch-sizes 8 1] [--per-layer]
+
+``--per-layer`` also takes the faster form of each conv: from ONNX
+Runtime's profiles of ``static``, ``scales`` and ``kernels`` (steady state),
+each bottleneck conv's nodes (with its ``Relu``; the residual ``Add`` and
+the last ``Relu`` with the third conv) in the faster of ``scales`` and
+``kernels``, every other node as in ``static``, the layout conversions
+(``ReorderInput``/``ReorderOutput``) left out: a floor for any mix of the
+two forms.
+"""
+import argparse
+import collections
+import os
+import os.path as osp
+import re
+import sys
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mmdyn.compat  # noqa: E402
+
+FORMS = ('static', 'scales', 'kernels', 'mixed')
+STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+CONFIGS = {
+    'ResNet-50': 'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+    'ODConv-1x': 'configs/odconv/resnet50-odconv1x_8xb32_in1k.py',
+    'KW-1x': 'configs/kernelwarehouse/resnet50-kw1x_8xb128-300e_in1k.py',
+}
+
+
+class FloorConv(nn.Module):
+    """A bottleneck conv (BatchNorm folded into its bias) in one of
+    :data:`FORMS`; the output size ``out_hw`` picks the form of ``mixed``."""
+
+    def __init__(self, c_in, c_out, kernel, stride, form, out_hw):
+        super().__init__()
+        if form == 'mixed':
+            form = 'kernels' if kernel > 1 and c_out <= out_hw else 'scales'
+        self.form, self.kernel, self.stride = form, kernel, stride
+        self.weight = nn.Parameter(
+            torch.randn(c_out, c_in, kernel, kernel) / (c_in * kernel**2)**.5)
+        self.bias = nn.Parameter(torch.randn(c_out) * .1)
+        hidden = max(c_in // 16, 16)  # ODConv's attention width
+        self.to_filter = nn.Sequential(
+            nn.Linear(c_in, hidden), nn.Linear(hidden, c_out))
+        if kernel > 1:
+            onehot = torch.eye(kernel * kernel).view(kernel * kernel, 1,
+                                                     kernel, kernel)
+            self.register_buffer('onehot', onehot.repeat(c_in, 1, 1, 1))
+
+    def forward(self, x):
+        pad = self.kernel // 2
+        if self.form == 'static':
+            return F.conv2d(x, self.weight, self.bias, self.stride, pad)
+        b, c = x.shape[:2]
+        a = torch.sigmoid(x.mean((2, 3)))
+        if self.form == 'scales':
+            f = torch.sigmoid(self.to_filter(a))
+            y = F.conv2d(x * a[:, :, None, None], self.weight, None,
+                         self.stride, pad)
+            return y * f[:, :, None, None] + self.bias[:, None, None]
+        # kernels: [B, C_out, C_in*k*k] @ [B, C_in*k*k, H'W']
+        taps = self.kernel * self.kernel
+        scale = a[:, None, :, None].expand(-1, 1, c,
+                                           taps).reshape(-1, 1, c * taps)
+        kernels = self.weight.reshape(1, self.weight.shape[0], -1) * scale
+        if self.kernel > 1:
+            x = F.conv2d(x, self.onehot, None, self.stride, pad, groups=c)
+        h, w = x.shape[2:]
+        y = torch.matmul(kernels, x.reshape(-1, x.shape[1], h * w))
+        return y.reshape(-1, self.weight.shape[0], h, w) + self.bias[:, None,
+                                                                     None]
+
+
+class FloorBottleneck(nn.Module):
+
+    def __init__(self, c_in, width, stride, form, hw):
+        super().__init__()
+        out_hw = (hw // stride)**2
+        self.conv1 = FloorConv(c_in, width, 1, 1, form, hw * hw)
+        self.conv2 = FloorConv(width, width, 3, stride, form, out_hw)
+        self.conv3 = FloorConv(width, width * 4, 1, 1, form, out_hw)
+        self.downsample = None
+        if stride != 1 or c_in != width * 4:
+            self.downsample = FloorConv(c_in, width * 4, 1, stride, 'static',
+                                        out_hw)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = F.relu(self.conv2(y))
+        y = self.conv3(y)
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + identity)
+
+
+class FloorResNet50(nn.Module):
+    """ResNet-50 (224x224 input) with its bottleneck convs in ``form``."""
+
+    def __init__(self, form):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+        self.stem = nn.Conv2d(3, 64, 7, 2, 3)
+        blocks, c_in, hw = [], 64, 56
+        for width, depth, stride in STAGES:
+            for i in range(depth):
+                blocks.append(
+                    FloorBottleneck(c_in, width, stride if i == 0 else 1, form,
+                                    hw))
+                c_in, hw = width * 4, hw // (stride if i == 0 else 1)
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2, 1)
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def profile_node_times(onnx_file: str,
+                       batch: int,
+                       threads: int,
+                       runs: int = 12,
+                       warmup: int = 3) -> dict:
+    """ONNX Runtime's per-node kernel times (ms per run, steady state) of
+    ``onnx_file`` at ``batch``: {node name: ms}."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = osp.join(
+        tempfile.mkdtemp(prefix='mmdyn_floor_profile_'), 'profile')
+    session = ort.InferenceSession(
+        onnx_file, options, providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224),
+                                                 dtype=np.float32)
+    for _ in range(warmup + runs):
+        session.run(None, {'input': x})
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    starts = [
+        e['ts'] for e in events
+        if e.get('cat') == 'Session' and e['name'] == 'model_run'
+    ]
+    times = collections.Counter()
+    for e in events:
+        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time') \
+                and e['ts'] >= starts[-runs]:
+            key = e['name'][:-len('_kernel_time')]
+            times[(key, e['args']['op_name'])] += e['dur'] / runs / 1e3
+    return times
+
+
+def conv_of_node(name: str, op_type: str) -> str:
+    """The bottleneck conv ``'<block> conv1|conv2|conv3'`` a node of a
+    :class:`FloorResNet50` export belongs to (a conv's ``Relu``, fused or not,
+    with it; the residual ``Add`` and the block's last ``Relu`` with
+    ``conv3``), ``'reorder'`` for a layout conversion, ``'other'`` for the
+    rest."""
+    if op_type in ('ReorderInput', 'ReorderOutput'):
+        return 'reorder'
+    # ONNX Runtime names a fused node 'fused <first node>'
+    match = re.match(r'(?:fused )?/blocks/blocks\.(\d+)/(.*)', name)
+    if match is None or match.group(2).startswith('downsample'):
+        return 'other'
+    block, rest = match.groups()
+    if rest.startswith('conv1/') or re.match(r'Relu(_output|$)', rest):
+        return f'{int(block):02d} conv1'
+    if rest.startswith('conv2/') or re.match(r'Relu_1(_output|$)', rest):
+        return f'{int(block):02d} conv2'
+    return f'{int(block):02d} conv3'
+
+
+def per_layer_floor(files: dict, batch: int, threads: int) -> tuple:
+    """(the static model's ms, the floor's ms): every bottleneck conv in the
+    faster of ``files['scales']`` and ``files['kernels']``, the rest as in
+    ``files['static']``, layout conversions left out."""
+    per_form = {}
+    for form in ('static', 'scales', 'kernels'):
+        grouped = collections.Counter()
+        for (name, op_type), ms in profile_node_times(files[form], batch,
+                                                      threads).items():
+            grouped[conv_of_node(name, op_type)] += ms
+        per_form[form] = grouped
+    static = sum(per_form['static'].values())
+    convs = set(per_form['scales']) - {'other', 'reorder'}
+    floor = per_form['static']['other'] + sum(
+        min(per_form['scales'][c], per_form['kernels'][c]) for c in convs)
+    return static, floor
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeat', type=int, default=12)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--sessions', type=int, default=2)
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
+    parser.add_argument('--forms', nargs='+', default=list(FORMS))
+    parser.add_argument(
+        '--per-layer',
+        action='store_true',
+        help='also the floor with the faster form of each conv, from '
+        "ONNX Runtime's profiles")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    mmdyn.compat.apply()
+    from mmdyn.analysis.benchmark import paired_ratio
+    from mmdyn.analysis.machine import header_lines
+    from mmdyn.analysis.onnx_export import export_config, export_onnx
+    from mmdyn.analysis.runtime_benchmark import (benchmark_onnx_files,
+                                                  count_nodes)
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp(prefix='mmdyn_deploy_floors_')
+    names, files = [], []
+    for name, config in CONFIGS.items():
+        names.append(name)
+        files.append(osp.join(work, f'{len(files)}.onnx'))
+        export_config(config, files[-1], shape=(224, 224))
+    for form in args.forms:
+        names.append(f'floor: {form}')
+        files.append(osp.join(work, f'{len(files)}.onnx'))
+        export_onnx(FloorResNet50(form).eval(), files[-1], (224, 224))
+    print('\n'.join(header_lines(args.threads)))
+    print('| batch | model | ONNX nodes | ONNX Runtime ms | / ResNet-50 |')
+    print('|---:|---|---:|---:|---:|')
+    for batch in args.batch_sizes:
+        results = benchmark_onnx_files(
+            files,
+            names,
+            'onnxruntime',
+            batch, (224, 224),
+            args.threads,
+            args.repeat,
+            args.warmup,
+            log=None,
+            sessions=args.sessions)
+        for name, path, result in zip(names, files, results):
+            print(f'| {batch} | {name} | {count_nodes(path)} | '
+                  f'{result.median * 1e3:.1f} | '
+                  f'{paired_ratio(result, results[0]):.2f}x |')
+    if args.per_layer:
+        floors = {
+            form: path
+            for name, path in zip(names, files)
+            for form in FORMS if name == f'floor: {form}'
+        }
+        missing = {'static', 'scales', 'kernels'} - set(floors)
+        if missing:
+            raise ValueError(f'--per-layer needs the forms {sorted(missing)}')
+        print('\n| batch | static (profiled ms) | faster form per conv, '
+              'no reorders (ms) | / static |\n|---:|---:|---:|---:|')
+        for batch in args.batch_sizes:
+            static, floor = per_layer_floor(floors, batch, args.threads)
+            print(f'| {batch} | {static:.1f} | {floor:.1f} | '
+                  f'{floor / static:.2f}x |')
+
+
+if __name__ == '__main__':
+    main()
