@@ -1,0 +1,73 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""``benchmarks/deploy_floors.py``: its synthetic convs compute what they stand
+for (against ``F.conv2d`` on scaled inputs), the ``mixed`` model picks the form
+the ODConv export picks, and the profile's nodes are attributed to the right
+conv."""
+import pytest
+import torch
+import torch.nn.functional as F
+from script_loading import load_script
+
+floors = load_script('benchmarks/deploy_floors.py')
+
+
+def _reference(conv, x, scale_outputs):
+    """The conv by ``F.conv2d`` on ``x * a``, ``a`` the sigmoid of the input's
+    mean; times ``f`` (the attention's two linear maps) when ``scale_outputs``;
+    plus the bias."""
+    a = torch.sigmoid(x.mean((2, 3)))
+    y = F.conv2d(x * a[:, :, None, None], conv.weight, None, conv.stride,
+                 conv.kernel // 2)
+    if scale_outputs:
+        y = y * torch.sigmoid(conv.to_filter(a))[:, :, None, None]
+    return y + conv.bias[:, None, None]
+
+
+@pytest.mark.parametrize('kernel,stride', [(1, 1), (3, 1), (3, 2)])
+def test_floor_forms(kernel, stride):
+    torch.manual_seed(0)
+    x = torch.randn(3, 13, 11, 9)
+    for form, scale_outputs in (('scales', True), ('kernels', False)):
+        conv = floors.FloorConv(13, 10, kernel, stride, form, out_hw=1)
+        with torch.no_grad():
+            got = conv(x)
+            want = _reference(conv, x, scale_outputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    static = floors.FloorConv(13, 10, kernel, stride, 'static', out_hw=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            static(x),
+            F.conv2d(x, static.weight, static.bias, stride, kernel // 2))
+
+
+def test_mixed_takes_the_odconv_export_choice():
+    """Per-sample kernels for a 3x3 conv with ``C_out <= H' * W'`` (early
+    layers), scaled maps for the others."""
+    model = floors.FloorResNet50('mixed')
+    forms = {
+        name: module.form
+        for name, module in model.named_modules()
+        if isinstance(module, floors.FloorConv) and 'downsample' not in name
+    }
+    assert len(forms) == 48
+    assert forms['blocks.0.conv2'] == 'kernels'  # 64 <= 56 * 56
+    assert forms['blocks.15.conv2'] == 'scales'  # 512 > 7 * 7
+    assert forms['blocks.0.conv1'] == 'scales'
+    with pytest.raises(ValueError, match='form must be one of'):
+        floors.FloorResNet50('fast')
+
+
+def test_conv_of_node():
+    conv_of = floors.conv_of_node
+    assert conv_of('/blocks/blocks.3/conv1/Mul', 'Mul') == '03 conv1'
+    assert conv_of('/blocks/blocks.3/Relu', 'Relu') == '03 conv1'
+    assert conv_of('/blocks/blocks.3/Relu_output_0_nchwc', 'Conv') == \
+        '03 conv1'
+    assert conv_of('/blocks/blocks.3/Relu_1', 'Relu') == '03 conv2'
+    assert conv_of('fused /blocks/blocks.12/conv2/to_filter/to_filter.0/Gemm',
+                   'FusedGemm') == '12 conv2'
+    assert conv_of('/blocks/blocks.3/Add', 'Add') == '03 conv3'
+    assert conv_of('/blocks/blocks.3/Relu_2', 'Relu') == '03 conv3'
+    assert conv_of('/blocks/blocks.3/downsample/Conv', 'Conv') == 'other'
+    assert conv_of('/stem/Conv', 'Conv') == 'other'
+    assert conv_of('ReorderInput_12', 'ReorderInput') == 'reorder'
