@@ -244,11 +244,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     mmdyn.compat.apply()
-    from mmdyn.analysis.benchmark import paired_ratio
     from mmdyn.analysis.machine import header_lines
     from mmdyn.analysis.onnx_export import export_config, export_onnx
-    from mmdyn.analysis.runtime_benchmark import (benchmark_onnx_files,
-                                                  count_nodes)
+    from mmdyn.analysis.runtime_benchmark import ratio_table
     torch.manual_seed(0)
     work = tempfile.mkdtemp(prefix='mmdyn_deploy_floors_')
     names, files = [], []
@@ -261,23 +259,9 @@ def main(argv=None):
         files.append(osp.join(work, f'{len(files)}.onnx'))
         export_onnx(FloorResNet50(form).eval(), files[-1], (224, 224))
     print('\n'.join(header_lines(args.threads)))
-    print('| batch | model | ONNX nodes | ONNX Runtime ms | / ResNet-50 |')
-    print('|---:|---|---:|---:|---:|')
-    for batch in args.batch_sizes:
-        results = benchmark_onnx_files(
-            files,
-            names,
-            'onnxruntime',
-            batch, (224, 224),
-            args.threads,
-            args.repeat,
-            args.warmup,
-            log=None,
-            sessions=args.sessions)
-        for name, path, result in zip(names, files, results):
-            print(f'| {batch} | {name} | {count_nodes(path)} | '
-                  f'{result.median * 1e3:.1f} | '
-                  f'{paired_ratio(result, results[0]):.2f}x |')
+    print('\n'.join(
+        ratio_table(files, names, args.batch_sizes, (224, 224), args.threads,
+                    args.repeat, args.warmup, args.sessions)))
     if args.per_layer:
         floors = {
             form: path

@@ -9,7 +9,7 @@ in the exported ODConv-1x ResNet-50, against the exported static
 ResNet-50.
 
     python benchmarks/odconv_export_forms.py [--threads 2] [--repeat 10] \
-        [--batch-sizes 8 1] [--shape 224]
+        [--sessions 2] [--batch-sizes 8 1] [--shape 224]
 
 The four files run alternately in one process (ratios: paired medians to
 the static ResNet-50). ``mmdyn.ops.accel.export_forms.ODCONV_ONE_KERNEL_FORM``
@@ -49,14 +49,17 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeat', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument(
+        '--sessions',
+        type=int,
+        default=2,
+        help='ONNX Runtime sessions per file, run in turn')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
     parser.add_argument('--shape', type=int, default=224)
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     mmdyn.compat.apply()
-    from mmdyn.analysis.benchmark import paired_ratio
-    from mmdyn.analysis.runtime_benchmark import (benchmark_onnx_files,
-                                                  count_nodes)
+    from mmdyn.analysis.runtime_benchmark import ratio_table
     work = tempfile.mkdtemp(prefix='mmdyn_odconv_forms_')
     names = [
         'ResNet-50', 'ODConv-1x, columns', 'ODConv-1x, tap maps',
@@ -68,22 +71,10 @@ def main(argv=None):
         export(ODCONV, osp.join(work, 'taps.onnx'), args.shape, 'taps'),
         export(ODCONV, osp.join(work, 'kernels.onnx'), args.shape, 'kernels'),
     ]
-    print('| batch | form | ONNX nodes | ONNX Runtime ms | / ResNet-50 |')
-    print('|---:|---|---:|---:|---:|')
-    for batch in args.batch_sizes:
-        results = benchmark_onnx_files(
-            files,
-            names,
-            'onnxruntime',
-            batch, (args.shape, args.shape),
-            args.threads,
-            args.repeat,
-            args.warmup,
-            log=None)
-        for name, path, result in zip(names, files, results):
-            print(f'| {batch} | {name} | {count_nodes(path)} | '
-                  f'{result.median * 1e3:.1f} | '
-                  f'{paired_ratio(result, results[0]):.2f}x |')
+    print('\n'.join(
+        ratio_table(files, names, args.batch_sizes, (args.shape, args.shape),
+                    args.threads, args.repeat, args.warmup, args.sessions,
+                    'form')))
 
 
 if __name__ == '__main__':

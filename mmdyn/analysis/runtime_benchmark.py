@@ -189,3 +189,41 @@ def benchmark_onnx_files(files: Sequence[str],
         'cpu',
         log,
         measure_memory=False)
+
+
+def ratio_table(files: Sequence[str],
+                names: Sequence[str],
+                batch_sizes: Sequence[int],
+                shape: Sequence[int] = (224, 224),
+                threads: Optional[int] = 2,
+                repeat: int = 10,
+                warmup: int = 2,
+                sessions: int = 1,
+                label: str = 'model') -> List[str]:
+    """``files`` timed in ONNX Runtime by :func:`benchmark_onnx_files` at each
+    of ``batch_sizes``: Markdown lines ``| batch | <label> | ONNX nodes | ONNX
+    Runtime ms | / <first name> |``, ratios as paired medians to the first
+    file's."""
+    from .benchmark import paired_ratio
+    lines = [
+        f'| batch | {label} | ONNX nodes | ONNX Runtime ms | / {names[0]} |',
+        '|---:|---|---:|---:|---:|'
+    ]
+    for batch in batch_sizes:
+        results = benchmark_onnx_files(
+            files,
+            names,
+            batch_size=batch,
+            shape=shape,
+            threads=threads,
+            repeat=repeat,
+            warmup=warmup,
+            log=None,
+            sessions=sessions)
+        lines += [
+            f'| {batch} | {name} | {count_nodes(path)} | '
+            f'{result.median * 1e3:.1f} | '
+            f'{paired_ratio(result, results[0]):.2f}x |'
+            for name, path, result in zip(names, files, results)
+        ]
+    return lines
