@@ -15,14 +15,19 @@ folded into each conv's bias) answer it:
   ODConv's hidden width, ``C_in / 16`` and at least 16, and ``Sigmoid``).
   This is a one-kernel ODConv without its spatial (per-tap) attention: the
   least any export form that scales the maps (not the kernels) can do.
-- ``kernels``: each bottleneck conv is a per-sample kernel ``W * a`` (one
-  ``Mul`` writing the ``[B, C_out, C_in*k*k]`` kernels) times its input's
-  columns (the map itself for a 1x1 conv, the one-hot im2col ``Conv``
-  for a 3x3 one) by one batched ``MatMul``, then the bias: the least a
-  form with per-sample kernels (a KernelWarehouse or CondConv mixture, an
-  ODConv with the attentions in the kernel) can do, its mixture left out.
-- ``mixed``: per layer the form the ODConv export takes (the kernels for an
-  early 3x3 layer, ``C_out <= H'*W'``, the scales elsewhere).
+- ``columns``: ``scales`` with the spatial attention ``t`` (one per tap,
+  from the same hidden layer) on the 3x3 convs, as the ODConv export takes
+  it on deep layers: the im2col columns (the one-hot grouped ``Conv``) of
+  ``x * a`` times ``t``, the static kernel as a 1x1 ``Conv`` over them.
+- ``kernels``: each bottleneck conv is a per-sample kernel ``W * (a x t)``
+  (one ``Mul`` writing the ``[B, C_out, C_in*k*k]`` kernels) times its
+  input's columns (the map itself for a 1x1 conv, the im2col ``Conv`` for a
+  3x3 one) by one batched ``MatMul``, then the bias: the least a form with
+  per-sample kernels (a KernelWarehouse or CondConv mixture, an ODConv with
+  the attentions in the kernel) can do, its mixture (and ODConv's ``f``)
+  left out.
+- ``mixed``: per layer the form the ODConv export takes: the kernels for an
+  early 3x3 layer (``C_out <= H'*W'``), the columns elsewhere.
 
 They run alternately with the exported ResNet-50, ODConv-1x and KW-1x in
 one process, several sessions each (ratios: paired medians to the exported
@@ -32,12 +37,13 @@ ResNet-50)::
         [--sessions 2] [--batch-sizes 8 1] [--per-layer]
 
 ``--per-layer`` also takes the faster form of each conv: from ONNX
-Runtime's profiles of ``static``, ``scales`` and ``kernels`` (steady state),
-each bottleneck conv's nodes (with its ``Relu``; the residual ``Add`` and
-the last ``Relu`` with the third conv) in the faster of ``scales`` and
-``kernels``, every other node as in ``static``, the layout conversions
-(``ReorderInput``/``ReorderOutput``) left out: a floor for any mix of the
-two forms.
+Runtime's profiles of ``static``, ``scales``, ``columns`` and ``kernels``
+(steady state), each bottleneck conv's nodes (its attention and ``Relu``;
+the residual ``Add`` and the last ``Relu`` with the third conv) in the
+faster of ``scales`` and ``kernels`` (without the spatial attention) or, for
+a 3x3 conv, of ``columns`` and ``kernels`` (with it), every other node as
+in ``static``, the layout conversions (``ReorderInput``/``ReorderOutput``)
+left out: floors for any mix of the forms.
 """
 import argparse
 import collections
@@ -56,7 +62,7 @@ sys.path.insert(0, ROOT)
 
 import mmdyn.compat  # noqa: E402
 
-FORMS = ('static', 'scales', 'kernels', 'mixed')
+FORMS = ('static', 'scales', 'kernels', 'mixed', 'columns')
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
 CONFIGS = {
     'ResNet-50': 'mmpretrain::resnet/resnet50_8xb32_in1k.py',
@@ -72,34 +78,58 @@ class FloorConv(nn.Module):
     def __init__(self, c_in, c_out, kernel, stride, form, out_hw):
         super().__init__()
         if form == 'mixed':
-            form = 'kernels' if kernel > 1 and c_out <= out_hw else 'scales'
+            form = 'kernels' if kernel > 1 and c_out <= out_hw else 'columns'
         self.form, self.kernel, self.stride = form, kernel, stride
         self.weight = nn.Parameter(
             torch.randn(c_out, c_in, kernel, kernel) / (c_in * kernel**2)**.5)
         self.bias = nn.Parameter(torch.randn(c_out) * .1)
         hidden = max(c_in // 16, 16)  # ODConv's attention width
-        self.to_filter = nn.Sequential(
-            nn.Linear(c_in, hidden), nn.Linear(hidden, c_out))
+        self.to_hidden = nn.Linear(c_in, hidden)
+        self.to_filter = nn.Linear(hidden, c_out)
+        self.to_taps = nn.Linear(hidden, kernel * kernel)
         if kernel > 1:
             onehot = torch.eye(kernel * kernel).view(kernel * kernel, 1,
                                                      kernel, kernel)
             self.register_buffer('onehot', onehot.repeat(c_in, 1, 1, 1))
 
+    def attention(self, x):
+        """``a`` [B, C_in] (input channels), ``f`` [B, C_out] (filters), ``t``
+        [B, k*k] (taps; ones for a 1x1 conv)."""
+        a = torch.sigmoid(x.mean((2, 3)))
+        hidden = self.to_hidden(a)
+        taps = torch.sigmoid(self.to_taps(hidden))
+        if self.kernel == 1:
+            taps = torch.ones_like(taps)
+        return a, torch.sigmoid(self.to_filter(hidden)), taps
+
     def forward(self, x):
         pad = self.kernel // 2
         if self.form == 'static':
             return F.conv2d(x, self.weight, self.bias, self.stride, pad)
-        b, c = x.shape[:2]
-        a = torch.sigmoid(x.mean((2, 3)))
-        if self.form == 'scales':
-            f = torch.sigmoid(self.to_filter(a))
+        c, taps = x.shape[1], self.kernel * self.kernel
+        a, f, t = self.attention(x)
+        if self.form == 'scales' or (self.form == 'columns'
+                                     and self.kernel == 1):
             y = F.conv2d(x * a[:, :, None, None], self.weight, None,
                          self.stride, pad)
             return y * f[:, :, None, None] + self.bias[:, None, None]
+        if self.form == 'columns':
+            # the im2col columns of x * a times t, the static kernel as a
+            # 1x1 conv over them
+            cols = F.conv2d(
+                x * a[:, :, None, None],
+                self.onehot,
+                None,
+                self.stride,
+                pad,
+                groups=c)
+            cols = cols * t[:, None, :].expand(-1, c, -1).reshape(
+                -1, c * taps, 1, 1)
+            y = F.conv2d(cols,
+                         self.weight.reshape(self.weight.shape[0], -1, 1, 1))
+            return y * f[:, :, None, None] + self.bias[:, None, None]
         # kernels: [B, C_out, C_in*k*k] @ [B, C_in*k*k, H'W']
-        taps = self.kernel * self.kernel
-        scale = a[:, None, :, None].expand(-1, 1, c,
-                                           taps).reshape(-1, 1, c * taps)
+        scale = (a[:, :, None] * t[:, None, :]).reshape(-1, 1, c * taps)
         kernels = self.weight.reshape(1, self.weight.shape[0], -1) * scale
         if self.kernel > 1:
             x = F.conv2d(x, self.onehot, None, self.stride, pad, groups=c)
@@ -211,11 +241,15 @@ def conv_of_node(name: str, op_type: str) -> str:
 
 
 def per_layer_floor(files: dict, batch: int, threads: int) -> tuple:
-    """(the static model's ms, the floor's ms): every bottleneck conv in the
-    faster of ``files['scales']`` and ``files['kernels']``, the rest as in
-    ``files['static']``, layout conversions left out."""
+    """(the static model's ms, the floor without the spatial attention, the
+    floor with it), from profiles: every bottleneck conv in the faster of its
+    forms, the rest as in ``files['static']``, layout conversions left out.
+
+    Without the spatial attention a conv's forms are ``scales`` and
+    ``kernels``; with it a 3x3 conv's are ``columns`` and ``kernels``.
+    """
     per_form = {}
-    for form in ('static', 'scales', 'kernels'):
+    for form in ('static', 'scales', 'kernels', 'columns'):
         grouped = collections.Counter()
         for (name, op_type), ms in profile_node_times(files[form], batch,
                                                       threads).items():
@@ -223,9 +257,15 @@ def per_layer_floor(files: dict, batch: int, threads: int) -> tuple:
         per_form[form] = grouped
     static = sum(per_form['static'].values())
     convs = set(per_form['scales']) - {'other', 'reorder'}
-    floor = per_form['static']['other'] + sum(
-        min(per_form['scales'][c], per_form['kernels'][c]) for c in convs)
-    return static, floor
+    floors = []
+    for spatial in (False, True):
+        total = per_form['static']['other']
+        for conv in convs:
+            maps = 'columns' if spatial and conv.endswith('conv2') else \
+                'scales'
+            total += min(per_form[maps][conv], per_form['kernels'][conv])
+        floors.append(total)
+    return (static, *floors)
 
 
 def main(argv=None):
@@ -268,15 +308,18 @@ def main(argv=None):
             for name, path in zip(names, files)
             for form in FORMS if name == f'floor: {form}'
         }
-        missing = {'static', 'scales', 'kernels'} - set(floors)
+        missing = {'static', 'scales', 'kernels', 'columns'} - set(floors)
         if missing:
             raise ValueError(f'--per-layer needs the forms {sorted(missing)}')
-        print('\n| batch | static (profiled ms) | faster form per conv, '
-              'no reorders (ms) | / static |\n|---:|---:|---:|---:|')
+        print('\n| batch | static (profiled ms) | faster form per conv, no '
+              'reorders (ms) | / static | with the spatial attention (ms) '
+              '| / static |\n|---:|---:|---:|---:|---:|---:|')
         for batch in args.batch_sizes:
-            static, floor = per_layer_floor(floors, batch, args.threads)
-            print(f'| {batch} | {static:.1f} | {floor:.1f} | '
-                  f'{floor / static:.2f}x |')
+            static, plain, spatial = per_layer_floor(floors, batch,
+                                                     args.threads)
+            print(f'| {batch} | {static:.1f} | {plain:.1f} | '
+                  f'{plain / static:.2f}x | {spatial:.1f} | '
+                  f'{spatial / static:.2f}x |')
 
 
 if __name__ == '__main__':

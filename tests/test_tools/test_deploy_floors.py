@@ -11,27 +11,40 @@ from script_loading import load_script
 floors = load_script('benchmarks/deploy_floors.py')
 
 
-def _reference(conv, x, scale_outputs):
-    """The conv by ``F.conv2d`` on ``x * a``, ``a`` the sigmoid of the input's
-    mean; times ``f`` (the attention's two linear maps) when ``scale_outputs``;
-    plus the bias."""
+def _reference(conv, x, scale_outputs, spatial):
+    """The conv one sample at a time by ``F.conv2d`` on ``x * a`` with the
+    kernel's taps times ``t`` (when ``spatial``), ``a`` the sigmoid of the
+    input's mean, ``t`` of the hidden layer; times ``f`` when
+    ``scale_outputs``; plus the bias."""
     a = torch.sigmoid(x.mean((2, 3)))
-    y = F.conv2d(x * a[:, :, None, None], conv.weight, None, conv.stride,
-                 conv.kernel // 2)
-    if scale_outputs:
-        y = y * torch.sigmoid(conv.to_filter(a))[:, :, None, None]
-    return y + conv.bias[:, None, None]
+    hidden = conv.to_hidden(a)
+    f = torch.sigmoid(conv.to_filter(hidden))
+    t = torch.sigmoid(conv.to_taps(hidden))
+    outputs = []
+    for b in range(x.shape[0]):
+        weight = conv.weight
+        if spatial:
+            weight = weight * t[b].view(1, 1, conv.kernel, conv.kernel)
+        y = F.conv2d(x[b:b + 1] * a[b].view(1, -1, 1, 1), weight, None,
+                     conv.stride, conv.kernel // 2)
+        if scale_outputs:
+            y = y * f[b].view(1, -1, 1, 1)
+        outputs.append(y + conv.bias.view(1, -1, 1, 1))
+    return torch.cat(outputs)
 
 
 @pytest.mark.parametrize('kernel,stride', [(1, 1), (3, 1), (3, 2)])
 def test_floor_forms(kernel, stride):
     torch.manual_seed(0)
     x = torch.randn(3, 13, 11, 9)
-    for form, scale_outputs in (('scales', True), ('kernels', False)):
+    spatial = kernel > 1
+    for form, scale_outputs, taps in (('scales', True, False), ('columns',
+                                                                True, spatial),
+                                      ('kernels', False, spatial)):
         conv = floors.FloorConv(13, 10, kernel, stride, form, out_hw=1)
         with torch.no_grad():
             got = conv(x)
-            want = _reference(conv, x, scale_outputs)
+            want = _reference(conv, x, scale_outputs, taps)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     static = floors.FloorConv(13, 10, kernel, stride, 'static', out_hw=1)
     with torch.no_grad():
@@ -42,7 +55,7 @@ def test_floor_forms(kernel, stride):
 
 def test_mixed_takes_the_odconv_export_choice():
     """Per-sample kernels for a 3x3 conv with ``C_out <= H' * W'`` (early
-    layers), scaled maps for the others."""
+    layers), scaled maps (and scaled columns for a 3x3 conv) for the others."""
     model = floors.FloorResNet50('mixed')
     forms = {
         name: module.form
@@ -51,8 +64,8 @@ def test_mixed_takes_the_odconv_export_choice():
     }
     assert len(forms) == 48
     assert forms['blocks.0.conv2'] == 'kernels'  # 64 <= 56 * 56
-    assert forms['blocks.15.conv2'] == 'scales'  # 512 > 7 * 7
-    assert forms['blocks.0.conv1'] == 'scales'
+    assert forms['blocks.15.conv2'] == 'columns'  # 512 > 7 * 7
+    assert forms['blocks.0.conv1'] == 'columns'  # a 1x1: scaled maps
     with pytest.raises(ValueError, match='form must be one of'):
         floors.FloorResNet50('fast')
 
@@ -64,7 +77,7 @@ def test_conv_of_node():
     assert conv_of('/blocks/blocks.3/Relu_output_0_nchwc', 'Conv') == \
         '03 conv1'
     assert conv_of('/blocks/blocks.3/Relu_1', 'Relu') == '03 conv2'
-    assert conv_of('fused /blocks/blocks.12/conv2/to_filter/to_filter.0/Gemm',
+    assert conv_of('fused /blocks/blocks.12/conv2/to_hidden/Gemm',
                    'FusedGemm') == '12 conv2'
     assert conv_of('/blocks/blocks.3/Add', 'Add') == '03 conv3'
     assert conv_of('/blocks/blocks.3/Relu_2', 'Relu') == '03 conv3'
