@@ -36,14 +36,14 @@ def onnxruntime_session_options(threads: Optional[int] = None):
 
     ONNX Runtime's idle intra-op workers spin for a while after a run
     returns. When another session, or PyTorch, runs next on the same cores,
-    those spinning workers take cores from it: on a 2-core machine, a
-    batch-1 ResNet-50 session alternating with others took 52-53 ms a run
-    instead of the 27-28 ms it takes alone, which pulls every ratio towards
-    1. ``session.force_spinning_stop`` ends the spinning when a run returns
-    and keeps it during the run, so a session runs as it does alone with
-    the default options; turning spinning off altogether
+    those spinning workers take cores from it: a session alternating with
+    others then runs much slower than alone (most at batch 1), which pulls
+    every time ratio towards 1 (``benchmarks/deploy.md`` has the
+    measurements). ``session.force_spinning_stop`` ends the spinning when a
+    run returns and keeps it during the run, so a session runs as it does
+    alone with the default options; turning spinning off altogether
     (``session.intra_op.allow_spinning = 0``) would slow down graphs of many
-    small nodes instead (a DDF ResNet-50 at batch 1: 35 against 28 ms).
+    small nodes instead.
     """
     import onnxruntime as ort
     options = ort.SessionOptions()

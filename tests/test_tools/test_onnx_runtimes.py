@@ -362,7 +362,7 @@ def test_timed_sessions_stop_spinning(exported_stack, monkeypatch):
     """Sessions timed beside others (the benchmark's alternating sessions,
     --verify's run before PyTorch's) stop their workers' spinning when a
     run returns: spinning, the workers of one session took the cores of the
-    next (a batch-1 ResNet-50 ran 52-53 ms instead of 27-28 ms alone)."""
+    next."""
     from mmdyn.analysis.onnx_export import compare_with_onnxruntime
     from mmdyn.analysis.runtime_benchmark import benchmark_onnx_files
     module, path = exported_stack
