@@ -33,7 +33,7 @@ def _reference(conv, x, scale_outputs, spatial):
     return torch.cat(outputs)
 
 
-@pytest.mark.parametrize('kernel,stride', [(1, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize('kernel,stride', [(1, 1), (1, 2), (3, 1), (3, 2)])
 def test_floor_forms(kernel, stride):
     torch.manual_seed(0)
     x = torch.randn(3, 13, 11, 9)
@@ -84,3 +84,25 @@ def test_conv_of_node():
     assert conv_of('/blocks/blocks.3/downsample/Conv', 'Conv') == 'other'
     assert conv_of('/stem/Conv', 'Conv') == 'other'
     assert conv_of('ReorderInput_12', 'ReorderInput') == 'reorder'
+
+
+@pytest.mark.parametrize('form', ['scales', 'columns', 'kernels'])
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_floor_exports_have_no_shape_nodes(tmp_path, form, kernel):
+    """A floor is the least its form can do: no shape computations in the
+    exported graph (the shapes are Python ints), and a 1x1 conv computes no
+    tap attention."""
+    onnx = pytest.importorskip('onnx')
+    from mmdyn.analysis.onnx_export import export_onnx
+    conv = floors.FloorConv(3, 8, kernel, 1, form, out_hw=1).eval()
+    path = str(tmp_path / 'conv.onnx')
+    export_onnx(conv, path, (12, 10))
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert not ops & {'Shape', 'Gather', 'Expand', 'ConstantOfShape', 'Where'
+                      }, ops
+    gemms = sum(node.op_type == 'Gemm' for node in onnx.load(path).graph.node)
+    # the hidden layer and the filters' scales; with taps: their scales; the
+    # kernels: no filter scales
+    spatial = kernel > 1
+    expected = {'scales': 2, 'columns': 2 + spatial, 'kernels': 2 * spatial}
+    assert gemms == expected[form]
