@@ -203,8 +203,9 @@ def profile_node_times(onnx_file: str,
 
     import numpy as np
     import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+
+    from mmdyn.analysis.runtime_benchmark import onnxruntime_session_options
+    options = onnxruntime_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = osp.join(
         tempfile.mkdtemp(prefix='mmdyn_floor_profile_'), 'profile')

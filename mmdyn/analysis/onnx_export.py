@@ -311,11 +311,7 @@ def fold_constant_nodes(model) -> int:
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
     graph = model.graph
-    overridable = {i.name for i in graph.input}
-    values = {
-        i.name: numpy_helper.to_array(i)
-        for i in graph.initializer if i.name not in overridable
-    }
+    values = _constant_arrays(graph)
     folded = []
     for node in graph.node:  # topologically sorted
         inputs = [name for name in node.input if name]
@@ -424,11 +420,7 @@ def lp_normalize_divisions(model) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
     graph = model.graph
-    overridable = {i.name for i in graph.input}
-    consts = {
-        i.name: numpy_helper.to_array(i)
-        for i in graph.initializer if i.name not in overridable
-    }
+    consts = _constant_arrays(graph)
     for node in graph.node:
         if node.op_type == 'Constant' and node.attribute and \
                 node.attribute[0].name == 'value':
@@ -550,6 +542,17 @@ def keep_batch_in_reshapes(model) -> int:
         rewritten += 1
     _drop_unused_initializers(graph)
     return rewritten
+
+
+def _constant_arrays(graph) -> dict:
+    """``{name: ndarray}`` of ``graph``'s initializers that are not also graph
+    inputs (those are values a caller may override)."""
+    from onnx import numpy_helper
+    overridable = {i.name for i in graph.input}
+    return {
+        i.name: numpy_helper.to_array(i)
+        for i in graph.initializer if i.name not in overridable
+    }
 
 
 def _drop_unused_initializers(graph, read: Optional[set] = None) -> None:

@@ -40,8 +40,8 @@ def onnxruntime_session_options(threads: Optional[int] = None):
     others then runs much slower than alone (most at batch 1), which pulls
     every time ratio towards 1 (``benchmarks/deploy.md`` has the
     measurements). ``session.force_spinning_stop`` ends the spinning when a
-    run returns and keeps it during the run, so a session runs as it does
-    alone with the default options; turning spinning off altogether
+    run returns and keeps it during the run, so a session runs about as it
+    does alone with the default options; turning spinning off altogether
     (``session.intra_op.allow_spinning = 0``) would slow down graphs of many
     small nodes instead.
     """
@@ -62,8 +62,8 @@ def open_session(onnx_file: str,
     (None: the runtime's default), in float32 (OpenVINO's default on CPUs with
     bfloat16 units is bfloat16).
 
-    ONNX Runtime's workers stop spinning when a
-    run returns (:func:`onnxruntime_session_options`).
+    ONNX Runtime's workers stop spinning when
+    a run returns (:func:`onnxruntime_session_options`).
     """
     if not runtime_available(runtime):
         raise RuntimeError(f'{runtime} is not installed: pip install '

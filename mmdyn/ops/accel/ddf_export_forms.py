@@ -153,10 +153,9 @@ def ddf_apply(x: torch.Tensor,
     columns' product per chunk, one ``Concat``. A runtime computes one node
     at a time over the whole tensor, so the ``k*k`` times larger columns
     travel through memory three times (written, multiplied, read by the
-    ``MatMul``); on smaller tensors these passes run faster (in ONNX
-    Runtime 1.32 on a 2-core AVX-512 machine, an elementwise product at
-    43-51 GB/s on 8-34 MB, 24 GB/s on 67 MB). The chunk rule was chosen by
-    timing whole models (``benchmarks/deploy.md``).
+    ``MatMul``); chunks small enough to stay in the cache make these passes
+    faster. The chunk rule was chosen by timing whole models
+    (``benchmarks/deploy.md`` has the measurements).
     """
     C = int(x.shape[1])
     Ho, Wo = int(out_hw[0]), int(out_hw[1])
