@@ -1,0 +1,623 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""Lower bounds, from the vendor libraries' own operations, for a one-kernel
+ODConv and a four-kernel DyConv 3x3 layer on CPU, and the per-call costs that
+``torch.compile`` adds to a layer.
+
+How fast can such a layer be, next to ``nn.Conv2d`` of the same shape, if
+its multiply-adds run in oneDNN/MKL (the only code that reaches their
+speed on this CPU: the project's C loops run GEMM-like work at a third of
+it)? Every way of writing the layer with the libraries' calls is a *form*:
+a list of *pieces*, each one library call (or one C pass over memory) that
+the form cannot do without. A piece is timed alone, on operands prepared
+outside the timing, so a form's floor is the sum of its pieces' medians:
+no glue, no Python between them, no attention. The layer cannot run a
+form faster than that form's floor, and the family's floor is the least
+over its forms.
+
+ODConv, one kernel (``y = alpha_f * conv(alpha_c * x, alpha_s * W)``;
+``alpha_s`` one weight per sample and tap, so no static conv computes it):
+
+- ``taps``: ``alpha_c * x`` written pixel-major (one pass over the input),
+  one GEMM ``[B*H*W, C_in] x [C_in, k*k*C_out]`` (the conv's multiply-adds),
+  then the weighted sum of the shifted taps with ``alpha_s * alpha_f`` (the
+  C loop of the ``tap_gemm`` path: one read of the ``k*k`` times larger
+  GEMM output).
+- ``columns``: ``alpha_c * x`` (one pass), its im2col columns (``F.unfold``:
+  a write ``k*k`` times the input), ``alpha_s`` on them (one read-write of
+  the columns), one batched GEMM with the static kernel, ``alpha_f`` on the
+  output (one pass).
+- ``kernels``: the per-sample kernels ``W * alpha_c * alpha_s`` (one write
+  of ``B`` kernels), one grouped conv of the batch (oneDNN, its weight
+  reordered per call since it is new each call), ``alpha_f`` (one pass).
+
+DyConv, ``K`` kernels (``y = conv(x, sum_k pi_k W_k)``):
+
+- ``kernels``: the mixture, one GEMM ``[B, K] x [K, numel(W)]`` (one write
+  of ``B`` kernels), one grouped conv of the batch.
+- ``taps``: the input pixel-major (one pass), the mixture in the tap GEMM's
+  layout (the same write), one batched GEMM ``[B, H*W, C_in] x [B, C_in,
+  k*k*C_out]``, the tap sum (the C loop, unit scales).
+- ``samples``: per sample, its mixed kernel and a batch-1 conv (the
+  ``chunked`` path's calls), as one piece.
+- ``static``: one conv with all ``K*C_out`` kernels (``K`` times the
+  multiply-adds), then the routing-weighted sum of the ``K`` outputs.
+
+Each form's pieces, run in order, give the layer's output
+(``tests/test_tools/test_cpu_floors.py`` checks every form against the
+layer's ``forward_reference``). Each piece, the layer itself
+(``impl='auto'``) and ``nn.Conv2d`` are timed in blocks of calls in a row
+(after one untimed call: the operands as warm as they can be, the best
+state for each, so that the sums are under what any run of the form
+takes), the blocks alternating over the rounds; medians.
+
+``--kw`` adds a floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
+inference): the static ResNet-50, timed, with the time of each of its convs
+that KW-1x replaces (timed inside the model, by forward hooks) replaced by
+that KW conv's kernel assembly (the ``attention @ cells`` GEMM at MKL's
+speed, operands prepared) plus the faster per-sample conv of prepared
+kernels (the grouped conv of the batch; for a stride-1 1x1 conv, also the
+batched matmul of per-sample matrices). Everything else a KW layer does
+(its attention, the glue) is left out.
+
+``--compile`` adds the costs of a compiled call on this machine: an
+opaque custom operator whose body is one ``[N, N] x [N, N]`` matmul, called
+directly and from a ``torch.compile``'d function (the difference is what
+compiling a single layer, as one ``mmdyn::layer_forward`` operator, adds
+to it), and a tiny op right after a memory-heavy one (the state in which a
+layer's Python-side work runs between convs).
+
+Usage::
+
+    python benchmarks/cpu_floors.py [--threads 2] [--rounds 21] \
+        [--batch 8] [--channels 256] [--size 14] [--kw] [--compile]
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: A piece: (name, the timed call).
+Piece = Tuple[str, Callable[[], object]]
+
+
+def _tap_table(k: int, padding: int, c_out: int, h: int, w: int):
+    """The C tap sum's table for a stride-1 ``k x k`` conv whose tap maps are
+    pixel-major ``[B, h, w, k*k*C_out]`` (tap-major within a pixel)."""
+    rows = [(t * c_out, k * k * c_out, h, w, t // k - padding, t % k - padding,
+             t) for t in range(k * k)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _tap_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, k, k] -> [C_in, k*k*C_out], column ``t*C_out + o``."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(1, 2, 3, 0).reshape(c_in, -1).contiguous()
+
+
+def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
+    """The forms of a one-kernel, stride-1, ungrouped ODConv ``layer`` on ``x``
+    (its attentions computed once, outside the pieces); each piece list, run in
+    order, leaves the output in ``out`` of its last piece's closure, returned
+    by that piece."""
+    from mmdyn.ops.accel import tap_sum_cpu
+    channel, filt, spatial, _ = (None if a is None else a.detach()
+                                 for a in layer.attentions(x))
+    b, c_in, h, w = x.shape
+    weight = layer.weight[0].detach()
+    c_out, _, k, _ = weight.shape
+    pad = layer.padding[0]
+    filt = torch.ones(b, c_out, dtype=x.dtype) if filt is None else filt
+    forms = {}
+
+    # taps
+    xs = x.new_empty(b, h, w, c_in)
+    kernel = _tap_kernel(weight)
+    maps = x.new_empty(b * h * w, k * k * c_out)
+    table = _tap_table(k, pad, c_out, h, w)
+    scale = (spatial[:, :, None] * filt[:, None, :]).contiguous()
+    out_taps = x.new_empty(b, c_out, h, w)
+    lib = tap_sum_cpu.load()
+    forms['taps'] = [
+        ('scale input (pixel-major)', lambda: torch.mul(
+            x, channel[:, :, None, None], out=xs.permute(0, 3, 1, 2))),
+        ('GEMM to the taps',
+         lambda: torch.mm(xs.view(-1, c_in), kernel, out=maps)),
+        ('tap sum (C)',
+         lambda: tap_sum_cpu.tap_sum(lib, maps, table, scale, None, out_taps)),
+    ]
+
+    # columns
+    xc = torch.empty_like(x)
+    cols = x.new_empty(b, c_in * k * k, h * w)
+    tap_scale = spatial[:, None, :, None].expand(b, c_in, k * k, 1)
+    flat_kernel = weight.reshape(c_out, -1)
+    out_cols = x.new_empty(b, c_out, h * w)
+    forms['columns'] = [
+        ('scale input',
+         lambda: torch.mul(x, channel[:, :, None, None], out=xc)),
+        ('im2col', lambda: cols.copy_(F.unfold(xc, k, padding=pad))),
+        ('tap scale', lambda: cols.view(b, c_in, k * k, -1).mul_(tap_scale)),
+        ('batched GEMM',
+         lambda: torch.matmul(flat_kernel, cols, out=out_cols)),
+        ('filter scale',
+         lambda: out_cols.mul_(filt[:, :, None]).view(b, c_out, h, w)),
+    ]
+
+    # kernels
+    kernels = x.new_empty(b, c_out, c_in, k * k)
+    per_sample = (channel[:, None, :, None] * spatial[:, None, None, :])
+    flat = weight.reshape(1, c_out, c_in, k * k)
+    grouped = {}
+
+    def grouped_conv():
+        grouped['out'] = F.conv2d(
+            x.view(1, b * c_in, h, w),
+            kernels.view(b * c_out, c_in, k, k),
+            padding=pad,
+            groups=b)
+        return grouped['out']
+
+    forms['kernels'] = [
+        ('per-sample kernels',
+         lambda: torch.mul(flat, per_sample, out=kernels)),
+        ('grouped conv', grouped_conv),
+        ('filter scale', lambda: grouped['out'].view(b, c_out, h, w).mul_(
+            filt[:, :, None, None])),
+    ]
+    return forms
+
+
+def dyconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
+    """The forms of a stride-1, ungrouped CondConv/DyConv ``layer`` without
+    bias on ``x`` (its routing weights computed once, outside the pieces); see
+    :func:`odconv_forms`."""
+    from mmdyn.ops.accel import tap_sum_cpu
+    pi = layer.routing_weights(x).detach()
+    b, c_in, h, w = x.shape
+    bank = layer.weight.detach()
+    n_kernels, c_out, _, k, _ = bank.shape
+    pad = layer.padding[0]
+    forms = {}
+
+    # kernels
+    flat_bank = bank.reshape(n_kernels, -1)
+    mixed = x.new_empty(b, flat_bank.shape[1])
+    forms['kernels'] = [
+        ('mixture (GEMM)', lambda: torch.mm(pi, flat_bank, out=mixed)),
+        ('grouped conv', lambda: F.conv2d(
+            x.view(1, b * c_in, h, w),
+            mixed.view(b * c_out, c_in, k, k),
+            padding=pad,
+            groups=b).view(b, c_out, h, w)),
+    ]
+
+    # taps
+    xs = x.new_empty(b, h, w, c_in)
+    tap_bank = torch.stack([_tap_kernel(bank[i]) for i in range(n_kernels)])
+    tap_bank = tap_bank.reshape(n_kernels, -1)
+    tap_mixed = x.new_empty(b, c_in, k * k * c_out)
+    maps = x.new_empty(b, h * w, k * k * c_out)
+    table = _tap_table(k, pad, c_out, h, w)
+    ones = x.new_ones(b, k * k, c_out)
+    out_taps = x.new_empty(b, c_out, h, w)
+    lib = tap_sum_cpu.load()
+    forms['taps'] = [
+        ('input pixel-major', lambda: xs.permute(0, 3, 1, 2).copy_(x)),
+        ('mixture (GEMM, tap layout)',
+         lambda: torch.mm(pi, tap_bank, out=tap_mixed.view(b, -1))),
+        ('batched GEMM to the taps',
+         lambda: torch.bmm(xs.view(b, h * w, c_in), tap_mixed, out=maps)),
+        ('tap sum (C)',
+         lambda: tap_sum_cpu.tap_sum(lib, maps, table, ones, None, out_taps)),
+    ]
+
+    # samples
+    one = x.new_empty(1, flat_bank.shape[1])
+    out_samples = x.new_empty(b, c_out, h, w)
+
+    def per_sample():
+        for i in range(b):
+            torch.mm(pi[i:i + 1], flat_bank, out=one)
+            out_samples[i:i + 1] = F.conv2d(
+                x[i:i + 1], one.view(c_out, c_in, k, k), padding=pad)
+        return out_samples
+
+    forms['samples'] = [('per sample: mixture and batch-1 conv', per_sample)]
+
+    # static
+    all_kernels = bank.reshape(n_kernels * c_out, c_in, k, k)
+    convs = {}
+
+    def static_conv():
+        convs['out'] = F.conv2d(x, all_kernels, padding=pad)
+        return convs['out']
+
+    forms['static'] = [
+        ('conv with all K kernels', static_conv),
+        ('routing-weighted sum',
+         lambda: torch.einsum('bk,bkchw->bchw', pi, convs['out'].view(
+             b, n_kernels, c_out, h, w))),
+    ]
+    return forms
+
+
+def run_form(pieces: List[Piece]) -> torch.Tensor:
+    """Run a form's pieces in order; its output (what the last one returns, as
+    [B, C_out, H, W])."""
+    out = None
+    for _, call in pieces:
+        out = call()
+    return out
+
+
+def floors(piece_medians: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Each form's floor (the sum of its pieces' medians) and ``'floor'``, the
+    least of them."""
+    sums = {
+        form: sum(pieces.values())
+        for form, pieces in piece_medians.items()
+    }
+    sums['floor'] = min(sums.values())
+    return sums
+
+
+def _time_rounds(candidates: Dict[str, Callable[[], object]],
+                 rounds: int,
+                 warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each candidate, all alternating within a round."""
+    for _ in range(warmup):
+        for call in candidates.values():
+            call()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _time_blocks(candidates: Dict[str, Callable[[], object]],
+                 rounds: int,
+                 block: int = 5) -> Dict[str, float]:
+    """Median seconds of each candidate, timed ``block`` times in a row after
+    one untimed call (its operands as warm as they can be: the best state for
+    each), the candidates' blocks alternating over ``rounds``."""
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            call()
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def build_layers(channels: int) -> Dict[str, torch.nn.Module]:
+    """The two layers of the issue's rows, 3x3, stride 1, no bias, eval."""
+    from mmdyn.ops import DyConv2d, ODConv2d
+    return {
+        'ODConv2d K=1':
+        ODConv2d(channels, channels, 3, padding=1, bias=False,
+                 kernel_num=1).eval(),
+        'DyConv2d K=4':
+        DyConv2d(channels, channels, 3, padding=1, bias=False,
+                 kernel_num=4).eval(),
+    }
+
+
+GOALS = {'ODConv2d K=1': 1.3, 'DyConv2d K=4': 1.3}
+
+
+def layer_table(batch: int, channels: int, size: int,
+                rounds: int) -> List[str]:
+    """Markdown rows: per layer, the static conv, the layer, each piece, each
+    form's floor and the least; times in ms and as ratios to the conv."""
+    x = torch.randn(batch, channels, size, size)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
+    lines = ['| layer | candidate | ms | / nn.Conv2d |', '|---|---|---:|---:|']
+    with torch.no_grad():
+        for name, layer in build_layers(channels).items():
+            forms = (odconv_forms
+                     if name.startswith('ODConv') else dyconv_forms)(layer, x)
+            candidates = {
+                'nn.Conv2d': lambda: conv(x),
+                'layer': lambda: layer(x)
+            }
+            for form, pieces in forms.items():
+                for piece, call in pieces:
+                    candidates[f'{form}: {piece}'] = call
+            med = _time_blocks(candidates, rounds)
+            base = med['nn.Conv2d']
+            layer(x)
+            per_form = {
+                form: {
+                    p: med[f'{form}: {p}']
+                    for p, _ in pieces
+                }
+                for form, pieces in forms.items()
+            }
+            sums = floors(per_form)
+            rows = [('nn.Conv2d', base),
+                    (f'layer (path `{layer.last_path}`)', med['layer'])]
+            rows += [(f'{form}: {p}', t) for form, pieces in per_form.items()
+                     for p, t in pieces.items()]
+            rows += [(f'**{form} floor**', sums[form]) for form in per_form]
+            rows.append(('**least floor** (goal: '
+                         f'{GOALS[name]:.1f}x)', sums['floor']))
+            lines += [
+                f'| {name} | {label} | {t * 1e3:.3f} | {t / base:.2f} |'
+                for label, t in rows
+            ]
+    return lines
+
+
+def kw_layers(model, x: torch.Tensor) -> list:
+    """``(name, layer, input shape, (rows, inner, columns))`` of every
+    KernelWarehouse conv of ``model`` in one inference forward on ``x``: its
+    input and its kernel assembly ``[rows, inner] x [inner, columns]``."""
+    from mmdyn.ops import KWConv2d
+    from mmdyn.ops import kernel_warehouse as kw
+    inputs, products = {}, {}
+    real = kw._KWLayerMixin.mix_cells
+
+    def recording(self, attention, *args, **kwargs):
+        cells = self.warehouse_manager.weights[self.warehouse_id]
+        products[id(self)] = (attention.shape[0] * attention.shape[1],
+                              attention.shape[2], cells[0].numel())
+        return real(self, attention, *args, **kwargs)
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, KWConv2d)]
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args: inputs.__setitem__(id(mod), args[0].shape))
+        for _, m in layers
+    ]
+    kw._KWLayerMixin.mix_cells = recording
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        kw._KWLayerMixin.mix_cells = real
+        for hook in hooks:
+            hook.remove()
+    return [(n, m, inputs[id(m)], products[id(m)]) for n, m in layers]
+
+
+def in_model_times(model, names, x: torch.Tensor,
+                   rounds: int) -> Dict[str, float]:
+    """Median seconds of the submodules ``names`` of ``model`` inside its
+    inference forward on ``x`` (forward hooks around each)."""
+    modules = dict(model.named_modules())
+    times = {name: [] for name in names}
+    starts = {}
+    hooks = []
+    for name in names:
+        module = modules[name]
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda mod, args, name=name: starts.__setitem__(
+                    name, time.perf_counter())))
+        hooks.append(
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: times[name].append(
+                    time.perf_counter() - starts[name])))
+    try:
+        with torch.no_grad():
+            model(x)
+            for name in names:
+                times[name].clear()
+            for _ in range(rounds):
+                model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def per_sample_conv_forms(layer, x: torch.Tensor,
+                          kernels: torch.Tensor) -> Dict[str, Callable]:
+    """The per-sample conv ``conv(x[b], kernels[b])`` with a conv ``layer``'s
+    geometry (``kernels`` [B, C_out, C_in/groups, kh, kw], prepared): the
+    grouped conv of the batch and, for a stride-1 1x1 ungrouped conv, the
+    batched matmul; each returns [B, C_out, H', W']."""
+    b, c_in, h, w = x.shape
+    c_out, groups = layer.out_channels, layer.groups
+    kh, kw_ = layer.kernel_size
+    flat = kernels.reshape(b * c_out, c_in // groups, kh, kw_)
+
+    def grouped():
+        out = F.conv2d(
+            x.reshape(1, b * c_in, h, w), flat, None, layer.stride,
+            layer.padding, layer.dilation, b * groups)
+        return out.view(b, c_out, *out.shape[-2:])
+
+    forms = {'grouped conv': grouped}
+    if (kh, kw_) == (1, 1) and tuple(layer.stride) == (1, 1) and groups == 1:
+        matrices = kernels.reshape(b, c_out, c_in)
+        out = x.new_empty(b, c_out, h * w)
+        forms['batched matmul'] = lambda: torch.bmm(
+            matrices, x.reshape(b, c_in, h * w), out=out).view(b, c_out, h, w)
+    return forms
+
+
+def kw_floor(layer_times: List[Dict[str, float]],
+             static_total: float) -> float:
+    """The KW-1x model floor: ``static_total`` with each layer's
+    ``'static conv'`` time replaced by its ``'assembly'`` plus its fastest
+    per-sample conv (every other key of its dict)."""
+    floor = static_total
+    for times in layer_times:
+        per_sample = min(t for k, t in times.items()
+                         if k not in ('static conv', 'assembly'))
+        floor += times['assembly'] + per_sample - times['static conv']
+    return floor
+
+
+def kw_table(batch: int, rounds: int) -> List[str]:
+    """Markdown rows: KW-1x ResNet-50 and its floor against ResNet-50."""
+    import os.path as osp
+    import sys
+    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+    from resnet50_backbones import BACKBONES
+    torch.manual_seed(0)
+    kw_model, static = BACKBONES['kw1x'][1](), BACKBONES['r50'][1]()
+    kw_model.eval()  # mmpretrain's ResNet.train() returns None
+    static.eval()
+    x = torch.randn(batch, 3, 224, 224)
+    layers = kw_layers(kw_model, x)
+    # ResNet-50 has the same module names: its convs where KW-1x has KW ones.
+    static_convs = in_model_times(static, [n for n, _, _, _ in layers], x,
+                                  rounds)
+    layer_times = []
+    with torch.no_grad():
+        for name, layer, shape, (rows, inner, cols) in layers:
+            attention, cells = torch.randn(rows,
+                                           inner), torch.randn(inner, cols)
+            mixtures = torch.empty(rows, cols)
+            candidates = {
+                'assembly': lambda: torch.mm(attention, cells, out=mixtures),
+            }
+            kernels = torch.randn(shape[0], layer.out_channels,
+                                  layer.in_channels // layer.groups,
+                                  *layer.kernel_size)
+            candidates.update(
+                per_sample_conv_forms(layer, torch.randn(shape), kernels))
+            times = _time_blocks(candidates, rounds)
+            times['static conv'] = static_convs[name]
+            layer_times.append(times)
+        models = _time_rounds(
+            {
+                'ResNet-50': lambda: static(x),
+                'KW-1x ResNet-50': lambda: kw_model(x)
+            },
+            rounds,
+            warmup=1)
+    base = models['ResNet-50']
+    floor = kw_floor(layer_times, base)
+    parts = {
+        'its convs where KW-1x has KW convs (in the model)':
+        sum(t['static conv'] for t in layer_times),
+        'kernel assemblies':
+        sum(t['assembly'] for t in layer_times),
+        'per-sample convs (faster form)':
+        sum(
+            min(v for k, v in t.items()
+                if k not in ('static conv', 'assembly')) for t in layer_times),
+    }
+    lines = ['| model / part | ms | / ResNet-50 |', '|---|---:|---:|']
+    lines += [
+        f'| {k} | {v * 1e3:.1f} | {v / base:.2f} |' for k, v in {
+            **models,
+            **parts
+        }.items()
+    ]
+    lines.append(f'| **KW-1x floor** (goal: 1.6x), {len(layer_times)} KW '
+                 f'convs | {floor * 1e3:.1f} | {floor / base:.2f} |')
+    return lines
+
+
+def compile_table(rounds: int, size: int = 512) -> List[str]:
+    """Markdown rows: what a compiled call adds around an opaque operator
+    whose body is one matmul, and a tiny op's time after a memory-heavy
+    one."""
+    a = torch.randn(size, size)
+    x = torch.randn(4)
+
+    @torch.library.custom_op('mmdyn_floors::matmul_body', mutates_args=())
+    def body_op(t: torch.Tensor) -> torch.Tensor:
+        torch.mm(a, a)
+        return t.clone()
+
+    @body_op.register_fake
+    def _(t):
+        return torch.empty_like(t)
+
+    @torch.library.custom_op('mmdyn_floors::empty_body', mutates_args=())
+    def empty_op(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @empty_op.register_fake
+    def _(t):
+        return torch.empty_like(t)
+
+    compiled_body = torch.compile(lambda t: body_op(t))
+    compiled_empty = torch.compile(lambda t: empty_op(t))
+    small = torch.randn(8, 16)
+    big, big_copy = torch.randn(2**22), torch.empty(2**22)
+    with torch.no_grad():
+        compiled_body(x)
+        compiled_empty(x)
+        med = _time_rounds(
+            {
+                'matmul': lambda: torch.mm(a, a),
+                'operator(matmul)': lambda: body_op(x),
+                'compiled operator(matmul)': lambda: compiled_body(x),
+                'operator(nothing)': lambda: empty_op(x),
+                'compiled operator(nothing)': lambda: compiled_empty(x),
+            }, rounds * 10)
+        after = {}
+        for label, before in (('relu [8, 16]', lambda: None),
+                              ('relu [8, 16] after a 16 MiB copy',
+                               lambda: big_copy.copy_(big))):
+            times = []
+            for _ in range(rounds * 10):
+                before()
+                start = time.perf_counter()
+                torch.relu(small)
+                times.append(time.perf_counter() - start)
+            after[label] = statistics.median(times)
+    lines = ['| call | us |', '|---|---:|']
+    lines += [f'| {k} | {v * 1e6:.1f} |' for k, v in med.items()]
+    lines += [f'| {k} | {v * 1e6:.1f} |' for k, v in after.items()]
+    return lines
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=21)
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--channels', type=int, default=256)
+    parser.add_argument('--size', type=int, default=14)
+    parser.add_argument(
+        '--kw', action='store_true', help='also the KW-1x ResNet-50 floor')
+    parser.add_argument(
+        '--compile',
+        action='store_true',
+        help='also the per-call costs of torch.compile')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    from mmdyn.analysis.machine import header_lines
+    from mmdyn.engine.malloc import tune_malloc
+    from mmdyn.ops.accel import tap_sum_cpu
+    if tap_sum_cpu.load() is None:
+        raise SystemExit('the floors need the C tap sum (a C compiler, '
+                         'MMDYN_TAP_SUM_CPU_KERNEL not 0)')
+    tune_malloc()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print('\n'.join(header_lines(args.threads)))
+    print(f'\nbatch {args.batch}, {args.channels} channels, '
+          f'{args.size}x{args.size}, 3x3 stride 1, eval, float32; medians '
+          f'of {args.rounds} rounds of blocks of 5 calls\n')
+    print('\n'.join(
+        layer_table(args.batch, args.channels, args.size, args.rounds)))
+    if args.kw:
+        print()
+        print('\n'.join(kw_table(args.batch, max(3, args.rounds // 3))))
+    if args.compile:
+        print()
+        print('\n'.join(compile_table(args.rounds)))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,139 @@
+# Copyright (c) mmdyn contributors. All rights reserved.
+"""``benchmarks/cpu_floors.py``: every form's pieces, run in order, compute the
+layer (against a per-sample ``F.conv2d`` loop of the paper's formula), the per-
+sample convs of the KW floor compute per-sample convs, the KW layers are
+recorded with their inputs and kernel assemblies, and the floors are the sums
+and minima they claim to be."""
+import pytest
+import torch
+import torch.nn.functional as F
+from script_loading import load_script
+
+from mmdyn.ops import DyConv2d, ODConv2d
+from mmdyn.ops.accel import tap_sum_cpu
+
+floors = load_script('benchmarks/cpu_floors.py')
+
+needs_c = pytest.mark.skipif(
+    tap_sum_cpu.load() is None, reason='the C tap sum is not available')
+
+
+def _odconv_loop(layer, x):
+    """``alpha_f * conv(alpha_c * x_b, alpha_s * W)`` one sample at a time."""
+    channel, filt, spatial, _ = layer.attentions(x)
+    k = layer.kernel_size[0]
+    outs = []
+    for b in range(x.shape[0]):
+        weight = layer.weight[0] * spatial[b].view(1, 1, k, k)
+        y = F.conv2d(x[b:b + 1] * channel[b].view(1, -1, 1, 1), weight, None,
+                     layer.stride, layer.padding)
+        outs.append(y * filt[b].view(1, -1, 1, 1))
+    return torch.cat(outs)
+
+
+def _dyconv_loop(layer, x):
+    """``conv(x_b, sum_k pi_bk W_k)`` one sample at a time."""
+    pi = layer.routing_weights(x)
+    outs = []
+    for b in range(x.shape[0]):
+        weight = sum(pi[b, i] * layer.weight[i]
+                     for i in range(layer.kernel_num))
+        outs.append(
+            F.conv2d(x[b:b + 1], weight, None, layer.stride, layer.padding))
+    return torch.cat(outs)
+
+
+@needs_c
+@pytest.mark.parametrize('batch,channels,size', [(3, 12, 6), (1, 8, 5),
+                                                 (2, 16, 7)])
+def test_every_form_computes_the_layer(batch, channels, size):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size, dtype=torch.float64)
+    odconv = ODConv2d(
+        channels, channels, 3, padding=1, bias=False,
+        kernel_num=1).double().eval()
+    dyconv = DyConv2d(
+        channels, channels, 3, padding=1, bias=False,
+        kernel_num=4).double().eval()
+    with torch.no_grad():
+        for layer, forms, loop, names in ((odconv, floors.odconv_forms,
+                                           _odconv_loop,
+                                           {'taps', 'columns', 'kernels'}),
+                                          (dyconv, floors.dyconv_forms,
+                                           _dyconv_loop, {
+                                               'taps', 'kernels', 'samples',
+                                               'static'
+                                           })):
+            expected = loop(layer, x)
+            built = forms(layer, x)
+            assert set(built) == names
+            for form, pieces in built.items():
+                out = floors.run_form(pieces)
+                torch.testing.assert_close(
+                    out, expected, rtol=1e-10, atol=1e-10, msg=form)
+
+
+@pytest.mark.parametrize('kernel,stride,groups', [(1, 1, 1), (1, 2, 1),
+                                                  (3, 1, 1), (3, 2, 2)])
+def test_per_sample_conv_forms(kernel, stride, groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, kernel, stride, kernel // 2, groups=groups)
+    x = torch.randn(3, 6, 7, 9, dtype=torch.float64)
+    kernels = torch.randn(
+        3, 8, 6 // groups, kernel, kernel, dtype=torch.float64)
+    expected = torch.cat([
+        F.conv2d(x[b:b + 1], kernels[b], None, stride, kernel // 2, 1, groups)
+        for b in range(3)
+    ])
+    forms = floors.per_sample_conv_forms(conv, x, kernels)
+    assert ('batched matmul' in forms) == (kernel == 1 and stride == 1)
+    for name, call in forms.items():
+        torch.testing.assert_close(call(), expected, msg=name)
+
+
+def test_kw_layers_records_inputs_and_assemblies():
+    from mmdyn.models.backbones import KWResNet
+    from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
+    from mmdyn.ops import KWConv2d
+    torch.manual_seed(0)
+    model = KWResNet(18, kw_cfg=KW_1X_CFG)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    layers = floors.kw_layers(model, x)
+    names = [n for n, m in model.named_modules() if isinstance(m, KWConv2d)]
+    assert [n for n, _, _, _ in layers] == names and names
+    for name, layer, shape, (rows, inner, cols) in layers:
+        assert shape[0] == 2 and shape[1] == layer.in_channels
+        # The assembly writes every sample's whole kernel once.
+        kh, kw = layer.kernel_size
+        assert rows * cols == 2 * layer.out_channels * (layer.in_channels //
+                                                        layer.groups) * kh * kw
+        assert inner == layer.warehouse_manager.weights[
+            layer.warehouse_id].shape[0]
+
+
+def test_floor_arithmetic():
+    medians = {'a': {'x': 1.0, 'y': 2.0}, 'b': {'z': 2.5}}
+    assert floors.floors(medians) == {'a': 3.0, 'b': 2.5, 'floor': 2.5}
+    layer_times = [
+        {
+            'static conv': 1.0,
+            'assembly': 0.5,
+            'grouped conv': 2.0,
+            'batched matmul': 1.5
+        },
+        {
+            'static conv': 2.0,
+            'assembly': 1.0,
+            'grouped conv': 3.0
+        },
+    ]
+    # 10 - 1 + 0.5 + 1.5 - 2 + 1 + 3
+    assert floors.kw_floor(layer_times, 10.0) == pytest.approx(13.0)
+
+
+@needs_c
+def test_layer_table_runs():
+    lines = floors.layer_table(batch=2, channels=8, size=5, rounds=1)
+    assert lines[0].startswith('| layer |')
+    assert sum('least floor' in line for line in lines) == 2
