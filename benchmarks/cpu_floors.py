@@ -99,9 +99,9 @@ def _tap_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
     """The forms of a one-kernel, stride-1, ungrouped ODConv ``layer`` on ``x``
-    (its attentions computed once, outside the pieces); each piece list, run in
-    order, leaves the output in ``out`` of its last piece's closure, returned
-    by that piece."""
+    (its attentions computed once, outside the pieces): form -> pieces, which
+    run in order (:func:`run_form`) compute the layer's output, returned by the
+    last piece as [B, C_out, H, W]."""
     from mmdyn.ops.accel import tap_sum_cpu
     channel, filt, spatial, _ = (None if a is None else a.detach()
                                  for a in layer.attentions(x))
@@ -131,17 +131,19 @@ def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
 
     # columns
     xc = torch.empty_like(x)
-    cols = x.new_empty(b, c_in * k * k, h * w)
+    cols = {}
     tap_scale = spatial[:, None, :, None].expand(b, c_in, k * k, 1)
     flat_kernel = weight.reshape(c_out, -1)
     out_cols = x.new_empty(b, c_out, h * w)
     forms['columns'] = [
         ('scale input',
          lambda: torch.mul(x, channel[:, :, None, None], out=xc)),
-        ('im2col', lambda: cols.copy_(F.unfold(xc, k, padding=pad))),
-        ('tap scale', lambda: cols.view(b, c_in, k * k, -1).mul_(tap_scale)),
+        ('im2col',
+         lambda: cols.__setitem__('cols', F.unfold(xc, k, padding=pad))),
+        ('tap scale',
+         lambda: cols['cols'].view(b, c_in, k * k, -1).mul_(tap_scale)),
         ('batched GEMM',
-         lambda: torch.matmul(flat_kernel, cols, out=out_cols)),
+         lambda: torch.matmul(flat_kernel, cols['cols'], out=out_cols)),
         ('filter scale',
          lambda: out_cols.mul_(filt[:, :, None]).view(b, c_out, h, w)),
     ]
@@ -172,8 +174,8 @@ def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
 
 def dyconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
     """The forms of a stride-1, ungrouped CondConv/DyConv ``layer`` without
-    bias on ``x`` (its routing weights computed once, outside the pieces); see
-    :func:`odconv_forms`."""
+    bias on ``x`` (its routing weights computed once, outside the pieces), as
+    :func:`odconv_forms` gives them."""
     from mmdyn.ops.accel import tap_sum_cpu
     pi = layer.routing_weights(x).detach()
     b, c_in, h, w = x.shape
