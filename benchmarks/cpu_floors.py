@@ -4,13 +4,13 @@ ODConv and a four-kernel DyConv 3x3 layer on CPU, and the per-call costs that
 ``torch.compile`` adds to a layer.
 
 How fast can such a layer be, next to ``nn.Conv2d`` of the same shape, if
-its multiply-adds run in oneDNN/MKL (the only code that reaches their
-speed on this CPU: the project's C loops run GEMM-like work at a third of
-it)? Every way of writing the layer with the libraries' calls is a *form*:
-a list of *pieces*, each one library call (or one C pass over memory) that
-the form cannot do without. A piece is timed alone, on operands prepared
-outside the timing, so a form's floor is the sum of its pieces' medians:
-no glue, no Python between them, no attention. The layer cannot run a
+its multiply-adds run in oneDNN/MKL (on AVX-512 the project's C loops lose
+to them on GEMM-like work)? Every way of writing the layer with the
+libraries' calls is a *form*: a list of *pieces*, each one library call (or
+one C pass over memory) that the form cannot do without. A piece is timed
+alone, on operands prepared outside the timing, so a form's floor is the
+sum of its pieces' medians: no glue, no Python between them, no
+attention. The layer cannot run a
 form faster than that form's floor, and the family's floor is the least
 over its forms.
 
@@ -43,11 +43,11 @@ DyConv, ``K`` kernels (``y = conv(x, sum_k pi_k W_k)``):
   multiply-adds), then the routing-weighted sum of the ``K`` outputs.
 
 Each form's pieces, run in order, give the layer's output
-(``tests/test_tools/test_cpu_floors.py`` checks every form against the
-layer's ``forward_reference``). Each piece, the layer itself
-(``impl='auto'``) and ``nn.Conv2d`` are timed in blocks of calls in a row
-(after one untimed call: the operands as warm as they can be, the best
-state for each, so that the sums are under what any run of the form
+(``tests/test_tools/test_cpu_floors.py`` checks every form against a
+per-sample ``F.conv2d`` loop of the layer's formula). Each piece, the layer
+itself (``impl='auto'``) and ``nn.Conv2d`` are timed in blocks of calls in
+a row (after one untimed call: the operands as warm as they can be, the
+best state for each, so that the sums are under what any run of the form
 takes), the blocks alternating over the rounds; medians.
 
 ``--kw`` adds a floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
