@@ -72,15 +72,35 @@ Usage::
         [--batch 8] [--channels 256] [--size 14] [--kw] [--compile]
 """
 import argparse
+import os.path as osp
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
 #: A piece: (name, the timed call).
 Piece = Tuple[str, Callable[[], object]]
+
+#: The goals the floors are compared with (time / the static reference).
+GOALS = {'ODConv2d K=1': 1.3, 'DyConv2d K=4': 1.3, 'KW-1x ResNet-50': 1.6}
+
+#: Calls in a row per timed block (:func:`_time`).
+BLOCK = 5
+
+
+def _check_geometry(layer) -> None:
+    """The forms are written for 3x3-like stride-1 ungrouped convs with "same"
+    padding and no bias."""
+    k = layer.kernel_size[0]
+    if tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or \
+            layer.groups != 1 or layer.bias is not None or \
+            tuple(layer.kernel_size) != (k, k) or \
+            tuple(layer.padding) != (k // 2, k // 2) or k % 2 == 0:
+        raise ValueError('the floors take a stride-1, dilation-1, ungrouped '
+                         'odd square conv with "same" padding and no bias')
 
 
 def _tap_table(k: int, padding: int, c_out: int, h: int, w: int):
@@ -92,27 +112,59 @@ def _tap_table(k: int, padding: int, c_out: int, h: int, w: int):
 
 
 def _tap_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, k, k] -> [C_in, k*k*C_out], column ``t*C_out + o``."""
-    c_out, c_in = weight.shape[:2]
-    return weight.permute(1, 2, 3, 0).reshape(c_in, -1).contiguous()
+    """[..., C_out, C_in, k, k] -> [..., C_in, k*k*C_out], column ``t*C_out +
+    o``."""
+    lead = weight.shape[:-4]
+    c_in = weight.shape[-3]
+    order = tuple(range(len(lead))) + tuple(
+        len(lead) + i for i in (1, 2, 3, 0))
+    return weight.permute(order).reshape(*lead, c_in, -1).contiguous()
+
+
+def _tap_pieces(x: torch.Tensor,
+                kernels: torch.Tensor,
+                scale: torch.Tensor,
+                k: int,
+                tap_sum_name: str = 'tap sum (C)') -> List[Piece]:
+    """One batched GEMM of ``x`` [B, C_in, H, W] (read pixel-major through a
+    transposed view) with per-sample tap-layout kernels ``kernels`` [B, C_in,
+    k*k*C_out], then the C tap sum scaled by ``scale`` [B, k*k, C_out]."""
+    from mmdyn.ops.accel import tap_sum_cpu
+    b, c_in, h, w = x.shape
+    c_out = kernels.shape[-1] // (k * k)
+    maps = x.new_empty(b, h * w, k * k * c_out)
+    table = _tap_table(k, k // 2, c_out, h, w)
+    out = x.new_empty(b, c_out, h, w)
+    lib = tap_sum_cpu.load()
+    pixels = x.view(b, c_in, h * w).transpose(1, 2)
+    return [
+        ('batched GEMM to the taps',
+         lambda: torch.bmm(pixels, kernels, out=maps)),
+        (tap_sum_name,
+         lambda: tap_sum_cpu.tap_sum(lib, maps, table, scale, None, out)),
+    ]
 
 
 def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
-    """The forms of a one-kernel, stride-1, ungrouped ODConv ``layer`` on ``x``
-    (its attentions computed once, outside the pieces): form -> pieces, which
-    run in order (:func:`run_form`) compute the layer's output, returned by the
-    last piece as [B, C_out, H, W]."""
+    """The forms of a one-kernel ODConv ``layer`` (see
+    :func:`_check_geometry`) on ``x``, its attentions computed once, outside
+    the pieces: form -> pieces, which run in order (:func:`run_form`)
+    compute the layer's output, returned by the last piece as [B, C_out, H,
+    W]."""
     from mmdyn.ops.accel import tap_sum_cpu
+    _check_geometry(layer)
+    if layer.kernel_num != 1:
+        raise ValueError('the ODConv forms take a one-kernel layer')
     channel, filt, spatial, _ = (None if a is None else a.detach()
                                  for a in layer.attentions(x))
     b, c_in, h, w = x.shape
     weight = layer.weight[0].detach()
     c_out, _, k, _ = weight.shape
-    pad = layer.padding[0]
-    filt = torch.ones(b, c_out, dtype=x.dtype) if filt is None else filt
+    pad = k // 2
+    filt = x.new_ones(b, c_out) if filt is None else filt
     forms = {}
 
-    # taps
+    # taps: alpha_c * x pixel-major, one GEMM, the scaled tap sum
     xs = x.new_empty(b, h, w, c_in)
     kernel = _tap_kernel(weight)
     maps = x.new_empty(b * h * w, k * k * c_out)
@@ -129,26 +181,23 @@ def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
          lambda: tap_sum_cpu.tap_sum(lib, maps, table, scale, None, out_taps)),
     ]
 
-    # columns
-    xc = torch.empty_like(x)
+    # columns: im2col, alpha_c x alpha_s on the columns, one batched GEMM
     cols = {}
-    tap_scale = spatial[:, None, :, None].expand(b, c_in, k * k, 1)
+    column_scale = (channel[:, :, None] * spatial[:, None, :])[..., None]
     flat_kernel = weight.reshape(c_out, -1)
     out_cols = x.new_empty(b, c_out, h * w)
     forms['columns'] = [
-        ('scale input',
-         lambda: torch.mul(x, channel[:, :, None, None], out=xc)),
         ('im2col',
-         lambda: cols.__setitem__('cols', F.unfold(xc, k, padding=pad))),
-        ('tap scale',
-         lambda: cols['cols'].view(b, c_in, k * k, -1).mul_(tap_scale)),
+         lambda: cols.__setitem__('cols', F.unfold(x, k, padding=pad))),
+        ('input and tap scales',
+         lambda: cols['cols'].view(b, c_in, k * k, -1).mul_(column_scale)),
         ('batched GEMM',
          lambda: torch.matmul(flat_kernel, cols['cols'], out=out_cols)),
         ('filter scale',
          lambda: out_cols.mul_(filt[:, :, None]).view(b, c_out, h, w)),
     ]
 
-    # kernels
+    # kernels: W * alpha_c * alpha_s per sample, one grouped conv
     kernels = x.new_empty(b, c_out, c_in, k * k)
     per_sample = (channel[:, None, :, None] * spatial[:, None, None, :])
     flat = weight.reshape(1, c_out, c_in, k * k)
@@ -173,18 +222,18 @@ def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
 
 
 def dyconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
-    """The forms of a stride-1, ungrouped CondConv/DyConv ``layer`` without
-    bias on ``x`` (its routing weights computed once, outside the pieces), as
+    """The forms of a CondConv/DyConv ``layer`` (see :func:`_check_geometry`)
+    on ``x``, its routing weights computed once, outside the pieces, as
     :func:`odconv_forms` gives them."""
-    from mmdyn.ops.accel import tap_sum_cpu
+    _check_geometry(layer)
     pi = layer.routing_weights(x).detach()
     b, c_in, h, w = x.shape
     bank = layer.weight.detach()
     n_kernels, c_out, _, k, _ = bank.shape
-    pad = layer.padding[0]
+    pad = k // 2
     forms = {}
 
-    # kernels
+    # kernels: the mixture, one grouped conv
     flat_bank = bank.reshape(n_kernels, -1)
     mixed = x.new_empty(b, flat_bank.shape[1])
     forms['kernels'] = [
@@ -196,27 +245,15 @@ def dyconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
             groups=b).view(b, c_out, h, w)),
     ]
 
-    # taps
-    xs = x.new_empty(b, h, w, c_in)
-    tap_bank = torch.stack([_tap_kernel(bank[i]) for i in range(n_kernels)])
-    tap_bank = tap_bank.reshape(n_kernels, -1)
+    # taps: the mixture in the tap layout, one batched GEMM, the tap sum
+    tap_bank = _tap_kernel(bank).reshape(n_kernels, -1)
     tap_mixed = x.new_empty(b, c_in, k * k * c_out)
-    maps = x.new_empty(b, h * w, k * k * c_out)
-    table = _tap_table(k, pad, c_out, h, w)
-    ones = x.new_ones(b, k * k, c_out)
-    out_taps = x.new_empty(b, c_out, h, w)
-    lib = tap_sum_cpu.load()
     forms['taps'] = [
-        ('input pixel-major', lambda: xs.permute(0, 3, 1, 2).copy_(x)),
         ('mixture (GEMM, tap layout)',
          lambda: torch.mm(pi, tap_bank, out=tap_mixed.view(b, -1))),
-        ('batched GEMM to the taps',
-         lambda: torch.bmm(xs.view(b, h * w, c_in), tap_mixed, out=maps)),
-        ('tap sum (C)',
-         lambda: tap_sum_cpu.tap_sum(lib, maps, table, ones, None, out_taps)),
-    ]
+    ] + _tap_pieces(x, tap_mixed, x.new_ones(b, k * k, c_out), k)
 
-    # samples
+    # samples: per sample, its mixture and a batch-1 conv
     one = x.new_empty(1, flat_bank.shape[1])
     out_samples = x.new_empty(b, c_out, h, w)
 
@@ -229,7 +266,7 @@ def dyconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
 
     forms['samples'] = [('per sample: mixture and batch-1 conv', per_sample)]
 
-    # static
+    # static: K times the multiply-adds, then the weighted sum
     all_kernels = bank.reshape(n_kernels * c_out, c_in, k, k)
     convs = {}
 
@@ -266,32 +303,26 @@ def floors(piece_medians: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return sums
 
 
-def _time_rounds(candidates: Dict[str, Callable[[], object]],
-                 rounds: int,
-                 warmup: int = 2) -> Dict[str, float]:
-    """Median seconds of each candidate, all alternating within a round."""
+def _time(candidates: Dict[str, Callable[[], object]],
+          rounds: int,
+          block: int = 1,
+          warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each candidate over ``rounds`` rounds, after
+    ``warmup`` untimed rounds.
+
+    ``block == 1``: the candidates alternate call
+    by call. ``block > 1``: each is timed ``block`` times in a row after one
+    untimed call (its operands as warm as they can be), the blocks
+    alternating.
+    """
     for _ in range(warmup):
         for call in candidates.values():
             call()
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, call in candidates.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
-def _time_blocks(candidates: Dict[str, Callable[[], object]],
-                 rounds: int,
-                 block: int = 5) -> Dict[str, float]:
-    """Median seconds of each candidate, timed ``block`` times in a row after
-    one untimed call (its operands as warm as they can be: the best state for
-    each), the candidates' blocks alternating over ``rounds``."""
-    times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, call in candidates.items():
-            call()
+            if block > 1:
+                call()
             for _ in range(block):
                 start = time.perf_counter()
                 call()
@@ -300,7 +331,7 @@ def _time_blocks(candidates: Dict[str, Callable[[], object]],
 
 
 def build_layers(channels: int) -> Dict[str, torch.nn.Module]:
-    """The two layers of the issue's rows, 3x3, stride 1, no bias, eval."""
+    """The two layers of :data:`GOALS`: 3x3, stride 1, no bias, eval."""
     from mmdyn.ops import DyConv2d, ODConv2d
     return {
         'ODConv2d K=1':
@@ -310,9 +341,6 @@ def build_layers(channels: int) -> Dict[str, torch.nn.Module]:
         DyConv2d(channels, channels, 3, padding=1, bias=False,
                  kernel_num=4).eval(),
     }
-
-
-GOALS = {'ODConv2d K=1': 1.3, 'DyConv2d K=4': 1.3}
 
 
 def layer_table(batch: int, channels: int, size: int,
@@ -333,9 +361,8 @@ def layer_table(batch: int, channels: int, size: int,
             for form, pieces in forms.items():
                 for piece, call in pieces:
                     candidates[f'{form}: {piece}'] = call
-            med = _time_blocks(candidates, rounds)
+            med = _time(candidates, rounds, BLOCK)
             base = med['nn.Conv2d']
-            layer(x)
             per_form = {
                 form: {
                     p: med[f'{form}: {p}']
@@ -361,18 +388,11 @@ def layer_table(batch: int, channels: int, size: int,
 def kw_layers(model, x: torch.Tensor) -> list:
     """``(name, layer, input shape, (rows, inner, columns))`` of every
     KernelWarehouse conv of ``model`` in one inference forward on ``x``: its
-    input and its kernel assembly ``[rows, inner] x [inner, columns]``."""
+    input and its kernel assembly ``[rows, inner] x [inner, columns]`` (``B``
+    times its mixtures, its warehouse's cells, a cell's elements), whichever
+    path the layer takes."""
     from mmdyn.ops import KWConv2d
-    from mmdyn.ops import kernel_warehouse as kw
-    inputs, products = {}, {}
-    real = kw._KWLayerMixin.mix_cells
-
-    def recording(self, attention, *args, **kwargs):
-        cells = self.warehouse_manager.weights[self.warehouse_id]
-        products[id(self)] = (attention.shape[0] * attention.shape[1],
-                              attention.shape[2], cells[0].numel())
-        return real(self, attention, *args, **kwargs)
-
+    inputs = {}
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, KWConv2d)]
     hooks = [
@@ -380,21 +400,27 @@ def kw_layers(model, x: torch.Tensor) -> list:
             lambda mod, args: inputs.__setitem__(id(mod), args[0].shape))
         for _, m in layers
     ]
-    kw._KWLayerMixin.mix_cells = recording
     try:
         with torch.no_grad():
             model(x)
     finally:
-        kw._KWLayerMixin.mix_cells = real
         for hook in hooks:
             hook.remove()
-    return [(n, m, inputs[id(m)], products[id(m)]) for n, m in layers]
+    records = []
+    for name, layer in layers:
+        cells = layer.warehouse_manager.weights[layer.warehouse_id]
+        shape = inputs[id(layer)]
+        records.append(
+            (name, layer, shape, (shape[0] * layer.num_mixtures,
+                                  cells.shape[0], cells[0].numel())))
+    return records
 
 
 def in_model_times(model, names, x: torch.Tensor,
                    rounds: int) -> Dict[str, float]:
     """Median seconds of the submodules ``names`` of ``model`` inside its
-    inference forward on ``x`` (forward hooks around each)."""
+    inference forward on ``x`` (forward hooks around each; one untimed forward
+    first)."""
     modules = dict(model.named_modules())
     times = {name: [] for name in names}
     starts = {}
@@ -423,11 +449,17 @@ def in_model_times(model, names, x: torch.Tensor,
 
 
 def per_sample_conv_forms(layer, x: torch.Tensor,
-                          kernels: torch.Tensor) -> Dict[str, Callable]:
-    """The per-sample conv ``conv(x[b], kernels[b])`` with a conv ``layer``'s
-    geometry (``kernels`` [B, C_out, C_in/groups, kh, kw], prepared): the
-    grouped conv of the batch and, for a stride-1 1x1 ungrouped conv, the
-    batched matmul; each returns [B, C_out, H', W']."""
+                          kernels: torch.Tensor) -> Dict[str, List[Piece]]:
+    """The forms of the per-sample conv ``conv(x[b], kernels[b])`` with a conv
+    ``layer``'s geometry (``kernels`` [B, C_out, C_in/groups, kh, kw],
+    prepared; for the tap form also kept in its tap layout, as an assembly
+    could write it): the grouped conv of the batch; for a 1x1 ungrouped conv
+    the batched matmul (after subsampling a strided input); for a stride-1
+    3x3-like ungrouped conv with "same" padding the batched GEMM to the taps
+    and the tap sum.
+
+    Each form's last piece returns [B, C_out, H', W'].
+    """
     b, c_in, h, w = x.shape
     c_out, groups = layer.out_channels, layer.groups
     kh, kw_ = layer.kernel_size
@@ -439,36 +471,65 @@ def per_sample_conv_forms(layer, x: torch.Tensor,
             layer.padding, layer.dilation, b * groups)
         return out.view(b, c_out, *out.shape[-2:])
 
-    forms = {'grouped conv': grouped}
-    if (kh, kw_) == (1, 1) and tuple(layer.stride) == (1, 1) and groups == 1:
+    forms = {'grouped conv': [('grouped conv', grouped)]}
+    stride = tuple(layer.stride)
+    if (kh, kw_) == (1, 1) and groups == 1 and \
+            tuple(layer.padding) == (0, 0):
         matrices = kernels.reshape(b, c_out, c_in)
-        out = x.new_empty(b, c_out, h * w)
-        forms['batched matmul'] = lambda: torch.bmm(
-            matrices, x.reshape(b, c_in, h * w), out=out).view(b, c_out, h, w)
+        h_out, w_out = -(-h // stride[0]), -(-w // stride[1])
+        out = x.new_empty(b, c_out, h_out * w_out)
+        pieces = []
+        source = x
+        if stride != (1, 1):
+            sub = x.new_empty(b, c_in, h_out, w_out)
+            pieces.append(
+                ('subsample',
+                 lambda: sub.copy_(x[:, :, ::stride[0], ::stride[1]])))
+            source = sub
+        pieces.append(('batched matmul', lambda: torch.bmm(
+            matrices, source.view(b, c_in, h_out * w_out), out=out).view(
+                b, c_out, h_out, w_out)))
+        forms['batched matmul'] = pieces
+    elif kh == kw_ and kh % 2 == 1 and stride == (1, 1) and groups == 1 \
+            and tuple(layer.dilation) == (1, 1) and \
+            tuple(layer.padding) == (kh // 2, kh // 2):
+        taps = _tap_kernel(kernels)
+        forms['taps'] = _tap_pieces(x, taps, x.new_ones(b, kh * kh, c_out), kh)
     return forms
 
 
-def kw_floor(layer_times: List[Dict[str, float]],
-             static_total: float) -> float:
-    """The KW-1x model floor: ``static_total`` with each layer's
-    ``'static conv'`` time replaced by its ``'assembly'`` plus its fastest
-    per-sample conv (every other key of its dict)."""
-    floor = static_total
-    for times in layer_times:
-        per_sample = min(t for k, t in times.items()
-                         if k not in ('static conv', 'assembly'))
-        floor += times['assembly'] + per_sample - times['static conv']
-    return floor
+class KWLayerTimes(NamedTuple):
+    """Seconds of one KW conv's parts for :func:`kw_floor`."""
+    static_conv: float  # ResNet-50's conv in its place, inside the model
+    assembly: float  # its kernel assembly GEMM
+    per_sample: Dict[str, float]  # each per-sample conv form's floor
+
+    @property
+    def fastest_per_sample(self) -> float:
+        return min(self.per_sample.values())
+
+
+def kw_floor(layer_times: List[KWLayerTimes], static_total: float) -> float:
+    """The KW-1x model floor: ``static_total`` with each layer's static conv
+    replaced by its assembly plus its fastest per-sample conv form."""
+    return static_total + sum(t.assembly + t.fastest_per_sample - t.static_conv
+                              for t in layer_times)
+
+
+def _resnet50_backbones() -> dict:
+    """:data:`BACKBONES` of ``resnet50_backbones.py``, next to this file."""
+    here = osp.dirname(osp.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from resnet50_backbones import BACKBONES
+    return BACKBONES
 
 
 def kw_table(batch: int, rounds: int) -> List[str]:
     """Markdown rows: KW-1x ResNet-50 and its floor against ResNet-50."""
-    import os.path as osp
-    import sys
-    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-    from resnet50_backbones import BACKBONES
+    backbones = _resnet50_backbones()
     torch.manual_seed(0)
-    kw_model, static = BACKBONES['kw1x'][1](), BACKBONES['r50'][1]()
+    kw_model, static = backbones['kw1x'][1](), backbones['r50'][1]()
     kw_model.eval()  # mmpretrain's ResNet.train() returns None
     static.eval()
     x = torch.randn(batch, 3, 224, 224)
@@ -479,21 +540,27 @@ def kw_table(batch: int, rounds: int) -> List[str]:
     layer_times = []
     with torch.no_grad():
         for name, layer, shape, (rows, inner, cols) in layers:
-            attention, cells = torch.randn(rows,
-                                           inner), torch.randn(inner, cols)
+            attention = torch.randn(rows, inner)
+            cells = torch.randn(inner, cols)
             mixtures = torch.empty(rows, cols)
-            candidates = {
-                'assembly': lambda: torch.mm(attention, cells, out=mixtures),
-            }
             kernels = torch.randn(shape[0], layer.out_channels,
                                   layer.in_channels // layer.groups,
                                   *layer.kernel_size)
-            candidates.update(
-                per_sample_conv_forms(layer, torch.randn(shape), kernels))
-            times = _time_blocks(candidates, rounds)
-            times['static conv'] = static_convs[name]
-            layer_times.append(times)
-        models = _time_rounds(
+            forms = per_sample_conv_forms(layer, torch.randn(shape), kernels)
+            candidates = {
+                'assembly': lambda: torch.mm(attention, cells, out=mixtures)
+            }
+            for form, pieces in forms.items():
+                for piece, call in pieces:
+                    candidates[f'{form}: {piece}'] = call
+            med = _time(candidates, rounds, BLOCK)
+            layer_times.append(
+                KWLayerTimes(
+                    static_convs[name], med['assembly'], {
+                        form: sum(med[f'{form}: {p}'] for p, _ in pieces)
+                        for form, pieces in forms.items()
+                    }))
+        models = _time(
             {
                 'ResNet-50': lambda: static(x),
                 'KW-1x ResNet-50': lambda: kw_model(x)
@@ -504,13 +571,11 @@ def kw_table(batch: int, rounds: int) -> List[str]:
     floor = kw_floor(layer_times, base)
     parts = {
         'its convs where KW-1x has KW convs (in the model)':
-        sum(t['static conv'] for t in layer_times),
+        sum(t.static_conv for t in layer_times),
         'kernel assemblies':
-        sum(t['assembly'] for t in layer_times),
-        'per-sample convs (faster form)':
-        sum(
-            min(v for k, v in t.items()
-                if k not in ('static conv', 'assembly')) for t in layer_times),
+        sum(t.assembly for t in layer_times),
+        'per-sample convs (fastest form each)':
+        sum(t.fastest_per_sample for t in layer_times),
     }
     lines = ['| model / part | ms | / ResNet-50 |', '|---|---:|---:|']
     lines += [
@@ -519,8 +584,9 @@ def kw_table(batch: int, rounds: int) -> List[str]:
             **parts
         }.items()
     ]
-    lines.append(f'| **KW-1x floor** (goal: 1.6x), {len(layer_times)} KW '
-                 f'convs | {floor * 1e3:.1f} | {floor / base:.2f} |')
+    goal = GOALS['KW-1x ResNet-50']
+    lines.append(f'| **KW-1x floor** (goal: {goal:.1f}x), {len(layer_times)}'
+                 f' KW convs | {floor * 1e3:.1f} | {floor / base:.2f} |')
     return lines
 
 
@@ -555,7 +621,7 @@ def compile_table(rounds: int, size: int = 512) -> List[str]:
     with torch.no_grad():
         compiled_body(x)
         compiled_empty(x)
-        med = _time_rounds(
+        med = _time(
             {
                 'matmul': lambda: torch.mm(a, a),
                 'operator(matmul)': lambda: body_op(x),
@@ -610,14 +676,17 @@ def main():
     print('\n'.join(header_lines(args.threads)))
     print(f'\nbatch {args.batch}, {args.channels} channels, '
           f'{args.size}x{args.size}, 3x3 stride 1, eval, float32; medians '
-          f'of {args.rounds} rounds of blocks of 5 calls\n')
+          f'of {args.rounds} rounds of blocks of {BLOCK} calls\n')
     print('\n'.join(
         layer_table(args.batch, args.channels, args.size, args.rounds)))
     if args.kw:
-        print()
-        print('\n'.join(kw_table(args.batch, max(3, args.rounds // 3))))
+        kw_rounds = max(3, args.rounds // 3)
+        print(f'\nKW-1x ResNet-50, batch {args.batch}, 224x224, inference; '
+              f'{kw_rounds} rounds\n')
+        print('\n'.join(kw_table(args.batch, kw_rounds)))
     if args.compile:
-        print()
+        print(f'\ntorch.compile per call; medians of {args.rounds * 10} '
+              'calls, the candidates alternating\n')
         print('\n'.join(compile_table(args.rounds)))
 
 

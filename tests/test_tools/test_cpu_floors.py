@@ -65,6 +65,8 @@ def test_every_form_computes_the_layer(batch, channels, size):
                                                'static'
                                            })):
             expected = loop(layer, x)
+            # the loop is the layer's formula: it gives the layer's output
+            torch.testing.assert_close(layer(x), expected)
             built = forms(layer, x)
             assert set(built) == names
             for form, pieces in built.items():
@@ -73,9 +75,24 @@ def test_every_form_computes_the_layer(batch, channels, size):
                     out, expected, rtol=1e-10, atol=1e-10, msg=form)
 
 
-@pytest.mark.parametrize('kernel,stride,groups', [(1, 1, 1), (1, 2, 1),
-                                                  (3, 1, 1), (3, 2, 2)])
-def test_per_sample_conv_forms(kernel, stride, groups):
+def test_forms_refuse_other_geometries():
+    strided = ODConv2d(8, 8, 3, stride=2, padding=1, bias=False, kernel_num=1)
+    with pytest.raises(ValueError, match='stride-1'):
+        floors.odconv_forms(strided.eval(), torch.randn(1, 8, 6, 6))
+    biased = DyConv2d(8, 8, 3, padding=1)
+    with pytest.raises(ValueError, match='no bias'):
+        floors.dyconv_forms(biased.eval(), torch.randn(1, 8, 6, 6))
+
+
+@pytest.mark.parametrize('kernel,stride,groups,forms', [
+    (1, 1, 1, {'grouped conv', 'batched matmul'}),
+    (1, 2, 1, {'grouped conv', 'batched matmul'}),
+    (3, 1, 1, {'grouped conv', 'taps'}),
+    (3, 2, 2, {'grouped conv'}),
+])
+def test_per_sample_conv_forms(kernel, stride, groups, forms):
+    if 'taps' in forms and tap_sum_cpu.load() is None:
+        pytest.skip('the C tap sum is not available')
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 8, kernel, stride, kernel // 2, groups=groups)
     x = torch.randn(3, 6, 7, 9, dtype=torch.float64)
@@ -85,48 +102,71 @@ def test_per_sample_conv_forms(kernel, stride, groups):
         F.conv2d(x[b:b + 1], kernels[b], None, stride, kernel // 2, 1, groups)
         for b in range(3)
     ])
-    forms = floors.per_sample_conv_forms(conv, x, kernels)
-    assert ('batched matmul' in forms) == (kernel == 1 and stride == 1)
-    for name, call in forms.items():
-        torch.testing.assert_close(call(), expected, msg=name)
+    built = floors.per_sample_conv_forms(conv, x, kernels)
+    assert set(built) == forms
+    for name, pieces in built.items():
+        torch.testing.assert_close(floors.run_form(pieces), expected, msg=name)
 
 
 def test_kw_layers_records_inputs_and_assemblies():
+    """The products :func:`kw_layers` derives from the layers equal the ones
+    the layers multiply (recorded at ``mix_cells``, which every layer of this
+    small model calls)."""
     from mmdyn.models.backbones import KWResNet
     from mmdyn.models.backbones.kw_resnet import KW_1X_CFG
     from mmdyn.ops import KWConv2d
+    from mmdyn.ops import kernel_warehouse as kw
     torch.manual_seed(0)
     model = KWResNet(18, kw_cfg=KW_1X_CFG)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
-    layers = floors.kw_layers(model, x)
+    recorded = {}
+    real = kw._KWLayerMixin.mix_cells
+
+    def recording(self, attention, *args, **kwargs):
+        cells = self._cell_rows()
+        recorded[id(self)] = (attention.shape[0] * attention.shape[1],
+                              attention.shape[2], cells.shape[1])
+        assert attention.shape[2] == cells.shape[0]
+        return real(self, attention, *args, **kwargs)
+
+    kw._KWLayerMixin.mix_cells = recording
+    try:
+        layers = floors.kw_layers(model, x)
+    finally:
+        kw._KWLayerMixin.mix_cells = real
     names = [n for n, m in model.named_modules() if isinstance(m, KWConv2d)]
     assert [n for n, _, _, _ in layers] == names and names
-    for name, layer, shape, (rows, inner, cols) in layers:
+    for name, layer, shape, product in layers:
         assert shape[0] == 2 and shape[1] == layer.in_channels
+        assert product == recorded[id(layer)], name
+        rows, _, cols = product
+        kh, kw_ = layer.kernel_size
         # The assembly writes every sample's whole kernel once.
-        kh, kw = layer.kernel_size
-        assert rows * cols == 2 * layer.out_channels * (layer.in_channels //
-                                                        layer.groups) * kh * kw
-        assert inner == layer.warehouse_manager.weights[
-            layer.warehouse_id].shape[0]
+        assert rows * cols == 2 * layer.out_channels * (
+            layer.in_channels // layer.groups) * kh * kw_
+
+
+def test_in_model_times():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1)))
+    times = floors.in_model_times(
+        model, ['0', '2.0'], torch.randn(1, 3, 8, 8), rounds=3)
+    assert set(times) == {'0', '2.0'}
+    assert all(t > 0 for t in times.values())
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
 
 
 def test_floor_arithmetic():
     medians = {'a': {'x': 1.0, 'y': 2.0}, 'b': {'z': 2.5}}
     assert floors.floors(medians) == {'a': 3.0, 'b': 2.5, 'floor': 2.5}
     layer_times = [
-        {
-            'static conv': 1.0,
-            'assembly': 0.5,
+        floors.KWLayerTimes(1.0, 0.5, {
             'grouped conv': 2.0,
             'batched matmul': 1.5
-        },
-        {
-            'static conv': 2.0,
-            'assembly': 1.0,
-            'grouped conv': 3.0
-        },
+        }),
+        floors.KWLayerTimes(2.0, 1.0, {'grouped conv': 3.0}),
     ]
     # 10 - 1 + 0.5 + 1.5 - 2 + 1 + 3
     assert floors.kw_floor(layer_times, 10.0) == pytest.approx(13.0)
