@@ -47,8 +47,8 @@ Each form's pieces, run in order, give the layer's output
 per-sample ``F.conv2d`` loop of the layer's formula). Each piece, the layer
 itself (``impl='auto'``) and ``nn.Conv2d`` are timed in blocks of calls in
 a row (after one untimed call: the operands as warm as they can be, the
-best state for each, so that the sums are under what any run of the form
-takes), the blocks alternating over the rounds; medians.
+best state for each, so that the sums stand for the form's best case),
+the blocks alternating over the rounds; medians.
 
 ``--kw`` adds a floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
 inference): the static ResNet-50, timed, with the time of each of its convs
