@@ -12,7 +12,8 @@ variable                     effect
 ``MMDYN_WINOGRAD``           ``0``: the Winograd C loops off
 ``MMDYN_KW_CPU_KERNEL``      ``0``: KernelWarehouse's C cell product off
 ``MMDYN_DDF_CPU_KERNEL``     ``0``: DDF's fused C loops off
-``MMDYN_TAP_SUM_CPU_KERNEL`` ``0``: ODConv's C tap sum off
+``MMDYN_TAP_SUM_CPU_KERNEL`` ``0``: the C tap sum (ODConv's
+                             ``tap_gemm``, KernelWarehouse's ``taps``) off
 ``MMDYN_KW_PACKED_CELLS``    ``0``: no packed copy of the warehouses
 ``MMDYN_TRITON_AUTOTUNE``    ``0``: DDF's Triton kernels use one fixed
                              configuration instead of autotuning
@@ -54,7 +55,7 @@ ACCEL_SWITCHES = {
     WINOGRAD: 'the Winograd C loops',
     KW_CPU_KERNEL: "KernelWarehouse's C cell product",
     DDF_CPU_KERNEL: "DDF's fused C loops",
-    TAP_SUM_CPU_KERNEL: "ODConv's C tap sum",
+    TAP_SUM_CPU_KERNEL: 'the C tap sum',
     KW_PACKED_CELLS: 'the packed copies of the warehouses',
     TRITON_AUTOTUNE: "the autotuning of DDF's Triton kernels",
 }

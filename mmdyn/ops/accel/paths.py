@@ -29,6 +29,9 @@ scaled_columns ODConv with one kernel: the static kernel times im2col
 tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
                every tap's output channels, then the per-sample weighted
                shift-sum of the taps (a C loop and its backward)
+taps           KernelWarehouse, stride 1, inference: the position-major
+               mixtures, read transposed, in one batched GEMM to every
+               tap's output channels, then the C tap sum
 pointwise_gemm 1x1 layers: ODConv with one kernel (the attentions folded
                into per-sample matrices) and CondConv/DyConv in inference
                (the mixed matrices), one batched matmul with the pixels
@@ -44,7 +47,8 @@ mixture_gemm   KernelWarehouse CPU training: the conv from the mixtures
                (:mod:`~mmdyn.ops.accel.kw_train`)
 recompute      training: the per-sample kernels rebuilt in the backward,
                not kept (:mod:`~mmdyn.ops.accel.recompute`)
-fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop
+fused / taps   DDF: the fused C loops / the pure-PyTorch tap loop (the DDF
+               operator's ``taps``, not KernelWarehouse's)
 triton         DDF on CUDA: the Triton kernels
 export         under export (ONNX, ``torch.export``, TorchScript): forms
                whose graphs runtimes run fast, any batch size
@@ -86,7 +90,7 @@ import torch
 from ..capture import captured_without_operators, compiling, graph_capture
 from ..switches import accel_disabled
 from . import (autotune, ddf_cpu, ddf_triton, export_forms, kw_paths, kw_train,
-               mixture_paths, odconv_paths, recompute, winograd)
+               mixture_paths, odconv_paths, recompute, tap_sum_cpu, winograd)
 from .kw_cells import uses_c_cell_product
 from .thresholds import THRESHOLDS
 
@@ -366,6 +370,28 @@ def kw_mixture_gemm(layer, x: torch.Tensor) -> bool:
     return layer._kw_layout[0] > 1 and not uses_winograd(x, layer)
 
 
+def kw_taps_applies(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse: whether ``'taps'`` can run: inference (no autograd,
+    no graph capture, no CPU autocast) on a float32/float64 CPU input of the
+    warehouse's dtype, stride 1, ``groups=1``, a kernel larger than 1x1, and
+    the C tap sum built (:mod:`~mmdyn.ops.accel.tap_sum_cpu`)."""
+    return not torch.is_grad_enabled() and not graph_capture() and \
+        x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu') and \
+        tap_sum_cpu.supports(x) and x.dtype == layer._cells().dtype and \
+        tuple(layer.stride) == (1, 1) and layer.groups == 1 and \
+        tuple(layer.kernel_size) != (1, 1) and tap_sum_cpu.load() is not None
+
+
+def kw_taps(layer, x: torch.Tensor) -> bool:
+    """KernelWarehouse: whether ``'taps'`` pays where it can run:
+    ``C_in >= taps_min_in_channels`` (:data:`THRESHOLDS`
+    ``['kernel_warehouse']``; ResNet-50 stages 3-4, where the batched GEMM
+    carries enough multiply-adds per element of the tap maps, measured on
+    AVX-512 at batch 1 and 8)."""
+    return layer.in_channels >= THRESHOLDS['kernel_warehouse'][
+        'taps_min_in_channels']
+
+
 def _kw_fused(layer, attention: torch.Tensor) -> bool:
     """KernelWarehouse: whole-position cells and the C cell product (the
     product can write Winograd-transformed kernels)."""
@@ -492,6 +518,11 @@ PATHS = {
     ),
     'kernel_warehouse': (
         _export(export_forms.kernel_warehouse),
+        Path(
+            'taps', lambda layer, x, a: kw_taps_applies(layer, x),
+            lambda layer, x, a: kw_taps(layer, x),
+            'inference on a float32/float64 CPU input, stride 1, groups=1, '
+            'a kernel larger than 1x1 and the C tap sum', kw_paths.taps),
         Path(
             'mixture_gemm', lambda layer, x, a: kw_train.can_run(layer, x),
             lambda layer, x, a: kw_mixture_gemm(layer, x),

@@ -1,6 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The C loops of ODConv's ``tap_gemm`` on CPU: the weighted sum of the shifted
-tap maps in one pass, and its backward.
+"""The C loops of ODConv's ``tap_gemm`` and KernelWarehouse's ``taps`` on
+CPU: the weighted sum of the shifted tap maps in one pass, and its
+backward.
 
 With one kernel an ODConv layer is ``alpha_f * sum_t alpha_s[t] *
 shift_t(Z_t)``, ``Z`` one 1x1 GEMM of ``alpha_c * x`` to every tap's output
@@ -11,10 +12,15 @@ pixel-major output, and writes the output once, in NCHW with the bias.
 The backward loop writes every slot of the maps' gradient once (no zeroed
 buffer) and sums the scale's gradient in the same pass.
 
+KernelWarehouse's ``taps`` (:func:`mmdyn.ops.accel.kw_paths.taps`, stride 1,
+inference) sums the maps of one batched GEMM from its position-major
+mixtures the same way, with unit scales (:func:`stride1_taps` gives its
+table).
+
 Built and loaded by :class:`~mmdyn.ops.accel.c_library.CLibrary` (cached
 under ``$MMDYN_CACHE_DIR``); with no compiler, or with
-``MMDYN_TAP_SUM_CPU_KERNEL=0``, :func:`load` returns None and the layer
-sums the taps with PyTorch ops.
+``MMDYN_TAP_SUM_CPU_KERNEL=0``, :func:`load` returns None: ODConv sums the
+taps with PyTorch ops, KernelWarehouse takes its other paths.
 """
 import ctypes
 from typing import Optional
@@ -43,9 +49,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = ctypes.c_int
 
 
-_LIBRARY = CLibrary('tap_sum_cpu', CSourceFile('tap_sum.c'), _declare,
-                    switches.TAP_SUM_CPU_KERNEL,
-                    'summing the ODConv taps with PyTorch ops')
+_LIBRARY = CLibrary(
+    'tap_sum_cpu', CSourceFile('tap_sum.c'), _declare,
+    switches.TAP_SUM_CPU_KERNEL,
+    'ODConv sums its taps with PyTorch ops, KernelWarehouse '
+    'takes its other paths')
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -59,6 +67,22 @@ def supports(x: torch.Tensor) -> bool:
     """Whether the loop can sum maps of ``x``'s dtype and device (float32 or
     float64 on CPU)."""
     return x.dtype in _SUFFIX and x.device.type == 'cpu'
+
+
+def stride1_taps(kernel_size, dilation, padding, channels: int, height: int,
+                 width: int) -> torch.Tensor:
+    """The tap table of :func:`tap_sum` for a stride-1 conv whose tap maps are
+    pixel-major ``[B, height, width, kh*kw*channels]``, tap ``t = ky * kw +
+
+    kx`` at channels ``t*channels ...`` of each pixel: tap ``t`` of output
+    pixel ``(i, j)`` reads map pixel ``(i + ky*dy - py, j + kx*dx - px)``.
+    """
+    kh, kw = kernel_size
+    pixel = kh * kw * channels
+    rows = [(t * channels, pixel, height, width,
+             (t // kw) * dilation[0] - padding[0],
+             (t % kw) * dilation[1] - padding[1], t) for t in range(kh * kw)]
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def tap_sum(lib: ctypes.CDLL, z: torch.Tensor, taps: torch.Tensor,

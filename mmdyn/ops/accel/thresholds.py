@@ -106,11 +106,22 @@ THRESHOLDS = {
     # layers there: even within the spread); 1x1 layers with
     # `pointwise_min_pixels` output pixels or more run faster as one
     # batched matmul (56x56: 4.5 -> 2.6, 28x28: 7.0 -> 5.3).
+    # `taps_min_in_channels`: stride-1 layers larger than 1x1 with this many
+    # input channels run in inference as one batched GEMM to the taps and
+    # the C tap sum (kw_paths.taps). Measured on AVX-512 (2026-12-07,
+    # quiet, 2 threads, KW-1x ResNet-50, each 3x3 layer timed inside the
+    # model, former path -> taps): batch 8, 256 ch 14x14 (winograd)
+    # 15.8-16.6 -> 14.7-15.8 ms, 512 ch 7x7 (mixture_gemm) 29.1-30.2 ->
+    # 22.9-24.4 ms, the model 667 -> 653 ms; batch 1 (mixture_gemm) 3.4-5.2
+    # -> 3.1-4.6 and 5.2-6.2 -> 4.1-5.4 ms, the model 156 -> 152 ms. Timed
+    # alone at batch 8 it loses at 128 ch 28x28 (winograd 6.6-7.0 against
+    # 8.1-8.9 ms) and 64 ch 56x56 (7.5-8.3 against 15.6-16.9 ms).
     'kernel_warehouse':
     dict(
         position_major_kernel_to_maps=1,
         c_loop_min_columns=None,
-        pointwise_min_pixels=784),
+        pointwise_min_pixels=784,
+        taps_min_in_channels=256),
     # The 'recompute' training path (recompute.py), per family: on CPU
     # only where one more kernel assembly (K, or the cell count, products
     # per kernel element) is at most this many times the conv's H'W'
