@@ -103,14 +103,6 @@ def _check_geometry(layer) -> None:
                          'odd square conv with "same" padding and no bias')
 
 
-def _tap_table(k: int, padding: int, c_out: int, h: int, w: int):
-    """The C tap sum's table for a stride-1 ``k x k`` conv whose tap maps are
-    pixel-major ``[B, h, w, k*k*C_out]`` (tap-major within a pixel)."""
-    rows = [(t * c_out, k * k * c_out, h, w, t // k - padding, t % k - padding,
-             t) for t in range(k * k)]
-    return torch.tensor(rows, dtype=torch.int64)
-
-
 def _tap_kernel(weight: torch.Tensor) -> torch.Tensor:
     """[..., C_out, C_in, k, k] -> [..., C_in, k*k*C_out], column ``t*C_out +
     o``."""
@@ -121,11 +113,8 @@ def _tap_kernel(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(order).reshape(*lead, c_in, -1).contiguous()
 
 
-def _tap_pieces(x: torch.Tensor,
-                kernels: torch.Tensor,
-                scale: torch.Tensor,
-                k: int,
-                tap_sum_name: str = 'tap sum (C)') -> List[Piece]:
+def _tap_pieces(x: torch.Tensor, kernels: torch.Tensor, scale: torch.Tensor,
+                k: int) -> List[Piece]:
     """One batched GEMM of ``x`` [B, C_in, H, W] (read pixel-major through a
     transposed view) with per-sample tap-layout kernels ``kernels`` [B, C_in,
     k*k*C_out], then the C tap sum scaled by ``scale`` [B, k*k, C_out]."""
@@ -133,14 +122,15 @@ def _tap_pieces(x: torch.Tensor,
     b, c_in, h, w = x.shape
     c_out = kernels.shape[-1] // (k * k)
     maps = x.new_empty(b, h * w, k * k * c_out)
-    table = _tap_table(k, k // 2, c_out, h, w)
+    table = tap_sum_cpu.stride1_taps((k, k), (1, 1), (k // 2, k // 2), c_out,
+                                     h, w)
     out = x.new_empty(b, c_out, h, w)
     lib = tap_sum_cpu.load()
     pixels = x.view(b, c_in, h * w).transpose(1, 2)
     return [
         ('batched GEMM to the taps',
          lambda: torch.bmm(pixels, kernels, out=maps)),
-        (tap_sum_name,
+        ('tap sum (C)',
          lambda: tap_sum_cpu.tap_sum(lib, maps, table, scale, None, out)),
     ]
 
@@ -168,7 +158,7 @@ def odconv_forms(layer, x: torch.Tensor) -> Dict[str, List[Piece]]:
     xs = x.new_empty(b, h, w, c_in)
     kernel = _tap_kernel(weight)
     maps = x.new_empty(b * h * w, k * k * c_out)
-    table = _tap_table(k, pad, c_out, h, w)
+    table = tap_sum_cpu.stride1_taps((k, k), (1, 1), (pad, pad), c_out, h, w)
     scale = (spatial[:, :, None] * filt[:, None, :]).contiguous()
     out_taps = x.new_empty(b, c_out, h, w)
     lib = tap_sum_cpu.load()

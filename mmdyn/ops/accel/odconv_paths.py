@@ -471,7 +471,7 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     scale = scale[..., None, None]
     residues = tuple(_residue_classes(layer).items())
     out_shape = (batch, c_out, h_out, w_out)
-    lib = tap_sum_library(x)
+    lib = tap_sum_cpu.library_for(x)
     if lib is not None and not torch.is_grad_enabled():
         return _tap_gemm_c_forward(
             lib, x, channel, lambda taps: _layer_tap_weights(layer, taps),
@@ -495,15 +495,6 @@ def tap_gemm(layer, x, channel, filt, spatial, kernel) -> torch.Tensor:
     if layer.bias is not None:
         out = out + layer.bias.view(1, -1, 1, 1).to(out.dtype)
     return out
-
-
-def tap_sum_library(x: torch.Tensor):
-    """The C tap sum's library where :func:`tap_gemm` may use it: outside graph
-    capture and CPU autocast, a float32/float64 CPU input; else None."""
-    if graph_capture() or not tap_sum_cpu.supports(x) or \
-            torch.is_autocast_enabled('cpu'):
-        return None
-    return tap_sum_cpu.load()
 
 
 class _TapPlan(NamedTuple):

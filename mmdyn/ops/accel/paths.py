@@ -272,7 +272,7 @@ def odconv_tap_gemm(layer, x: torch.Tensor) -> bool:
             x.shape[0] < limits['tap_gemm_min_batch']:
         return False
     if not torch.is_grad_enabled() and \
-            odconv_paths.tap_sum_library(x) is not None:
+            tap_sum_cpu.library_for(x) is not None:
         return True
     return not odconv_scaled_columns(layer, x.shape[-2:])
 
@@ -375,11 +375,11 @@ def kw_taps_applies(layer, x: torch.Tensor) -> bool:
     no graph capture, no CPU autocast) on a float32/float64 CPU input of the
     warehouse's dtype, stride 1, ``groups=1``, a kernel larger than 1x1, and
     the C tap sum built (:mod:`~mmdyn.ops.accel.tap_sum_cpu`)."""
-    return not torch.is_grad_enabled() and not graph_capture() and \
-        x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu') and \
-        tap_sum_cpu.supports(x) and x.dtype == layer._cells().dtype and \
+    return not torch.is_grad_enabled() and \
+        x.dtype == layer._cells().dtype and \
         tuple(layer.stride) == (1, 1) and layer.groups == 1 and \
-        tuple(layer.kernel_size) != (1, 1) and tap_sum_cpu.load() is not None
+        tuple(layer.kernel_size) != (1, 1) and \
+        tap_sum_cpu.library_for(x) is not None
 
 
 def kw_taps(layer, x: torch.Tensor) -> bool:

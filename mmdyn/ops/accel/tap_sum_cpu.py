@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .. import switches
+from ..capture import graph_capture
 from .c_library import CLibrary, CSourceFile, num_threads, ptr
 
 _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
@@ -69,13 +70,24 @@ def supports(x: torch.Tensor) -> bool:
     return x.dtype in _SUFFIX and x.device.type == 'cpu'
 
 
+def library_for(x: torch.Tensor) -> Optional[ctypes.CDLL]:
+    """The library where a path may use it on ``x`` (ODConv's ``tap_gemm``,
+    KernelWarehouse's ``taps``): outside graph capture and CPU autocast, a
+    float32/float64 CPU input; else None (also when :func:`load` is)."""
+    if graph_capture() or not supports(x) or \
+            torch.is_autocast_enabled('cpu'):
+        return None
+    return load()
+
+
 def stride1_taps(kernel_size, dilation, padding, channels: int, height: int,
                  width: int) -> torch.Tensor:
     """The tap table of :func:`tap_sum` for a stride-1 conv whose tap maps are
-    pixel-major ``[B, height, width, kh*kw*channels]``, tap ``t = ky * kw +
+    pixel-major ``[B, height, width, kh*kw*channels]``.
 
-    kx`` at channels ``t*channels ...`` of each pixel: tap ``t`` of output
-    pixel ``(i, j)`` reads map pixel ``(i + ky*dy - py, j + kx*dx - px)``.
+    Tap ``t = ky*kw + kx`` is at channels ``t*channels ...`` of each
+    pixel; for output pixel ``(i, j)`` it reads map pixel ``(i + ky*dy -
+    py, j + kx*dx - px)``.
     """
     kh, kw = kernel_size
     pixel = kh * kw * channels
