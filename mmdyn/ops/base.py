@@ -27,6 +27,7 @@ from torch import nn
 
 from . import switches
 from .accel.custom_ops import layer_forward_operator
+from .accel.kept_copies import release_layer_copies
 from .capture import fx_leaf, graph_capture
 
 IntOrPair = Union[int, Tuple[int, int]]
@@ -313,8 +314,15 @@ class DynamicConv2dBase(nn.Module):
                     f'smaller than the kernel span {span}')
 
     def _apply(self, fn, *args, **kwargs):
+        release_layer_copies(self)
         # model.to(memory_format=torch.channels_last) with 5-D kernel banks.
         return super()._apply(kernel_bank_safe(fn), *args, **kwargs)
+
+    def train(self, mode: bool = True) -> 'DynamicConv2dBase':
+        """``nn.Module.train``; also drops the rearranged kernels the inference
+        paths keep on the layer (:mod:`~mmdyn.ops.accel.kept_copies`)."""
+        release_layer_copies(self)
+        return super().train(mode)
 
     def check_input_or_empty(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Check ``x`` (:meth:`check_input`); for an empty batch return the

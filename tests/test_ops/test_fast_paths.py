@@ -25,7 +25,7 @@ LAYERS = {
                                                                 'chunked')),
     'dyconv':
     (lambda impl: DyConv2d(16, 24, 3, padding=1, impl=impl), (3, 16, 6, 5),
-     ('reference', 'conv_then_mix'), ('winograd', 'chunked')),
+     ('reference', 'conv_then_mix'), ('winograd', 'chunked', 'taps')),
     'condconv_stride2':
     (lambda impl: CondConv2d(16, 24, 3, 2, 1, impl=impl), (3, 16, 7, 6),
      ('reference', 'conv_then_mix'), ('chunked', )),

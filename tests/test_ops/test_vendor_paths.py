@@ -8,9 +8,11 @@ one batch-as-groups conv). Each, forced by ``impl``, against the layer's
 and of every parameter), and the shapes the default rules send to them.
 """
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_dyconv import randomise
 
 from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d, switches
@@ -94,6 +96,55 @@ def test_odconv_one_kernel_gemm_paths_match_the_reference(
     _compare(layer, impl, x.to(memory_format=torch.channels_last), train)
 
 
+def test_tap_gemm_follows_kernel_swaps_through_data():
+    """Mmengine's EMAHook swaps the averaged and the trained kernels with
+    ``p.data.copy_``, which leaves the version counter and the storage alone:
+
+    the tap-major kernel kept between inference calls must follow each swap (it
+    did not: every output after a swap came from the kernel before it).
+    """
+    from mmengine.hooks import EMAHook
+    torch.manual_seed(0)
+    layer = _randomised(ODConv2d(8, 6, 3, padding=1, kernel_num=1), 2)
+    layer.impl = 'tap_gemm'
+    model = torch.nn.Sequential(layer).eval()
+    hook = EMAHook()
+    hook.before_run(SimpleNamespace(model=model))
+    with torch.no_grad():
+        hook.ema_model.module[0].weight.mul_(-2.0)  # the average differs
+        x = torch.randn(2, 8, 5, 5)
+        for swaps in range(4):
+            expected = _naive_conv(layer, x)
+            torch.testing.assert_close(
+                layer(x), expected, rtol=1e-4, atol=1e-5)
+            assert layer.last_path == 'tap_gemm'
+            hook._swap_ema_parameters()
+    # a kernel written in place through .data by hand, the same
+    with torch.no_grad():
+        layer.weight.data.copy_(torch.randn_like(layer.weight))
+        torch.testing.assert_close(
+            layer(x), _naive_conv(layer, x), rtol=1e-4, atol=1e-5)
+
+
+def _naive_conv(layer, x):
+    """One-kernel ODConv as one ``F.conv2d`` per sample (float64) of the kernel
+    scaled by the layer's spatial and input-channel attentions, the output by
+    its filter attention."""
+    channel, filt, spatial, _ = layer.attentions(x)
+    weight = layer.weight[0].double()
+    out = []
+    for b in range(x.shape[0]):
+        mixed = weight * spatial[b].double().view(1, 1, *weight.shape[-2:])
+        mixed = mixed * channel[b].double().view(1, -1, 1, 1)
+        y = F.conv2d(x[b:b + 1].double(), mixed, None, layer.stride,
+                     layer.padding, layer.dilation, layer.groups)
+        y = y * filt[b].double().view(1, -1, 1, 1)
+        if layer.bias is not None:
+            y = y + layer.bias.double().view(1, -1, 1, 1)
+        out.append(y)
+    return torch.cat(out).float()
+
+
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
@@ -110,6 +161,67 @@ def test_mixture_grouped_with_groups(train):
     layer = _randomised(
         DyConv2d(12, 18, 3, 2, 1, 1, groups=3, kernel_num=4), 0)
     _compare(layer, 'batch_grouped', torch.randn(3, 12, 7, 6), train)
+
+
+STRIDE1_GEOMETRIES = [g for g in GEOMETRIES if g[3] == 1]
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('cls', [CondConv2d, DyConv2d])
+@pytest.mark.parametrize('geometry', STRIDE1_GEOMETRIES)
+def test_mixture_taps_matches_the_reference(geometry, cls, batch):
+    """The tap-major mixtures, one batched GEMM and the C tap sum (with the
+    mixed bias), NCHW and channels-last inputs, in float32 and float64."""
+    c_in, c_out, k, s, p, d, hw = geometry
+    layer = _randomised(cls(c_in, c_out, k, s, p, d, kernel_num=3), batch)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, c_in, *hw)
+    _compare(layer, 'taps', x, False)
+    _compare(layer, 'taps', x.to(memory_format=torch.channels_last), False)
+    _compare(layer.double(), 'taps', x.double(), False)
+
+
+def test_mixture_taps_follows_bank_swaps_through_data():
+    """The tap-major bank is kept between inference calls; a swap through
+    ``.data`` (mmengine's EMA swap) or an in-place update changes every later
+    output, each against a per-sample ``F.conv2d`` of the mixed kernel."""
+    layer = _randomised(DyConv2d(6, 5, 3, padding=1, kernel_num=4), 0).eval()
+    layer.impl = 'taps'
+    x = torch.randn(3, 6, 5, 4)
+
+    def naive():
+        pi = layer.routing_weights(x).double()
+        out = []
+        for b in range(x.shape[0]):
+            kernel = (pi[b].view(-1, 1, 1, 1, 1) *
+                      layer.weight.double()).sum(0)
+            out.append(
+                F.conv2d(
+                    x[b:b + 1].double(),
+                    kernel,
+                    pi[b] @ layer.bias.double(),
+                    padding=1))
+        return torch.cat(out).float()
+
+    with torch.no_grad():
+        for change in (None, lambda w: w.data.copy_(torch.randn_like(w)),
+                       lambda w: w.mul_(-0.5), lambda w: w.data[1].add_(1.0)):
+            if change is not None:
+                change(layer.weight)
+            torch.testing.assert_close(layer(x), naive(), rtol=1e-4, atol=1e-5)
+            assert layer.last_path == 'taps'
+
+
+def test_mixture_taps_refuses_what_it_does_not_run():
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for layer in (DyConv2d(8, 8, 3, 2, 1,
+                               impl='taps'), DyConv2d(8, 8, 1, impl='taps'),
+                      DyConv2d(8, 8, 3, padding=1, groups=2, impl='taps')):
+            with pytest.raises(ValueError, match="impl='taps' cannot run"):
+                layer(x)
+    with pytest.raises(ValueError, match="impl='taps' cannot run"):
+        DyConv2d(8, 8, 3, padding=1, impl='taps')(x)  # autograd
 
 
 def test_the_paths_are_impl_choices():
@@ -184,18 +296,35 @@ def test_tap_gemm_rule_follows_the_threshold_table(monkeypatch):
     assert _auto_path('odconv', layer, x, False) == 'tap_gemm'
 
 
-def test_rules_send_resnet_stage3_dyconv_to_grouped():
-    """CPU inference of ResNet-50 stage 3 (256 ch, 14x14, batch 2) takes the
-    batch-as-groups conv, stage 4 (512 ch, 7x7) the chunked kernels, batch 1
-    the reference (a plain conv), training not the grouped conv."""
+def test_rules_send_resnet_dyconv_layers_to_their_paths(monkeypatch):
+    """CPU inference: the stride-1 3x3 layers of ResNet-50 stages 3-4 (256 ch
+    14x14, 512 ch 7x7) take the tap GEMM at batch 1 and 2; stage 2 (128 ch
+    28x28) and a strided stage-3 layer the batch-as-groups conv (batch 1:
+    the reference, a plain conv). Without the C tap sum stage 3 takes the
+    grouped conv, stage 4 the chunked kernels; training never a path of
+    inference."""
+    stage2 = DyConv2d(128, 128, 3, padding=1, bias=False, kernel_num=4)
     stage3 = DyConv2d(256, 256, 3, padding=1, bias=False, kernel_num=4)
-    x = torch.randn(2, 256, 14, 14)
-    assert _auto_path('mixture', stage3, x, False) == 'batch_grouped'
-    assert _auto_path('mixture', stage3, x[:1], False) == 'reference'
-    assert _auto_path('mixture', stage3, x, True) != 'batch_grouped'
     stage4 = DyConv2d(512, 512, 3, padding=1, bias=False, kernel_num=4)
-    assert _auto_path('mixture', stage4, torch.randn(2, 512, 7, 7),
-                      False) == 'chunked'
+    strided = DyConv2d(256, 256, 3, 2, 1, bias=False, kernel_num=4)
+    x2, x3 = torch.randn(2, 128, 28, 28), torch.randn(2, 256, 14, 14)
+    x4 = torch.randn(2, 512, 7, 7)
+    for layer, x in ((stage3, x3), (stage4, x4)):
+        assert _auto_path('mixture', layer, x, False) == 'taps'
+        assert _auto_path('mixture', layer, x[:1], False) == 'taps'
+        assert _auto_path('mixture', layer, x,
+                          True) not in ('taps', 'batch_grouped')
+    assert _auto_path('mixture', stage2, x2, False) == 'batch_grouped'
+    assert _auto_path('mixture', stage2, x2[:1], False) == 'reference'
+    assert _auto_path('mixture', strided, torch.randn(2, 256, 28, 28),
+                      False) == 'batch_grouped'
+    monkeypatch.setitem(THRESHOLDS['mixture'], 'taps_min_in_channels', 128)
+    assert _auto_path('mixture', stage2, x2, False) == 'taps'
+    monkeypatch.setitem(THRESHOLDS['mixture'], 'taps_min_in_channels', 256)
+    monkeypatch.setenv(switches.TAP_SUM_CPU_KERNEL, '0')
+    assert _auto_path('mixture', stage3, x3, False) == 'batch_grouped'
+    assert _auto_path('mixture', stage3, x3[:1], False) == 'reference'
+    assert _auto_path('mixture', stage4, x4, False) == 'chunked'
 
 
 def test_tap_gemm_sees_a_changed_kernel():

@@ -10,7 +10,8 @@ the layer's ``forward_reference`` (pure PyTorch autograd) in the tests.
 * The paths: :mod:`.odconv_paths`, :mod:`.mixture_paths` (CondConv/DyConv),
   :mod:`.kw_paths` and :mod:`.kw_cells` (KernelWarehouse's C cell product,
   packed cells, mixture layouts), :mod:`.ddf_paths`, :mod:`.chunked`
-  (kernels built into a reused workspace), :mod:`.winograd`,
+  (kernels built into a reused workspace), :mod:`.kept_copies`
+  (rearranged kernels kept for inference), :mod:`.winograd`,
   :mod:`.recompute` (training: the per-sample kernels rebuilt in the
   backward, not kept).
 * The C loops: :mod:`~mmdyn.ops.accel.c_library` (building and loading them;

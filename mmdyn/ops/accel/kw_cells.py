@@ -31,7 +31,7 @@ the paths of :class:`~mmdyn.ops.KWConv2d` that use them are in
 """
 import ctypes
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,6 +41,7 @@ from ..switches import accel_enabled
 from .c_library import (CLibrary, CSourceFile, check_float32_cpu, num_threads,
                         ptr)
 from .chunked import kernel_workspace
+from .kept_copies import KeptCopies
 from .thresholds import THRESHOLDS
 
 #: Columns per packed strip (the width of the C tile).
@@ -248,21 +249,21 @@ class PackedCells:
     visible part of KW-1x ResNet-50's assembly time, benchmarks/README.md).
     The copy costs the warehouse's size in memory while it lives: the
     manager drops it on ``train()`` and device or dtype moves. It is
-    rebuilt when the cells' storage, shape or version counter changes
-    (every in-place update through the parameter: ``load_state_dict`` and
-    optimiser steps), or any of 256 evenly spaced values of the cells
-    (writes through ``.data``, which leave the version counter alone, e.g.
-    mmengine's EMA parameter swap). After a ``.data`` write to only a few
-    cells, call :meth:`clear`. ``MMDYN_KW_PACKED_CELLS=0`` turns it off.
+    rebuilt when the cells change, as :mod:`~mmdyn.ops.accel.kept_copies`
+    tells (their storage, version counter or 256 sampled values: an EMA
+    parameter swap through ``.data`` is seen). After a ``.data`` write to
+    only a few cells, call :meth:`clear`. ``MMDYN_KW_PACKED_CELLS=0`` turns
+    it off.
     """
 
     def __init__(self):
-        # warehouse index -> ((data_ptr, version, shape), sampled values,
-        # packed cells)
-        self._cache: Dict[int, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-        #: How many times a warehouse was cut into strips (a record for
-        #: tests and profiling).
-        self.builds = 0
+        self._copies = KeptCopies()
+
+    @property
+    def builds(self) -> int:
+        """How many times a warehouse was cut into strips (a record for tests
+        and profiling)."""
+        return self._copies.builds
 
     def get(self, index: int, cells: torch.Tensor,
             training: bool) -> Optional[torch.Tensor]:
@@ -272,25 +273,17 @@ class PackedCells:
                 torch.is_grad_enabled() or graph_capture() or \
                 cells.device.type != 'cpu' or cells.dtype != torch.float32:
             return None
-        flat = cells.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 256)].clone()
-        key = (cells.data_ptr(), cells._version, tuple(cells.shape))
-        cached = self._cache.get(index)
-        if cached is None or cached[0] != key or \
-                not torch.equal(cached[1], sample):
-            cached = (key, sample,
-                      pack_columns(cells.reshape(cells.shape[0], -1)))
-            self._cache[index] = cached
-            self.builds += 1
-        return cached[2]
+        return self._copies.get(
+            index, cells,
+            lambda cells: pack_columns(cells.reshape(cells.shape[0], -1)))
 
     def clear(self) -> None:
         """Drop every packed copy."""
-        self._cache = {}
+        self._copies.clear()
 
     def __len__(self) -> int:
         """Warehouses with a packed copy now."""
-        return len(self._cache)
+        return len(self._copies)
 
 
 # --------------------------------------------------------------------------

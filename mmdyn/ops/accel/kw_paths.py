@@ -99,33 +99,14 @@ def position_major(layer, x: torch.Tensor,
 
 
 def taps(layer, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Stride-1 layers larger than 1x1 in CPU inference: one batched GEMM to
-    every tap's output channels, then the C tap sum.
-
-    The mixtures written position-major, ``[B, kh*kw, C_out, C_in]``, are
-    read transposed as ``[B, C_in, kh*kw*C_out]``: the right operand of one
-    batched GEMM from the input's pixels (``[B, H*W, C_in]``, a view of an
-    NCHW or channels-last input) to the tap maps ``[B, H*W, kh*kw*C_out]``,
-    pixel-major. The C loop (:func:`~mmdyn.ops.accel.tap_sum_cpu.tap_sum`)
-    adds each output pixel's shifted taps, zero padding skipped, and writes
-    the NCHW output with the bias. No per-sample kernel in the conv's layout
-    and no im2col columns are written: the GEMM has the conv's
-    multiply-adds, at the library's speed.
-    """
-    batch, c_in, height, width = x.shape
-    c_out = layer.out_channels
-    kh, kw = layer.kernel_size
-    mixtures = layer.mix_cells(attention, True, 'position_major')
-    maps = torch.bmm(
-        x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in),
-        mixtures.view(batch, kh * kw * c_out, c_in).transpose(1, 2))
-    out = x.new_empty(batch, c_out, *layer.output_hw(height, width))
-    table = tap_sum_cpu.stride1_taps(layer.kernel_size, layer.dilation,
-                                     layer.padding, c_out, height, width)
-    scale = x.new_ones(batch, kh * kw, c_out)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()
-    return tap_sum_cpu.tap_sum(tap_sum_cpu.load(), maps, table, scale, bias,
-                               out)
+    """Stride-1 layers larger than 1x1 in CPU inference: the mixtures written
+    position-major, ``[B, kh*kw, C_out, C_in]``, are the tap-major kernels of
+    :func:`~mmdyn.ops.accel.tap_sum_cpu.stride1_tap_conv` (one batched GEMM
+    to every tap's output channels, then the C tap sum)."""
+    return tap_sum_cpu.stride1_tap_conv(
+        tap_sum_cpu.load(), x,
+        layer.mix_cells(attention, True, 'position_major'), layer.kernel_size,
+        layer.dilation, layer.padding, layer.bias)
 
 
 def winograd_conv(layer, x: torch.Tensor, attention: torch.Tensor,

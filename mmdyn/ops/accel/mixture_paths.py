@@ -12,6 +12,10 @@ weights ``pi`` [B, K] of its input.
   the Winograd C loop).
 * ``pointwise_gemm``: a 1x1 layer as the mixed [C_out, C_in] matrices
   and one batched matmul with the pixels (inference).
+* ``taps``: a stride-1 layer larger than 1x1: the kernels mixed tap-major
+  from a kept tap-major copy of the bank, one batched GEMM to every tap's
+  output channels and the C tap sum (inference; measured on AVX-512,
+  2026-12-07).
 * ``winograd`` and ``chunked``: the per-sample conv by Winograd
   F(2x2, 3x3), or with the kernels built into a reused workspace (the
   deepest layers).
@@ -23,8 +27,10 @@ import torch.nn.functional as F
 
 from ..capture import compiling
 from ..per_sample_conv import per_sample_conv2d, pointwise_per_sample_conv
-from .chunked import chunked_per_sample_conv2d
+from . import tap_sum_cpu
+from .chunked import chunked_per_sample_conv2d, kernel_workspace
 from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
+from .kept_copies import layer_copies
 from .winograd import winograd_per_sample_conv2d
 
 
@@ -79,6 +85,43 @@ def pointwise_gemm(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
                                                    layer.out_channels, -1)
     return pointwise_per_sample_conv(x, matrices.to(x.dtype),
                                      _mixed_bias(layer, pi))
+
+
+def tap_major_bank(layer) -> torch.Tensor:
+    """The kernel bank [K, C_out, C_in, kh, kw] rearranged tap-major, [K,
+    kh*kw*C_out*C_in], kept on the layer until the bank changes (see
+    :mod:`~mmdyn.ops.accel.kept_copies`: writes through ``.data``, like an EMA
+    parameter swap, included), or ``layer.train()``: one more copy of the bank
+    in memory while the layer runs :func:`taps` in inference."""
+    return layer_copies(layer, '_tap_major_bank').get(
+        'bank', layer.weight, lambda bank: bank.detach().permute(
+            0, 3, 4, 1, 2).reshape(bank.shape[0], -1).contiguous())
+
+
+def taps(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """Stride 1, ``groups=1``, a kernel larger than 1x1, CPU inference: the
+    kernels mixed tap-major, ``pi @`` :func:`tap_major_bank` into this thread's
+    reused ``'kernels'`` workspace, then
+    :func:`~mmdyn.ops.accel.tap_sum_cpu.stride1_tap_conv` (one batched GEMM to
+    every tap's output channels, the C tap sum), the mixed bias added.
+
+    No kernel is written in the conv's layout, and oneDNN reorders no per-
+    sample kernel.
+    """
+    bank = tap_major_bank(layer)
+    kh, kw = layer.kernel_size
+    mixtures = kernel_workspace(pi.shape[0] * bank.shape[1], bank.dtype,
+                                bank.device)
+    torch.matmul(pi, bank, out=mixtures.view(pi.shape[0], -1))
+    out = tap_sum_cpu.stride1_tap_conv(
+        tap_sum_cpu.load(), x,
+        mixtures.view(pi.shape[0], kh * kw, layer.out_channels,
+                      layer.in_channels), layer.kernel_size, layer.dilation,
+        layer.padding, None)
+    bias = _mixed_bias(layer, pi)
+    if bias is not None:
+        out += bias[:, :, None, None].to(out.dtype)
+    return out
 
 
 def winograd(layer, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:

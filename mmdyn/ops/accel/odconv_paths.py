@@ -39,6 +39,7 @@ from . import tap_sum_cpu
 from .chunked import (chunked_per_sample_conv2d, mix_kernels_into,
                       repeat_positions)
 from .custom_ops import mixture_chunked_conv_op, winograd_conv_op
+from .kept_copies import layer_copies
 from .thresholds import THRESHOLDS
 from .winograd import winograd_per_sample_conv2d
 
@@ -234,18 +235,15 @@ def _scatter_tap_rows(grad_weight: torch.Tensor, taps,
 
 def _layer_tap_weights(layer, taps) -> torch.Tensor:
     """:func:`_tap_weights` of the layer's kernel; in inference (outside graph
-    capture) kept on the layer until the kernel changes (its version counter,
-    storage, dtype or device), so that repeated forwards skip the transposing
+    capture) kept on the layer until the kernel changes (see
+    :mod:`~mmdyn.ops.accel.kept_copies`: writes through ``.data``, like an EMA
+    parameter swap, included), so that repeated forwards skip the transposing
     copy (one more copy of the kernel in memory)."""
     weight = layer.weight
     if torch.is_grad_enabled() or graph_capture():
         return _tap_weights(weight[0], taps)
-    version = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    cache = layer.__dict__.setdefault('_tap_gemm_weights', {})
-    kept = cache.get(tuple(taps))
-    if kept is None or kept[0] != version:
-        kept = cache[tuple(taps)] = (version, _tap_weights(weight[0], taps))
-    return kept[1]
+    return layer_copies(layer, '_tap_gemm_weights').get(
+        tuple(taps), weight, lambda weight: _tap_weights(weight[0], taps))
 
 
 def _residue_classes(layer) -> dict:

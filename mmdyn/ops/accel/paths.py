@@ -29,9 +29,11 @@ scaled_columns ODConv with one kernel: the static kernel times im2col
 tap_gemm       ODConv with one kernel: one 1x1 conv (oneDNN/MKL GEMM) to
                every tap's output channels, then the per-sample weighted
                shift-sum of the taps (a C loop and its backward)
-taps           KernelWarehouse, stride 1, inference: the position-major
-               mixtures, read transposed, in one batched GEMM to every
-               tap's output channels, then the C tap sum
+taps           KernelWarehouse and CondConv/DyConv, stride 1, inference:
+               the tap-major mixtures (KW's position-major ones, or mixed
+               from a kept tap-major copy of the bank), read transposed,
+               in one batched GEMM to every tap's output channels, then
+               the C tap sum
 pointwise_gemm 1x1 layers: ODConv with one kernel (the attentions folded
                into per-sample matrices) and CondConv/DyConv in inference
                (the mixed matrices), one batched matmul with the pixels
@@ -102,7 +104,8 @@ __all__ = [
     'uses_chunked_kernels', 'uses_c_cell_product', 'odconv_folds',
     'odconv_scaled_columns', 'odconv_tap_gemm', 'odconv_pointwise_gemm',
     'pointwise_applies', 'mixture_pointwise_gemm', 'mixture_conv_then_mix',
-    'mixture_batch_grouped', 'kw_position_major'
+    'mixture_batch_grouped', 'mixture_taps', 'mixture_taps_applies',
+    'kw_position_major'
 ]
 
 #: Per-sample conv implementations (:func:`~mmdyn.ops.per_sample_conv.
@@ -321,6 +324,30 @@ def mixture_batch_grouped(layer, x: torch.Tensor) -> bool:
     return kernel <= limits['grouped_max_kernel_to_maps'] * maps
 
 
+def _stride1_taps_applies(layer, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    # The C tap sum after one batched GEMM, in inference (see
+    # tap_sum_cpu.stride1_tap_conv).
+    return not torch.is_grad_enabled() and x.dtype == dtype and \
+        tuple(layer.stride) == (1, 1) and layer.groups == 1 and \
+        tuple(layer.kernel_size) != (1, 1) and \
+        tap_sum_cpu.library_for(x) is not None
+
+
+def mixture_taps_applies(layer, x: torch.Tensor) -> bool:
+    """CondConv/DyConv: whether ``'taps'`` can run: inference (no autograd, no
+    graph capture, no CPU autocast) on a float32/float64 CPU input of the
+    bank's dtype, stride 1, ``groups=1``, a kernel larger than 1x1, and the C
+    tap sum built (:mod:`~mmdyn.ops.accel.tap_sum_cpu`)."""
+    return _stride1_taps_applies(layer, x, layer.weight.dtype)
+
+
+def mixture_taps(layer, x: torch.Tensor) -> bool:
+    """CondConv/DyConv: whether ``'taps'`` pays where it can run: ``C_in >=
+    taps_min_in_channels`` (:data:`THRESHOLDS` ``['mixture']``; ResNet-50
+    stages 3-4, measured on AVX-512, 2026-12-07)."""
+    return layer.in_channels >= THRESHOLDS['mixture']['taps_min_in_channels']
+
+
 def _kw_position_major_applies(layer, x: torch.Tensor) -> bool:
     # Under torch.compile in inference only (its training form keeps the
     # im2col columns for the backward).
@@ -375,11 +402,7 @@ def kw_taps_applies(layer, x: torch.Tensor) -> bool:
     no graph capture, no CPU autocast) on a float32/float64 CPU input of the
     warehouse's dtype, stride 1, ``groups=1``, a kernel larger than 1x1, and
     the C tap sum built (:mod:`~mmdyn.ops.accel.tap_sum_cpu`)."""
-    return not torch.is_grad_enabled() and \
-        x.dtype == layer._cells().dtype and \
-        tuple(layer.stride) == (1, 1) and layer.groups == 1 and \
-        tuple(layer.kernel_size) != (1, 1) and \
-        tap_sum_cpu.library_for(x) is not None
+    return _stride1_taps_applies(layer, x, layer._cells().dtype)
 
 
 def kw_taps(layer, x: torch.Tensor) -> bool:
@@ -502,6 +525,11 @@ PATHS = {
              lambda layer, x, a: mixture_pointwise_gemm(layer, x),
              'a 1x1 kernel, stride 1, padding 0, groups=1',
              mixture_paths.pointwise_gemm),
+        Path(
+            'taps', lambda layer, x, a: mixture_taps_applies(layer, x),
+            lambda layer, x, a: mixture_taps(layer, x),
+            'inference on a float32/float64 CPU input, stride 1, groups=1, '
+            'a kernel larger than 1x1 and the C tap sum', mixture_paths.taps),
         Path('batch_grouped', _always,
              lambda layer, x, a: mixture_batch_grouped(layer, x), '',
              mixture_paths.batch_grouped),

@@ -12,10 +12,13 @@ pixel-major output, and writes the output once, in NCHW with the bias.
 The backward loop writes every slot of the maps' gradient once (no zeroed
 buffer) and sums the scale's gradient in the same pass.
 
-KernelWarehouse's ``taps`` (:func:`mmdyn.ops.accel.kw_paths.taps`, stride 1,
-inference) sums the maps of one batched GEMM from its position-major
-mixtures the same way, with unit scales (:func:`stride1_taps` gives its
-table).
+:func:`stride1_tap_conv` is a stride-1 conv with per-sample kernels given
+tap-major (``[B, kh*kw, C_out, C_in]``): one batched GEMM to every tap's
+maps, summed the same way with unit scales (:func:`stride1_taps` gives its
+table). KernelWarehouse's ``taps`` (:func:`mmdyn.ops.accel.kw_paths.taps`)
+runs it on its position-major mixtures, CondConv/DyConv's ``taps``
+(:func:`mmdyn.ops.accel.mixture_paths.taps`) on the mixtures of a
+tap-major copy of the kernel bank.
 
 Built and loaded by :class:`~mmdyn.ops.accel.c_library.CLibrary` (cached
 under ``$MMDYN_CACHE_DIR``); with no compiler, or with
@@ -30,6 +33,7 @@ import torch
 from .. import switches
 from ..capture import graph_capture
 from .c_library import CLibrary, CSourceFile, num_threads, ptr
+from .chunked import kernel_workspace
 
 _SUFFIX = {torch.float32: '_f32', torch.float64: '_f64'}
 
@@ -95,6 +99,49 @@ def stride1_taps(kernel_size, dilation, padding, channels: int, height: int,
              (t // kw) * dilation[0] - padding[0],
              (t % kw) * dilation[1] - padding[1], t) for t in range(kh * kw)]
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def stride1_tap_conv(lib: ctypes.CDLL, x: torch.Tensor, mixtures: torch.Tensor,
+                     kernel_size, dilation, padding,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv2d(x[b], W_b)`` for every sample, stride 1, ``groups=1``, from
+    the kernels given tap-major: ``mixtures`` [B, kh*kw, C_out, C_in]
+    contiguous, ``mixtures[b, ky*kw + kx] = W_b[:, :, ky, kx]``.
+
+    The mixtures, read transposed as ``[B, C_in, kh*kw*C_out]``, are the
+    right operand of one batched GEMM from the input's pixels (``[B, H*W,
+    C_in]``, a view of an NCHW or channels-last input) to the tap maps
+    ``[B, H*W, kh*kw*C_out]``, pixel-major, in this thread's reused
+    ``'tap_maps'`` workspace (:func:`~mmdyn.ops.accel.chunked.
+    kernel_workspace`). :func:`tap_sum` then adds each output pixel's
+    shifted taps, zero padding skipped, and writes the NCHW output with
+    ``bias`` [C_out]. No kernel in the conv's layout and no im2col columns
+    are written: the GEMM has the conv's multiply-adds, at the library's
+    speed.
+    """
+    batch, c_in, height, width = x.shape
+    kh, kw = kernel_size
+    positions, c_out = kh * kw, mixtures.shape[-2]
+    if tuple(mixtures.shape) != (batch, positions, c_out, c_in):
+        raise ValueError(f'mixtures {tuple(mixtures.shape)} are not [B, '
+                         f'kh*kw, C_out, C_in] for the input '
+                         f'{tuple(x.shape)} and kernel {kh}x{kw}')
+    pixels = height * width
+    maps = kernel_workspace(batch * pixels * positions * c_out, x.dtype,
+                            x.device, 'tap_maps')
+    maps = maps.view(batch, pixels, positions * c_out)
+    torch.bmm(
+        x.permute(0, 2, 3, 1).reshape(batch, pixels, c_in),
+        mixtures.view(batch, positions * c_out, c_in).transpose(1, 2),
+        out=maps)
+    h_out = height + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_out = width + 2 * padding[1] - dilation[1] * (kw - 1)
+    out = x.new_empty(batch, c_out, h_out, w_out)
+    table = stride1_taps(kernel_size, dilation, padding, c_out, height, width)
+    scale = x.new_ones(batch, positions, c_out)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    return tap_sum(lib, maps, table, scale, bias, out)
 
 
 def tap_sum(lib: ctypes.CDLL, z: torch.Tensor, taps: torch.Tensor,
