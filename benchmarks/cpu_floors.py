@@ -50,7 +50,14 @@ a row (after one untimed call: the operands as warm as they can be, the
 best state for each, so that the sums stand for the form's best case),
 the blocks alternating over the rounds; medians.
 
-``--kw`` adds a floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
+``--cold`` adds the same layers, the static conv and each whole form (its
+pieces in order, no glue) timed from cold caches: each call right after
+64 MiB were written elsewhere and then its input, the state in which a
+layer inside a model starts (its input just written by the layer before, its
+kernels last touched one forward earlier).
+
+``--kw`` (with ``--cold``: twice, the second from cold caches) adds a
+floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
 inference): the static ResNet-50, timed, with the time of each of its convs
 that KW-1x replaces (timed inside the model, by forward hooks) replaced by
 that KW conv's kernel assembly (the ``attention @ cells`` GEMM at MKL's
@@ -69,14 +76,14 @@ layer's Python-side work runs between convs).
 Usage::
 
     python benchmarks/cpu_floors.py [--threads 2] [--rounds 21] \
-        [--batch 8] [--channels 256] [--size 14] [--kw] [--compile]
+        [--batch 8] [--channels 256] [--size 14] [--cold] [--kw] [--compile]
 """
 import argparse
 import os.path as osp
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -375,6 +382,68 @@ def layer_table(batch: int, channels: int, size: int,
     return lines
 
 
+#: MiB written between two cold calls (:func:`cold_table`).
+SWEEP_MIB = 64
+
+
+def _time_cold(candidates: Dict[str, Callable[[], object]],
+               rounds: int,
+               sweep: torch.Tensor,
+               warm: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Median seconds of each candidate, each call right after ``sweep`` and
+    then ``warm`` (the layer's input, as the layer before it would leave it)
+    are written (untimed), the candidates alternating; one untimed round
+    first."""
+    for call in candidates.values():
+        call()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            sweep.add_(1.0)
+            if warm is not None:
+                warm.mul_(1.0)
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cold_table(batch: int, channels: int, size: int, rounds: int) -> List[str]:
+    """Markdown rows: per layer, the static conv, the layer and each whole form
+    (its pieces in order, no glue), each call starting with the CPU caches
+    holding :data:`SWEEP_MIB` MiB of other data and then the input, as a
+    layer inside a model starts (its input just written by the layer before,
+    its kernels last read one forward earlier)."""
+    x = torch.randn(batch, channels, size, size)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
+    sweep = torch.zeros(SWEEP_MIB << 18)
+    lines = ['| layer | candidate | ms | / nn.Conv2d |', '|---|---|---:|---:|']
+    with torch.no_grad():
+        for name, layer in build_layers(channels).items():
+            forms = (odconv_forms
+                     if name.startswith('ODConv') else dyconv_forms)(layer, x)
+            candidates = {
+                'nn.Conv2d': lambda: conv(x),
+                'layer': lambda: layer(x)
+            }
+            for form, pieces in forms.items():
+                candidates[f'{form} form'] = (
+                    lambda pieces=pieces: run_form(pieces))
+            med = _time_cold(candidates, rounds, sweep, x)
+            base = med['nn.Conv2d']
+            least = min(t for label, t in med.items()
+                        if label.endswith('form'))
+            rows = [(label if label != 'layer' else
+                     f'layer (path `{layer.last_path}`)', t)
+                    for label, t in med.items()]
+            rows.append((f'**least form** (goal: {GOALS[name]:.1f}x)', least))
+            lines += [
+                f'| {name} | {label} | {t * 1e3:.3f} | {t / base:.2f} |'
+                for label, t in rows
+            ]
+    return lines
+
+
 def kw_layers(model, x: torch.Tensor) -> list:
     """``(name, layer, input shape, (rows, inner, columns))`` of every
     KernelWarehouse conv of ``model`` in one inference forward on ``x``: its
@@ -515,8 +584,54 @@ def _resnet50_backbones() -> dict:
     return BACKBONES
 
 
-def kw_table(batch: int, rounds: int) -> List[str]:
-    """Markdown rows: KW-1x ResNet-50 and its floor against ResNet-50."""
+def kw_layer_times(layer,
+                   shape,
+                   assembly: Tuple[int, int, int],
+                   static_conv: float,
+                   rounds: int,
+                   sweep=None) -> KWLayerTimes:
+    """One KW conv's :class:`KWLayerTimes`: its assembly GEMM ``[rows, inner] x
+    [inner, columns]`` and its per-sample conv forms (input ``shape``) on
+    prepared random operands; ``static_conv``: ResNet-50's conv in its place.
+
+    Without ``sweep``, piece by piece in warm blocks (:func:`_time`); with
+    it, the assembly and each whole form from cold caches but for the input
+    (:func:`_time_cold`, ``rounds * BLOCK`` calls).
+    """
+    rows, inner, cols = assembly
+    attention = torch.randn(rows, inner)
+    cells = torch.randn(inner, cols)
+    mixtures = torch.empty(rows, cols)
+    kernels = torch.randn(shape[0], layer.out_channels,
+                          layer.in_channels // layer.groups,
+                          *layer.kernel_size)
+    x = torch.randn(shape)
+    forms = per_sample_conv_forms(layer, x, kernels)
+    candidates = {'assembly': lambda: torch.mm(attention, cells, out=mixtures)}
+    if sweep is not None:
+        for form, pieces in forms.items():
+            candidates[form] = lambda pieces=pieces: run_form(pieces)
+        med = _time_cold(candidates, rounds * BLOCK, sweep, x)
+        per_sample = {form: med[form] for form in forms}
+    else:
+        for form, pieces in forms.items():
+            for piece, call in pieces:
+                candidates[f'{form}: {piece}'] = call
+        med = _time(candidates, rounds, BLOCK)
+        per_sample = {
+            form: sum(med[f'{form}: {p}'] for p, _ in pieces)
+            for form, pieces in forms.items()
+        }
+    return KWLayerTimes(static_conv, med['assembly'], per_sample)
+
+
+def kw_table(batch: int, rounds: int, cold: bool = False) -> List[str]:
+    """Markdown rows: KW-1x ResNet-50 and its floor against ResNet-50.
+
+    ``cold``: each assembly and each whole per-sample conv form timed from
+    cold caches (:func:`_time_cold`, ``rounds * BLOCK`` calls) instead of
+    piece by piece in warm blocks.
+    """
     backbones = _resnet50_backbones()
     torch.manual_seed(0)
     kw_model, static = backbones['kw1x'][1](), backbones['r50'][1]()
@@ -527,29 +642,12 @@ def kw_table(batch: int, rounds: int) -> List[str]:
     # ResNet-50 has the same module names: its convs where KW-1x has KW ones.
     static_convs = in_model_times(static, [n for n, _, _, _ in layers], x,
                                   rounds)
-    layer_times = []
+    sweep = torch.zeros(SWEEP_MIB << 18) if cold else None
     with torch.no_grad():
-        for name, layer, shape, (rows, inner, cols) in layers:
-            attention = torch.randn(rows, inner)
-            cells = torch.randn(inner, cols)
-            mixtures = torch.empty(rows, cols)
-            kernels = torch.randn(shape[0], layer.out_channels,
-                                  layer.in_channels // layer.groups,
-                                  *layer.kernel_size)
-            forms = per_sample_conv_forms(layer, torch.randn(shape), kernels)
-            candidates = {
-                'assembly': lambda: torch.mm(attention, cells, out=mixtures)
-            }
-            for form, pieces in forms.items():
-                for piece, call in pieces:
-                    candidates[f'{form}: {piece}'] = call
-            med = _time(candidates, rounds, BLOCK)
-            layer_times.append(
-                KWLayerTimes(
-                    static_convs[name], med['assembly'], {
-                        form: sum(med[f'{form}: {p}'] for p, _ in pieces)
-                        for form, pieces in forms.items()
-                    }))
+        layer_times = [
+            kw_layer_times(layer, shape, assembly, static_convs[name], rounds,
+                           sweep) for name, layer, shape, assembly in layers
+        ]
         models = _time(
             {
                 'ResNet-50': lambda: static(x),
@@ -644,6 +742,10 @@ def parse_args():
     parser.add_argument('--channels', type=int, default=256)
     parser.add_argument('--size', type=int, default=14)
     parser.add_argument(
+        '--cold',
+        action='store_true',
+        help='also each whole form timed from cold caches')
+    parser.add_argument(
         '--kw', action='store_true', help='also the KW-1x ResNet-50 floor')
     parser.add_argument(
         '--compile',
@@ -669,11 +771,23 @@ def main():
           f'of {args.rounds} rounds of blocks of {BLOCK} calls\n')
     print('\n'.join(
         layer_table(args.batch, args.channels, args.size, args.rounds)))
+    if args.cold:
+        print(f'\nThe same, each call after {SWEEP_MIB} MiB written '
+              'elsewhere, then its input; whole forms; medians of '
+              f'{args.rounds * BLOCK} calls, the candidates alternating\n')
+        print('\n'.join(
+            cold_table(args.batch, args.channels, args.size,
+                       args.rounds * BLOCK)))
     if args.kw:
         kw_rounds = max(3, args.rounds // 3)
         print(f'\nKW-1x ResNet-50, batch {args.batch}, 224x224, inference; '
               f'{kw_rounds} rounds\n')
         print('\n'.join(kw_table(args.batch, kw_rounds)))
+        if args.cold:
+            print(f'\nThe same, each assembly and whole per-sample conv form '
+                  f'after {SWEEP_MIB} MiB written elsewhere, then its input; '
+                  f'medians of {kw_rounds * BLOCK} calls\n')
+            print('\n'.join(kw_table(args.batch, kw_rounds, cold=True)))
     if args.compile:
         print(f'\ntorch.compile per call; medians of {args.rounds * 10} '
               'calls, the candidates alternating\n')

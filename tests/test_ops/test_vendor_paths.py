@@ -298,11 +298,11 @@ def test_tap_gemm_rule_follows_the_threshold_table(monkeypatch):
 
 def test_rules_send_resnet_dyconv_layers_to_their_paths(monkeypatch):
     """CPU inference: the stride-1 3x3 layers of ResNet-50 stages 3-4 (256 ch
-    14x14, 512 ch 7x7) take the tap GEMM at batch 1 and 2; stage 2 (128 ch
-    28x28) and a strided stage-3 layer the batch-as-groups conv (batch 1:
-    the reference, a plain conv). Without the C tap sum stage 3 takes the
-    grouped conv, stage 4 the chunked kernels; training never a path of
-    inference."""
+    14x14, 512 ch 7x7) take the tap GEMM at batch 2, stage 4 also at batch 1
+    (stage 3 the reference there, a plain conv); stage 2 (128 ch 28x28) and a
+    strided stage-3 layer the batch-as-groups conv. Without the C tap sum
+    stage 3 takes the grouped conv, stage 4 the chunked kernels; training
+    never a path of inference."""
     stage2 = DyConv2d(128, 128, 3, padding=1, bias=False, kernel_num=4)
     stage3 = DyConv2d(256, 256, 3, padding=1, bias=False, kernel_num=4)
     stage4 = DyConv2d(512, 512, 3, padding=1, bias=False, kernel_num=4)
@@ -311,11 +311,15 @@ def test_rules_send_resnet_dyconv_layers_to_their_paths(monkeypatch):
     x4 = torch.randn(2, 512, 7, 7)
     for layer, x in ((stage3, x3), (stage4, x4)):
         assert _auto_path('mixture', layer, x, False) == 'taps'
-        assert _auto_path('mixture', layer, x[:1], False) == 'taps'
         assert _auto_path('mixture', layer, x,
                           True) not in ('taps', 'batch_grouped')
     assert _auto_path('mixture', stage2, x2, False) == 'batch_grouped'
     assert _auto_path('mixture', stage2, x2[:1], False) == 'reference'
+    assert _auto_path('mixture', stage4, x4[:1], False) == 'taps'
+    assert _auto_path('mixture', stage3, x3[:1], False) == 'reference'
+    monkeypatch.setitem(THRESHOLDS['mixture'],
+                        'taps_min_in_channels_one_sample', 256)
+    assert _auto_path('mixture', stage3, x3[:1], False) == 'taps'
     assert _auto_path('mixture', strided, torch.randn(2, 256, 28, 28),
                       False) == 'batch_grouped'
     monkeypatch.setitem(THRESHOLDS['mixture'], 'taps_min_in_channels', 128)

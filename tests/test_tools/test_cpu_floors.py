@@ -177,3 +177,41 @@ def test_layer_table_runs():
     lines = floors.layer_table(batch=2, channels=8, size=5, rounds=1)
     assert lines[0].startswith('| layer |')
     assert sum('least floor' in line for line in lines) == 2
+
+
+@needs_c
+def test_cold_table_times_whole_forms(monkeypatch):
+    """Every form of both layers as one candidate, each call after the sweep (a
+    1 MiB buffer here, counted)."""
+    monkeypatch.setattr(floors, 'SWEEP_MIB', 1)
+    sweeps = []
+    real = floors._time_cold
+
+    def counting(candidates, rounds, sweep, warm):
+        sweeps.append((len(candidates), rounds, sweep.numel(), warm.shape))
+        return real(candidates, rounds, sweep, warm)
+
+    monkeypatch.setattr(floors, '_time_cold', counting)
+    lines = floors.cold_table(batch=2, channels=8, size=5, rounds=2)
+    assert sum('least form' in line for line in lines) == 2
+    assert sum(' form |' in line for line in lines) == 3 + 4
+    # conv, layer and 3 ODConv forms; conv, layer and 4 DyConv forms
+    shape = (2, 8, 5, 5)  # the input, written after the sweep
+    assert sweeps == [(5, 2, 1 << 18, shape), (6, 2, 1 << 18, shape)]
+
+
+@needs_c
+@pytest.mark.parametrize('cold', [False, True], ids=['warm', 'cold'])
+def test_kw_layer_times(cold):
+    """A stride-1 3x3 conv: the assembly and the grouped and tap forms timed,
+    warm piece by piece or cold whole."""
+    layer = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    sweep = torch.zeros(1 << 10) if cold else None
+    with torch.no_grad():
+        times = floors.kw_layer_times(layer, (2, 8, 5, 5), (18, 6, 64), 0.5, 1,
+                                      sweep)
+    assert times.static_conv == 0.5 and times.assembly > 0
+    assert set(times.per_sample) == {'grouped conv', 'taps'}
+    assert times.fastest_per_sample == min(times.per_sample.values()) > 0
+    if cold:  # one write before each timed call: BLOCK rounds of three
+        assert sweep[0] == 3 * floors.BLOCK

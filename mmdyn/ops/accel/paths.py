@@ -343,9 +343,14 @@ def mixture_taps_applies(layer, x: torch.Tensor) -> bool:
 
 def mixture_taps(layer, x: torch.Tensor) -> bool:
     """CondConv/DyConv: whether ``'taps'`` pays where it can run: ``C_in >=
-    taps_min_in_channels`` (:data:`THRESHOLDS` ``['mixture']``; ResNet-50
-    stages 3-4, measured on AVX-512, 2026-12-07)."""
-    return layer.in_channels >= THRESHOLDS['mixture']['taps_min_in_channels']
+    taps_min_in_channels``, for one sample ``C_in >=
+    taps_min_in_channels_one_sample`` (:data:`THRESHOLDS` ``['mixture']``;
+    ResNet-50 stages 3-4, stage 4 only for one sample; measured on AVX-512,
+    2026-12-07)."""
+    limits = THRESHOLDS['mixture']
+    key = 'taps_min_in_channels' if x.shape[0] > 1 else \
+        'taps_min_in_channels_one_sample'
+    return layer.in_channels >= limits[key]
 
 
 def _kw_position_major_applies(layer, x: torch.Tensor) -> bool:

@@ -88,20 +88,24 @@ THRESHOLDS = {
     # 1.06-1.50, 28x28 1.34-1.57 -> 0.99-1.16, 14x14 1.42-1.59 ->
     # 1.16-1.22; 7x7 chunked 2.0-2.3 against 3.2-3.4).
     # `taps_min_in_channels`: stride-1 layers larger than 1x1 with this many
-    # input channels run in inference as the tap-major mixtures, one batched
-    # GEMM to the taps and the C tap sum (AVX-512, 2026-12-07, quiet, 2
-    # threads, DyConv K=4, time / nn.Conv2d, the path before -> 'taps',
-    # alternating: 512 ch 7x7 b8 chunked 3.2-3.4 -> 2.4-2.5, b1 reference
-    # 2.1 -> 1.9-2.0; 256 ch 14x14 b8 batch_grouped 1.55 -> 1.45, b1 within
-    # the spread; 128 ch 28x28 b8 1.1-1.2 -> 1.3-1.6, so not there).
-    # DyConv-4x ResNet-50 backbone, paired: b8 631 -> 621 ms, b1 114 -> 109.
+    # input channels (`..._one_sample` for a batch of one) run in inference
+    # as the tap-major mixtures, one batched GEMM to the taps and the C tap
+    # sum (AVX-512, 2026-12-07, quiet, 2 threads, DyConv K=4, time /
+    # nn.Conv2d, the path before -> 'taps', alternating: 512 ch 7x7 b8
+    # chunked 3.2-3.4 -> 2.4-2.5, b1 reference 2.1 -> 1.9-2.0; 256 ch 14x14
+    # b8 batch_grouped 1.55 -> 1.45; 128 ch 28x28 b8 1.1-1.2 -> 1.3-1.6, so
+    # not there). Inside DyConv-4x ResNet-50 (forward hooks), batch 1: the
+    # stage-3 layers 1.92-2.03 -> 2.01-2.67 ms (so not at one sample), stage
+    # 4 5.3-6.9 -> 3.8-4.4 ms; batch 8: stage 3 10.5-12.9 -> 9.8-12.3 ms,
+    # stage 4 21-22 -> 16-18 ms.
     'mixture':
     dict(
         pointwise_gemm_min_pixels=196,
         conv_then_mix_max_work=96,
         grouped_min_batch=2,
         grouped_max_kernel_to_maps=8,
-        taps_min_in_channels=256),
+        taps_min_in_channels=256,
+        taps_min_in_channels_one_sample=512),
     # KernelWarehouse: the position-major conv when one sample's kernel has
     # more than `position_major_kernel_to_maps` times the elements of its
     # maps (every 1x1 layer); the C cell product from
@@ -130,7 +134,8 @@ THRESHOLDS = {
         position_major_kernel_to_maps=1,
         c_loop_min_columns=None,
         pointwise_min_pixels=784,
-        taps_min_in_channels=256),
+        taps_min_in_channels=256,
+        taps_min_in_channels_one_sample=512),
     # The 'recompute' training path (recompute.py), per family: on CPU
     # only where one more kernel assembly (K, or the cell count, products
     # per kernel element) is at most this many times the conv's H'W'
