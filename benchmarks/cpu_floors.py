@@ -340,21 +340,28 @@ def build_layers(channels: int) -> Dict[str, torch.nn.Module]:
     }
 
 
+def _layer_setups(batch: int, channels: int, size: int):
+    """Per layer of :func:`build_layers`: ``(name, layer, the input x, the
+    layer's forms on x, the candidates 'nn.Conv2d' and 'layer' on x)``."""
+    x = torch.randn(batch, channels, size, size)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
+    for name, layer in build_layers(channels).items():
+        forms = (odconv_forms if name.startswith('ODConv') else dyconv_forms)(
+            layer, x)
+        yield name, layer, x, forms, {
+            'nn.Conv2d': lambda: conv(x),
+            'layer': lambda layer=layer: layer(x)
+        }
+
+
 def layer_table(batch: int, channels: int, size: int,
                 rounds: int) -> List[str]:
     """Markdown rows: per layer, the static conv, the layer, each piece, each
     form's floor and the least; times in ms and as ratios to the conv."""
-    x = torch.randn(batch, channels, size, size)
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
     lines = ['| layer | candidate | ms | / nn.Conv2d |', '|---|---|---:|---:|']
     with torch.no_grad():
-        for name, layer in build_layers(channels).items():
-            forms = (odconv_forms
-                     if name.startswith('ODConv') else dyconv_forms)(layer, x)
-            candidates = {
-                'nn.Conv2d': lambda: conv(x),
-                'layer': lambda: layer(x)
-            }
+        for name, layer, _, forms, candidates in _layer_setups(
+                batch, channels, size):
             for form, pieces in forms.items():
                 for piece, call in pieces:
                     candidates[f'{form}: {piece}'] = call
@@ -414,18 +421,11 @@ def cold_table(batch: int, channels: int, size: int, rounds: int) -> List[str]:
     holding :data:`SWEEP_MIB` MiB of other data and then the input, as a
     layer inside a model starts (its input just written by the layer before,
     its kernels last read one forward earlier)."""
-    x = torch.randn(batch, channels, size, size)
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).eval()
     sweep = torch.zeros(SWEEP_MIB << 18)
     lines = ['| layer | candidate | ms | / nn.Conv2d |', '|---|---|---:|---:|']
     with torch.no_grad():
-        for name, layer in build_layers(channels).items():
-            forms = (odconv_forms
-                     if name.startswith('ODConv') else dyconv_forms)(layer, x)
-            candidates = {
-                'nn.Conv2d': lambda: conv(x),
-                'layer': lambda: layer(x)
-            }
+        for name, layer, x, forms, candidates in _layer_setups(
+                batch, channels, size):
             for form, pieces in forms.items():
                 candidates[f'{form} form'] = (
                     lambda pieces=pieces: run_form(pieces))
