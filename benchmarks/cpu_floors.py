@@ -52,9 +52,11 @@ the blocks alternating over the rounds; medians.
 
 ``--cold`` adds the same layers, the static conv and each whole form (its
 pieces in order, no glue) timed from cold caches: each call right after
-64 MiB were written elsewhere and then its input, the state in which a
-layer inside a model starts (its input just written by the layer before, its
-kernels last touched one forward earlier).
+``--sweep-mib`` MiB (default 64) were read elsewhere and then its input
+written, the state in which a layer inside a model starts (its input just
+written by the layer before, its kernels last touched one forward earlier).
+64 MiB leaves nothing of the layer in the L1 and L2 caches; a sweep larger
+than the last-level cache (``lscpu``) leaves nothing in any cache.
 
 ``--kw`` (with ``--cold``: twice, the second from cold caches) adds a
 floor for KW-1x ResNet-50 (batch ``--batch``, 224x224,
@@ -76,14 +78,15 @@ layer's Python-side work runs between convs).
 Usage::
 
     python benchmarks/cpu_floors.py [--threads 2] [--rounds 21] \
-        [--batch 8] [--channels 256] [--size 14] [--cold] [--kw] [--compile]
+        [--batch 8] [--channels 256] [--size 14] [--cold] [--sweep-mib 64] \
+        [--kw] [--compile]
 """
 import argparse
 import os.path as osp
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -389,39 +392,45 @@ def layer_table(batch: int, channels: int, size: int,
     return lines
 
 
-#: MiB written between two cold calls (:func:`cold_table`).
+#: MiB read between two cold calls (:func:`cold_table`; ``--sweep-mib``).
 SWEEP_MIB = 64
 
 
 def _time_cold(candidates: Dict[str, Callable[[], object]],
                rounds: int,
                sweep: torch.Tensor,
-               warm: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Median seconds of each candidate, each call right after ``sweep`` and
-    then ``warm`` (the layer's input, as the layer before it would leave it)
-    are written (untimed), the candidates alternating; one untimed round
-    first."""
+               warm: Optional[Dict[str, Sequence[torch.Tensor]]] = None
+               ) -> Dict[str, float]:
+    """Median seconds of each candidate, each call right after ``sweep`` is
+    read and then the tensors ``warm[candidate]`` are written (untimed: the
+    operands the layer before would have just written), the candidates
+    alternating; one untimed round first."""
     for call in candidates.values():
         call()
+    warm = warm or {}
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, call in candidates.items():
-            sweep.add_(1.0)
-            if warm is not None:
-                warm.mul_(1.0)
+            sweep.sum()
+            for tensor in warm.get(name, ()):
+                tensor.mul_(1.0)
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def cold_table(batch: int, channels: int, size: int, rounds: int) -> List[str]:
+def cold_table(batch: int,
+               channels: int,
+               size: int,
+               rounds: int,
+               sweep_mib: int = SWEEP_MIB) -> List[str]:
     """Markdown rows: per layer, the static conv, the layer and each whole form
-    (its pieces in order, no glue), each call starting with the CPU caches
-    holding :data:`SWEEP_MIB` MiB of other data and then the input, as a
-    layer inside a model starts (its input just written by the layer before,
-    its kernels last read one forward earlier)."""
-    sweep = torch.zeros(SWEEP_MIB << 18)
+    (its pieces in order, no glue), each call after ``sweep_mib`` MiB of
+    other data were read and then the input written, as a layer inside a
+    model starts (its input just written by the layer before, its kernels
+    last read one forward earlier)."""
+    sweep = torch.zeros(sweep_mib << 18)
     lines = ['| layer | candidate | ms | / nn.Conv2d |', '|---|---|---:|---:|']
     with torch.no_grad():
         for name, layer, x, forms, candidates in _layer_setups(
@@ -429,7 +438,9 @@ def cold_table(batch: int, channels: int, size: int, rounds: int) -> List[str]:
             for form, pieces in forms.items():
                 candidates[f'{form} form'] = (
                     lambda pieces=pieces: run_form(pieces))
-            med = _time_cold(candidates, rounds, sweep, x)
+            med = _time_cold(candidates, rounds, sweep,
+                             {name: [x]
+                              for name in candidates})
             base = med['nn.Conv2d']
             least = min(t for label, t in med.items()
                         if label.endswith('form'))
@@ -507,8 +518,11 @@ def in_model_times(model, names, x: torch.Tensor,
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def per_sample_conv_forms(layer, x: torch.Tensor,
-                          kernels: torch.Tensor) -> Dict[str, List[Piece]]:
+def per_sample_conv_forms(layer,
+                          x: torch.Tensor,
+                          kernels: torch.Tensor,
+                          operands: Optional[Dict[str, torch.Tensor]] = None
+                          ) -> Dict[str, List[Piece]]:
     """The forms of the per-sample conv ``conv(x[b], kernels[b])`` with a conv
     ``layer``'s geometry (``kernels`` [B, C_out, C_in/groups, kh, kw],
     prepared; for the tap form also kept in its tap layout, as an assembly
@@ -517,7 +531,9 @@ def per_sample_conv_forms(layer, x: torch.Tensor,
     3x3-like ungrouped conv with "same" padding the batched GEMM to the taps
     and the tap sum.
 
-    Each form's last piece returns [B, C_out, H', W'].
+    Each form's last piece returns [B, C_out, H', W']. ``operands``, if
+    given, receives the kernel tensor each form reads (``kernels`` or its
+    tap-layout copy).
     """
     b, c_in, h, w = x.shape
     c_out, groups = layer.out_channels, layer.groups
@@ -531,6 +547,7 @@ def per_sample_conv_forms(layer, x: torch.Tensor,
         return out.view(b, c_out, *out.shape[-2:])
 
     forms = {'grouped conv': [('grouped conv', grouped)]}
+    read = {'grouped conv': kernels, 'batched matmul': kernels}
     stride = tuple(layer.stride)
     if (kh, kw_) == (1, 1) and groups == 1 and \
             tuple(layer.padding) == (0, 0):
@@ -552,8 +569,10 @@ def per_sample_conv_forms(layer, x: torch.Tensor,
     elif kh == kw_ and kh % 2 == 1 and stride == (1, 1) and groups == 1 \
             and tuple(layer.dilation) == (1, 1) and \
             tuple(layer.padding) == (kh // 2, kh // 2):
-        taps = _tap_kernel(kernels)
+        taps = read['taps'] = _tap_kernel(kernels)
         forms['taps'] = _tap_pieces(x, taps, x.new_ones(b, kh * kh, c_out), kh)
+    if operands is not None:
+        operands.update({form: read[form] for form in forms})
     return forms
 
 
@@ -595,8 +614,9 @@ def kw_layer_times(layer,
     prepared random operands; ``static_conv``: ResNet-50's conv in its place.
 
     Without ``sweep``, piece by piece in warm blocks (:func:`_time`); with
-    it, the assembly and each whole form from cold caches but for the input
-    (:func:`_time_cold`, ``rounds * BLOCK`` calls).
+    it, the assembly and each whole form from cold caches (:func:`_time_cold`,
+    ``rounds * BLOCK`` calls), each form after its input and the kernels it
+    reads were written, as the assembly would have just written them.
     """
     rows, inner, cols = assembly
     attention = torch.randn(rows, inner)
@@ -606,12 +626,16 @@ def kw_layer_times(layer,
                           layer.in_channels // layer.groups,
                           *layer.kernel_size)
     x = torch.randn(shape)
-    forms = per_sample_conv_forms(layer, x, kernels)
+    operands = {}
+    forms = per_sample_conv_forms(layer, x, kernels, operands)
     candidates = {'assembly': lambda: torch.mm(attention, cells, out=mixtures)}
     if sweep is not None:
         for form, pieces in forms.items():
             candidates[form] = lambda pieces=pieces: run_form(pieces)
-        med = _time_cold(candidates, rounds * BLOCK, sweep, x)
+        # Each form reads kernels the assembly has just written.
+        med = _time_cold(candidates, rounds * BLOCK, sweep,
+                         {form: [x, operands[form]]
+                          for form in forms})
         per_sample = {form: med[form] for form in forms}
     else:
         for form, pieces in forms.items():
@@ -625,11 +649,15 @@ def kw_layer_times(layer,
     return KWLayerTimes(static_conv, med['assembly'], per_sample)
 
 
-def kw_table(batch: int, rounds: int, cold: bool = False) -> List[str]:
+def kw_table(batch: int,
+             rounds: int,
+             cold: bool = False,
+             sweep_mib: int = SWEEP_MIB) -> List[str]:
     """Markdown rows: KW-1x ResNet-50 and its floor against ResNet-50.
 
-    ``cold``: each assembly and each whole per-sample conv form timed from
-    cold caches (:func:`_time_cold`, ``rounds * BLOCK`` calls) instead of
+    ``cold``: each assembly and each whole per-sample conv form timed after
+    ``sweep_mib`` MiB of other data were read (:func:`_time_cold`, ``rounds *
+    BLOCK`` calls; the forms' input and kernels then written) instead of
     piece by piece in warm blocks.
     """
     backbones = _resnet50_backbones()
@@ -642,7 +670,7 @@ def kw_table(batch: int, rounds: int, cold: bool = False) -> List[str]:
     # ResNet-50 has the same module names: its convs where KW-1x has KW ones.
     static_convs = in_model_times(static, [n for n, _, _, _ in layers], x,
                                   rounds)
-    sweep = torch.zeros(SWEEP_MIB << 18) if cold else None
+    sweep = torch.zeros(sweep_mib << 18) if cold else None
     with torch.no_grad():
         layer_times = [
             kw_layer_times(layer, shape, assembly, static_convs[name], rounds,
@@ -746,6 +774,12 @@ def parse_args():
         action='store_true',
         help='also each whole form timed from cold caches')
     parser.add_argument(
+        '--sweep-mib',
+        type=int,
+        default=SWEEP_MIB,
+        help='MiB read before each cold call (more than the last-level '
+        'cache to leave nothing of the layer in any cache)')
+    parser.add_argument(
         '--kw', action='store_true', help='also the KW-1x ResNet-50 floor')
     parser.add_argument(
         '--compile',
@@ -772,12 +806,12 @@ def main():
     print('\n'.join(
         layer_table(args.batch, args.channels, args.size, args.rounds)))
     if args.cold:
-        print(f'\nThe same, each call after {SWEEP_MIB} MiB written '
-              'elsewhere, then its input; whole forms; medians of '
+        print(f'\nThe same, each call after {args.sweep_mib} MiB read '
+              'elsewhere, then its input written; whole forms; medians of '
               f'{args.rounds * BLOCK} calls, the candidates alternating\n')
         print('\n'.join(
             cold_table(args.batch, args.channels, args.size,
-                       args.rounds * BLOCK)))
+                       args.rounds * BLOCK, args.sweep_mib)))
     if args.kw:
         kw_rounds = max(3, args.rounds // 3)
         print(f'\nKW-1x ResNet-50, batch {args.batch}, 224x224, inference; '
@@ -785,9 +819,11 @@ def main():
         print('\n'.join(kw_table(args.batch, kw_rounds)))
         if args.cold:
             print(f'\nThe same, each assembly and whole per-sample conv form '
-                  f'after {SWEEP_MIB} MiB written elsewhere, then its input; '
-                  f'medians of {kw_rounds * BLOCK} calls\n')
-            print('\n'.join(kw_table(args.batch, kw_rounds, cold=True)))
+                  f'after {args.sweep_mib} MiB read elsewhere, then its '
+                  'input and kernels written; medians of '
+                  f'{kw_rounds * BLOCK} calls\n')
+            print('\n'.join(
+                kw_table(args.batch, kw_rounds, True, args.sweep_mib)))
     if args.compile:
         print(f'\ntorch.compile per call; medians of {args.rounds * 10} '
               'calls, the candidates alternating\n')

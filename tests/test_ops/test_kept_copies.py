@@ -2,10 +2,11 @@
 """Kept copies of a parameter: rebuilt on every kind of change a training
 run makes (optimiser steps, ``load_state_dict``, writes through ``.data``
 as mmengine's EMA swap does, moves), kept otherwise."""
+import pytest
 import torch
 
 from mmdyn.ops import DyConv2d, ODConv2d
-from mmdyn.ops.accel.kept_copies import KeptCopies
+from mmdyn.ops.accel.kept_copies import KeptCopies, sampled_positions
 
 
 def test_a_copy_is_kept_until_its_source_changes():
@@ -39,15 +40,108 @@ def test_a_copy_is_kept_until_its_source_changes():
 
 
 def test_a_write_through_data_to_any_sampled_value_is_seen():
-    """Every 4th value of 1024 is sampled (256 of them): a change to a sampled
-    value alone rebuilds the copy."""
+    """A change to one sampled value alone rebuilds the copy."""
     param = torch.nn.Parameter(torch.zeros(1024))
     copies = KeptCopies()
     copies.get(0, param, torch.clone)
-    for index in (0, 4, 1020):
+    positions = sampled_positions(1024, param.device)
+    assert len(set(positions.tolist())) == 256
+    for index in positions[[0, 1, -1]].tolist():
         param.data[index] += 1.0
         assert torch.equal(copies.get(0, param, torch.clone), param.detach())
     assert copies.builds == 4
+
+
+def test_sampled_positions_cover_every_tap_and_most_channels():
+    """On a DyConv bank [4, 256, 256, 3, 3] (a size where a constant step of
+    numel / 256 samples one tap of input channel 0 only)."""
+    positions = sampled_positions(4 * 256 * 256 * 9, torch.device('cpu'))
+    rest, tap = positions // 9, positions % 9
+    assert set(tap.tolist()) == set(range(9))
+    assert len(set((rest % 256).tolist())) >= 150  # input channels
+    assert len(set((rest // 256 % 256).tolist())) >= 150  # output channels
+    assert len(set((rest // 65536).tolist())) == 4  # kernels
+    small = sampled_positions(10, torch.device('cpu'))
+    assert sorted(small.tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    'write',
+    [
+        lambda w: w[:, :, :, 1, 1].add_(1.0),  # the centre tap (Dirac add)
+        lambda w: w[:, :, 128:].zero_(),  # half of the input channels
+        lambda w: w[:, 64:96].mul_(-1.0),  # an eighth of the filters
+    ],
+    ids=['centre tap', 'pruned inputs', 'flipped filters'])
+def test_structured_writes_through_data_are_seen(write):
+    """Writes through ``.data`` to one tap or a block of channels of a conv
+    kernel bank rebuild the copy (with a constant sampling step they were
+    missed and the stale copy returned)."""
+    bank = torch.nn.Parameter(torch.randn(4, 256, 256, 3, 3))
+    copies = KeptCopies()
+    copies.get(0, bank, torch.clone)
+    write(bank.data)
+    assert torch.equal(copies.get(0, bank, torch.clone), bank.detach())
+    assert copies.builds == 2
+
+
+def test_inference_mode_sources_and_calls():
+    """A copy first built inside ``torch.inference_mode`` serves calls outside
+    it; a source made there (no version counter) is copied on every call."""
+    param = torch.nn.Parameter(torch.randn(6, 5))
+    copies = KeptCopies()
+    with torch.inference_mode():
+        kept = copies.get(0, param, lambda p: p.detach() * 2)
+    assert not kept.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            copies.get(0, param, lambda p: p.detach() * 2), param * 2)
+    assert copies.builds == 1
+    with torch.inference_mode():
+        made_there = torch.randn(6, 5)
+        for _ in range(2):
+            assert torch.equal(
+                copies.get(1, made_there, torch.clone), made_there)
+    assert copies.builds == 1 and len(copies) == 1
+
+
+@pytest.mark.parametrize('cls,impl,channels', [(DyConv2d, 'taps', 256),
+                                               (DyConv2d, 'chunked', 512),
+                                               (ODConv2d, 'tap_gemm', 256)])
+def test_layers_run_outside_inference_mode_after_it(cls, impl, channels):
+    """The paths' reused buffers and kept copies made under
+    ``torch.inference_mode`` do not break a later ``no_grad`` call (the reused
+    workspace was an inference tensor, and every later write to it outside
+    inference mode raised), nor does a layer built there."""
+    torch.manual_seed(0)
+    layer = cls(
+        channels,
+        channels,
+        3,
+        padding=1,
+        kernel_num=4 if cls is DyConv2d else 1).eval()
+    x = torch.randn(2, channels, 7, 7)
+    with torch.no_grad():
+        expected = layer.forward_reference(x)
+    layer.impl = impl
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    assert layer.last_path == impl
+    with torch.inference_mode():
+        built_there = cls(
+            channels,
+            channels,
+            3,
+            padding=1,
+            impl=impl,
+            kernel_num=layer.kernel_num).eval()
+        built_there.load_state_dict(layer.state_dict())
+        assert built_there.weight.is_inference()
+        for _ in range(2):
+            torch.testing.assert_close(
+                built_there(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_dynamic_layers_drop_their_copies_on_train_and_moves():

@@ -222,6 +222,14 @@ def test_mixture_taps_refuses_what_it_does_not_run():
                 layer(x)
     with pytest.raises(ValueError, match="impl='taps' cannot run"):
         DyConv2d(8, 8, 3, padding=1, impl='taps')(x)  # autograd
+    layer = DyConv2d(256, 256, 3, padding=1, kernel_num=4).eval()
+    x = torch.randn(2, 256, 6, 6)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x)  # CPU autocast: not the float32/float64 tap sum
+        assert layer.last_path != 'taps'
+        layer.impl = 'taps'
+        with pytest.raises(ValueError, match="impl='taps' cannot run"):
+            layer(x)
 
 
 def test_the_paths_are_impl_choices():

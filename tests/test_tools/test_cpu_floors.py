@@ -179,39 +179,87 @@ def test_layer_table_runs():
     assert sum('least floor' in line for line in lines) == 2
 
 
+def test_cold_timing_order():
+    """Before every timed call: the sweep is read, then that candidate's warm
+    operands are written; nothing in between is timed."""
+    log = []
+
+    class Recorder:
+
+        def __init__(self, name):
+            self.name = name
+
+        def sum(self):
+            log.append(('sweep', self.name))
+
+        def mul_(self, value):
+            log.append(('write', self.name))
+
+    floors._time_cold(
+        {
+            'a': lambda: log.append(('call', 'a')),
+            'b': lambda: log.append(('call', 'b'))
+        }, 2, Recorder('sweep'),
+        {'a': [Recorder('x'), Recorder('kernels')]})
+    one_round = [('sweep', 'sweep'), ('write', 'x'), ('write', 'kernels'),
+                 ('call', 'a'), ('sweep', 'sweep'), ('call', 'b')]
+    assert log == [('call', 'a'), ('call', 'b')] + one_round * 2
+
+
 @needs_c
 def test_cold_table_times_whole_forms(monkeypatch):
     """Every form of both layers as one candidate, each call after the sweep (a
-    1 MiB buffer here, counted)."""
-    monkeypatch.setattr(floors, 'SWEEP_MIB', 1)
-    sweeps = []
+    1 MiB buffer here) and the input written."""
+    calls = []
     real = floors._time_cold
 
-    def counting(candidates, rounds, sweep, warm):
-        sweeps.append((len(candidates), rounds, sweep.numel(), warm.shape))
+    def recording(candidates, rounds, sweep, warm):
+        calls.append((len(candidates), rounds, sweep.numel(), {
+            name: [t.shape for t in tensors]
+            for name, tensors in warm.items()
+        }))
         return real(candidates, rounds, sweep, warm)
 
-    monkeypatch.setattr(floors, '_time_cold', counting)
-    lines = floors.cold_table(batch=2, channels=8, size=5, rounds=2)
+    monkeypatch.setattr(floors, '_time_cold', recording)
+    lines = floors.cold_table(
+        batch=2, channels=8, size=5, rounds=2, sweep_mib=1)
     assert sum('least form' in line for line in lines) == 2
     assert sum(' form |' in line for line in lines) == 3 + 4
-    # conv, layer and 3 ODConv forms; conv, layer and 4 DyConv forms
-    shape = (2, 8, 5, 5)  # the input, written after the sweep
-    assert sweeps == [(5, 2, 1 << 18, shape), (6, 2, 1 << 18, shape)]
+    # conv, layer and 3 ODConv forms; conv, layer and 4 DyConv forms, each
+    # with the input written after the sweep
+    x = (2, 8, 5, 5)
+    assert [c[:3] for c in calls] == [(5, 2, 1 << 18), (6, 2, 1 << 18)]
+    for count, _, _, warm in calls:
+        assert len(warm) == count
+        assert all(shapes == [x] for shapes in warm.values())
 
 
 @needs_c
 @pytest.mark.parametrize('cold', [False, True], ids=['warm', 'cold'])
-def test_kw_layer_times(cold):
+def test_kw_layer_times(cold, monkeypatch):
     """A stride-1 3x3 conv: the assembly and the grouped and tap forms timed,
-    warm piece by piece or cold whole."""
+    warm piece by piece or cold whole, each cold form after its input and
+    the kernels it reads are written."""
     layer = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
     sweep = torch.zeros(1 << 10) if cold else None
+    warmed = {}
+    real = floors._time_cold
+
+    def recording(candidates, rounds, sweep, warm):
+        warmed.update({k: [t.shape for t in v] for k, v in warm.items()})
+        return real(candidates, rounds, sweep, warm)
+
+    monkeypatch.setattr(floors, '_time_cold', recording)
     with torch.no_grad():
         times = floors.kw_layer_times(layer, (2, 8, 5, 5), (18, 6, 64), 0.5, 1,
                                       sweep)
     assert times.static_conv == 0.5 and times.assembly > 0
     assert set(times.per_sample) == {'grouped conv', 'taps'}
     assert times.fastest_per_sample == min(times.per_sample.values()) > 0
-    if cold:  # one write before each timed call: BLOCK rounds of three
-        assert sweep[0] == 3 * floors.BLOCK
+    if cold:
+        assert warmed == {
+            'grouped conv': [(2, 8, 5, 5), (2, 8, 8, 3, 3)],
+            'taps': [(2, 8, 5, 5), (2, 8, 72)]
+        }
+    else:
+        assert not warmed

@@ -57,7 +57,10 @@ def kernel_workspace(numel: int,
     key = (dtype, device, slot)
     block = cache.get(key)
     if block is None or block.numel() < numel:
-        block = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+        # A normal tensor even inside torch.inference_mode: an inference
+        # tensor could not be written outside it by later calls.
+        with torch.inference_mode(False):
+            block = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return block[:numel]
 
 

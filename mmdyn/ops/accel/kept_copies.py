@@ -3,19 +3,26 @@
 parameter is unchanged (ODConv's tap-major kernel, KernelWarehouse's packed
 cells, the tap-major kernel bank of CondConv/DyConv).
 
-A copy is rebuilt when its source tensor's storage, shape, dtype, device or
-version counter changes (every in-place update through the parameter:
-``load_state_dict``, optimiser steps, ``torch.no_grad()`` writes), or when
-any of 256 evenly spaced values of the source differs from the values seen
-when the copy was built. The values catch writes through ``.data``, which
-leave the version counter alone: mmengine's ``EMAHook`` swaps the averaged
-and the trained parameters with ``p.data.copy_``, changing every value.
-A ``.data`` write to a few values only can be missed: call
+A copy is rebuilt when its source tensor's storage, strides, shape, dtype,
+device or version counter changes (every in-place update through the
+parameter: ``load_state_dict``, optimiser steps, ``torch.no_grad()``
+writes), or when any of 256 values of the source, at positions spread over
+the whole tensor by a multiplicative hash (every kernel tap and most input
+channels of a conv kernel), differs from the values seen when the copy was
+built. The values catch writes through ``.data``, which leave the version
+counter alone: mmengine's ``EMAHook`` swaps the averaged and the trained
+parameters with ``p.data.copy_``, changing every value; a write to one
+kernel tap or one tenth of the input channels changes some of them with
+near certainty. A ``.data`` write to a few values only can be missed: call
 :meth:`KeptCopies.clear` after one (or ``layer.train()``, which drops a
 dynamic layer's copies, :func:`release_layer_copies`).
 
+A source that is an inference tensor (made under ``torch.inference_mode``)
+has no version counter: its copy is built on every call, not kept.
+
 torch only.
 """
+import functools
 from typing import Callable, Dict, Hashable, NamedTuple
 
 import torch
@@ -23,19 +30,38 @@ from torch import nn
 
 #: How many of the source's values are compared on every use.
 SAMPLED_VALUES = 256
+#: The multiplier spreading the sampled positions: a prime above 2**31, so
+#: coprime with every smaller tensor size (the positions are distinct).
+_SPREAD = 2654435761
+
+
+@functools.lru_cache(maxsize=64)
+def sampled_positions(numel: int, device: torch.device) -> torch.Tensor:
+    """The flat indices (on ``device``) of the values :func:`fingerprint`
+    compares: ``i * _SPREAD mod numel`` for ``i < SAMPLED_VALUES`` (every
+    index of a smaller tensor). Distinct, and with a prime multiplier they
+    fall on every kernel tap and most input channels of a conv kernel,
+    where a constant step could land on one tap of one channel only."""
+    count = min(numel, SAMPLED_VALUES)
+    positions = (torch.arange(count, dtype=torch.int64) * _SPREAD) % max(
+        numel, 1)
+    return positions.to(device)
 
 
 class Fingerprint(NamedTuple):
     """What a kept copy was built from."""
-    identity: tuple  # storage address, version, shape, dtype, device
-    sample: torch.Tensor  # evenly spaced values of the source
+    identity: tuple  # storage address, layout, version, dtype, device
+    sample: torch.Tensor  # the values at sampled_positions
 
 
 def fingerprint(source: torch.Tensor) -> Fingerprint:
-    """The :class:`Fingerprint` of ``source`` now."""
-    flat = source.detach().reshape(-1)
-    sample = flat[::max(1, flat.numel() // SAMPLED_VALUES)].clone()
-    identity = (source.data_ptr(), source._version, tuple(source.shape),
+    """The :class:`Fingerprint` of ``source`` now (not for inference tensors,
+    which have no version counter)."""
+    source = source.detach()
+    sample = torch.take(source, sampled_positions(source.numel(),
+                                                  source.device))
+    identity = (source.data_ptr(), source.storage_offset(),
+                tuple(source.shape), source.stride(), source._version,
                 source.dtype, source.device)
     return Fingerprint(identity, sample)
 
@@ -59,11 +85,16 @@ class KeptCopies:
     def get(self, key: Hashable, source: torch.Tensor,
             build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The copy ``key`` of ``source``, built by ``build(source)`` when
-        missing or stale."""
+        missing or stale (every call for an inference tensor)."""
+        if source.is_inference():
+            return build(source)
         now = fingerprint(source)
         kept = self._copies.get(key)
         if kept is None or not same_source(kept[0], now):
-            kept = self._copies[key] = (now, build(source))
+            # A normal tensor even when first built in inference mode, so
+            # that later calls outside it can use it.
+            with torch.inference_mode(False):
+                kept = self._copies[key] = (now, build(source))
             self.builds += 1
         return kept[1]
 

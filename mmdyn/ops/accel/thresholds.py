@@ -134,8 +134,7 @@ THRESHOLDS = {
         position_major_kernel_to_maps=1,
         c_loop_min_columns=None,
         pointwise_min_pixels=784,
-        taps_min_in_channels=256,
-        taps_min_in_channels_one_sample=512),
+        taps_min_in_channels=256),
     # The 'recompute' training path (recompute.py), per family: on CPU
     # only where one more kernel assembly (K, or the cell count, products
     # per kernel element) is at most this many times the conv's H'W'
