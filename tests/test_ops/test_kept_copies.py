@@ -91,18 +91,21 @@ def test_inference_mode_sources_and_calls():
     param = torch.nn.Parameter(torch.randn(6, 5))
     copies = KeptCopies()
     with torch.inference_mode():
-        kept = copies.get(0, param, lambda p: p.detach() * 2)
-    assert not kept.is_inference()
+        kept = copies.get(0, param, lambda p: p * 2)
+    # a normal tensor, off the autograd graph (inference_mode(False) alone
+    # turns grad mode on)
+    assert not kept.is_inference() and not kept.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(
-            copies.get(0, param, lambda p: p.detach() * 2), param * 2)
+            copies.get(0, param, lambda p: p * 2), param * 2)
     assert copies.builds == 1
+    assert not copies.get(1, param, lambda p: p * 2).requires_grad
     with torch.inference_mode():
         made_there = torch.randn(6, 5)
         for _ in range(2):
             assert torch.equal(
-                copies.get(1, made_there, torch.clone), made_there)
-    assert copies.builds == 1 and len(copies) == 1
+                copies.get(2, made_there, torch.clone), made_there)
+    assert copies.builds == 2 and len(copies) == 2
 
 
 @pytest.mark.parametrize('cls,impl,channels', [(DyConv2d, 'taps', 256),

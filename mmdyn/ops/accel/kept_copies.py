@@ -92,8 +92,9 @@ class KeptCopies:
         kept = self._copies.get(key)
         if kept is None or not same_source(kept[0], now):
             # A normal tensor even when first built in inference mode, so
-            # that later calls outside it can use it.
-            with torch.inference_mode(False):
+            # that later calls outside it can use it (inference_mode(False)
+            # turns grad mode on: no_grad keeps the copy off the graph).
+            with torch.inference_mode(False), torch.no_grad():
                 kept = self._copies[key] = (now, build(source))
             self.builds += 1
         return kept[1]
