@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_dyconv import randomise
+from test_dyconv import reference_forward as dyconv_reference
+from test_odconv import reference_forward as odconv_reference
 
 from mmdyn.ops import CondConv2d, DyConv2d, ODConv2d, switches
 from mmdyn.ops.accel import autotune, tap_sum_cpu
@@ -97,12 +98,10 @@ def test_odconv_one_kernel_gemm_paths_match_the_reference(
 
 
 def test_tap_gemm_follows_kernel_swaps_through_data():
-    """Mmengine's EMAHook swaps the averaged and the trained kernels with
-    ``p.data.copy_``, which leaves the version counter and the storage alone:
-
-    the tap-major kernel kept between inference calls must follow each swap (it
-    did not: every output after a swap came from the kernel before it).
-    """
+    """The tap-major kernel kept between inference calls follows each swap of
+    mmengine's EMAHook (``p.data.copy_``, which leaves the version counter and
+    the storage alone); it did not: every output after a swap came from the
+    kernel before it."""
     from mmengine.hooks import EMAHook
     torch.manual_seed(0)
     layer = _randomised(ODConv2d(8, 6, 3, padding=1, kernel_num=1), 2)
@@ -114,7 +113,7 @@ def test_tap_gemm_follows_kernel_swaps_through_data():
         hook.ema_model.module[0].weight.mul_(-2.0)  # the average differs
         x = torch.randn(2, 8, 5, 5)
         for swaps in range(4):
-            expected = _naive_conv(layer, x)
+            expected = odconv_reference(layer, x)
             torch.testing.assert_close(
                 layer(x), expected, rtol=1e-4, atol=1e-5)
             assert layer.last_path == 'tap_gemm'
@@ -123,26 +122,7 @@ def test_tap_gemm_follows_kernel_swaps_through_data():
     with torch.no_grad():
         layer.weight.data.copy_(torch.randn_like(layer.weight))
         torch.testing.assert_close(
-            layer(x), _naive_conv(layer, x), rtol=1e-4, atol=1e-5)
-
-
-def _naive_conv(layer, x):
-    """One-kernel ODConv as one ``F.conv2d`` per sample (float64) of the kernel
-    scaled by the layer's spatial and input-channel attentions, the output by
-    its filter attention."""
-    channel, filt, spatial, _ = layer.attentions(x)
-    weight = layer.weight[0].double()
-    out = []
-    for b in range(x.shape[0]):
-        mixed = weight * spatial[b].double().view(1, 1, *weight.shape[-2:])
-        mixed = mixed * channel[b].double().view(1, -1, 1, 1)
-        y = F.conv2d(x[b:b + 1].double(), mixed, None, layer.stride,
-                     layer.padding, layer.dilation, layer.groups)
-        y = y * filt[b].double().view(1, -1, 1, 1)
-        if layer.bias is not None:
-            y = y + layer.bias.double().view(1, -1, 1, 1)
-        out.append(y)
-    return torch.cat(out).float()
+            layer(x), odconv_reference(layer, x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
@@ -189,26 +169,13 @@ def test_mixture_taps_follows_bank_swaps_through_data():
     layer.impl = 'taps'
     x = torch.randn(3, 6, 5, 4)
 
-    def naive():
-        pi = layer.routing_weights(x).double()
-        out = []
-        for b in range(x.shape[0]):
-            kernel = (pi[b].view(-1, 1, 1, 1, 1) *
-                      layer.weight.double()).sum(0)
-            out.append(
-                F.conv2d(
-                    x[b:b + 1].double(),
-                    kernel,
-                    pi[b] @ layer.bias.double(),
-                    padding=1))
-        return torch.cat(out).float()
-
     with torch.no_grad():
         for change in (None, lambda w: w.data.copy_(torch.randn_like(w)),
                        lambda w: w.mul_(-0.5), lambda w: w.data[1].add_(1.0)):
             if change is not None:
                 change(layer.weight)
-            torch.testing.assert_close(layer(x), naive(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                layer(x), dyconv_reference(layer, x), rtol=1e-4, atol=1e-5)
             assert layer.last_path == 'taps'
 
 
