@@ -13,7 +13,8 @@ variable                     effect
 ``MMDYN_KW_CPU_KERNEL``      ``0``: KernelWarehouse's C cell product off
 ``MMDYN_DDF_CPU_KERNEL``     ``0``: DDF's fused C loops off
 ``MMDYN_TAP_SUM_CPU_KERNEL`` ``0``: the C tap sum (ODConv's
-                             ``tap_gemm``, KernelWarehouse's ``taps``) off
+                             ``tap_gemm``, the ``taps`` paths of
+                             KernelWarehouse and CondConv/DyConv) off
 ``MMDYN_KW_PACKED_CELLS``    ``0``: no packed copy of the warehouses
 ``MMDYN_TRITON_AUTOTUNE``    ``0``: DDF's Triton kernels use one fixed
                              configuration instead of autotuning

@@ -1,7 +1,7 @@
 # Copyright (c) mmdyn contributors. All rights reserved.
-"""The C loops of ODConv's ``tap_gemm`` and KernelWarehouse's ``taps`` on
-CPU: the weighted sum of the shifted tap maps in one pass, and its
-backward.
+"""The C loops of ODConv's ``tap_gemm`` and of the ``taps`` paths of
+KernelWarehouse and CondConv/DyConv on CPU: the weighted sum of the shifted tap
+maps in one pass, and its backward.
 
 With one kernel an ODConv layer is ``alpha_f * sum_t alpha_s[t] *
 shift_t(Z_t)``, ``Z`` one 1x1 GEMM of ``alpha_c * x`` to every tap's output
@@ -23,7 +23,8 @@ tap-major copy of the kernel bank.
 Built and loaded by :class:`~mmdyn.ops.accel.c_library.CLibrary` (cached
 under ``$MMDYN_CACHE_DIR``); with no compiler, or with
 ``MMDYN_TAP_SUM_CPU_KERNEL=0``, :func:`load` returns None: ODConv sums the
-taps with PyTorch ops, KernelWarehouse takes its other paths.
+taps with PyTorch ops, KernelWarehouse and CondConv/DyConv take their other
+paths.
 """
 import ctypes
 from typing import Optional
@@ -57,8 +58,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 _LIBRARY = CLibrary(
     'tap_sum_cpu', CSourceFile('tap_sum.c'), _declare,
     switches.TAP_SUM_CPU_KERNEL,
-    'ODConv sums its taps with PyTorch ops, KernelWarehouse '
-    'takes its other paths')
+    'ODConv sums its taps with PyTorch ops, KernelWarehouse and '
+    'CondConv/DyConv take their other paths')
 
 
 def load() -> Optional[ctypes.CDLL]:
@@ -75,9 +76,10 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def library_for(x: torch.Tensor) -> Optional[ctypes.CDLL]:
-    """The library where a path may use it on ``x`` (ODConv's ``tap_gemm``,
-    KernelWarehouse's ``taps``): outside graph capture and CPU autocast, a
-    float32/float64 CPU input; else None (also when :func:`load` is)."""
+    """The library where a path may use it on ``x`` (ODConv's ``tap_gemm``, the
+    ``taps`` paths of KernelWarehouse and CondConv/DyConv): outside graph
+    capture and CPU autocast, a float32/float64 CPU input; else None (also when
+    :func:`load` is)."""
     if graph_capture() or not supports(x) or \
             torch.is_autocast_enabled('cpu'):
         return None
